@@ -1,0 +1,14 @@
+"""Run Dagster steps on AWS SQS through TaskIQ: a drop-in for dagster-celery."""
+
+from .errors import ConfigError, EndpointUnreachableError, QueueMissingError, TaskiqSyncError
+from .executor import taskiq_executor
+from .version import __version__
+
+__all__ = [
+    "ConfigError",
+    "EndpointUnreachableError",
+    "QueueMissingError",
+    "TaskiqSyncError",
+    "__version__",
+    "taskiq_executor",
+]

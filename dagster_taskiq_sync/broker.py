@@ -1,0 +1,396 @@
+"""Who talks to SQS: the TaskIQ broker and its synchronous facade.
+
+:class:`StepBroker` is taskiq-aio-sqs's ``SQSBroker`` (message format, S3 offload of large
+payloads, FIFO group/deduplication ids) plus the explicit receive / extend / release / delete
+operations a thread-based worker with bounded prefetch needs. ``SQSBroker.listen()`` is not
+used: it keeps polling into a 100-message buffer whatever the worker's capacity, which would
+pile ready steps up in the first worker that polls.
+
+:class:`BrokerClient` is the only way synchronous code reaches it: every call goes through the
+process's :class:`~dagster_taskiq_sync.bridge.Bridge` with a deadline, and botocore errors are
+translated here into this project's exceptions with a sentence the user can act on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import threading
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore import exceptions as boto_exc
+from taskiq import TaskiqMessage
+from taskiq.exceptions import SendTaskError
+from taskiq_aio_sqs import SQSBroker, SQSQueue
+from taskiq_aio_sqs import exceptions as sqs_exc
+
+from .bridge import Bridge
+from .errors import BrokerError, ConfigError, EndpointUnreachableError, QueueMissingError, TaskiqSyncError
+from .settings import SQSSettings
+
+log = logging.getLogger(__name__)
+
+STEP_TASK_NAME = "dagster_taskiq_sync.execute_step"
+QUEUE_CREATE_HINT = "create it with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml` (or name its URL in broker_transport_options.predefined_queues)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """One received SQS message, held by a worker until it is deleted or released."""
+
+    queue: str  # Celery queue name, as the user wrote it
+    queue_url: str
+    receipt_handle: str
+    message_id: str
+    receive_count: int
+    body: bytes
+    received_at: float
+
+
+class StepBroker(SQSBroker):
+    """taskiq-aio-sqs broker with worker-side primitives and explicit client settings."""
+
+    def __init__(self, settings: SQSSettings, queues: Iterable[str]) -> None:
+        self.settings = settings
+        self.queue_names: dict[str, str] = {}  # Celery name -> SQS name
+        for queue in dict.fromkeys([settings.default_queue, *queues]):
+            self.queue_names[queue] = settings.queue_name(queue)
+        default_sqs_name = self.queue_names[settings.default_queue]
+        super().__init__(
+            default_sqs_name,
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,  # type: ignore[arg-type]  # None: boto's resolution
+            aws_access_key_id=settings.access_key_id,
+            aws_secret_access_key=settings.secret_access_key,
+            use_task_id_for_deduplication=True,  # FIFO: one message per step attempt
+            wait_time_seconds=settings.wait_time_seconds,
+            visibility_timeout=settings.visibility_timeout,
+            s3_extended_bucket_name=settings.s3_bucket,
+        )
+        self.with_queues(
+            *(
+                SQSQueue(
+                    name=sqs_name,
+                    is_fifo=sqs_name.endswith(".fifo"),
+                    wait_time_seconds=settings.wait_time_seconds,
+                    visibility_timeout=settings.visibility_timeout,
+                )
+                for sqs_name in self.queue_names.values()
+            )
+        )
+        for celery_name, url in settings.predefined_queues.items():
+            if celery_name in self.queue_names:
+                self._queue_urls[self.queue_names[celery_name]] = url
+        self._step_task = self.register_task(_step_task_body, task_name=STEP_TASK_NAME)
+
+    async def _get_sqs_client(self):  # type: ignore[override]
+        self._client_context_creator = self._session.create_client("sqs", **client_kwargs(self.settings, self._session))
+        return await self._client_context_creator.__aenter__()
+
+    async def _get_s3_client(self):  # type: ignore[override]
+        self._s3_client_context_creator = self._session.create_client("s3", **client_kwargs(self.settings, self._session))
+        return await self._s3_client_context_creator.__aenter__()
+
+    async def _close_client(self) -> None:
+        # SQSBroker closes the S3 client only when a bucket is configured, but it always opens it.
+        await self._client_context_creator.__aexit__(None, None, None)
+        await self._s3_client_context_creator.__aexit__(None, None, None)
+
+    # --- orchestrator side --------------------------------------------------------------
+
+    async def send_step(
+        self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any]
+    ) -> None:
+        await (
+            self._step_task.kicker()
+            .with_task_id(task_id)
+            .with_labels(queue=self.queue_names[queue], group_id=group_id)
+            .kiq(**kwargs)
+        )
+
+    # --- worker side ----------------------------------------------------------------------
+
+    async def receive(self, queue: str, max_messages: int, wait_seconds: int) -> list[Delivery]:
+        sqs_name = self.queue_names[queue]
+        queue_url = self._queue_urls[sqs_name]
+        result = await self._sqs_client.receive_message(
+            QueueUrl=queue_url,
+            MaxNumberOfMessages=max(1, min(10, max_messages)),
+            WaitTimeSeconds=wait_seconds,
+            VisibilityTimeout=self.settings.visibility_timeout,
+            MessageAttributeNames=["All"],
+            AttributeNames=["ApproximateReceiveCount"],
+        )
+        deliveries = []
+        for raw in result.get("Messages", []):
+            # Downloads S3-offloaded payloads; heartbeating is ours, so no task is started.
+            ackable = await self._to_ackable_message(raw, self._queues[sqs_name], queue_url)
+            if ackable is None:
+                continue
+            deliveries.append(
+                Delivery(
+                    queue=queue,
+                    queue_url=queue_url,
+                    receipt_handle=raw["ReceiptHandle"],
+                    message_id=raw.get("MessageId", ""),
+                    receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+                    body=ackable.data if isinstance(ackable.data, bytes) else bytes(ackable.data),
+                    received_at=time.monotonic(),
+                )
+            )
+        return deliveries
+
+    async def change_visibility(self, deliveries: Sequence[Delivery], seconds: int) -> list[str]:
+        """Set the visibility of held messages; returns receipt handles SQS no longer knows."""
+        failed: list[str] = []
+        by_queue: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_queue.setdefault(delivery.queue_url, []).append(delivery)
+        for queue_url, items in by_queue.items():
+            for start in range(0, len(items), 10):
+                chunk = items[start : start + 10]
+                answer = await self._sqs_client.change_message_visibility_batch(
+                    QueueUrl=queue_url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": d.receipt_handle, "VisibilityTimeout": seconds}
+                        for i, d in enumerate(chunk)
+                    ],
+                )
+                failed.extend(chunk[int(f["Id"])].receipt_handle for f in answer.get("Failed", []))
+        return failed
+
+    async def delete(self, delivery: Delivery) -> None:
+        await self._sqs_client.delete_message(
+            QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle
+        )
+
+    async def queue_depth(self, queue: str) -> tuple[int, int]:
+        """(visible, in flight) message counts of a queue."""
+        answer = await self._sqs_client.get_queue_attributes(
+            QueueUrl=self._queue_urls[self.queue_names[queue]],
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+        attrs = answer["Attributes"]
+        return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def client_kwargs(settings: SQSSettings, session: Any) -> dict[str, Any]:
+    """create_client arguments for the SQS and S3 clients (explicit settings, else boto's)."""
+    options: dict[str, Any] = {
+        "connect_timeout": settings.connect_timeout,
+        # Long polls hold the connection up to wait_time_seconds; leave room beyond it.
+        "read_timeout": settings.wait_time_seconds + 20,
+        "retries": {"max_attempts": settings.max_attempts, "mode": "standard"},
+    }
+    options.update(settings.client_config)
+    return {
+        "region_name": settings.region or session.get_config_variable("region") or "us-east-1",
+        "endpoint_url": settings.endpoint_url,
+        "aws_access_key_id": settings.access_key_id,
+        "aws_secret_access_key": settings.secret_access_key,
+        "config": AioConfig(**options),
+    }
+
+
+async def provision(settings: SQSSettings, queues: Iterable[str], max_receive_count: int | None) -> list[str]:
+    """Create the queues (and dead-letter queues, and the S3 bucket) a config names.
+
+    Idempotent: existing queues with the same attributes are left as they are. Returns one
+    line per thing created or found, for the CLI to print.
+    """
+    session = get_session()
+    report: list[str] = []
+    async with session.create_client("sqs", **client_kwargs(settings, session)) as sqs:
+        for queue in dict.fromkeys([settings.default_queue, *queues]):
+            name = settings.queue_name(queue)
+            fifo = name.endswith(".fifo")
+            attributes = {"VisibilityTimeout": str(settings.visibility_timeout)}
+            if fifo:
+                attributes["FifoQueue"] = "true"
+            if max_receive_count:
+                dlq_name = (name[: -len(".fifo")] + "-dlq.fifo") if fifo else name + "-dlq"
+                dlq_attrs = {"FifoQueue": "true"} if fifo else {}
+                dlq_url = (await sqs.create_queue(QueueName=dlq_name, Attributes=dlq_attrs))["QueueUrl"]
+                dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]))[
+                    "Attributes"
+                ]["QueueArn"]
+                attributes["RedrivePolicy"] = json.dumps(
+                    {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
+                )
+                report.append(f"dead-letter queue {dlq_name}: {dlq_url}")
+            attributes.update(settings.queue_attributes)
+            kwargs: dict[str, Any] = {"QueueName": name, "Attributes": attributes}
+            if settings.queue_tags:
+                kwargs["tags"] = dict(settings.queue_tags)
+            url = (await sqs.create_queue(**kwargs))["QueueUrl"]
+            report.append(f"queue {queue} -> SQS {name}: {url}")
+    if settings.s3_bucket:
+        async with session.create_client("s3", **client_kwargs(settings, session)) as s3:
+            try:
+                await s3.head_bucket(Bucket=settings.s3_bucket)
+            except boto_exc.ClientError:
+                await s3.create_bucket(Bucket=settings.s3_bucket)
+            report.append(f"bucket {settings.s3_bucket}")
+    return report
+
+
+async def _step_task_body(**kwargs: Any) -> None:  # pragma: no cover - never run by taskiq
+    """Registered so kicks are named tasks; the worker runs steps in child processes instead."""
+    raise RuntimeError("dagster_taskiq_sync steps are run by `dagster-taskiq-sync worker start`")
+
+
+def decode_message(broker: SQSBroker, body: bytes) -> TaskiqMessage:
+    return broker.formatter.loads(body)
+
+
+class BrokerClient:
+    """Synchronous facade over :class:`StepBroker`, reached only through the bridge."""
+
+    def __init__(
+        self,
+        settings: SQSSettings,
+        bridge: Bridge,
+        queues: Iterable[str] = (),
+        call_timeout: float = 60.0,
+    ) -> None:
+        self.settings = settings
+        self.bridge = bridge
+        self.broker = StepBroker(settings, queues)
+        self.call_timeout = call_timeout
+        self._started = False
+
+    @property
+    def queues(self) -> list[str]:
+        return list(self.broker.queue_names)
+
+    def _call(self, what: str, fn: Any, *args: Any, queue: str | None = None, timeout: float | None = None) -> Any:
+        try:
+            return self.bridge.call(fn, *args, timeout=timeout or self.call_timeout)
+        except TaskiqSyncError:
+            raise
+        except TimeoutError:
+            raise EndpointUnreachableError(
+                f"{what} on {self.settings.describe_endpoint()} did not answer within "
+                f"{timeout or self.call_timeout:g} s; check that the SQS endpoint in "
+                "execution.config.broker (or AWS_ENDPOINT_URL) is up and reachable."
+            ) from None
+        except Exception as exc:  # translate vendor errors at the edge
+            raise translate_error(exc, self.settings, what, queue) from None
+
+    def start(self) -> "BrokerClient":
+        """Open clients and resolve every queue URL (a missing queue fails here, by name)."""
+        if not self._started:
+            self._call("connecting to SQS", self.broker.startup)
+            self._started = True
+        return self
+
+    def stop(self) -> None:
+        if self._started:
+            self._started = False
+            try:
+                self.bridge.call(self.broker.shutdown, timeout=10)
+            except Exception as exc:  # closing must not mask what made us stop
+                log.debug("closing the SQS clients failed: %s", exc)
+
+    def __enter__(self) -> "BrokerClient":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def send_step(self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any]) -> None:
+        self._call(
+            f"sending a step message to queue {queue!r}",
+            functools.partial(self.broker.send_step, queue=queue, task_id=task_id, group_id=group_id, kwargs=kwargs),
+            queue=queue,
+        )
+
+    def receive(
+        self, queue: str, max_messages: int, wait_seconds: int, cancel: threading.Event | None = None
+    ) -> list[Delivery]:
+        """Long-poll one queue; returns [] at once when ``cancel`` is set (shutdown).
+
+        A long poll cancelled mid-flight may have taken messages SQS never got to hand us; they
+        become visible again after the visibility timeout, so nothing is lost.
+        """
+        what = f"receiving from queue {queue!r}"
+        budget = wait_seconds + self.settings.connect_timeout * self.settings.max_attempts + 10
+        deadline = time.monotonic() + budget
+        future = self.bridge.submit(self.broker.receive, queue, max_messages, wait_seconds)
+        while True:
+            try:
+                return self.bridge.result(future, timeout=0.25, cancel=False)
+            except TimeoutError:
+                if cancel is not None and cancel.is_set():
+                    future.cancel()
+                    return []
+                if time.monotonic() > deadline:
+                    future.cancel()
+                    raise EndpointUnreachableError(
+                        f"{what} on {self.settings.describe_endpoint()} did not answer within "
+                        f"{budget:g} s; check that the SQS endpoint is up and reachable."
+                    ) from None
+            except TaskiqSyncError:
+                raise
+            except Exception as exc:
+                raise translate_error(exc, self.settings, what, queue) from None
+
+    def change_visibility(self, deliveries: Sequence[Delivery], seconds: int) -> list[str]:
+        return self._call("extending message visibility", self.broker.change_visibility, list(deliveries), seconds)
+
+    def delete(self, delivery: Delivery) -> None:
+        self._call(f"deleting a message from queue {delivery.queue!r}", self.broker.delete, delivery, queue=delivery.queue)
+
+    def queue_depth(self, queue: str) -> tuple[int, int]:
+        return self._call(f"reading the depth of queue {queue!r}", self.broker.queue_depth, queue, queue=queue)
+
+
+def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue: str | None) -> TaskiqSyncError:
+    """One sentence for the user in place of a vendor traceback."""
+    if isinstance(exc, SendTaskError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    endpoint = settings.describe_endpoint()
+    queue_shown = settings.queue_name(queue) if queue else None
+    if isinstance(exc, sqs_exc.QueueNotFoundError):
+        missing = getattr(exc, "queue_name", None) or queue_shown
+        return QueueMissingError(f"SQS queue {missing!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
+    if isinstance(exc, sqs_exc.ExtendedBucketNameMissingError):
+        return ConfigError(
+            f"{what}: the message is larger than SQS accepts and no S3 bucket is configured; set "
+            "execution.config.backend to 's3://BUCKET/PREFIX' so large payloads are offloaded."
+        )
+    if isinstance(exc, (boto_exc.EndpointConnectionError, boto_exc.ConnectTimeoutError, boto_exc.ConnectionClosedError)):
+        return EndpointUnreachableError(
+            f"cannot reach the SQS endpoint {endpoint} while {what}; start it, or fix "
+            "execution.config.broker (sqs://HOST:PORT) / AWS_ENDPOINT_URL."
+        )
+    if isinstance(exc, boto_exc.NoCredentialsError):
+        return ConfigError(
+            "no AWS credentials were found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a "
+            "profile or role), or put them in execution.config.broker as sqs://KEY:SECRET@HOST:PORT."
+        )
+    if isinstance(exc, boto_exc.NoRegionError):
+        return ConfigError(
+            "no AWS region is set; set config_source.broker_transport_options.region or AWS_DEFAULT_REGION."
+        )
+    if isinstance(exc, boto_exc.ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        message = exc.response.get("Error", {}).get("Message", "")
+        if "NonExistentQueue" in code or code == "QueueDoesNotExist":
+            return QueueMissingError(f"SQS queue {queue_shown!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
+        if code in ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch"):
+            return ConfigError(f"SQS refused {what} ({code}: {message}); check the credentials and IAM permissions.")
+        return BrokerError(f"SQS failed {what} ({code}: {message}).")
+    if isinstance(exc, sqs_exc.TaskIQSQSError):
+        return BrokerError(f"{what} failed: {exc}")
+    if isinstance(exc, OSError) or type(exc).__module__.startswith("aiohttp"):
+        return EndpointUnreachableError(
+            f"cannot reach the SQS endpoint {endpoint} while {what} ({type(exc).__name__}: {exc}); "
+            "start it, or fix execution.config.broker / AWS_ENDPOINT_URL."
+        )
+    return BrokerError(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")

@@ -1,0 +1,183 @@
+"""The ``dagster-taskiq-sync`` command: ``worker start`` and ``queues create``.
+
+Flags follow ``dagster-celery worker start`` so deployment scripts carry over.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import uuid
+from typing import Any, Mapping
+
+import click
+import yaml
+
+from .errors import ConfigError, TaskiqSyncError
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def load_executor_config(config_yaml: str | None) -> Mapping[str, Any]:
+    """The executor block of a run-config YAML: ``execution: config:`` or legacy ``execution: celery:``."""
+    if config_yaml is None:
+        return {}
+    try:
+        with open(config_yaml, encoding="utf8") as fh:
+            parsed = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"--config-yaml {config_yaml!r} cannot be read ({exc.strerror}); pass an existing file.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config-yaml {config_yaml!r} is not valid YAML ({exc}); fix the file.") from None
+    if not isinstance(parsed, Mapping):
+        raise ConfigError(f"--config-yaml {config_yaml!r} must hold a mapping with an 'execution' key.")
+    execution = parsed.get("execution") or {}
+    if not isinstance(execution, Mapping):
+        raise ConfigError(f"--config-yaml {config_yaml!r}: 'execution' must be a mapping.")
+    block = execution.get("config") or execution.get("celery") or execution.get("taskiq") or {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"--config-yaml {config_yaml!r}: 'execution.config' must be a mapping.")
+    return block
+
+
+def settings_from_yaml(config_yaml: str | None):
+    """Validate the block against taskiq_executor's schema (env sources resolved), then map it."""
+    from ._dagster_private import post_process_config, validate_config
+    from .celery_compat import settings_from_executor_config
+    from .executor import taskiq_executor
+
+    block = load_executor_config(config_yaml)
+    config_type = taskiq_executor.config_schema.config_type
+    result = validate_config(config_type, block)
+    if not result.success:
+        problems = "; ".join(e.message for e in result.errors)
+        raise ConfigError(f"--config-yaml {config_yaml!r}: the execution config is invalid: {problems}")
+    processed = post_process_config(config_type, block)
+    if not processed.success:
+        problems = "; ".join(e.message for e in processed.errors)
+        raise ConfigError(f"--config-yaml {config_yaml!r}: {problems}")
+    return settings_from_executor_config(processed.value)
+
+
+@click.group()
+def main() -> None:
+    """Run Dagster steps on SQS through TaskIQ."""
+
+
+@main.group()
+def worker() -> None:
+    """Start workers."""
+
+
+@worker.command("start")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block (the same file the job uses).")
+@click.option("-q", "--queue", "queues", multiple=True, help="Queue to consume (repeatable). Default: the config's task_default_queue ('dagster').")
+@click.option("-n", "--name", help="Worker name (default dagster-XXXXXX); '@HOST' is appended.")
+@click.option("-c", "--concurrency", type=click.IntRange(1, 1000), help="Most steps running at once in this worker (worker threads). Default: worker_concurrency or the CPU count.")
+@click.option("-i", "--includes", multiple=True, help="Python module every step should have imported (repeatable); imported once, before steps fork.")
+@click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds running steps get to finish after SIGTERM before they are killed.")
+@click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
+def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, app) -> None:
+    """Start a worker that runs the steps sent to its queues."""
+    logging.basicConfig(
+        level=getattr(logging, loglevel.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    log = logging.getLogger("dagster_taskiq_sync.worker")
+    if app:
+        log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)
+    try:
+        _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, log)
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, log) -> None:
+    from .bridge import Bridge
+    from .broker import BrokerClient
+    from .step_runner import StepRunner
+    from .worker import Worker, WorkerOptions
+
+    settings = settings_from_yaml(config_yaml)
+    for note in settings.notes:
+        log.warning(note)
+    modules = tuple(dict.fromkeys([*settings.include, *(m for i in includes for m in i.split(",") if m)]))
+    for module in modules:  # fail fast here; the fork server would swallow an ImportError
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"-i/--includes {module!r} cannot be imported ({exc}); fix the module name or PYTHONPATH.") from None
+    queues = tuple(dict.fromkeys(queues)) or (settings.sqs.default_queue,)
+    worker_name = f"{name or 'dagster-' + uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+    options = WorkerOptions(
+        name=worker_name,
+        queues=queues,
+        concurrency=concurrency or settings.worker_concurrency or os.cpu_count() or 1,
+        includes=modules,
+        shutdown_timeout=shutdown_timeout,
+    )
+    stop_requested = threading.Event()
+    signals_seen = []
+
+    def on_signal(signum, _frame):
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            log.info("worker %s: %s received; finishing running steps (up to %.0f s), send it again to stop now",
+                     worker_name, signal.Signals(signum).name, shutdown_timeout)
+            stop_requested.set()
+        elif running is not None:
+            running.kill_running(f"second {signal.Signals(signum).name}")
+
+    running = None
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with Bridge(name="taskiq-bridge") as bridge:
+        client = BrokerClient(settings.sqs, bridge, queues).start()
+        running = Worker(settings, options, client, StepRunner(preload=modules))
+        try:
+            running.start()
+            while not stop_requested.wait(1.0):
+                pass
+        finally:
+            running.stop()
+
+
+@main.group()
+def queues() -> None:
+    """Manage the SQS queues a config names."""
+
+
+@queues.command("create")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block.")
+@click.option("-q", "--queue", "extra", multiple=True, help="Also create this queue (repeatable), e.g. one named by a dagster-celery/queue tag.")
+@click.option("--max-receive-count", type=click.IntRange(1, 1000), default=5, show_default=True, help="Receives before SQS moves a message to the dead-letter queue NAME-dlq.")
+@click.option("--no-dead-letter", is_flag=True, help="Create no dead-letter queue or redrive policy.")
+def queues_create(config_yaml, extra, max_receive_count, no_dead_letter) -> None:
+    """Create the queues (with dead-letter queues and redrive policy) and the S3 bucket a config names."""
+    from .bridge import Bridge
+    from .broker import provision, translate_error
+
+    try:
+        settings = settings_from_yaml(config_yaml)
+        with Bridge() as bridge:
+            try:
+                report = bridge.call(provision, settings.sqs, extra, None if no_dead_letter else max_receive_count, timeout=60)
+            except TaskiqSyncError:
+                raise
+            except Exception as exc:
+                raise translate_error(exc, settings.sqs, "creating queues", None) from None
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    for line in report:
+        click.echo(line)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

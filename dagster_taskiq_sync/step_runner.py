@@ -1,0 +1,122 @@
+"""Who runs a step: a child process forked from a pre-imported parent.
+
+A fresh ``dagster api execute_step`` interpreter costs about 2 s before user code runs. The
+worker instead starts one multiprocessing *fork server* that imports Dagster (and the modules
+named with ``worker start -i``) once; every step is a fork of it, ready in milliseconds. Each
+step still gets its own process, so it can be killed, its stdout/stderr are its own (Dagster's
+compute log manager captures them per step), and a crash in user code cannot take the worker
+down. The fork server is a child of the worker, and every step a child of the fork server: the
+whole tree stays under the ``worker start`` process where supervisors can see and limit it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext
+from typing import Any, Mapping, Sequence
+
+# Imported here so the fork server pays for them once, not every step.
+from ._dagster_private import EngineEventData, ExecuteStepArgs, deserialize_value, execute_step_command_body
+
+EXIT_OK = 0
+EXIT_RUN_NOT_FOUND = 3
+
+
+@dataclass
+class StepProcess:
+    """A running step child, as the supervising worker thread sees it."""
+
+    process: Any  # multiprocessing.Process (forkserver context)
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def wait(self, timeout: float) -> int | None:
+        """Exit code, or None if still running after ``timeout`` seconds."""
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        if self.process.exitcode is None:
+            self.process.kill()
+
+    def close(self) -> None:
+        try:
+            self.process.close()
+        except ValueError:  # still running: the caller kills it first
+            pass
+
+
+class StepRunner:
+    """Starts step children from a warm fork server."""
+
+    def __init__(self, preload: Sequence[str] = ()) -> None:
+        self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")  # type: ignore[assignment]
+        self._ctx.set_forkserver_preload([__name__, *preload])
+
+    def warm(self) -> None:
+        """Start the fork server now (and import Dagster in it) rather than on the first step."""
+        probe = self._ctx.Process(target=_noop, name="taskiq-warmup")
+        probe.start()
+        probe.join(60)
+
+    def start(self, payload: str, worker_meta: Mapping[str, Any]) -> StepProcess:
+        process = self._ctx.Process(
+            target=run_step_in_child,
+            args=(payload, dict(worker_meta)),
+            name=f"step:{worker_meta.get('step_key', '?')}",
+        )
+        process.start()
+        return StepProcess(process)
+
+
+def _noop() -> None:
+    pass
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this step if its parent (the fork server) exits, e.g. the worker was killed."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def run_step_in_child(payload: str, worker_meta: Mapping[str, Any]) -> None:
+    """Entry point of a step child: execute one step attempt against the Dagster instance.
+
+    The step writes its own events to the instance's event log (that is how the orchestrator
+    learns about them); nothing is sent back through SQS.
+    """
+    _die_with_parent()
+    # Ctrl-C in a terminal reaches the whole process group; the worker decides what happens to
+    # running steps (finish within the shutdown deadline, or be killed), not the keyboard.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from dagster import DagsterInstance
+
+    args = deserialize_value(payload, ExecuteStepArgs)
+    step_key = (args.step_keys_to_execute or ["?"])[0]
+    with DagsterInstance.from_ref(args.instance_ref) as instance:
+        run = instance.get_run_by_id(args.run_id)
+        if run is None:
+            print(f"run {args.run_id} not found in the Dagster instance; step {step_key} not run", file=sys.stderr)
+            sys.exit(EXIT_RUN_NOT_FOUND)
+        instance.report_engine_event(
+            f"Step {step_key} picked up by worker {worker_meta.get('worker')} on "
+            f"{worker_meta.get('host')} from queue {worker_meta.get('queue')!r} (pid {os.getpid()}).",
+            run,
+            EngineEventData(metadata={k: str(v) for k, v in worker_meta.items()} | {"pid": str(os.getpid())}),
+            step_key=step_key,
+        )
+        for _event in execute_step_command_body(args, instance, run):
+            pass  # events are already in the event log; nobody re-logs them
