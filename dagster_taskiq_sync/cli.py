@@ -179,5 +179,26 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter) -> None
         click.echo(line)
 
 
+@main.command("local-endpoint")
+@click.option("--port", type=click.IntRange(1, 65535), default=9324, show_default=True)
+def local_endpoint(port) -> None:
+    """Serve a local SQS/S3 endpoint on 127.0.0.1:PORT (moto) until interrupted."""
+    from .local_endpoint import LocalEndpoint
+
+    try:
+        endpoint = LocalEndpoint(port).start()
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"local SQS/S3 endpoint at {endpoint.url} (broker: {endpoint.broker_url}); Ctrl-C stops it")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        endpoint.stop()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

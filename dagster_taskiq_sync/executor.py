@@ -30,7 +30,7 @@ from ._dagster_private import (
 from .bridge import shared_bridge
 from .broker import BrokerClient
 from .celery_compat import settings_from_executor_config
-from .errors import TaskiqSyncError
+from .errors import ConfigError, TaskiqSyncError
 from .settings import Settings
 
 # dagster-celery's tag, so existing ops keep routing; the taskiq alias wins when both are set.
@@ -91,12 +91,19 @@ def taskiq_executor(init_context):
               broker_transport_options: {region: us-east-1}
     """
     config = init_context.executor_config
-    settings = settings_from_executor_config(config)
+    config_error = None
+    try:
+        settings = settings_from_executor_config(config)
+    except ConfigError as exc:
+        # Raised from execute() instead, where it becomes one ERROR line and the run's failure
+        # (raised here, Dagster's CLI prints it under a wall of orchestration frames).
+        settings, config_error = Settings(), exc
     return TaskiqExecutor(
         settings,
         retries=RetryMode.from_config(config["retries"]),
         max_concurrent=config.get("max_concurrent"),
         tag_concurrency_limits=config.get("tag_concurrency_limits"),
+        config_error=config_error,
     )
 
 
@@ -107,8 +114,10 @@ class TaskiqExecutor(StepDelegatingExecutor):
         retries: RetryMode,
         max_concurrent: int | None = None,
         tag_concurrency_limits: list[dict[str, Any]] | None = None,
+        config_error: ConfigError | None = None,
     ) -> None:
         self.settings = check.inst_param(settings, "settings", Settings)
+        self._config_error = config_error
         self._taskiq_handler = TaskiqStepHandler(settings)
         super().__init__(
             self._taskiq_handler,
@@ -127,6 +136,8 @@ class TaskiqExecutor(StepDelegatingExecutor):
         queues = {queue_for_tags(step.tags, self.settings) for step in execution_plan.steps}
         with contextlib.ExitStack() as stack:
             try:
+                if self._config_error is not None:
+                    raise self._config_error
                 stack.enter_context(self._taskiq_handler.connected(sorted(queues)))
             except TaskiqSyncError as exc:
                 # One sentence in the run's log before Dagster records the failure.

@@ -1,0 +1,88 @@
+"""Session fixtures: one local SQS/S3 endpoint, one Dagster instance, two reused workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance
+
+from dagster_taskiq_sync.local_endpoint import LocalEndpoint
+
+from .helpers import CLI, WorkerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def aws_credentials():
+    """Dummy credentials for the local endpoint, seen by this process and every worker."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    for key in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SQS", "AWS_PROFILE"):
+        os.environ.pop(key, None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def endpoint(tmp_path_factory):
+    with LocalEndpoint(log_path=str(tmp_path_factory.mktemp("endpoint") / "moto.log")) as ep:
+        yield ep
+
+
+@pytest.fixture(scope="session")
+def dagster_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("dagster_home")
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    return home
+
+
+@pytest.fixture(scope="session")
+def instance(dagster_home):
+    with DagsterInstance.from_config(str(dagster_home)) as inst:
+        yield inst
+
+
+@pytest.fixture(scope="session")
+def executor_config(endpoint) -> dict:
+    """A dagster-celery style executor block pointing at the local endpoint."""
+    return {
+        "broker": endpoint.broker_url,
+        "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 5}},
+    }
+
+
+@pytest.fixture(scope="session")
+def run_config_file(executor_config, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "run_config.yaml"
+    path.write_text(yaml.safe_dump({"execution": {"config": executor_config}}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def queues_created(endpoint, run_config_file) -> str:
+    out = subprocess.run([CLI, "queues", "create", "-y", str(run_config_file)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="session")
+def workers(queues_created, run_config_file, tmp_path_factory):
+    """Two workers with two threads each, shared by every test that needs them."""
+    log_dir = tmp_path_factory.mktemp("workers")
+    procs = [WorkerProcess(run_config_file, f"w{i}", log_dir, ["-c", "2"]) for i in (1, 2)]
+    try:
+        for proc in procs:
+            proc.wait_ready()
+        yield procs
+    finally:
+        codes = [proc.stop() for proc in procs]
+    assert codes == [0, 0], [p.log() for p in procs]

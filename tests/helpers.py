@@ -1,0 +1,89 @@
+"""Test utilities shared by the suite: real worker processes and queue inspection.
+
+Workers are started exactly as a user starts them (`dagster-taskiq-sync worker start ...`),
+in their own processes, against the session's local SQS endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import boto3
+
+BIN = Path(sys.executable).parent
+CLI = str(BIN / "dagster-taskiq-sync")
+
+
+class WorkerProcess:
+    """One `dagster-taskiq-sync worker start` process and its log."""
+
+    def __init__(self, config: Path, name: str, log_dir: Path, args: Sequence[str] = (), env: dict | None = None):
+        self.name = name
+        self.log_path = log_dir / f"worker-{name}.log"
+        self.command = [CLI, "worker", "start", "-y", str(config), "-n", name, *args]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.name}@{os.uname().nodename}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> "WorkerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready: " in self.log():
+                return self
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited at start:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"worker {self.name} not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait; returns the exit code (kills after ``timeout``)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"worker {self.name} did not stop within {timeout} s:\n{self.log()}")
+        finally:
+            self._log.close()
+
+
+def sqs_client(endpoint_url: str):
+    return boto3.client("sqs", endpoint_url=endpoint_url, region_name="us-east-1")
+
+
+def queue_counts(endpoint_url: str, queue_name: str) -> tuple[int, int]:
+    """(visible, in flight) messages of an SQS queue."""
+    client = sqs_client(endpoint_url)
+    url = client.get_queue_url(QueueName=queue_name)["QueueUrl"]
+    attrs = client.get_queue_attributes(
+        QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+    )["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

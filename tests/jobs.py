@@ -1,0 +1,110 @@
+"""Jobs the tests run through taskiq_executor (loaded by workers from this file)."""
+
+import os
+import time
+from pathlib import Path
+
+from dagster import Config, In, Nothing, Out, RetryPolicy, job, mem_io_manager, op
+
+from dagster_taskiq_sync import taskiq_executor
+
+
+def _record(op_name: str) -> int:
+    return os.getpid()
+
+
+@op
+def emit_one() -> int:
+    return 1
+
+
+@op
+def add_one(x: int) -> int:
+    return x + 1
+
+
+@op
+def times_ten(x: int) -> int:
+    return x * 10
+
+
+@op
+def combine(a: int, b: int) -> dict:
+    return {"a": a, "b": b, "pid": os.getpid()}
+
+
+@job(executor_def=taskiq_executor)
+def diamond():
+    one = emit_one()
+    combine(add_one(one), times_ten(one))
+
+
+def _slow_square(i: int):
+    @op(name=f"square_{i}")
+    def square(n: int) -> int:
+        time.sleep(0.4)  # long enough that one worker (2 threads) cannot take all six
+        return (n + i) ** 2
+
+    return square
+
+
+SQUARES = [_slow_square(i) for i in range(6)]
+
+
+@op
+def total(a: int, b: int, c: int, d: int, e: int, f: int) -> int:
+    return a + b + c + d + e + f
+
+
+@job(executor_def=taskiq_executor)
+def fan_out_fan_in():
+    n = emit_one()
+    total(*[square(n) for square in SQUARES])
+
+
+class ExplodeConfig(Config):
+    message: str = "boom"
+
+
+@op
+def explode(config: ExplodeConfig, x: int) -> int:
+    raise ValueError(config.message)
+
+
+@op
+def after_explode(x: int) -> int:
+    return x
+
+
+@job(executor_def=taskiq_executor)
+def failing():
+    after_explode(explode(emit_one()))
+
+
+class CounterConfig(Config):
+    counter_file: str
+
+
+@op(retry_policy=RetryPolicy(max_retries=2))
+def flaky(config: CounterConfig) -> int:
+    path = Path(config.counter_file)
+    runs = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(runs + 1))
+    if runs == 0:
+        raise RuntimeError("first attempt fails on purpose")
+    return runs + 1
+
+
+@op
+def after_flaky(x: int) -> int:
+    return x * 100
+
+
+@job(executor_def=taskiq_executor)
+def retries():
+    after_flaky(flaky())
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": mem_io_manager})
+def in_memory_outputs():
+    add_one(emit_one())
