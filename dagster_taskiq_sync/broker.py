@@ -97,9 +97,13 @@ class StepBroker(SQSBroker):
         return await self._s3_client_context_creator.__aenter__()
 
     async def _close_client(self) -> None:
-        # SQSBroker closes the S3 client only when a bucket is configured, but it always opens it.
-        await self._client_context_creator.__aexit__(None, None, None)
-        await self._s3_client_context_creator.__aexit__(None, None, None)
+        # SQSBroker closes the S3 client only when a bucket is configured, but it always opens
+        # it; after a failed startup either may not exist yet.
+        for name in ("_client_context_creator", "_s3_client_context_creator"):
+            creator = getattr(self, name, None)
+            if creator is not None:
+                await creator.__aexit__(None, None, None)
+                setattr(self, name, None)
 
     # --- orchestrator side --------------------------------------------------------------
 
@@ -285,17 +289,24 @@ class BrokerClient:
     def start(self) -> "BrokerClient":
         """Open clients and resolve every queue URL (a missing queue fails here, by name)."""
         if not self._started:
-            self._call("connecting to SQS", self.broker.startup)
+            try:
+                self._call("connecting to SQS", self.broker.startup)
+            except TaskiqSyncError:
+                self._close_quietly()
+                raise
             self._started = True
         return self
+
+    def _close_quietly(self) -> None:
+        try:
+            self.bridge.call(self.broker.shutdown, timeout=10)
+        except Exception as exc:  # closing must not mask what made us stop
+            log.debug("closing the SQS clients failed: %s", exc)
 
     def stop(self) -> None:
         if self._started:
             self._started = False
-            try:
-                self.bridge.call(self.broker.shutdown, timeout=10)
-            except Exception as exc:  # closing must not mask what made us stop
-                log.debug("closing the SQS clients failed: %s", exc)
+            self._close_quietly()
 
     def __enter__(self) -> "BrokerClient":
         return self.start()

@@ -4,7 +4,7 @@ The one place that knows what a dagster-celery YAML block means here. Every opti
 *mapped*, *accepted with a warning* saying why it has no effect on SQS, or *refused* with an
 error naming the setting and the fix. Nothing is silently ignored. The README's mapping table
 is generated from :data:`CONFIG_SOURCE_TABLE` and :data:`TRANSPORT_OPTIONS_TABLE`
-(``python -m dagster_taskiq_sync.celery_compat``).
+(``dagster-taskiq-sync celery-mapping``).
 """
 
 from __future__ import annotations
@@ -388,6 +388,3 @@ def mapping_table_markdown() -> str:
         lines.append(f"| `{key}` | {action} | {why} |")
     return "\n".join(lines)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print(mapping_table_markdown())

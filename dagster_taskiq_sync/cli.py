@@ -179,6 +179,14 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter) -> None
         click.echo(line)
 
 
+@main.command("celery-mapping")
+def celery_mapping() -> None:
+    """Print the table of what each Celery setting does on SQS (Markdown)."""
+    from .celery_compat import mapping_table_markdown
+
+    click.echo(mapping_table_markdown())
+
+
 @main.command("local-endpoint")
 @click.option("--port", type=click.IntRange(1, 65535), default=9324, show_default=True)
 def local_endpoint(port) -> None:

@@ -4,13 +4,10 @@ import os
 import time
 from pathlib import Path
 
-from dagster import Config, In, Nothing, Out, RetryPolicy, job, mem_io_manager, op
+from dagster import Config, Definitions, RetryPolicy, job, mem_io_manager, op
 
 from dagster_taskiq_sync import taskiq_executor
 
-
-def _record(op_name: str) -> int:
-    return os.getpid()
 
 
 @op
@@ -108,3 +105,31 @@ def retries():
 @job(executor_def=taskiq_executor, resource_defs={"io_manager": mem_io_manager})
 def in_memory_outputs():
     add_one(emit_one())
+
+
+@op(tags={"dagster-celery/queue": "legacy"})
+def on_legacy_queue() -> int:
+    return os.getpid()
+
+
+@job(executor_def=taskiq_executor)
+def routed():
+    on_legacy_queue()
+
+
+def _slow_on_drain(i: int):
+    @op(name=f"slow_{i}", tags={"dagster-celery/queue": "drain"})
+    def slow() -> int:
+        time.sleep(2)
+        return i
+
+    return slow
+
+
+@job(executor_def=taskiq_executor)
+def two_slow_steps():
+    for make in (_slow_on_drain(0), _slow_on_drain(1)):
+        make()
+
+
+defs = Definitions(jobs=[diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps])
