@@ -24,7 +24,6 @@ from typing import Any, Iterable, Mapping, Sequence
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore import exceptions as boto_exc
-from taskiq import TaskiqMessage
 from taskiq.exceptions import SendTaskError
 from taskiq_aio_sqs import SQSBroker, SQSQueue
 from taskiq_aio_sqs import exceptions as sqs_exc
@@ -132,10 +131,6 @@ class StepBroker(SQSBroker):
         )
         deliveries = []
         for raw in result.get("Messages", []):
-            # Downloads S3-offloaded payloads; heartbeating is ours, so no task is started.
-            ackable = await self._to_ackable_message(raw, self._queues[sqs_name], queue_url)
-            if ackable is None:
-                continue
             deliveries.append(
                 Delivery(
                     queue=queue,
@@ -143,11 +138,30 @@ class StepBroker(SQSBroker):
                     receipt_handle=raw["ReceiptHandle"],
                     message_id=raw.get("MessageId", ""),
                     receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
-                    body=ackable.data if isinstance(ackable.data, bytes) else bytes(ackable.data),
+                    body=await self._payload(raw),
                     received_at=time.monotonic(),
                 )
             )
         return deliveries
+
+    async def _payload(self, raw: Mapping[str, Any]) -> bytes:
+        """The message's bytes, fetched from S3 when the sender offloaded it there.
+
+        taskiq-aio-sqs offloads a body over the queue's size limit to S3 and sends
+        ``{"s3_bucket", "s3_key"}`` with the ``s3_extended_message`` attribute instead. A
+        pointer that cannot be read is returned as is; the worker then rejects it as malformed.
+        """
+        body = raw.get("Body", "")
+        if "s3_extended_message" not in raw.get("MessageAttributes", {}):
+            return body.encode("utf-8")
+        try:
+            pointer = json.loads(body)
+            s3_object = await self._s3_client.get_object(Bucket=pointer["s3_bucket"], Key=pointer["s3_key"])
+            async with s3_object["Body"] as stream:
+                return await stream.read()
+        except (ValueError, KeyError, TypeError, boto_exc.ClientError) as exc:
+            log.error("message %s: its S3 payload cannot be read (%s)", raw.get("MessageId"), exc)
+            return body.encode("utf-8")
 
     async def change_visibility(self, deliveries: Sequence[Delivery], seconds: int) -> list[str]:
         """Set the visibility of held messages; returns receipt handles SQS no longer knows."""
@@ -246,10 +260,6 @@ async def provision(settings: SQSSettings, queues: Iterable[str], max_receive_co
 async def _step_task_body(**kwargs: Any) -> None:  # pragma: no cover - never run by taskiq
     """Registered so kicks are named tasks; the worker runs steps in child processes instead."""
     raise RuntimeError("dagster_taskiq_sync steps are run by `dagster-taskiq-sync worker start`")
-
-
-def decode_message(broker: SQSBroker, body: bytes) -> TaskiqMessage:
-    return broker.formatter.loads(body)
 
 
 class BrokerClient:
