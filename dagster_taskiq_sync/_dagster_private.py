@@ -18,3 +18,20 @@ from dagster._core.execution.tags import get_tag_concurrency_limits_config
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value, serialize_value
 from dagster._config import post_process_config, validate_config
+from dagster._core.errors import DagsterExecutionInterruptedError
+
+
+class PollingStepDelegatingExecutor(StepDelegatingExecutor):
+    """StepDelegatingExecutor with a hook run on every loop iteration that has steps in flight.
+
+    Dagster's loop reads new events through ``_pop_events`` once per iteration; the hook lets
+    the executor notice a run being canceled (``instance.report_run_canceling``, the UI) without
+    waiting for a signal that an in-process caller never sends.
+    """
+
+    def on_poll(self, instance, run_id: str) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[override]
+        self.on_poll(instance, run_id)
+        return super()._pop_events(instance, run_id, seen_storage_ids)

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
@@ -271,12 +271,16 @@ class BrokerClient:
         bridge: Bridge,
         queues: Iterable[str] = (),
         call_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.settings = settings
         self.bridge = bridge
         self.broker = StepBroker(settings, queues)
         self.call_timeout = call_timeout
         self._started = False
+        self.clock = clock
+        self.sleep = sleep
 
     @property
     def queues(self) -> list[str]:
@@ -324,12 +328,28 @@ class BrokerClient:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def send_step(self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any]) -> None:
-        self._call(
-            f"sending a step message to queue {queue!r}",
-            functools.partial(self.broker.send_step, queue=queue, task_id=task_id, group_id=group_id, kwargs=kwargs),
-            queue=queue,
-        )
+    def send_step(
+        self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any], retry_for: float = 0.0
+    ) -> None:
+        """Send one step message; through an endpoint outage keep retrying for ``retry_for`` s.
+
+        Only "cannot reach / did not answer" is retried: a missing queue or refused
+        credentials will not fix themselves.
+        """
+        what = f"sending a step message to queue {queue!r}"
+        send = functools.partial(self.broker.send_step, queue=queue, task_id=task_id, group_id=group_id, kwargs=kwargs)
+        deadline = self.clock() + retry_for
+        delay = 0.5
+        while True:
+            try:
+                self._call(what, send, queue=queue)
+                return
+            except EndpointUnreachableError as exc:
+                if self.clock() + delay > deadline:
+                    raise
+                log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+                self.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     def receive(
         self, queue: str, max_messages: int, wait_seconds: int, cancel: threading.Event | None = None

@@ -341,6 +341,17 @@ def _apply_table(
     return settings
 
 
+# taskiq_executor's own keys (not Celery's), validated the same way.
+NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
+    "step_poll_interval": _positive,
+    "health_check_interval": lambda v, p: _int(v, p, 1, 3600),
+    "worker_lost_timeout": _positive,
+    "queued_step_warning": _positive,
+    "queued_step_timeout": _positive,
+    "broker_outage_timeout": _positive,
+}
+
+
 def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     """Validate a dagster-celery style executor config block and build Settings from it.
 
@@ -368,11 +379,9 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     settings = _apply_table(
         settings, config_source, "execution.config.config_source", CONFIG_SOURCE_TABLE
     )
-    if "step_poll_interval" in config and config["step_poll_interval"] is not None:
-        settings = replace(
-            settings,
-            step_poll_interval=_positive(config["step_poll_interval"], "execution.config.step_poll_interval"),
-        )
+    for key, convert in NATIVE_KEYS.items():
+        if config.get(key) is not None:
+            settings = replace(settings, **{key: convert(config[key], f"execution.config.{key}")})
     if not settings.sqs.default_queue:
         settings = settings.with_sqs(default_queue=DEFAULT_QUEUE)
     return settings

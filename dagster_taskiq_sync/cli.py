@@ -5,6 +5,7 @@ Flags follow ``dagster-celery worker start`` so deployment scripts carry over.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -82,8 +83,9 @@ def worker() -> None:
 @click.option("-i", "--includes", multiple=True, help="Python module every step should have imported (repeatable); imported once, before steps fork.")
 @click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds running steps get to finish after SIGTERM before they are killed.")
+@click.option("--heartbeat-interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True, help="Seconds between liveness records of running steps; the orchestrator's worker_lost_timeout must exceed 3x this.")
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
-def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, app) -> None:
+def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval, app) -> None:
     """Start a worker that runs the steps sent to its queues."""
     logging.basicConfig(
         level=getattr(logging, loglevel.upper()),
@@ -94,18 +96,18 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
     if app:
         log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)
     try:
-        _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, log)
+        _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval, log)
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, log) -> None:
+def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval, log) -> None:
     from .bridge import Bridge
     from .broker import BrokerClient
     from .step_runner import StepRunner
     from .worker import Worker, WorkerOptions
 
-    settings = settings_from_yaml(config_yaml)
+    settings = dataclasses.replace(settings_from_yaml(config_yaml), heartbeat_interval=heartbeat_interval)
     for note in settings.notes:
         log.warning(note)
     modules = tuple(dict.fromkeys([*settings.include, *(m for i in includes for m in i.split(",") if m)]))

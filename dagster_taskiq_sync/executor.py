@@ -9,18 +9,27 @@ handler's only job is to turn "launch this step" into one SQS message.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import socket
+import time
 from typing import Any, Iterator, Mapping
 
-from dagster import Field, Noneable, Permissive, StringSource, executor, multiple_process_executor_requirements
+from dagster import (
+    DagsterRunStatus,
+    Field,
+    Noneable,
+    Permissive,
+    StringSource,
+    executor,
+    multiple_process_executor_requirements,
+)
 from dagster import _check as check
 
 from ._dagster_private import (
     CheckStepHealthResult,
     DagsterEvent,
+    DagsterExecutionInterruptedError,
+    EngineEventData,
+    PollingStepDelegatingExecutor,
     RetryMode,
-    StepDelegatingExecutor,
     StepHandler,
     StepHandlerContext,
     get_retries_config,
@@ -31,11 +40,16 @@ from .bridge import shared_bridge
 from .broker import BrokerClient
 from .celery_compat import settings_from_executor_config
 from .errors import ConfigError, TaskiqSyncError
+from .liveness import EXITED, QUEUED, RUNNING, LivenessStore, StepRecord, step_handle_id
 from .settings import Settings
 
 # dagster-celery's tag, so existing ops keep routing; the taskiq alias wins when both are set.
 QUEUE_TAGS = ("dagster-taskiq/queue", "dagster-celery/queue")
 MESSAGE_VERSION = 1
+STATUS_CHECK_INTERVAL = 0.5  # seconds between run-status reads while steps are in flight
+# A step process that exited is given this long for its last events to be read before the
+# orchestrator concludes it ended without reporting a result.
+EXIT_GRACE_SECONDS = 3.0
 
 TASKIQ_CONFIG: dict[str, Any] = {
     # --- the celery_executor schema, unchanged (dagster-celery 0.29) ---
@@ -68,6 +82,32 @@ TASKIQ_CONFIG: dict[str, Any] = {
         Noneable(float),
         is_required=False,
         description="Seconds between reads of the event log for step results (default 0.05).",
+    ),
+    "health_check_interval": Field(
+        Noneable(int),
+        is_required=False,
+        description="Seconds between liveness checks of running steps (default 5).",
+    ),
+    "worker_lost_timeout": Field(
+        Noneable(float),
+        is_required=False,
+        description="A running step whose worker has not heartbeated for this long is failed, "
+        "or retried under its RetryPolicy (default 30).",
+    ),
+    "queued_step_warning": Field(
+        Noneable(float),
+        is_required=False,
+        description="Log an engine event when no worker has taken a step after this long (default 60).",
+    ),
+    "queued_step_timeout": Field(
+        Noneable(float),
+        is_required=False,
+        description="Fail a step no worker has taken after this long (default: wait).",
+    ),
+    "broker_outage_timeout": Field(
+        Noneable(float),
+        is_required=False,
+        description="Keep retrying to send a step through an SQS outage this long (default 60).",
     ),
 }
 
@@ -107,7 +147,7 @@ def taskiq_executor(init_context):
     )
 
 
-class TaskiqExecutor(StepDelegatingExecutor):
+class TaskiqExecutor(PollingStepDelegatingExecutor):
     def __init__(
         self,
         settings: Settings,
@@ -128,7 +168,25 @@ class TaskiqExecutor(StepDelegatingExecutor):
             # A redelivered message for an attempt that already started is dropped by the
             # step process instead of running user code twice.
             should_verify_step=True,
+            check_step_health_interval_seconds=settings.health_check_interval,
         )
+        self._next_status_check = 0.0
+
+    def on_poll(self, instance, run_id: str) -> None:
+        """Stop orchestrating as soon as the run is being canceled (UI, report_run_canceling).
+
+        Workers watch the run's status too and kill its running steps; Dagster then ends the
+        run CANCELED because its status is CANCELING when the interrupt reaches it.
+        """
+        now = time.monotonic()
+        if now < self._next_status_check:
+            return
+        self._next_status_check = now + STATUS_CHECK_INTERVAL
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.status in (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED):
+            raise DagsterExecutionInterruptedError(
+                f"run {run_id} is being canceled; its workers stop the steps still running"
+            )
 
     def execute(self, plan_context, execution_plan):  # type: ignore[override]
         for note in self.settings.notes:
@@ -153,19 +211,13 @@ def queue_for_tags(tags: Mapping[str, str], settings: Settings) -> str:
     return settings.sqs.default_queue
 
 
-def step_handle_id(run_id: str, step_key: str, attempt: int) -> str:
-    """Deterministic id of one step attempt: the message's task id and FIFO dedup id."""
-    digest = hashlib.sha256(f"{run_id}\0{step_key}\0{attempt}".encode()).hexdigest()
-    return f"{run_id[:8]}-{digest[:40]}"
-
-
 class TaskiqStepHandler(StepHandler):
     """Stateless but for the open broker client: ids are derived from run id, step and attempt."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._client: BrokerClient | None = None
-        self._host = socket.gethostname()
+        self._warned_queued: set[str] = set()  # only dedups a warning; health lives in the store
 
     @property
     def name(self) -> str:
@@ -188,18 +240,26 @@ class TaskiqStepHandler(StepHandler):
         check.invariant(keys is not None and len(keys) == 1, "TaskiqStepHandler launches one step at a time")
         return keys[0]  # type: ignore[index]
 
+    def _identity(self, ctx: StepHandlerContext) -> tuple[str, int, str, str]:
+        """(step key, attempt, step handle id, Celery queue name) of the step in ``ctx``."""
+        args = ctx.execute_step_args
+        step_key = self._step_key(ctx)
+        attempt = args.known_state.get_retry_state().get_attempt_count(step_key) + 1 if args.known_state else 1
+        queue = queue_for_tags(ctx.step_tags[step_key], self.settings)
+        return step_key, attempt, step_handle_id(args.run_id, step_key, attempt), queue
+
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         client = check.not_none(self._client, "taskiq_executor used outside its connected() block")
         args = step_handler_context.execute_step_args
-        step_key = self._step_key(step_handler_context)
-        attempt = args.known_state.get_retry_state().get_attempt_count(step_key) + 1 if args.known_state else 1
-        queue = queue_for_tags(step_handler_context.step_tags[step_key], self.settings)
-        task_id = step_handle_id(args.run_id, step_key, attempt)
+        step_key, attempt, task_id, queue = self._identity(step_handler_context)
+        sqs_queue = client.settings.queue_name(queue)
         yield DagsterEvent.step_worker_starting(
             step_handler_context.get_step_context(step_key),
-            message=f"Sending step {step_key} (attempt {attempt}) to SQS queue {client.settings.queue_name(queue)!r}.",
+            message=f"Sending step {step_key} (attempt {attempt}) to SQS queue {sqs_queue!r}.",
             metadata={"queue": queue, "task_id": task_id, "attempt": str(attempt)},
         )
+        # Written before the send, so a worker's "running" record always comes after it.
+        LivenessStore(step_handler_context.instance).write(task_id, StepRecord(QUEUED, queue=queue))
         client.send_step(
             queue=queue,
             task_id=task_id,
@@ -213,19 +273,55 @@ class TaskiqStepHandler(StepHandler):
                 "attempt": attempt,
                 "execute_step_args": serialize_value(args),
             },
+            retry_for=self.settings.broker_outage_timeout,
         )
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
-        # Worker liveness is not tracked yet: a step is assumed healthy while its message is
-        # held. Lost-worker detection replaces this (see the README's "Failure modes").
+        step_key, attempt, handle, queue = self._identity(step_handler_context)
+        record = LivenessStore(step_handler_context.instance).read([handle]).get(handle)
+        settings = self.settings
+        now = time.time()
+        if record is None or record.state == QUEUED:
+            waited = record.age(now) if record else 0.0
+            sqs_queue = settings.sqs.queue_name(queue)
+            if settings.queued_step_timeout is not None and waited > settings.queued_step_timeout:
+                return CheckStepHealthResult.unhealthy(
+                    f"step {step_key} was still queued on SQS queue {sqs_queue!r} after {waited:.0f} s "
+                    f"(queued_step_timeout is {settings.queued_step_timeout:g} s): no live worker "
+                    f"consumes it; start one with `dagster-taskiq-sync worker start -q {queue}`."
+                )
+            if waited > settings.queued_step_warning and handle not in self._warned_queued:
+                self._warned_queued.add(handle)
+                DagsterEvent.engine_event(
+                    step_handler_context.get_step_context(step_key),
+                    f"Step {step_key} is still queued on SQS queue {sqs_queue!r} after {waited:.0f} s: "
+                    f"no live worker has taken it. Start one with `dagster-taskiq-sync worker start "
+                    f"-q {queue}`.",
+                    EngineEventData(metadata={"queue": queue, "waited_seconds": f"{waited:.0f}"}),
+                )
+            return CheckStepHealthResult.healthy()
+        if record.state == RUNNING:
+            limit = max(settings.worker_lost_timeout, 3 * (record.heartbeat_interval or 0.0))
+            if record.age(now) > limit:
+                return CheckStepHealthResult.unhealthy(
+                    f"worker {record.worker} (host {record.host}, pid {record.worker_pid}) running "
+                    f"step {step_key} stopped heartbeating {record.age(now):.0f} s ago; the worker "
+                    f"was lost (worker_lost_timeout is {settings.worker_lost_timeout:g} s)."
+                )
+            return CheckStepHealthResult.healthy()
+        if record.state == EXITED and record.age(now) > EXIT_GRACE_SECONDS:
+            how = record.reason or f"exit code {record.exit_code}"
+            return CheckStepHealthResult.unhealthy(
+                f"the process running step {step_key} on worker {record.worker} ended ({how}) "
+                "without reporting a result."
+            )
         return CheckStepHealthResult.healthy()
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        step_key = self._step_key(step_handler_context)
+        step_key, attempt, handle, _ = self._identity(step_handler_context)
+        LivenessStore(step_handler_context.instance).request_cancel(handle, "the run was terminated")
         yield DagsterEvent.engine_event(
             step_handler_context.get_step_context(step_key),
-            f"Step {step_key} was not stopped on its worker: termination of running steps is not "
-            "supported yet; queued steps of a canceled run are skipped when a worker receives them.",
-            event_specific_data=None,
+            f"Asked the worker running step {step_key} (attempt {attempt}) to stop it.",
+            EngineEventData(metadata={"task_id": handle}),
         )
-

@@ -88,6 +88,15 @@ class Settings:
     worker_concurrency: int | None = None  # worker_concurrency; -c wins
     task_time_limit: float | None = None  # hard kill of a step after this many seconds
     step_poll_interval: float = 0.05  # how often the orchestrator tails the event log
+    # --- reliability (orchestrator side) ---
+    health_check_interval: int = 5  # seconds between liveness checks of running steps
+    worker_lost_timeout: float = 30.0  # no heartbeat for this long: the step's worker is lost
+    queued_step_warning: float = 60.0  # engine event when no worker has taken a step by then
+    queued_step_timeout: float | None = None  # fail a step nobody took by then (None: wait)
+    broker_outage_timeout: float = 60.0  # keep retrying a send this long through an outage
+    # --- reliability (worker side) ---
+    heartbeat_interval: float = 5.0  # liveness record refresh while a step runs
+    cancel_poll_interval: float = 1.0  # how often a worker looks for cancel requests
     # Warnings produced while mapping Celery settings (each a full sentence, emitted once).
     notes: tuple[str, ...] = ()
 

@@ -25,16 +25,62 @@ import queue as queue_mod
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
+from dagster import DagsterRunStatus
+
+from ._dagster_private import ExecuteStepArgs, deserialize_value, serialize_value
 from .broker import STEP_TASK_NAME, BrokerClient, Delivery
 from .errors import TaskiqSyncError
+from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, step_handle_id
 from .settings import Settings
 from .step_runner import StepProcess, StepRunner
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
+
+
+@dataclass
+class RunningStep:
+    """A step process this worker supervises, and where its liveness is recorded."""
+
+    handle: str
+    run_id: str
+    step_key: str
+    delivery: Delivery
+    store: LivenessStore
+    instance: Any
+    process: StepProcess
+    record: StepRecord
+    kill_reason: str | None = None
+
+
+class InstanceCache:
+    """One DagsterInstance per instance reference seen in messages, open until the worker stops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._instances: dict[str, Any] = {}
+
+    def get(self, instance_ref: Any) -> Any:
+        key = serialize_value(instance_ref)
+        with self._lock:
+            instance = self._instances.get(key)
+            if instance is None:
+                from dagster import DagsterInstance
+
+                instance = self._instances[key] = DagsterInstance.from_ref(instance_ref)
+            return instance
+
+    def close(self) -> None:
+        with self._lock:
+            for instance in self._instances.values():
+                try:
+                    instance.dispose()
+                except Exception:  # noqa: BLE001 - closing must not mask shutdown
+                    pass
+            self._instances.clear()
 
 
 @dataclass(frozen=True)
@@ -97,11 +143,13 @@ class Worker:
         self.killing = threading.Event()  # kill running steps now
         self.work: queue_mod.Queue[Delivery] = queue_mod.Queue()
         self._held: dict[str, Delivery] = {}  # receipt handle -> delivery, extended by heartbeat
-        self._running: dict[str, StepProcess] = {}
+        self._running: dict[str, RunningStep] = {}  # step handle id -> running step
         self._lock = threading.Lock()
+        self.instances = InstanceCache()
         self._consumers = [ConsumerThread(self, q) for q in options.queues]
         self._workers = [WorkerThread(self, i) for i in range(options.concurrency)]
         self._heartbeat = HeartbeatThread(self)
+        self._liveness = LivenessThread(self)
         self.steps_done = 0
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -109,6 +157,7 @@ class Worker:
     def start(self) -> None:
         self.runner.warm()
         self._heartbeat.start()
+        self._liveness.start()
         for thread in self._workers:
             thread.start()
         for thread in self._consumers:
@@ -143,23 +192,33 @@ class Worker:
             thread.join(5)
         self._release_waiting()  # anything a consumer handed over while stopping
         self._heartbeat.done.set()
+        self._liveness.done.set()
         self._heartbeat.join(5)
+        self._liveness.join(5)
         self.client.stop()
+        self.instances.close()
         log.info("worker %s stopped after running %d step(s)", self.options.name, self.steps_done)
 
     def kill_running(self, why: str) -> None:
         """Second SIGTERM or deadline: kill running steps; their messages are released."""
         self.stopping.set()
         self.killing.set()
+        for step in self.running():
+            self.kill_step(step, why)
+
+    def kill_step(self, step: RunningStep, why: str) -> None:
+        if step.kill_reason is None:
+            step.kill_reason = why
+            log.warning("worker %s: killing step %s of run %s (pid %s): %s",
+                        self.options.name, step.step_key, step.run_id, step.process.pid, why)
+        step.process.kill()
+
+    def running(self) -> list[RunningStep]:
         with self._lock:
-            procs = list(self._running.items())
-        for _, proc in procs:
-            log.warning("worker %s: killing step process %s (%s)", self.options.name, proc.pid, why)
-            proc.kill()
+            return list(self._running.values())
 
     def running_steps(self) -> list[str]:
-        with self._lock:
-            return [p.process.name.removeprefix("step:") for p in self._running.values()]
+        return [step.step_key for step in self.running()]
 
     # --- message bookkeeping --------------------------------------------------------------
 
@@ -215,13 +274,46 @@ class Worker:
             return Outcome.ABANDON
         kwargs: dict[str, Any] = message.kwargs
         payload = kwargs.get("execute_step_args")
-        step_key, run_id = kwargs.get("step_key"), kwargs.get("run_id")
-        if not isinstance(payload, str) or not isinstance(step_key, str) or not isinstance(run_id, str):
-            log.error("worker %s: message %s on queue %s lacks step arguments; leaving it to the "
-                      "queue's redrive policy", self.options.name, delivery.message_id, delivery.queue)
+        step_key, run_id, attempt = kwargs.get("step_key"), kwargs.get("run_id"), kwargs.get("attempt")
+        try:
+            if not (isinstance(payload, str) and isinstance(step_key, str) and isinstance(run_id, str)
+                    and isinstance(attempt, int)):
+                raise ValueError("step_key, run_id, attempt or execute_step_args missing")
+            args = deserialize_value(payload, ExecuteStepArgs)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
+            log.error("worker %s: message %s on queue %s has no usable step arguments (%s); leaving "
+                      "it to the queue's redrive policy", self.options.name, delivery.message_id,
+                      delivery.queue, exc)
             return Outcome.ABANDON
         if self.stopping.is_set():
             return Outcome.RELEASE
+
+        handle = step_handle_id(run_id, step_key, attempt)
+        what = f"step {step_key} (attempt {attempt}) of run {run_id}"
+        try:
+            instance = self.instances.get(args.instance_ref)
+            store = LivenessStore(instance)
+            previous = store.read([handle]).get(handle)
+            run = instance.get_run_by_id(run_id)
+        except Exception as exc:  # noqa: BLE001 - the instance is unreachable or misconfigured
+            log.error("worker %s: cannot read the Dagster instance for %s (%s: %s); releasing the "
+                      "message", self.options.name, what, type(exc).__name__, exc)
+            return Outcome.RELEASE
+        if run is None:
+            log.error("worker %s: run %s of message %s is not in the Dagster instance this worker "
+                      "reaches; leaving it to the queue's redrive policy", self.options.name, run_id,
+                      delivery.message_id)
+            return Outcome.ABANDON
+        if previous is not None and previous.state in (RUNNING, EXITED):
+            log.warning("worker %s: dropping message %s: %s already %s on worker %s (delivered %d "
+                        "times); not running it again", self.options.name, delivery.message_id, what,
+                        "started" if previous.state == RUNNING else "ran", previous.worker,
+                        delivery.receive_count)
+            return Outcome.DONE
+        if run.is_finished or run.status in (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED):
+            log.warning("worker %s: dropping message %s: run %s is %s, so %s is not run",
+                        self.options.name, delivery.message_id, run_id, run.status.value, what)
+            return Outcome.DONE
 
         meta = {
             "worker": self.options.name,
@@ -231,38 +323,47 @@ class Worker:
             "message_id": delivery.message_id,
             "receive_count": delivery.receive_count,
             "step_key": step_key,
-            "attempt": kwargs.get("attempt", 1),
+            "attempt": attempt,
         }
         started = time.monotonic()
         proc = self.runner.start(payload, meta)
+        record = StepRecord(
+            RUNNING, queue=delivery.queue, worker=self.options.name, host=self.host,
+            worker_pid=os.getpid(), step_pid=proc.pid, message_id=delivery.message_id,
+            heartbeat_interval=self.settings.heartbeat_interval,
+        )
+        step = RunningStep(handle, run_id, step_key, delivery, store, instance, proc, record)
+        self._record(step, record)
         with self._lock:
-            self._running[delivery.receipt_handle] = proc
-        log.info("worker %s: step %s of run %s started (queue %s, pid %s)",
-                 self.options.name, step_key, run_id, delivery.queue, proc.pid)
+            self._running[handle] = step
+        log.info("worker %s: %s started (queue %s, pid %s)", self.options.name, what, delivery.queue, proc.pid)
         limit = self.settings.task_time_limit
-        killed = None
         try:
             while True:
                 code = proc.wait(0.5)
                 if code is not None:
                     break
-                if self.killing.is_set() and killed is None:
-                    killed = "worker shutting down"
-                    proc.kill()
-                elif limit is not None and killed is None and time.monotonic() - started > limit:
-                    killed = f"task_time_limit of {limit:g} s exceeded"
-                    log.error("worker %s: step %s of run %s exceeded task_time_limit (%g s); killing it",
-                              self.options.name, step_key, run_id, limit)
-                    proc.kill()
+                if self.killing.is_set():
+                    self.kill_step(step, "the worker is shutting down")
+                elif limit is not None and time.monotonic() - started > limit:
+                    self.kill_step(step, f"task_time_limit of {limit:g} s exceeded")
         finally:
             with self._lock:
-                self._running.pop(delivery.receipt_handle, None)
+                self._running.pop(handle, None)
             proc.close()
+        self._record(step, replace(record, state=EXITED, ts=time.time(), exit_code=code,
+                                   reason=f"killed: {step.kill_reason}" if step.kill_reason else None))
         self.steps_done += 1
-        log.info("worker %s: step %s of run %s finished in %.2f s (exit code %s%s)",
-                 self.options.name, step_key, run_id, time.monotonic() - started, code,
-                 f", killed: {killed}" if killed else "")
+        log.info("worker %s: %s finished in %.2f s (exit code %s%s)", self.options.name, what,
+                 time.monotonic() - started, code, f", killed: {step.kill_reason}" if step.kill_reason else "")
         return Outcome.DONE
+
+    def _record(self, step: RunningStep, record: StepRecord) -> None:
+        step.record = record
+        try:
+            step.store.write(step.handle, record)
+        except Exception as exc:  # noqa: BLE001 - liveness must not take the step down
+            log.warning("worker %s: could not record liveness of step %s: %s", self.options.name, step.step_key, exc)
 
 
 class ConsumerThread(threading.Thread):
@@ -350,3 +451,62 @@ class HeartbeatThread(threading.Thread):
             for receipt in lost:
                 log.warning("worker %s: SQS no longer knows a held message (receipt %s...); it may be "
                             "delivered again", worker.options.name, receipt[:12])
+
+
+class LivenessThread(threading.Thread):
+    """Acts on cancel requests and canceled runs, and refreshes liveness records.
+
+    Every ``cancel_poll_interval`` it reads the cancel requests of the running steps and the
+    status of their runs, and kills a step whose run is being canceled or is over; every
+    ``heartbeat_interval`` it rewrites their ``running`` records so the orchestrator can tell a
+    live worker from a lost one.
+    """
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(name="liveness", daemon=True)
+        self.worker = worker
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        worker, settings = self.worker, self.worker.settings
+        next_heartbeat = time.monotonic() + settings.heartbeat_interval
+        while not self.done.wait(settings.cancel_poll_interval):
+            steps = worker.running()
+            if not steps:
+                continue
+            try:
+                self._kill_canceled(steps)
+                if time.monotonic() >= next_heartbeat:
+                    next_heartbeat = time.monotonic() + settings.heartbeat_interval
+                    for step in steps:
+                        if step.kill_reason is None:
+                            worker._record(step, replace(step.record, ts=time.time()))
+            except Exception as exc:  # noqa: BLE001 - keep watching whatever happens
+                log.warning("worker %s: liveness check failed: %s", worker.options.name, exc)
+
+    def _kill_canceled(self, steps: list[RunningStep]) -> None:
+        by_store: dict[int, list[RunningStep]] = {}
+        for step in steps:
+            by_store.setdefault(id(step.store), []).append(step)
+        for group in by_store.values():
+            requests = group[0].store.cancel_requests(step.handle for step in group)
+            statuses = {}
+            for step in group:
+                if step.run_id not in statuses:
+                    run = step.instance.get_run_by_id(step.run_id)
+                    statuses[step.run_id] = run.status if run else None
+            for step in group:
+                status = statuses[step.run_id]
+                if step.handle in requests:
+                    self.worker.kill_step(step, f"cancel requested: {requests[step.handle]}")
+                elif status in STOP_STATUSES:
+                    self.worker.kill_step(step, f"run {step.run_id} is {status.value}")
+
+
+# A step whose run is in one of these states has nobody waiting for it.
+STOP_STATUSES = (
+    DagsterRunStatus.CANCELING,
+    DagsterRunStatus.CANCELED,
+    DagsterRunStatus.FAILURE,
+    DagsterRunStatus.SUCCESS,
+)
