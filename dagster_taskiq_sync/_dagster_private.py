@@ -18,6 +18,8 @@ from dagster._core.execution.tags import get_tag_concurrency_limits_config
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._serdes import deserialize_value, serialize_value
 from dagster._config import post_process_config, validate_config
+from dagster._utils.hosted_user_process import recon_job_from_origin
+from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster._core.errors import DagsterExecutionInterruptedError
 
 

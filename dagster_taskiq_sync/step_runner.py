@@ -14,14 +14,24 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import select
 import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
 from typing import Any, Mapping, Sequence
 
 # Imported here so the fork server pays for them once, not every step.
-from ._dagster_private import EngineEventData, ExecuteStepArgs, deserialize_value, execute_step_command_body
+from ._dagster_private import (
+    EngineEventData,
+    ExecuteStepArgs,
+    deserialize_value,
+    execute_step_command_body,
+    recon_job_from_origin,
+    serializable_error_info_from_exc_info,
+)
 
 # What a step needs beyond `import dagster`, imported once in the fork server. Without these a
 # step spends ~0.7 s importing SQLAlchemy, alembic and Dagster's storages (measured with
@@ -55,7 +65,12 @@ PRELOAD_MODULES = (
 )
 
 EXIT_OK = 0
-EXIT_RUN_NOT_FOUND = 3
+EXIT_RUN_NOT_FOUND = 3  # the message names a run this worker's instance does not have
+EXIT_JOB_NOT_LOADABLE = 4  # the run's job code cannot be imported on this worker
+EXIT_REASONS = {
+    EXIT_RUN_NOT_FOUND: "its run is not in the Dagster instance",
+    EXIT_JOB_NOT_LOADABLE: "its job could not be loaded on the worker",
+}
 
 
 @dataclass
@@ -111,16 +126,39 @@ def _noop() -> None:
     pass
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this step if its parent (the fork server) exits, e.g. the worker was killed."""
-    if not sys.platform.startswith("linux"):
+def _die_with_worker(worker_pid: int | None) -> None:
+    """SIGKILL this step when the worker that supervises it dies (e.g. ``kill -9``).
+
+    The fork server, not the worker, is the step's parent, and multiprocessing hands every child
+    the fork server's keep-alive pipe: a running step would keep the fork server, and itself,
+    alive as orphans. So the step watches the worker's pid itself (a pidfd where the kernel has
+    them, else a 1 s poll), and also takes the parent-death signal for the fork server.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if not worker_pid:
         return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(worker_pid)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(worker_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="watch-worker", daemon=True).start()
 
 
 def run_step_in_child(payload: str, worker_meta: Mapping[str, Any]) -> None:
@@ -129,7 +167,7 @@ def run_step_in_child(payload: str, worker_meta: Mapping[str, Any]) -> None:
     The step writes its own events to the instance's event log (that is how the orchestrator
     learns about them); nothing is sent back through SQS.
     """
-    _die_with_parent()
+    _die_with_worker(worker_meta.get("worker_pid"))
     profile_dir = os.environ.get("DAGSTER_TASKIQ_SYNC_PROFILE_DIR")
     if profile_dir:  # developer aid: one cProfile file per step, see bin/bench
         import cProfile
@@ -162,6 +200,20 @@ def _run_step(payload: str, worker_meta: Mapping[str, Any]) -> None:
         if run is None:
             print(f"run {args.run_id} not found in the Dagster instance; step {step_key} not run", file=sys.stderr)
             sys.exit(EXIT_RUN_NOT_FOUND)
+        try:
+            recon_job_from_origin(run.job_code_origin).get_definition()
+        except Exception:  # noqa: BLE001 - user code failing to import
+            error = serializable_error_info_from_exc_info(sys.exc_info())
+            instance.report_engine_event(
+                f"Step {step_key} cannot run on worker {worker_meta.get('worker')}: its job could "
+                f"not be loaded ({error.message.strip()}). Check that the worker has the job's code "
+                "(same path or package, `-i` modules) and its dependencies.",
+                run,
+                EngineEventData(error=error),
+                step_key=step_key,
+            )
+            print(f"step {step_key}: the job could not be loaded: {error.message.strip()}", file=sys.stderr)
+            sys.exit(EXIT_JOB_NOT_LOADABLE)
         instance.report_engine_event(
             f"Step {step_key} picked up by worker {worker_meta.get('worker')} on "
             f"{worker_meta.get('host')} from queue {worker_meta.get('queue')!r} (pid {os.getpid()}).",

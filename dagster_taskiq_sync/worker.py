@@ -36,7 +36,7 @@ from .broker import STEP_TASK_NAME, BrokerClient, Delivery
 from .errors import TaskiqSyncError
 from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, step_handle_id
 from .settings import Settings
-from .step_runner import StepProcess, StepRunner
+from .step_runner import EXIT_REASONS, StepProcess, StepRunner
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
 
@@ -351,11 +351,15 @@ class Worker:
             with self._lock:
                 self._running.pop(handle, None)
             proc.close()
-        self._record(step, replace(record, state=EXITED, ts=time.time(), exit_code=code,
-                                   reason=f"killed: {step.kill_reason}" if step.kill_reason else None))
+        reason = f"killed: {step.kill_reason}" if step.kill_reason else EXIT_REASONS.get(code)
+        self._record(step, replace(record, state=EXITED, ts=time.time(), exit_code=code, reason=reason))
         self.steps_done += 1
         log.info("worker %s: %s finished in %.2f s (exit code %s%s)", self.options.name, what,
-                 time.monotonic() - started, code, f", killed: {step.kill_reason}" if step.kill_reason else "")
+                 time.monotonic() - started, code, f", {reason}" if reason else "")
+        if code in EXIT_REASONS and not step.kill_reason:
+            log.error("worker %s: message %s on queue %s cannot run here (%s); leaving it to the "
+                      "queue's redrive policy", self.options.name, delivery.message_id, delivery.queue, reason)
+            return Outcome.ABANDON
         return Outcome.DONE
 
     def _record(self, step: RunningStep, record: StepRecord) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -87,3 +88,52 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class BackgroundRun:
+    """execute_job in a thread, so a test can inject faults while the run is in flight."""
+
+    def __init__(self, job_fn, instance, run_config: dict):
+        from dagster import execute_job, reconstructable
+
+        self.instance = instance
+        self.result = None
+        self.error: BaseException | None = None
+
+        def target():
+            try:
+                self.result = execute_job(reconstructable(job_fn), instance=instance, run_config=run_config, raise_on_error=False)
+            except BaseException as exc:  # noqa: BLE001 - surfaced by wait()
+                self.error = exc
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float):
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise AssertionError(f"the run did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def run_id(self) -> str:
+        return wait_for(lambda: self.instance.get_runs(limit=1)[0].run_id if self.instance.get_runs(limit=1) else None)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped) counts as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def marker_lines(marker_dir: Path, name: str) -> list[str]:
+    path = marker_dir / f"{name}.log"
+    return path.read_text().splitlines() if path.exists() else []

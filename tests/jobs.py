@@ -132,4 +132,52 @@ def two_slow_steps():
         make()
 
 
-defs = Definitions(jobs=[diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps])
+# --- jobs for fault injection: every start and end of user code is appended to a file ---
+
+
+class FaultConfig(Config):
+    marker_dir: str
+    sleep: float = 30.0
+
+
+def _counted(name: str, retry_policy=None):
+    @op(name=name, tags={"dagster-celery/queue": "faults"}, retry_policy=retry_policy)
+    def counted(config: FaultConfig) -> int:
+        marker = Path(config.marker_dir) / f"{name}.log"
+        with marker.open("a") as fh:
+            fh.write(f"start {os.getpid()}\n")
+        runs = marker.read_text().count("start")
+        if retry_policy is None or runs == 1:  # a retried op is slow only on its first attempt
+            time.sleep(config.sleep)
+        with marker.open("a") as fh:
+            fh.write("end\n")
+        return runs
+
+    return counted
+
+
+@op(tags={"dagster-celery/queue": "faults"})
+def after_long(x: int) -> int:
+    return x
+
+
+@job(executor_def=taskiq_executor)
+def one_long():
+    after_long(_counted("long_step")())
+
+
+@job(executor_def=taskiq_executor)
+def one_long_retried():
+    _counted("retried_step", RetryPolicy(max_retries=1))()
+
+
+@job(executor_def=taskiq_executor)
+def two_long():
+    _counted("long_a")()
+    _counted("long_b")()
+
+
+defs = Definitions(jobs=[
+    diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps,
+    one_long, one_long_retried, two_long,
+])

@@ -1,0 +1,192 @@
+"""Fault injection against real worker processes and the local SQS endpoint.
+
+Each test asserts what a user would check: the run's final status, the step's events, how many
+times user code actually ran (a marker file counts starts and ends) and that no message is left
+stranded in the queue. Timeouts are shortened through configuration only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+from dagster import DagsterEventType, DagsterRunStatus
+
+from dagster_taskiq_sync.run_report import step_reports
+
+from . import jobs
+from .helpers import CLI, BackgroundRun, WorkerProcess, marker_lines, pid_alive, queue_counts, sqs_client, wait_for
+
+FAULTS = "faults"
+
+
+@pytest.fixture(scope="module")
+def faults_config(endpoint, tmp_path_factory) -> dict:
+    """Short visibility timeout and liveness limits, so faults show within seconds."""
+    return {
+        "broker": endpoint.broker_url,
+        "config_source": {"broker_transport_options": {"visibility_timeout": 2, "wait_time_seconds": 1}},
+        "health_check_interval": 1,
+        "worker_lost_timeout": 3,
+    }
+
+
+@pytest.fixture(scope="module")
+def faults_yaml(faults_config, tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "faults.yaml"
+    path.write_text(yaml.safe_dump({"execution": {"config": faults_config}}))
+    out = subprocess.run([CLI, "queues", "create", "-y", str(path), "-q", FAULTS], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return path
+
+
+@pytest.fixture
+def start_worker(faults_yaml, tmp_path):
+    started: list[WorkerProcess] = []
+
+    def start(name: str, *extra: str) -> WorkerProcess:
+        worker = WorkerProcess(faults_yaml, f"{name}-{uuid.uuid4().hex[:4]}", tmp_path,
+                               ["-q", FAULTS, "--heartbeat-interval", "0.5", *extra])
+        started.append(worker.wait_ready())
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.stop()
+
+
+@pytest.fixture
+def markers(tmp_path):
+    path = tmp_path / "markers"
+    path.mkdir()
+    return path
+
+
+def fault_run(job_fn, instance, faults_config, markers, op_names, sleep=30.0) -> BackgroundRun:
+    ops = {name: {"config": {"marker_dir": str(markers), "sleep": sleep}} for name in op_names}
+    return BackgroundRun(job_fn, instance, {"execution": {"config": faults_config}, "ops": ops})
+
+
+def events(instance, run_id, event_type):
+    return [r for r in instance.all_logs(run_id) if r.dagster_event and r.dagster_event.event_type == event_type]
+
+
+def wait_queue_empty(endpoint, queue=FAULTS, timeout=15):
+    wait_for(lambda: queue_counts(endpoint.url, queue) == (0, 0), timeout=timeout, what=f"queue {queue} to be empty")
+
+
+def test_worker_killed_mid_step_fails_the_step_as_lost(endpoint, instance, faults_config, markers, start_worker):
+    # Given a step running on a worker
+    worker = start_worker("doomed")
+    run = fault_run(jobs.one_long, instance, faults_config, markers, ["long_step"])
+    wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")
+    step_pid = int(marker_lines(markers, "long_step")[0].split()[1])
+
+    # When the worker is killed with SIGKILL
+    os.kill(worker.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    # Then its step process dies with it, and the run fails soon with a "worker lost" error
+    wait_for(lambda: not pid_alive(step_pid), timeout=10, what="the step process to die with its worker")
+    result = run.wait(30)
+    assert time.monotonic() - killed_at < 15
+    assert not result.success
+    failure = events(instance, result.run_id, DagsterEventType.STEP_FAILURE)
+    assert [f.step_key for f in failure] == ["long_step"]
+    message = failure[0].dagster_event.step_failure_data.error.message
+    assert "stopped heartbeating" in message and "the worker was lost" in message and worker.name in message
+    assert marker_lines(markers, "long_step") == [f"start {step_pid}"]  # never finished, ran once
+    assert "after_long" not in {r.step_key for r in events(instance, result.run_id, DagsterEventType.STEP_START)}
+
+    # And the dead worker's message, redelivered after its visibility timeout, is dropped by the
+    # next worker without running user code again: nothing stays stranded.
+    survivor = start_worker("survivor")
+    wait_queue_empty(endpoint)
+    assert "dropping message" in survivor.log()
+    assert len(marker_lines(markers, "long_step")) == 1
+
+
+def test_worker_killed_mid_step_is_retried_under_its_retry_policy(endpoint, instance, faults_config, markers, start_worker):
+    doomed = start_worker("doomed")
+    run = fault_run(jobs.one_long_retried, instance, faults_config, markers, ["retried_step"])
+    wait_for(lambda: marker_lines(markers, "retried_step"), what="the first attempt to start")
+    os.kill(doomed.pid, signal.SIGKILL)
+    start_worker("rescuer")
+
+    result = run.wait(40)
+
+    assert result.success
+    retries = events(instance, result.run_id, DagsterEventType.STEP_UP_FOR_RETRY)
+    assert len(retries) == 1
+    assert "the worker was lost" in retries[0].dagster_event.step_retry_data.error.message
+    lines = marker_lines(markers, "retried_step")
+    assert [line.split()[0] for line in lines] == ["start", "start", "end"]  # attempt 1 lost, attempt 2 ran
+    wait_queue_empty(endpoint)
+
+
+def test_run_termination_stops_running_steps_and_queued_ones_never_start(endpoint, instance, faults_config, markers, start_worker):
+    # Given one single-threaded worker: one step runs, the other waits in the queue
+    worker = start_worker("busy", "-c", "1")
+    run = fault_run(jobs.two_long, instance, faults_config, markers, ["long_a", "long_b"], sleep=60)
+    running = wait_for(lambda: [n for n in ("long_a", "long_b") if marker_lines(markers, n)], what="one step to start")
+    assert len(running) == 1
+    queued = "long_b" if running == ["long_a"] else "long_a"
+    step_pid = int(marker_lines(markers, running[0])[0].split()[1])
+
+    # When the run is terminated the way the UI does it
+    dagster_run = instance.get_run_by_id(run.run_id())
+    instance.report_run_canceling(dagster_run)
+    asked_at = time.monotonic()
+
+    # Then the running step's process is killed within a few seconds and the run ends CANCELED
+    wait_for(lambda: not pid_alive(step_pid), timeout=10, what="the running step to be killed")
+    assert time.monotonic() - asked_at < 5
+    result = run.wait(30)
+    assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED
+    assert marker_lines(markers, running[0]) == [f"start {step_pid}"]
+    # and the queued step is dropped when the worker receives it, without running user code
+    wait_queue_empty(endpoint)
+    assert marker_lines(markers, queued) == []
+    assert "is CANCELED" in worker.log() or "is CANCELING" in worker.log()
+    # and the worker stays healthy
+    assert worker.proc.poll() is None
+    assert "killing step" in worker.log()
+
+
+def test_step_longer_than_visibility_timeout_runs_exactly_once(endpoint, instance, faults_config, markers, start_worker):
+    # Visibility timeout 2 s, step 5 s, two idle workers that would gladly take a redelivery.
+    start_worker("one")
+    start_worker("two")
+    result = fault_run(jobs.one_long, instance, faults_config, markers, ["long_step"], sleep=5).wait(60)
+
+    assert result.success
+    assert [line.split()[0] for line in marker_lines(markers, "long_step")] == ["start", "end"]
+    wait_queue_empty(endpoint)
+
+
+def test_duplicated_messages_run_user_code_once(endpoint, instance, faults_config, markers, start_worker):
+    # Given the step's message in the queue three times (SQS delivers at least once)
+    run = fault_run(jobs.one_long, instance, faults_config, markers, ["long_step"], sleep=0.5)
+    wait_for(lambda: queue_counts(endpoint.url, FAULTS)[0] == 1, what="the step message to be queued")
+    client = sqs_client(endpoint.url)
+    url = client.get_queue_url(QueueName=FAULTS)["QueueUrl"]
+    original = client.receive_message(QueueUrl=url, MaxNumberOfMessages=1, VisibilityTimeout=30)["Messages"][0]
+    for _ in range(2):
+        client.send_message(QueueUrl=url, MessageBody=original["Body"])
+    client.change_message_visibility(QueueUrl=url, ReceiptHandle=original["ReceiptHandle"], VisibilityTimeout=0)
+
+    # When a worker consumes them
+    worker = start_worker("dedup", "-c", "1")
+    result = run.wait(60)
+
+    # Then the step ran once and the copies were dropped with a reason
+    assert result.success
+    assert [line.split()[0] for line in marker_lines(markers, "long_step")] == ["start", "end"]
+    wait_queue_empty(endpoint)
+    assert worker.log().count("dropping message") >= 2
