@@ -25,16 +25,26 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore import exceptions as boto_exc
 from taskiq.exceptions import SendTaskError
+from taskiq.message import BrokerMessage
 from taskiq_aio_sqs import SQSBroker, SQSQueue
 from taskiq_aio_sqs import exceptions as sqs_exc
 
 from .bridge import Bridge
-from .errors import BrokerError, ConfigError, EndpointUnreachableError, QueueMissingError, TaskiqSyncError
+from .errors import (
+    BrokerError,
+    ConfigError,
+    EndpointUnreachableError,
+    PayloadTooLargeError,
+    QueueMissingError,
+    TaskiqSyncError,
+)
 from .settings import SQSSettings
 
 log = logging.getLogger(__name__)
 
 STEP_TASK_NAME = "dagster_taskiq_sync.execute_step"
+SQS_MIN_DEFAULT_SIZE = 262_144  # what a queue accepts when it does not say (the old SQS default)
+ATTRIBUTE_ALLOWANCE = 1024  # SQS counts message attributes against the size limit too
 QUEUE_CREATE_HINT = "create it with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml` (or name its URL in broker_transport_options.predefined_queues)"
 
 
@@ -49,6 +59,7 @@ class Delivery:
     receive_count: int
     body: bytes
     received_at: float
+    s3_object: tuple[str, str] | None = None  # (bucket, key) of an offloaded payload
 
 
 class StepBroker(SQSBroker):
@@ -86,6 +97,47 @@ class StepBroker(SQSBroker):
             if celery_name in self.queue_names:
                 self._queue_urls[self.queue_names[celery_name]] = url
         self._step_task = self.register_task(_step_task_body, task_name=STEP_TASK_NAME)
+        self._max_message_size: dict[str, int] = {}  # SQS name -> MaximumMessageSize
+        self.offloaded: dict[str, str] = {}  # task id -> S3 URL, read once by send_step
+
+    async def startup(self) -> None:
+        await super().startup()
+        for sqs_name, url in self._queue_urls.items():
+            answer = await self._sqs_client.get_queue_attributes(QueueUrl=url, AttributeNames=["MaximumMessageSize"])
+            self._max_message_size[sqs_name] = int(answer["Attributes"].get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE))
+
+    async def kick(self, message: BrokerMessage) -> None:
+        """Send a message, offloading its body to S3 when the queue would refuse its size.
+
+        taskiq-aio-sqs offloads only above 1 MiB whatever the queue accepts; queues created with
+        a smaller MaximumMessageSize (256 KiB was the SQS default) would reject the send. The
+        pointer has the same shape and attribute taskiq-aio-sqs uses, so its receivers read it too.
+        """
+        sqs_name = str(message.labels.get("queue", self._default_queue.name))
+        limit = self._max_message_size.get(sqs_name, SQS_MIN_DEFAULT_SIZE)
+        if len(message.message) + ATTRIBUTE_ALLOWANCE <= limit:
+            await super().kick(message)
+            return
+        bucket = self.settings.s3_bucket
+        if not bucket:
+            raise PayloadTooLargeError(
+                f"the message for task {message.task_id} is {len(message.message)} bytes, more than SQS "
+                f"queue {sqs_name!r} accepts ({limit} bytes), and no S3 bucket is configured; set "
+                "execution.config.backend to 's3://BUCKET/PREFIX' so large payloads go through S3."
+            )
+        key = "/".join(part for part in (self.settings.s3_prefix, f"{message.task_id}.json") if part)
+        await self._s3_client.put_object(Bucket=bucket, Key=key, Body=message.message)
+        self.offloaded[message.task_id] = f"s3://{bucket}/{key}"
+        _, queue, queue_url = self._resolve_queue(message)
+        pointer = BrokerMessage(
+            task_id=message.task_id,
+            task_name=message.task_name,
+            message=json.dumps({"s3_bucket": bucket, "s3_key": key}).encode(),
+            labels=message.labels,
+        )
+        kwargs = await self.build_kick_kwargs(pointer, queue=queue, queue_url=queue_url)
+        kwargs["MessageAttributes"] = {"s3_extended_message": {"StringValue": "True", "DataType": "String"}}
+        await self._sqs_client.send_message(**kwargs)
 
     async def _get_sqs_client(self):  # type: ignore[override]
         self._client_context_creator = self._session.create_client("sqs", **client_kwargs(self.settings, self._session))
@@ -108,13 +160,15 @@ class StepBroker(SQSBroker):
 
     async def send_step(
         self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any]
-    ) -> None:
+    ) -> str | None:
+        """Send one step message; returns the S3 URL its payload went to, if it was offloaded."""
         await (
             self._step_task.kicker()
             .with_task_id(task_id)
             .with_labels(queue=self.queue_names[queue], group_id=group_id)
             .kiq(**kwargs)
         )
+        return self.offloaded.pop(task_id, None)
 
     # --- worker side ----------------------------------------------------------------------
 
@@ -140,6 +194,7 @@ class StepBroker(SQSBroker):
                     receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
                     body=await self._payload(raw),
                     received_at=time.monotonic(),
+                    s3_object=_s3_pointer(raw),
                 )
             )
         return deliveries
@@ -186,6 +241,12 @@ class StepBroker(SQSBroker):
         await self._sqs_client.delete_message(
             QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle
         )
+        if delivery.s3_object is not None:  # the payload is no use once its message is gone
+            bucket, key = delivery.s3_object
+            try:
+                await self._s3_client.delete_object(Bucket=bucket, Key=key)
+            except boto_exc.ClientError as exc:
+                log.warning("could not delete offloaded payload s3://%s/%s: %s", bucket, key, exc)
 
     async def queue_depth(self, queue: str) -> tuple[int, int]:
         """(visible, in flight) message counts of a queue."""
@@ -195,6 +256,16 @@ class StepBroker(SQSBroker):
         )
         attrs = answer["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def _s3_pointer(raw: Mapping[str, Any]) -> tuple[str, str] | None:
+    if "s3_extended_message" not in raw.get("MessageAttributes", {}):
+        return None
+    try:
+        pointer = json.loads(raw.get("Body", ""))
+        return str(pointer["s3_bucket"]), str(pointer["s3_key"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def client_kwargs(settings: SQSSettings, session: Any) -> dict[str, Any]:
@@ -245,8 +316,19 @@ async def provision(settings: SQSSettings, queues: Iterable[str], max_receive_co
             kwargs: dict[str, Any] = {"QueueName": name, "Attributes": attributes}
             if settings.queue_tags:
                 kwargs["tags"] = dict(settings.queue_tags)
-            url = (await sqs.create_queue(**kwargs))["QueueUrl"]
-            report.append(f"queue {queue} -> SQS {name}: {url}")
+            try:
+                url = (await sqs.create_queue(**kwargs))["QueueUrl"]
+                report.append(f"queue {queue} -> SQS {name}: {url}")
+            except boto_exc.ClientError as exc:
+                if "QueueAlreadyExists" not in exc.response.get("Error", {}).get("Code", ""):
+                    raise
+                # It exists with other attributes: bring them to what this config asks for.
+                url = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
+                current = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]))["Attributes"]
+                changes = {k: v for k, v in attributes.items() if k != "FifoQueue" and current.get(k) != v}
+                await sqs.set_queue_attributes(QueueUrl=url, Attributes=changes)
+                shown = ", ".join(f"{k} {current.get(k)} -> {v}" for k, v in changes.items() if k != "RedrivePolicy")
+                report.append(f"queue {queue} -> SQS {name}: {url} (existed; updated {shown or 'redrive policy'})")
     if settings.s3_bucket:
         async with session.create_client("s3", **client_kwargs(settings, session)) as s3:
             try:
@@ -330,8 +412,10 @@ class BrokerClient:
 
     def send_step(
         self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any], retry_for: float = 0.0
-    ) -> None:
+    ) -> str | None:
         """Send one step message; through an endpoint outage keep retrying for ``retry_for`` s.
+
+        Returns the S3 URL of the payload when it was too large for the queue.
 
         Only "cannot reach / did not answer" is retried: a missing queue or refused
         credentials will not fix themselves.
@@ -342,8 +426,7 @@ class BrokerClient:
         delay = 0.5
         while True:
             try:
-                self._call(what, send, queue=queue)
-                return
+                return self._call(what, send, queue=queue)
             except EndpointUnreachableError as exc:
                 if self.clock() + delay > deadline:
                     raise
@@ -395,6 +478,8 @@ def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue:
     """One sentence for the user in place of a vendor traceback."""
     if isinstance(exc, SendTaskError) and exc.__cause__ is not None:
         exc = exc.__cause__
+    if isinstance(exc, TaskiqSyncError):
+        return exc
     endpoint = settings.describe_endpoint()
     queue_shown = settings.queue_name(queue) if queue else None
     if isinstance(exc, sqs_exc.QueueNotFoundError):

@@ -92,6 +92,8 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Instance setup chatter (alembic's plugin and migration context lines) is not worker news.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, getattr(logging, loglevel.upper())))
     log = logging.getLogger("dagster_taskiq_sync.worker")
     if app:
         log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)

@@ -13,6 +13,10 @@ class ConfigError(TaskiqSyncError):
     """A configuration value (executor YAML, CLI flag, environment) cannot be used."""
 
 
+class PayloadTooLargeError(ConfigError):
+    """A step message is larger than its queue accepts and no S3 bucket is configured."""
+
+
 class QueueMissingError(TaskiqSyncError):
     """An SQS queue named by the configuration does not exist."""
 

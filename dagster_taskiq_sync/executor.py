@@ -253,14 +253,10 @@ class TaskiqStepHandler(StepHandler):
         args = step_handler_context.execute_step_args
         step_key, attempt, task_id, queue = self._identity(step_handler_context)
         sqs_queue = client.settings.queue_name(queue)
-        yield DagsterEvent.step_worker_starting(
-            step_handler_context.get_step_context(step_key),
-            message=f"Sending step {step_key} (attempt {attempt}) to SQS queue {sqs_queue!r}.",
-            metadata={"queue": queue, "task_id": task_id, "attempt": str(attempt)},
-        )
+        payload = serialize_value(args)
         # Written before the send, so a worker's "running" record always comes after it.
         LivenessStore(step_handler_context.instance).write(task_id, StepRecord(QUEUED, queue=queue))
-        client.send_step(
+        offloaded = client.send_step(
             queue=queue,
             task_id=task_id,
             # FIFO queues deliver one message per group at a time: one group per step attempt
@@ -271,9 +267,16 @@ class TaskiqStepHandler(StepHandler):
                 "run_id": args.run_id,
                 "step_key": step_key,
                 "attempt": attempt,
-                "execute_step_args": serialize_value(args),
+                "execute_step_args": payload,
             },
             retry_for=self.settings.broker_outage_timeout,
+        )
+        yield DagsterEvent.step_worker_starting(
+            step_handler_context.get_step_context(step_key),
+            message=f"Sent step {step_key} (attempt {attempt}) to SQS queue {sqs_queue!r}"
+            + (f", payload via {offloaded}." if offloaded else "."),
+            metadata={"queue": queue, "task_id": task_id, "attempt": str(attempt),
+                      "payload_bytes": str(len(payload)), "payload": offloaded or "in the message"},
         )
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:

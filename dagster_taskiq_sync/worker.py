@@ -304,6 +304,11 @@ class Worker:
                       "reaches; leaving it to the queue's redrive policy", self.options.name, run_id,
                       delivery.message_id)
             return Outcome.ABANDON
+        if previous is not None and previous.state == EXITED and previous.exit_code in EXIT_REASONS:
+            log.error("worker %s: message %s on queue %s cannot run (%s, on worker %s); leaving it "
+                      "to the queue's redrive policy", self.options.name, delivery.message_id,
+                      delivery.queue, previous.reason, previous.worker)
+            return Outcome.ABANDON
         if previous is not None and previous.state in (RUNNING, EXITED):
             log.warning("worker %s: dropping message %s: %s already %s on worker %s (delivered %d "
                         "times); not running it again", self.options.name, delivery.message_id, what,

@@ -1,10 +1,12 @@
 """Jobs the tests run through taskiq_executor (loaded by workers from this file)."""
 
+import hashlib
 import os
+import pickle
 import time
 from pathlib import Path
 
-from dagster import Config, Definitions, RetryPolicy, job, mem_io_manager, op
+from dagster import Config, ConfigurableIOManager, Definitions, DynamicOut, DynamicOutput, RetryPolicy, job, mem_io_manager, op
 
 from dagster_taskiq_sync import taskiq_executor
 
@@ -177,7 +179,49 @@ def two_long():
     _counted("long_b")()
 
 
+# --- a job whose step messages outgrow a queue: the collecting step's known state carries every
+# mapping key of the wide dynamic output ---
+
+
+class WideConfig(Config):
+    count: int
+    key_length: int = 10_000
+
+
+class HashedFilesIOManager(ConfigurableIOManager):
+    """Pickles outputs to files named by a hash of their identifier, so mapping keys can be
+    longer than a file name may be (fs_io_manager names files after them)."""
+
+    base_dir: str
+
+    def _path(self, context) -> Path:
+        ident = "/".join(context.get_identifier())
+        return Path(self.base_dir) / hashlib.sha1(ident.encode()).hexdigest()
+
+    def handle_output(self, context, obj) -> None:
+        self._path(context).write_bytes(pickle.dumps(obj))
+
+    def load_input(self, context):
+        return pickle.loads(self._path(context.upstream_output).read_bytes())
+
+
+@op(out=DynamicOut(int))  # routed by the run's task_default_queue
+def emit_wide(config: WideConfig):
+    for i in range(config.count):
+        yield DynamicOutput(i, mapping_key=f"k{i:06d}_".ljust(config.key_length, "x"))
+
+
+@op
+def sum_wide(values: list[int]) -> int:
+    return sum(values)
+
+
+@job(executor_def=taskiq_executor, resource_defs={"io_manager": HashedFilesIOManager.configure_at_launch()})
+def wide():
+    sum_wide(emit_wide().collect())
+
+
 defs = Definitions(jobs=[
     diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps,
-    one_long, one_long_retried, two_long,
+    one_long, one_long_retried, two_long, wide,
 ])

@@ -13,9 +13,11 @@ import subprocess
 import time
 import uuid
 
+import boto3
 import pytest
 import yaml
 from dagster import DagsterEventType, DagsterRunStatus
+from dagster._serdes import serialize_value
 
 from dagster_taskiq_sync.run_report import step_reports
 
@@ -190,3 +192,147 @@ def test_duplicated_messages_run_user_code_once(endpoint, instance, faults_confi
     assert [line.split()[0] for line in marker_lines(markers, "long_step")] == ["start", "end"]
     wait_queue_empty(endpoint)
     assert worker.log().count("dropping message") >= 2
+
+
+def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
+    endpoint, instance, workers, executor_config, tmp_path
+):
+    from taskiq import TaskiqMessage
+    from taskiq.formatters.json_formatter import JSONFormatter
+
+    from dagster import execute_job, reconstructable
+    from dagster._core.code_pointer import FileCodePointer
+    from dagster._core.execution.retries import RetryMode
+    from dagster._grpc.types import ExecuteStepArgs
+    from dagster._serdes import serialize_value
+
+    from dagster_taskiq_sync.bridge import Bridge
+    from dagster_taskiq_sync.broker import BrokerClient
+    from dagster_taskiq_sync.celery_compat import settings_from_executor_config
+
+    # Given a queue whose redrive policy moves a message to poison-dlq after 2 receives
+    poison_yaml = tmp_path / "poison.yaml"
+    poison_config = {"broker": endpoint.broker_url, "config_source": {
+        "broker_transport_options": {"visibility_timeout": 1, "wait_time_seconds": 1}}}
+    poison_yaml.write_text(yaml.safe_dump({"execution": {"config": poison_config}}))
+    out = subprocess.run([CLI, "queues", "create", "-y", str(poison_yaml), "-q", "poison", "--max-receive-count", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    client = sqs_client(endpoint.url)
+    url = client.get_queue_url(QueueName="poison")["QueueUrl"]
+
+    # and four messages no worker can run: not JSON, an unknown task, a run this instance does
+    # not have, and a run whose job code cannot be loaded
+    client.send_message(QueueUrl=url, MessageBody="this is not json {")
+    other_task = TaskiqMessage(task_id="t1", task_name="someone.elses.task", labels={}, labels_types={}, args=[], kwargs={})
+    client.send_message(QueueUrl=url, MessageBody=JSONFormatter().dumps(other_task).message.decode())
+    with execute_job(reconstructable(jobs.diamond), instance=instance,
+                     run_config={"execution": {"config": executor_config}}) as done:
+        real_run = instance.get_run_by_id(done.run_id)
+    origin = real_run.job_code_origin
+    gone = FileCodePointer(python_file=str(tmp_path / "gone.py"), fn_name="diamond", working_directory=str(tmp_path))
+    missing_code = origin._replace(repository_origin=origin.repository_origin._replace(code_pointer=gone))
+    unloadable = real_run._replace(run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED, job_code_origin=missing_code)
+    instance.add_run(unloadable)
+
+    def step_kwargs(run_id):
+        args = ExecuteStepArgs(job_origin=missing_code, run_id=run_id, step_keys_to_execute=["emit_one"],
+                               instance_ref=instance.get_ref(), retry_mode=RetryMode.DISABLED,
+                               should_verify_step=True, print_serialized_events=False)
+        return {"version": 1, "run_id": run_id, "step_key": "emit_one", "attempt": 1,
+                "execute_step_args": serialize_value(args)}
+
+    settings = settings_from_executor_config(poison_config)
+    with Bridge() as bridge, BrokerClient(settings.sqs, bridge, ["poison"]) as broker:
+        for run_id in (str(uuid.uuid4()), unloadable.run_id):
+            broker.send_step(queue="poison", task_id=run_id[:8], group_id="g", kwargs=step_kwargs(run_id))
+
+    # When a worker consumes the queue
+    worker = WorkerProcess(poison_yaml, "poison", tmp_path, ["-q", "poison", "-c", "2"]).wait_ready()
+    try:
+        # Then every message ends in the dead-letter queue, and the worker is still up
+        try:
+            wait_for(lambda: queue_counts(endpoint.url, "poison-dlq")[0] == 4
+                     and queue_counts(endpoint.url, "poison") == (0, 0), timeout=30, what="all four messages in poison-dlq")
+        except AssertionError as exc:
+            counts = queue_counts(endpoint.url, "poison"), queue_counts(endpoint.url, "poison-dlq")
+            raise AssertionError(f"{exc}; poison/dlq counts {counts}; worker log:\n{worker.log()[-4000:]}") from None
+        assert worker.proc.poll() is None
+        log = worker.log()
+        assert "is not a TaskIQ message" in log
+        assert "is for unknown task 'someone.elses.task'" in log
+        assert "is not in the Dagster instance this worker reaches" in log
+        assert "its job could not be loaded on the worker" in log
+        assert "Traceback" not in log
+        # and the run whose code is missing says why in its own event log
+        assert any("its job could not be loaded" in (r.dagster_event.message or "")
+                   for r in instance.all_logs(unloadable.run_id) if r.dagster_event)
+    finally:
+        assert worker.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def big_config(endpoint, tmp_path_factory) -> dict:
+    """Queue `big` accepts 256 KiB (the old SQS default); payloads above go to the bucket."""
+    config = {
+        "broker": endpoint.broker_url,
+        "backend": "s3://dagster-payloads/steps",
+        "config_source": {
+            "task_default_queue": "big",
+            "broker_transport_options": {"wait_time_seconds": 1,
+                                         "sqs-creation-attributes": {"MaximumMessageSize": "262144"}},
+        },
+    }
+    path = tmp_path_factory.mktemp("big") / "big.yaml"
+    path.write_text(yaml.safe_dump({"execution": {"config": config}}))
+    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "bucket dagster-payloads" in out.stdout
+    worker = WorkerProcess(path, "big", tmp_path_factory.mktemp("bigw"), ["-q", "big", "-c", "2"]).wait_ready()
+    yield config
+    assert worker.stop() == 0
+
+
+def sent_payload(instance, run_id, step_key) -> dict:
+    [event] = [r for r in events(instance, run_id, DagsterEventType.STEP_WORKER_STARTING) if r.step_key == step_key]
+    return {k: v.value for k, v in event.dagster_event.event_specific_data.metadata.items()}
+
+
+def wide_run(instance, config, count, tmp_path):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir(exist_ok=True)
+    return BackgroundRun(jobs.wide, instance, {
+        "execution": {"config": config},
+        "ops": {"emit_wide": {"config": {"count": count}}},
+        "resources": {"io_manager": {"config": {"base_dir": str(outputs)}}},
+    })
+
+
+@pytest.mark.parametrize(
+    "queue, queue_bytes, count",
+    [("big", 262_144, 28), ("dagster", 1_048_576, 110)],  # ~10 KB mapping keys: ~280 KB, ~1.1 MB
+    ids=["256KiB-queue", "default-1MiB-queue"],
+)
+def test_step_payload_larger_than_the_queue_accepts_goes_through_s3(endpoint, instance, big_config, workers, tmp_path,
+                                                                     queue, queue_bytes, count):
+    config = {**big_config, "config_source": {**big_config["config_source"], "task_default_queue": queue}}
+    result = wide_run(instance, config, count, tmp_path).wait(120)
+    assert result.success
+    assert [r.step_key for r in events(instance, result.run_id, DagsterEventType.STEP_SUCCESS)] == ["emit_wide", "sum_wide"]
+    sent = sent_payload(instance, result.run_id, "sum_wide")
+    assert int(sent["payload_bytes"]) > queue_bytes
+    assert sent["payload"].startswith("s3://dagster-payloads/steps/")
+    assert sent_payload(instance, result.run_id, "emit_wide")["payload"] == "in the message"
+    # the offloaded payload is deleted once its step's message is settled
+    s3 = boto3.client("s3", endpoint_url=endpoint.url, region_name="us-east-1")
+    wait_for(lambda: s3.list_objects_v2(Bucket="dagster-payloads").get("KeyCount", 0) == 0,
+             what="the offloaded payload to be deleted")
+    wait_queue_empty(endpoint, queue)
+
+
+def test_step_payload_too_large_without_a_bucket_fails_naming_the_setting(endpoint, instance, big_config, tmp_path):
+    result = wide_run(instance, {**big_config, "backend": "rpc://"}, 28, tmp_path).wait(120)
+    assert not result.success
+    text = "\n".join(serialize_value(r) for r in instance.all_logs(result.run_id))
+    assert "more than SQS queue 'big' accepts (262144 bytes)" in text
+    assert "execution.config.backend to 's3://BUCKET/PREFIX'" in text
