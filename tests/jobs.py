@@ -179,6 +179,35 @@ def two_long():
     _counted("long_b")()
 
 
+@op(tags={"dagster-celery/queue": "lonely"})
+def nobody_serves_this() -> int:
+    return 1
+
+
+@job(executor_def=taskiq_executor)
+def unserved():
+    nobody_serves_this()
+
+
+def _chatty(name: str):
+    @op(name=name, tags={"dagster-celery/queue": "faults"})
+    def chatty() -> None:
+        import sys
+
+        for i in range(40):
+            print(f"{name} stdout {i}", flush=True)
+            print(f"{name} stderr {i}", file=sys.stderr, flush=True)
+            time.sleep(0.01)  # the two steps interleave their writes
+
+    return chatty
+
+
+@job(executor_def=taskiq_executor)
+def two_chatty():
+    _chatty("chatty_a")()
+    _chatty("chatty_b")()
+
+
 # --- a job whose step messages outgrow a queue: the collecting step's known state carries every
 # mapping key of the wide dynamic output ---
 
@@ -223,5 +252,5 @@ def wide():
 
 defs = Definitions(jobs=[
     diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps,
-    one_long, one_long_retried, two_long, wide,
+    one_long, one_long_retried, two_long, wide, two_chatty, unserved,
 ])

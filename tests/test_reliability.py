@@ -336,3 +336,71 @@ def test_step_payload_too_large_without_a_bucket_fails_naming_the_setting(endpoi
     text = "\n".join(serialize_value(r) for r in instance.all_logs(result.run_id))
     assert "more than SQS queue 'big' accepts (262144 bytes)" in text
     assert "execution.config.backend to 's3://BUCKET/PREFIX'" in text
+
+
+def test_concurrent_steps_on_one_worker_get_their_own_compute_logs(endpoint, instance, faults_config, start_worker):
+    worker = start_worker("chatty", "-c", "2")
+    result = BackgroundRun(jobs.two_chatty, instance, {"execution": {"config": faults_config}}).wait(60)
+    assert result.success
+    reports = step_reports(instance, result.run_id)
+    assert {reports["chatty_a"].worker, reports["chatty_b"].worker} == {worker.full_name}
+    # they really overlapped on that worker
+    assert reports["chatty_a"].started < reports["chatty_b"].finished
+    assert reports["chatty_b"].started < reports["chatty_a"].finished
+
+    captured = events(instance, result.run_id, DagsterEventType.LOGS_CAPTURED)
+    by_step = {tuple(e.dagster_event.logs_captured_data.step_keys): e.dagster_event.logs_captured_data.file_key
+               for e in captured}
+    for mine, other in (("chatty_a", "chatty_b"), ("chatty_b", "chatty_a")):
+        data = instance.compute_log_manager.get_log_data([result.run_id, "compute_logs", by_step[(mine,)]])
+        stdout, stderr = data.stdout.decode(), data.stderr.decode()
+        assert [line for line in stdout.splitlines() if "stdout" in line] == [f"{mine} stdout {i}" for i in range(40)]
+        assert [line for line in stderr.splitlines() if line.startswith(("chatty_a", "chatty_b"))] == [
+            f"{mine} stderr {i}" for i in range(40)]
+        assert other not in stdout and other not in stderr
+
+
+def test_second_sigterm_kills_running_steps_and_the_run_says_why(endpoint, instance, faults_config, markers, start_worker):
+    worker = start_worker("impatient", "-c", "1")
+    run = fault_run(jobs.one_long, instance, faults_config, markers, ["long_step"], sleep=60)
+    wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")
+    step_pid = int(marker_lines(markers, "long_step")[0].split()[1])
+
+    worker.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "finishing running steps" in worker.log(), what="the first SIGTERM to be seen")
+    assert pid_alive(step_pid)  # the first SIGTERM lets it run
+    worker.proc.send_signal(signal.SIGTERM)
+
+    assert worker.proc.wait(15) == 0
+    assert not pid_alive(step_pid)
+    result = run.wait(30)
+    assert not result.success
+    [failure] = events(instance, result.run_id, DagsterEventType.STEP_FAILURE)
+    assert "killed: second SIGTERM" in failure.dagster_event.step_failure_data.error.message
+    assert marker_lines(markers, "long_step") == [f"start {step_pid}"]
+    wait_queue_empty(endpoint)
+
+
+def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(endpoint, instance, faults_config, faults_yaml, tmp_path):
+    out = subprocess.run([CLI, "queues", "create", "-y", str(faults_yaml), "-q", "lonely"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    config = {**faults_config, "queued_step_warning": 1, "queued_step_timeout": 4}
+    started = time.monotonic()
+    result = BackgroundRun(jobs.unserved, instance, {"execution": {"config": config}}).wait(30)
+    assert time.monotonic() - started < 15
+
+    assert not result.success
+    warnings = [r for r in events(instance, result.run_id, DagsterEventType.ENGINE_EVENT)
+                if "still queued on SQS queue 'lonely'" in (r.dagster_event.message or "")]
+    assert len(warnings) == 1 and "no live worker has taken it" in warnings[0].dagster_event.message
+    [failure] = events(instance, result.run_id, DagsterEventType.STEP_FAILURE)
+    message = failure.dagster_event.step_failure_data.error.message
+    assert "queued_step_timeout is 4 s" in message and "worker start -q lonely" in message
+
+    # A worker that shows up later drops the leftover message instead of running a finished run's step.
+    late = WorkerProcess(faults_yaml, "late", tmp_path, ["-q", "lonely", "-c", "1"]).wait_ready()
+    try:
+        wait_queue_empty(endpoint, "lonely")
+        assert "is FAILURE, so step nobody_serves_this" in late.log()
+    finally:
+        assert late.stop() == 0
