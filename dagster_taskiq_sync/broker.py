@@ -65,12 +65,14 @@ class Delivery:
 class StepBroker(SQSBroker):
     """taskiq-aio-sqs broker with worker-side primitives and explicit client settings."""
 
-    def __init__(self, settings: SQSSettings, queues: Iterable[str]) -> None:
+    def __init__(self, settings: SQSSettings, queues: Sequence[str]) -> None:
         self.settings = settings
-        self.queue_names: dict[str, str] = {}  # Celery name -> SQS name
-        for queue in dict.fromkeys([settings.default_queue, *queues]):
-            self.queue_names[queue] = settings.queue_name(queue)
-        default_sqs_name = self.queue_names[settings.default_queue]
+        # Only the queues this process uses must exist: a worker started with `-q other` or a
+        # run whose steps are all routed elsewhere does not need the default queue.
+        self.queue_names: dict[str, str] = {
+            queue: settings.queue_name(queue) for queue in dict.fromkeys(queues or [settings.default_queue])
+        }
+        default_sqs_name = next(iter(self.queue_names.values()))
         super().__init__(
             default_sqs_name,
             endpoint_url=settings.endpoint_url,
@@ -358,7 +360,7 @@ class BrokerClient:
     ) -> None:
         self.settings = settings
         self.bridge = bridge
-        self.broker = StepBroker(settings, queues)
+        self.broker = StepBroker(settings, list(queues))
         self.call_timeout = call_timeout
         self._started = False
         self.clock = clock

@@ -242,8 +242,9 @@ class Worker:
         except TaskiqSyncError as exc:
             # Not fatal: the message reappears after its visibility timeout and a step attempt
             # that already ran is dropped then without running user code again.
+            verb = "delete" if outcome is Outcome.DONE else "release"
             log.warning("worker %s: could not %s message %s on queue %s: %s",
-                        self.options.name, outcome.value, delivery.message_id, delivery.queue, exc)
+                        self.options.name, verb, delivery.message_id, delivery.queue, exc)
         finally:
             self.capacity.release(1)
 

@@ -22,7 +22,17 @@ from dagster._serdes import serialize_value
 from dagster_taskiq_sync.run_report import step_reports
 
 from . import jobs
-from .helpers import CLI, BackgroundRun, WorkerProcess, marker_lines, pid_alive, queue_counts, sqs_client, wait_for
+from .helpers import (
+    CLI,
+    BackgroundRun,
+    PausableProxy,
+    WorkerProcess,
+    marker_lines,
+    pid_alive,
+    queue_counts,
+    sqs_client,
+    wait_for,
+)
 
 FAULTS = "faults"
 
@@ -404,3 +414,35 @@ def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(en
         assert "is FAILURE, so step nobody_serves_this" in late.log()
     finally:
         assert late.stop() == 0
+
+
+def test_sqs_outage_during_a_run_is_ridden_out(endpoint, instance, faults_config, faults_yaml, markers, tmp_path):
+    # Given every SQS call of the run and its worker going through a proxy we can cut
+    proxy = PausableProxy(endpoint.port)
+    config = {**faults_config, "broker": proxy.broker_url}
+    cfg = tmp_path / "outage.yaml"
+    cfg.write_text(yaml.safe_dump({"execution": {"config": config}}))
+    worker = WorkerProcess(cfg, "outage", tmp_path, ["-q", FAULTS, "-c", "1", "--heartbeat-interval", "0.5"]).wait_ready()
+    try:
+        run = fault_run(jobs.one_long, instance, config, markers, ["long_step"], sleep=3)
+        wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")
+
+        # When the endpoint goes away for ~10 s (the step finishes, and its successor is
+        # launched, while SQS is unreachable) and comes back
+        proxy.pause()
+        time.sleep(10)
+        proxy.resume()
+
+        # Then the run completes, each step's user code ran once, and nothing is left in the queue
+        result = run.wait(90)
+        assert result.success
+        assert [line.split()[0] for line in marker_lines(markers, "long_step")] == ["start", "end"]
+        assert len([r for r in events(instance, result.run_id, DagsterEventType.STEP_START)]) == 2
+        wait_queue_empty(endpoint)
+        assert worker.proc.poll() is None
+        # the worker saw the outage (its delete failed) and dropped the redelivered message
+        assert "cannot reach the SQS endpoint" in worker.log()
+        assert "dropping message" in worker.log()
+    finally:
+        worker.stop()
+        proxy.close()
