@@ -16,7 +16,7 @@ from dagster._core.executor.step_delegating import (
 )
 from dagster._core.execution.tags import get_tag_concurrency_limits_config
 from dagster._grpc.types import ExecuteStepArgs
-from dagster._serdes import deserialize_value, serialize_value
+from dagster._serdes import ConfigurableClassData, deserialize_value, serialize_value
 from dagster._config import post_process_config, validate_config
 from dagster._utils.hosted_user_process import recon_job_from_origin
 from dagster._utils.error import serializable_error_info_from_exc_info
@@ -37,3 +37,4 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
     def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[override]
         self.on_poll(instance, run_id)
         return super()._pop_events(instance, run_id, seen_storage_ids)
+from dagster._record import copy as copy_record

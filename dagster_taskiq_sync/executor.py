@@ -32,6 +32,7 @@ from ._dagster_private import (
     RetryMode,
     StepHandler,
     StepHandlerContext,
+    copy_record,
     get_retries_config,
     get_tag_concurrency_limits_config,
     serialize_value,
@@ -40,6 +41,7 @@ from .bridge import shared_bridge
 from .broker import BrokerClient
 from .celery_compat import settings_from_executor_config
 from .errors import ConfigError, TaskiqSyncError
+from .secrets import redact_instance_ref
 from .liveness import EXITED, QUEUED, RUNNING, LivenessStore, StepRecord, step_handle_id
 from .settings import Settings
 
@@ -253,7 +255,8 @@ class TaskiqStepHandler(StepHandler):
         args = step_handler_context.execute_step_args
         step_key, attempt, task_id, queue = self._identity(step_handler_context)
         sqs_queue = client.settings.queue_name(queue)
-        payload = serialize_value(args)
+        instance_ref, _ = redact_instance_ref(args.instance_ref)
+        payload = serialize_value(copy_record(args, instance_ref=instance_ref))
         # Written before the send, so a worker's "running" record always comes after it.
         LivenessStore(step_handler_context.instance).write(task_id, StepRecord(QUEUED, queue=queue))
         offloaded = client.send_step(

@@ -191,11 +191,11 @@ def _run_step(payload: str, worker_meta: Mapping[str, Any]) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the worker decides what happens to
     # running steps (finish within the shutdown deadline, or be killed), not the keyboard.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from dagster import DagsterInstance
+    from .secrets import instance_from_ref
 
     args = deserialize_value(payload, ExecuteStepArgs)
     step_key = (args.step_keys_to_execute or ["?"])[0]
-    with DagsterInstance.from_ref(args.instance_ref) as instance:
+    with instance_from_ref(args.instance_ref) as instance:
         run = instance.get_run_by_id(args.run_id)
         if run is None:
             print(f"run {args.run_id} not found in the Dagster instance; step {step_key} not run", file=sys.stderr)

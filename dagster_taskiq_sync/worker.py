@@ -33,8 +33,9 @@ from dagster import DagsterRunStatus
 
 from ._dagster_private import ExecuteStepArgs, deserialize_value, serialize_value
 from .broker import STEP_TASK_NAME, BrokerClient, Delivery
-from .errors import TaskiqSyncError
+from .errors import ConfigError, TaskiqSyncError
 from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, step_handle_id
+from .secrets import instance_from_ref
 from .settings import Settings
 from .step_runner import EXIT_REASONS, StepProcess, StepRunner
 
@@ -68,9 +69,7 @@ class InstanceCache:
         with self._lock:
             instance = self._instances.get(key)
             if instance is None:
-                from dagster import DagsterInstance
-
-                instance = self._instances[key] = DagsterInstance.from_ref(instance_ref)
+                instance = self._instances[key] = instance_from_ref(instance_ref)
             return instance
 
     def close(self) -> None:
@@ -296,6 +295,10 @@ class Worker:
             store = LivenessStore(instance)
             previous = store.read([handle]).get(handle)
             run = instance.get_run_by_id(run_id)
+        except ConfigError as exc:
+            log.error("worker %s: cannot run %s: %s Leaving the message to the queue's redrive policy.",
+                      self.options.name, what, exc)
+            return Outcome.ABANDON
         except Exception as exc:  # noqa: BLE001 - the instance is unreachable or misconfigured
             log.error("worker %s: cannot read the Dagster instance for %s (%s: %s); releasing the "
                       "message", self.options.name, what, type(exc).__name__, exc)
