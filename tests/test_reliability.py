@@ -446,3 +446,33 @@ def test_sqs_outage_during_a_run_is_ridden_out(endpoint, instance, faults_config
     finally:
         worker.stop()
         proxy.close()
+
+
+def test_interrupting_the_run_process_cancels_its_running_steps_by_id(endpoint, instance, dagster_home, faults_config,
+                                                                      faults_yaml, markers, start_worker, tmp_path):
+    # The UI's terminate interrupts the run process; the executor then asks each running step's
+    # worker, by the step attempt's id, to stop it.
+    worker = start_worker("interrupted", "-c", "1")
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"execution": {"config": faults_config},
+                                        "ops": {"long_step": {"config": {"marker_dir": str(markers), "sleep": 60}}}}))
+    bin_dir = os.path.dirname(CLI)
+    proc = subprocess.Popen(
+        [os.path.join(bin_dir, "dagster"), "job", "execute", "-f", os.path.join(os.path.dirname(__file__), "jobs.py"),
+         "-j", "one_long", "-c", str(run_yaml)],
+        env=os.environ | {"DAGSTER_HOME": str(dagster_home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")
+        step_pid = int(marker_lines(markers, "long_step")[0].split()[1])
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: not pid_alive(step_pid), timeout=10, what="the step to be killed")
+        assert "cancel requested: the run was terminated" in worker.log()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = instance.get_runs(limit=1)[0]
+    assert run.job_name == "one_long" and run.is_finished
+    assert marker_lines(markers, "long_step") == [f"start {step_pid}"]
+    wait_queue_empty(endpoint)
