@@ -2,12 +2,14 @@
 
 from .errors import ConfigError, EndpointUnreachableError, QueueMissingError, TaskiqSyncError
 from .executor import taskiq_executor
+from .launcher import TaskiqRunLauncher
 from .version import __version__
 
 __all__ = [
     "ConfigError",
     "EndpointUnreachableError",
     "QueueMissingError",
+    "TaskiqRunLauncher",
     "TaskiqSyncError",
     "__version__",
     "taskiq_executor",

@@ -38,3 +38,9 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
         self.on_poll(instance, run_id)
         return super()._pop_events(instance, run_id, seen_storage_ids)
 from dagster._record import copy as copy_record
+from dagster._cli.api import _execute_run_command_body as execute_run_command_body
+from dagster._cli.api import _resume_run_command_body as resume_run_command_body
+from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
+from dagster._utils.interrupts import capture_interrupts
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, ResumeRunContext, RunLauncher, WorkerStatus
+from dagster._serdes import ConfigurableClass

@@ -43,6 +43,9 @@ from .settings import SQSSettings
 log = logging.getLogger(__name__)
 
 STEP_TASK_NAME = "dagster_taskiq_sync.execute_step"
+RUN_TASK_NAME = "dagster_taskiq_sync.execute_run"  # TaskiqRunLauncher.launch_run
+RESUME_TASK_NAME = "dagster_taskiq_sync.resume_run"  # TaskiqRunLauncher.resume_run
+TASK_NAMES = (STEP_TASK_NAME, RUN_TASK_NAME, RESUME_TASK_NAME)
 SQS_MIN_DEFAULT_SIZE = 262_144  # what a queue accepts when it does not say (the old SQS default)
 ATTRIBUTE_ALLOWANCE = 1024  # SQS counts message attributes against the size limit too
 QUEUE_CREATE_HINT = "create it with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml` (or name its URL in broker_transport_options.predefined_queues)"
@@ -98,9 +101,9 @@ class StepBroker(SQSBroker):
         for celery_name, url in settings.predefined_queues.items():
             if celery_name in self.queue_names:
                 self._queue_urls[self.queue_names[celery_name]] = url
-        self._step_task = self.register_task(_step_task_body, task_name=STEP_TASK_NAME)
+        self._tasks = {name: self.register_task(_task_body, task_name=name) for name in TASK_NAMES}
         self._max_message_size: dict[str, int] = {}  # SQS name -> MaximumMessageSize
-        self.offloaded: dict[str, str] = {}  # task id -> S3 URL, read once by send_step
+        self.offloaded: dict[str, str] = {}  # task id -> S3 URL, read once by send
 
     async def startup(self) -> None:
         await super().startup()
@@ -160,12 +163,12 @@ class StepBroker(SQSBroker):
 
     # --- orchestrator side --------------------------------------------------------------
 
-    async def send_step(
-        self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any]
+    async def send(
+        self, *, task_name: str, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any]
     ) -> str | None:
-        """Send one step message; returns the S3 URL its payload went to, if it was offloaded."""
+        """Send one message; returns the S3 URL its payload went to, if it was offloaded."""
         await (
-            self._step_task.kicker()
+            self._tasks[task_name].kicker()
             .with_task_id(task_id)
             .with_labels(queue=self.queue_names[queue], group_id=group_id)
             .kiq(**kwargs)
@@ -341,9 +344,9 @@ async def provision(settings: SQSSettings, queues: Iterable[str], max_receive_co
     return report
 
 
-async def _step_task_body(**kwargs: Any) -> None:  # pragma: no cover - never run by taskiq
-    """Registered so kicks are named tasks; the worker runs steps in child processes instead."""
-    raise RuntimeError("dagster_taskiq_sync steps are run by `dagster-taskiq-sync worker start`")
+async def _task_body(**kwargs: Any) -> None:  # pragma: no cover - never run by taskiq
+    """Registered so kicks are named tasks; the worker runs them in child processes instead."""
+    raise RuntimeError("dagster_taskiq_sync messages are run by `dagster-taskiq-sync worker start`")
 
 
 class BrokerClient:
@@ -412,18 +415,27 @@ class BrokerClient:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def send_step(
-        self, *, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any], retry_for: float = 0.0
+    def send(
+        self,
+        *,
+        queue: str,
+        task_id: str,
+        group_id: str,
+        kwargs: Mapping[str, Any],
+        retry_for: float = 0.0,
+        task_name: str = STEP_TASK_NAME,
     ) -> str | None:
-        """Send one step message; through an endpoint outage keep retrying for ``retry_for`` s.
+        """Send one message; through an endpoint outage keep retrying for ``retry_for`` s.
 
         Returns the S3 URL of the payload when it was too large for the queue.
 
         Only "cannot reach / did not answer" is retried: a missing queue or refused
         credentials will not fix themselves.
         """
-        what = f"sending a step message to queue {queue!r}"
-        send = functools.partial(self.broker.send_step, queue=queue, task_id=task_id, group_id=group_id, kwargs=kwargs)
+        what = f"sending a message to queue {queue!r}"
+        send = functools.partial(
+            self.broker.send, task_name=task_name, queue=queue, task_id=task_id, group_id=group_id, kwargs=kwargs
+        )
         deadline = self.clock() + retry_for
         delay = 0.5
         while True:

@@ -259,7 +259,7 @@ class TaskiqStepHandler(StepHandler):
         payload = serialize_value(copy_record(args, instance_ref=instance_ref))
         # Written before the send, so a worker's "running" record always comes after it.
         LivenessStore(step_handler_context.instance).write(task_id, StepRecord(QUEUED, queue=queue))
-        offloaded = client.send_step(
+        offloaded = client.send(
             queue=queue,
             task_id=task_id,
             # FIFO queues deliver one message per group at a time: one group per step attempt

@@ -32,6 +32,11 @@ def step_handle_id(run_id: str, step_key: str, attempt: int) -> str:
     return f"{run_id[:8]}-{digest[:40]}"
 
 
+def run_handle_id(run_id: str, launch: str) -> str:
+    """Deterministic id of one launch ("launch", "resume-1", ...) of a whole run."""
+    return step_handle_id(run_id, f"<run:{launch}>", 0)
+
+
 def step_record_key(handle_id: str) -> str:
     return f"{KEY_PREFIX}/step/{handle_id}"
 
@@ -53,6 +58,7 @@ class StepRecord:
     heartbeat_interval: float | None = None
     exit_code: int | None = None
     reason: str | None = None
+    cannot_run: bool | None = None  # the message cannot run here at all (goes to the dead-letter queue)
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})

@@ -26,10 +26,15 @@ from typing import Any, Mapping, Sequence
 # Imported here so the fork server pays for them once, not every step.
 from ._dagster_private import (
     EngineEventData,
+    ExecuteRunArgs,
     ExecuteStepArgs,
+    ResumeRunArgs,
+    capture_interrupts,
     deserialize_value,
+    execute_run_command_body,
     execute_step_command_body,
     recon_job_from_origin,
+    resume_run_command_body,
     serializable_error_info_from_exc_info,
 )
 
@@ -64,12 +69,11 @@ PRELOAD_MODULES = (
     "dagster_postgres",
 )
 
-EXIT_OK = 0
-EXIT_RUN_NOT_FOUND = 3  # the message names a run this worker's instance does not have
-EXIT_JOB_NOT_LOADABLE = 4  # the run's job code cannot be imported on this worker
-EXIT_REASONS = {
-    EXIT_RUN_NOT_FOUND: "its run is not in the Dagster instance",
-    EXIT_JOB_NOT_LOADABLE: "its job could not be loaded on the worker",
+# Why a child could not run its message at all. Sent to the worker on a pipe, not encoded in
+# the exit code: user code may exit with any code (an op calling os._exit(3) is not "run not found").
+CANNOT_RUN_REASONS = {
+    "run_not_found": "its run is not in the Dagster instance",
+    "job_not_loadable": "its job could not be loaded on the worker",
 }
 
 
@@ -78,6 +82,16 @@ class StepProcess:
     """A running step child, as the supervising worker thread sees it."""
 
     process: Any  # multiprocessing.Process (forkserver context)
+    reports: Any = None  # read end of the child's "cannot run" pipe
+
+    def cannot_run_reason(self) -> str | None:
+        """Why the child could not run its message at all, if it said so before exiting."""
+        try:
+            if self.reports is not None and self.reports.poll():
+                return CANNOT_RUN_REASONS.get(self.reports.recv())
+        except (EOFError, OSError):
+            pass
+        return None
 
     @property
     def pid(self) -> int | None:
@@ -92,7 +106,14 @@ class StepProcess:
         if self.process.exitcode is None:
             self.process.kill()
 
+    def interrupt(self) -> None:
+        """SIGINT: a run process stops its steps and ends the run CANCELED (Dagster's own path)."""
+        if self.process.exitcode is None and self.process.pid:
+            os.kill(self.process.pid, signal.SIGINT)
+
     def close(self) -> None:
+        if self.reports is not None:
+            self.reports.close()
         try:
             self.process.close()
         except ValueError:  # still running: the caller kills it first
@@ -112,14 +133,17 @@ class StepRunner:
         probe.start()
         probe.join(60)
 
-    def start(self, payload: str, worker_meta: Mapping[str, Any]) -> StepProcess:
-        process = self._ctx.Process(
-            target=run_step_in_child,
-            args=(payload, dict(worker_meta)),
-            name=f"step:{worker_meta.get('step_key', '?')}",
-        )
+    def start(self, payload: str, worker_meta: Mapping[str, Any], kind: str = "step") -> StepProcess:
+        """Start a child for one step, or for a whole run (kind "run" or "resume")."""
+        reports, report = self._ctx.Pipe(duplex=False)
+        if kind == "step":
+            target, args, name = run_step_in_child, (payload, dict(worker_meta), report), f"step:{worker_meta.get('step_key', '?')}"
+        else:
+            target, args, name = run_run_in_child, (kind, payload, dict(worker_meta), report), f"run:{worker_meta.get('run_id', '?')}"
+        process = self._ctx.Process(target=target, args=args, name=name)
         process.start()
-        return StepProcess(process)
+        report.close()  # the child holds the write end now
+        return StepProcess(process, reports)
 
 
 def _noop() -> None:
@@ -161,7 +185,60 @@ def _die_with_worker(worker_pid: int | None) -> None:
     threading.Thread(target=watch, name="watch-worker", daemon=True).start()
 
 
-def run_step_in_child(payload: str, worker_meta: Mapping[str, Any]) -> None:
+def _cannot_run(report, reason: str) -> None:
+    report.send(reason)
+    report.close()
+    sys.exit(1)
+
+
+def _job_loadable_or_exit(instance, run, what: str, worker_meta: Mapping[str, Any], step_key: str | None, report) -> None:
+    try:
+        recon_job_from_origin(run.job_code_origin).get_definition()
+    except Exception:  # noqa: BLE001 - user code failing to import
+        error = serializable_error_info_from_exc_info(sys.exc_info())
+        instance.report_engine_event(
+            f"{what} cannot run on worker {worker_meta.get('worker')}: its job could not be loaded "
+            f"({error.message.strip()}). Check that the worker has the job's code (same path or "
+            "package, `-i` modules) and its dependencies.",
+            run,
+            EngineEventData(error=error),
+            step_key=step_key,
+        )
+        print(f"{what}: the job could not be loaded: {error.message.strip()}", file=sys.stderr)
+        _cannot_run(report, "job_not_loadable")
+
+
+def run_run_in_child(kind: str, payload: str, worker_meta: Mapping[str, Any], report) -> None:
+    """Entry point of a run child (TaskiqRunLauncher): execute or resume a whole run.
+
+    The run process is Dagster's own run worker: with ``taskiq_executor`` it sends its steps to
+    the queues as any orchestrator does. SIGINT (a terminate) stops it the way Dagster's
+    ``api execute_run`` stops: steps are terminated and the run ends CANCELED.
+    """
+    _die_with_worker(worker_meta.get("worker_pid"))
+    os.setpgrp()  # a Ctrl-C in the worker's terminal is the worker's to handle, not the run's
+    from .secrets import instance_from_ref
+
+    args = deserialize_value(payload, ExecuteRunArgs if kind == "run" else ResumeRunArgs)
+    with capture_interrupts():
+        with instance_from_ref(args.instance_ref) as instance:
+            run = instance.get_run_by_id(args.run_id)
+            if run is None:
+                print(f"run {args.run_id} not found in the Dagster instance", file=sys.stderr)
+                _cannot_run(report, "run_not_found")
+            _job_loadable_or_exit(instance, run, f"Run {args.run_id}", worker_meta, None, report)
+            instance.report_engine_event(
+                f"Run {'resumed' if kind == 'resume' else 'picked up'} by worker {worker_meta.get('worker')} "
+                f"on {worker_meta.get('host')} from queue {worker_meta.get('queue')!r} (pid {os.getpid()}).",
+                run,
+                EngineEventData(metadata={k: str(v) for k, v in worker_meta.items()} | {"pid": str(os.getpid())}),
+            )
+            body = execute_run_command_body if kind == "run" else resume_run_command_body
+            code = body(args.run_id, instance, lambda _event: None, set_exit_code_on_failure=True)
+    sys.exit(code)
+
+
+def run_step_in_child(payload: str, worker_meta: Mapping[str, Any], report) -> None:
     """Entry point of a step child: execute one step attempt against the Dagster instance.
 
     The step writes its own events to the instance's event log (that is how the orchestrator
@@ -176,7 +253,7 @@ def run_step_in_child(payload: str, worker_meta: Mapping[str, Any]) -> None:
         profiler = cProfile.Profile()
         profiler.enable()
         try:
-            _run_step(payload, worker_meta)
+            _run_step(payload, worker_meta, report)
         finally:
             profiler.disable()
             base = os.path.join(profile_dir, f"{worker_meta.get('step_key', 'step')}-{os.getpid()}")
@@ -184,13 +261,13 @@ def run_step_in_child(payload: str, worker_meta: Mapping[str, Any]) -> None:
             with open(base + ".imports", "w") as fh:  # what the fork server did not preload
                 fh.write("\n".join(sorted(set(sys.modules) - preloaded)))
         return
-    _run_step(payload, worker_meta)
+    _run_step(payload, worker_meta, report)
 
 
-def _run_step(payload: str, worker_meta: Mapping[str, Any]) -> None:
-    # Ctrl-C in a terminal reaches the whole process group; the worker decides what happens to
-    # running steps (finish within the shutdown deadline, or be killed), not the keyboard.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _run_step(payload: str, worker_meta: Mapping[str, Any], report) -> None:
+    # A Ctrl-C in the worker's terminal is the worker's to handle: it decides whether running
+    # steps finish within the shutdown deadline or are killed.
+    os.setpgrp()
     from .secrets import instance_from_ref
 
     args = deserialize_value(payload, ExecuteStepArgs)
@@ -199,21 +276,8 @@ def _run_step(payload: str, worker_meta: Mapping[str, Any]) -> None:
         run = instance.get_run_by_id(args.run_id)
         if run is None:
             print(f"run {args.run_id} not found in the Dagster instance; step {step_key} not run", file=sys.stderr)
-            sys.exit(EXIT_RUN_NOT_FOUND)
-        try:
-            recon_job_from_origin(run.job_code_origin).get_definition()
-        except Exception:  # noqa: BLE001 - user code failing to import
-            error = serializable_error_info_from_exc_info(sys.exc_info())
-            instance.report_engine_event(
-                f"Step {step_key} cannot run on worker {worker_meta.get('worker')}: its job could "
-                f"not be loaded ({error.message.strip()}). Check that the worker has the job's code "
-                "(same path or package, `-i` modules) and its dependencies.",
-                run,
-                EngineEventData(error=error),
-                step_key=step_key,
-            )
-            print(f"step {step_key}: the job could not be loaded: {error.message.strip()}", file=sys.stderr)
-            sys.exit(EXIT_JOB_NOT_LOADABLE)
+            _cannot_run(report, "run_not_found")
+        _job_loadable_or_exit(instance, run, f"Step {step_key}", worker_meta, step_key, report)
         instance.report_engine_event(
             f"Step {step_key} picked up by worker {worker_meta.get('worker')} on "
             f"{worker_meta.get('host')} from queue {worker_meta.get('queue')!r} (pid {os.getpid()}).",

@@ -31,13 +31,13 @@ from typing import Any
 
 from dagster import DagsterRunStatus
 
-from ._dagster_private import ExecuteStepArgs, deserialize_value, serialize_value
-from .broker import STEP_TASK_NAME, BrokerClient, Delivery
+from ._dagster_private import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs, deserialize_value, serialize_value
+from .broker import RUN_TASK_NAME, STEP_TASK_NAME, TASK_NAMES, BrokerClient, Delivery
 from .errors import ConfigError, TaskiqSyncError
-from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, step_handle_id
+from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, run_handle_id, step_handle_id
 from .secrets import instance_from_ref
 from .settings import Settings
-from .step_runner import EXIT_REASONS, StepProcess, StepRunner
+from .step_runner import StepProcess, StepRunner
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
 
@@ -54,7 +54,26 @@ class RunningStep:
     instance: Any
     process: StepProcess
     record: StepRecord
+    kind: str = "step"  # or "run" / "resume" (TaskiqRunLauncher)
     kill_reason: str | None = None
+    interrupted_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Work:
+    """What one message asks for."""
+
+    kind: str  # "step", "run" or "resume"
+    run_id: str
+    handle: str
+    payload: str
+    instance_ref: Any
+    label: str  # how logs name it
+    step_key: str | None = None
+    attempt: int | None = None
+
+
+RUN_INTERRUPT_GRACE = 15.0  # seconds a terminated run gets to stop its steps before SIGKILL
 
 
 class InstanceCache:
@@ -203,14 +222,23 @@ class Worker:
         self.stopping.set()
         self.killing.set()
         for step in self.running():
-            self.kill_step(step, why)
+            self.kill_step(step, why, force=True)
 
-    def kill_step(self, step: RunningStep, why: str) -> None:
+    def kill_step(self, step: RunningStep, why: str, force: bool = False) -> None:
+        """Stop a child: a step is killed at once; a run is interrupted (so Dagster stops its steps
+        and ends it CANCELED) and killed only if it is still there after its grace period."""
         if step.kill_reason is None:
             step.kill_reason = why
-            log.warning("worker %s: killing step %s of run %s (pid %s): %s",
-                        self.options.name, step.step_key, step.run_id, step.process.pid, why)
-        step.process.kill()
+            log.warning("worker %s: %s %s of run %s (pid %s): %s", self.options.name,
+                        "killing step" if step.kind == "step" else "stopping", step.step_key,
+                        step.run_id, step.process.pid, why)
+        if force or step.kind == "step":
+            step.process.kill()
+        elif step.interrupted_at is None:
+            step.interrupted_at = time.monotonic()
+            step.process.interrupt()
+        elif time.monotonic() - step.interrupted_at > RUN_INTERRUPT_GRACE:
+            step.process.kill()
 
     def running(self) -> list[RunningStep]:
         with self._lock:
@@ -260,41 +288,17 @@ class Worker:
     # --- running one message --------------------------------------------------------------
 
     def process(self, delivery: Delivery) -> Outcome:
-        try:
-            message = self.client.broker.formatter.loads(delivery.body)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
-            log.error("worker %s: message %s on queue %s is not a TaskIQ message (%s: %s); "
-                      "leaving it to the queue's redrive policy",
-                      self.options.name, delivery.message_id, delivery.queue, type(exc).__name__, exc)
-            return Outcome.ABANDON
-        if message.task_name != STEP_TASK_NAME:
-            log.error("worker %s: message %s on queue %s is for unknown task %r; leaving it to the "
-                      "queue's redrive policy", self.options.name, delivery.message_id, delivery.queue,
-                      message.task_name)
-            return Outcome.ABANDON
-        kwargs: dict[str, Any] = message.kwargs
-        payload = kwargs.get("execute_step_args")
-        step_key, run_id, attempt = kwargs.get("step_key"), kwargs.get("run_id"), kwargs.get("attempt")
-        try:
-            if not (isinstance(payload, str) and isinstance(step_key, str) and isinstance(run_id, str)
-                    and isinstance(attempt, int)):
-                raise ValueError("step_key, run_id, attempt or execute_step_args missing")
-            args = deserialize_value(payload, ExecuteStepArgs)
-        except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
-            log.error("worker %s: message %s on queue %s has no usable step arguments (%s); leaving "
-                      "it to the queue's redrive policy", self.options.name, delivery.message_id,
-                      delivery.queue, exc)
-            return Outcome.ABANDON
+        work = self._parse(delivery)
+        if isinstance(work, Outcome):
+            return work
         if self.stopping.is_set():
             return Outcome.RELEASE
-
-        handle = step_handle_id(run_id, step_key, attempt)
-        what = f"step {step_key} (attempt {attempt}) of run {run_id}"
+        what = work.label
         try:
-            instance = self.instances.get(args.instance_ref)
+            instance = self.instances.get(work.instance_ref)
             store = LivenessStore(instance)
-            previous = store.read([handle]).get(handle)
-            run = instance.get_run_by_id(run_id)
+            previous = store.read([work.handle]).get(work.handle)
+            run = instance.get_run_by_id(work.run_id)
         except ConfigError as exc:
             log.error("worker %s: cannot run %s: %s Leaving the message to the queue's redrive policy.",
                       self.options.name, what, exc)
@@ -305,10 +309,10 @@ class Worker:
             return Outcome.RELEASE
         if run is None:
             log.error("worker %s: run %s of message %s is not in the Dagster instance this worker "
-                      "reaches; leaving it to the queue's redrive policy", self.options.name, run_id,
+                      "reaches; leaving it to the queue's redrive policy", self.options.name, work.run_id,
                       delivery.message_id)
             return Outcome.ABANDON
-        if previous is not None and previous.state == EXITED and previous.exit_code in EXIT_REASONS:
+        if previous is not None and previous.state == EXITED and previous.cannot_run:
             log.error("worker %s: message %s on queue %s cannot run (%s, on worker %s); leaving it "
                       "to the queue's redrive policy", self.options.name, delivery.message_id,
                       delivery.queue, previous.reason, previous.worker)
@@ -321,7 +325,9 @@ class Worker:
             return Outcome.DONE
         if run.is_finished or run.status in (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED):
             log.warning("worker %s: dropping message %s: run %s is %s, so %s is not run",
-                        self.options.name, delivery.message_id, run_id, run.status.value, what)
+                        self.options.name, delivery.message_id, work.run_id, run.status.value, what)
+            if work.kind != "step" and run.status == DagsterRunStatus.CANCELING:
+                instance.report_run_canceled(run, message="Run canceled before a worker started it.")
             return Outcome.DONE
 
         meta = {
@@ -331,45 +337,101 @@ class Worker:
             "queue": delivery.queue,
             "message_id": delivery.message_id,
             "receive_count": delivery.receive_count,
-            "step_key": step_key,
-            "attempt": attempt,
+            "run_id": work.run_id,
         }
+        if work.step_key is not None:
+            meta |= {"step_key": work.step_key, "attempt": work.attempt}
         started = time.monotonic()
-        proc = self.runner.start(payload, meta)
+        proc = self.runner.start(work.payload, meta, kind=work.kind)
         record = StepRecord(
             RUNNING, queue=delivery.queue, worker=self.options.name, host=self.host,
             worker_pid=os.getpid(), step_pid=proc.pid, message_id=delivery.message_id,
             heartbeat_interval=self.settings.heartbeat_interval,
         )
-        step = RunningStep(handle, run_id, step_key, delivery, store, instance, proc, record)
+        step = RunningStep(work.handle, work.run_id, work.step_key or f"run {work.run_id}", delivery,
+                           store, instance, proc, record, kind=work.kind)
         self._record(step, record)
         with self._lock:
-            self._running[handle] = step
+            self._running[work.handle] = step
         log.info("worker %s: %s started (queue %s, pid %s)", self.options.name, what, delivery.queue, proc.pid)
-        limit = self.settings.task_time_limit
+        limit = self.settings.task_time_limit if work.kind == "step" else None
         try:
             while True:
                 code = proc.wait(0.5)
                 if code is not None:
                     break
                 if self.killing.is_set():
-                    self.kill_step(step, "the worker is shutting down")
+                    self.kill_step(step, "the worker is shutting down", force=True)
                 elif limit is not None and time.monotonic() - started > limit:
-                    self.kill_step(step, f"task_time_limit of {limit:g} s exceeded")
+                    self.kill_step(step, f"task_time_limit of {limit:g} s exceeded", force=True)
+                elif step.kill_reason is not None:
+                    self.kill_step(step, step.kill_reason)  # escalates a run interrupt after its grace
+            cannot_run = proc.cannot_run_reason()
         finally:
             with self._lock:
-                self._running.pop(handle, None)
+                self._running.pop(work.handle, None)
             proc.close()
-        reason = f"killed: {step.kill_reason}" if step.kill_reason else EXIT_REASONS.get(code)
-        self._record(step, replace(record, state=EXITED, ts=time.time(), exit_code=code, reason=reason))
+        reason = f"killed: {step.kill_reason}" if step.kill_reason else cannot_run
+        self._record(step, replace(record, state=EXITED, ts=time.time(), exit_code=code, reason=reason,
+                                   cannot_run=bool(cannot_run) or None))
         self.steps_done += 1
         log.info("worker %s: %s finished in %.2f s (exit code %s%s)", self.options.name, what,
                  time.monotonic() - started, code, f", {reason}" if reason else "")
-        if code in EXIT_REASONS and not step.kill_reason:
+        if work.kind != "step" and step.kill_reason:
+            self._finish_canceled_run(instance, work.run_id, step.kill_reason)
+        if cannot_run and not step.kill_reason:
             log.error("worker %s: message %s on queue %s cannot run here (%s); leaving it to the "
                       "queue's redrive policy", self.options.name, delivery.message_id, delivery.queue, reason)
             return Outcome.ABANDON
         return Outcome.DONE
+
+    def _parse(self, delivery: Delivery) -> "Work | Outcome":
+        """The work a message asks for, or how to settle it when it cannot be understood."""
+        try:
+            message = self.client.broker.formatter.loads(delivery.body)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
+            log.error("worker %s: message %s on queue %s is not a TaskIQ message (%s: %s); "
+                      "leaving it to the queue's redrive policy",
+                      self.options.name, delivery.message_id, delivery.queue, type(exc).__name__, exc)
+            return Outcome.ABANDON
+        if message.task_name not in TASK_NAMES:
+            log.error("worker %s: message %s on queue %s is for unknown task %r; leaving it to the "
+                      "queue's redrive policy", self.options.name, delivery.message_id, delivery.queue,
+                      message.task_name)
+            return Outcome.ABANDON
+        kwargs: dict[str, Any] = message.kwargs
+        run_id = kwargs.get("run_id")
+        try:
+            if not isinstance(run_id, str):
+                raise ValueError("run_id missing")
+            if message.task_name == STEP_TASK_NAME:
+                step_key, attempt, payload = kwargs.get("step_key"), kwargs.get("attempt"), kwargs.get("execute_step_args")
+                if not (isinstance(step_key, str) and isinstance(attempt, int) and isinstance(payload, str)):
+                    raise ValueError("step_key, attempt or execute_step_args missing")
+                args = deserialize_value(payload, ExecuteStepArgs)
+                return Work("step", run_id, step_handle_id(run_id, step_key, attempt), payload, args.instance_ref,
+                            f"step {step_key} (attempt {attempt}) of run {run_id}", step_key, attempt)
+            launch, payload = kwargs.get("launch"), kwargs.get("execute_run_args")
+            if not (isinstance(launch, str) and isinstance(payload, str)):
+                raise ValueError("launch or execute_run_args missing")
+            kind = "run" if message.task_name == RUN_TASK_NAME else "resume"
+            args = deserialize_value(payload, ExecuteRunArgs if kind == "run" else ResumeRunArgs)
+            return Work(kind, run_id, run_handle_id(run_id, launch), payload, args.instance_ref,
+                        f"run {run_id} ({launch})")
+        except Exception as exc:  # noqa: BLE001 - any decoding failure means the same thing
+            log.error("worker %s: message %s on queue %s has no usable arguments (%s); leaving it to "
+                      "the queue's redrive policy", self.options.name, delivery.message_id, delivery.queue, exc)
+            return Outcome.ABANDON
+
+    def _finish_canceled_run(self, instance: Any, run_id: str, why: str) -> None:
+        """A run process stopped on a terminate normally ends its run CANCELED itself; if it was
+        killed before it could, say so here rather than leave the run CANCELING."""
+        try:
+            run = instance.get_run_by_id(run_id)
+            if run is not None and run.status == DagsterRunStatus.CANCELING:
+                instance.report_run_canceled(run, message=f"Run process stopped by worker {self.options.name}: {why}.")
+        except Exception as exc:  # noqa: BLE001
+            log.warning("worker %s: could not mark run %s canceled: %s", self.options.name, run_id, exc)
 
     def _record(self, step: RunningStep, record: StepRecord) -> None:
         step.record = record
@@ -510,12 +572,16 @@ class LivenessThread(threading.Thread):
                     statuses[step.run_id] = run.status if run else None
             for step in group:
                 status = statuses[step.run_id]
+                # A run process itself ends its run SUCCESS/FAILURE before exiting: only a
+                # cancel stops it. A step has nobody waiting for it once its run is over.
+                stop = STOP_STATUSES if step.kind == "step" else CANCEL_STATUSES
                 if step.handle in requests:
                     self.worker.kill_step(step, f"cancel requested: {requests[step.handle]}")
-                elif status in STOP_STATUSES:
+                elif status in stop:
                     self.worker.kill_step(step, f"run {step.run_id} is {status.value}")
 
 
+CANCEL_STATUSES = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
 # A step whose run is in one of these states has nobody waiting for it.
 STOP_STATUSES = (
     DagsterRunStatus.CANCELING,

@@ -6,7 +6,7 @@ import pickle
 import time
 from pathlib import Path
 
-from dagster import Config, ConfigurableIOManager, Definitions, DynamicOut, DynamicOutput, RetryPolicy, job, mem_io_manager, op
+from dagster import Config, ConfigurableIOManager, Definitions, in_process_executor, DynamicOut, DynamicOutput, RetryPolicy, job, mem_io_manager, op
 
 from dagster_taskiq_sync import taskiq_executor
 
@@ -208,6 +208,74 @@ def two_chatty():
     _chatty("chatty_b")()
 
 
+# --- jobs launched whole by TaskiqRunLauncher (in-process unless they say otherwise) ---
+
+
+@op
+def say_hello() -> str:
+    return f"hello from pid {os.getpid()}"
+
+
+@job(executor_def=in_process_executor)
+def launched_ok():
+    say_hello()
+
+
+@op
+def raise_in_run() -> None:
+    raise ValueError("run went wrong 7")
+
+
+@job(executor_def=in_process_executor)
+def launched_raises():
+    raise_in_run()
+
+
+@op
+def exit_hard() -> None:
+    os._exit(3)
+
+
+@job(executor_def=in_process_executor)
+def launched_exits_hard():
+    exit_hard()
+
+
+@op
+def run_long(config: FaultConfig) -> int:
+    marker = Path(config.marker_dir) / "run_long.log"
+    with marker.open("a") as fh:
+        fh.write(f"start {os.getpid()}\n")
+    time.sleep(config.sleep)
+    with marker.open("a") as fh:
+        fh.write("end\n")
+    return 1
+
+
+@job(executor_def=in_process_executor)
+def launched_long():
+    run_long()
+
+
+def _marked(name: str):
+    @op(name=name)
+    def marked(config: FaultConfig, x: int = 0) -> int:
+        marker = Path(config.marker_dir) / f"{name}.log"
+        with marker.open("a") as fh:
+            fh.write(f"start {os.getpid()}\n")
+        time.sleep(config.sleep)
+        with marker.open("a") as fh:
+            fh.write("end\n")
+        return x + 1
+
+    return marked
+
+
+@job(executor_def=taskiq_executor)
+def resumable():
+    _marked("second_part")(_marked("first_part")())
+
+
 # --- a job whose step messages outgrow a queue: the collecting step's known state carries every
 # mapping key of the wide dynamic output ---
 
@@ -253,4 +321,5 @@ def wide():
 defs = Definitions(jobs=[
     diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps,
     one_long, one_long_retried, two_long, wide, two_chatty, unserved,
+    launched_ok, launched_raises, launched_exits_hard, launched_long, resumable,
 ])

@@ -255,7 +255,7 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     settings = settings_from_executor_config(poison_config)
     with Bridge() as bridge, BrokerClient(settings.sqs, bridge, ["poison"]) as broker:
         for run_id in (str(uuid.uuid4()), unloadable.run_id):
-            broker.send_step(queue="poison", task_id=run_id[:8], group_id="g", kwargs=step_kwargs(run_id))
+            broker.send(queue="poison", task_id=run_id[:8], group_id="g", kwargs=step_kwargs(run_id))
 
     # When a worker consumes the queue
     worker = WorkerProcess(poison_yaml, "poison", tmp_path, ["-q", "poison", "-c", "2"]).wait_ready()

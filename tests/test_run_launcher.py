@@ -1,0 +1,215 @@
+"""TaskiqRunLauncher with a real instance (temp DAGSTER_HOME), real workers, and runs launched the
+way the webserver and daemon launch them (`dagster job launch`, run monitoring)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from dagster import DagsterInstance, DagsterRunStatus
+
+from dagster_taskiq_sync import TaskiqRunLauncher
+from dagster_taskiq_sync.launcher import TASK_ID_TAG
+from dagster_taskiq_sync.run_report import step_reports
+
+from .helpers import CLI, WorkerProcess, marker_lines, pid_alive, queue_counts, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+JOBS = str(ROOT / "tests" / "jobs.py")
+BIN = Path(CLI).parent
+
+
+@pytest.fixture(scope="module")
+def launcher_home(endpoint, tmp_path_factory):
+    """A DAGSTER_HOME whose dagster.yaml launches runs on queue `runs` and monitors them."""
+    home = tmp_path_factory.mktemp("launcher_home")
+    (home / "dagster.yaml").write_text(yaml.safe_dump({
+        "telemetry": {"enabled": False},
+        "run_launcher": {"module": "dagster_taskiq_sync", "class": "TaskiqRunLauncher", "config": {
+            "broker": endpoint.broker_url,
+            "default_queue": "runs",
+            "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
+            "worker_lost_timeout": 3,
+        }},
+        "run_monitoring": {"enabled": True, "max_resume_run_attempts": 1, "poll_interval_seconds": 1},
+        # Launch on submit (the daemon's queued coordinator would call the launcher the same way).
+        "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "DefaultRunCoordinator"},
+    }))
+    cfg = home / "runs.yaml"
+    # A short visibility timeout: a killed worker's message reappears (and is dropped) quickly.
+    cfg.write_text(yaml.safe_dump({"execution": {"config": {"broker": endpoint.broker_url, "config_source": {
+        "task_default_queue": "runs",
+        "broker_transport_options": {"wait_time_seconds": 1, "visibility_timeout": 2}}}}}))
+    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return home
+
+
+@pytest.fixture(scope="module")
+def launcher_instance(launcher_home):
+    with DagsterInstance.from_config(str(launcher_home)) as instance:
+        assert isinstance(instance.run_launcher, TaskiqRunLauncher)
+        yield instance
+
+
+@pytest.fixture
+def run_worker(launcher_home, tmp_path):
+    started = []
+
+    def start(name: str) -> WorkerProcess:
+        worker = WorkerProcess(launcher_home / "runs.yaml", name, tmp_path, ["-q", "runs", "-c", "2", "--heartbeat-interval", "0.5"],
+                               env=os.environ | {"DAGSTER_HOME": str(launcher_home)})
+        started.append(worker.wait_ready())
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.stop()
+
+
+def launch(launcher_home, instance, job_name: str, run_config: dict | None = None, tmp_path: Path | None = None):
+    """`dagster job launch`, as a user or the webserver would; returns the new run's id."""
+    before = {r.run_id for r in instance.get_runs()}
+    cmd = [str(BIN / "dagster"), "job", "launch", "-f", JOBS, "-j", job_name]
+    if run_config:
+        cfg = (tmp_path or launcher_home) / f"{job_name}-config.yaml"
+        cfg.write_text(yaml.safe_dump(run_config))
+        cmd += ["-c", str(cfg)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env=os.environ | {"DAGSTER_HOME": str(launcher_home)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    [run_id] = [r.run_id for r in instance.get_runs() if r.run_id not in before]
+    return run_id
+
+
+def wait_finished(instance, run_id, timeout=60):
+    return wait_for(lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r, timeout=timeout,
+                    what=f"run {run_id} to finish")
+
+
+def messages(instance, run_id) -> str:
+    return "\n".join((r.dagster_event.message if r.dagster_event else r.user_message) or ""
+                     for r in instance.all_logs(run_id))
+
+
+def test_launched_run_succeeds_on_a_worker(launcher_home, launcher_instance, run_worker):
+    worker = run_worker("runner")
+    run_id = launch(launcher_home, launcher_instance, "launched_ok")
+    run = wait_finished(launcher_instance, run_id)
+
+    assert run.status == DagsterRunStatus.SUCCESS
+    text = messages(launcher_instance, run_id)
+    assert "Sent run to SQS queue 'runs' (launch)" in text
+    assert f"Run picked up by worker {worker.full_name}" in text
+    launcher = launcher_instance.run_launcher
+    wait_for(lambda: launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id)).status.value == "SUCCESS",
+             what="the worker to record the run process's exit")
+    info = launcher.get_run_worker_debug_info(launcher_instance.get_run_by_id(run_id))
+    assert worker.full_name in info and "queue runs" in info and "exit code 0" in info
+    assert run.tags[TASK_ID_TAG]
+
+
+def test_launched_run_that_raises_fails_with_the_error(launcher_home, launcher_instance, run_worker):
+    run_worker("runner")
+    run_id = launch(launcher_home, launcher_instance, "launched_raises")
+    run = wait_finished(launcher_instance, run_id)
+    assert run.status == DagsterRunStatus.FAILURE
+    failures = [r for r in launcher_instance.all_logs(run_id)
+                if r.dagster_event and r.dagster_event.event_type_value == "STEP_FAILURE"]
+    assert "run went wrong 7" in failures[0].dagster_event.step_failure_data.error.cause.message
+
+
+def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, launcher_instance, run_worker):
+    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+
+    run_worker("runner")
+    run_id = launch(launcher_home, launcher_instance, "launched_exits_hard")
+    launcher = launcher_instance.run_launcher
+    wait_for(lambda: launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id)).status.value == "FAILED",
+             what="the hard exit to show in the worker's health")
+    health = launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id))
+    assert "exit code 3" in health.msg
+
+    # Dagster's run monitoring (the daemon's own function) resumes it once, then fails it.
+    def monitor_until_finished():
+        for record in launcher_instance.get_run_records():
+            if record.dagster_run.run_id == run_id and record.dagster_run.status == DagsterRunStatus.STARTED:
+                monitor_started_run(launcher_instance, None, record, logging.getLogger("test"))
+        run = launcher_instance.get_run_by_id(run_id)
+        return run.is_finished and run
+
+    run = wait_for(monitor_until_finished, timeout=60, interval=0.5, what="run monitoring to fail the run")
+    assert run.status == DagsterRunStatus.FAILURE
+    assert "exit code 3" in messages(launcher_instance, run_id)
+
+
+def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home, launcher_instance, run_worker, tmp_path):
+    worker = run_worker("runner")
+    markers = tmp_path / "m"
+    markers.mkdir()
+    run_id = launch(launcher_home, launcher_instance, "launched_long",
+                    {"ops": {"run_long": {"config": {"marker_dir": str(markers), "sleep": 60}}}}, tmp_path)
+    wait_for(lambda: marker_lines(markers, "run_long"), what="the op to start")
+    pid = int(marker_lines(markers, "run_long")[0].split()[1])
+
+    asked = time.monotonic()
+    assert launcher_instance.run_launcher.terminate(run_id)
+    run = wait_finished(launcher_instance, run_id, timeout=30)
+
+    assert run.status == DagsterRunStatus.CANCELED
+    assert time.monotonic() - asked < 10
+    assert not pid_alive(pid) and marker_lines(markers, "run_long") == [f"start {pid}"]
+    assert worker.proc.poll() is None and "cancel requested: the run was terminated" in worker.log()
+
+
+def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(launcher_home, launcher_instance, run_worker,
+                                                                  workers, executor_config):
+    # The launched run orchestrates; its steps go to queue `dagster`, served by the session workers.
+    run_worker("runner")
+    run_id = launch(launcher_home, launcher_instance, "diamond", {"execution": {"config": executor_config}})
+    run = wait_finished(launcher_instance, run_id)
+    assert run.status == DagsterRunStatus.SUCCESS
+    reports = step_reports(launcher_instance, run_id)
+    assert {r.worker for r in reports.values()} <= {w.full_name for w in workers}
+    assert all(r.status == "SUCCESS" for r in reports.values()) and len(reports) == 4
+
+
+def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_home, launcher_instance, run_worker,
+                                                                      workers, executor_config, tmp_path, endpoint):
+    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+
+    markers = tmp_path / "m"
+    markers.mkdir()
+    first = run_worker("first")
+    ops = {name: {"config": {"marker_dir": str(markers), "sleep": sleep}}
+           for name, sleep in (("first_part", 0.1), ("second_part", 4))}
+    run_id = launch(launcher_home, launcher_instance, "resumable",
+                    {"execution": {"config": executor_config}, "ops": ops}, tmp_path)
+    # When the worker running the run (its orchestrator) dies while a step runs elsewhere
+    wait_for(lambda: marker_lines(markers, "second_part"), timeout=60, what="the second step to start")
+    os.kill(first.pid, signal.SIGKILL)
+    run_worker("second")
+
+    # Then Dagster's run monitoring sees the lost worker and resumes the run on the other worker
+    def monitor():
+        for record in launcher_instance.get_run_records():
+            if record.dagster_run.run_id == run_id and record.dagster_run.status == DagsterRunStatus.STARTED:
+                monitor_started_run(launcher_instance, None, record, logging.getLogger("test"))
+        run = launcher_instance.get_run_by_id(run_id)
+        return run.is_finished and run
+
+    run = wait_for(monitor, timeout=90, interval=0.5, what="the resumed run to finish")
+    assert run.status == DagsterRunStatus.SUCCESS
+    text = messages(launcher_instance, run_id)
+    assert "Resuming run" in text and "Run resumed by worker second" in text
+    # and no step's user code ran twice
+    assert [line.split()[0] for line in marker_lines(markers, "first_part")] == ["start", "end"]
+    assert [line.split()[0] for line in marker_lines(markers, "second_part")] == ["start", "end"]
+    wait_for(lambda: queue_counts(endpoint.url, "runs") == (0, 0), timeout=20, what="queue runs to drain")
