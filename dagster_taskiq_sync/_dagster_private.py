@@ -44,3 +44,28 @@ from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
 from dagster._utils.interrupts import capture_interrupts
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, ResumeRunContext, RunLauncher, WorkerStatus
 from dagster._serdes import ConfigurableClass
+from dagster._core.executor.in_process import InProcessExecutor
+
+# --- step submission order ---------------------------------------------------------------------
+# dagster-celery submits ready steps by (step priority + run priority), higher first, through
+# ActiveExecution's sort_key_fn. StepDelegatingExecutor builds its ActiveExecution without one, so
+# its module gets a subclass that takes the sort key from a context variable only taskiq_executor
+# sets while it orchestrates; every other executor keeps Dagster's default order.
+import contextvars as _contextvars
+
+from dagster._core.execution.plan.active import ActiveExecution as _ActiveExecution
+from dagster._core.executor.step_delegating import step_delegating_executor as _sde_module
+
+step_sort_key = _contextvars.ContextVar("dagster_taskiq_sync_step_sort_key", default=None)
+
+
+class _SortableActiveExecution(_ActiveExecution):
+    def __init__(self, *args, **kwargs):
+        sort_key = step_sort_key.get()
+        if sort_key is not None and kwargs.get("sort_key_fn") is None:
+            kwargs["sort_key_fn"] = sort_key
+        super().__init__(*args, **kwargs)
+
+
+if _sde_module.ActiveExecution is _ActiveExecution:
+    _sde_module.ActiveExecution = _SortableActiveExecution

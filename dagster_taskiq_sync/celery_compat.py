@@ -191,13 +191,8 @@ def _acks_late(settings: Settings, value: Any, path: str) -> Settings:
     return settings
 
 
-def _refuse_eager(settings: Settings, value: Any, path: str) -> Settings:
-    if _bool(value, path):
-        raise ConfigError(
-            f"{path}: true is not supported yet by taskiq_executor; use Dagster's "
-            "in_process_executor to run steps without a broker, or remove the setting."
-        )
-    return settings
+def _eager(settings: Settings, value: Any, path: str) -> Settings:
+    return replace(settings, always_eager=_bool(value, path))
 
 
 MAPPED = "mapped"
@@ -290,8 +285,16 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
         "Always late: a message is deleted only after its step finished; false warns.",
         _acks_late,
     ),
-    "task_always_eager": (REFUSED, "Not supported yet; use in_process_executor.", _refuse_eager),
-    "task_default_priority": (NO_EFFECT, "SQS has no message priority.", None),
+    "task_always_eager": (
+        MAPPED,
+        "true: steps run one by one in the run's own process, no broker or worker (as Celery's eager mode).",
+        _eager,
+    ),
+    "task_default_priority": (
+        MAPPED,
+        "Priority of steps without a dagster-celery/priority tag, for the order ready steps are sent in (SQS itself has no priority).",
+        _set("default_priority", lambda v, p: _int(v, p, 0, 255)),
+    ),
     "task_queue_max_priority": (NO_EFFECT, "SQS has no message priority.", None),
     "broker_connection_retry": (NO_EFFECT, "Connection retries are botocore's.", None),
     "broker_connection_retry_on_startup": (NO_EFFECT, "Connection retries are botocore's.", None),

@@ -28,6 +28,7 @@ from ._dagster_private import (
     DagsterEvent,
     DagsterExecutionInterruptedError,
     EngineEventData,
+    InProcessExecutor,
     PollingStepDelegatingExecutor,
     RetryMode,
     StepHandler,
@@ -36,6 +37,7 @@ from ._dagster_private import (
     get_retries_config,
     get_tag_concurrency_limits_config,
     serialize_value,
+    step_sort_key,
 )
 from .bridge import shared_bridge
 from .broker import BrokerClient
@@ -47,6 +49,8 @@ from .settings import Settings
 
 # dagster-celery's tag, so existing ops keep routing; the taskiq alias wins when both are set.
 QUEUE_TAGS = ("dagster-taskiq/queue", "dagster-celery/queue")
+STEP_PRIORITY_TAGS = ("dagster-taskiq/priority", "dagster-celery/priority")
+RUN_PRIORITY_TAGS = ("dagster-taskiq/run_priority", "dagster-celery/run_priority")
 MESSAGE_VERSION = 1
 STATUS_CHECK_INTERVAL = 0.5  # seconds between run-status reads while steps are in flight
 # A step process that exited is given this long for its last events to be read before the
@@ -140,6 +144,10 @@ def taskiq_executor(init_context):
         # Raised from execute() instead, where it becomes one ERROR line and the run's failure
         # (raised here, Dagster's CLI prints it under a wall of orchestration frames).
         settings, config_error = Settings(), exc
+    if config_error is None and settings.always_eager:
+        # Celery's task_always_eager runs tasks inline, without a broker; dagster-celery's eager
+        # tests rely on it. Dagster's in-process executor is exactly that.
+        return InProcessExecutor(retries=RetryMode.from_config(config["retries"]))
     return TaskiqExecutor(
         settings,
         retries=RetryMode.from_config(config["retries"]),
@@ -193,6 +201,12 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
     def execute(self, plan_context, execution_plan):  # type: ignore[override]
         for note in self.settings.notes:
             plan_context.log.warning(note)
+        run_priority = _int_tag(plan_context.dagster_run.tags, RUN_PRIORITY_TAGS, 0)
+        default_priority = self.settings.default_priority
+        self._warn_on_priorities(plan_context, execution_plan, run_priority)
+        sort_token = step_sort_key.set(
+            lambda step: -(_int_tag(step.tags, STEP_PRIORITY_TAGS, default_priority) + run_priority)
+        )
         queues = {queue_for_tags(step.tags, self.settings) for step in execution_plan.steps}
         with contextlib.ExitStack() as stack:
             try:
@@ -203,7 +217,38 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                 # One sentence in the run's log before Dagster records the failure.
                 plan_context.log.error(str(exc))
                 raise
-            yield from super().execute(plan_context, execution_plan)
+            try:
+                yield from super().execute(plan_context, execution_plan)
+            finally:
+                step_sort_key.reset(sort_token)
+
+    def _warn_on_priorities(self, plan_context, execution_plan, run_priority: int) -> None:
+        with_celery = [s.key for s in execution_plan.steps if any(t in s.tags for t in STEP_PRIORITY_TAGS)]
+        if with_celery or run_priority:
+            plan_context.log.warning(
+                "dagster-celery/priority and dagster-celery/run_priority: SQS has no message priority; "
+                "ready steps are sent in priority order (higher first), as dagster-celery's orchestrator "
+                "does, but a step already in the queue is not overtaken by a later, higher one."
+            )
+        misused = [s.key for s in execution_plan.steps
+                   if s.tags.get("dagster/priority") is not None and not any(t in s.tags for t in STEP_PRIORITY_TAGS)]
+        if misused:
+            plan_context.log.warning(
+                'The following steps do not have "dagster-celery/priority" set but do have '
+                f'"dagster/priority" set, which taskiq_executor does not use: [{", ".join(misused)}]. '
+                'Set "dagster-celery/priority" instead.'
+            )
+
+
+def _int_tag(tags: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = tags.get(name)
+        if value is not None:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"tag {name}={value!r} must be a whole number; fix the tag.") from None
+    return default
 
 
 def queue_for_tags(tags: Mapping[str, str], settings: Settings) -> str:

@@ -42,13 +42,12 @@ from ._dagster_private import (
 from .bridge import shared_bridge
 from .broker import RESUME_TASK_NAME, RUN_TASK_NAME, BrokerClient
 from .celery_compat import settings_from_executor_config
-from .executor import MESSAGE_VERSION, QUEUE_TAGS
+from .executor import MESSAGE_VERSION, QUEUE_TAGS, RUN_PRIORITY_TAGS
 from .liveness import EXITED, QUEUED, RUNNING, LivenessStore, StepRecord, run_handle_id
 from .secrets import redact_instance_ref
 from .settings import DEFAULT_QUEUE
 
 TASK_ID_TAG = "dagster-taskiq/task_id"  # the id of the run's latest launch (as dagster-celery/task_id)
-RUN_PRIORITY_TAGS = ("dagster-taskiq/run_priority", "dagster-celery/run_priority")
 
 
 class TaskiqRunLauncher(RunLauncher, ConfigurableClass):

@@ -120,7 +120,7 @@ def test_options_without_effect_warn_once_each_and_unknown_keys_warn():
     settings = settings_from_executor_config(
         {
             "config_source": {
-                "task_default_priority": 5,
+                "task_queue_max_priority": 10,
                 "task_acks_late": False,
                 "not_a_celery_setting": 1,
                 "broker_transport_options": {"max_retries": 3, "interval_start": 0},
@@ -129,7 +129,7 @@ def test_options_without_effect_warn_once_each_and_unknown_keys_warn():
     )
     notes = "\n".join(settings.notes)
     assert len(settings.notes) == 5
-    assert "task_default_priority has no effect on SQS: SQS has no message priority" in notes
+    assert "task_queue_max_priority has no effect on SQS: SQS has no message priority" in notes
     assert "task_acks_late: false has no effect" in notes
     assert "not_a_celery_setting is not a setting taskiq_executor knows" in notes
     assert "broker_transport_options.max_retries has no effect" in notes
@@ -148,7 +148,7 @@ def test_options_without_effect_warn_once_each_and_unknown_keys_warn():
         ({"worker_prefetch_multiplier": 0}, "between 1 and 100"),
         ({"task_time_limit": -1}, "positive number"),
         ({"broker_transport_options": "region=eu"}, "must be a mapping"),
-        ({"task_always_eager": True}, "task_always_eager"),
+        ({"task_always_eager": "sometimes"}, "task_always_eager must be true or false"),
     ],
 )
 def test_unusable_options_are_refused_naming_the_setting(config_source, expected):
