@@ -94,6 +94,21 @@ def wait_finished(instance, run_id, timeout=60):
                     what=f"run {run_id} to finish")
 
 
+def monitor_until_finished(instance, run_id, timeout):
+    """Run the daemon's run-monitoring check on the run (as `dagster-daemon` does every poll)
+    until the run is finished."""
+    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
+
+    def step():
+        for record in instance.get_run_records():
+            if record.dagster_run.run_id == run_id and record.dagster_run.status == DagsterRunStatus.STARTED:
+                monitor_started_run(instance, None, record, logging.getLogger("run-monitoring"))
+        run = instance.get_run_by_id(run_id)
+        return run.is_finished and run
+
+    return wait_for(step, timeout=timeout, interval=0.5, what=f"run monitoring to finish run {run_id}")
+
+
 def messages(instance, run_id) -> str:
     return "\n".join((r.dagster_event.message if r.dagster_event else r.user_message) or ""
                      for r in instance.all_logs(run_id))
@@ -127,8 +142,6 @@ def test_launched_run_that_raises_fails_with_the_error(launcher_home, launcher_i
 
 
 def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, launcher_instance, run_worker):
-    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
-
     run_worker("runner")
     run_id = launch(launcher_home, launcher_instance, "launched_exits_hard")
     launcher = launcher_instance.run_launcher
@@ -138,14 +151,7 @@ def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, lau
     assert "exit code 3" in health.msg
 
     # Dagster's run monitoring (the daemon's own function) resumes it once, then fails it.
-    def monitor_until_finished():
-        for record in launcher_instance.get_run_records():
-            if record.dagster_run.run_id == run_id and record.dagster_run.status == DagsterRunStatus.STARTED:
-                monitor_started_run(launcher_instance, None, record, logging.getLogger("test"))
-        run = launcher_instance.get_run_by_id(run_id)
-        return run.is_finished and run
-
-    run = wait_for(monitor_until_finished, timeout=60, interval=0.5, what="run monitoring to fail the run")
+    run = monitor_until_finished(launcher_instance, run_id, timeout=60)
     assert run.status == DagsterRunStatus.FAILURE
     assert "exit code 3" in messages(launcher_instance, run_id)
 
@@ -165,7 +171,9 @@ def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home
 
     assert run.status == DagsterRunStatus.CANCELED
     assert time.monotonic() - asked < 10
-    assert not pid_alive(pid) and marker_lines(markers, "run_long") == [f"start {pid}"]
+    # The run process marks its run CANCELED itself, then exits
+    wait_for(lambda: not pid_alive(pid), timeout=10, what="the run process to exit")
+    assert marker_lines(markers, "run_long") == [f"start {pid}"]
     assert worker.proc.poll() is None and "cancel requested: the run was terminated" in worker.log()
 
 
@@ -183,8 +191,6 @@ def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(launcher_home, l
 
 def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_home, launcher_instance, run_worker,
                                                                       workers, executor_config, tmp_path, endpoint):
-    from dagster._daemon.monitoring.run_monitoring import monitor_started_run
-
     markers = tmp_path / "m"
     markers.mkdir()
     first = run_worker("first")
@@ -198,14 +204,7 @@ def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_ho
     run_worker("second")
 
     # Then Dagster's run monitoring sees the lost worker and resumes the run on the other worker
-    def monitor():
-        for record in launcher_instance.get_run_records():
-            if record.dagster_run.run_id == run_id and record.dagster_run.status == DagsterRunStatus.STARTED:
-                monitor_started_run(launcher_instance, None, record, logging.getLogger("test"))
-        run = launcher_instance.get_run_by_id(run_id)
-        return run.is_finished and run
-
-    run = wait_for(monitor, timeout=90, interval=0.5, what="the resumed run to finish")
+    run = monitor_until_finished(launcher_instance, run_id, timeout=90)
     assert run.status == DagsterRunStatus.SUCCESS
     text = messages(launcher_instance, run_id)
     assert "Resuming run" in text and "Run resumed by worker second" in text

@@ -1,0 +1,99 @@
+"""Who records the live workers: the registry behind `worker list` and `worker terminate`.
+
+SQS has no remote control (dagster-celery's `worker list` / `terminate` do nothing there), so the
+registry lives where every worker and the CLI already meet: the Dagster instance of
+``DAGSTER_HOME`` (as ``dagster-celery worker start`` requires too). Each worker keeps a record
+(name, host, pid, queues, running steps, last heartbeat) under its own key and its name in an
+index; a terminate request is a separate key the worker polls, so it never races a heartbeat.
+
+The index is read-modify-write; two workers registering at the same instant can drop one name,
+which its next heartbeat puts back (each heartbeat re-adds a missing name).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .liveness import KEY_PREFIX
+
+INDEX_KEY = f"{KEY_PREFIX}/workers"
+
+
+def worker_key(name: str) -> str:
+    return f"{KEY_PREFIX}/worker/{name}"
+
+
+def control_key(name: str) -> str:
+    return f"{KEY_PREFIX}/worker-control/{name}"
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    name: str
+    host: str
+    pid: int
+    queues: list[str]
+    concurrency: int
+    running: list[str] = field(default_factory=list)
+    state: str = "running"  # running | stopping | stopped
+    heartbeat_interval: float = 5.0
+    ts: float = field(default_factory=time.time)
+
+    def age(self, now: float | None = None) -> float:
+        return (now or time.time()) - self.ts
+
+    def looks_alive(self, now: float | None = None) -> bool:
+        return self.state != "stopped" and self.age(now) <= 3 * self.heartbeat_interval + 5
+
+
+class WorkerRegistry:
+    def __init__(self, instance: Any) -> None:
+        self._storage = instance.run_storage
+
+    def _index(self) -> list[str]:
+        raw = self._storage.get_cursor_values({INDEX_KEY}).get(INDEX_KEY)
+        try:
+            names = json.loads(raw) if raw else []
+        except ValueError:
+            names = []
+        return [n for n in names if isinstance(n, str)]
+
+    def _set(self, key: str, value: str) -> None:
+        # One key per call: Dagster's set_cursor_values drops new keys of a mixed batch.
+        self._storage.set_cursor_values({key: value})
+
+    def record(self, worker: WorkerRecord) -> None:
+        self._set(worker_key(worker.name), json.dumps(asdict(worker)))
+        names = self._index()
+        if worker.state == "stopped":
+            if worker.name in names:
+                self._set(INDEX_KEY, json.dumps([n for n in names if n != worker.name]))
+        elif worker.name not in names:
+            self._set(INDEX_KEY, json.dumps(names + [worker.name]))
+
+    def workers(self) -> list[WorkerRecord]:
+        names = self._index()
+        if not names:
+            return []
+        values = self._storage.get_cursor_values({worker_key(n) for n in names})
+        records = []
+        for name in names:
+            try:
+                records.append(WorkerRecord(**json.loads(values[worker_key(name)])))
+            except (KeyError, ValueError, TypeError):
+                continue
+        return records
+
+    def request_terminate(self, name: str) -> None:
+        self._set(control_key(name), json.dumps({"action": "terminate", "ts": time.time()}))
+
+    def terminate_requested(self, name: str, since: float) -> bool:
+        raw = self._storage.get_cursor_values({control_key(name)}).get(control_key(name))
+        try:
+            request = json.loads(raw) if raw else None
+        except ValueError:
+            return False
+        return bool(request) and request.get("action") == "terminate" and float(request.get("ts", 0)) >= since
