@@ -85,8 +85,26 @@ def worker() -> None:
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds running steps get to finish after SIGTERM before they are killed.")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True, help="Seconds between liveness records of running steps; the orchestrator's worker_lost_timeout must exceed 3x this.")
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
-def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval, app) -> None:
-    """Start a worker that runs the steps sent to its queues."""
+@click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
+@click.option("-f", "--logfile", type=click.Path(dir_okay=False), help="Log file for --background (default ./dagster-taskiq-sync-worker-NAME.log).")
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval, app,
+                 background, logfile, celery_args) -> None:
+    """Start a worker that runs the steps sent to its queues.
+
+    Celery worker options after `--` that mean something here are honoured: --concurrency N,
+    --prefetch-multiplier N, --loglevel LEVEL (flags before `--` win).
+    """
+    try:
+        passthrough = parse_celery_args(celery_args)
+    except TaskiqSyncError as exc:
+        raise click.UsageError(str(exc)) from None
+    concurrency = concurrency or passthrough.get("concurrency")
+    if loglevel.upper() == "INFO" and "loglevel" in passthrough:
+        loglevel = passthrough["loglevel"]
+    if background:
+        _start_in_background(name, logfile)
+        return
     logging.basicConfig(
         level=getattr(logging, loglevel.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -98,18 +116,83 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
     if app:
         log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)
     try:
-        _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval, log)
+        _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval,
+                    passthrough.get("prefetch_multiplier"), log)
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
 
 
-def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval, log) -> None:
+CELERY_WORKER_OPTIONS = {
+    "--concurrency": "concurrency", "-c": "concurrency",
+    "--prefetch-multiplier": "prefetch_multiplier",
+    "--loglevel": "loglevel", "-l": "loglevel",
+}
+
+
+def parse_celery_args(args) -> dict[str, Any]:
+    """Celery `worker` options passed after `--` by dagster-celery deployment scripts."""
+    found: dict[str, Any] = {}
+    items = list(args)
+    while items:
+        arg = items.pop(0)
+        flag, _, inline = arg.partition("=")
+        key = CELERY_WORKER_OPTIONS.get(flag)
+        if key is None:
+            raise ConfigError(
+                f"Celery worker option {arg!r} after '--' has no meaning for dagster-taskiq-sync workers; "
+                "remove it (supported after '--': --concurrency N, --prefetch-multiplier N, --loglevel LEVEL)."
+            )
+        value = inline or (items.pop(0) if items else None)
+        if value is None:
+            raise ConfigError(f"Celery worker option {flag} after '--' needs a value.")
+        if key == "loglevel":
+            if value.upper() not in LOG_LEVELS:
+                raise ConfigError(f"{flag} {value!r} after '--' is not a log level; use one of {', '.join(LOG_LEVELS)}.")
+            found[key] = value.upper()
+        else:
+            try:
+                number = int(value)
+                if number < 1:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(f"{flag} {value!r} after '--' must be a whole number of at least 1.") from None
+            found[key] = number
+    return found
+
+
+def _start_in_background(name, logfile) -> None:
+    """Re-run this command without -d, detached from the terminal, logging to a file."""
+    import subprocess
+
+    args = [a for a in sys.argv[1:] if a not in ("-d", "--background")]
+    path = os.path.abspath(logfile or f"dagster-taskiq-sync-worker-{name or 'dagster'}.log")
+    with open(path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dagster_taskiq_sync.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    click.echo(f"worker started in the background: pid {proc.pid}, log {path}")
+
+
+def _registry():
+    """The worker registry in DAGSTER_HOME's instance (None when DAGSTER_HOME is not set)."""
+    if not os.environ.get("DAGSTER_HOME"):
+        return None
+    from dagster import DagsterInstance
+
+    from .registry import WorkerRegistry
+
+    return WorkerRegistry(DagsterInstance.get())
+
+
+def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval,
+                prefetch_multiplier, log) -> None:
     from .bridge import Bridge
     from .broker import BrokerClient
     from .step_runner import StepRunner
     from .worker import Worker, WorkerOptions
 
     settings = dataclasses.replace(settings_from_yaml(config_yaml), heartbeat_interval=heartbeat_interval)
+    if prefetch_multiplier:
+        settings = dataclasses.replace(settings, prefetch_multiplier=prefetch_multiplier)
     for note in settings.notes:
         log.warning(note)
     modules = tuple(dict.fromkeys([*settings.include, *(m for i in includes for m in i.split(",") if m)]))
@@ -142,15 +225,70 @@ def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeo
     running = None
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    registry = _registry()
+    if registry is None:
+        log.warning("worker %s: DAGSTER_HOME is not set, so `dagster-taskiq-sync worker list` and "
+                    "`worker terminate` will not see this worker; set it to the deployment's instance.",
+                    worker_name)
     with Bridge(name="taskiq-bridge") as bridge:
         client = BrokerClient(settings.sqs, bridge, queues).start()
-        running = Worker(settings, options, client, StepRunner(preload=modules))
+        running = Worker(settings, options, client, StepRunner(preload=modules), registry=registry)
         try:
             running.start()
             while not stop_requested.wait(1.0):
-                pass
+                if running.terminate_requested.is_set():
+                    break
         finally:
             running.stop()
+
+
+@worker.command("list")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Accepted for dagster-celery scripts; the registry is DAGSTER_HOME's instance.")
+def worker_list(config_yaml) -> None:
+    """List the workers registered in DAGSTER_HOME's instance, with their running steps."""
+    registry = _registry()
+    if registry is None:
+        raise click.ClickException("worker list reads the worker registry in the Dagster instance; set DAGSTER_HOME to the deployment's instance.")
+    rows = registry.workers()
+    if not rows:
+        click.echo("no workers registered")
+        return
+    click.echo(f"{'NAME':<28} {'HOST':<16} {'PID':>7} {'QUEUES':<20} {'CONC':>4}  {'LAST HEARTBEAT':<15} {'STATE':<9} RUNNING")
+    for row in sorted(rows, key=lambda r: r.name):
+        state = row.state if row.looks_alive() else "lost?"
+        click.echo(f"{row.name:<28} {row.host:<16} {row.pid:>7} {','.join(row.queues):<20} {row.concurrency:>4}  "
+                   f"{row.age():>6.0f} s ago     {state:<9} {', '.join(row.running) or '-'}")
+
+
+@worker.command("terminate")
+@click.argument("name", required=False)
+@click.option("-a", "--all", "all_", is_flag=True, help="Ask every registered worker to stop.")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Accepted for dagster-celery scripts.")
+@click.option("--wait", "wait_seconds", type=click.FloatRange(0), default=0, help="Wait up to this many seconds for them to stop.")
+def worker_terminate(name, all_, config_yaml, wait_seconds) -> None:
+    """Ask a worker (by name, with or without @HOST) or all workers to stop gracefully."""
+    import time
+
+    registry = _registry()
+    if registry is None:
+        raise click.ClickException("worker terminate uses the worker registry in the Dagster instance; set DAGSTER_HOME.")
+    if not (name or all_):
+        raise click.UsageError("name a worker (see `dagster-taskiq-sync worker list`) or pass -a/--all.")
+    rows = [r for r in registry.workers() if r.state != "stopped" and (all_ or name in (r.name, r.name.split("@")[0]))]
+    if not rows:
+        raise click.ClickException(f"no registered worker is named {name!r}; see `dagster-taskiq-sync worker list`.")
+    for row in rows:
+        registry.request_terminate(row.name)
+        click.echo(f"asked worker {row.name} (pid {row.pid} on {row.host}) to stop")
+    deadline = time.monotonic() + wait_seconds
+    while wait_seconds and time.monotonic() < deadline:
+        states = {r.name: r.state for r in registry.workers()}
+        if all(states.get(r.name, "stopped") == "stopped" for r in rows):
+            click.echo("stopped")
+            return
+        time.sleep(0.5)
+    if wait_seconds:
+        raise click.ClickException(f"not every worker stopped within {wait_seconds:g} s; see `worker list`.")
 
 
 @main.group()

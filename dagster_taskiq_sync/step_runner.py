@@ -208,6 +208,24 @@ def _job_loadable_or_exit(instance, run, what: str, worker_meta: Mapping[str, An
         _cannot_run(report, "job_not_loadable")
 
 
+def _open_run(instance, run_id: str, label: str, verb: str, worker_meta: Mapping[str, Any],
+              step_key: str | None, report):
+    """The run a child was sent for, after checking it can run here; logs who picked it up."""
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        print(f"{label}: run {run_id} is not in the Dagster instance", file=sys.stderr)
+        _cannot_run(report, "run_not_found")
+    _job_loadable_or_exit(instance, run, label, worker_meta, step_key, report)
+    instance.report_engine_event(
+        f"{label} {verb} by worker {worker_meta.get('worker')} on {worker_meta.get('host')} from "
+        f"queue {worker_meta.get('queue')!r} (pid {os.getpid()}).",
+        run,
+        EngineEventData(metadata={k: str(v) for k, v in worker_meta.items()} | {"pid": str(os.getpid())}),
+        step_key=step_key,
+    )
+    return run
+
+
 def run_run_in_child(kind: str, payload: str, worker_meta: Mapping[str, Any], report) -> None:
     """Entry point of a run child (TaskiqRunLauncher): execute or resume a whole run.
 
@@ -222,17 +240,8 @@ def run_run_in_child(kind: str, payload: str, worker_meta: Mapping[str, Any], re
     args = deserialize_value(payload, ExecuteRunArgs if kind == "run" else ResumeRunArgs)
     with capture_interrupts():
         with instance_from_ref(args.instance_ref) as instance:
-            run = instance.get_run_by_id(args.run_id)
-            if run is None:
-                print(f"run {args.run_id} not found in the Dagster instance", file=sys.stderr)
-                _cannot_run(report, "run_not_found")
-            _job_loadable_or_exit(instance, run, f"Run {args.run_id}", worker_meta, None, report)
-            instance.report_engine_event(
-                f"Run {'resumed' if kind == 'resume' else 'picked up'} by worker {worker_meta.get('worker')} "
-                f"on {worker_meta.get('host')} from queue {worker_meta.get('queue')!r} (pid {os.getpid()}).",
-                run,
-                EngineEventData(metadata={k: str(v) for k, v in worker_meta.items()} | {"pid": str(os.getpid())}),
-            )
+            _open_run(instance, args.run_id, "Run", "resumed" if kind == "resume" else "picked up",
+                      worker_meta, None, report)
             body = execute_run_command_body if kind == "run" else resume_run_command_body
             code = body(args.run_id, instance, lambda _event: None, set_exit_code_on_failure=True)
     sys.exit(code)
@@ -273,17 +282,6 @@ def _run_step(payload: str, worker_meta: Mapping[str, Any], report) -> None:
     args = deserialize_value(payload, ExecuteStepArgs)
     step_key = (args.step_keys_to_execute or ["?"])[0]
     with instance_from_ref(args.instance_ref) as instance:
-        run = instance.get_run_by_id(args.run_id)
-        if run is None:
-            print(f"run {args.run_id} not found in the Dagster instance; step {step_key} not run", file=sys.stderr)
-            _cannot_run(report, "run_not_found")
-        _job_loadable_or_exit(instance, run, f"Step {step_key}", worker_meta, step_key, report)
-        instance.report_engine_event(
-            f"Step {step_key} picked up by worker {worker_meta.get('worker')} on "
-            f"{worker_meta.get('host')} from queue {worker_meta.get('queue')!r} (pid {os.getpid()}).",
-            run,
-            EngineEventData(metadata={k: str(v) for k, v in worker_meta.items()} | {"pid": str(os.getpid())}),
-            step_key=step_key,
-        )
+        run = _open_run(instance, args.run_id, f"Step {step_key}", "picked up", worker_meta, step_key, report)
         for _event in execute_step_command_body(args, instance, run):
             pass  # events are already in the event log; nobody re-logs them

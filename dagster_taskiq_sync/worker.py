@@ -35,6 +35,7 @@ from ._dagster_private import ExecuteRunArgs, ExecuteStepArgs, ResumeRunArgs, de
 from .broker import RUN_TASK_NAME, STEP_TASK_NAME, TASK_NAMES, BrokerClient, Delivery
 from .errors import ConfigError, TaskiqSyncError
 from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, run_handle_id, step_handle_id
+from .registry import WorkerRecord, WorkerRegistry
 from .secrets import instance_from_ref
 from .settings import Settings
 from .step_runner import StepProcess, StepRunner
@@ -150,8 +151,12 @@ class Worker:
         options: WorkerOptions,
         client: BrokerClient,
         runner: StepRunner,
+        registry: WorkerRegistry | None = None,
     ) -> None:
         self.settings = settings
+        self.registry = registry
+        self.terminate_requested = threading.Event()  # `worker terminate` asked this worker to stop
+        self.started_wall = time.time()
         self.options = options
         self.client = client
         self.runner = runner
@@ -180,6 +185,7 @@ class Worker:
             thread.start()
         for thread in self._consumers:
             thread.start()
+        self.heartbeat_registry()
         log.info(
             "worker %s ready: pid %d, queues %s, concurrency %d, prefetch %d, endpoint %s",
             self.options.name,
@@ -195,6 +201,7 @@ class Worker:
         timeout = self.options.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         self.stopping.set()
+        self.heartbeat_registry("stopping")
         self._release_waiting()
         running = self.running_steps()
         if running:
@@ -215,6 +222,7 @@ class Worker:
         self._liveness.join(5)
         self.client.stop()
         self.instances.close()
+        self.heartbeat_registry("stopped")
         log.info("worker %s stopped after running %d step(s)", self.options.name, self.steps_done)
 
     def kill_running(self, why: str) -> None:
@@ -239,6 +247,27 @@ class Worker:
             step.process.interrupt()
         elif time.monotonic() - step.interrupted_at > RUN_INTERRUPT_GRACE:
             step.process.kill()
+
+    def heartbeat_registry(self, state: str = "running") -> None:
+        """Refresh this worker's entry in the registry `worker list` reads."""
+        if self.registry is None:
+            return
+        try:
+            self.registry.record(WorkerRecord(
+                name=self.options.name, host=self.host, pid=os.getpid(), queues=list(self.options.queues),
+                concurrency=self.options.concurrency, running=[s.step_key for s in self.running()],
+                state="stopping" if self.stopping.is_set() and state == "running" else state,
+                heartbeat_interval=self.settings.heartbeat_interval,
+            ))
+        except Exception as exc:  # noqa: BLE001 - the registry is for humans; never stop work for it
+            log.warning("worker %s: could not update the worker registry: %s", self.options.name, exc)
+
+    def check_terminate_request(self) -> None:
+        if self.registry is None or self.terminate_requested.is_set():
+            return
+        if self.registry.terminate_requested(self.options.name, since=self.started_wall):
+            log.info("worker %s: `dagster-taskiq-sync worker terminate` asked this worker to stop", self.options.name)
+            self.terminate_requested.set()
 
     def running(self) -> list[RunningStep]:
         with self._lock:
@@ -547,15 +576,16 @@ class LivenessThread(threading.Thread):
         next_heartbeat = time.monotonic() + settings.heartbeat_interval
         while not self.done.wait(settings.cancel_poll_interval):
             steps = worker.running()
-            if not steps:
-                continue
             try:
-                self._kill_canceled(steps)
+                if steps:
+                    self._kill_canceled(steps)
                 if time.monotonic() >= next_heartbeat:
                     next_heartbeat = time.monotonic() + settings.heartbeat_interval
                     for step in steps:
                         if step.kill_reason is None:
                             worker._record(step, replace(step.record, ts=time.time()))
+                    worker.heartbeat_registry()
+                worker.check_terminate_request()
             except Exception as exc:  # noqa: BLE001 - keep watching whatever happens
                 log.warning("worker %s: liveness check failed: %s", worker.options.name, exc)
 

@@ -119,3 +119,82 @@ def test_idle_worker_stops_promptly_on_sigint(run_config_file, queues_created, t
     assert worker.proc.wait(15) == 0
     assert time.monotonic() - started < 5  # a long poll in flight does not hold shutdown
     assert "stopped after running 0 step(s)" in worker.log()
+
+
+def test_worker_list_and_terminate_work_on_sqs(run_config_file, queues_created, tmp_path):
+    # Given two workers registered in a DAGSTER_HOME; one configured by Celery passthrough args
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = os.environ | {"DAGSTER_HOME": str(home)}
+    a = WorkerProcess(run_config_file, "listed-a", tmp_path, ["-c", "1"], env=env).wait_ready()
+    b = WorkerProcess(run_config_file, "listed-b", tmp_path, ["--", "--concurrency", "3", "--prefetch-multiplier", "2"],
+                      env=env).wait_ready()
+    assert "concurrency 3, prefetch 6" in b.log()
+    try:
+        # When listing workers, both show with their queues and a fresh heartbeat
+        listed = subprocess.run([CLI, "worker", "list"], capture_output=True, text=True, timeout=60, env=env)
+        assert listed.returncode == 0, listed.stderr
+        for worker in (a, b):
+            line = next(line for line in listed.stdout.splitlines() if line.startswith(worker.full_name))
+            assert "dagster" in line and "running" in line
+        # When one is asked to terminate, it stops gracefully and leaves the list
+        out = subprocess.run([CLI, "worker", "terminate", "listed-a", "--wait", "20"], capture_output=True, text=True,
+                             timeout=60, env=env)
+        assert out.returncode == 0, out.stderr
+        assert a.proc.wait(10) == 0 and "asked this worker to stop" in a.log()
+        assert b.proc.poll() is None
+        listed = subprocess.run([CLI, "worker", "list"], capture_output=True, text=True, timeout=60, env=env).stdout
+        assert a.full_name not in listed and b.full_name in listed
+        # and -a stops the rest; an unknown name is a clear error
+        assert subprocess.run([CLI, "worker", "terminate", "-a", "--wait", "20"], env=env, capture_output=True,
+                              timeout=60).returncode == 0
+        assert b.proc.wait(10) == 0
+        missing = subprocess.run([CLI, "worker", "terminate", "nobody"], capture_output=True, text=True, timeout=60, env=env)
+        assert missing.returncode == 1 and "no registered worker is named 'nobody'" in missing.stderr
+    finally:
+        for worker in (a, b):
+            if worker.proc.poll() is None:
+                worker.stop()
+
+
+def test_worker_list_without_dagster_home_says_what_to_set(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    out = subprocess.run([CLI, "worker", "list"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and "set DAGSTER_HOME" in out.stderr
+
+
+def test_background_worker_runs_detached_and_logs_to_its_file(run_config_file, queues_created, tmp_path):
+    log = tmp_path / "bg.log"
+    out = subprocess.run([CLI, "worker", "start", "-d", "-f", str(log), "-y", str(run_config_file), "-n", "bg", "-c", "1"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split("pid ")[1].split(",")[0])
+    try:
+        wait_for(lambda: log.exists() and " ready: " in log.read_text(), timeout=60, what="the background worker")
+    finally:
+        os.kill(pid, 15)
+    wait_for(lambda: "stopped after running" in log.read_text(), timeout=30, what="the background worker to stop")
+
+
+def test_parallel_job_on_a_fifo_queue_runs_its_steps_side_by_side(endpoint, instance, tmp_path):
+    # One message group per step attempt: SQS FIFO does not serialize independent steps.
+    config = {"broker": endpoint.broker_url, "config_source": {
+        "task_default_queue": "steps.fifo", "broker_transport_options": {"wait_time_seconds": 1}}}
+    cfg = tmp_path / "fifo.yaml"
+    cfg.write_text(yaml.safe_dump({"execution": {"config": config}}))
+    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "SQS steps.fifo" in out.stdout, out.stderr
+    worker = WorkerProcess(cfg, "fifo", tmp_path, ["-c", "3"]).wait_ready()
+    try:
+        with execute_job(reconstructable(jobs.fan_out_fan_in), instance=instance,
+                         run_config={"execution": {"config": config}}) as result:
+            assert result.success
+            assert result.output_for_node("total") == sum((1 + i) ** 2 for i in range(6))
+        reports = step_reports(instance, result.run_id)
+        starts = sorted(reports[f"square_{i}"].started for i in range(6))
+        ends = sorted(reports[f"square_{i}"].finished for i in range(6))
+        assert starts[2] < ends[0]  # three squares were running at the same time
+        assert queue_counts(endpoint.url, "steps.fifo") == (0, 0)
+    finally:
+        assert worker.stop() == 0
