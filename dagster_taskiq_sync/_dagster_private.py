@@ -37,7 +37,16 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
     def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[override]
         self.on_poll(instance, run_id)
         return super()._pop_events(instance, run_id, seen_storage_ids)
-from dagster._record import copy as copy_record
+from dagster._record import copy as _copy_record
+from dagster._record import is_record as _is_record
+
+
+def copy_record(obj, **changes):
+    """A copy of a Dagster value object with some fields changed: ``@record`` classes in dagster
+    1.12+, NamedTuples in 1.11 (ExecuteStepArgs changed between them)."""
+    if _is_record(obj):
+        return _copy_record(obj, **changes)
+    return obj._replace(**changes)
 from dagster._cli.api import _execute_run_command_body as execute_run_command_body
 from dagster._cli.api import _resume_run_command_body as resume_run_command_body
 from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs

@@ -114,6 +114,7 @@ def _queue_yaml(tmp_path, endpoint, queue):
     return cfg
 
 
+@pytest.mark.slow
 def test_multiqueue_job_waits_for_a_worker_on_its_queue(instance, workers, executor_config, endpoint, tmp_path):
     cfg = _queue_yaml(tmp_path, endpoint, "fooqueue")
     pending = BackgroundRun(cj.multiqueue_job, instance, {"execution": {"config": executor_config}})
@@ -132,6 +133,7 @@ def test_multiqueue_job_waits_for_a_worker_on_its_queue(instance, workers, execu
         assert worker.stop() == 0
 
 
+@pytest.mark.slow
 def test_priority_orders_submission_higher_first(instance, executor_config, endpoint, tmp_path):
     # One single-threaded worker takes the eleven ready steps one at a time, in the order sent.
     cfg = _queue_yaml(tmp_path, endpoint, "prio")

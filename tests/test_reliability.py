@@ -93,6 +93,7 @@ def wait_queue_empty(endpoint, queue=FAULTS, timeout=15):
     wait_for(lambda: queue_counts(endpoint.url, queue) == (0, 0), timeout=timeout, what=f"queue {queue} to be empty")
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_step_fails_the_step_as_lost(endpoint, instance, faults_config, markers, start_worker):
     # Given a step running on a worker
     worker = start_worker("doomed")
@@ -124,6 +125,7 @@ def test_worker_killed_mid_step_fails_the_step_as_lost(endpoint, instance, fault
     assert len(marker_lines(markers, "long_step")) == 1
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_step_is_retried_under_its_retry_policy(endpoint, instance, faults_config, markers, start_worker):
     doomed = start_worker("doomed")
     run = fault_run(jobs.one_long_retried, instance, faults_config, markers, ["retried_step"])
@@ -171,6 +173,7 @@ def test_run_termination_stops_running_steps_and_queued_ones_never_start(endpoin
     assert "killing step" in worker.log()
 
 
+@pytest.mark.slow
 def test_step_longer_than_visibility_timeout_runs_exactly_once(endpoint, instance, faults_config, markers, start_worker):
     # Visibility timeout 2 s, step 5 s, two idle workers that would gladly take a redelivery.
     start_worker("one")
@@ -204,6 +207,7 @@ def test_duplicated_messages_run_user_code_once(endpoint, instance, faults_confi
     assert worker.log().count("dropping message") >= 2
 
 
+@pytest.mark.slow
 def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     endpoint, instance, workers, executor_config, tmp_path
 ):
@@ -370,6 +374,7 @@ def test_concurrent_steps_on_one_worker_get_their_own_compute_logs(endpoint, ins
         assert other not in stdout and other not in stderr
 
 
+@pytest.mark.slow
 def test_second_sigterm_kills_running_steps_and_the_run_says_why(endpoint, instance, faults_config, markers, start_worker):
     worker = start_worker("impatient", "-c", "1")
     run = fault_run(jobs.one_long, instance, faults_config, markers, ["long_step"], sleep=60)
@@ -391,6 +396,7 @@ def test_second_sigterm_kills_running_steps_and_the_run_says_why(endpoint, insta
     wait_queue_empty(endpoint)
 
 
+@pytest.mark.slow
 def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(endpoint, instance, faults_config, faults_yaml, tmp_path):
     out = subprocess.run([CLI, "queues", "create", "-y", str(faults_yaml), "-q", "lonely"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -416,6 +422,7 @@ def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(en
         assert late.stop() == 0
 
 
+@pytest.mark.slow
 def test_sqs_outage_during_a_run_is_ridden_out(endpoint, instance, faults_config, faults_yaml, markers, tmp_path):
     # Given every SQS call of the run and its worker going through a proxy we can cut
     proxy = PausableProxy(endpoint.port)

@@ -141,6 +141,7 @@ def test_launched_run_that_raises_fails_with_the_error(launcher_home, launcher_i
     assert "run went wrong 7" in failures[0].dagster_event.step_failure_data.error.cause.message
 
 
+@pytest.mark.slow
 def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, launcher_instance, run_worker):
     run_worker("runner")
     run_id = launch(launcher_home, launcher_instance, "launched_exits_hard")
@@ -177,6 +178,7 @@ def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home
     assert worker.proc.poll() is None and "cancel requested: the run was terminated" in worker.log()
 
 
+@pytest.mark.slow
 def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(launcher_home, launcher_instance, run_worker,
                                                                   workers, executor_config):
     # The launched run orchestrates; its steps go to queue `dagster`, served by the session workers.
@@ -189,6 +191,7 @@ def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(launcher_home, l
     assert all(r.status == "SUCCESS" for r in reports.values()) and len(reports) == 4
 
 
+@pytest.mark.slow
 def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_home, launcher_instance, run_worker,
                                                                       workers, executor_config, tmp_path, endpoint):
     markers = tmp_path / "m"

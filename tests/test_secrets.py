@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 from pathlib import Path
@@ -20,6 +22,7 @@ INSTANCE_TOKEN = "tok-hunter2-INSTANCE-SECRET"
 BROKER_SECRET = "broker-hunter2-SECRET"
 
 
+@pytest.mark.slow
 def test_secrets_stay_out_of_messages_logs_and_events(endpoint, tmp_path):
     # Given an instance whose dagster.yaml holds a token, and a broker URL with a secret key
     home = tmp_path / "home"

@@ -72,6 +72,7 @@ def test_legacy_celery_yaml_worker_serves_a_tag_routed_queue(endpoint, instance,
         assert worker.stop() == 0
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_running_steps_and_releases_unstarted_ones(endpoint, instance, executor_config, extra_queues, tmp_path):
     # Given one worker on `drain` with one thread and prefetch 2: it runs one slow step and
     # holds the other unstarted.
@@ -121,6 +122,7 @@ def test_idle_worker_stops_promptly_on_sigint(run_config_file, queues_created, t
     assert "stopped after running 0 step(s)" in worker.log()
 
 
+@pytest.mark.slow
 def test_worker_list_and_terminate_work_on_sqs(run_config_file, queues_created, tmp_path):
     # Given two workers registered in a DAGSTER_HOME; one configured by Celery passthrough args
     home = tmp_path / "home"
