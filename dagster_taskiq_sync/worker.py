@@ -226,7 +226,8 @@ class Worker:
         log.info("worker %s stopped after running %d step(s)", self.options.name, self.steps_done)
 
     def kill_running(self, why: str) -> None:
-        """Second SIGTERM or deadline: kill running steps; their messages are released."""
+        """Second SIGTERM or deadline: kill running steps. Their messages are deleted (the attempt
+        has started); their records say "killed: WHY", so the orchestrator fails or retries them."""
         self.stopping.set()
         self.killing.set()
         for step in self.running():
@@ -574,7 +575,9 @@ class LivenessThread(threading.Thread):
     def run(self) -> None:
         worker, settings = self.worker, self.worker.settings
         next_heartbeat = time.monotonic() + settings.heartbeat_interval
-        while not self.done.wait(settings.cancel_poll_interval):
+        # Wake for whichever comes first: a heartbeat due, or a look for cancel requests.
+        tick = min(settings.cancel_poll_interval, settings.heartbeat_interval)
+        while not self.done.wait(tick):
             steps = worker.running()
             try:
                 if steps:

@@ -44,7 +44,7 @@ def faults_config(endpoint, tmp_path_factory) -> dict:
         "broker": endpoint.broker_url,
         "config_source": {"broker_transport_options": {"visibility_timeout": 2, "wait_time_seconds": 1}},
         "health_check_interval": 1,
-        "worker_lost_timeout": 3,
+        "worker_lost_timeout": 5,
     }
 
 

@@ -35,7 +35,7 @@ def launcher_home(endpoint, tmp_path_factory):
             "broker": endpoint.broker_url,
             "default_queue": "runs",
             "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
-            "worker_lost_timeout": 3,
+            "worker_lost_timeout": 5,
         }},
         "run_monitoring": {"enabled": True, "max_resume_run_attempts": 1, "poll_interval_seconds": 1},
         # Launch on submit (the daemon's queued coordinator would call the launcher the same way).
