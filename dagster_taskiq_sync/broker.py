@@ -61,7 +61,6 @@ class Delivery:
     message_id: str
     receive_count: int
     body: bytes
-    received_at: float
     s3_object: tuple[str, str] | None = None  # (bucket, key) of an offloaded payload
 
 
@@ -198,7 +197,6 @@ class StepBroker(SQSBroker):
                     message_id=raw.get("MessageId", ""),
                     receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
                     body=await self._payload(raw),
-                    received_at=time.monotonic(),
                     s3_object=_s3_pointer(raw),
                 )
             )
@@ -211,17 +209,17 @@ class StepBroker(SQSBroker):
         ``{"s3_bucket", "s3_key"}`` with the ``s3_extended_message`` attribute instead. A
         pointer that cannot be read is returned as is; the worker then rejects it as malformed.
         """
-        body = raw.get("Body", "")
-        if "s3_extended_message" not in raw.get("MessageAttributes", {}):
-            return body.encode("utf-8")
+        body = raw.get("Body", "").encode("utf-8")
+        pointer = _s3_pointer(raw)
+        if pointer is None:
+            return body
         try:
-            pointer = json.loads(body)
-            s3_object = await self._s3_client.get_object(Bucket=pointer["s3_bucket"], Key=pointer["s3_key"])
+            s3_object = await self._s3_client.get_object(Bucket=pointer[0], Key=pointer[1])
             async with s3_object["Body"] as stream:
                 return await stream.read()
-        except (ValueError, KeyError, TypeError, boto_exc.ClientError) as exc:
+        except boto_exc.ClientError as exc:
             log.error("message %s: its S3 payload cannot be read (%s)", raw.get("MessageId"), exc)
-            return body.encode("utf-8")
+            return body
 
     async def change_visibility(self, deliveries: Sequence[Delivery], seconds: int) -> list[str]:
         """Set the visibility of held messages; returns receipt handles SQS no longer knows."""
@@ -253,14 +251,6 @@ class StepBroker(SQSBroker):
             except boto_exc.ClientError as exc:
                 log.warning("could not delete offloaded payload s3://%s/%s: %s", bucket, key, exc)
 
-    async def queue_depth(self, queue: str) -> tuple[int, int]:
-        """(visible, in flight) message counts of a queue."""
-        answer = await self._sqs_client.get_queue_attributes(
-            QueueUrl=self._queue_urls[self.queue_names[queue]],
-            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
-        )
-        attrs = answer["Attributes"]
-        return int(attrs["ApproximateNumberOfMessages"]), int(attrs["ApproximateNumberOfMessagesNotVisible"])
 
 
 def _s3_pointer(raw: Mapping[str, Any]) -> tuple[str, str] | None:
@@ -368,10 +358,6 @@ class BrokerClient:
         self._started = False
         self.clock = clock
         self.sleep = sleep
-
-    @property
-    def queues(self) -> list[str]:
-        return list(self.broker.queue_names)
 
     def _call(self, what: str, fn: Any, *args: Any, queue: str | None = None, timeout: float | None = None) -> Any:
         try:
@@ -484,9 +470,6 @@ class BrokerClient:
     def delete(self, delivery: Delivery) -> None:
         self._call(f"deleting a message from queue {delivery.queue!r}", self.broker.delete, delivery, queue=delivery.queue)
 
-    def queue_depth(self, queue: str) -> tuple[int, int]:
-        return self._call(f"reading the depth of queue {queue!r}", self.broker.queue_depth, queue, queue=queue)
-
 
 def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue: str | None) -> TaskiqSyncError:
     """One sentence for the user in place of a vendor traceback."""
@@ -499,11 +482,6 @@ def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue:
     if isinstance(exc, sqs_exc.QueueNotFoundError):
         missing = getattr(exc, "queue_name", None) or queue_shown
         return QueueMissingError(f"SQS queue {missing!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
-    if isinstance(exc, sqs_exc.ExtendedBucketNameMissingError):
-        return ConfigError(
-            f"{what}: the message is larger than SQS accepts and no S3 bucket is configured; set "
-            "execution.config.backend to 's3://BUCKET/PREFIX' so large payloads are offloaded."
-        )
     if isinstance(exc, (boto_exc.EndpointConnectionError, boto_exc.ConnectTimeoutError, boto_exc.ConnectionClosedError)):
         return EndpointUnreachableError(
             f"cannot reach the SQS endpoint {endpoint} while {what}; start it, or fix "

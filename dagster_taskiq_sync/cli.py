@@ -207,7 +207,6 @@ def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeo
         name=worker_name,
         queues=queues,
         concurrency=concurrency or settings.worker_concurrency or os.cpu_count() or 1,
-        includes=modules,
         shutdown_timeout=shutdown_timeout,
     )
     stop_requested = threading.Event()

@@ -46,8 +46,25 @@ def _redact(value: Any) -> tuple[Any, bool]:
     return value, False
 
 
+_last: tuple[Any, tuple[Any, bool]] | None = None  # (ref, result): a run sends one ref per step
+
+
 def redact_instance_ref(ref: Any) -> tuple[Any, bool]:
-    """``ref`` with secret values replaced by a marker, and whether anything was replaced."""
+    """``ref`` with secret values replaced by a marker, and whether anything was replaced.
+
+    DagsterInstance.get_ref() returns the same object every time, and every step of a run carries
+    it, so the last answer is kept (re-parsing each storage's YAML costs ~1 ms per step).
+    """
+    global _last
+    last = _last
+    if last is not None and last[0] is ref:
+        return last[1]
+    result = _redact_instance_ref(ref)
+    _last = (ref, result)
+    return result
+
+
+def _redact_instance_ref(ref: Any) -> tuple[Any, bool]:
     from ._dagster_private import ConfigurableClassData
 
     changes: dict[str, Any] = {}

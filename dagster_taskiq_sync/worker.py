@@ -107,7 +107,6 @@ class WorkerOptions:
     name: str
     queues: tuple[str, ...]
     concurrency: int
-    includes: tuple[str, ...] = ()
     shutdown_timeout: float = 60.0  # running steps get this long to finish on SIGTERM
 
 
@@ -138,10 +137,6 @@ class Capacity:
             with self._cond:
                 self._held -= count
                 self._cond.notify_all()
-
-    @property
-    def held(self) -> int:
-        return self._held
 
 
 class Worker:
