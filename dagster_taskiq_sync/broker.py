@@ -62,6 +62,7 @@ class Delivery:
     receive_count: int
     body: bytes
     s3_object: tuple[str, str] | None = None  # (bucket, key) of an offloaded payload
+    received_at: float = 0.0  # wall clock when the worker received it (the step's "picked up" event)
 
 
 class StepBroker(SQSBroker):
@@ -198,6 +199,7 @@ class StepBroker(SQSBroker):
                     receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
                     body=await self._payload(raw),
                     s3_object=_s3_pointer(raw),
+                    received_at=time.time(),
                 )
             )
         return deliveries

@@ -304,8 +304,16 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     "accept_content": (NO_EFFECT, "Messages are always JSON.", None),
     "result_expires": (NO_EFFECT, "Results go through the Dagster event log.", None),
     "task_soft_time_limit": (NO_EFFECT, "Only the hard task_time_limit is enforced.", None),
-    "worker_max_tasks_per_child": (NO_EFFECT, "Every step already runs in a fresh child process.", None),
-    "worker_max_memory_per_child": (NO_EFFECT, "Every step already runs in a fresh child process.", None),
+    "worker_max_tasks_per_child": (
+        MAPPED,
+        "Steps a step child runs before it is replaced by a fresh one (default: no limit, as Celery).",
+        _set("max_tasks_per_child", lambda v, p: _int(v, p, 1, 10**9)),
+    ),
+    "worker_max_memory_per_child": (
+        MAPPED,
+        "KiB of resident memory above which a step child is replaced after its step (as Celery).",
+        _set("max_memory_per_child", lambda v, p: _int(v, p, 1, 10**12)),
+    ),
     "task_routes": (NO_EFFECT, "Route steps with the dagster-celery/queue op tag.", None),
     "timezone": (NO_EFFECT, "Not used by the worker.", None),
     "enable_utc": (NO_EFFECT, "Not used by the worker.", None),

@@ -84,16 +84,19 @@ def worker() -> None:
 @click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
 @click.option("--shutdown-timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds running steps get to finish after SIGTERM before they are killed.")
 @click.option("--heartbeat-interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True, help="Seconds between liveness records of running steps; the orchestrator's worker_lost_timeout must exceed 3x this.")
+@click.option("--max-tasks-per-child", type=click.IntRange(1), help="Steps a step child runs before it is replaced by a fresh process (default: worker_max_tasks_per_child, else no limit).")
+@click.option("--max-memory-per-child", type=click.IntRange(1), help="KiB of resident memory after which a step child is replaced once its step ends (default: worker_max_memory_per_child, else no limit).")
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
 @click.option("-f", "--logfile", type=click.Path(dir_okay=False), help="Log file for --background (default ./dagster-taskiq-sync-worker-NAME.log).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval, app,
-                 background, logfile, celery_args) -> None:
+def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval,
+                 max_tasks_per_child, max_memory_per_child, app, background, logfile, celery_args) -> None:
     """Start a worker that runs the steps sent to its queues.
 
     Celery worker options after `--` that mean something here are honoured: --concurrency N,
-    --prefetch-multiplier N, --loglevel LEVEL (flags before `--` win).
+    --prefetch-multiplier N, --max-tasks-per-child N, --max-memory-per-child KIB, --loglevel LEVEL
+    (flags before `--` win).
     """
     try:
         passthrough = parse_celery_args(celery_args)
@@ -116,8 +119,12 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
     if app:
         log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)
     try:
+        recycle = {
+            "max_tasks_per_child": max_tasks_per_child or passthrough.get("max_tasks_per_child"),
+            "max_memory_per_child": max_memory_per_child or passthrough.get("max_memory_per_child"),
+        }
         _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval,
-                    passthrough.get("prefetch_multiplier"), log)
+                    passthrough.get("prefetch_multiplier"), recycle, log)
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -125,6 +132,8 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
 CELERY_WORKER_OPTIONS = {
     "--concurrency": "concurrency", "-c": "concurrency",
     "--prefetch-multiplier": "prefetch_multiplier",
+    "--max-tasks-per-child": "max_tasks_per_child",
+    "--max-memory-per-child": "max_memory_per_child",
     "--loglevel": "loglevel", "-l": "loglevel",
 }
 
@@ -140,7 +149,8 @@ def parse_celery_args(args) -> dict[str, Any]:
         if key is None:
             raise ConfigError(
                 f"Celery worker option {arg!r} after '--' has no meaning for dagster-taskiq-sync workers; "
-                "remove it (supported after '--': --concurrency N, --prefetch-multiplier N, --loglevel LEVEL)."
+                "remove it (supported after '--': --concurrency N, --prefetch-multiplier N, "
+                "--max-tasks-per-child N, --max-memory-per-child KIB, --loglevel LEVEL)."
             )
         value = inline or (items.pop(0) if items else None)
         if value is None:
@@ -184,7 +194,7 @@ def _registry():
 
 
 def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval,
-                prefetch_multiplier, log) -> None:
+                prefetch_multiplier, recycle, log) -> None:
     from .bridge import Bridge
     from .broker import BrokerClient
     from .step_runner import StepRunner
@@ -193,6 +203,7 @@ def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeo
     settings = dataclasses.replace(settings_from_yaml(config_yaml), heartbeat_interval=heartbeat_interval)
     if prefetch_multiplier:
         settings = dataclasses.replace(settings, prefetch_multiplier=prefetch_multiplier)
+    settings = dataclasses.replace(settings, **{k: v for k, v in recycle.items() if v})
     for note in settings.notes:
         log.warning(note)
     modules = tuple(dict.fromkeys([*settings.include, *(m for i in includes for m in i.split(",") if m)]))
@@ -231,7 +242,11 @@ def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeo
                     worker_name)
     with Bridge(name="taskiq-bridge") as bridge:
         client = BrokerClient(settings.sqs, bridge, queues).start()
-        running = Worker(settings, options, client, StepRunner(preload=modules), registry=registry)
+        running = Worker(settings, options, client, StepRunner(
+            preload=modules,
+            max_tasks_per_child=settings.max_tasks_per_child,
+            max_memory_per_child=settings.max_memory_per_child,
+        ), registry=registry)
         try:
             running.start()
             while not stop_requested.wait(1.0):

@@ -8,8 +8,12 @@ handler's only job is to turn "launch this step" into one SQS message.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import logging
+import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 from dagster import (
@@ -87,7 +91,7 @@ TASKIQ_CONFIG: dict[str, Any] = {
     "step_poll_interval": Field(
         Noneable(float),
         is_required=False,
-        description="Seconds between reads of the event log for step results (default 0.05).",
+        description="Seconds between reads of the event log for step results (default 0.02).",
     ),
     "health_check_interval": Field(
         Noneable(int),
@@ -183,11 +187,13 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         self._next_status_check = 0.0
 
     def on_poll(self, instance, run_id: str) -> None:
-        """Stop orchestrating as soon as the run is being canceled (UI, report_run_canceling).
+        """Fail the run on a step that could not be sent, and stop orchestrating as soon as the
+        run is being canceled (UI, report_run_canceling).
 
         Workers watch the run's status too and kill its running steps; Dagster then ends the
         run CANCELED because its status is CANCELING when the interrupt reaches it.
         """
+        self._taskiq_handler.report_sends(instance, run_id)
         now = time.monotonic()
         if now < self._next_status_check:
             return
@@ -221,6 +227,9 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                 yield from super().execute(plan_context, execution_plan)
             finally:
                 step_sort_key.reset(sort_token)
+                if self._taskiq_handler.sender is not None:
+                    self._taskiq_handler.sender.flush(timeout=5)
+                    self._taskiq_handler.report_sends(plan_context.instance, plan_context.run_id, raise_errors=False)
 
     def _warn_on_priorities(self, plan_context, execution_plan, run_priority: int) -> None:
         with_celery = [s.key for s in execution_plan.steps if any(t in s.tags for t in STEP_PRIORITY_TAGS)]
@@ -258,12 +267,137 @@ def queue_for_tags(tags: Mapping[str, str], settings: Settings) -> str:
     return settings.sqs.default_queue
 
 
+log = logging.getLogger("dagster_taskiq_sync.executor")
+SEND_CONCURRENCY = 8  # messages in flight at once when many steps become ready together
+
+
+@dataclass(frozen=True)
+class PendingSend:
+    instance: Any
+    run_id: str
+    step_key: str
+    attempt: int
+    task_id: str
+    queue: str
+    priority: int
+    kwargs: Mapping[str, Any]
+
+
+class StepSender:
+    """Sends launched steps from a background thread, so the orchestrator loop never waits on SQS.
+
+    Steps that become ready together (a fan-out) are sent concurrently, highest priority first
+    (a lower-priority group waits until the higher one is on the queue). Their ``queued``
+    liveness records are written in one batch after the sends. A send that still fails after
+    ``broker_outage_timeout`` is raised by :meth:`raise_errors`, which the executor calls on
+    every loop iteration: the run fails as it would have had the send been inline.
+    """
+
+    def __init__(self, client: BrokerClient, retry_for: float) -> None:
+        self._client = client
+        self._retry_for = retry_for
+        self._cond = threading.Condition()
+        self._pending: list[PendingSend] = []
+        self._busy = False
+        self._closing = False
+        self._errors: list[TaskiqSyncError] = []
+        self.offloaded: list[tuple[PendingSend, str]] = []  # (step, S3 URL): reported by the executor
+        self._pool = concurrent.futures.ThreadPoolExecutor(SEND_CONCURRENCY, thread_name_prefix="taskiq-send")
+        self._thread = threading.Thread(target=self._run, name="taskiq-step-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, item: PendingSend) -> None:
+        with self._cond:
+            self._pending.append(item)
+            self._cond.notify_all()
+
+    def raise_errors(self) -> None:
+        with self._cond:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything put so far was sent (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float) -> None:
+        self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closing:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+                self._busy = True
+            try:
+                self._send(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _send(self, batch: list[PendingSend]) -> None:
+        sent: list[PendingSend] = []
+        for priority in sorted({item.priority for item in batch}, reverse=True):
+            group = [item for item in batch if item.priority == priority]
+            futures = {self._pool.submit(self._send_one, item): item for item in group}
+            for future, item in futures.items():
+                try:
+                    offloaded = future.result()
+                except TaskiqSyncError as exc:
+                    self._fail(item, exc)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - reported as the run's failure
+                    self._fail(item, TaskiqSyncError(f"{type(exc).__name__}: {exc}"))
+                    continue
+                sent.append(item)
+                if offloaded:
+                    with self._cond:
+                        self.offloaded.append((item, offloaded))
+        by_instance: dict[int, tuple[Any, dict[str, StepRecord]]] = {}
+        for item in sent:
+            by_instance.setdefault(id(item.instance), (item.instance, {}))[1][item.task_id] = StepRecord(
+                QUEUED, queue=item.queue)
+        for instance, records in by_instance.values():
+            try:
+                LivenessStore(instance).write_queued(records)
+            except Exception as exc:  # noqa: BLE001 - the steps are sent; only queued-age warnings suffer
+                log.warning("could not record %d queued step(s): %s", len(records), exc)
+
+    def _send_one(self, item: PendingSend) -> str | None:
+        return self._client.send(queue=item.queue, task_id=item.task_id, group_id=item.task_id,
+                                 kwargs=item.kwargs, retry_for=self._retry_for)
+
+    def _fail(self, item: PendingSend, exc: TaskiqSyncError) -> None:
+        error = type(exc)(f"step {item.step_key} (attempt {item.attempt}) of run {item.run_id} could not be "
+                          f"sent: {exc}")
+        with self._cond:
+            self._errors.append(error)
+
+
 class TaskiqStepHandler(StepHandler):
     """Stateless but for the open broker client: ids are derived from run id, step and attempt."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._client: BrokerClient | None = None
+        self.sender: StepSender | None = None
         self._warned_queued: set[str] = set()  # only dedups a warning; health lives in the store
 
     @property
@@ -276,9 +410,12 @@ class TaskiqStepHandler(StepHandler):
             client = BrokerClient(self.settings.sqs, bridge, queues)
             client.start()
             self._client = client
+            self.sender = StepSender(client, self.settings.broker_outage_timeout)
             try:
                 yield client
             finally:
+                self.sender.close(timeout=self.settings.broker_outage_timeout + 5)
+                self.sender = None
                 self._client = None
                 client.stop()
 
@@ -296,20 +433,23 @@ class TaskiqStepHandler(StepHandler):
         return step_key, attempt, step_handle_id(args.run_id, step_key, attempt), queue
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        client = check.not_none(self._client, "taskiq_executor used outside its connected() block")
+        sender = check.not_none(self.sender, "taskiq_executor used outside its connected() block")
+        launched = time.monotonic()
         args = step_handler_context.execute_step_args
         step_key, attempt, task_id, queue = self._identity(step_handler_context)
-        sqs_queue = client.settings.queue_name(queue)
+        sqs_queue = self.settings.sqs.queue_name(queue)
         instance_ref, _ = redact_instance_ref(args.instance_ref)
         payload = serialize_value(copy_record(args, instance_ref=instance_ref))
-        # Written before the send, so a worker's "running" record always comes after it.
-        LivenessStore(step_handler_context.instance).write(task_id, StepRecord(QUEUED, queue=queue))
-        offloaded = client.send(
-            queue=queue,
+        tags = step_handler_context.step_tags[step_key]
+        sender.put(PendingSend(
+            instance=step_handler_context.instance,
+            run_id=args.run_id,
+            step_key=step_key,
+            attempt=attempt,
             task_id=task_id,
-            # FIFO queues deliver one message per group at a time: one group per step attempt
-            # lets independent steps run side by side.
-            group_id=task_id,
+            queue=queue,
+            priority=_int_tag(tags, STEP_PRIORITY_TAGS, self.settings.default_priority)
+            + _int_tag(step_handler_context.dagster_run.tags, RUN_PRIORITY_TAGS, 0),
             kwargs={
                 "version": MESSAGE_VERSION,
                 "run_id": args.run_id,
@@ -317,15 +457,33 @@ class TaskiqStepHandler(StepHandler):
                 "attempt": attempt,
                 "execute_step_args": payload,
             },
-            retry_for=self.settings.broker_outage_timeout,
-        )
+        ))
         yield DagsterEvent.step_worker_starting(
             step_handler_context.get_step_context(step_key),
-            message=f"Sent step {step_key} (attempt {attempt}) to SQS queue {sqs_queue!r}"
-            + (f", payload via {offloaded}." if offloaded else "."),
+            message=f"Sending step {step_key} (attempt {attempt}) to SQS queue {sqs_queue!r}.",
             metadata={"queue": queue, "task_id": task_id, "attempt": str(attempt),
-                      "payload_bytes": str(len(payload)), "payload": offloaded or "in the message"},
+                      "payload_bytes": str(len(payload)),
+                      "launch_ms": f"{(time.monotonic() - launched) * 1000:.1f}"},
         )
+
+    def report_sends(self, instance, run_id: str, raise_errors: bool = True) -> None:
+        """Raise a send that failed for good; log where offloaded payloads went. Called by the
+        executor on every loop iteration, in the orchestrating thread."""
+        sender = self.sender
+        if sender is None:
+            return
+        if raise_errors:
+            sender.raise_errors()
+        if sender.offloaded:
+            with sender._cond:
+                offloaded, sender.offloaded = sender.offloaded, []
+            run = instance.get_run_by_id(run_id)
+            for item, url in offloaded:
+                instance.report_engine_event(
+                    f"Step {item.step_key} (attempt {item.attempt}): its payload was larger than SQS queue "
+                    f"{self.settings.sqs.queue_name(item.queue)!r} accepts, so the message carries a pointer to {url}.",
+                    run, EngineEventData(metadata={"payload": url, "task_id": item.task_id}), step_key=item.step_key,
+                )
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         step_key, attempt, handle, queue = self._identity(step_handler_context)

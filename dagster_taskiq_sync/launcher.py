@@ -117,7 +117,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     def _send(self, run, task_name: str, launch: str, args: Any) -> None:
         queue = self._queue_for(run)
         handle = run_handle_id(run.run_id, launch)
-        LivenessStore(self._instance).write(handle, StepRecord(QUEUED, queue=queue))
+        LivenessStore(self._instance).write_queued({handle: StepRecord(QUEUED, queue=queue)})
         self._instance.add_run_tags(run.run_id, {TASK_ID_TAG: handle})
         with self._client(queue) as client:
             offloaded = client.send(

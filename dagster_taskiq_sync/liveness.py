@@ -5,9 +5,11 @@ key, attempt; see ``executor.step_handle_id``) and its record lives in the insta
 store, which every process of a deployment already shares (sqlite on one machine, PostgreSQL
 across machines). The default ``rpc://`` backend therefore needs no extra service.
 
-Record life cycle: the orchestrator writes ``queued`` before it sends the message; the worker
+Record life cycle: the orchestrator writes ``queued`` when it sends the message (under its own
+key, in batches, so it can land after the worker's record without hiding it); the worker
 writes ``running`` when the step process starts and again every heartbeat; ``exited`` (with the
-exit code) when it ends. A cancel request is a separate key, so a heartbeat never overwrites it.
+exit code) when it ends abnormally (a step that ran to its end has its result in the event log). ``read`` prefers the worker's record. A cancel request is a separate
+key, so a heartbeat never overwrites it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def run_handle_id(run_id: str, launch: str) -> str:
 
 def step_record_key(handle_id: str) -> str:
     return f"{KEY_PREFIX}/step/{handle_id}"
+
+
+def queued_key(handle_id: str) -> str:
+    return f"{KEY_PREFIX}/queued/{handle_id}"
 
 
 def cancel_key(handle_id: str) -> str:
@@ -86,16 +92,35 @@ class LivenessStore:
         # updates existing ones.
         self._storage.set_cursor_values({step_record_key(handle_id): record.to_json()})
 
+    def write_queued(self, records: Mapping[str, StepRecord]) -> None:
+        """``queued`` records of many step attempts, in as few writes as Dagster allows."""
+        keys = {queued_key(h): r.to_json() for h, r in records.items()}
+        if not keys:
+            return
+        existing = set(self._storage.get_cursor_values(set(keys)))  # a resumed run re-sends an attempt
+        new = {k: v for k, v in keys.items() if k not in existing}
+        if new:
+            self._storage.set_cursor_values(new)
+        for key in existing:  # one per call, as in write()
+            self._storage.set_cursor_values({key: keys[key]})
+
     def read(self, handle_ids: Iterable[str]) -> dict[str, StepRecord]:
-        ids = {step_record_key(h): h for h in handle_ids}
+        """The latest record of each step attempt: the worker's, else the orchestrator's ``queued``."""
+        ids = {}
+        for handle in handle_ids:
+            ids[step_record_key(handle)] = handle
+            ids[queued_key(handle)] = handle
         if not ids:
             return {}
         values = self._storage.get_cursor_values(set(ids))
-        records = {}
+        records: dict[str, StepRecord] = {}
         for key, text in values.items():
             record = StepRecord.from_json(text)
-            if record is not None:
-                records[ids[key]] = record
+            if record is None:
+                continue
+            handle = ids[key]
+            if record.state != QUEUED or handle not in records:
+                records[handle] = record
         return records
 
     def request_cancel(self, handle_id: str, reason: str) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from dagster import DagsterEventType, DagsterInstance
 
 PICKED_UP = "picked up by worker"
+# Steps say it in STEP_WORKER_STARTED, whole runs (TaskiqRunLauncher) in an engine event.
+PICKED_UP_EVENTS = (DagsterEventType.STEP_WORKER_STARTED, DagsterEventType.ENGINE_EVENT)
 
 
 @dataclass
@@ -43,8 +45,8 @@ def step_reports(instance: DagsterInstance, run_id: str) -> dict[str, StepReport
         if event is None:
             continue
         kind = event.event_type
-        if kind == DagsterEventType.ENGINE_EVENT and PICKED_UP in (event.message or record.user_message or ""):
-            meta = event.engine_event_data.metadata
+        if kind in PICKED_UP_EVENTS and PICKED_UP in (event.message or record.user_message or ""):
+            meta = event.event_specific_data.metadata
             rep.worker = _text(meta.get("worker"))
             rep.host = _text(meta.get("host"))
             rep.queue = _text(meta.get("queue"))

@@ -87,9 +87,11 @@ class Settings:
     prefetch_multiplier: int = 1  # worker_prefetch_multiplier (dagster-celery's default)
     worker_concurrency: int | None = None  # worker_concurrency; -c wins
     task_time_limit: float | None = None  # hard kill of a step after this many seconds
+    max_tasks_per_child: int | None = None  # worker_max_tasks_per_child: recycle a step child after N steps
+    max_memory_per_child: int | None = None  # worker_max_memory_per_child (KiB): recycle above this RSS
     default_priority: int = 5  # task_default_priority: a step's priority without a priority tag
     always_eager: bool = False  # task_always_eager: run steps in the run's process, no broker
-    step_poll_interval: float = 0.05  # how often the orchestrator tails the event log
+    step_poll_interval: float = 0.02  # how often the orchestrator tails the event log
     # --- reliability (orchestrator side) ---
     health_check_interval: int = 5  # seconds between liveness checks of running steps
     worker_lost_timeout: float = 30.0  # no heartbeat for this long: the step's worker is lost

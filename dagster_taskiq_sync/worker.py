@@ -38,7 +38,7 @@ from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, run_handle_id,
 from .registry import WorkerRecord, WorkerRegistry
 from .secrets import instance_from_ref
 from .settings import Settings
-from .step_runner import StepProcess, StepRunner
+from .step_runner import StepAttempt, StepProcess, StepRunner
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
 
@@ -53,7 +53,7 @@ class RunningStep:
     delivery: Delivery
     store: LivenessStore
     instance: Any
-    process: StepProcess
+    process: StepProcess | StepAttempt
     record: StepRecord
     kind: str = "step"  # or "run" / "resume" (TaskiqRunLauncher)
     kill_reason: str | None = None
@@ -173,7 +173,7 @@ class Worker:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.runner.warm()
+        self.runner.warm(children=self.options.concurrency)
         self._heartbeat.start()
         self._liveness.start()
         for thread in self._workers:
@@ -216,6 +216,7 @@ class Worker:
         self._heartbeat.join(5)
         self._liveness.join(5)
         self.client.stop()
+        self.runner.close()
         self.instances.close()
         self.heartbeat_registry("stopped")
         log.info("worker %s stopped after running %d step(s)", self.options.name, self.steps_done)
@@ -362,6 +363,7 @@ class Worker:
             "queue": delivery.queue,
             "message_id": delivery.message_id,
             "receive_count": delivery.receive_count,
+            "received_at": f"{delivery.received_at:.6f}",
             "run_id": work.run_id,
         }
         if work.step_key is not None:
@@ -397,8 +399,12 @@ class Worker:
                 self._running.pop(work.handle, None)
             proc.close()
         reason = f"killed: {step.kill_reason}" if step.kill_reason else cannot_run
-        self._record(step, replace(record, state=EXITED, ts=time.time(), exit_code=code, reason=reason,
-                                   cannot_run=bool(cannot_run) or None))
+        if work.kind != "step" or code != 0 or reason:
+            # A step that ran to its end has its result in the event log, which is what the
+            # orchestrator reads; its "running" record already stops a redelivery from running
+            # it again. Only an abnormal end needs saying (one instance write per step fewer).
+            self._record(step, replace(record, state=EXITED, ts=time.time(), exit_code=code, reason=reason,
+                                       cannot_run=bool(cannot_run) or None))
         self.steps_done += 1
         log.info("worker %s: %s finished in %.2f s (exit code %s%s)", self.options.name, what,
                  time.monotonic() - started, code, f", {reason}" if reason else "")

@@ -1,0 +1,518 @@
+"""bin/bench: taskiq_executor against dagster-celery, multiprocess and in_process, side by side.
+
+One invocation sets up every contender on this machine (a local SQS endpoint and a
+``dagster-taskiq-sync`` worker; Redis and a ``dagster-celery`` worker; nothing for Dagster's own
+executors), runs the same jobs with the same total concurrency against the same Dagster instance
+storage (sqlite in a temp DAGSTER_HOME, and PostgreSQL on loopback), and reports medians of
+repeated runs as ratios, so the machine's speed cancels out. The orchestrator is this process:
+each run is ``execute_job`` on a reconstructable job, timed from the call to its return.
+
+``--quick`` runs small workloads once each so CI keeps the script working; its numbers are not
+the ones to quote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .services import BIN, ROOT, ServiceError, Services, postgres_server, redis_server, wait_until
+
+CONTENDERS = ("taskiq", "celery", "multiprocess", "in_process")
+LABELS = {
+    "taskiq": "taskiq_executor (SQS)",
+    "celery": "dagster-celery (Redis)",
+    "multiprocess": "multiprocess_executor",
+    "in_process": "in_process_executor",
+}
+FULL_WORKLOADS = ("chain-20", "fanout-100", "fanout-100-sleep")
+QUICK_WORKLOADS = ("chain-3", "fanout-4", "fanout-4-sleep")
+STORAGES = ("sqlite", "postgres")
+CONCURRENCY = 4
+SEGMENTS = (
+    ("ready_to_sent", "ready -> message sent (orchestrator)"),
+    ("sent_to_received", "sent -> received by a worker (SQS)"),
+    ("received_to_child", "received -> STEP_WORKER_STARTED (worker, step child)"),
+    ("child_to_start", "STEP_WORKER_STARTED -> STEP_START (Dagster step setup)"),
+    ("start_to_finish", "STEP_START -> STEP_SUCCESS (op + outputs)"),
+    ("finish_to_seen", "STEP_SUCCESS -> seen by orchestrator (event log poll)"),
+)
+
+
+@dataclass
+class Measurement:
+    storage: str
+    workload: str
+    contender: str
+    walls: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.walls)
+
+
+# --- per-step timing of taskiq runs --------------------------------------------------------------
+
+_SEEN_AT: dict[tuple[str, str], float] = {}
+_SENT_AT: dict[tuple[str, str], float] = {}
+
+
+def _instrument_orchestrator() -> None:
+    """Note when the orchestrator's sender has each step on SQS, and when the orchestrator reads
+    each step's result (the first and last links of a step's latency)."""
+    from dagster_taskiq_sync.executor import StepSender, TaskiqExecutor
+
+    send_one = StepSender._send_one
+
+    def timed_send_one(self, item):
+        result = send_one(self, item)
+        _SENT_AT[(item.run_id, item.step_key)] = time.time()
+        return result
+
+    StepSender._send_one = timed_send_one
+
+    original = TaskiqExecutor._pop_events
+
+    def pop_events(self, instance, run_id, seen_storage_ids):
+        events = original(self, instance, run_id, seen_storage_ids)
+        now = time.time()
+        for event in events:
+            if event.is_step_success or event.is_step_failure:
+                _SEEN_AT.setdefault((run_id, event.step_key), now)
+        return events
+
+    TaskiqExecutor._pop_events = pop_events
+
+
+def step_segments(instance, run_id: str) -> dict[str, list[float]]:
+    """Seconds spent in each link of each step's path, from the run's event log."""
+    from dagster import DagsterEventType
+
+    marks: dict[str, dict[str, float]] = {}
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or not event.step_key:
+            continue
+        mark = marks.setdefault(event.step_key, {})
+        kind = event.event_type
+        if kind == DagsterEventType.STEP_WORKER_STARTING:
+            metadata = event.event_specific_data.metadata
+            mark["ready"] = record.timestamp - float(metadata["launch_ms"].value) / 1000
+            mark["sent"] = _SENT_AT.get((run_id, event.step_key), float("nan"))
+        elif kind == DagsterEventType.STEP_WORKER_STARTED and "picked up by worker" in (event.message or ""):
+            mark["received"] = float(event.event_specific_data.metadata["received_at"].value)
+            mark["child"] = record.timestamp
+        elif kind == DagsterEventType.STEP_START:
+            mark["start"] = record.timestamp
+        elif kind == DagsterEventType.STEP_SUCCESS:
+            mark["finish"] = record.timestamp
+    segments: dict[str, list[float]] = {name: [] for name, _ in SEGMENTS}
+    for step_key, mark in marks.items():
+        mark["seen"] = _SEEN_AT.get((run_id, step_key), float("nan"))
+        order = ("ready", "sent", "received", "child", "start", "finish", "seen")
+        if not all(k in mark for k in order):
+            continue
+        for (name, _), a, b in zip(SEGMENTS, order, order[1:]):
+            segments[name].append(mark[b] - mark[a])
+    return segments
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+
+class MemorySampler(threading.Thread):
+    """Peak RSS of a worker process and peak PSS of its whole process tree while a run goes on."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.peak_rss = 0
+        self.peak_tree_pss = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+                total = 0
+                for proc in [self.proc, *self.proc.children(recursive=True)]:
+                    try:
+                        total += proc.memory_full_info().pss
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        pass
+                self.peak_tree_pss = max(self.peak_tree_pss, total)
+            except psutil.NoSuchProcess:
+                return
+            self.done.wait(self.interval)
+
+    def stop(self) -> tuple[int, int]:
+        self.done.set()
+        self.join(5)
+        return self.peak_rss, self.peak_tree_pss
+
+
+# --- contenders -----------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, opts: argparse.Namespace, workdir: Path) -> None:
+        self.opts = opts
+        self.workdir = workdir
+        self.services = Services(workdir)
+        self.env = dict(os.environ)
+        self.env.update({"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
+                         "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT), "DAGSTER_DISABLE_TELEMETRY": "1",
+                         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+        os.environ.update({k: self.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        self.run_config: dict[str, dict[str, Any]] = {
+            "multiprocess": {"execution": {"config": {"max_concurrent": CONCURRENCY}}},
+            "in_process": {},
+        }
+        # Every contender logs the same way: warnings only (Dagster's console logger prints each
+        # event at DEBUG by default, which would time the terminal).
+        self.worker_pids: dict[str, int] = {}
+        self.endpoint = None
+        self.measurements: dict[tuple[str, str, str], Measurement] = {}
+        self.segments: dict[tuple[str, str], dict[str, list[float]]] = {}
+        self.memory: dict[tuple[str, str], dict[str, float]] = {}
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    # -- shared infrastructure --
+
+    def start_brokers(self) -> None:
+        if "taskiq" in self.opts.contenders:
+            from dagster_taskiq_sync.local_endpoint import LocalEndpoint
+
+            self.endpoint = LocalEndpoint(log_path=str(self.workdir / "sqs-endpoint.log")).start()
+            self.run_config["taskiq"] = {"execution": {"config": {
+                "broker": self.endpoint.broker_url,
+                "config_source": {"broker_transport_options": {"region": "us-east-1"},
+                                  "task_default_queue": "bench"},
+            }}}
+            self._write_config("taskiq")
+            self._cli(BIN / "dagster-taskiq-sync", "queues", "create", "-y", self.workdir / "taskiq.yaml")
+            self.log(f"local SQS endpoint {self.endpoint.url}")
+        if "celery" in self.opts.contenders:
+            redis = redis_server(self.services)
+            self.run_config["celery"] = {"execution": {"config": {
+                "broker": f"{redis}/0", "backend": f"{redis}/1",
+            }}}
+            self._write_config("celery")
+            self.log(f"redis {redis}")
+
+    def _write_config(self, contender: str) -> None:
+        (self.workdir / f"{contender}.yaml").write_text(yaml.safe_dump(self.run_config[contender]))
+
+    def _cli(self, *command) -> None:
+        import subprocess
+
+        out = subprocess.run([str(c) for c in command], env=self.env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise ServiceError(f"{' '.join(map(str, command))} failed:\n{out.stderr}")
+
+    def make_home(self, storage: str) -> Path:
+        home = self.workdir / f"home-{storage}"
+        home.mkdir()
+        config: dict[str, Any] = {"telemetry": {"enabled": False}}
+        if storage == "postgres":
+            db = postgres_server(self.services)
+            db["password"] = "postgres"  # trust auth on loopback; dagster-postgres wants a value
+            config["storage"] = {"postgres": {"postgres_db": db}}
+            self.log(f"postgres on 127.0.0.1:{db['port']}")
+        (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+        return home
+
+    def start_workers(self, home: Path) -> list:
+        env = self.env | {"DAGSTER_HOME": str(home)}
+        started = []
+        if "taskiq" in self.opts.contenders:
+            proc, log = self.services.spawn(
+                f"taskiq-worker-{home.name}",
+                [BIN / "dagster-taskiq-sync", "worker", "start", "-y", self.workdir / "taskiq.yaml",
+                 "-c", str(CONCURRENCY), "-n", "bench", "-i", "benchmarks.jobs"], env=env)
+            wait_until(lambda: " ready: " in log.read_text(errors="replace"), proc, "taskiq worker", log)
+            self.worker_pids["taskiq"] = proc.pid
+            started.append(proc)
+        if "celery" in self.opts.contenders:
+            proc, log = self.services.spawn(
+                f"celery-worker-{home.name}",
+                [BIN / "dagster-celery", "worker", "start", "-A", "dagster_celery.app", "-y", self.workdir / "celery.yaml", "-n", "bench@%h",
+                 "-i", "benchmarks.jobs", "--", "-c", str(CONCURRENCY), "--without-gossip", "--without-mingle"],
+                env=env)
+            wait_until(lambda: "ready." in log.read_text(errors="replace"), proc, "dagster-celery worker", log)
+            self.worker_pids["celery"] = proc.pid
+            started.append(proc)
+        return started
+
+    # -- runs --
+
+    def run_once(self, instance, storage: str, workload: str, contender: str, record: bool = True,
+                 sample_memory: bool = False) -> float:
+        from dagster import execute_job
+
+        from .jobs import reconstructable_job
+
+        sampler = None
+        if sample_memory and contender in self.worker_pids:
+            sampler = MemorySampler(self.worker_pids[contender])
+            sampler.start()
+        run_config = self.run_config[contender] | {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+        started = time.perf_counter()
+        result = execute_job(reconstructable_job(workload, contender), instance=instance,
+                             run_config=run_config, raise_on_error=False)
+        wall = time.perf_counter() - started
+        if sampler is not None:
+            rss, pss = sampler.stop()
+            previous = self.memory.get((storage, contender), {"worker_rss_mib": 0.0, "tree_pss_mib": 0.0})
+            self.memory[(storage, contender)] = {
+                "worker_rss_mib": max(previous["worker_rss_mib"], rss / 2**20),
+                "tree_pss_mib": max(previous["tree_pss_mib"], pss / 2**20),
+            }
+        if not result.success:
+            raise RuntimeError(f"{contender} run {result.run_id} of {workload} on {storage} did not succeed; "
+                               f"see its event log in {instance.root_directory if hasattr(instance, 'root_directory') else 'the instance'}")
+        if record:
+            key = (storage, workload, contender)
+            self.measurements.setdefault(key, Measurement(storage, workload, contender)).walls.append(wall)
+            if contender == "taskiq":
+                segments = self.segments.setdefault((storage, workload), {name: [] for name, _ in SEGMENTS})
+                for name, values in step_segments(instance, result.run_id).items():
+                    segments[name].extend(values)
+        return wall
+
+    def run_storage(self, storage: str) -> None:
+        from dagster import DagsterInstance
+
+        home = self.make_home(storage)
+        workers = self.start_workers(home)
+        instance = DagsterInstance.from_config(str(home))
+        try:
+            self.log(f"\n== {storage}: warm-up (untimed) ==")
+            for contender in self.opts.contenders:
+                for workload in self.opts.workloads:
+                    if contender == "multiprocess" or (self.opts.quick and workload != self.opts.workloads[0]):
+                        continue  # nothing stays warm between multiprocess runs (a process per step)
+                    wall = self.run_once(instance, storage, workload, contender, record=False)
+                    self.log(f"  warm-up {workload:<18} {contender:<13} {wall:7.2f} s")
+            self.log(f"== {storage}: {self.opts.repeats} repeat(s), contenders interleaved ==")
+            for repeat in range(self.opts.repeats):
+                for workload in self.opts.workloads:
+                    for contender in self.opts.contenders:
+                        memory = workload.startswith("fanout") and not workload.endswith("sleep")
+                        wall = self.run_once(instance, storage, workload, contender, sample_memory=memory)
+                        self.log(f"  #{repeat + 1} {workload:<18} {contender:<13} {wall:7.2f} s")
+        finally:
+            instance.dispose()
+            for proc in workers:
+                self.services.stop(proc)
+
+    # -- report --
+
+    def ratio(self, storage: str, workload: str, a: str, b: str) -> float | None:
+        ma, mb = self.measurements.get((storage, workload, a)), self.measurements.get((storage, workload, b))
+        if ma is None or mb is None:
+            return None
+        return ma.median / mb.median
+
+    def targets(self) -> list[dict[str, Any]]:
+        rows = []
+        chain = next((w for w in self.opts.workloads if w.startswith("chain")), None)
+        fanout = next((w for w in self.opts.workloads if w.startswith("fanout") and not w.endswith("sleep")), None)
+        for storage in self.opts.storages:
+            for workload, other, limit in ((chain, "celery", 0.3), (chain, "in_process", 2.5),
+                                           (fanout, "celery", 0.6), (fanout, "multiprocess", 0.3)):
+                value = self.ratio(storage, workload, "taskiq", other) if workload else None
+                if value is not None:
+                    rows.append({"storage": storage, "what": f"{workload}: taskiq / {other}", "value": value,
+                                 "target": limit, "met": value <= limit})
+            for workload in self.opts.workloads:
+                seg = self.segments.get((storage, workload))
+                if not seg or not seg["ready_to_sent"]:
+                    continue
+                overhead = [a + b for a, b in zip(seg["ready_to_sent"], seg["finish_to_seen"])]
+                value = statistics.median(overhead) * 1000
+                rows.append({"storage": storage, "what": f"{workload}: orchestrator overhead per step p50 (ms)",
+                             "value": value, "target": 50.0, "met": value <= 50.0})
+        return rows
+
+    def report(self) -> str:
+        lines = [f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; concurrency {CONCURRENCY}; "
+                 f"{self.opts.repeats} repeat(s), median wall seconds of `execute_job` (min-max).", ""]
+        versions = _versions()
+        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        for storage in self.opts.storages:
+            lines += ["", f"### {storage}", "",
+                      "| workload | " + " | ".join(LABELS[c] for c in self.opts.contenders)
+                      + " | taskiq / celery | taskiq / multiprocess | taskiq / in_process |",
+                      "|---|" + "---:|" * (len(self.opts.contenders) + 3)]
+            for workload in self.opts.workloads:
+                cells = []
+                for contender in self.opts.contenders:
+                    m = self.measurements.get((storage, workload, contender))
+                    cells.append(f"{m.median:.2f} ({min(m.walls):.2f}-{max(m.walls):.2f})" if m else "-")
+                for other in ("celery", "multiprocess", "in_process"):
+                    r = self.ratio(storage, workload, "taskiq", other)
+                    cells.append(f"{r:.2f}x" if r is not None else "-")
+                lines.append(f"| {workload} | " + " | ".join(cells) + " |")
+        lines += ["", "### Targets", "", "| storage | ratio | measured | target | met |", "|---|---|---:|---:|---|"]
+        for row in self.targets():
+            lines.append(f"| {row['storage']} | {row['what']} | {row['value']:.2f} | <= {row['target']:g} | "
+                         f"{'yes' if row['met'] else 'NO'} |")
+        lines += ["", "### Where a taskiq step's time goes (ms, p50 / p95 over every step of every timed run)", "",
+                  "| storage | workload | " + " | ".join(label for _, label in SEGMENTS) + " |",
+                  "|---|---|" + "---:|" * len(SEGMENTS)]
+        for (storage, workload), seg in sorted(self.segments.items()):
+            cells = []
+            for name, _ in SEGMENTS:
+                values = sorted(seg[name])
+                cells.append(f"{_pct(values, 50) * 1000:.0f} / {_pct(values, 95) * 1000:.0f}" if values else "-")
+            lines.append(f"| {storage} | {workload} | " + " | ".join(cells) + " |")
+        if self.memory:
+            lines += ["", f"### Worker memory, {CONCURRENCY} threads/processes, fan-out run (MiB)", "",
+                      "| storage | worker | peak RSS of the worker process | peak PSS of worker + children |",
+                      "|---|---|---:|---:|"]
+            for (storage, contender), mem in sorted(self.memory.items()):
+                lines.append(f"| {storage} | {LABELS[contender]} | {mem['worker_rss_mib']:.0f} | {mem['tree_pss_mib']:.0f} |")
+        return "\n".join(lines) + "\n"
+
+    def write(self, out: Path, text: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.md").write_text("# Benchmark results (`bin/bench`)\n\n" + text)
+        raw = {
+            "measurements": [asdict(m) for m in self.measurements.values()],
+            "segments": {f"{s}/{w}": v for (s, w), v in self.segments.items()},
+            "memory": {f"{s}/{c}": v for (s, c), v in self.memory.items()},
+            "targets": self.targets(),
+            "versions": _versions(),
+        }
+        (out / "benchmark.json").write_text(json.dumps(raw, indent=1))
+        chart(self, out / "benchmark.png")
+        self.log(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'} and {out / 'benchmark.png'}")
+
+
+def _pct(values: list[float], pct: float) -> float:
+    if not values:
+        return float("nan")
+    index = min(len(values) - 1, max(0, round(pct / 100 * (len(values) - 1))))
+    return values[index]
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("dagster", "dagster-taskiq-sync", "taskiq", "taskiq-aio-sqs", "dagster-celery", "celery",
+                    "dagster-postgres", "moto"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def chart(bench: Bench, path: Path) -> None:
+    """Grouped bars: median wall time per workload and contender, one panel per storage (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    storages = bench.opts.storages
+    fig, axes = plt.subplots(1, len(storages), figsize=(6.5 * len(storages), 4.2), squeeze=False)
+    width = 0.8 / len(bench.opts.contenders)
+    for ax, storage in zip(axes[0], storages):
+        for i, contender in enumerate(bench.opts.contenders):
+            values = [bench.measurements[(storage, w, contender)].median
+                      if (storage, w, contender) in bench.measurements else 0 for w in bench.opts.workloads]
+            xs = [x + (i - (len(bench.opts.contenders) - 1) / 2) * width for x in range(len(bench.opts.workloads))]
+            bars = ax.bar(xs, values, width, label=LABELS[contender])
+            ax.bar_label(bars, labels=[f"{v:.1f}" if v >= 1 else f"{v:.2f}" for v in values], fontsize=7)
+        ax.set_xticks(range(len(bench.opts.workloads)), bench.opts.workloads)
+        ax.set_yscale("log")
+        ax.set_ylabel("run wall time, s (median, log scale)")
+        ax.set_title(f"{storage} instance, concurrency {CONCURRENCY}")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bin/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small workloads, one repeat: a smoke run (CI)")
+    parser.add_argument("--repeats", type=int, help="timed runs per contender and workload (default 3; --quick 1)")
+    parser.add_argument("--storages", default=",".join(STORAGES), help="comma-separated: sqlite,postgres")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated: " + ",".join(CONTENDERS))
+    parser.add_argument("--workloads", help="comma-separated chain-N / fanout-N / fanout-N-sleep (default "
+                        + ",".join(FULL_WORKLOADS) + "; --quick " + ",".join(QUICK_WORKLOADS) + ")")
+    parser.add_argument("--out", help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir)")
+    opts = parser.parse_args(argv)
+    opts.repeats = opts.repeats or (1 if opts.quick else 3)
+    opts.workloads = tuple((opts.workloads or ",".join(QUICK_WORKLOADS if opts.quick else FULL_WORKLOADS)).split(","))
+    opts.storages = tuple(opts.storages.split(","))
+    opts.contenders = tuple(opts.contenders.split(","))
+    from .jobs import parse_workload
+
+    for workload in opts.workloads:
+        try:
+            parse_workload(workload)
+        except ValueError as exc:
+            parser.error(f"--workloads: {exc}")
+    for name, values, allowed in (("--storages", opts.storages, STORAGES), ("--contenders", opts.contenders, CONTENDERS)):
+        unknown = [v for v in values if v not in allowed]
+        if unknown or not values:
+            parser.error(f"{name}: {', '.join(unknown) or 'nothing given'} not one of {', '.join(allowed)}")
+    if opts.repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    workdir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-bench-"))
+    bench = Bench(opts, workdir)
+
+    def on_signal(signum, _frame):  # stop every server and worker on Ctrl-C / SIGTERM too
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    if "taskiq" in opts.contenders:
+        _instrument_orchestrator()
+    bench.log(f"work dir {workdir} (logs of every server and worker)")
+    try:
+        bench.start_brokers()
+        for storage in opts.storages:
+            bench.run_storage(storage)
+    except (ServiceError, RuntimeError) as exc:
+        print(f"bin/bench: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bench.services.close()
+        if bench.endpoint is not None:
+            bench.endpoint.stop()
+    text = bench.report()
+    print("\n" + text)
+    out = Path(opts.out) if opts.out else (workdir if opts.quick else ROOT / "docs")
+    bench.write(out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
