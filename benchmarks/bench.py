@@ -63,72 +63,6 @@ class Measurement:
         return statistics.median(self.walls)
 
 
-# --- per-step timing of taskiq runs --------------------------------------------------------------
-
-_SEEN_AT: dict[tuple[str, str], float] = {}
-_SENT_AT: dict[tuple[str, str], float] = {}
-
-
-def _instrument_orchestrator() -> None:
-    """Note when the orchestrator's sender has each step on SQS, and when the orchestrator reads
-    each step's result (the first and last links of a step's latency)."""
-    from dagster_taskiq_sync.executor import StepSender, TaskiqExecutor
-
-    send_one = StepSender._send_one
-
-    def timed_send_one(self, item):
-        result = send_one(self, item)
-        _SENT_AT[(item.run_id, item.step_key)] = time.time()
-        return result
-
-    StepSender._send_one = timed_send_one
-
-    original = TaskiqExecutor._pop_events
-
-    def pop_events(self, instance, run_id, seen_storage_ids):
-        events = original(self, instance, run_id, seen_storage_ids)
-        now = time.time()
-        for event in events:
-            if event.is_step_success or event.is_step_failure:
-                _SEEN_AT.setdefault((run_id, event.step_key), now)
-        return events
-
-    TaskiqExecutor._pop_events = pop_events
-
-
-def step_segments(instance, run_id: str) -> dict[str, list[float]]:
-    """Seconds spent in each link of each step's path, from the run's event log."""
-    from dagster import DagsterEventType
-
-    marks: dict[str, dict[str, float]] = {}
-    for record in instance.all_logs(run_id):
-        event = record.dagster_event
-        if event is None or not event.step_key:
-            continue
-        mark = marks.setdefault(event.step_key, {})
-        kind = event.event_type
-        if kind == DagsterEventType.STEP_WORKER_STARTING:
-            metadata = event.event_specific_data.metadata
-            mark["ready"] = record.timestamp - float(metadata["launch_ms"].value) / 1000
-            mark["sent"] = _SENT_AT.get((run_id, event.step_key), float("nan"))
-        elif kind == DagsterEventType.STEP_WORKER_STARTED and "picked up by worker" in (event.message or ""):
-            mark["received"] = float(event.event_specific_data.metadata["received_at"].value)
-            mark["child"] = record.timestamp
-        elif kind == DagsterEventType.STEP_START:
-            mark["start"] = record.timestamp
-        elif kind == DagsterEventType.STEP_SUCCESS:
-            mark["finish"] = record.timestamp
-    segments: dict[str, list[float]] = {name: [] for name, _ in SEGMENTS}
-    for step_key, mark in marks.items():
-        mark["seen"] = _SEEN_AT.get((run_id, step_key), float("nan"))
-        order = ("ready", "sent", "received", "child", "start", "finish", "seen")
-        if not all(k in mark for k in order):
-            continue
-        for (name, _), a, b in zip(SEGMENTS, order, order[1:]):
-            segments[name].append(mark[b] - mark[a])
-    return segments
-
-
 # --- memory ---------------------------------------------------------------------------------------
 
 
@@ -171,6 +105,43 @@ class MemorySampler(threading.Thread):
 # --- contenders -----------------------------------------------------------------------------------
 
 
+class Orchestrator:
+    """A contender's own orchestrating process (benchmarks/orchestrator.py), driven over pipes."""
+
+    def __init__(self, services: Services, contender: str, home: Path, env: dict[str, str]) -> None:
+        import subprocess
+
+        from .services import _die_with_parent
+
+        self.contender = contender
+        self.log_path = services.workdir / f"orchestrator-{contender}-{home.name}.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.orchestrator", contender, str(home)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
+                                     cwd=ROOT, preexec_fn=_die_with_parent, text=True)
+        log.close()
+        services._procs.append((f"orchestrator-{contender}", self.proc))
+        self._read(120)
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        import select
+
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise ServiceError(f"the {self.contender} orchestrator did not answer within {timeout:g} s "
+                               f"(exit code {self.proc.poll()}); see {self.log_path}")
+        return json.loads(line)
+
+    def run(self, workload: str, run_config: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps({"workload": workload, "run_config": run_config}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read(timeout)
+        if "error" in answer:
+            raise RuntimeError(f"the {self.contender} orchestrator failed running {workload}:\n{answer['error']}")
+        return answer
+
+
 class Bench:
     def __init__(self, opts: argparse.Namespace, workdir: Path) -> None:
         self.opts = opts
@@ -185,8 +156,7 @@ class Bench:
             "multiprocess": {"execution": {"config": {"max_concurrent": CONCURRENCY}}},
             "in_process": {},
         }
-        # Every contender logs the same way: warnings only (Dagster's console logger prints each
-        # event at DEBUG by default, which would time the terminal).
+
         self.worker_pids: dict[str, int] = {}
         self.endpoint = None
         self.measurements: dict[tuple[str, str, str], Measurement] = {}
@@ -265,21 +235,15 @@ class Bench:
 
     # -- runs --
 
-    def run_once(self, instance, storage: str, workload: str, contender: str, record: bool = True,
+    def run_once(self, orchestrator: Orchestrator, storage: str, workload: str, record: bool = True,
                  sample_memory: bool = False) -> float:
-        from dagster import execute_job
-
-        from .jobs import reconstructable_job
-
+        contender = orchestrator.contender
         sampler = None
         if sample_memory and contender in self.worker_pids:
             sampler = MemorySampler(self.worker_pids[contender])
             sampler.start()
-        run_config = self.run_config[contender] | {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-        started = time.perf_counter()
-        result = execute_job(reconstructable_job(workload, contender), instance=instance,
-                             run_config=run_config, raise_on_error=False)
-        wall = time.perf_counter() - started
+        answer = orchestrator.run(workload, self.run_config[contender])
+        wall = answer["wall"]
         if sampler is not None:
             rss, pss = sampler.stop()
             previous = self.memory.get((storage, contender), {"worker_rss_mib": 0.0, "tree_pss_mib": 0.0})
@@ -287,41 +251,43 @@ class Bench:
                 "worker_rss_mib": max(previous["worker_rss_mib"], rss / 2**20),
                 "tree_pss_mib": max(previous["tree_pss_mib"], pss / 2**20),
             }
-        if not result.success:
-            raise RuntimeError(f"{contender} run {result.run_id} of {workload} on {storage} did not succeed; "
-                               f"see its event log in {instance.root_directory if hasattr(instance, 'root_directory') else 'the instance'}")
+        if not answer["success"]:
+            raise RuntimeError(f"{contender} run {answer['run_id']} of {workload} on {storage} did not succeed; "
+                               f"see its event log in {self.workdir}/home-{storage}")
         if record:
             key = (storage, workload, contender)
             self.measurements.setdefault(key, Measurement(storage, workload, contender)).walls.append(wall)
-            if contender == "taskiq":
+            if "segments" in answer:
                 segments = self.segments.setdefault((storage, workload), {name: [] for name, _ in SEGMENTS})
-                for name, values in step_segments(instance, result.run_id).items():
+                for name, values in answer["segments"].items():
                     segments[name].extend(values)
         return wall
 
     def run_storage(self, storage: str) -> None:
-        from dagster import DagsterInstance
-
         home = self.make_home(storage)
         workers = self.start_workers(home)
-        instance = DagsterInstance.from_config(str(home))
+        env = self.env | {"DAGSTER_HOME": str(home)}
+        orchestrators = {c: Orchestrator(self.services, c, home, env) for c in self.opts.contenders}
         try:
             self.log(f"\n== {storage}: warm-up (untimed) ==")
             for contender in self.opts.contenders:
                 for workload in self.opts.workloads:
                     if contender == "multiprocess" or (self.opts.quick and workload != self.opts.workloads[0]):
                         continue  # nothing stays warm between multiprocess runs (a process per step)
-                    wall = self.run_once(instance, storage, workload, contender, record=False)
+                    wall = self.run_once(orchestrators[contender], storage, workload, record=False)
                     self.log(f"  warm-up {workload:<18} {contender:<13} {wall:7.2f} s")
             self.log(f"== {storage}: {self.opts.repeats} repeat(s), contenders interleaved ==")
             for repeat in range(self.opts.repeats):
                 for workload in self.opts.workloads:
                     for contender in self.opts.contenders:
                         memory = workload.startswith("fanout") and not workload.endswith("sleep")
-                        wall = self.run_once(instance, storage, workload, contender, sample_memory=memory)
+                        wall = self.run_once(orchestrators[contender], storage, workload, sample_memory=memory)
                         self.log(f"  #{repeat + 1} {workload:<18} {contender:<13} {wall:7.2f} s")
+                        self.save_progress()
         finally:
-            instance.dispose()
+            for orchestrator in orchestrators.values():
+                orchestrator.proc.stdin.close()
+                self.services.stop(orchestrator.proc)
             for proc in workers:
                 self.services.stop(proc)
 
@@ -394,17 +360,23 @@ class Bench:
                 lines.append(f"| {storage} | {LABELS[contender]} | {mem['worker_rss_mib']:.0f} | {mem['tree_pss_mib']:.0f} |")
         return "\n".join(lines) + "\n"
 
-    def write(self, out: Path, text: str) -> None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.md").write_text("# Benchmark results (`bin/bench`)\n\n" + text)
-        raw = {
+    def raw(self) -> dict[str, Any]:
+        return {
             "measurements": [asdict(m) for m in self.measurements.values()],
             "segments": {f"{s}/{w}": v for (s, w), v in self.segments.items()},
             "memory": {f"{s}/{c}": v for (s, c), v in self.memory.items()},
             "targets": self.targets(),
             "versions": _versions(),
         }
-        (out / "benchmark.json").write_text(json.dumps(raw, indent=1))
+
+    def save_progress(self) -> None:
+        """Raw results so far, so a long run that is interrupted still leaves its numbers."""
+        (self.workdir / "progress.json").write_text(json.dumps(self.raw(), indent=1))
+
+    def write(self, out: Path, text: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.md").write_text("# Benchmark results (`bin/bench`)\n\n" + text)
+        (out / "benchmark.json").write_text(json.dumps(self.raw(), indent=1))
         chart(self, out / "benchmark.png")
         self.log(f"\nwrote {out / 'benchmark.md'}, {out / 'benchmark.json'} and {out / 'benchmark.png'}")
 
@@ -493,8 +465,6 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    if "taskiq" in opts.contenders:
-        _instrument_orchestrator()
     bench.log(f"work dir {workdir} (logs of every server and worker)")
     try:
         bench.start_brokers()
