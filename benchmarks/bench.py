@@ -159,6 +159,8 @@ class Bench:
 
         self.worker_pids: dict[str, int] = {}
         self.endpoint = None
+        self.included: list[tuple[Path, list[str]]] = []
+        self.storages_run: tuple[str, ...] = tuple(opts.storages)
         self.measurements: dict[tuple[str, str, str], Measurement] = {}
         self.segments: dict[tuple[str, str], dict[str, list[float]]] = {}
         self.memory: dict[tuple[str, str], dict[str, float]] = {}
@@ -206,6 +208,9 @@ class Bench:
         if storage == "postgres":
             db = postgres_server(self.services)
             db["password"] = "postgres"  # trust auth on loopback; dagster-postgres wants a value
+            # SQLAlchemy 2.1 defaults postgresql:// to psycopg 3, which dagster-postgres' NOTIFY
+            # statement does not work with; name the psycopg2 driver dagster-postgres installs.
+            db["scheme"] = "postgresql+psycopg2"
             config["storage"] = {"postgres": {"postgres_db": db}}
             self.log(f"postgres on 127.0.0.1:{db['port']}")
         (home / "dagster.yaml").write_text(yaml.safe_dump(config))
@@ -325,6 +330,9 @@ class Bench:
                  f"{self.opts.repeats} repeat(s), median wall seconds of `execute_job` (min-max).", ""]
         versions = _versions()
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+        for path, storages in self.included:
+            lines += ["", f"{', '.join(storages)}: from the invocation that wrote {path.name} (all contenders side by "
+                      "side in that one invocation; ratios never mix invocations)."]
         for storage in self.opts.storages:
             lines += ["", f"### {storage}", "",
                       "| workload | " + " | ".join(LABELS[c] for c in self.opts.contenders)
@@ -368,6 +376,27 @@ class Bench:
             "targets": self.targets(),
             "versions": _versions(),
         }
+
+    def include(self, path: Path) -> None:
+        """Results of an earlier invocation for storages this one does not run."""
+        raw = json.loads(path.read_text())
+        added = set()
+        for m in raw["measurements"]:
+            if m["storage"] not in self.opts.storages:
+                self.measurements[(m["storage"], m["workload"], m["contender"])] = Measurement(**m)
+                added.add(m["storage"])
+        for key, value in raw.get("segments", {}).items():
+            storage, workload = key.split("/", 1)
+            if storage in added:
+                self.segments[(storage, workload)] = value
+        for key, value in raw.get("memory", {}).items():
+            storage, contender = key.split("/", 1)
+            if storage in added:
+                self.memory[(storage, contender)] = value
+        if not added:
+            raise ValueError("it has no storage this invocation does not run")
+        self.included.append((path, sorted(added)))
+        self.opts.storages = tuple(sorted(set(self.opts.storages) | added, key=STORAGES.index))
 
     def save_progress(self) -> None:
         """Raw results so far, so a long run that is interrupted still leaves its numbers."""
@@ -437,6 +466,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated: " + ",".join(CONTENDERS))
     parser.add_argument("--workloads", help="comma-separated chain-N / fanout-N / fanout-N-sleep (default "
                         + ",".join(FULL_WORKLOADS) + "; --quick " + ",".join(QUICK_WORKLOADS) + ")")
+    parser.add_argument("--include", metavar="RESULTS.json", action="append", default=[],
+                        help="also report the storages of an earlier invocation (its benchmark.json or progress.json) "
+                        "that this one did not run; each storage's ratios still come from one invocation (repeatable)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report, JSON and chart from the --include files")
     parser.add_argument("--out", help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir)")
     opts = parser.parse_args(argv)
     opts.repeats = opts.repeats or (1 if opts.quick else 3)
@@ -457,8 +491,18 @@ def main(argv: list[str] | None = None) -> int:
     if opts.repeats < 1:
         parser.error("--repeats must be at least 1")
 
+    if opts.report_only and not opts.include:
+        parser.error("--report-only needs at least one --include RESULTS.json")
     workdir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-bench-"))
     bench = Bench(opts, workdir)
+    if opts.report_only:
+        bench.storages_run = ()
+        opts.storages = ()
+    for path in opts.include:
+        try:
+            bench.include(Path(path))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            parser.error(f"--include {path}: not a bin/bench results file ({exc})")
 
     def on_signal(signum, _frame):  # stop every server and worker on Ctrl-C / SIGTERM too
         raise SystemExit(128 + signum)
@@ -467,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, on_signal)
     bench.log(f"work dir {workdir} (logs of every server and worker)")
     try:
-        bench.start_brokers()
-        for storage in opts.storages:
+        if bench.storages_run:
+            bench.start_brokers()
+        for storage in bench.storages_run:
             bench.run_storage(storage)
     except (ServiceError, RuntimeError) as exc:
         print(f"bin/bench: {exc}", file=sys.stderr)

@@ -47,7 +47,7 @@ from .bridge import shared_bridge
 from .broker import BrokerClient
 from .celery_compat import settings_from_executor_config
 from .errors import ConfigError, TaskiqSyncError
-from .secrets import redact_instance_ref
+from .secrets import pooled, redact_instance_ref
 from .liveness import EXITED, QUEUED, RUNNING, LivenessStore, StepRecord, step_handle_id
 from .settings import Settings
 
@@ -214,6 +214,9 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             lambda step: -(_int_tag(step.tags, STEP_PRIORITY_TAGS, default_priority) + run_priority)
         )
         queues = {queue_for_tags(step.tags, self.settings) for step in execution_plan.steps}
+        # The loop below reads the event log every step_poll_interval: on PostgreSQL, one
+        # connection for the run rather than one per read.
+        pooled(plan_context.instance)
         with contextlib.ExitStack() as stack:
             try:
                 if self._config_error is not None:

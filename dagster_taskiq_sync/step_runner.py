@@ -517,12 +517,12 @@ def _warm(payload: str, instances: dict) -> None:
 
 
 def _cached_instance(instances: dict, instance_ref) -> Any:
-    from .secrets import instance_from_ref
+    from .secrets import instance_from_ref, pooled
 
     key = serialize_value(instance_ref)
     instance = instances.get(key)
     if instance is None:
-        instance = instances[key] = instance_from_ref(instance_ref)
+        instance = instances[key] = pooled(instance_from_ref(instance_ref))
     return instance
 
 

@@ -36,7 +36,7 @@ from .broker import RUN_TASK_NAME, STEP_TASK_NAME, TASK_NAMES, BrokerClient, Del
 from .errors import ConfigError, TaskiqSyncError
 from .liveness import EXITED, RUNNING, LivenessStore, StepRecord, run_handle_id, step_handle_id
 from .registry import WorkerRecord, WorkerRegistry
-from .secrets import instance_from_ref
+from .secrets import instance_from_ref, pooled
 from .settings import Settings
 from .step_runner import StepAttempt, StepProcess, StepRunner
 
@@ -89,7 +89,7 @@ class InstanceCache:
         with self._lock:
             instance = self._instances.get(key)
             if instance is None:
-                instance = self._instances[key] = instance_from_ref(instance_ref)
+                instance = self._instances[key] = pooled(instance_from_ref(instance_ref))
             return instance
 
     def close(self) -> None:

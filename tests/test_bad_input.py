@@ -103,6 +103,8 @@ def test_worker_with_missing_queue_exits_with_one_sentence(endpoint, queues_crea
         ("execution:\n  config:\n    broker: 'amqp://x'\n", "scheme 'amqp://'"),
         ("execution:\n  config:\n    brokr: 'sqs://'\n", "the execution config is invalid"),
         ("execution:\n  config:\n    config_source:\n      worker_prefetch_multiplier: lots\n", "worker_prefetch_multiplier must be a whole number"),
+        ("execution:\n  config:\n    config_source:\n      worker_max_tasks_per_child: 0\n", "worker_max_tasks_per_child"),
+        ("execution:\n  config:\n    config_source:\n      worker_max_memory_per_child: lots\n", "worker_max_memory_per_child must be a whole number"),
     ],
 )
 def test_worker_rejects_bad_config_yaml(tmp_path, content, expected):
@@ -119,5 +121,9 @@ def test_worker_rejects_missing_config_file_and_bad_flags(tmp_path):
     assert out.returncode == 1 and "cannot be read" in out.stderr
     out, _ = run_cli("worker", "start", "-c", "0")
     assert out.returncode == 2 and "--concurrency" in out.stderr
+    out, _ = run_cli("worker", "start", "--max-tasks-per-child", "0")
+    assert out.returncode == 2 and "--max-tasks-per-child" in out.stderr
+    out, _ = run_cli("worker", "start", "--", "--max-memory-per-child", "lots")
+    assert out.returncode == 2 and "--max-memory-per-child 'lots' after '--' must be a whole number" in out.stderr
     out, _ = run_cli("worker", "start", "-i", "no_such_module_xyz")
     assert out.returncode == 1 and "'no_such_module_xyz' cannot be imported" in out.stderr
