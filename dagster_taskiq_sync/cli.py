@@ -184,13 +184,25 @@ def _start_in_background(name, logfile) -> None:
 
 def _registry():
     """The worker registry in DAGSTER_HOME's instance (None when DAGSTER_HOME is not set)."""
-    if not os.environ.get("DAGSTER_HOME"):
+    home = os.environ.get("DAGSTER_HOME")
+    if not home:
         return None
+    import fcntl
+
     from dagster import DagsterInstance
 
     from .registry import WorkerRegistry
 
-    return WorkerRegistry(DagsterInstance.get())
+    # Workers started together on a fresh sqlite DAGSTER_HOME would each create its tables and
+    # stamp its schema version at once (Dagster does not lock that), leaving "table already
+    # exists" errors or two alembic heads behind. One at a time per home.
+    try:
+        lock = open(os.path.join(home, ".dagster-taskiq-sync-init.lock"), "a")
+    except OSError:
+        return WorkerRegistry(DagsterInstance.get())
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return WorkerRegistry(DagsterInstance.get())
 
 
 def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval,
