@@ -314,6 +314,11 @@ class StepSender:
             self._pending.append(item)
             self._cond.notify_all()
 
+    def take_offloaded(self) -> list[tuple[PendingSend, str]]:
+        with self._cond:
+            offloaded, self.offloaded = self.offloaded, []
+        return offloaded
+
     def raise_errors(self) -> None:
         with self._cond:
             errors, self._errors = self._errors, []
@@ -477,9 +482,8 @@ class TaskiqStepHandler(StepHandler):
             return
         if raise_errors:
             sender.raise_errors()
-        if sender.offloaded:
-            with sender._cond:
-                offloaded, sender.offloaded = sender.offloaded, []
+        offloaded = sender.take_offloaded() if sender.offloaded else []
+        if offloaded:
             run = instance.get_run_by_id(run_id)
             for item, url in offloaded:
                 instance.report_engine_event(

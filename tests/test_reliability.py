@@ -359,6 +359,8 @@ def test_step_payload_too_large_without_a_bucket_fails_naming_the_setting(endpoi
     text = "\n".join(serialize_value(r) for r in instance.all_logs(result.run_id))
     assert "more than SQS queue 'big' accepts (262144 bytes)" in text
     assert "execution.config.backend to 's3://BUCKET/PREFIX'" in text
+    # the sender's failure reaches the run's log naming the step that could not be sent
+    assert f"step sum_wide (attempt 1) of run {result.run_id} could not be sent" in text
 
 
 def test_concurrent_steps_on_one_worker_get_their_own_compute_logs(endpoint, instance, faults_config, start_worker):
