@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from .orchestrator import SEGMENTS as SEGMENT_NAMES
 from .services import BIN, ROOT, ServiceError, Services, postgres_server, redis_server, wait_until
 
 CONTENDERS = ("taskiq", "celery", "multiprocess", "in_process")
@@ -41,14 +42,15 @@ FULL_WORKLOADS = ("chain-20", "fanout-100", "fanout-100-sleep")
 QUICK_WORKLOADS = ("chain-3", "fanout-4", "fanout-4-sleep")
 STORAGES = ("sqlite", "postgres")
 CONCURRENCY = 4
-SEGMENTS = (
-    ("ready_to_sent", "ready -> message sent (orchestrator)"),
-    ("sent_to_received", "sent -> received by a worker (SQS)"),
-    ("received_to_child", "received -> STEP_WORKER_STARTED (worker, step child)"),
-    ("child_to_start", "STEP_WORKER_STARTED -> STEP_START (Dagster step setup)"),
-    ("start_to_finish", "STEP_START -> STEP_SUCCESS (op + outputs)"),
-    ("finish_to_seen", "STEP_SUCCESS -> seen by orchestrator (event log poll)"),
-)
+# Labels of the links orchestrator.step_segments measures, in its order.
+SEGMENTS = tuple(zip(SEGMENT_NAMES, (
+    "ready -> message sent (orchestrator)",
+    "sent -> received by a worker (SQS)",
+    "received -> STEP_WORKER_STARTED (worker, step child)",
+    "STEP_WORKER_STARTED -> STEP_START (Dagster step setup)",
+    "STEP_START -> STEP_SUCCESS (op + outputs)",
+    "STEP_SUCCESS -> seen by orchestrator (event log poll)",
+)))
 
 
 @dataclass

@@ -7,7 +7,7 @@ imports. It reads one JSON request per line on stdin and answers one JSON line o
     {"workload": "chain-20", "run_config": {...}}  ->  {"wall": 1.23, "run_id": "...", "segments": {...}}
 
 Each run is ``execute_job`` on a reconstructable job, timed from the call to its return.
-For taskiq runs the answer includes the per-step latency breakdown (see ``bench.SEGMENTS``).
+For taskiq runs the answer includes the per-step latency breakdown (labels in ``bench.SEGMENTS``).
 """
 
 from __future__ import annotations

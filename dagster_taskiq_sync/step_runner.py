@@ -149,14 +149,9 @@ class StepRunner:
         self.children_started = 0
         self._warmed_runs: dict[str, None] = {}  # runs whose instance and job idle children loaded
 
-    def warm(self, children: int = 0) -> None:
+    def warm(self, children: int) -> None:
         """Start the fork server (importing Dagster in it) and ``children`` step children now,
         rather than on the first step."""
-        if not children:
-            probe = self._ctx.Process(target=_noop, name="taskiq-warmup")
-            probe.start()
-            probe.join(60)
-            return
         started = [self._new_child() for _ in range(children)]
         with self._lock:
             self._idle.extend(started)
@@ -316,10 +311,6 @@ class StepAttempt:
             self.kill()
             self.wait(5)
         self._runner.give_back(self.child)
-
-
-def _noop() -> None:
-    pass
 
 
 def _die_with_worker(worker_pid: int | None) -> None:
