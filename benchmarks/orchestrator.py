@@ -27,26 +27,13 @@ _SENT_AT: dict[tuple[str, str], float] = {}
 
 def instrument_taskiq() -> None:
     """Note when the sender has each step on SQS and when the orchestrator reads each step's
-    result: the first and last links of a step's latency, which no event records."""
-    from dagster_taskiq_sync.executor import StepSender, TaskiqExecutor
+    result: the first and last links of a step's latency, which no event records. Uses the
+    package's observer hooks (no monkeypatching)."""
+    from dagster_taskiq_sync.executor import observe_results
+    from dagster_taskiq_sync.sender import observe_sends
 
-    send_one, pop_events = StepSender._send_one, TaskiqExecutor._pop_events
-
-    def timed_send_one(self, item):
-        result = send_one(self, item)
-        _SENT_AT[(item.run_id, item.step_key)] = time.time()
-        return result
-
-    def timed_pop_events(self, instance, run_id, seen_storage_ids):
-        events = pop_events(self, instance, run_id, seen_storage_ids)
-        now = time.time()
-        for event in events:
-            if event.is_step_success or event.is_step_failure:
-                _SEEN_AT.setdefault((run_id, event.step_key), now)
-        return events
-
-    StepSender._send_one = timed_send_one
-    TaskiqExecutor._pop_events = timed_pop_events
+    observe_sends(lambda item, at: _SENT_AT.__setitem__((item.run_id, item.step_key), at))
+    observe_results(lambda run_id, step_key, at: _SEEN_AT.setdefault((run_id, step_key), at))
 
 
 def step_segments(instance, run_id: str) -> dict[str, list[float]]:

@@ -4,6 +4,8 @@ from .errors import ConfigError, EndpointUnreachableError, QueueMissingError, Ta
 from .executor import taskiq_executor
 from .launcher import TaskiqRunLauncher
 from .version import __version__
+from .worker import Worker
+from .worker_config import WorkerConfig
 
 __all__ = [
     "ConfigError",
@@ -11,6 +13,8 @@ __all__ = [
     "QueueMissingError",
     "TaskiqRunLauncher",
     "TaskiqSyncError",
+    "Worker",
+    "WorkerConfig",
     "__version__",
     "taskiq_executor",
 ]

@@ -1,26 +1,146 @@
 """Every private Dagster import this package uses, in one place.
 
 A Dagster upgrade that moves one of these is fixed here and nowhere else. The tox matrix
-(dagster 1.11 / 1.12 / 1.13) imports this module first.
+(dagster 1.11 / 1.12 / 1.13) imports this module first, and ``tests/test_dagster_private.py``
+imports every module name listed here on the pinned Dagster.
+
+Nothing here changes Dagster at import time: each behaviour change is an explicit installer
+(``install_*``) that the process which wants it calls once (the executor, or a step child).
 """
 
-# ruff: noqa: F401
+# ruff: noqa: E402
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import json
+import os
+import threading
+from typing import Any, Iterable, Iterator
+
+from dagster._cli import api as _cli_api
+from dagster._cli.api import _execute_run_command_body as execute_run_command_body
 from dagster._cli.api import _execute_step_command_body as execute_step_command_body
+from dagster._cli.api import _resume_run_command_body as resume_run_command_body
+from dagster._config import post_process_config, validate_config
+from dagster._core.definitions.reconstruct import ReconstructableJob
+from dagster._core.errors import DagsterExecutionInterruptedError, DagsterExecutionStepNotFoundError
 from dagster._core.events import DagsterEvent, EngineEventData
+from dagster._core.execution import compute_logs as _compute_logs
+from dagster._core.execution.plan.active import ActiveExecution
+from dagster._core.execution.plan.plan import ExecutionPlan
+from dagster._core.execution.plan.state import KnownExecutionState
+from dagster._core.execution.plan.step import ExecutionStep
 from dagster._core.execution.retries import RetryMode, get_retries_config
+from dagster._core.execution.tags import get_tag_concurrency_limits_config
+from dagster._core.executor.in_process import InProcessExecutor
 from dagster._core.executor.step_delegating import (
     CheckStepHealthResult,
     StepDelegatingExecutor,
     StepHandler,
     StepHandlerContext,
 )
-from dagster._core.execution.tags import get_tag_concurrency_limits_config
+from dagster._core.executor.step_delegating import step_delegating_executor as _sde_module
+from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, ResumeRunContext, RunLauncher, WorkerStatus
+from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._grpc.types import ExecuteStepArgs
-from dagster._serdes import ConfigurableClassData, deserialize_value, serialize_value
-from dagster._config import post_process_config, validate_config
-from dagster._utils.hosted_user_process import recon_job_from_origin
+from dagster._record import copy as _copy_record
+from dagster._record import is_record as _is_record
+from dagster._serdes import ConfigurableClass, ConfigurableClassData, deserialize_value, serialize_value
 from dagster._utils.error import serializable_error_info_from_exc_info
-from dagster._core.errors import DagsterExecutionInterruptedError
+from dagster._utils.hosted_user_process import recon_job_from_origin
+from dagster._utils.interrupts import capture_interrupts
+
+__all__ = [
+    "ActiveExecution", "CheckRunHealthResult", "CheckStepHealthResult", "ConfigurableClass", "ConfigurableClassData",
+    "DagsterEvent", "DagsterExecutionInterruptedError", "DagsterExecutionStepNotFoundError", "EngineEventData",
+    "ExecuteStepArgs", "InProcessExecutor", "KnownExecutionState", "LaunchRunContext", "PRELOAD_MODULES",
+    "ResumeRunContext", "RetryMode", "RunLauncher", "StepDelegatingExecutor", "StepHandler", "StepHandlerContext",
+    "WorkerStatus", "capture_interrupts", "copy_record", "deserialize_value", "execute_run_command_body",
+    "execute_step_command_body", "get_retries_config", "get_tag_concurrency_limits_config", "kv_delete", "kv_scan",
+    "post_process_config", "recon_job_from_origin", "resume_run_command_body", "serializable_error_info_from_exc_info",
+    "serialize_value", "validate_config",
+]
+
+# What a step needs beyond `import dagster`, imported once by the worker's fork server. Without
+# these a step spends ~0.7 s importing SQLAlchemy, alembic and Dagster's storages (measured with
+# DAGSTER_TASKIQ_SYNC_PROFILE_DIR). A rename in Dagster would silently cost that per step again:
+# tests/test_dagster_private.py imports each one on the pinned Dagster. dagster_postgres is
+# optional (skipped when not installed).
+PRELOAD_MODULES = (
+    "dagster._core.storage.sqlite_storage",
+    "dagster._core.storage.runs.sqlite",
+    "dagster._core.storage.event_log.sqlite",
+    "dagster._core.storage.schedules.sqlite",
+    "dagster._core.storage.local_compute_log_manager",
+    "dagster._core.storage.fs_io_manager",
+    "dagster._core.execution.api",
+    "dagster._core.execution.plan.execute_plan",
+    "dagster._core.definitions.reconstruct",
+    "alembic.command",
+    "alembic.config",
+    "alembic.runtime.migration",
+    "dagster._core.instance.factory",
+    "dagster._core.storage.root",
+    "dagster._core.storage.migration.utils",
+    "dagster._core.system_config.composite_descent",
+    "dagster._core.types.transform_typing",
+    "dagster._core.workspace.autodiscovery",
+    "dagster._core.definitions.repository_definition.repository_data_builder",
+    "dagster._core.definitions.external_asset",
+    "dagster._utils.test.definitions",
+    "upath",
+    "fsspec.implementations.local",
+    "sqlalchemy.dialects.sqlite",
+)
+OPTIONAL_PRELOAD_MODULES = ("dagster_postgres",)
+
+
+def copy_record(obj: Any, **changes: Any) -> Any:
+    """A copy of a Dagster value object with some fields changed: ``@record`` classes in dagster
+    1.12+, NamedTuples in 1.11 (ExecuteStepArgs changed between them)."""
+    if _is_record(obj):
+        return _copy_record(obj, **changes)
+    return obj._replace(**changes)
+
+
+# --- the key-value store's rows -------------------------------------------------------------------
+# Dagster's run storage offers get/set of key-value rows but no delete or scan; liveness records
+# are deleted when their run's execution ends, so the table holds O(running runs) of them.
+
+
+def kv_delete(run_storage: Any, keys: Iterable[str]) -> int:
+    """Delete key-value rows; 0 (nothing deleted) on a storage that is not SQL-backed."""
+    keys = list(dict.fromkeys(keys))
+    if not keys or not hasattr(run_storage, "connect"):
+        return 0
+    from dagster._core.storage.runs.schema import KeyValueStoreTable
+
+    deleted = 0
+    with run_storage.connect() as conn:
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            result = conn.execute(KeyValueStoreTable.delete().where(KeyValueStoreTable.c.key.in_(chunk)))
+            deleted += result.rowcount or 0
+    return deleted
+
+
+def kv_scan(run_storage: Any, prefix: str, limit: int) -> list[tuple[str, str]]:
+    """Up to ``limit`` key-value rows whose key starts with ``prefix`` (oldest rows first)."""
+    if not hasattr(run_storage, "connect"):
+        return []
+    import sqlalchemy as db
+    from dagster._core.storage.runs.schema import KeyValueStoreTable
+
+    table = KeyValueStoreTable
+    query = (db.select(table.c.key, table.c.value).where(table.c.key.like(prefix.replace("%", r"\%") + "%"))
+             .order_by(table.c.id).limit(limit))
+    with run_storage.connect() as conn:
+        return [(row[0], row[1]) for row in conn.execute(query).fetchall()]
+
+
+# --- the orchestrator's loop ------------------------------------------------------------------------
 
 
 class PollingStepDelegatingExecutor(StepDelegatingExecutor):
@@ -31,88 +151,66 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
     waiting for a signal that an in-process caller never sends.
     """
 
-    def on_poll(self, instance, run_id: str) -> None:  # pragma: no cover - overridden
-        pass
+    def on_poll(self, instance: Any, run_id: str) -> None:
+        """Called before every read of the event log; subclasses override it."""
 
-    def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[override]
+    def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[no-untyped-def]  # Dagster's signature
         self.on_poll(instance, run_id)
         return super()._pop_events(instance, run_id, seen_storage_ids)
-from dagster._record import copy as _copy_record
-from dagster._record import is_record as _is_record
 
 
-def copy_record(obj, **changes):
-    """A copy of a Dagster value object with some fields changed: ``@record`` classes in dagster
-    1.12+, NamedTuples in 1.11 (ExecuteStepArgs changed between them)."""
-    if _is_record(obj):
-        return _copy_record(obj, **changes)
-    return obj._replace(**changes)
-from dagster._cli.api import _execute_run_command_body as execute_run_command_body
-from dagster._cli.api import _resume_run_command_body as resume_run_command_body
-from dagster._grpc.types import ExecuteRunArgs, ResumeRunArgs
-from dagster._utils.interrupts import capture_interrupts
-from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, ResumeRunContext, RunLauncher, WorkerStatus
-from dagster._serdes import ConfigurableClass
-from dagster._core.executor.in_process import InProcessExecutor
-
-# --- step submission order ---------------------------------------------------------------------
+# --- step submission order ----------------------------------------------------------------------
 # dagster-celery submits ready steps by (step priority + run priority), higher first, through
 # ActiveExecution's sort_key_fn. StepDelegatingExecutor builds its ActiveExecution without one, so
 # its module gets a subclass that takes the sort key from a context variable only taskiq_executor
 # sets while it orchestrates; every other executor keeps Dagster's default order.
-import contextlib as _contextlib
-import contextvars as _contextvars
 
-from dagster._core.execution.plan.active import ActiveExecution as _ActiveExecution
-from dagster._core.executor.step_delegating import step_delegating_executor as _sde_module
-
-step_sort_key = _contextvars.ContextVar("dagster_taskiq_sync_step_sort_key", default=None)
+step_sort_key: contextvars.ContextVar[Any] = contextvars.ContextVar("dagster_taskiq_sync_step_sort_key", default=None)
+_install_lock = threading.Lock()
 
 
-class _SortableActiveExecution(_ActiveExecution):
-    def __init__(self, *args, **kwargs):
+class _SortableActiveExecution(ActiveExecution):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         sort_key = step_sort_key.get()
         if sort_key is not None and kwargs.get("sort_key_fn") is None:
             kwargs["sort_key_fn"] = sort_key
         super().__init__(*args, **kwargs)
 
 
-if _sde_module.ActiveExecution is _ActiveExecution:
-    _sde_module.ActiveExecution = _SortableActiveExecution
+def install_step_sort_key() -> None:
+    """Let taskiq_executor order ready steps by priority (idempotent; other executors unchanged)."""
+    with _install_lock:
+        if _sde_module.ActiveExecution is ActiveExecution:
+            _sde_module.ActiveExecution = _SortableActiveExecution  # type: ignore[misc]  # Dagster has no hook for it
 
-# --- compute log mirroring in step children ------------------------------------------------------
+
+# --- compute log mirroring in step children -------------------------------------------------------
 # Dagster's local compute log manager captures a step's stdout/stderr into files and mirrors them
 # back to the process's own streams by starting, per stream and per step, a `tail -F` process and
 # a Python interpreter that watches it for orphaning: four processes per step, ~50 ms and most of
 # a core's worth of CPU on a busy worker. A step child runs many steps, so it swaps that for a
 # thread that copies the file to the original stream. Capture itself (the files the UI shows) is
 # unchanged.
-from dagster._core.execution import compute_logs as _compute_logs
 
 
-def use_thread_log_mirror() -> None:
+def install_thread_log_mirror() -> None:
     """Install the thread-based mirror in this process (step children only)."""
     _compute_logs.execute_posix_tail = _thread_tail
 
 
-@_contextlib.contextmanager
-def _thread_tail(path, stream):
-    import os
-    import threading
-
+@contextlib.contextmanager
+def _thread_tail(path: str, stream: Any) -> Iterator[tuple[None, None]]:
     fileno = _compute_logs._fileno(stream)
     target = os.dup(fileno) if fileno is not None else None  # the stream before redirection
     stop = threading.Event()
 
-    def copy(source) -> None:
+    def copy(source: Any) -> None:
         while True:
             chunk = source.read(65536)
             if chunk:
                 if target is not None:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.write(target, chunk)
-                    except OSError:
-                        pass
                 continue
             if stop.is_set():
                 return
@@ -138,72 +236,77 @@ def _thread_tail(path, stream):
 # (job, run config) and takes each step's subset of it, with that step's known state, exactly as
 # Dagster's plan builder does at its end. Jobs with dynamic outputs (whose plans depend on the
 # known state) and repository load data are built the usual way.
-import collections as _collections
-import json as _json
-
-from dagster._cli import api as _cli_api
-from dagster._core.definitions.reconstruct import ReconstructableJob as _ReconstructableJob
-from dagster._core.execution.plan.plan import ExecutionPlan as _ExecutionPlan
-from dagster._core.execution.plan.state import KnownExecutionState as _KnownExecutionState
-from dagster._core.execution.plan.step import ExecutionStep as _ExecutionStep
-from dagster._core.system_config.objects import ResolvedRunConfig as _ResolvedRunConfig
 
 _original_create_execution_plan = _cli_api.create_execution_plan
-_PLAN_CACHE: "_collections.OrderedDict[tuple, tuple | None]" = _collections.OrderedDict()
+_PLAN_CACHE: collections.OrderedDict[Any, Any] = collections.OrderedDict()
 _PLAN_CACHE_SIZE = 8
 
 
-def cached_create_execution_plan(job, run_config=None, step_keys_to_execute=None, known_state=None,
+def _full_plan(job: Any, run_config: Any) -> Any:
+    """(job definition, resolved config, full plan) for a static job, None otherwise; cached."""
+    try:
+        key = (repr(job), json.dumps(run_config or {}, sort_keys=True, default=repr))
+    except (TypeError, ValueError):
+        return None
+    if key not in _PLAN_CACHE:
+        job_def = job.get_definition()
+        resolved = ResolvedRunConfig.build(job_def, run_config or {})
+        full = ExecutionPlan.build(job_def, resolved)
+        static = all(isinstance(step, ExecutionStep) for step in full.step_dict.values())
+        _PLAN_CACHE[key] = (job_def, resolved, full) if static else None
+        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.popitem(last=False)
+    _PLAN_CACHE.move_to_end(key)
+    return _PLAN_CACHE[key]
+
+
+def cached_create_execution_plan(job, run_config=None, step_keys_to_execute=None, known_state=None,  # type: ignore[no-untyped-def]
                                  instance_ref=None, tags=None, repository_load_data=None):
     """``create_execution_plan`` for one step, from a cached full plan where that is exact."""
     usable = (
-        isinstance(job, _ReconstructableJob)
+        isinstance(job, ReconstructableJob)
         and step_keys_to_execute
         and instance_ref is None
         and not tags
         and repository_load_data is None
         and not (known_state is not None and known_state.dynamic_mappings)
     )
-    if not usable:
-        return _original_create_execution_plan(job, run_config, step_keys_to_execute, known_state, instance_ref,
-                                               tags, repository_load_data)
-    try:
-        key = (repr(job), _json.dumps(run_config or {}, sort_keys=True, default=repr))
-    except (TypeError, ValueError):
-        key = None
-    entry = _PLAN_CACHE.get(key) if key is not None else None
-    if key is not None and key not in _PLAN_CACHE:
-        job_def = job.get_definition()
-        resolved = _ResolvedRunConfig.build(job_def, run_config or {})
-        full = _ExecutionPlan.build(job_def, resolved)
-        static = all(isinstance(step, _ExecutionStep) for step in full.step_dict.values())
-        entry = (job_def, resolved, full) if static else None
-        _PLAN_CACHE[key] = entry
-        while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-            _PLAN_CACHE.popitem(last=False)
+    entry = _full_plan(job, run_config) if usable else None
     if entry is None:
         return _original_create_execution_plan(job, run_config, step_keys_to_execute, known_state, instance_ref,
                                                tags, repository_load_data)
-    _PLAN_CACHE.move_to_end(key)
     job_def, resolved, full = entry
-    plan = full._replace(known_state=known_state or _KnownExecutionState())
+    plan = full._replace(known_state=known_state or KnownExecutionState())
     return plan.build_subset_plan(step_keys_to_execute, job_def, resolved)
 
 
-def use_cached_step_plans() -> None:
+def install_cached_step_plans() -> None:
     """Install the plan cache in this process (step children only)."""
     _cli_api.create_execution_plan = cached_create_execution_plan
+
+
+def retry_mode_of_run(job: Any, run_config: Any) -> Any:
+    """The retry mode a step of this run executes with, from the run's own executor config
+    (what StepDelegatingExecutor hands its step workers: deferred when retries are enabled)."""
+    entry = _full_plan(job, run_config)
+    resolved = entry[1] if entry is not None else ResolvedRunConfig.build(job.get_definition(), run_config or {})
+    config = resolved.execution.execution_engine_config or {}
+    retries = config.get("retries") if isinstance(config, dict) else None
+    mode = RetryMode.from_config(retries) if retries else RetryMode.ENABLED
+    return (mode or RetryMode.ENABLED).for_inner_plan()
 
 
 # --- who picked a step up, in Dagster's own "step worker started" event --------------------------
 # Each event is a write to the run's event log, the scarcest resource of a sqlite instance under
 # parallel steps. Rather than a separate engine event per step, the step child adds the worker,
 # host, queue and message details to the STEP_WORKER_STARTED event Dagster writes anyway.
-step_worker_details = _contextvars.ContextVar("dagster_taskiq_sync_step_worker_details", default=None)
+
+step_worker_details: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "dagster_taskiq_sync_step_worker_details", default=None)
 _original_step_worker_started = DagsterEvent.step_worker_started
 
 
-def _step_worker_started(log_manager, job_name, message, metadata, step_key):
+def _step_worker_started(log_manager, job_name, message, metadata, step_key):  # type: ignore[no-untyped-def]
     details = step_worker_details.get()
     if details is not None:
         suffix, extra = details
@@ -212,6 +315,6 @@ def _step_worker_started(log_manager, job_name, message, metadata, step_key):
     return _original_step_worker_started(log_manager, job_name, message, metadata, step_key)
 
 
-def use_step_worker_details() -> None:
+def install_step_worker_details() -> None:
     """Install the richer STEP_WORKER_STARTED event in this process (step children only)."""
-    DagsterEvent.step_worker_started = staticmethod(_step_worker_started)
+    DagsterEvent.step_worker_started = staticmethod(_step_worker_started)  # type: ignore[method-assign]  # no hook

@@ -84,6 +84,14 @@ class Bridge:
         except concurrent.futures.CancelledError:
             raise BridgeStoppedError("the broker call was cancelled because the TaskIQ bridge stopped") from None
 
+    def responsive(self, timeout: float) -> bool:
+        """Whether the loop runs a trivial call within ``timeout`` seconds (the worker's liveness)."""
+        try:
+            self.call(_noop, timeout=timeout)
+            return True
+        except (TimeoutError, BridgeStoppedError):
+            return False
+
     def stop(self) -> None:
         """Cancel calls in flight, stop the loop and join its thread."""
         with self._lock:
@@ -100,6 +108,10 @@ class Bridge:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+async def _noop() -> None:
+    return None
 
 
 _shared_lock = threading.Lock()

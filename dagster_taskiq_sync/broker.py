@@ -1,10 +1,12 @@
-"""Who talks to SQS: the TaskIQ broker and its synchronous facade.
+"""Who talks to SQS and S3: the TaskIQ broker and its synchronous facade.
 
-:class:`StepBroker` is taskiq-aio-sqs's ``SQSBroker`` (message format, S3 offload of large
-payloads, FIFO group/deduplication ids) plus the explicit receive / extend / release / delete
-operations a thread-based worker with bounded prefetch needs. ``SQSBroker.listen()`` is not
-used: it keeps polling into a 100-message buffer whatever the worker's capacity, which would
-pile ready steps up in the first worker that polls.
+:class:`StepBroker` is taskiq-aio-sqs's ``SQSBroker`` (clients, queue URLs, TaskIQ's message
+format, taskiq-aio-sqs's S3-pointer convention) plus the explicit operations a thread-based
+worker with bounded prefetch needs: batched send, receive, extend, delete, dead-letter, and a
+bounded fetch of offloaded payloads. ``SQSBroker.listen()`` is not used: it keeps polling into a
+100-message buffer whatever the worker's capacity, which would pile ready steps up in the first
+worker that polls. Receiving never touches S3: an offloaded payload is fetched (and checked) by
+the worker thread handling that one message, so a bad pointer only ever affects its own message.
 
 :class:`BrokerClient` is the only way synchronous code reaches it: every call goes through the
 process's :class:`~dagster_taskiq_sync.bridge.Bridge` with a deadline, and botocore errors are
@@ -14,141 +16,137 @@ translated here into this project's exceptions with a sentence the user can act 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore import exceptions as boto_exc
-from taskiq.exceptions import SendTaskError
-from taskiq.message import BrokerMessage
 from taskiq_aio_sqs import SQSBroker, SQSQueue
-from taskiq_aio_sqs import exceptions as sqs_exc
 
-from .bridge import Bridge
 from .errors import (
     BrokerError,
-    ConfigError,
-    EndpointUnreachableError,
     PayloadTooLargeError,
-    QueueMissingError,
     TaskiqSyncError,
 )
+from .messages import S3_POINTER_ATTRIBUTE, Keyring, MalformedMessage, S3Pointer, pointer_for
 from .settings import SQSSettings
 
 log = logging.getLogger(__name__)
 
-STEP_TASK_NAME = "dagster_taskiq_sync.execute_step"
-RUN_TASK_NAME = "dagster_taskiq_sync.execute_run"  # TaskiqRunLauncher.launch_run
-RESUME_TASK_NAME = "dagster_taskiq_sync.resume_run"  # TaskiqRunLauncher.resume_run
-TASK_NAMES = (STEP_TASK_NAME, RUN_TASK_NAME, RESUME_TASK_NAME)
 SQS_MIN_DEFAULT_SIZE = 262_144  # what a queue accepts when it does not say (the old SQS default)
 ATTRIBUTE_ALLOWANCE = 1024  # SQS counts message attributes against the size limit too
+BATCH_ENTRIES = 10  # SendMessageBatch / DeleteMessageBatch / ChangeMessageVisibilityBatch maximum
 QUEUE_CREATE_HINT = "create it with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml` (or name its URL in broker_transport_options.predefined_queues)"
+DEAD_LETTER_REASON_ATTRIBUTE = "dts-dead-letter-reason"
+CallObserver = Callable[[str, float, "str | None"], None]  # (SQS/S3 action, seconds, error class or None)
 
 
 @dataclasses.dataclass(frozen=True)
 class Delivery:
-    """One received SQS message, held by a worker until it is deleted or released."""
+    """One received SQS message, held by a worker until it is deleted, released or dead-lettered."""
 
     queue: str  # Celery queue name, as the user wrote it
     queue_url: str
     receipt_handle: str
     message_id: str
     receive_count: int
+    body: bytes  # the SQS body: a TaskIQ message, or a pointer to one in S3
+    attributes: Mapping[str, str]  # string message attributes (signature, S3 pointer flag)
+    received_at: float = 0.0  # wall clock: when this worker received it
+    sent_at: float | None = None  # wall clock: when the sender sent it (SQS SentTimestamp)
+
+    @property
+    def offloaded(self) -> bool:
+        return S3_POINTER_ATTRIBUTE in self.attributes
+
+
+@dataclasses.dataclass(frozen=True)
+class Outgoing:
+    """One message to send: its Celery queue, task id (FIFO group and dedup id) and TaskIQ body."""
+
+    queue: str
+    task_id: str
     body: bytes
-    s3_object: tuple[str, str] | None = None  # (bucket, key) of an offloaded payload
-    received_at: float = 0.0  # wall clock when the worker received it (the step's "picked up" event)
+
+
+@dataclasses.dataclass(frozen=True)
+class SendResult:
+    task_id: str
+    offloaded_to: str | None = None  # the S3 URL of a payload too large for the queue
+    error: TaskiqSyncError | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueFacts:
+    """What a worker or sender learns about a queue once, at start."""
+
+    url: str
+    max_message_size: int = SQS_MIN_DEFAULT_SIZE
+    dead_letter_url: str | None = None
+    dead_letter_name: str | None = None
+    max_receive_count: int | None = None
 
 
 class StepBroker(SQSBroker):
     """taskiq-aio-sqs broker with worker-side primitives and explicit client settings."""
 
-    def __init__(self, settings: SQSSettings, queues: Sequence[str]) -> None:
+    def __init__(self, settings: SQSSettings, queues: Sequence[str], keyring: Keyring | None = None) -> None:
         self.settings = settings
+        self.keyring = keyring or Keyring()
         # Only the queues this process uses must exist: a worker started with `-q other` or a
         # run whose steps are all routed elsewhere does not need the default queue.
         self.queue_names: dict[str, str] = {
             queue: settings.queue_name(queue) for queue in dict.fromkeys(queues or [settings.default_queue])
         }
-        default_sqs_name = next(iter(self.queue_names.values()))
         super().__init__(
-            default_sqs_name,
+            next(iter(self.queue_names.values())),
             endpoint_url=settings.endpoint_url,
-            region_name=settings.region,  # type: ignore[arg-type]  # None: boto's resolution
+            region_name=settings.region,  # type: ignore[arg-type]  # None means boto's own resolution
             aws_access_key_id=settings.access_key_id,
             aws_secret_access_key=settings.secret_access_key,
-            use_task_id_for_deduplication=True,  # FIFO: one message per step attempt
+            use_task_id_for_deduplication=True,
             wait_time_seconds=settings.wait_time_seconds,
             visibility_timeout=settings.visibility_timeout,
             s3_extended_bucket_name=settings.s3_bucket,
         )
-        self.with_queues(
-            *(
-                SQSQueue(
-                    name=sqs_name,
-                    is_fifo=sqs_name.endswith(".fifo"),
-                    wait_time_seconds=settings.wait_time_seconds,
-                    visibility_timeout=settings.visibility_timeout,
-                )
-                for sqs_name in self.queue_names.values()
-            )
-        )
+        self.with_queues(*(
+            SQSQueue(name=sqs_name, is_fifo=sqs_name.endswith(".fifo"), wait_time_seconds=settings.wait_time_seconds,
+                     visibility_timeout=settings.visibility_timeout)
+            for sqs_name in self.queue_names.values()
+        ))
         for celery_name, url in settings.predefined_queues.items():
             if celery_name in self.queue_names:
                 self._queue_urls[self.queue_names[celery_name]] = url
-        self._tasks = {name: self.register_task(_task_body, task_name=name) for name in TASK_NAMES}
-        self._max_message_size: dict[str, int] = {}  # SQS name -> MaximumMessageSize
-        self.offloaded: dict[str, str] = {}  # task id -> S3 URL, read once by send
+        self.facts: dict[str, QueueFacts] = {}  # Celery queue name -> facts
 
     async def startup(self) -> None:
         await super().startup()
-        for sqs_name, url in self._queue_urls.items():
-            answer = await self._sqs_client.get_queue_attributes(QueueUrl=url, AttributeNames=["MaximumMessageSize"])
-            self._max_message_size[sqs_name] = int(answer["Attributes"].get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE))
+        for queue, sqs_name in self.queue_names.items():
+            url = self._queue_urls[sqs_name]
+            answer = await self._sqs_client.get_queue_attributes(
+                QueueUrl=url, AttributeNames=["MaximumMessageSize", "RedrivePolicy"])
+            attributes = answer.get("Attributes", {})
+            facts = QueueFacts(url, int(attributes.get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE)))
+            policy = _redrive_policy(attributes.get("RedrivePolicy"))
+            if policy is not None:
+                dlq_name, account, receives = policy
+                try:
+                    dlq = await self._sqs_client.get_queue_url(QueueName=dlq_name, QueueOwnerAWSAccountId=account)
+                    facts = dataclasses.replace(facts, dead_letter_url=dlq["QueueUrl"], dead_letter_name=dlq_name,
+                                                max_receive_count=receives)
+                except boto_exc.ClientError as exc:  # the DLQ is gone: dead-lettering will delete instead
+                    log.warning("queue %s names dead-letter queue %s, which cannot be found (%s)", sqs_name, dlq_name, exc)
+                    facts = dataclasses.replace(facts, max_receive_count=receives)
+            self.facts[queue] = facts
 
-    async def kick(self, message: BrokerMessage) -> None:
-        """Send a message, offloading its body to S3 when the queue would refuse its size.
-
-        taskiq-aio-sqs offloads only above 1 MiB whatever the queue accepts; queues created with
-        a smaller MaximumMessageSize (256 KiB was the SQS default) would reject the send. The
-        pointer has the same shape and attribute taskiq-aio-sqs uses, so its receivers read it too.
-        """
-        sqs_name = str(message.labels.get("queue", self._default_queue.name))
-        limit = self._max_message_size.get(sqs_name, SQS_MIN_DEFAULT_SIZE)
-        if len(message.message) + ATTRIBUTE_ALLOWANCE <= limit:
-            await super().kick(message)
-            return
-        bucket = self.settings.s3_bucket
-        if not bucket:
-            raise PayloadTooLargeError(
-                f"the message for task {message.task_id} is {len(message.message)} bytes, more than SQS "
-                f"queue {sqs_name!r} accepts ({limit} bytes), and no S3 bucket is configured; set "
-                "execution.config.backend to 's3://BUCKET/PREFIX' so large payloads go through S3."
-            )
-        key = "/".join(part for part in (self.settings.s3_prefix, f"{message.task_id}.json") if part)
-        await self._s3_client.put_object(Bucket=bucket, Key=key, Body=message.message)
-        self.offloaded[message.task_id] = f"s3://{bucket}/{key}"
-        _, queue, queue_url = self._resolve_queue(message)
-        pointer = BrokerMessage(
-            task_id=message.task_id,
-            task_name=message.task_name,
-            message=json.dumps({"s3_bucket": bucket, "s3_key": key}).encode(),
-            labels=message.labels,
-        )
-        kwargs = await self.build_kick_kwargs(pointer, queue=queue, queue_url=queue_url)
-        kwargs["MessageAttributes"] = {"s3_extended_message": {"StringValue": "True", "DataType": "String"}}
-        await self._sqs_client.send_message(**kwargs)
-
-    async def _get_sqs_client(self):  # type: ignore[override]
+    async def _get_sqs_client(self):  # type: ignore[no-untyped-def]  # explicit settings instead of taskiq-aio-sqs's
         self._client_context_creator = self._session.create_client("sqs", **client_kwargs(self.settings, self._session))
         return await self._client_context_creator.__aenter__()
 
-    async def _get_s3_client(self):  # type: ignore[override]
+    async def _get_s3_client(self):  # type: ignore[no-untyped-def]
         self._s3_client_context_creator = self._session.create_client("s3", **client_kwargs(self.settings, self._session))
         return await self._s3_client_context_creator.__aenter__()
 
@@ -161,67 +159,112 @@ class StepBroker(SQSBroker):
                 await creator.__aexit__(None, None, None)
                 setattr(self, name, None)
 
-    # --- orchestrator side --------------------------------------------------------------
+    # --- sending ----------------------------------------------------------------------------
 
-    async def send(
-        self, *, task_name: str, queue: str, task_id: str, group_id: str, kwargs: Mapping[str, Any]
-    ) -> str | None:
-        """Send one message; returns the S3 URL its payload went to, if it was offloaded."""
-        await (
-            self._tasks[task_name].kicker()
-            .with_task_id(task_id)
-            .with_labels(queue=self.queue_names[queue], group_id=group_id)
-            .kiq(**kwargs)
-        )
-        return self.offloaded.pop(task_id, None)
+    async def send_many(self, items: Sequence[Outgoing]) -> list[SendResult]:
+        """Send messages, ten per SendMessageBatch call per queue, offloading bodies larger
+        than their queue accepts to S3; failed entries are retried once on their own."""
+        results: dict[str, SendResult] = {}
+        by_queue: dict[str, list[tuple[Outgoing, dict[str, Any]]]] = {}
+        for item in items:
+            try:
+                entry, offloaded = await self._entry(item)
+            except TaskiqSyncError as exc:
+                results[item.task_id] = SendResult(item.task_id, error=exc)
+                continue
+            results[item.task_id] = SendResult(item.task_id, offloaded)
+            by_queue.setdefault(item.queue, []).append((item, entry))
+        for queue, entries in by_queue.items():
+            facts = self.facts[queue]
+            for chunk in _chunks(entries, facts.max_message_size):
+                failed = await self._send_chunk(facts.url, [entry for _, entry in chunk])
+                for index, error in failed.items():
+                    item, entry = chunk[index]
+                    try:  # a throttled or internally failed entry: once more, on its own
+                        await self._sqs_client.send_message(QueueUrl=facts.url, **_single(entry))
+                    except Exception as exc:  # translated by the client; the rest of the batch is sent
+                        results[item.task_id] = SendResult(item.task_id, error=_as_error(exc, error))
+        return [results[item.task_id] for item in items]
 
-    # --- worker side ----------------------------------------------------------------------
+    async def _entry(self, item: Outgoing) -> tuple[dict[str, Any], str | None]:
+        sqs_name = self.queue_names[item.queue]
+        body, attributes, offloaded = item.body, {}, None
+        limit = self.facts[item.queue].max_message_size
+        if len(body) + ATTRIBUTE_ALLOWANCE > limit:
+            bucket = self.settings.s3_bucket
+            if not bucket:
+                raise PayloadTooLargeError(
+                    f"the message for task {item.task_id} is {len(body)} bytes, more than SQS queue {sqs_name!r} "
+                    f"accepts ({limit} bytes), and no S3 bucket is configured; set execution.config.backend to "
+                    "'s3://BUCKET/PREFIX' so large payloads go through S3."
+                )
+            pointer = pointer_for(bucket, self.settings.s3_prefix, item.task_id, body)
+            await self._s3_client.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=body,
+                                             ServerSideEncryption="AES256")
+            body, offloaded = pointer.encode(), pointer.url
+            attributes[S3_POINTER_ATTRIBUTE] = "True"
+        attributes.update(self.keyring.sign(body))
+        entry: dict[str, Any] = {"Id": item.task_id[-80:].replace(".", "_"), "MessageBody": body.decode("utf-8")}
+        if attributes:
+            entry["MessageAttributes"] = {k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()}
+        if sqs_name.endswith(".fifo"):  # one group per step attempt: FIFO order never serializes a run
+            entry["MessageGroupId"] = item.task_id
+            entry["MessageDeduplicationId"] = item.task_id
+        return entry, offloaded
+
+    async def _send_chunk(self, url: str, entries: list[dict[str, Any]]) -> dict[int, str]:
+        """Indexes of entries SQS did not take, with its error code."""
+        if len(entries) == 1:
+            await self._sqs_client.send_message(QueueUrl=url, **_single(entries[0]))
+            return {}
+        ids = {entry["Id"]: i for i, entry in enumerate(entries)}
+        if len(ids) < len(entries):  # ids must be unique within a batch
+            for i, entry in enumerate(entries):
+                entry["Id"] = str(i)
+            ids = {str(i): i for i in range(len(entries))}
+        answer = await self._sqs_client.send_message_batch(QueueUrl=url, Entries=entries)
+        return {ids[f["Id"]]: f"{f.get('Code')}: {f.get('Message', '')}" for f in answer.get("Failed", [])}
+
+    # --- receiving and settling -------------------------------------------------------------------
 
     async def receive(self, queue: str, max_messages: int, wait_seconds: int) -> list[Delivery]:
-        sqs_name = self.queue_names[queue]
-        queue_url = self._queue_urls[sqs_name]
+        url = self.facts[queue].url
         result = await self._sqs_client.receive_message(
-            QueueUrl=queue_url,
-            MaxNumberOfMessages=max(1, min(10, max_messages)),
+            QueueUrl=url,
+            MaxNumberOfMessages=max(1, min(BATCH_ENTRIES, max_messages)),
             WaitTimeSeconds=wait_seconds,
             VisibilityTimeout=self.settings.visibility_timeout,
             MessageAttributeNames=["All"],
-            AttributeNames=["ApproximateReceiveCount"],
+            AttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
         )
-        deliveries = []
-        for raw in result.get("Messages", []):
-            deliveries.append(
-                Delivery(
-                    queue=queue,
-                    queue_url=queue_url,
-                    receipt_handle=raw["ReceiptHandle"],
-                    message_id=raw.get("MessageId", ""),
-                    receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
-                    body=await self._payload(raw),
-                    s3_object=_s3_pointer(raw),
-                    received_at=time.time(),
-                )
-            )
-        return deliveries
+        now = time.time()
+        return [_delivery(queue, url, raw, now) for raw in result.get("Messages", [])]
 
-    async def _payload(self, raw: Mapping[str, Any]) -> bytes:
-        """The message's bytes, fetched from S3 when the sender offloaded it there.
-
-        taskiq-aio-sqs offloads a body over the queue's size limit to S3 and sends
-        ``{"s3_bucket", "s3_key"}`` with the ``s3_extended_message`` attribute instead. A
-        pointer that cannot be read is returned as is; the worker then rejects it as malformed.
-        """
-        body = raw.get("Body", "").encode("utf-8")
-        pointer = _s3_pointer(raw)
-        if pointer is None:
-            return body
+    async def fetch_payload(self, pointer: S3Pointer, max_bytes: int) -> bytes:
+        """An offloaded body, read only up to ``max_bytes``; MalformedMessage if it is not there
+        or is larger (infrastructure errors propagate, to be retried)."""
         try:
-            s3_object = await self._s3_client.get_object(Bucket=pointer[0], Key=pointer[1])
-            async with s3_object["Body"] as stream:
-                return await stream.read()
+            answer = await self._s3_client.get_object(Bucket=pointer.bucket, Key=pointer.key)
         except boto_exc.ClientError as exc:
-            log.error("message %s: its S3 payload cannot be read (%s)", raw.get("MessageId"), exc)
-            return body
+            code = exc.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NoSuchBucket", "InvalidBucketName", "AccessDenied", "403"):
+                raise MalformedMessage(f"the offloaded payload {pointer.url} cannot be read ({code})") from None
+            raise
+        async with answer["Body"] as stream:
+            if int(answer.get("ContentLength") or 0) > max_bytes:
+                raise MalformedMessage(f"the offloaded payload {pointer.url} is {answer.get('ContentLength')} bytes, "
+                                       f"over the {max_bytes}-byte limit (execution.config.max_payload_mib)")
+            chunks, size = [], 0
+            while size <= max_bytes:  # a read may return less than asked: read to the end, or past the cap
+                chunk = await stream.read(min(1 << 20, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
+        if len(data) > max_bytes:
+            raise MalformedMessage(f"the offloaded payload {pointer.url} is over the {max_bytes}-byte limit")
+        return data
 
     async def change_visibility(self, deliveries: Sequence[Delivery], seconds: int) -> list[str]:
         """Set the visibility of held messages; returns receipt handles SQS no longer knows."""
@@ -230,39 +273,111 @@ class StepBroker(SQSBroker):
         for delivery in deliveries:
             by_queue.setdefault(delivery.queue_url, []).append(delivery)
         for queue_url, items in by_queue.items():
-            for start in range(0, len(items), 10):
-                chunk = items[start : start + 10]
+            for start in range(0, len(items), BATCH_ENTRIES):
+                chunk = items[start:start + BATCH_ENTRIES]
                 answer = await self._sqs_client.change_message_visibility_batch(
                     QueueUrl=queue_url,
-                    Entries=[
-                        {"Id": str(i), "ReceiptHandle": d.receipt_handle, "VisibilityTimeout": seconds}
-                        for i, d in enumerate(chunk)
-                    ],
+                    Entries=[{"Id": str(i), "ReceiptHandle": d.receipt_handle, "VisibilityTimeout": seconds}
+                             for i, d in enumerate(chunk)],
                 )
                 failed.extend(chunk[int(f["Id"])].receipt_handle for f in answer.get("Failed", []))
         return failed
 
-    async def delete(self, delivery: Delivery) -> None:
-        await self._sqs_client.delete_message(
-            QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle
-        )
-        if delivery.s3_object is not None:  # the payload is no use once its message is gone
-            bucket, key = delivery.s3_object
+    async def delete_many(self, deliveries: Sequence[Delivery], payloads: Sequence[S3Pointer] = ()) -> list[str]:
+        """Delete messages (ten per DeleteMessageBatch call) and the offloaded payloads whose
+        messages are gone; returns the message ids SQS refused to delete."""
+        refused: list[str] = []
+        by_queue: dict[str, list[Delivery]] = {}
+        for delivery in deliveries:
+            by_queue.setdefault(delivery.queue_url, []).append(delivery)
+        for queue_url, items in by_queue.items():
+            for start in range(0, len(items), BATCH_ENTRIES):
+                chunk = items[start:start + BATCH_ENTRIES]
+                if len(chunk) == 1:
+                    await self._sqs_client.delete_message(QueueUrl=queue_url, ReceiptHandle=chunk[0].receipt_handle)
+                    continue
+                answer = await self._sqs_client.delete_message_batch(
+                    QueueUrl=queue_url,
+                    Entries=[{"Id": str(i), "ReceiptHandle": d.receipt_handle} for i, d in enumerate(chunk)],
+                )
+                refused.extend(chunk[int(f["Id"])].message_id for f in answer.get("Failed", []))
+        for pointer in payloads:  # the payload is no use once its message is gone
             try:
-                await self._s3_client.delete_object(Bucket=bucket, Key=key)
+                await self._s3_client.delete_object(Bucket=pointer.bucket, Key=pointer.key)
             except boto_exc.ClientError as exc:
-                log.warning("could not delete offloaded payload s3://%s/%s: %s", bucket, key, exc)
+                log.warning("could not delete offloaded payload %s: %s", pointer.url, exc)
+        return refused
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> str | None:
+        """Move a message that can never run to its queue's dead-letter queue now (deleting it when
+        the queue has none); returns the dead-letter queue's name, or None when it was deleted."""
+        facts = self.facts[delivery.queue]
+        if facts.dead_letter_url:
+            attributes = {k: {"DataType": "String", "StringValue": v} for k, v in delivery.attributes.items()}
+            attributes[DEAD_LETTER_REASON_ATTRIBUTE] = {"DataType": "String", "StringValue": reason[:1000]}
+            kwargs: dict[str, Any] = {"QueueUrl": facts.dead_letter_url, "MessageBody": delivery.body.decode("utf-8", "replace"),
+                                      "MessageAttributes": attributes}
+            if facts.dead_letter_url.endswith(".fifo"):
+                kwargs["MessageGroupId"] = kwargs["MessageDeduplicationId"] = delivery.message_id or "dead-letter"
+            await self._sqs_client.send_message(**kwargs)
+        await self._sqs_client.delete_message(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle)
+        return facts.dead_letter_name
 
 
+def _delivery(queue: str, url: str, raw: Mapping[str, Any], now: float) -> Delivery:
+    attributes = {name: str(value.get("StringValue", "")) for name, value in raw.get("MessageAttributes", {}).items()
+                  if isinstance(value, Mapping)}
+    sent = raw.get("Attributes", {}).get("SentTimestamp")
+    return Delivery(
+        queue=queue, queue_url=url, receipt_handle=raw["ReceiptHandle"], message_id=raw.get("MessageId", ""),
+        receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+        body=raw.get("Body", "").encode("utf-8"), attributes=attributes, received_at=now,
+        sent_at=int(sent) / 1000 if sent and str(sent).isdigit() else None,
+    )
 
-def _s3_pointer(raw: Mapping[str, Any]) -> tuple[str, str] | None:
-    if "s3_extended_message" not in raw.get("MessageAttributes", {}):
+
+def _redrive_policy(text: str | None) -> tuple[str, str | None, int | None] | None:
+    """(dead-letter queue name, its account, maxReceiveCount) from a RedrivePolicy attribute."""
+    if not text:
         return None
     try:
-        pointer = json.loads(raw.get("Body", ""))
-        return str(pointer["s3_bucket"]), str(pointer["s3_key"])
-    except (ValueError, KeyError, TypeError):
+        policy = json.loads(text)
+        arn = str(policy["deadLetterTargetArn"]).split(":")
+        receives = policy.get("maxReceiveCount")
+        return arn[5], arn[4] or None, int(receives) if receives is not None else None
+    except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def _single(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if k != "Id"}
+
+
+def _entry_size(entry: Mapping[str, Any]) -> int:
+    return len(entry["MessageBody"].encode()) + ATTRIBUTE_ALLOWANCE
+
+
+def _chunks(entries: list[tuple[Outgoing, dict[str, Any]]], max_bytes: int) -> list[list[tuple[Outgoing, dict[str, Any]]]]:
+    """Batches of at most ten entries whose bodies together fit what the queue accepts."""
+    chunks: list[list[tuple[Outgoing, dict[str, Any]]]] = []
+    current: list[tuple[Outgoing, dict[str, Any]]] = []
+    size = 0
+    for item in entries:
+        item_size = _entry_size(item[1])
+        if current and (len(current) == BATCH_ENTRIES or size + item_size > max_bytes):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item_size
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _as_error(exc: BaseException, batch_error: str) -> TaskiqSyncError:
+    if isinstance(exc, TaskiqSyncError):
+        return exc
+    return BrokerError(f"SQS did not take the message ({batch_error}), nor on a second try ({type(exc).__name__}: {exc}).")
 
 
 def client_kwargs(settings: SQSSettings, session: Any) -> dict[str, Any]:
@@ -334,183 +449,3 @@ async def provision(settings: SQSSettings, queues: Iterable[str], max_receive_co
                 await s3.create_bucket(Bucket=settings.s3_bucket)
             report.append(f"bucket {settings.s3_bucket}")
     return report
-
-
-async def _task_body(**kwargs: Any) -> None:  # pragma: no cover - never run by taskiq
-    """Registered so kicks are named tasks; the worker runs them in child processes instead."""
-    raise RuntimeError("dagster_taskiq_sync messages are run by `dagster-taskiq-sync worker start`")
-
-
-class BrokerClient:
-    """Synchronous facade over :class:`StepBroker`, reached only through the bridge."""
-
-    def __init__(
-        self,
-        settings: SQSSettings,
-        bridge: Bridge,
-        queues: Iterable[str] = (),
-        call_timeout: float = 60.0,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.settings = settings
-        self.bridge = bridge
-        self.broker = StepBroker(settings, list(queues))
-        self.call_timeout = call_timeout
-        self._started = False
-        self.clock = clock
-        self.sleep = sleep
-
-    def _call(self, what: str, fn: Any, *args: Any, queue: str | None = None, timeout: float | None = None) -> Any:
-        try:
-            return self.bridge.call(fn, *args, timeout=timeout or self.call_timeout)
-        except TaskiqSyncError:
-            raise
-        except TimeoutError:
-            raise EndpointUnreachableError(
-                f"{what} on {self.settings.describe_endpoint()} did not answer within "
-                f"{timeout or self.call_timeout:g} s; check that the SQS endpoint in "
-                "execution.config.broker (or AWS_ENDPOINT_URL) is up and reachable."
-            ) from None
-        except Exception as exc:  # translate vendor errors at the edge
-            raise translate_error(exc, self.settings, what, queue) from None
-
-    def start(self) -> "BrokerClient":
-        """Open clients and resolve every queue URL (a missing queue fails here, by name)."""
-        if not self._started:
-            try:
-                self._call("connecting to SQS", self.broker.startup)
-            except TaskiqSyncError:
-                self._close_quietly()
-                raise
-            self._started = True
-        return self
-
-    def _close_quietly(self) -> None:
-        try:
-            self.bridge.call(self.broker.shutdown, timeout=10)
-        except Exception as exc:  # closing must not mask what made us stop
-            log.debug("closing the SQS clients failed: %s", exc)
-
-    def stop(self) -> None:
-        if self._started:
-            self._started = False
-            self._close_quietly()
-
-    def __enter__(self) -> "BrokerClient":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def send(
-        self,
-        *,
-        queue: str,
-        task_id: str,
-        group_id: str,
-        kwargs: Mapping[str, Any],
-        retry_for: float = 0.0,
-        task_name: str = STEP_TASK_NAME,
-    ) -> str | None:
-        """Send one message; through an endpoint outage keep retrying for ``retry_for`` s.
-
-        Returns the S3 URL of the payload when it was too large for the queue.
-
-        Only "cannot reach / did not answer" is retried: a missing queue or refused
-        credentials will not fix themselves.
-        """
-        what = f"sending a message to queue {queue!r}"
-        send = functools.partial(
-            self.broker.send, task_name=task_name, queue=queue, task_id=task_id, group_id=group_id, kwargs=kwargs
-        )
-        deadline = self.clock() + retry_for
-        delay = 0.5
-        while True:
-            try:
-                return self._call(what, send, queue=queue)
-            except EndpointUnreachableError as exc:
-                if self.clock() + delay > deadline:
-                    raise
-                log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
-                self.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-    def receive(
-        self, queue: str, max_messages: int, wait_seconds: int, cancel: threading.Event | None = None
-    ) -> list[Delivery]:
-        """Long-poll one queue; returns [] at once when ``cancel`` is set (shutdown).
-
-        A long poll cancelled mid-flight may have taken messages SQS never got to hand us; they
-        become visible again after the visibility timeout, so nothing is lost.
-        """
-        what = f"receiving from queue {queue!r}"
-        budget = wait_seconds + self.settings.connect_timeout * self.settings.max_attempts + 10
-        deadline = time.monotonic() + budget
-        future = self.bridge.submit(self.broker.receive, queue, max_messages, wait_seconds)
-        while True:
-            try:
-                return self.bridge.result(future, timeout=0.25, cancel=False)
-            except TimeoutError:
-                if cancel is not None and cancel.is_set():
-                    future.cancel()
-                    return []
-                if time.monotonic() > deadline:
-                    future.cancel()
-                    raise EndpointUnreachableError(
-                        f"{what} on {self.settings.describe_endpoint()} did not answer within "
-                        f"{budget:g} s; check that the SQS endpoint is up and reachable."
-                    ) from None
-            except TaskiqSyncError:
-                raise
-            except Exception as exc:
-                raise translate_error(exc, self.settings, what, queue) from None
-
-    def change_visibility(self, deliveries: Sequence[Delivery], seconds: int) -> list[str]:
-        return self._call("extending message visibility", self.broker.change_visibility, list(deliveries), seconds)
-
-    def delete(self, delivery: Delivery) -> None:
-        self._call(f"deleting a message from queue {delivery.queue!r}", self.broker.delete, delivery, queue=delivery.queue)
-
-
-def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue: str | None) -> TaskiqSyncError:
-    """One sentence for the user in place of a vendor traceback."""
-    if isinstance(exc, SendTaskError) and exc.__cause__ is not None:
-        exc = exc.__cause__
-    if isinstance(exc, TaskiqSyncError):
-        return exc
-    endpoint = settings.describe_endpoint()
-    queue_shown = settings.queue_name(queue) if queue else None
-    if isinstance(exc, sqs_exc.QueueNotFoundError):
-        missing = getattr(exc, "queue_name", None) or queue_shown
-        return QueueMissingError(f"SQS queue {missing!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
-    if isinstance(exc, (boto_exc.EndpointConnectionError, boto_exc.ConnectTimeoutError, boto_exc.ConnectionClosedError)):
-        return EndpointUnreachableError(
-            f"cannot reach the SQS endpoint {endpoint} while {what}; start it, or fix "
-            "execution.config.broker (sqs://HOST:PORT) / AWS_ENDPOINT_URL."
-        )
-    if isinstance(exc, boto_exc.NoCredentialsError):
-        return ConfigError(
-            "no AWS credentials were found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a "
-            "profile or role), or put them in execution.config.broker as sqs://KEY:SECRET@HOST:PORT."
-        )
-    if isinstance(exc, boto_exc.NoRegionError):
-        return ConfigError(
-            "no AWS region is set; set config_source.broker_transport_options.region or AWS_DEFAULT_REGION."
-        )
-    if isinstance(exc, boto_exc.ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        message = exc.response.get("Error", {}).get("Message", "")
-        if "NonExistentQueue" in code or code == "QueueDoesNotExist":
-            return QueueMissingError(f"SQS queue {queue_shown!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
-        if code in ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch"):
-            return ConfigError(f"SQS refused {what} ({code}: {message}); check the credentials and IAM permissions.")
-        return BrokerError(f"SQS failed {what} ({code}: {message}).")
-    if isinstance(exc, sqs_exc.TaskIQSQSError):
-        return BrokerError(f"{what} failed: {exc}")
-    if isinstance(exc, OSError) or type(exc).__module__.startswith("aiohttp"):
-        return EndpointUnreachableError(
-            f"cannot reach the SQS endpoint {endpoint} while {what} ({type(exc).__name__}: {exc}); "
-            "start it, or fix execution.config.broker / AWS_ENDPOINT_URL."
-        )
-    return BrokerError(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
+from .messages import Keyring
 from .settings import DEFAULT_QUEUE, SQSSettings, Settings, redact_url
 
 SUPPORTED_BROKERS = "'sqs://' (AWS defaults), 'sqs://host:port' (an endpoint such as a local one) or 'sqs://key:secret@host:port'"
@@ -199,6 +200,20 @@ MAPPED = "mapped"
 NO_EFFECT = "no effect"
 REFUSED = "refused"
 
+_SECURITY_WHY = ("Celery's X.509 signing keys are not used; messages are signed with HMAC-SHA256 "
+                 "(execution.config.signing_key), which becomes required.")
+
+
+def _serializer(settings: Settings, value: Any, path: str) -> Settings:
+    if str(value).lower() == "auth":
+        return replace(settings, signing_required=True)
+    return _note(settings, f"{path}: {value!r} has no effect on SQS: messages are always JSON.")
+
+
+def _security(settings: Settings, value: Any, path: str) -> Settings:
+    # Never silently weaker than the Celery deployment: signing stays required.
+    return _note(replace(settings, signing_required=True), f"{path}: {_SECURITY_WHY}")
+
 TRANSPORT_OPTIONS_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     "region": (MAPPED, "AWS region of the queues.", _set_sqs("region", _str)),
     "visibility_timeout": (
@@ -299,7 +314,16 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     "broker_connection_retry": (NO_EFFECT, "Connection retries are botocore's.", None),
     "broker_connection_retry_on_startup": (NO_EFFECT, "Connection retries are botocore's.", None),
     "broker_connection_max_retries": (NO_EFFECT, "Connection retries are botocore's.", None),
-    "task_serializer": (NO_EFFECT, "Messages are always JSON.", None),
+    "task_serializer": (
+        MAPPED,
+        "'auth' (Celery's message signing) requires signed messages: set execution.config.signing_key; other values have no effect (messages are always JSON).",
+        _serializer,
+    ),
+    "security_key": (MAPPED, _SECURITY_WHY, _security),
+    "security_certificate": (MAPPED, _SECURITY_WHY, _security),
+    "security_cert_store": (MAPPED, _SECURITY_WHY, _security),
+    "security_digest": (MAPPED, _SECURITY_WHY, _security),
+    "security_key_password": (MAPPED, _SECURITY_WHY, _security),
     "result_serializer": (NO_EFFECT, "Results go through the Dagster event log.", None),
     "accept_content": (NO_EFFECT, "Messages are always JSON.", None),
     "result_expires": (NO_EFFECT, "Results go through the Dagster event log.", None),
@@ -360,6 +384,8 @@ NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "queued_step_warning": _positive,
     "queued_step_timeout": _positive,
     "broker_outage_timeout": _positive,
+    "record_expiry": _positive,
+    "lost_worker_expiry": _positive,
 }
 
 
@@ -393,6 +419,14 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     for key, convert in NATIVE_KEYS.items():
         if config.get(key) is not None:
             settings = replace(settings, **{key: convert(config[key], f"execution.config.{key}")})
+    if config.get("max_payload_mib") is not None:
+        mib = _int(config["max_payload_mib"], "execution.config.max_payload_mib", 1, 2048)
+        settings = settings.with_sqs(max_payload_bytes=mib * 1024 * 1024)
+    previous = config.get("previous_signing_keys") or ()
+    if not isinstance(previous, (list, tuple)) or not all(isinstance(k, str) for k in previous):
+        raise ConfigError("execution.config.previous_signing_keys must be a list of secrets ({env: NAME} each).")
+    settings = replace(settings, keyring=Keyring.from_secrets(
+        config.get("signing_key"), tuple(previous), setting="execution.config.signing_key"))
     if not settings.sqs.default_queue:
         settings = settings.with_sqs(default_queue=DEFAULT_QUEUE)
     return settings

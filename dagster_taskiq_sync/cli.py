@@ -1,68 +1,27 @@
-"""The ``dagster-taskiq-sync`` command: ``worker start`` and ``queues create``.
+"""The ``dagster-taskiq-sync`` command: ``worker start|list|terminate``, ``queues create``, ...
 
-Flags follow ``dagster-celery worker start`` so deployment scripts carry over.
+Flags follow ``dagster-celery worker start`` so deployment scripts carry over. This is a thin
+layer: ``worker start`` builds a :class:`~.worker_config.WorkerConfig` and runs a
+:class:`~.worker.Worker` until a signal stops it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
-import uuid
-from typing import Any, Mapping
+from typing import Any
 
 import click
-import yaml
 
 from .errors import ConfigError, TaskiqSyncError
+from .worker_config import load_executor_config, settings_from_yaml
+
+__all__ = ["load_executor_config", "main", "settings_from_yaml"]
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
-
-
-def load_executor_config(config_yaml: str | None) -> Mapping[str, Any]:
-    """The executor block of a run-config YAML: ``execution: config:`` or legacy ``execution: celery:``."""
-    if config_yaml is None:
-        return {}
-    try:
-        with open(config_yaml, encoding="utf8") as fh:
-            parsed = yaml.safe_load(fh) or {}
-    except OSError as exc:
-        raise ConfigError(f"--config-yaml {config_yaml!r} cannot be read ({exc.strerror}); pass an existing file.") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config-yaml {config_yaml!r} is not valid YAML ({exc}); fix the file.") from None
-    if not isinstance(parsed, Mapping):
-        raise ConfigError(f"--config-yaml {config_yaml!r} must hold a mapping with an 'execution' key.")
-    execution = parsed.get("execution") or {}
-    if not isinstance(execution, Mapping):
-        raise ConfigError(f"--config-yaml {config_yaml!r}: 'execution' must be a mapping.")
-    block = execution.get("config") or execution.get("celery") or execution.get("taskiq") or {}
-    if not isinstance(block, Mapping):
-        raise ConfigError(f"--config-yaml {config_yaml!r}: 'execution.config' must be a mapping.")
-    return block
-
-
-def settings_from_yaml(config_yaml: str | None):
-    """Validate the block against taskiq_executor's schema (env sources resolved), then map it."""
-    from ._dagster_private import post_process_config, validate_config
-    from .celery_compat import settings_from_executor_config
-    from .executor import taskiq_executor
-
-    block = load_executor_config(config_yaml)
-    config_type = taskiq_executor.config_schema.config_type
-    result = validate_config(config_type, block)
-    if not result.success:
-        problems = "; ".join(e.message for e in result.errors)
-        raise ConfigError(f"--config-yaml {config_yaml!r}: the execution config is invalid: {problems}")
-    processed = post_process_config(config_type, block)
-    if not processed.success:
-        problems = "; ".join(e.message for e in processed.errors)
-        raise ConfigError(f"--config-yaml {config_yaml!r}: {problems}")
-    return settings_from_executor_config(processed.value)
 
 
 @click.group()
@@ -86,12 +45,13 @@ def worker() -> None:
 @click.option("--heartbeat-interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True, help="Seconds between liveness records of running steps; the orchestrator's worker_lost_timeout must exceed 3x this.")
 @click.option("--max-tasks-per-child", type=click.IntRange(1), help="Steps a step child runs before it is replaced by a fresh process (default: worker_max_tasks_per_child, else no limit).")
 @click.option("--max-memory-per-child", type=click.IntRange(1), help="KiB of resident memory after which a step child is replaced once its step ends (default: worker_max_memory_per_child, else no limit).")
+@click.option("--signing-key-file", "signing_key_files", multiple=True, type=click.Path(dir_okay=False), help="File holding message signing keys, one per line (first: current); adds to the config's signing_key (repeatable).")
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
 @click.option("-f", "--logfile", type=click.Path(dir_okay=False), help="Log file for --background (default ./dagster-taskiq-sync-worker-NAME.log).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval,
-                 max_tasks_per_child, max_memory_per_child, app, background, logfile, celery_args) -> None:
+def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval,  # type: ignore[no-untyped-def]
+                 max_tasks_per_child, max_memory_per_child, signing_key_files, app, background, logfile, celery_args) -> None:
     """Start a worker that runs the steps sent to its queues.
 
     Celery worker options after `--` that mean something here are honoured: --concurrency N,
@@ -118,15 +78,24 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
     log = logging.getLogger("dagster_taskiq_sync.worker")
     if app:
         log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)
+    from .worker import Worker
+    from .worker_config import WorkerConfig
+
     try:
-        recycle = {
-            "max_tasks_per_child": max_tasks_per_child or passthrough.get("max_tasks_per_child"),
-            "max_memory_per_child": max_memory_per_child or passthrough.get("max_memory_per_child"),
-        }
-        _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval,
-                    passthrough.get("prefetch_multiplier"), recycle, log)
+        config = WorkerConfig.from_yaml(
+            config_yaml, queues=queues, name=name, concurrency=concurrency, includes=includes,
+            shutdown_timeout=shutdown_timeout, heartbeat_interval=heartbeat_interval,
+            prefetch_multiplier=passthrough.get("prefetch_multiplier"),
+            max_tasks_per_child=max_tasks_per_child or passthrough.get("max_tasks_per_child"),
+            max_memory_per_child=max_memory_per_child or passthrough.get("max_memory_per_child"),
+            signing_key_files=signing_key_files,
+        )
+        for note in config.settings.notes:
+            log.warning(note)
+        code = Worker(config).run_until_stopped(handle_signals=True)
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
+    sys.exit(code)
 
 
 CELERY_WORKER_OPTIONS = {
@@ -182,100 +151,22 @@ def _start_in_background(name, logfile) -> None:
     click.echo(f"worker started in the background: pid {proc.pid}, log {path}")
 
 
-def _registry():
-    """The worker registry in DAGSTER_HOME's instance (None when DAGSTER_HOME is not set)."""
-    home = os.environ.get("DAGSTER_HOME")
-    if not home:
-        return None
-    import fcntl
-
-    from dagster import DagsterInstance
-
+def _registry():  # type: ignore[no-untyped-def]
+    """The worker registry in DAGSTER_HOME's instance (a ClickException saying how to set it)."""
+    from .instance import InstanceOptions, open_home_instance
     from .registry import WorkerRegistry
 
-    # Workers started together on a fresh sqlite DAGSTER_HOME would each create its tables and
-    # stamp its schema version at once (Dagster does not lock that), leaving "table already
-    # exists" errors or two alembic heads behind. One at a time per home.
     try:
-        lock = open(os.path.join(home, ".dagster-taskiq-sync-init.lock"), "a")
-    except OSError:
-        return WorkerRegistry(DagsterInstance.get())
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return WorkerRegistry(DagsterInstance.get())
-
-
-def _run_worker(config_yaml, queues, name, concurrency, includes, shutdown_timeout, heartbeat_interval,
-                prefetch_multiplier, recycle, log) -> None:
-    from .bridge import Bridge
-    from .broker import BrokerClient
-    from .step_runner import StepRunner
-    from .worker import Worker, WorkerOptions
-
-    settings = dataclasses.replace(settings_from_yaml(config_yaml), heartbeat_interval=heartbeat_interval)
-    if prefetch_multiplier:
-        settings = dataclasses.replace(settings, prefetch_multiplier=prefetch_multiplier)
-    settings = dataclasses.replace(settings, **{k: v for k, v in recycle.items() if v})
-    for note in settings.notes:
-        log.warning(note)
-    modules = tuple(dict.fromkeys([*settings.include, *(m for i in includes for m in i.split(",") if m)]))
-    for module in modules:  # fail fast here; the fork server would swallow an ImportError
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"-i/--includes {module!r} cannot be imported ({exc}); fix the module name or PYTHONPATH.") from None
-    queues = tuple(dict.fromkeys(queues)) or (settings.sqs.default_queue,)
-    worker_name = f"{name or 'dagster-' + uuid.uuid4().hex[:6]}@{socket.gethostname()}"
-    options = WorkerOptions(
-        name=worker_name,
-        queues=queues,
-        concurrency=concurrency or settings.worker_concurrency or os.cpu_count() or 1,
-        shutdown_timeout=shutdown_timeout,
-    )
-    stop_requested = threading.Event()
-    signals_seen = []
-
-    def on_signal(signum, _frame):
-        signals_seen.append(signum)
-        if len(signals_seen) == 1:
-            log.info("worker %s: %s received; finishing running steps (up to %.0f s), send it again to stop now",
-                     worker_name, signal.Signals(signum).name, shutdown_timeout)
-            stop_requested.set()
-        elif running is not None:
-            running.kill_running(f"second {signal.Signals(signum).name}")
-
-    running = None
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    registry = _registry()
-    if registry is None:
-        log.warning("worker %s: DAGSTER_HOME is not set, so `dagster-taskiq-sync worker list` and "
-                    "`worker terminate` will not see this worker; set it to the deployment's instance.",
-                    worker_name)
-    with Bridge(name="taskiq-bridge") as bridge:
-        client = BrokerClient(settings.sqs, bridge, queues).start()
-        running = Worker(settings, options, client, StepRunner(
-            preload=modules,
-            max_tasks_per_child=settings.max_tasks_per_child,
-            max_memory_per_child=settings.max_memory_per_child,
-        ), registry=registry)
-        try:
-            running.start()
-            while not stop_requested.wait(1.0):
-                if running.terminate_requested.is_set():
-                    break
-        finally:
-            running.stop()
+        return WorkerRegistry(open_home_instance(InstanceOptions(pool_connections=False)))
+    except TaskiqSyncError as exc:
+        raise click.ClickException(f"the worker registry lives in the Dagster instance: {exc}") from None
 
 
 @worker.command("list")
 @click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Accepted for dagster-celery scripts; the registry is DAGSTER_HOME's instance.")
 def worker_list(config_yaml) -> None:
     """List the workers registered in DAGSTER_HOME's instance, with their running steps."""
-    registry = _registry()
-    if registry is None:
-        raise click.ClickException("worker list reads the worker registry in the Dagster instance; set DAGSTER_HOME to the deployment's instance.")
-    rows = registry.workers()
+    rows = _registry().workers()
     if not rows:
         click.echo("no workers registered")
         return
@@ -295,11 +186,9 @@ def worker_terminate(name, all_, config_yaml, wait_seconds) -> None:
     """Ask a worker (by name, with or without @HOST) or all workers to stop gracefully."""
     import time
 
-    registry = _registry()
-    if registry is None:
-        raise click.ClickException("worker terminate uses the worker registry in the Dagster instance; set DAGSTER_HOME.")
     if not (name or all_):
         raise click.UsageError("name a worker (see `dagster-taskiq-sync worker list`) or pass -a/--all.")
+    registry = _registry()
     rows = [r for r in registry.workers() if r.state != "stopped" and (all_ or name in (r.name, r.name.split("@")[0]))]
     if not rows:
         raise click.ClickException(f"no registered worker is named {name!r}; see `dagster-taskiq-sync worker list`.")
@@ -330,7 +219,8 @@ def queues() -> None:
 def queues_create(config_yaml, extra, max_receive_count, no_dead_letter) -> None:
     """Create the queues (with dead-letter queues and redrive policy) and the S3 bucket a config names."""
     from .bridge import Bridge
-    from .broker import provision, translate_error
+    from .broker import provision
+    from .broker_client import translate_error
 
     try:
         settings = settings_from_yaml(config_yaml)

@@ -31,20 +31,16 @@ from ._dagster_private import (
     ConfigurableClass,
     ConfigurableClassData,
     EngineEventData,
-    ExecuteRunArgs,
     LaunchRunContext,
-    ResumeRunArgs,
     ResumeRunContext,
     RunLauncher,
     WorkerStatus,
-    serialize_value,
 )
 from .bridge import shared_bridge
-from .broker import RESUME_TASK_NAME, RUN_TASK_NAME, BrokerClient
+from .broker_client import BrokerClient
 from .celery_compat import settings_from_executor_config
-from .executor import MESSAGE_VERSION, QUEUE_TAGS, RUN_PRIORITY_TAGS
-from .liveness import EXITED, QUEUED, RUNNING, LivenessStore, StepRecord, run_handle_id
-from .secrets import redact_instance_ref
+from .liveness import DEAD_LETTERED, EXITED, QUEUED, RUNNING, LivenessStore, StepRecord
+from .messages import RUN_PRIORITY_TAGS, RunMessage, TaskKind, encode, queue_for_tags
 from .settings import DEFAULT_QUEUE
 
 TASK_ID_TAG = "dagster-taskiq/task_id"  # the id of the run's latest launch (as dagster-celery/task_id)
@@ -61,6 +57,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         include: list[str] | None = None,
         config_source: Mapping[str, Any] | None = None,
         worker_lost_timeout: float | None = None,
+        signing_key: str | None = None,
+        previous_signing_keys: list[str] | None = None,
         inst_data: ConfigurableClassData | None = None,
     ) -> None:
         self._inst_data = check.opt_inst_param(inst_data, "inst_data", ConfigurableClassData)
@@ -72,8 +70,11 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 "include": include,
                 "config_source": config_source,
                 "worker_lost_timeout": worker_lost_timeout,
+                "signing_key": signing_key,
+                "previous_signing_keys": previous_signing_keys,
             }
         ).with_sqs(default_queue=check.str_param(default_queue, "default_queue"))
+        self.settings.check_signing("sender")
         super().__init__()
 
     # --- ConfigurableClass ----------------------------------------------------------------
@@ -95,6 +96,10 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             "worker_lost_timeout": Field(Noneable(float), is_required=False,
                                          description="A run whose worker has not heartbeated for this long is "
                                          "reported FAILED to run monitoring (default 30)."),
+            "signing_key": Field(Noneable(StringSource), is_required=False,
+                                 description="Secret that signs launch messages ({env: NAME}); as for taskiq_executor."),
+            "previous_signing_keys": Field([StringSource], is_required=False,
+                                           description="Keys workers still accept during a rotation."),
         }
 
     @classmethod
@@ -105,30 +110,19 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     @contextlib.contextmanager
     def _client(self, queue: str) -> Iterator[BrokerClient]:
-        with shared_bridge() as bridge, BrokerClient(self.settings.sqs, bridge, [queue]) as client:
+        with shared_bridge() as bridge, BrokerClient(self.settings.sqs, bridge, [queue],
+                                                     keyring=self.settings.keyring) as client:
             yield client
 
-    def _queue_for(self, run) -> str:
-        for tag in QUEUE_TAGS:
-            if run.tags.get(tag):
-                return run.tags[tag]
-        return self.settings.sqs.default_queue
-
-    def _send(self, run, task_name: str, launch: str, args: Any) -> None:
-        queue = self._queue_for(run)
-        handle = run_handle_id(run.run_id, launch)
+    def _send(self, run: Any, message: RunMessage) -> None:
+        queue = queue_for_tags(run.tags, self.settings.sqs.default_queue)
+        handle = message.handle
         LivenessStore(self._instance).write_queued({handle: StepRecord(QUEUED, queue=queue)})
         self._instance.add_run_tags(run.run_id, {TASK_ID_TAG: handle})
+        launch = message.launch
         with self._client(queue) as client:
-            offloaded = client.send(
-                task_name=task_name,
-                queue=queue,
-                task_id=handle,
-                group_id=handle,
-                kwargs={"version": MESSAGE_VERSION, "run_id": run.run_id, "launch": launch,
-                        "execute_run_args": serialize_value(args)},
-                retry_for=self.settings.broker_outage_timeout,
-            )
+            offloaded = client.send(queue=queue, task_id=handle, body=encode(message, self.settings.sqs.queue_name(queue)),
+                                    retry_for=self.settings.broker_outage_timeout)
         priority = next((run.tags[t] for t in RUN_PRIORITY_TAGS if run.tags.get(t)), None)
         self._instance.report_engine_event(
             f"Sent run to SQS queue {self.settings.sqs.queue_name(queue)!r} ({launch})"
@@ -139,14 +133,10 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             cls=self.__class__,
         )
 
-    def _args(self, cls, run) -> Any:
-        instance_ref, _ = redact_instance_ref(self._instance.get_ref())
-        return cls(job_origin=check.not_none(run.job_code_origin), run_id=run.run_id,
-                   instance_ref=instance_ref, set_exit_code_on_failure=True)
-
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
-        self._send(run, RUN_TASK_NAME, "launch", self._args(ExecuteRunArgs, run))
+        check.not_none(run.job_code_origin, "TaskiqRunLauncher launches runs that have a code origin")
+        self._send(run, RunMessage(TaskKind.RUN, run.run_id, "launch"))
 
     @property
     def supports_resume_run(self) -> bool:
@@ -154,8 +144,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     def resume_run(self, context: ResumeRunContext) -> None:
         run = context.dagster_run
-        self._send(run, RESUME_TASK_NAME, f"resume-{context.resume_attempt_number or 1}",
-                   self._args(ResumeRunArgs, run))
+        self._send(run, RunMessage(TaskKind.RESUME, run.run_id, f"resume-{context.resume_attempt_number or 1}"))
 
     def terminate(self, run_id: str) -> bool:
         """Ask the worker running the run to stop it (it interrupts the run process, which stops
@@ -188,14 +177,17 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         if record.state == QUEUED:
             return CheckRunHealthResult(WorkerStatus.RUNNING, f"queued on {record.queue!r} for {record.age():.0f} s")
         if record.state == RUNNING:
-            limit = max(self.settings.worker_lost_timeout, 3 * (record.heartbeat_interval or 0.0))
-            if record.age() > limit:
+            lost = record.lost_for(self.settings.worker_lost_timeout)
+            if lost is not None:
                 return CheckRunHealthResult(
                     WorkerStatus.FAILED,
                     f"worker {record.worker} (host {record.host}, pid {record.worker_pid}) running the run "
-                    f"stopped heartbeating {record.age():.0f} s ago; the worker was lost.",
+                    f"stopped heartbeating {lost:.0f} s ago; the worker was lost.",
                 )
             return CheckRunHealthResult(WorkerStatus.RUNNING)
+        if record.state == DEAD_LETTERED:
+            return CheckRunHealthResult(WorkerStatus.FAILED, f"the run can never run: worker {record.worker} moved "
+                                                             f"its launch message {record.reason}")
         if record.state == EXITED and record.exit_code == 0:
             return CheckRunHealthResult(WorkerStatus.SUCCESS)
         return CheckRunHealthResult(

@@ -1,20 +1,24 @@
 """Step liveness and cancellation, shared by orchestrator and workers through the Dagster instance.
 
-Nothing is held in orchestrator memory: each step attempt has a deterministic id (run id, step
-key, attempt; see ``executor.step_handle_id``) and its record lives in the instance's key-value
+Nothing is held in orchestrator memory: each step attempt (and each launch of a whole run) has a
+deterministic id (``messages.step_handle_id``) and its record lives in the instance's key-value
 store, which every process of a deployment already shares (sqlite on one machine, PostgreSQL
 across machines). The default ``rpc://`` backend therefore needs no extra service.
 
 Record life cycle: the orchestrator writes ``queued`` when it sends the message (under its own
-key, in batches, so it can land after the worker's record without hiding it); the worker
-writes ``running`` when the step process starts and again every heartbeat; ``exited`` (with the
-exit code) when it ends abnormally (a step that ran to its end has its result in the event log). ``read`` prefers the worker's record. A cancel request is a separate
-key, so a heartbeat never overwrites it.
+key, so it can land after the worker's record without hiding it); the worker writes ``running``
+when the step process starts and again every heartbeat; ``exited`` (with the exit code) when it
+ends abnormally (a step that ran to its end has its result in the event log); ``dead_lettered``
+when its message can never run. ``read`` prefers the worker's record. A cancel request is a
+separate key, so a heartbeat never overwrites it.
+
+State stays bounded: the orchestrator deletes its run's records when the run's execution ends
+(:meth:`LivenessStore.forget`), and workers sweep records nobody updated for ``record_expiry``
+seconds (a run whose orchestrator died, a late redelivery).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,18 +29,10 @@ KEY_PREFIX = "dagster-taskiq-sync"
 QUEUED = "queued"
 RUNNING = "running"
 EXITED = "exited"
-
-
-def step_handle_id(run_id: str, step_key: str, attempt: int) -> str:
-    """Deterministic id of one step attempt: the message's task id, FIFO dedup id and the key
-    of its liveness record."""
-    digest = hashlib.sha256(f"{run_id}\0{step_key}\0{attempt}".encode()).hexdigest()
-    return f"{run_id[:8]}-{digest[:40]}"
-
-
-def run_handle_id(run_id: str, launch: str) -> str:
-    """Deterministic id of one launch ("launch", "resume-1", ...) of a whole run."""
-    return step_handle_id(run_id, f"<run:{launch}>", 0)
+DEAD_LETTERED = "dead_lettered"
+# Its last allowed delivery (maxReceiveCount) reached a worker: if it goes back unrun, SQS's
+# redrive policy dead-letters it on the next receive, and nobody else would ever say so.
+FINAL_DELIVERY = "final_delivery"
 
 
 def step_record_key(handle_id: str) -> str:
@@ -49,6 +45,13 @@ def queued_key(handle_id: str) -> str:
 
 def cancel_key(handle_id: str) -> str:
     return f"{KEY_PREFIX}/cancel/{handle_id}"
+
+
+def lost_for(ts: float, heartbeat_interval: float | None, lost_timeout: float, now: float | None = None) -> float | None:
+    """The one "worker is lost" rule: seconds since the last heartbeat when that is longer than
+    ``lost_timeout`` (and at least three heartbeats), else None. Used for steps, runs and workers."""
+    age = (now if now is not None else time.time()) - ts
+    return age if age > max(lost_timeout, 3 * (heartbeat_interval or 0.0)) else None
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class StepRecord:
     exit_code: int | None = None
     reason: str | None = None
     cannot_run: bool | None = None  # the message cannot run here at all (goes to the dead-letter queue)
+    final_receive: float | None = None  # wall clock of the delivery after which SQS dead-letters it
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
@@ -73,12 +77,17 @@ class StepRecord:
     def from_json(cls, text: str) -> "StepRecord | None":
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                return None
             return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
         except (ValueError, TypeError):
             return None
 
     def age(self, now: float | None = None) -> float:
-        return (now or time.time()) - self.ts
+        return (now if now is not None else time.time()) - self.ts
+
+    def lost_for(self, lost_timeout: float, now: float | None = None) -> float | None:
+        return lost_for(self.ts, self.heartbeat_interval, lost_timeout, now)
 
 
 class LivenessStore:
@@ -124,10 +133,43 @@ class LivenessStore:
         return records
 
     def request_cancel(self, handle_id: str, reason: str) -> None:
-        self._storage.set_cursor_values({cancel_key(handle_id): reason})
+        self._storage.set_cursor_values({cancel_key(handle_id): json.dumps({"reason": reason, "ts": time.time()})})
 
     def cancel_requests(self, handle_ids: Iterable[str]) -> Mapping[str, str]:
         ids = {cancel_key(h): h for h in handle_ids}
         if not ids:
             return {}
-        return {ids[k]: v for k, v in self._storage.get_cursor_values(set(ids)).items() if v}
+        requests = {}
+        for key, value in self._storage.get_cursor_values(set(ids)).items():
+            try:
+                reason = json.loads(value).get("reason")
+            except (ValueError, AttributeError):
+                reason = None
+            if isinstance(reason, str) and reason:
+                requests[ids[key]] = reason
+        return requests
+
+    def forget(self, handle_ids: Iterable[str]) -> int:
+        """Delete the records of these step attempts (their run's execution is over). Cancel
+        requests stay until the sweep: a terminated run's workers may not have read them yet."""
+        from ._dagster_private import kv_delete
+
+        keys = [key for handle in handle_ids for key in (step_record_key(handle), queued_key(handle))]
+        return kv_delete(self._storage, keys)
+
+    def sweep(self, expiry: float, now: float | None = None, limit: int = 1000) -> int:
+        """Delete records nobody updated for ``expiry`` seconds; returns how many."""
+        from ._dagster_private import kv_delete, kv_scan
+
+        cutoff = (now if now is not None else time.time()) - expiry
+        stale = []
+        for key, value in kv_scan(self._storage, f"{KEY_PREFIX}/", limit):
+            if key.startswith((f"{KEY_PREFIX}/worker", f"{KEY_PREFIX}/workers")):
+                continue  # the worker registry expires its own entries
+            try:
+                ts = float(json.loads(value).get("ts", 0))
+            except (ValueError, AttributeError, TypeError):
+                ts = 0.0
+            if ts < cutoff:
+                stale.append(key)
+        return kv_delete(self._storage, stale)

@@ -7,7 +7,9 @@ registry lives where every worker and the CLI already meet: the Dagster instance
 index; a terminate request is a separate key the worker polls, so it never races a heartbeat.
 
 The index is read-modify-write; two workers registering at the same instant can drop one name,
-which its next heartbeat puts back (each heartbeat re-adds a missing name).
+which its next heartbeat puts back (each heartbeat re-adds a missing name). Workers killed without
+a chance to say "stopped" (SIGKILL, a lost node) are shown as lost, and pruned from the registry
+``lost_worker_expiry`` seconds after their last heartbeat.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .liveness import KEY_PREFIX
+from .liveness import KEY_PREFIX, lost_for
 
 INDEX_KEY = f"{KEY_PREFIX}/workers"
 
@@ -40,13 +42,32 @@ class WorkerRecord:
     running: list[str] = field(default_factory=list)
     state: str = "running"  # running | stopping | stopped
     heartbeat_interval: float = 5.0
+    signing_required: bool = False
     ts: float = field(default_factory=time.time)
 
     def age(self, now: float | None = None) -> float:
-        return (now or time.time()) - self.ts
+        return (now if now is not None else time.time()) - self.ts
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.concurrency - len(self.running))
 
     def looks_alive(self, now: float | None = None) -> bool:
-        return self.state != "stopped" and self.age(now) <= 3 * self.heartbeat_interval + 5
+        # The one "lost" rule, with a short floor: the registry is refreshed every heartbeat.
+        return self.state != "stopped" and lost_for(self.ts, self.heartbeat_interval, 5.0, now) is None
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerRecord | None":
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                return None
+            record = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+            if not isinstance(record.name, str) or not isinstance(record.queues, list):
+                return None
+            return record
+        except (ValueError, TypeError):
+            return None
 
 
 class WorkerRegistry:
@@ -59,7 +80,7 @@ class WorkerRegistry:
             names = json.loads(raw) if raw else []
         except ValueError:
             names = []
-        return [n for n in names if isinstance(n, str)]
+        return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
     def _set(self, key: str, value: str) -> None:
         # One key per call: Dagster's set_cursor_values drops new keys of a mixed batch.
@@ -81,11 +102,21 @@ class WorkerRegistry:
         values = self._storage.get_cursor_values({worker_key(n) for n in names})
         records = []
         for name in names:
-            try:
-                records.append(WorkerRecord(**json.loads(values[worker_key(name)])))
-            except (KeyError, ValueError, TypeError):
-                continue
+            record = WorkerRecord.from_json(values.get(worker_key(name), ""))
+            if record is not None:
+                records.append(record)
         return records
+
+    def prune(self, expiry: float, now: float | None = None) -> list[str]:
+        """Forget workers whose last heartbeat is older than ``expiry`` seconds; returns their names."""
+        from ._dagster_private import kv_delete
+
+        now = now if now is not None else time.time()
+        gone = [r.name for r in self.workers() if r.age(now) > expiry]
+        if gone:
+            self._set(INDEX_KEY, json.dumps([n for n in self._index() if n not in gone]))
+            kv_delete(self._storage, [key for name in gone for key in (worker_key(name), control_key(name))])
+        return gone
 
     def request_terminate(self, name: str) -> None:
         self._set(control_key(name), json.dumps({"action": "terminate", "ts": time.time()}))
@@ -94,6 +125,7 @@ class WorkerRegistry:
         raw = self._storage.get_cursor_values({control_key(name)}).get(control_key(name))
         try:
             request = json.loads(raw) if raw else None
-        except ValueError:
+            return (isinstance(request, dict) and request.get("action") == "terminate"
+                    and float(request.get("ts", 0)) >= since)
+        except (ValueError, TypeError):
             return False
-        return bool(request) and request.get("action") == "terminate" and float(request.get("ts", 0)) >= since

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 
 from dagster import DagsterEventType, DagsterInstance
 
-PICKED_UP = "picked up by worker"
-# Steps say it in STEP_WORKER_STARTED, whole runs (TaskiqRunLauncher) in an engine event.
+from .step_child import PICKED_UP_KEY
+
+# Steps say who took them in STEP_WORKER_STARTED, whole runs (TaskiqRunLauncher, also when
+# resumed) in an engine event; both carry the PICKED_UP_KEY metadata.
 PICKED_UP_EVENTS = (DagsterEventType.STEP_WORKER_STARTED, DagsterEventType.ENGINE_EVENT)
 
 
@@ -45,8 +47,8 @@ def step_reports(instance: DagsterInstance, run_id: str) -> dict[str, StepReport
         if event is None:
             continue
         kind = event.event_type
-        if kind in PICKED_UP_EVENTS and PICKED_UP in (event.message or record.user_message or ""):
-            meta = event.event_specific_data.metadata
+        meta = getattr(event.event_specific_data, "metadata", None) or {}
+        if kind in PICKED_UP_EVENTS and PICKED_UP_KEY in meta:
             rep.worker = _text(meta.get("worker"))
             rep.host = _text(meta.get("host"))
             rep.queue = _text(meta.get("queue"))

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from .messages import Keyring
+
 DEFAULT_QUEUE = "dagster"  # dagster-celery's task_default_queue
 
 # kombu's SQS transport: dots become dashes, every other punctuation but '-' and '_' becomes
@@ -66,6 +68,7 @@ class SQSSettings:
     queue_tags: Mapping[str, str] = field(default_factory=dict)
     s3_bucket: str | None = None  # payloads larger than the queue accepts go here
     s3_prefix: str = ""
+    max_payload_bytes: int = 64 * 1024 * 1024  # largest offloaded payload a worker reads
 
     def queue_name(self, celery_queue: str) -> str:
         """SQS queue name for a Celery queue name (kombu's rules, prefix included)."""
@@ -101,8 +104,27 @@ class Settings:
     # --- reliability (worker side) ---
     heartbeat_interval: float = 5.0  # liveness record refresh while a step runs
     cancel_poll_interval: float = 1.0  # how often a worker looks for cancel requests
+    # --- trust and bounded state ---
+    keyring: Keyring = field(default_factory=Keyring)  # signing keys (messages.py)
+    signing_required: bool = False  # Celery's task_serializer: auth asked for signed messages
+    record_expiry: float = 86400.0  # workers delete liveness records nobody updated for this long
+    lost_worker_expiry: float = 3600.0  # a lost worker leaves `worker list` this long after its last heartbeat
     # Warnings produced while mapping Celery settings (each a full sentence, emitted once).
     notes: tuple[str, ...] = ()
+
+    def check_signing(self, role: str) -> None:
+        """Refuse to run unsigned where the Celery config asked for signed messages; ``role`` is
+        "sender" (needs a current key) or "worker" (needs a key to verify with)."""
+        from .errors import ConfigError
+
+        has_key = self.keyring.current is not None if role == "sender" else self.keyring.verifies
+        if self.signing_required and not has_key:
+            raise ConfigError(
+                "config_source.task_serializer 'auth' / security_* ask for signed messages (Celery's message "
+                "signing); set execution.config.signing_key to {env: NAME} holding a random secret of at least "
+                "32 characters, the same for orchestrators, launchers and workers (workers may also take "
+                "--signing-key-file), or remove those keys to send unsigned messages."
+            )
 
     def with_sqs(self, **changes: Any) -> "Settings":
         return replace(self, sqs=replace(self.sqs, **changes))

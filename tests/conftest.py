@@ -38,11 +38,19 @@ def endpoint(tmp_path_factory):
         yield ep
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def dagster_home(tmp_path_factory) -> Path:
+    """The session's instance directory, exported as DAGSTER_HOME: workers started by tests use
+    their own DAGSTER_HOME (never an instance named by a message), so it must be the tests'."""
     home = tmp_path_factory.mktemp("dagster_home")
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    return home
+    saved = os.environ.get("DAGSTER_HOME")
+    os.environ["DAGSTER_HOME"] = str(home)
+    yield home
+    if saved is None:
+        os.environ.pop("DAGSTER_HOME", None)
+    else:
+        os.environ["DAGSTER_HOME"] = saved
 
 
 @pytest.fixture(scope="session")

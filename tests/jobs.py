@@ -142,8 +142,8 @@ class FaultConfig(Config):
     sleep: float = 30.0
 
 
-def _counted(name: str, retry_policy=None):
-    @op(name=name, tags={"dagster-celery/queue": "faults"}, retry_policy=retry_policy)
+def _counted(name: str, retry_policy=None, queue: str | None = "faults"):
+    @op(name=name, tags={"dagster-celery/queue": queue} if queue else {}, retry_policy=retry_policy)
     def counted(config: FaultConfig) -> int:
         marker = Path(config.marker_dir) / f"{name}.log"
         with marker.open("a") as fh:
@@ -177,6 +177,13 @@ def one_long_retried():
 def two_long():
     _counted("long_a")()
     _counted("long_b")()
+
+
+@job(executor_def=taskiq_executor)
+def two_sleepers():
+    """Two parallel counted steps on the run's default queue."""
+    _counted("sleeper_a", queue=None)()
+    _counted("sleeper_b", queue=None)()
 
 
 @op(tags={"dagster-celery/queue": "lonely"})
@@ -318,8 +325,54 @@ def wide():
     sum_wide(emit_wide().collect())
 
 
+# --- fairness between queues: steps routed to named queues ---
+
+
+def _on_queue(name: str, queue: str | None):
+    @op(name=name, tags={"dagster-celery/queue": queue} if queue else {})
+    def step(x: int = 0) -> int:
+        return x + 1
+
+    return step
+
+
+@job(executor_def=taskiq_executor)
+def across_two_queues():
+    """The starvation repro: the middle op goes to fair_b, the others to the run's default queue."""
+    _on_queue("last_on_a", None)(_on_queue("middle_on_b", "fair_b")(_on_queue("first_on_a", None)()))
+
+
+BACKLOG_OPS = {queue: [_on_queue(f"{queue}_step_{i}", queue) for i in range(4)] for queue in ("fair_q1", "fair_q2", "fair_q3")}
+
+
+@job(executor_def=taskiq_executor)
+def backlog_q1():
+    for step in BACKLOG_OPS["fair_q1"]:
+        step()
+
+
+@job(executor_def=taskiq_executor)
+def backlog_q2():
+    for step in BACKLOG_OPS["fair_q2"]:
+        step()
+
+
+@job(executor_def=taskiq_executor)
+def backlog_q3():
+    for step in BACKLOG_OPS["fair_q3"]:
+        step()
+
+
+@job(executor_def=taskiq_executor)
+def fan_100():
+    """100 independent trivial steps (bounded-state test: liveness rows per step attempt)."""
+    for i in range(100):
+        _on_queue(f"leaf_{i}", None)()
+
+
 defs = Definitions(jobs=[
     diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps,
     one_long, one_long_retried, two_long, wide, two_chatty, unserved,
     launched_ok, launched_raises, launched_exits_hard, launched_long, resumable,
+    across_two_queues, backlog_q1, backlog_q2, backlog_q3, fan_100, two_sleepers,
 ])

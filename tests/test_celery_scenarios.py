@@ -12,7 +12,7 @@ import time
 
 import pytest
 import yaml
-from dagster import DagsterEventType, execute_job, reconstructable
+from dagster import execute_job, reconstructable
 
 from . import celery_jobs as cj
 from .helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, wait_for

@@ -7,6 +7,7 @@ stranded in the queue. Timeouts are shortened through configuration only.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -211,18 +212,11 @@ def test_duplicated_messages_run_user_code_once(endpoint, instance, faults_confi
 def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     endpoint, instance, workers, executor_config, tmp_path
 ):
-    from taskiq import TaskiqMessage
-    from taskiq.formatters.json_formatter import JSONFormatter
-
     from dagster import execute_job, reconstructable
     from dagster._core.code_pointer import FileCodePointer
-    from dagster._core.execution.retries import RetryMode
-    from dagster._grpc.types import ExecuteStepArgs
-    from dagster._serdes import serialize_value
 
-    from dagster_taskiq_sync.bridge import Bridge
-    from dagster_taskiq_sync.broker import BrokerClient
-    from dagster_taskiq_sync.celery_compat import settings_from_executor_config
+    from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
+    from dagster_taskiq_sync.messages import StepMessage, encode
 
     # Given a queue whose redrive policy moves a message to poison-dlq after 2 receives
     poison_yaml = tmp_path / "poison.yaml"
@@ -238,8 +232,8 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     # and four messages no worker can run: not JSON, an unknown task, a run this instance does
     # not have, and a run whose job code cannot be loaded
     client.send_message(QueueUrl=url, MessageBody="this is not json {")
-    other_task = TaskiqMessage(task_id="t1", task_name="someone.elses.task", labels={}, labels_types={}, args=[], kwargs={})
-    client.send_message(QueueUrl=url, MessageBody=JSONFormatter().dumps(other_task).message.decode())
+    client.send_message(QueueUrl=url, MessageBody=json.dumps({
+        "task_id": "t1", "task_name": "someone.elses.task", "labels": {}, "args": [], "kwargs": {}}))
     with execute_job(reconstructable(jobs.diamond), instance=instance,
                      run_config={"execution": {"config": executor_config}}) as done:
         real_run = instance.get_run_by_id(done.run_id)
@@ -248,18 +242,9 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     missing_code = origin._replace(repository_origin=origin.repository_origin._replace(code_pointer=gone))
     unloadable = real_run._replace(run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED, job_code_origin=missing_code)
     instance.add_run(unloadable)
-
-    def step_kwargs(run_id):
-        args = ExecuteStepArgs(job_origin=missing_code, run_id=run_id, step_keys_to_execute=["emit_one"],
-                               instance_ref=instance.get_ref(), retry_mode=RetryMode.DISABLED,
-                               should_verify_step=True, print_serialized_events=False)
-        return {"version": 1, "run_id": run_id, "step_key": "emit_one", "attempt": 1,
-                "execute_step_args": serialize_value(args)}
-
-    settings = settings_from_executor_config(poison_config)
-    with Bridge() as bridge, BrokerClient(settings.sqs, bridge, ["poison"]) as broker:
-        for run_id in (str(uuid.uuid4()), unloadable.run_id):
-            broker.send(queue="poison", task_id=run_id[:8], group_id="g", kwargs=step_kwargs(run_id))
+    state = serialize_value(KnownExecutionState())
+    for run_id in (str(uuid.uuid4()), unloadable.run_id):
+        client.send_message(QueueUrl=url, MessageBody=encode(StepMessage(run_id, "emit_one", 1, state), "poison").decode())
 
     # When a worker consumes the queue
     worker = WorkerProcess(poison_yaml, "poison", tmp_path, ["-q", "poison", "-c", "2"]).wait_ready()
@@ -273,9 +258,9 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
             raise AssertionError(f"{exc}; poison/dlq counts {counts}; worker log:\n{worker.log()[-4000:]}") from None
         assert worker.proc.poll() is None
         log = worker.log()
-        assert "is not a TaskIQ message" in log
-        assert "is for unknown task 'someone.elses.task'" in log
-        assert "is not in the Dagster instance this worker reaches" in log
+        assert "the body is not JSON" in log
+        assert "the message is for unknown task 'someone.elses.task'" in log
+        assert "is not in this worker's Dagster instance" in log
         assert "its job could not be loaded on the worker" in log
         assert "Traceback" not in log
         # and the run whose code is missing says why in its own event log
@@ -302,7 +287,14 @@ def big_config(endpoint, tmp_path_factory) -> dict:
     out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "bucket dagster-payloads" in out.stdout
-    worker = WorkerProcess(path, "big", tmp_path_factory.mktemp("bigw"), ["-q", "big", "-c", "2"]).wait_ready()
+    # big1m keeps SQS's default size (1 MiB). Workers read offloaded payloads only from the bucket
+    # their own config names, so this worker (with the bucket) serves both queues.
+    path_1m = path.parent / "big1m.yaml"
+    path_1m.write_text(yaml.safe_dump({"execution": {"config": {**config, "config_source": {
+        "task_default_queue": "big1m", "broker_transport_options": {"wait_time_seconds": 1}}}}}))
+    out = subprocess.run([CLI, "queues", "create", "-y", str(path_1m)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    worker = WorkerProcess(path, "big", tmp_path_factory.mktemp("bigw"), ["-q", "big", "-q", "big1m", "-c", "2"]).wait_ready()
     yield config
     assert worker.stop() == 0
 
@@ -333,10 +325,10 @@ def wide_run(instance, config, count, tmp_path):
 
 @pytest.mark.parametrize(
     "queue, queue_bytes, count",
-    [("big", 262_144, 28), ("dagster", 1_048_576, 110)],  # ~10 KB mapping keys: ~280 KB, ~1.1 MB
+    [("big", 262_144, 28), ("big1m", 1_048_576, 110)],  # ~10 KB mapping keys: ~280 KB, ~1.1 MB
     ids=["256KiB-queue", "default-1MiB-queue"],
 )
-def test_step_payload_larger_than_the_queue_accepts_goes_through_s3(endpoint, instance, big_config, workers, tmp_path,
+def test_step_payload_larger_than_the_queue_accepts_goes_through_s3(endpoint, instance, big_config, tmp_path,
                                                                      queue, queue_bytes, count):
     config = {**big_config, "config_source": {**big_config["config_source"], "task_default_queue": queue}}
     result = wide_run(instance, config, count, tmp_path).wait(120)

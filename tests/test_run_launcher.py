@@ -46,9 +46,26 @@ def launcher_home(endpoint, tmp_path_factory):
     cfg.write_text(yaml.safe_dump({"execution": {"config": {"broker": endpoint.broker_url, "config_source": {
         "task_default_queue": "runs",
         "broker_transport_options": {"wait_time_seconds": 1, "visibility_timeout": 2}}}}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg), "-q", "launched-steps"], capture_output=True,
+                         text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return home
+
+
+@pytest.fixture
+def step_worker(launcher_home, tmp_path):
+    """A worker for the steps of launched runs (queue launched-steps), on the launcher's instance:
+    workers only run steps of runs in their own DAGSTER_HOME."""
+    worker = WorkerProcess(launcher_home / "runs.yaml", "steps", tmp_path, ["-q", "launched-steps", "-c", "2"],
+                           env=os.environ | {"DAGSTER_HOME": str(launcher_home)}).wait_ready()
+    yield worker
+    assert worker.stop() == 0
+
+
+def steps_config(executor_config):
+    """The executor config of a launched run whose steps go to the step worker's queue."""
+    source = executor_config.get("config_source") or {}
+    return {**executor_config, "config_source": {**source, "task_default_queue": "launched-steps"}}
 
 
 @pytest.fixture(scope="module")
@@ -180,27 +197,27 @@ def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home
 
 @pytest.mark.slow
 def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(launcher_home, launcher_instance, run_worker,
-                                                                  workers, executor_config):
-    # The launched run orchestrates; its steps go to queue `dagster`, served by the session workers.
+                                                                  step_worker, executor_config):
+    # The launched run orchestrates; its steps go to queue `launched-steps`, served by another worker.
     run_worker("runner")
-    run_id = launch(launcher_home, launcher_instance, "diamond", {"execution": {"config": executor_config}})
+    run_id = launch(launcher_home, launcher_instance, "diamond", {"execution": {"config": steps_config(executor_config)}})
     run = wait_finished(launcher_instance, run_id)
     assert run.status == DagsterRunStatus.SUCCESS
     reports = step_reports(launcher_instance, run_id)
-    assert {r.worker for r in reports.values()} <= {w.full_name for w in workers}
+    assert {r.worker for r in reports.values()} == {step_worker.full_name}
     assert all(r.status == "SUCCESS" for r in reports.values()) and len(reports) == 4
 
 
 @pytest.mark.slow
 def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_home, launcher_instance, run_worker,
-                                                                      workers, executor_config, tmp_path, endpoint):
+                                                                      step_worker, executor_config, tmp_path, endpoint):
     markers = tmp_path / "m"
     markers.mkdir()
     first = run_worker("first")
     ops = {name: {"config": {"marker_dir": str(markers), "sleep": sleep}}
            for name, sleep in (("first_part", 0.1), ("second_part", 4))}
     run_id = launch(launcher_home, launcher_instance, "resumable",
-                    {"execution": {"config": executor_config}, "ops": ops}, tmp_path)
+                    {"execution": {"config": steps_config(executor_config)}, "ops": ops}, tmp_path)
     # When the worker running the run (its orchestrator) dies while a step runs elsewhere
     wait_for(lambda: marker_lines(markers, "second_part"), timeout=60, what="the second step to start")
     os.kill(first.pid, signal.SIGKILL)

@@ -98,7 +98,7 @@ def test_sigterm_finishes_running_steps_and_releases_unstarted_ones(endpoint, in
     wait_for(lambda: queue_counts(endpoint.url, "drain")[0] == 1, timeout=5, what="the unstarted message released")
     # and the running step finishes before the worker exits cleanly
     assert first.proc.wait(30) == 0
-    assert "finished in" in first.log() and "releasing unstarted message" in first.log()
+    assert "finished in" in first.log() and "releasing message" in first.log()
 
     # And another worker picks up the released step, so the run completes
     second = WorkerProcess(cfg, "drain2", tmp_path, ["-q", "drain", "-c", "1"]).wait_ready()
@@ -117,8 +117,10 @@ def test_idle_worker_stops_promptly_on_sigint(run_config_file, queues_created, t
     worker = WorkerProcess(run_config_file, "idle", tmp_path, ["-c", "1"]).wait_ready()
     started = time.monotonic()
     worker.proc.send_signal(2)
-    assert worker.proc.wait(15) == 0
-    assert time.monotonic() - started < 5  # a long poll in flight does not hold shutdown
+    assert worker.proc.wait(20) == 0
+    # Its last long poll (5 s here) is allowed to return, so nothing it might take is hidden for a
+    # visibility timeout: an idle worker stops within one long poll, not within shutdown-timeout.
+    assert time.monotonic() - started < 5 + 5
     assert "stopped after running 0 step(s)" in worker.log()
 
 

@@ -1,0 +1,196 @@
+"""The wire contract (messages.py): every field checked before use, signing, S3 pointers.
+
+Pure functions over bytes: these run in milliseconds, next to the end-to-end hostile-message tests
+(tests/test_hostile_messages.py) that throw the same garbage at real workers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
+from dagster_taskiq_sync.errors import ConfigError
+from dagster_taskiq_sync.messages import (
+    MESSAGE_VERSION,
+    SIGNATURE_ATTRIBUTE,
+    Keyring,
+    MalformedMessage,
+    RunMessage,
+    SignatureError,
+    StepMessage,
+    TaskKind,
+    check_payload,
+    decode,
+    decode_pointer,
+    encode,
+    pointer_for,
+    queue_for_tags,
+)
+
+RUN_ID = "0b6f9c7e-6a43-4c1e-9d55-3c2f9a1d2b10"
+STATE = serialize_value(KnownExecutionState())
+KEY = "k" * 40
+OLD_KEY = "o" * 40
+
+
+def step_body(**kwargs_override) -> bytes:
+    body = json.loads(encode(StepMessage(RUN_ID, "emit_one", 1, STATE), "dagster"))
+    body["kwargs"].update(kwargs_override)
+    return json.dumps(body).encode()
+
+
+def test_step_and_run_messages_round_trip():
+    step = StepMessage(RUN_ID, "graph.op[key_1]", 3, serialize_value(KnownExecutionState({"graph.op[key_1]": 2})))
+    assert decode(encode(step, "dagster")) == step
+    for message in (RunMessage(TaskKind.RUN, RUN_ID, "launch"), RunMessage(TaskKind.RESUME, RUN_ID, "resume-2")):
+        assert decode(encode(message, "runs")) == message
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"", "not JSON"),
+    (b"this is not json {", "not JSON"),
+    (step_body()[:40], "not JSON"),  # truncated
+    (step_body()[::-1], "not JSON"),  # reversed
+    (b"[1, 2, 3]", "not a JSON object"),
+    (b"[" * 100_000, "not JSON"),  # nesting bomb
+    (json.dumps({"task_name": "someone.elses.task", "kwargs": {}}).encode(), "unknown task 'someone.elses.task'"),
+    (json.dumps({"task_name": ["x"], "kwargs": {}}).encode(), "unknown task"),
+], ids=["empty", "garbage", "truncated", "reversed", "array", "nesting", "other-task", "task-name-list"])
+def test_undecodable_bodies_are_malformed(body, reason):
+    with pytest.raises(MalformedMessage) as info:
+        decode(body)
+    assert reason in info.value.reason
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("version", 1, "version 1, and this worker reads version 2"),
+    ("version", 3, "version 3"),
+    ("version", True, "version True"),
+    ("version", "2", "version '2'"),
+    ("run_id", 5, "run_id is missing or malformed"),
+    ("run_id", "../../etc", "run_id is missing or malformed"),
+    ("run_id", "x" * 300, "run_id is missing or malformed"),
+    ("step_key", None, "step_key is missing or malformed"),
+    ("step_key", "op; rm -rf /", "step_key is missing or malformed"),
+    ("attempt", "1", "attempt is not a whole number"),
+    ("attempt", True, "attempt is not a whole number"),
+    ("attempt", 0, "attempt is not a whole number"),
+    ("attempt", 2, "disagrees with its known_state"),
+    ("known_state", {}, "known_state is missing"),
+    ("known_state", "{\"__class__\": \"ExecuteStepArgs\"}", "not a Dagster execution state"),
+    ("known_state", "not json", "not a Dagster execution state"),
+    ("instance_ref", {"module": "os"}, "fields this version does not define"),
+    ("execute_step_args", "...", "fields this version does not define"),
+])
+def test_every_step_field_is_checked(field, value, reason):
+    with pytest.raises(MalformedMessage) as info:
+        decode(step_body(**{field: value}))
+    assert reason in info.value.reason
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"task_id": 123}, "task_id does not match"),
+    ({"task_id": "someone-elses-id"}, "task_id does not match"),
+    ({"kwargs": "run it"}, "no kwargs object"),
+    ({"args": ["os.system"]}, "positional args"),
+    ({"labels": "x"}, None),  # labels are only read for signed messages' queue check
+])
+def test_top_level_fields_of_wrong_type(change, reason):
+    body = json.loads(step_body())
+    body.update(change)
+    if reason is None:
+        assert decode(json.dumps(body).encode()).step_key == "emit_one"
+        return
+    with pytest.raises(MalformedMessage) as info:
+        decode(json.dumps(body).encode())
+    assert reason in info.value.reason
+
+
+def test_run_messages_accept_only_launch_labels():
+    body = json.loads(encode(RunMessage(TaskKind.RUN, RUN_ID, "launch"), "runs"))
+    for launch in ("resume-1", "launch; x", 7):
+        bad = json.loads(json.dumps(body))
+        bad["kwargs"]["launch"] = launch
+        with pytest.raises(MalformedMessage):
+            decode(json.dumps(bad).encode())
+
+
+def test_queue_tags_route_with_the_taskiq_alias_first():
+    assert queue_for_tags({}, "dagster") == "dagster"
+    assert queue_for_tags({"dagster-celery/queue": "a"}, "dagster") == "a"
+    assert queue_for_tags({"dagster-celery/queue": "a", "dagster-taskiq/queue": "b"}, "dagster") == "b"
+
+
+# --- signing -------------------------------------------------------------------------------------------
+
+
+def test_signed_messages_verify_and_every_change_is_caught():
+    ring = Keyring.from_secrets(KEY)
+    body = step_body()
+    attributes = ring.sign(body)
+    ring.verify(body, attributes)  # no exception
+    for i in range(0, len(body), max(1, len(body) // 40)):  # flip a byte anywhere: rejected
+        tampered = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1:]
+        with pytest.raises(SignatureError):
+            ring.verify(tampered, attributes)
+    version, key_id, digest = attributes[SIGNATURE_ATTRIBUTE].split(":")
+    for bad in (f"{version}:{key_id}:{'0' * 64}", f"v9:{key_id}:{digest}", "garbage", ""):
+        with pytest.raises(SignatureError):
+            ring.verify(body, {SIGNATURE_ATTRIBUTE: bad})
+    with pytest.raises(SignatureError, match="not signed"):
+        ring.verify(body, {})
+
+
+def test_key_rotation_accepts_the_previous_key_and_refuses_unknown_ones():
+    old, new = Keyring.from_secrets(OLD_KEY), Keyring.from_secrets(KEY, (OLD_KEY,))
+    body = step_body()
+    new.verify(body, old.sign(body))  # signed by a sender not yet rotated: accepted
+    new.verify(body, new.sign(body))
+    with pytest.raises(SignatureError, match="does not hold"):
+        Keyring.from_secrets(KEY).verify(body, Keyring.from_secrets("u" * 40).sign(body))
+    assert not Keyring().verifies and Keyring().sign(body) == {}
+
+
+def test_short_keys_are_refused_naming_the_setting():
+    with pytest.raises(ConfigError, match="execution.config.signing_key is 6 characters"):
+        Keyring.from_secrets("secret", setting="execution.config.signing_key")
+
+
+# --- S3 pointers -----------------------------------------------------------------------------------------
+
+
+def test_pointers_are_confined_to_the_configured_bucket_and_prefix():
+    good = pointer_for("payloads", "steps", "abc-123", b"x" * 10)
+    assert decode_pointer(good.encode(), "payloads", "steps", 1024) == good
+    cases = [
+        (json.dumps({"s3_bucket": "other", "s3_key": "steps/a.json"}), "names bucket 'other'"),
+        (json.dumps({"s3_bucket": "payloads", "s3_key": "elsewhere/a.json"}), "not under the offload prefix"),
+        (json.dumps({"s3_bucket": "payloads", "s3_key": "steps/../../a"}), "not under the offload prefix"),
+        (json.dumps({"s3_bucket": "payloads", "s3_key": 7}), "not under the offload prefix"),
+        (json.dumps({"s3_bucket": "payloads", "s3_key": "steps/a.json", "size": 10**9}), "over the 1024-byte limit"),
+        (json.dumps({"s3_bucket": "payloads", "s3_key": "steps/a.json", "sha256": "zz"}), "sha256 is malformed"),
+        ("not json", "not a JSON object"),
+    ]
+    for body, reason in cases:
+        with pytest.raises(MalformedMessage) as info:
+            decode_pointer(body.encode(), "payloads", "steps", 1024)
+        assert reason in info.value.reason
+    with pytest.raises(MalformedMessage, match="no offload bucket"):
+        decode_pointer(good.encode(), None, "", 1024)
+
+
+def test_fetched_payloads_must_match_their_pointer():
+    pointer = pointer_for("payloads", "", "abc", b"payload")
+    check_payload(pointer, b"payload", signed=True)
+    with pytest.raises(MalformedMessage, match="does not match the SHA-256"):
+        check_payload(pointer, b"swapped", signed=False)
+    unhashed = decode_pointer(json.dumps({"s3_bucket": "payloads", "s3_key": "a.json"}).encode(), "payloads", "", 99)
+    check_payload(unhashed, b"anything", signed=False)  # taskiq-aio-sqs's own pointers, unsigned
+    with pytest.raises(MalformedMessage, match="without the payload's SHA-256"):
+        check_payload(unhashed, b"anything", signed=True)
+
+
+def test_message_version_is_the_one_documented():
+    assert MESSAGE_VERSION == 2

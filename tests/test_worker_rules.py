@@ -1,0 +1,239 @@
+"""The worker's rules as plain units with an injected clock: drop rules, kill escalation, capacity
+fairness between queues. Milliseconds each; the end-to-end tests exercise the same paths on real
+workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from dagster import DagsterRunStatus
+
+from dagster_taskiq_sync.capacity import Capacity
+from dagster_taskiq_sync.liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
+from dagster_taskiq_sync.messages import RunMessage, StepMessage, TaskKind
+from dagster_taskiq_sync.admission import (
+    DROP_RULES,
+    Outcome,
+    already_started,
+    could_not_run_before,
+    run_cannot_take_it,
+    run_is_over,
+    run_missing,
+)
+from dagster_taskiq_sync.request import RUN_INTERRUPT_GRACE, Request
+from dagster_taskiq_sync.settings import Settings
+
+STEP = StepMessage("0b6f9c7e-6a43-4c1e-9d55-3c2f9a1d2b10", "emit_one", 1, "{}")
+RUN = RunMessage(TaskKind.RUN, STEP.run_id, "launch")
+RESUME = RunMessage(TaskKind.RESUME, STEP.run_id, "resume-1")
+
+
+def run(status: DagsterRunStatus):
+    return SimpleNamespace(status=status)
+
+
+def first_verdict(message, the_run, previous=None, lost_timeout=30.0):
+    for rule in DROP_RULES:
+        verdict = rule(message, the_run, previous, lost_timeout)
+        if verdict is not None:
+            return rule.__name__, verdict
+    return None, None
+
+
+# --- drop rules ------------------------------------------------------------------------------------------
+
+
+def test_a_step_of_a_started_run_with_no_record_runs():
+    assert first_verdict(STEP, run(DagsterRunStatus.STARTED)) == (None, None)
+
+
+def test_a_run_this_worker_does_not_have_can_never_run():
+    verdict = run_missing(STEP, None, None, 30)
+    assert verdict.outcome is Outcome.DEAD_LETTER and "is not in this worker's Dagster instance" in verdict.why
+
+
+@pytest.mark.parametrize("state", [RUNNING, EXITED])
+def test_an_attempt_that_already_started_is_dropped_not_rerun(state):
+    previous = StepRecord(state, worker="w1@h")
+    name, verdict = first_verdict(STEP, run(DagsterRunStatus.STARTED), previous)
+    assert name == "already_started" and verdict.outcome is Outcome.DONE
+    assert "already " + ("started" if state == RUNNING else "ran") + " on worker w1@h" in verdict.why
+
+
+def test_a_lost_attempt_says_its_worker_was_lost():
+    previous = StepRecord(RUNNING, ts=time.time() - 120, worker="w1@h", heartbeat_interval=5)
+    verdict = already_started(STEP, run(DagsterRunStatus.STARTED), previous, 30)
+    assert "stopped heartbeating 120 s ago (lost)" in verdict.why
+
+
+def test_an_attempt_that_could_not_run_before_goes_to_the_dead_letter_queue():
+    previous = StepRecord(DEAD_LETTERED, worker="w1@h", reason="its job could not be loaded", cannot_run=True)
+    verdict = could_not_run_before(STEP, run(DagsterRunStatus.STARTED), previous, 30)
+    assert verdict.outcome is Outcome.DEAD_LETTER and "its job could not be loaded" in verdict.why
+
+
+@pytest.mark.parametrize("status", [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELING,
+                                    DagsterRunStatus.CANCELED])
+def test_nothing_runs_for_a_run_that_is_over(status):
+    for message in (STEP, RUN, RESUME):
+        verdict = run_is_over(message, run(status), None, 30)
+        assert verdict.outcome is Outcome.DONE and status.value in verdict.why
+
+
+@pytest.mark.parametrize("message, status, runs", [
+    (STEP, DagsterRunStatus.STARTED, True),
+    (STEP, DagsterRunStatus.NOT_STARTED, False),  # no orchestrator sent this
+    (STEP, DagsterRunStatus.QUEUED, False),
+    (RUN, DagsterRunStatus.STARTING, True),
+    (RUN, DagsterRunStatus.NOT_STARTED, True),
+    (RUN, DagsterRunStatus.STARTED, False),  # already running somewhere: never twice
+    (RESUME, DagsterRunStatus.STARTED, True),
+    (RESUME, DagsterRunStatus.NOT_STARTED, False),
+])
+def test_a_message_must_fit_its_runs_state(message, status, runs):
+    verdict = run_cannot_take_it(message, run(status), None, 30)
+    assert (verdict is None) == runs
+    if verdict is not None:
+        assert verdict.outcome is Outcome.DEAD_LETTER and status.value in verdict.why
+
+
+# --- kill escalation and the time limit, with an injected clock ----------------------------------------------
+
+
+class FakeChild:
+    def __init__(self, clock, exit_after: float | None = None):
+        self.clock, self.exit_after, self.pid = clock, exit_after, 4242
+        self.killed = self.interrupted = 0
+        self.code = None
+
+    def wait(self, timeout):
+        self.clock.now += timeout
+        if self.killed:
+            self.code = -9
+        elif self.exit_after is not None and self.clock.now >= self.exit_after:
+            self.code = 0
+        return self.code
+
+    def kill(self):
+        self.killed += 1
+
+    def interrupt(self):
+        self.interrupted += 1
+
+    def cannot_run_reason(self):
+        return None
+
+    def close(self):
+        pass
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def request_with(message, child, clock, **settings):
+    worker = SimpleNamespace(
+        name="w", settings=Settings(**settings), clock=clock, killing=threading.Event(),
+        running=SimpleNamespace(add=lambda r: None, remove=lambda r: None),
+    )
+    request = Request(SimpleNamespace(queue="q", message_id="m", receive_count=1), worker)
+    request.message, request.child, request._started = message, child, clock()
+    return request
+
+
+def test_a_step_over_its_time_limit_is_killed():
+    clock = Clock()
+    child = FakeChild(clock)
+    request = request_with(STEP, child, clock, task_time_limit=3.0)
+    assert request._supervise() == -9
+    assert child.killed and request.kill_reason == "task_time_limit of 3 s exceeded"
+    assert clock.now - 1000.0 <= 3.0 + 1.0  # killed within a tick of the limit
+
+
+def test_a_terminated_run_is_interrupted_first_and_killed_after_its_grace():
+    clock = Clock()
+    child = FakeChild(clock)
+    request = request_with(RUN, child, clock)
+    request.kill("cancel requested: the run was terminated")
+    assert child.interrupted == 1 and not child.killed  # Dagster's own path: steps stopped, run CANCELED
+    code = request._supervise()
+    assert code == -9 and child.killed == 1
+    assert RUN_INTERRUPT_GRACE <= clock.now - 1000.0 <= RUN_INTERRUPT_GRACE + 1.0
+
+
+def test_a_run_that_stops_within_its_grace_is_not_killed():
+    clock = Clock()
+    child = FakeChild(clock, exit_after=1005.0)
+    request = request_with(RUN, child, clock)
+    request.kill("cancel requested")
+    assert request._supervise() == 0 and not child.killed
+
+
+def test_steps_are_killed_at_once_on_a_second_signal():
+    clock = Clock()
+    child = FakeChild(clock)
+    request = request_with(STEP, child, clock)
+    request.worker.killing.set()
+    assert request._supervise() == -9 and request.kill_reason == "the worker is shutting down"
+
+
+# --- capacity: fair turns between queues ------------------------------------------------------------------------
+
+
+def test_one_queue_takes_all_free_room():
+    capacity = Capacity(4)
+    assert capacity.acquire("a", 10, 10, timeout=0) .count == 4
+    assert capacity.acquire("a", 10, 10, timeout=0) is None
+
+
+def test_an_idle_queue_does_not_keep_the_only_slot_from_a_busy_one():
+    # Given one slot, queue a's consumer holding it in a long poll, and b's consumer waiting
+    capacity = Capacity(1)
+    first = capacity.acquire("a", 10, 10, timeout=0)
+    assert first.count == 1
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(capacity.acquire("b", 10, 10, timeout=5)))
+    waiter.start()
+    time.sleep(0.05)
+    # When a's poll returns empty and a asks again at once
+    capacity.release(1)
+    again = capacity.acquire("a", 10, 10, timeout=0.2)
+    waiter.join(5)
+    # Then b got the slot first (its turn), with a poll shortened because a waits too
+    assert got and got[0].count == 1 and again is None
+    capacity.release(1)
+
+
+def test_contended_polls_are_shortened_so_every_queue_is_polled_within_one_long_poll():
+    capacity = Capacity(1)
+    capacity._waiting.update({"b", "c"})  # two other consumers waiting for room
+    grant = capacity.acquire("a", 10, 12, timeout=0)
+    assert grant.count == 1 and grant.wait_seconds == 4  # 12 s shared three ways
+
+
+def test_free_room_is_shared_equally_between_waiting_queues():
+    capacity = Capacity(6)
+    capacity._waiting.update({"b", "c"})
+    assert capacity.acquire("a", 10, 10, timeout=0).count == 2
+
+
+def test_backlogs_on_three_queues_are_taken_in_turns():
+    capacity = Capacity(1)
+    order = []
+    for _ in range(9):
+        # every consumer is waiting (all three have backlogs); the slot frees after each step
+        capacity._waiting.update({"a", "b", "c"})
+        for queue in ("a", "b", "c"):
+            grant = capacity._grant(queue, 10, 10)
+            if grant is not None:
+                order.append(queue)
+                break
+        capacity.release(1)
+    assert order == ["a", "b", "c"] * 3
