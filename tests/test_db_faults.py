@@ -460,3 +460,45 @@ def test_a_run_event_whose_index_mirror_is_locked_is_stored_once_in_each_shard(s
         mirrored = index.execute("SELECT count(*) FROM event_logs WHERE run_id = ? AND dagster_event_type = ?",
                                  (run.run_id, DagsterEventType.RUN_START.value)).fetchone()[0]
     assert mirrored == 1
+
+
+# -- a whole run through an outage ----------------------------------------------------------------
+
+
+def test_an_in_process_run_rides_out_an_eight_second_stop_with_every_event_stored_once(pg, pg_instance, caplog):
+    # Dagster's own run path (step events, run status, run reads) on one installed instance: the
+    # path a step child and the orchestrator take, without the queue.
+    from dagster import execute_job, reconstructable
+
+    from .db_fault_jobs import SLOW_STEPS, slow_chain
+    from .helpers import wait_for
+
+    install_event_write_retry(pg_instance, deadline_seconds=120, reads=True)
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = execute_job(reconstructable(slow_chain), instance=pg_instance, raise_on_error=False)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            outcome["error"] = exc
+
+    with caplog.at_level(logging.WARNING, logger=RETRY_LOG):
+        runner = threading.Thread(target=run)
+        runner.start()
+        run_id = wait_for(lambda: (pg_instance.get_runs(limit=1) or [None])[0], timeout=120, what="the run").run_id
+        wait_for(lambda: pg_instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records,
+                 timeout=120, what="a first step to succeed")
+        pg.pause(8).wait()
+        runner.join(300)
+
+    assert not runner.is_alive() and "error" not in outcome, outcome
+    assert outcome["result"].success
+    records = pg_instance.get_records_for_run(run_id).records
+    steps = ["start_value", *(step.name for step in SLOW_STEPS)]
+    for event_type in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS):
+        assert sorted(r.event_log_entry.step_key for r in records if r.event_log_entry.dagster_event_type == event_type) \
+            == sorted(steps), event_type
+    timestamps = [r.event_log_entry.timestamp for r in records]
+    assert len(timestamps) == len(set(timestamps)), "an event was stored twice"
+    assert any(r.name == RETRY_LOG and "database unavailable" in r.getMessage() for r in caplog.records), \
+        "the run never met the outage"
