@@ -16,6 +16,8 @@ from .helpers import CLI, WorkerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
+pytest_plugins = ["tests.conftest_pg"]  # the session's throwaway PostgreSQL (fixture `postgres`)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def aws_credentials():
