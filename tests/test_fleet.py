@@ -1,0 +1,168 @@
+"""Operating a fleet: metrics exposition, health probes, scale-in protection, the deploy/ kit.
+
+Everything here is fast and local: real HTTP on 127.0.0.1 (the worker's health server, and
+recording servers standing in for the ECS agent and the Kubernetes API server), no SQS.
+Waits have deadlines only so a broken build fails instead of hanging; nothing asserts timing.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from dagster_taskiq_sync.metrics import (
+    ORCHESTRATOR_METRICS,
+    SQS_METRICS,
+    WORKER_METRICS,
+    NullMetrics,
+    NullOrchestratorMetrics,
+    OrchestratorMetrics,
+    WorkerMetrics,
+    metrics_reference_markdown,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll ``condition`` until it holds; the deadline only keeps a broken build from hanging."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def exercise(metrics: NullMetrics) -> None:
+    """Call every worker metrics method once, as a worker running one step of each outcome would."""
+    metrics.step_received("dagster")
+    metrics.step_started("dagster", "etl", waited=0.7)
+    metrics.step_succeeded("dagster", "etl", 1.5)
+    metrics.step_failed("dagster", "etl", 0.2)
+    metrics.step_killed("dagster", "etl", 30.0)
+    metrics.step_dropped_duplicate("dagster")
+    metrics.message_dead_lettered("dagster", "malformed")
+    metrics.visibility_extended(3)
+    metrics.s3_offload_read(300_000)
+    metrics.sqs_call("ReceiveMessage", 0.05)
+    metrics.sqs_call("DeleteMessage", 0.01, error="AWS.SimpleQueueService.NonExistentQueue")
+    metrics.step_child_recycled("max_tasks")
+    metrics.track_slots(lambda: (2, 2, 1))
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_given_every_method_called_when_scraped_then_every_declared_metric_is_exposed_with_its_type_and_labels():
+    metrics = WorkerMetrics()
+    exercise(metrics)
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    found = families(body.decode())
+    for spec in WORKER_METRICS + SQS_METRICS:
+        # The parser names a counter family without its _total suffix.
+        family = found[spec.full_name]
+        assert family.type == spec.kind, spec.name
+        sample_labels = {key for sample in family.samples for key in sample.labels if key != "le"}
+        assert sample_labels == set(spec.labels), spec.name
+
+
+def test_metric_names_follow_prometheus_conventions():
+    for spec in WORKER_METRICS + SQS_METRICS + ORCHESTRATOR_METRICS:
+        assert spec.exposed_name.startswith("dagster_taskiq_")
+        assert (spec.kind == "counter") == spec.exposed_name.endswith("_total"), spec.name
+        if spec.kind == "histogram":
+            assert spec.name.endswith("_seconds"), spec.name
+        if "bytes" in spec.name:
+            assert spec.exposed_name.endswith("_bytes_total"), spec.name
+
+
+def test_exposed_values_are_what_the_worker_reported():
+    metrics = WorkerMetrics()
+    exercise(metrics)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families(metrics.render()[0].decode()).values() for s in f.samples}
+    assert samples[("dagster_taskiq_worker_steps_killed_total", (("queue", "dagster"),))] == 1
+    assert samples[("dagster_taskiq_worker_busy_slots", ())] == 2
+    assert samples[("dagster_taskiq_worker_free_slots", ())] == 2
+    assert samples[("dagster_taskiq_worker_prefetched_messages", ())] == 1
+    assert samples[("dagster_taskiq_worker_visibility_extensions_total", ())] == 3
+    assert samples[("dagster_taskiq_worker_s3_offload_read_bytes_total", ())] == 300_000
+    assert samples[("dagster_taskiq_worker_step_duration_seconds_count", (("job", "etl"), ("queue", "dagster")))] == 3
+    assert samples[("dagster_taskiq_worker_step_queue_wait_seconds_sum", (("job", "etl"), ("queue", "dagster")))] == 0.7
+    assert samples[("dagster_taskiq_sqs_call_errors_total",
+                    (("action", "DeleteMessage"), ("error", "AWS.SimpleQueueService.NonExistentQueue")))] == 1
+    # Step duration buckets cover 50 ms .. 1 h.
+    les = {s.labels["le"] for f in families(metrics.render()[0].decode()).values() for s in f.samples
+           if s.name == "dagster_taskiq_worker_step_duration_seconds_bucket"}
+    assert {"0.05", "3600.0", "+Inf"} <= les
+
+
+def test_labels_from_open_ended_input_stay_bounded():
+    metrics = WorkerMetrics()
+    metrics.message_dead_lettered("dagster", "a reason nobody declared")
+    metrics.step_child_recycled("cosmic rays")
+    botocore = pytest.importorskip("botocore.exceptions")
+    error = botocore.ClientError({"Error": {"Code": "ThrottlingException", "Message": "slow down"}}, "SendMessage")
+    metrics.sqs_call("SendMessage", 1.0, error=error)
+    metrics.sqs_call("SendMessage", 1.0, error=TimeoutError("read timed out on a very long and specific URL"))
+    text = metrics.render()[0].decode()
+    assert 'reason="other"' in text and "nobody declared" not in text and "cosmic" not in text
+    assert 'error="ThrottlingException"' in text and 'error="TimeoutError"' in text
+
+
+def test_each_worker_has_its_own_registry_and_the_global_one_is_untouched():
+    first, second = WorkerMetrics(), WorkerMetrics()  # two workers in one process must not collide
+    first.step_received("dagster")
+    assert "dagster_taskiq_worker_steps_received_total" in first.render()[0].decode()
+    assert 'queue="dagster"' not in second.render()[0].decode()
+    assert not [name for name in REGISTRY._names_to_collectors if name.startswith("dagster_taskiq_")]
+
+
+def test_null_metrics_has_every_method_with_the_same_signature_and_does_nothing():
+    for real, null in ((WorkerMetrics, NullMetrics), (OrchestratorMetrics, NullOrchestratorMetrics)):
+        public = {name for name, _ in inspect.getmembers(real, inspect.isfunction) if not name.startswith("_")}
+        for name in public:
+            assert inspect.signature(getattr(real, name)) == inspect.signature(getattr(null, name)), name
+    exercise(NullMetrics())  # the worker calls these unconditionally
+    assert NullMetrics().render()[0] == b""
+
+
+def test_orchestrator_in_flight_series_disappears_when_its_run_ends():
+    metrics = OrchestratorMetrics()
+    metrics.step_sent("dagster", 0.02)
+    metrics.step_send_failed("dagster")
+    metrics.steps_in_flight("run-1", "etl", 3)
+    metrics.sqs_call("SendMessageBatch", 0.03)
+    found = families(metrics.render()[0].decode())
+    for spec in ORCHESTRATOR_METRICS + SQS_METRICS:
+        assert found[spec.full_name].type == spec.kind
+    assert 'run_id="run-1"' in metrics.render()[0].decode()
+    metrics.run_finished("run-1", "etl")
+    metrics.run_finished("run-1", "etl")  # twice is harmless
+    assert 'run_id="run-1"' not in metrics.render()[0].decode()
+
+
+def test_a_scraper_asking_for_openmetrics_gets_it():
+    metrics = WorkerMetrics()
+    exercise(metrics)
+    body, content_type = metrics.render("application/openmetrics-text; version=1.0.0")
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
