@@ -166,3 +166,119 @@ def test_a_scraper_asking_for_openmetrics_gets_it():
     body, content_type = metrics.render("application/openmetrics-text; version=1.0.0")
     assert content_type.startswith("application/openmetrics-text")
     assert body.rstrip().endswith(b"# EOF")
+
+
+# --- health server ---------------------------------------------------------------------------
+
+
+def get(url: str, accept: str | None = None, method: str = "GET") -> tuple[int, str, str]:
+    """(status, content type, body) of one real HTTP request."""
+    request = urllib.request.Request(url, method=method, headers={"Accept": accept} if accept else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+class Switch:
+    """A live() or ready() check the test flips."""
+
+    def __init__(self) -> None:
+        self.ok, self.reason = True, ""
+
+    def __call__(self) -> tuple[bool, str]:
+        return self.ok, self.reason
+
+    def fail(self, reason: str) -> None:
+        self.ok, self.reason = False, reason
+
+
+@pytest.fixture
+def health():
+    from dagster_taskiq_sync.health_server import HealthServer
+
+    metrics = WorkerMetrics()
+    exercise(metrics)
+    live, ready = Switch(), Switch()
+    server = HealthServer(0, live=live, ready=ready, metrics=metrics).start()
+    yield server, live, ready
+    server.stop()
+
+
+def test_metrics_are_scraped_over_http(health):
+    server, _, _ = health
+    status, content_type, body = get(server.url + "/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    assert families(body)["dagster_taskiq_worker_steps_started"].samples[0].value == 1
+    status, content_type, body = get(server.url + "/metrics", accept="application/openmetrics-text")
+    assert status == 200 and content_type.startswith("application/openmetrics-text")
+
+
+def test_probes_answer_ok_then_503_with_the_reason_when_a_check_flips(health):
+    server, live, ready = health
+    assert get(server.url + "/livez") == (200, "text/plain; charset=utf-8", "ok\n")
+    assert get(server.url + "/readyz") == (200, "text/plain; charset=utf-8", "ok\n")
+
+    ready.fail("draining: SIGTERM received, finishing 2 running step(s)")
+    assert get(server.url + "/readyz")[::2] == (503, "draining: SIGTERM received, finishing 2 running step(s)\n")
+    assert get(server.url + "/livez")[0] == 200  # not ready is never a reason to restart
+
+    live.fail("worker thread worker-thread:1 died")
+    assert get(server.url + "/livez")[::2] == (503, "worker thread worker-thread:1 died\n")
+
+    ready.ok = live.ok = True
+    assert get(server.url + "/readyz")[0] == get(server.url + "/livez")[0] == 200
+
+
+def test_a_check_that_raises_answers_503_and_the_server_keeps_serving():
+    from dagster_taskiq_sync.health_server import HealthServer
+
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("bridge portal is gone")
+
+    with HealthServer(0, live=broken, ready=broken, metrics=WorkerMetrics()) as server:
+        status, _, body = get(server.url + "/livez")
+        assert status == 503 and "RuntimeError: bridge portal is gone" in body
+        assert get(server.url + "/metrics")[0] == 200
+
+
+def test_unknown_paths_are_404_and_head_works(health):
+    server, _, _ = health
+    status, _, body = get(server.url + "/")
+    assert status == 404 and "/metrics, /livez, /readyz" in body
+    assert get(server.url + "/readyz", method="HEAD")[::2] == (200, "")
+
+
+def test_a_port_in_use_is_one_sentence_naming_the_flag_and_the_fix(health):
+    from dagster_taskiq_sync.errors import ConfigError
+    from dagster_taskiq_sync.health_server import HealthServer
+
+    server, _, _ = health
+    with pytest.raises(ConfigError) as caught:
+        HealthServer(server.port, live=Switch(), ready=Switch(), metrics=WorkerMetrics()).start()
+    message = str(caught.value)
+    assert message.startswith(f"--metrics-port {server.port} is already in use on 127.0.0.1; pick another port")
+    assert message.count(". ") == 0 and message.endswith(".")
+
+
+def test_a_host_that_is_not_this_machine_names_metrics_host():
+    from dagster_taskiq_sync.errors import ConfigError
+    from dagster_taskiq_sync.health_server import HealthServer
+
+    with pytest.raises(ConfigError, match=r"^--metrics-host '192\.0\.2\.1' is not an address of this machine; .*0\.0\.0\.0"):
+        HealthServer(0, "192.0.2.1", live=Switch(), ready=Switch(), metrics=WorkerMetrics()).start()
+
+
+def test_stop_joins_the_thread_and_frees_the_port():
+    from dagster_taskiq_sync.health_server import HealthServer
+
+    server = HealthServer(0, live=Switch(), ready=Switch(), metrics=WorkerMetrics()).start()
+    port, thread = server.port, server._thread
+    assert get(server.url + "/livez")[0] == 200
+    server.stop()
+    assert thread is not None and not thread.is_alive()
+    with HealthServer(port, live=Switch(), ready=Switch(), metrics=WorkerMetrics()) as again:
+        assert get(again.url + "/livez")[0] == 200
+    server.stop()  # a second stop is harmless
