@@ -282,3 +282,272 @@ def test_stop_joins_the_thread_and_frees_the_port():
     with HealthServer(port, live=Switch(), ready=Switch(), metrics=WorkerMetrics()) as again:
         assert get(again.url + "/livez")[0] == 200
     server.stop()  # a second stop is harmless
+
+
+# --- scale-in protection ---------------------------------------------------------------------
+
+
+class Recorder:
+    """A local HTTP(S) server standing in for the ECS agent or the Kubernetes API server: it records
+    every call and answers with ``self.answer`` (status, JSON body)."""
+
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
+        self.calls: list[dict] = []
+        self.answer: tuple[int, dict] = (200, {})
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                recorder.calls.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
+                                       "body": json.loads(raw) if raw else None})
+                status, body = recorder.answer
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_PUT = do_PATCH = do_GET = _record
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        scheme = "http"
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def bodies(self) -> list:
+        return [call["body"] for call in self.calls]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def recorder():
+    server = Recorder()
+    yield server
+    server.close()
+
+
+def ecs(recorder: Recorder, **options):
+    from dagster_taskiq_sync.scale_in import protector_from_flag
+
+    options.setdefault("idle_delay", 0)
+    return protector_from_flag("ecs", env={"ECS_AGENT_URI": recorder.url + "/api/task-1"}, **options)
+
+
+def test_ecs_protection_follows_busy_and_idle_through_the_agent_endpoint(recorder):
+    protector = ecs(recorder).start()
+    assert protector.flush(10)  # start clears whatever a previous container left
+    protector.set_busy(True)
+    assert protector.flush(10)
+    protector.set_busy(False)
+    assert protector.flush(10)
+    protector.stop()
+    assert [(c["method"], c["path"]) for c in recorder.calls] == [("PUT", "/api/task-1/task-protection/v1/state")] * 3
+    assert recorder.calls[1]["headers"]["Content-Type"] == "application/json"
+    assert recorder.bodies() == [
+        {"ProtectionEnabled": False},
+        {"ProtectionEnabled": True, "ExpiresInMinutes": 60},
+        {"ProtectionEnabled": False},
+    ]
+
+
+def test_ecs_protection_is_renewed_while_the_worker_stays_busy(recorder):
+    protector = ecs(recorder, expires_minutes=1, renew_interval=0.05).start()
+    protector.set_busy(True)
+    # A step that outlives ExpiresInMinutes stays protected: the PUT is repeated while busy.
+    assert wait_until(lambda: recorder.bodies().count({"ProtectionEnabled": True, "ExpiresInMinutes": 1}) >= 3)
+    protector.stop()
+    assert recorder.bodies()[-1] == {"ProtectionEnabled": False}
+
+
+def test_a_worker_idle_for_a_moment_between_steps_stays_protected(recorder):
+    protector = ecs(recorder, idle_delay=3600).start()
+    assert protector.flush(10)
+    for busy in (True, False, True, False, True):  # one step ends, the next starts
+        protector.set_busy(busy)
+    assert protector.flush(10)
+    assert recorder.bodies() == [{"ProtectionEnabled": False}, {"ProtectionEnabled": True, "ExpiresInMinutes": 60}]
+    protector.stop()  # stopping clears at once, whatever the idle delay
+    assert recorder.bodies()[-1] == {"ProtectionEnabled": False} and len(recorder.calls) == 3
+
+
+def test_agent_failures_never_reach_the_worker_and_are_logged_once_per_kind(recorder, caplog):
+    caplog.set_level("DEBUG", logger="dagster_taskiq_sync.scale_in")
+    recorder.answer = (200, {"failure": {"Arn": "arn:aws:ecs:task/1", "Reason": "TASK_NOT_VALID",
+                                         "Detail": "The task is not part of a service"}})
+    protector = ecs(recorder, retry_initial=0.01, retry_max=0.02).start()
+    protector.set_busy(True)  # returns at once and never raises, whatever the agent says
+    assert wait_until(lambda: len(recorder.calls) >= 4)
+    recorder.answer = (400, {"error": {"Code": "AccessDeniedException", "Message": "not authorized to perform: "
+                                                                                   "ecs:UpdateTaskProtection"}})
+    seen = len(recorder.calls)
+    assert wait_until(lambda: len(recorder.calls) >= seen + 3)
+    recorder.answer = (200, {"protection": {"ProtectionEnabled": True, "TaskArn": "arn:aws:ecs:task/1"}})
+    assert protector.flush(10)
+    protector.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert "TASK_NOT_VALID" in warnings[0] and "ecs:UpdateTaskProtection" in warnings[1]
+    assert any("calls succeed again" in r.getMessage() for r in caplog.records if r.levelname == "INFO")
+
+
+def test_an_unreachable_agent_does_not_hold_up_stop():
+    from dagster_taskiq_sync.scale_in import ECSTaskProtection
+
+    closed = Recorder()
+    closed.close()  # nothing listens on this port any more
+    protector = ECSTaskProtection(closed.url, idle_delay=0, retry_initial=0.01, timeout=1).start()
+    protector.set_busy(True)
+    assert not protector.flush(0.2)
+    protector.stop(timeout=5)
+    assert protector._thread is not None and not protector._thread.is_alive()
+
+
+def test_ecs_without_the_agent_variable_is_one_sentence_naming_the_flag():
+    from dagster_taskiq_sync.errors import ConfigError
+    from dagster_taskiq_sync.scale_in import protector_from_flag
+
+    with pytest.raises(ConfigError, match=r"^--scale-in-protection ecs needs ECS_AGENT_URI, .* drop the flag\.$"):
+        protector_from_flag("ecs", env={})
+    with pytest.raises(ConfigError, match=r"^--scale-in-protection 'swarm' is not a platform .*ecs, k8s\.$"):
+        protector_from_flag("swarm", env={})
+    assert protector_from_flag(None).flush(0)  # no flag: a protector that does nothing
+
+
+@pytest.fixture
+def service_account(tmp_path):
+    """A pod's service-account directory: token, namespace (and ca.crt for the TLS test)."""
+    (tmp_path / "token").write_text("token-1\n")
+    (tmp_path / "namespace").write_text("workers\n")
+    return tmp_path
+
+
+def k8s_env(service_account: Path, **extra) -> dict:
+    from dagster_taskiq_sync.scale_in import K8S_SERVICEACCOUNT_DIR_ENV
+
+    return {K8S_SERVICEACCOUNT_DIR_ENV: str(service_account), "POD_NAME": "worker-7d9f-abcde", **extra}
+
+
+def test_k8s_deletion_cost_is_patched_on_the_pod_with_the_service_account_token(recorder, service_account):
+    from dagster_taskiq_sync.scale_in import K8S_API_URL_ENV, protector_from_flag
+
+    env = k8s_env(service_account, **{K8S_API_URL_ENV: recorder.url})
+    protector = protector_from_flag("k8s", env=env, idle_delay=0).start()
+    assert protector.flush(10)
+    protector.set_busy(True)
+    assert protector.flush(10)
+    (service_account / "token").write_text("token-2\n")  # the kubelet rotates projected tokens
+    protector.set_busy(False)
+    assert protector.flush(10)
+    protector.stop()
+    assert {(c["method"], c["path"]) for c in recorder.calls} == {("PATCH", "/api/v1/namespaces/workers/pods/worker-7d9f-abcde")}
+    assert {c["headers"]["Content-Type"] for c in recorder.calls} == {"application/merge-patch+json"}
+    assert [c["headers"]["Authorization"] for c in recorder.calls] == ["Bearer token-1", "Bearer token-1", "Bearer token-2"]
+    cost = "controller.kubernetes.io/pod-deletion-cost"
+    assert recorder.bodies() == [
+        {"metadata": {"annotations": {cost: None}}},  # null removes it
+        {"metadata": {"annotations": {cost: "10000"}}},
+        {"metadata": {"annotations": {cost: None}}},
+    ]
+
+
+def test_k8s_in_cluster_config_reaches_the_api_server_over_tls_verified_with_the_pod_ca(service_account):
+    # The real thing: https://KUBERNETES_SERVICE_HOST:PORT, certificate checked against ca.crt.
+    cert, key = self_signed_certificate(service_account, "127.0.0.1")
+    (service_account / "ca.crt").write_bytes(Path(cert).read_bytes())
+    api = Recorder(tls=(cert, key))
+    try:
+        from dagster_taskiq_sync.scale_in import protector_from_flag
+
+        env = k8s_env(service_account, KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(api.port),
+                      POD_NAMESPACE="batch")
+        protector = protector_from_flag("k8s", env=env, idle_delay=0, busy_cost=500).start()
+        protector.set_busy(True)
+        assert protector.flush(10)
+        protector.stop()
+    finally:
+        api.close()
+    assert api.calls[-1]["path"] == "/api/v1/namespaces/batch/pods/worker-7d9f-abcde"  # POD_NAMESPACE wins
+    assert api.bodies()[-1] == {"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": None}}}
+    assert {"metadata": {"annotations": {"controller.kubernetes.io/pod-deletion-cost": "500"}}} in api.bodies()
+
+
+def test_k8s_rbac_refusal_is_logged_with_the_api_servers_reason(recorder, service_account, caplog):
+    from dagster_taskiq_sync.scale_in import K8S_API_URL_ENV, protector_from_flag
+
+    recorder.answer = (403, {"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
+                             "message": 'pods "worker-7d9f-abcde" is forbidden: User "system:serviceaccount:'
+                                        'workers:default" cannot patch resource "pods"'})
+    env = k8s_env(service_account, **{K8S_API_URL_ENV: recorder.url})
+    protector = protector_from_flag("k8s", env=env, idle_delay=0, retry_initial=0.01, retry_max=0.02).start()
+    protector.set_busy(True)
+    assert wait_until(lambda: len(recorder.calls) >= 3)
+    protector.stop()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "HTTP 403" in warnings[0] and 'cannot patch resource "pods"' in warnings[0]
+
+
+@pytest.mark.parametrize("env, missing", [
+    ({}, r"needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, .* run the worker in a pod or drop the flag\.$"),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "NO_TOKEN": "1"},
+     r"needs the pod's service-account token at .*/token, which is missing; mount it"),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "NO_NAMESPACE": "1"},
+     r"cannot tell the pod's namespace: POD_NAMESPACE is not set and .*/namespace is missing"),
+])
+def test_k8s_outside_a_pod_is_one_sentence_naming_the_flag_and_what_is_missing(service_account, env, missing):
+    from dagster_taskiq_sync.errors import ConfigError
+    from dagster_taskiq_sync.scale_in import protector_from_flag
+
+    if env.pop("NO_TOKEN", None):
+        (service_account / "token").unlink()
+    if env.pop("NO_NAMESPACE", None):
+        (service_account / "namespace").unlink()
+    with pytest.raises(ConfigError, match=r"^--scale-in-protection k8s " + missing):
+        protector_from_flag("k8s", env=k8s_env(service_account, **env))
+
+
+def self_signed_certificate(directory: Path, ip: str) -> tuple[str, str]:
+    """A certificate for ``ip`` (it is its own CA), written as PEM files: (cert, key)."""
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
