@@ -252,7 +252,7 @@ def _http(method: str, url: str, body: dict, content_type: str, *, timeout: floa
         raise ProtectionCallFailed(f"HTTP {exc.code}", f"{method} {url} answered HTTP {exc.code}: {detail}") from None
     except urllib.error.URLError as exc:
         raise ProtectionCallFailed("unreachable", f"{method} {url} failed: {exc.reason}") from None
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         raise ProtectionCallFailed("timeout", f"{method} {url} timed out after {timeout:g} s") from None
     except OSError as exc:
         raise ProtectionCallFailed(type(exc).__name__, f"{method} {url} failed: {exc}") from None
@@ -359,14 +359,15 @@ def protector_from_flag(kind: str | None, env: Mapping[str, str] | None = None, 
                     "in every pod, and they are not set; run the worker in a pod or drop the flag."
                 )
             api_url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-        token_path = os.path.join(sa_dir, "token")
-        if not os.path.exists(token_path):
-            if not env.get(K8S_API_URL_ENV):
-                raise ConfigError(
-                    f"{FLAG} k8s needs the pod's service-account token at {token_path}, which is missing; "
-                    "mount it (automountServiceAccountToken: true on the pod or its ServiceAccount)."
-                )
-            token_path = None  # e.g. through `kubectl proxy`, which authenticates for us
+        token_file = os.path.join(sa_dir, "token")
+        # Without the in-cluster URL (e.g. through `kubectl proxy`, which authenticates for us)
+        # a missing token is fine.
+        token_path = token_file if os.path.exists(token_file) else None
+        if token_path is None and not env.get(K8S_API_URL_ENV):
+            raise ConfigError(
+                f"{FLAG} k8s needs the pod's service-account token at {token_file}, which is missing; "
+                "mount it (automountServiceAccountToken: true on the pod or its ServiceAccount)."
+            )
         ca_path = os.path.join(sa_dir, "ca.crt")
         namespace = env.get("POD_NAMESPACE") or _read(os.path.join(sa_dir, "namespace"))
         if not namespace:
