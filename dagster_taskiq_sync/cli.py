@@ -330,7 +330,8 @@ def queues() -> None:
 def queues_create(config_yaml, extra, max_receive_count, no_dead_letter) -> None:
     """Create the queues (with dead-letter queues and redrive policy) and the S3 bucket a config names."""
     from .bridge import Bridge
-    from .broker import provision, translate_error
+    from .admin import provision
+    from .broker import translate_error
 
     try:
         settings = settings_from_yaml(config_yaml)
