@@ -130,7 +130,11 @@ class StepBroker(SQSBroker):
                 "execution.config.backend to 's3://BUCKET/PREFIX' so large payloads go through S3."
             )
         key = "/".join(part for part in (self.settings.s3_prefix, f"{message.task_id}.json") if part)
-        await self._s3_client.put_object(Bucket=bucket, Key=key, Body=message.message)
+        # Encrypted at rest whatever the bucket's default: SSE-KMS with the queues' key when the
+        # config names one (sqs-creation-attributes.KmsMasterKeyId), else SSE-S3.
+        kms_key = self.settings.queue_attributes.get("KmsMasterKeyId")
+        sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {"ServerSideEncryption": "AES256"}
+        await self._s3_client.put_object(Bucket=bucket, Key=key, Body=message.message, **sse)
         self.offloaded[message.task_id] = f"s3://{bucket}/{key}"
         _, queue, queue_url = self._resolve_queue(message)
         pointer = BrokerMessage(
