@@ -268,8 +268,13 @@ def _s3_pointer(raw: Mapping[str, Any]) -> tuple[str, str] | None:
         return None
 
 
-def client_kwargs(settings: SQSSettings, session: Any) -> dict[str, Any]:
-    """create_client arguments for the SQS and S3 clients (explicit settings, else boto's)."""
+def client_kwargs(settings: SQSSettings, session: Any, with_role: bool = True) -> dict[str, Any]:
+    """create_client arguments for the SQS and S3 clients (explicit settings, else boto's).
+
+    With ``sts_role_arn`` the session's clients sign as that role (refreshing credentials.py
+    credentials, assumed with the explicit key/secret or boto's chain); ``with_role=False`` gives
+    the arguments for the STS client that assumes it.
+    """
     options: dict[str, Any] = {
         "connect_timeout": settings.connect_timeout,
         # Long polls hold the connection up to wait_time_seconds; leave room beyond it.
@@ -277,13 +282,19 @@ def client_kwargs(settings: SQSSettings, session: Any) -> dict[str, Any]:
         "retries": {"max_attempts": settings.max_attempts, "mode": "standard"},
     }
     options.update(settings.client_config)
-    return {
+    kwargs = {
         "region_name": settings.region or session.get_config_variable("region") or "us-east-1",
         "endpoint_url": settings.endpoint_url,
         "aws_access_key_id": settings.access_key_id,
         "aws_secret_access_key": settings.secret_access_key,
         "config": AioConfig(**options),
     }
+    if with_role and settings.sts_role_arn:
+        from .credentials import use_role
+
+        use_role(session, settings)
+        kwargs.update(aws_access_key_id=None, aws_secret_access_key=None)
+    return kwargs
 
 
 async def _task_body(**kwargs: Any) -> None:  # pragma: no cover - never run by taskiq

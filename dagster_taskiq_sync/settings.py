@@ -66,6 +66,10 @@ class SQSSettings:
     queue_tags: Mapping[str, str] = field(default_factory=dict)
     s3_bucket: str | None = None  # payloads larger than the queue accepts go here
     s3_prefix: str = ""
+    # broker_transport_options.sts_role_arn: every client signs as this role (credentials.py),
+    # assumed for sts_token_timeout seconds at a time and refreshed before it expires.
+    sts_role_arn: str | None = None
+    sts_token_timeout: int = 900
 
     def queue_name(self, celery_queue: str) -> str:
         """SQS queue name for a Celery queue name (kombu's rules, prefix included)."""
