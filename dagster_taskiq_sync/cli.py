@@ -476,6 +476,33 @@ def queues_redrive(name, config_yaml, max_messages) -> None:
                f"({result.left} left in {result.dead_letter_queue})")
 
 
+@main.command("iam-policy")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block (queues, bucket, prefix, region).")
+@click.option("--role", "roles", multiple=True, type=click.Choice(["orchestrator", "worker", "launcher"]), help="Role to print the policy of (repeatable: the union, e.g. --role worker --role orchestrator for a worker serving TaskiqRunLauncher runs). Default: one policy per role, keyed by role.")
+@click.option("-q", "--queue", "extra", multiple=True, help="Also cover this queue (repeatable), e.g. one named by a dagster-celery/queue tag or the launcher's default_queue.")
+@click.option("--kms-key", help="KMS key of the queues and bucket (default: sqs-creation-attributes' KmsMasterKeyId); adds kms:GenerateDataKey / kms:Decrypt.")
+@click.option("--account-id", help="AWS account that owns the queues (default: the predefined queue URLs, else STS GetCallerIdentity).")
+@click.option("--no-dead-letter", is_flag=True, help="The queues have no dead-letter queues (created with --no-dead-letter).")
+def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -> None:
+    """Print the least-privilege IAM policy (JSON) for the queues, dead-letter queues and S3 offload prefix a config names."""
+    import json
+
+    from .admin import kms_key_for
+    from .bridge import Bridge
+    from .iam import ROLES, policy, resolve_resources
+
+    try:
+        settings = settings_from_yaml(config_yaml)
+        key = kms_key_for(settings.sqs, kms_key)
+        resolve = functools.partial(resolve_resources, account_id=account_id, kms_key=key, dead_letter=not no_dead_letter)
+        with Bridge() as bridge:
+            resources = bridge.call(resolve, settings.sqs, list(extra), timeout=60)
+        document = policy(roles, resources) if roles else {role: policy([role], resources) for role in ROLES}
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(document, indent=2))
+
+
 @main.command("celery-mapping")
 def celery_mapping() -> None:
     """Print the table of what each Celery setting does on SQS (Markdown)."""
