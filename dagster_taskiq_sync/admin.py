@@ -15,6 +15,7 @@ from aiobotocore.session import get_session
 from botocore import exceptions as boto_exc
 
 from .broker import QUEUE_CREATE_HINT, client_kwargs
+from .credentials import for_service
 from .errors import BrokerError, ConfigError, QueueMissingError
 from .iam import KMS_KEY_FORMS, check_kms_key, dead_letter_name, is_aws_managed_alias
 from .settings import SQSSettings
@@ -55,7 +56,7 @@ async def _check_key_usable(session: Any, settings: SQSSettings, key: str) -> st
     if is_aws_managed_alias(key):
         return f"KMS key {key}: AWS managed (created by AWS on first use)"
     try:
-        async with session.create_client("kms", **client_kwargs(settings, session)) as kms:
+        async with session.create_client("kms", **for_service(client_kwargs(settings, session))) as kms:
             meta = (await kms.describe_key(KeyId=key))["KeyMetadata"]
     except boto_exc.ClientError as exc:
         if _code(exc) in ("AccessDenied", "AccessDeniedException"):

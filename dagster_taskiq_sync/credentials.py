@@ -59,6 +59,19 @@ def check_token_seconds(value: Any, path: str) -> int:
     return seconds
 
 
+def for_service(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """create_client arguments of the SQS client, adapted for another service (STS, KMS).
+
+    An ``sqs://host:port`` endpoint serves every service when it is a local one (moto); an AWS
+    SQS host (sqs.REGION.amazonaws.com) does not, so boto's own endpoint for the other service is used.
+    """
+    endpoint = kwargs.get("endpoint_url") or ""
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0].split(":", 1)[0]
+    if host.endswith((".amazonaws.com", ".amazonaws.com.cn", ".api.aws")):
+        return {**kwargs, "endpoint_url": None}
+    return kwargs
+
+
 def refresh_windows(duration: float) -> tuple[float, float]:
     """(advisory, mandatory) seconds before expiry at which the credentials are refreshed."""
     return min(ADVISORY_CAP, duration / 3), min(MANDATORY_CAP, duration / 6)
@@ -95,7 +108,7 @@ def role_credentials(settings: Any, duration: float | None = None) -> RoleCreden
     async def assume() -> dict[str, Any]:
         from .broker import client_kwargs  # the base credentials: broker URL key/secret, else boto's chain
 
-        kwargs = client_kwargs(settings, base, with_role=False)
+        kwargs = for_service(client_kwargs(settings, base, with_role=False))
         try:
             async with base.create_client("sts", **kwargs) as sts:
                 answer = await sts.assume_role(RoleArn=role_arn, RoleSessionName=name, DurationSeconds=seconds)

@@ -197,6 +197,7 @@ async def resolve_resources(
     from aiobotocore.session import get_session
 
     from .broker import client_kwargs
+    from .credentials import for_service
 
     session = get_session()
     region = settings.region or session.get_config_variable("region")
@@ -214,7 +215,7 @@ async def resolve_resources(
     account = check_account_id(account_id) if account_id else None
     if account is None and not all(n in owners for n in names):
         try:
-            async with session.create_client("sts", **client_kwargs(settings, session)) as sts:
+            async with session.create_client("sts", **for_service(client_kwargs(settings, session))) as sts:
                 account = (await sts.get_caller_identity())["Account"]
         except Exception as exc:  # noqa: BLE001 - any failure has the same fix
             raise ConfigError(
@@ -229,7 +230,7 @@ async def resolve_resources(
         key_arn = kms_key_arn(check_kms_key(kms_key), partition, region, account or next(iter(owners.values()), ""))
         if key_arn is None:
             try:
-                async with session.create_client("kms", **client_kwargs(settings, session)) as kms:
+                async with session.create_client("kms", **for_service(client_kwargs(settings, session))) as kms:
                     key_arn = (await kms.describe_key(KeyId=kms_key))["KeyMetadata"]["Arn"]
             except Exception as exc:  # noqa: BLE001 - any failure has the same fix
                 raise ConfigError(

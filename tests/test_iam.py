@@ -561,3 +561,12 @@ def test_a_job_runs_end_to_end_with_only_the_printed_policies(enforcing, worker_
         assert set(reports) == {"emit_one", "add_one", "times_ten", "combine"}
         assert {r.worker for r in reports.values()} == {worker.full_name}
     assert "AccessDenied" not in worker.log() + out.stderr and "not authorized" not in worker.log() + out.stderr
+
+
+def test_sts_and_kms_use_boto_endpoints_when_the_broker_names_an_aws_sqs_host():
+    from dagster_taskiq_sync.credentials import for_service
+
+    aws = {"endpoint_url": "https://sqs.eu-west-1.amazonaws.com:443", "region_name": "eu-west-1"}
+    assert for_service(aws) == {"endpoint_url": None, "region_name": "eu-west-1"}
+    local = {"endpoint_url": "http://127.0.0.1:9324"}
+    assert for_service(local) == local  # a local endpoint (moto) serves STS and KMS too
