@@ -81,6 +81,17 @@ def _kms_rejected(exc: boto_exc.ClientError, key: str | None, service: str) -> C
     return None
 
 
+def _same(attribute: str, current: Any, wanted: Any) -> bool:
+    if attribute == "RedrivePolicy":  # JSON whose numbers SQS may render as numbers or strings
+        try:
+            a, b = json.loads(current or "{}"), json.loads(wanted)
+            return a.get("deadLetterTargetArn") == b.get("deadLetterTargetArn") and str(
+                a.get("maxReceiveCount")) == str(b.get("maxReceiveCount"))
+        except (ValueError, AttributeError):
+            return False
+    return str(current if current is not None else "").lower() == str(wanted).lower()
+
+
 async def _ensure_queue(sqs: Any, name: str, attributes: Mapping[str, str], tags: Mapping[str, str], keep_kms: bool) -> tuple[str, str]:
     """Create ``name`` or bring an existing queue's attributes to ``attributes``; returns (url, note).
 
@@ -102,7 +113,7 @@ async def _ensure_queue(sqs: Any, name: str, attributes: Mapping[str, str], tags
     if keep_kms and current.get("KmsMasterKeyId"):
         for key in SSE_ATTRIBUTES:
             wanted.pop(key, None)
-    changes = {k: v for k, v in wanted.items() if k != "FifoQueue" and str(current.get(k, "")).lower() != str(v).lower()}
+    changes = {k: v for k, v in wanted.items() if k != "FifoQueue" and not _same(k, current.get(k), v)}
     if changes:
         await sqs.set_queue_attributes(QueueUrl=url, Attributes=changes)
     shown = ", ".join(f"{k} {current.get(k)} -> {v}" for k, v in changes.items() if k != "RedrivePolicy")
@@ -169,7 +180,12 @@ async def provision(
                 report.append(f"queue {queue} -> SQS {name}: {url}{note}")
     except boto_exc.ClientError as exc:
         raise _kms_rejected(exc, key, "SQS") or exc from None
-    report.append(f"encryption: {'KMS key ' + key if key else 'SQS-managed keys (SSE-SQS)'} on every queue")
+    if key:
+        report.append(f"encryption: KMS key {key} on every queue")
+    elif any("kept its KMS key" in line for line in report):
+        report.append("encryption: SQS-managed keys (SSE-SQS), except queues that kept their KMS key (pass --kms-key to change it)")
+    else:
+        report.append("encryption: SQS-managed keys (SSE-SQS) on every queue")
     if settings.s3_bucket:
         async with session.create_client("s3", **client_kwargs(settings, session)) as s3:
             try:

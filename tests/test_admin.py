@@ -117,6 +117,8 @@ def test_create_with_a_kms_key_encrypts_queues_and_bucket_with_it_and_a_rerun_ke
     assert out.returncode == 0, out.stderr
     assert attributes(endpoint, queue)["KmsMasterKeyId"] == key["Arn"]
     assert f"kept its KMS key {key['Arn']}" in out.stdout
+    assert "updated" not in out.stdout  # nothing else changed either (the redrive policy compares as JSON)
+    assert "except queues that kept their KMS key" in out.stdout
     default = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
     assert default["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "aws:kms"
 
