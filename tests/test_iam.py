@@ -570,3 +570,13 @@ def test_sts_and_kms_use_boto_endpoints_when_the_broker_names_an_aws_sqs_host():
     assert for_service(aws) == {"endpoint_url": None, "region_name": "eu-west-1"}
     local = {"endpoint_url": "http://127.0.0.1:9324"}
     assert for_service(local) == local  # a local endpoint (moto) serves STS and KMS too
+
+
+def test_sts_options_map_from_broker_transport_options():
+    transport = {"sts_role_arn": f"arn:aws:iam::{ACCOUNT}:role/dagster-worker", "sts_token_timeout": "3600"}
+    settings = settings_from_executor_config({"config_source": {"broker_transport_options": transport}})
+    assert (settings.sqs.sts_role_arn, settings.sqs.sts_token_timeout) == (transport["sts_role_arn"], 3600)
+    assert settings.notes == ()
+    alone = settings_from_executor_config({"config_source": {"broker_transport_options": {"sts_token_timeout": 900}}})
+    assert alone.notes == ("execution.config.config_source.broker_transport_options.sts_token_timeout has no "
+                           "effect without sts_role_arn; set both or remove it.",)
