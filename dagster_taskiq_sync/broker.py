@@ -22,7 +22,6 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from botocore import exceptions as boto_exc
 from taskiq_aio_sqs import SQSBroker, SQSQueue
 
@@ -199,8 +198,11 @@ class StepBroker(SQSBroker):
                     "'s3://BUCKET/PREFIX' so large payloads go through S3."
                 )
             pointer = pointer_for(bucket, self.settings.s3_prefix, item.task_id, body)
-            await self._s3_client.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=body,
-                                             ServerSideEncryption="AES256")
+            # Encrypted at rest whatever the bucket's default: SSE-KMS with the queues' key when the
+            # config names one (sqs-creation-attributes.KmsMasterKeyId), else SSE-S3.
+            kms_key = self.settings.queue_attributes.get("KmsMasterKeyId")
+            sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {"ServerSideEncryption": "AES256"}
+            await self._s3_client.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=body, **sse)
             body, offloaded = pointer.encode(), pointer.url
             attributes[S3_POINTER_ATTRIBUTE] = "True"
         attributes.update(self.keyring.sign(body))
@@ -380,8 +382,13 @@ def _as_error(exc: BaseException, batch_error: str) -> TaskiqSyncError:
     return BrokerError(f"SQS did not take the message ({batch_error}), nor on a second try ({type(exc).__name__}: {exc}).")
 
 
-def client_kwargs(settings: SQSSettings, session: Any) -> dict[str, Any]:
-    """create_client arguments for the SQS and S3 clients (explicit settings, else boto's)."""
+def client_kwargs(settings: SQSSettings, session: Any, with_role: bool = True) -> dict[str, Any]:
+    """create_client arguments for the SQS and S3 clients (explicit settings, else boto's).
+
+    With ``sts_role_arn`` the session's clients sign as that role (refreshing credentials.py
+    credentials, assumed with the explicit key/secret or boto's chain); ``with_role=False`` gives
+    the arguments for the STS client that assumes it.
+    """
     options: dict[str, Any] = {
         "connect_timeout": settings.connect_timeout,
         # Long polls hold the connection up to wait_time_seconds; leave room beyond it.
@@ -389,63 +396,16 @@ def client_kwargs(settings: SQSSettings, session: Any) -> dict[str, Any]:
         "retries": {"max_attempts": settings.max_attempts, "mode": "standard"},
     }
     options.update(settings.client_config)
-    return {
+    kwargs = {
         "region_name": settings.region or session.get_config_variable("region") or "us-east-1",
         "endpoint_url": settings.endpoint_url,
         "aws_access_key_id": settings.access_key_id,
         "aws_secret_access_key": settings.secret_access_key,
         "config": AioConfig(**options),
     }
+    if with_role and settings.sts_role_arn:
+        from .credentials import use_role
 
-
-async def provision(settings: SQSSettings, queues: Iterable[str], max_receive_count: int | None) -> list[str]:
-    """Create the queues (and dead-letter queues, and the S3 bucket) a config names.
-
-    Idempotent: existing queues with the same attributes are left as they are. Returns one
-    line per thing created or found, for the CLI to print.
-    """
-    session = get_session()
-    report: list[str] = []
-    async with session.create_client("sqs", **client_kwargs(settings, session)) as sqs:
-        for queue in dict.fromkeys([settings.default_queue, *queues]):
-            name = settings.queue_name(queue)
-            fifo = name.endswith(".fifo")
-            attributes = {"VisibilityTimeout": str(settings.visibility_timeout)}
-            if fifo:
-                attributes["FifoQueue"] = "true"
-            if max_receive_count:
-                dlq_name = (name[: -len(".fifo")] + "-dlq.fifo") if fifo else name + "-dlq"
-                dlq_attrs = {"FifoQueue": "true"} if fifo else {}
-                dlq_url = (await sqs.create_queue(QueueName=dlq_name, Attributes=dlq_attrs))["QueueUrl"]
-                dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]))[
-                    "Attributes"
-                ]["QueueArn"]
-                attributes["RedrivePolicy"] = json.dumps(
-                    {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": str(max_receive_count)}
-                )
-                report.append(f"dead-letter queue {dlq_name}: {dlq_url}")
-            attributes.update(settings.queue_attributes)
-            kwargs: dict[str, Any] = {"QueueName": name, "Attributes": attributes}
-            if settings.queue_tags:
-                kwargs["tags"] = dict(settings.queue_tags)
-            try:
-                url = (await sqs.create_queue(**kwargs))["QueueUrl"]
-                report.append(f"queue {queue} -> SQS {name}: {url}")
-            except boto_exc.ClientError as exc:
-                if "QueueAlreadyExists" not in exc.response.get("Error", {}).get("Code", ""):
-                    raise
-                # It exists with other attributes: bring them to what this config asks for.
-                url = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
-                current = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]))["Attributes"]
-                changes = {k: v for k, v in attributes.items() if k != "FifoQueue" and current.get(k) != v}
-                await sqs.set_queue_attributes(QueueUrl=url, Attributes=changes)
-                shown = ", ".join(f"{k} {current.get(k)} -> {v}" for k, v in changes.items() if k != "RedrivePolicy")
-                report.append(f"queue {queue} -> SQS {name}: {url} (existed; updated {shown or 'redrive policy'})")
-    if settings.s3_bucket:
-        async with session.create_client("s3", **client_kwargs(settings, session)) as s3:
-            try:
-                await s3.head_bucket(Bucket=settings.s3_bucket)
-            except boto_exc.ClientError:
-                await s3.create_bucket(Bucket=settings.s3_bucket)
-            report.append(f"bucket {settings.s3_bucket}")
-    return report
+        use_role(session, settings)
+        kwargs.update(aws_access_key_id=None, aws_secret_access_key=None)
+    return kwargs

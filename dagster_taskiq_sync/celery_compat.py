@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any, Callable, Mapping
 from urllib.parse import unquote, urlsplit
 
+from .credentials import check_role_arn, check_token_seconds
 from .errors import ConfigError
 from .messages import Keyring
 from .settings import DEFAULT_QUEUE, SQSSettings, Settings, redact_url
@@ -264,13 +265,24 @@ TRANSPORT_OPTIONS_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     "backoff_policy": (NO_EFFECT, "Step retries follow the op's Dagster RetryPolicy.", None),
     "backoff_tasks": (NO_EFFECT, "Step retries follow the op's Dagster RetryPolicy.", None),
     "fetch_message_attributes": (NO_EFFECT, "The worker always fetches what it needs.", None),
-    "sts_role_arn": (REFUSED, "Assume the role through the AWS credential chain instead.", None),
-    "sts_token_timeout": (REFUSED, "Assume the role through the AWS credential chain instead.", None),
+    "sts_role_arn": (
+        MAPPED,
+        "IAM role every SQS/S3 client assumes through STS; the credentials refresh before they expire.",
+        _set_sqs("sts_role_arn", check_role_arn),
+    ),
+    "sts_token_timeout": (
+        MAPPED,
+        "Seconds each assumed-role token lasts (900-43200, default 900).",
+        _set_sqs("sts_token_timeout", check_token_seconds),
+    ),
 }
 
 
 def _transport_options(settings: Settings, value: Any, path: str) -> Settings:
-    return _apply_table(settings, _mapping(value, path), path, TRANSPORT_OPTIONS_TABLE)
+    settings = _apply_table(settings, _mapping(value, path), path, TRANSPORT_OPTIONS_TABLE)
+    if "sts_token_timeout" in value and not settings.sqs.sts_role_arn:
+        settings = _note(settings, f"{path}.sts_token_timeout has no effect without sts_role_arn; set both or remove it.")
+    return settings
 
 
 CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {

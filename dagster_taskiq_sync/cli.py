@@ -7,6 +7,7 @@ layer: ``worker start`` builds a :class:`~.worker_config.WorkerConfig` and runs 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -216,17 +217,24 @@ def queues() -> None:
 @click.option("-q", "--queue", "extra", multiple=True, help="Also create this queue (repeatable), e.g. one named by a dagster-celery/queue tag.")
 @click.option("--max-receive-count", type=click.IntRange(1, 1000), default=5, show_default=True, help="Receives before SQS moves a message to the dead-letter queue NAME-dlq.")
 @click.option("--no-dead-letter", is_flag=True, help="Create no dead-letter queue or redrive policy.")
-def queues_create(config_yaml, extra, max_receive_count, no_dead_letter) -> None:
-    """Create the queues (with dead-letter queues and redrive policy) and the S3 bucket a config names."""
+@click.option("--kms-key", help="Encrypt the queues and the S3 bucket with this KMS key (id, ARN or alias/NAME) instead of SQS-managed keys and SSE-S3. Default: sqs-creation-attributes' KmsMasterKeyId.")
+@click.option("--payload-expiry-days", type=int, help="Days after which offloaded payloads under the backend's S3 prefix expire (a bucket lifecycle rule; default 7): payloads of dead-lettered or purged messages would otherwise stay forever.")
+def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key, payload_expiry_days) -> None:
+    """Create the queues (with dead-letter queues and redrive policy) and the S3 bucket a config names.
+
+    Queues are encrypted at rest (SQS-managed keys, or --kms-key); the bucket gets default
+    encryption and a lifecycle rule expiring offloaded payloads.
+    """
     from .bridge import Bridge
-    from .broker import provision
+    from .admin import provision
     from .broker_client import translate_error
 
     try:
         settings = settings_from_yaml(config_yaml)
         with Bridge() as bridge:
             try:
-                report = bridge.call(provision, settings.sqs, extra, None if no_dead_letter else max_receive_count, timeout=60)
+                create = functools.partial(provision, kms_key=kms_key, payload_expiry_days=payload_expiry_days)
+                report = bridge.call(create, settings.sqs, extra, None if no_dead_letter else max_receive_count, timeout=60)
             except TaskiqSyncError:
                 raise
             except Exception as exc:
@@ -235,6 +243,152 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter) -> None
         raise click.ClickException(str(exc)) from None
     for line in report:
         click.echo(line)
+
+
+@queues.command("stats")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block.")
+@click.option("-q", "--queue", "only", multiple=True, help="Queue to show (repeatable). Default: the config's task_default_queue and every queue a live worker consumes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one document per line with --watch) instead of a table.")
+@click.option("--watch", type=float, metavar="SECONDS", help="Print again every SECONDS until Ctrl-C.")
+@click.option("--target-backlog-per-worker", "target", type=int, metavar="N", help="Messages one worker should hold (default: its concurrency x worker_prefetch_multiplier); replicas needed = ceil((visible + in flight) / N).")
+def queues_stats(config_yaml, only, as_json, watch, target) -> None:
+    """Per queue: visible / in-flight / delayed messages, dead-letter depth, live workers, free slots, replicas needed."""
+    import time
+
+    from .bridge import Bridge
+
+    if watch is not None and not watch > 0:
+        raise click.UsageError(f"--watch {watch:g} must be a positive number of seconds; pass e.g. --watch 5.")
+    if target is not None and target < 1:
+        raise click.UsageError(f"--target-backlog-per-worker {target} must be a whole number of at least 1; pass e.g. 4.")
+    try:
+        settings = settings_from_yaml(config_yaml)
+        with Bridge() as bridge:
+            while True:
+                failed = _print_stats(bridge, settings, only, as_json, target)
+                if watch is None:
+                    break
+                time.sleep(watch)
+    except KeyboardInterrupt:
+        return
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    if failed:
+        sys.exit(1)
+
+
+def _print_stats(bridge, settings, only, as_json, target) -> bool:
+    """One round of `queues stats`; returns True when a queue could not be read."""
+    import datetime
+    import json
+
+    from .admin import add_workers, queue_depths
+    from .broker_client import translate_error
+
+    notes = []
+    workers = None
+    try:
+        registry = _registry()
+    except Exception as exc:  # noqa: BLE001 - SQS numbers are still worth printing
+        registry = None
+        notes.append(f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); live workers are unknown.")
+    else:
+        if registry is None:
+            notes.append("DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance.")
+        else:
+            workers = registry.workers()
+    names = list(only) or [settings.sqs.default_queue, *(q for w in workers or () if w.looks_alive() for q in w.queues)]
+    try:
+        stats = bridge.call(queue_depths, settings.sqs, list(dict.fromkeys(names)), timeout=60)
+    except TaskiqSyncError:
+        raise
+    except Exception as exc:
+        raise translate_error(exc, settings.sqs, "reading queue attributes", None) from None
+    add_workers(stats, workers, prefetch_multiplier=settings.prefetch_multiplier,
+                config_concurrency=settings.worker_concurrency, target=target)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if as_json:
+        click.echo(json.dumps({"time": now, "queues": [s.as_dict() for s in stats], "notes": notes}))
+        return any(s.error for s in stats)
+    header = f"{'QUEUE':<20} {'VISIBLE':>7} {'IN FLIGHT':>9} {'DELAYED':>7}  {'DEAD-LETTER':<24} {'WORKERS':>7} {'FREE':>5} {'TARGET':>6} {'REPLICAS':>8}"
+    click.echo(f"{now}  {settings.sqs.describe_endpoint()}")
+    click.echo(header)
+    for s in stats:
+        if s.error:
+            click.echo(f"{s.queue:<20} {s.error}")
+            continue
+        if s.dead_letter_queue is None:
+            dlq = "none"
+        elif s.dead_letter_error:
+            dlq = f"{s.dead_letter_queue}: missing"
+        else:
+            dlq = f"{s.dead_letter_queue}: {s.dead_letter_depth}"
+        live = "?" if s.workers is None else str(len(s.workers))
+        free = "?" if s.free_slots is None else str(s.free_slots)
+        click.echo(f"{s.queue:<20} {s.visible:>7} {s.in_flight:>9} {s.delayed:>7}  {dlq:<24} {live:>7} {free:>5} "
+                   f"{s.target_backlog_per_worker:>6} {s.replicas_needed:>8}")
+    click.echo("replicas = ceil((visible + in flight) / target); target per queue: "
+               + "; ".join(f"{s.queue}: {s.target_source}" for s in stats if not s.error))
+    for s in stats:
+        if s.dead_letter_error:
+            click.echo(f"note: {s.dead_letter_error}")
+    for note in notes:
+        click.echo(f"note: {note}")
+    return any(s.error for s in stats)
+
+
+@queues.command("redrive")
+@click.argument("name")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block.")
+@click.option("--max", "max_messages", type=int, metavar="N", help="Move at most N messages (default: as many as the dead-letter queue holds when this starts).")
+def queues_redrive(name, config_yaml, max_messages) -> None:
+    """Move the messages in queue NAME's dead-letter queue back to NAME (after the cause is fixed)."""
+    from .admin import redrive
+    from .bridge import Bridge
+    from .broker_client import translate_error
+
+    if max_messages is not None and max_messages < 1:
+        raise click.UsageError(f"--max {max_messages} must be a whole number of at least 1; pass e.g. --max 100, or leave it out to move them all.")
+    try:
+        settings = settings_from_yaml(config_yaml)
+        with Bridge() as bridge:
+            try:
+                result = bridge.call(redrive, settings.sqs, name, max_messages, timeout=3600)
+            except TaskiqSyncError:
+                raise
+            except Exception as exc:
+                raise translate_error(exc, settings.sqs, f"redriving queue {name!r}", name) from None
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"moved {result.moved} message(s) from {result.dead_letter_queue} back to {result.queue} "
+               f"({result.left} left in {result.dead_letter_queue})")
+
+
+@main.command("iam-policy")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block (queues, bucket, prefix, region).")
+@click.option("--role", "roles", multiple=True, type=click.Choice(["orchestrator", "worker", "launcher"]), help="Role to print the policy of (repeatable: the union, e.g. --role worker --role orchestrator for a worker serving TaskiqRunLauncher runs). Default: one policy per role, keyed by role.")
+@click.option("-q", "--queue", "extra", multiple=True, help="Also cover this queue (repeatable), e.g. one named by a dagster-celery/queue tag or the launcher's default_queue.")
+@click.option("--kms-key", help="KMS key of the queues and bucket (default: sqs-creation-attributes' KmsMasterKeyId); adds kms:GenerateDataKey / kms:Decrypt.")
+@click.option("--account-id", help="AWS account that owns the queues (default: the predefined queue URLs, else STS GetCallerIdentity).")
+@click.option("--no-dead-letter", is_flag=True, help="The queues have no dead-letter queues (created with --no-dead-letter).")
+def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -> None:
+    """Print the least-privilege IAM policy (JSON) for the queues, dead-letter queues and S3 offload prefix a config names."""
+    import json
+
+    from .admin import kms_key_for
+    from .bridge import Bridge
+    from .iam import ROLES, policy, resolve_resources
+
+    try:
+        settings = settings_from_yaml(config_yaml)
+        key = kms_key_for(settings.sqs, kms_key)
+        resolve = functools.partial(resolve_resources, account_id=account_id, kms_key=key, dead_letter=not no_dead_letter)
+        with Bridge() as bridge:
+            resources = bridge.call(resolve, settings.sqs, list(extra), timeout=60)
+        document = policy(roles, resources) if roles else {role: policy([role], resources) for role in ROLES}
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(document, indent=2))
 
 
 @main.command("celery-mapping")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Mapping
 
 from .errors import ConfigError
 
@@ -35,9 +36,19 @@ def _die_with_parent() -> None:
 class LocalEndpoint:
     """``with LocalEndpoint() as ep: ep.url`` -> ``http://127.0.0.1:PORT`` serving SQS and S3."""
 
-    def __init__(self, port: int | None = None, log_path: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        log_path: str | None = None,
+        env: Mapping[str, str] | None = None,
+        server_module: str = "moto.server",
+    ) -> None:
+        """``env`` is added to the server's environment (e.g. ``INITIAL_NO_AUTH_ACTION_COUNT`` to
+        enforce IAM); ``server_module`` runs instead of ``moto.server`` (same arguments)."""
         self.port = port or free_port()
         self.log_path = log_path
+        self.env = dict(env or {})
+        self.server_module = server_module
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,9 +70,10 @@ class LocalEndpoint:
             ) from None
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-m", self.server_module, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=out,
             stderr=out,
+            env={**os.environ, **self.env},
             preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout

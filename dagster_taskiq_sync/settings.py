@@ -69,6 +69,10 @@ class SQSSettings:
     s3_bucket: str | None = None  # payloads larger than the queue accepts go here
     s3_prefix: str = ""
     max_payload_bytes: int = 64 * 1024 * 1024  # largest offloaded payload a worker reads
+    # broker_transport_options.sts_role_arn: every client signs as this role (credentials.py),
+    # assumed for sts_token_timeout seconds at a time and refreshed before it expires.
+    sts_role_arn: str | None = None
+    sts_token_timeout: int = 900
 
     def queue_name(self, celery_queue: str) -> str:
         """SQS queue name for a Celery queue name (kombu's rules, prefix included)."""

@@ -32,7 +32,8 @@ def load_executor_config(config_yaml: str | None) -> Mapping[str, Any]:
     except OSError as exc:
         raise ConfigError(f"--config-yaml {config_yaml!r} cannot be read ({exc.strerror}); pass an existing file.") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config-yaml {config_yaml!r} is not valid YAML ({exc}); fix the file.") from None
+        where = " ".join(str(exc).split())  # PyYAML's message spans lines; keep the error one line
+        raise ConfigError(f"--config-yaml {config_yaml!r} is not valid YAML ({where}); fix the file.") from None
     if not isinstance(parsed, Mapping):
         raise ConfigError(f"--config-yaml {config_yaml!r} must hold a mapping with an 'execution' key.")
     execution = parsed.get("execution") or {}

@@ -138,7 +138,9 @@ def test_options_without_effect_warn_once_each_and_unknown_keys_warn():
 @pytest.mark.parametrize(
     "config_source, expected",
     [
-        ({"broker_transport_options": {"sts_role_arn": "arn:aws:iam::1:role/x"}}, "sts_role_arn is not supported"),
+        ({"broker_transport_options": {"sts_role_arn": "arn:aws:iam::1:role/x"}}, "sts_role_arn 'arn:aws:iam::1:role/x' is not an IAM role ARN"),
+        ({"broker_transport_options": {"sts_role_arn": "arn:aws:iam::123456789012:role/x", "sts_token_timeout": 60}},
+         "sts_token_timeout 60 is outside what STS accepts; use 900 to 43200 seconds"),
         (
             {"broker_transport_options": {"predefined_queues": {"q": {"url": "u", "access_key_id": "a"}}}},
             "per-queue credentials are not supported",
