@@ -58,7 +58,7 @@ __all__ = [
     "ExecuteStepArgs", "InProcessExecutor", "KnownExecutionState", "LaunchRunContext", "PRELOAD_MODULES",
     "ResumeRunContext", "RetryMode", "RunLauncher", "StepDelegatingExecutor", "StepHandler", "StepHandlerContext",
     "WorkerStatus", "capture_interrupts", "copy_record", "deserialize_value", "execute_run_command_body",
-    "execute_step_command_body", "get_retries_config", "get_tag_concurrency_limits_config", "kv_delete", "kv_scan",
+    "execute_step_command_body", "get_retries_config", "run_interrupted", "get_tag_concurrency_limits_config", "kv_delete", "kv_scan",
     "post_process_config", "recon_job_from_origin", "resume_run_command_body", "serializable_error_info_from_exc_info",
     "serialize_value", "validate_config",
 ]
@@ -159,29 +159,39 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
         return super()._pop_events(instance, run_id, seen_storage_ids)
 
 
-# --- step submission order ----------------------------------------------------------------------
+# --- step submission order and run cancellation -----------------------------------------------------
 # dagster-celery submits ready steps by (step priority + run priority), higher first, through
 # ActiveExecution's sort_key_fn. StepDelegatingExecutor builds its ActiveExecution without one, so
 # its module gets a subclass that takes the sort key from a context variable only taskiq_executor
 # sets while it orchestrates; every other executor keeps Dagster's default order.
+# The same subclass lets taskiq_executor stop a run being canceled (UI, report_run_canceling) through
+# Dagster's own interrupt path: "termination signal, forwarding to steps", terminate_step for each
+# running step, the run ends CANCELED. Dagster's interrupt flag is process-wide, so a per-run
+# context variable says "this run's cancel was seen".
 
 step_sort_key: contextvars.ContextVar[Any] = contextvars.ContextVar("dagster_taskiq_sync_step_sort_key", default=None)
+run_interrupted: contextvars.ContextVar[Any] = contextvars.ContextVar("dagster_taskiq_sync_run_interrupted", default=None)
 _install_lock = threading.Lock()
 
 
-class _SortableActiveExecution(ActiveExecution):
+class _TaskiqActiveExecution(ActiveExecution):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         sort_key = step_sort_key.get()
         if sort_key is not None and kwargs.get("sort_key_fn") is None:
             kwargs["sort_key_fn"] = sort_key
+        self._taskiq_run_interrupted = run_interrupted.get()
         super().__init__(*args, **kwargs)
+
+    def check_for_interrupts(self) -> bool:
+        return super().check_for_interrupts() or bool(self._taskiq_run_interrupted is not None and self._taskiq_run_interrupted())
 
 
 def install_step_sort_key() -> None:
-    """Let taskiq_executor order ready steps by priority (idempotent; other executors unchanged)."""
+    """Let taskiq_executor order ready steps by priority and stop canceled runs through Dagster's
+    interrupt path (idempotent; other executors unchanged)."""
     with _install_lock:
         if _sde_module.ActiveExecution is ActiveExecution:
-            _sde_module.ActiveExecution = _SortableActiveExecution  # type: ignore[misc]  # Dagster has no hook for it
+            _sde_module.ActiveExecution = _TaskiqActiveExecution  # type: ignore[misc]  # Dagster has no hook for it
 
 
 # --- compute log mirroring in step children -------------------------------------------------------

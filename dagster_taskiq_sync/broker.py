@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from aiobotocore.config import AioConfig
 from botocore import exceptions as boto_exc

@@ -396,6 +396,7 @@ NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "queued_step_warning": _positive,
     "queued_step_timeout": _positive,
     "broker_outage_timeout": _positive,
+    "database_outage_timeout": _positive,
     "record_expiry": _positive,
     "lost_worker_expiry": _positive,
 }

@@ -70,6 +70,12 @@ TASKIQ_CONFIG: dict[str, Any] = {
         is_required=False,
         description="Keep retrying to send a step through an SQS outage this long (default 60).",
     ),
+    "database_outage_timeout": Field(
+        Noneable(float),
+        is_required=False,
+        description="Keep retrying the Dagster instance's database through an outage (a PostgreSQL "
+        "restart, a locked sqlite) this long before failing a step or run (default 120).",
+    ),
     # --- message signing and limits (see README "Security model") ---
     "signing_key": Field(
         Noneable(StringSource),

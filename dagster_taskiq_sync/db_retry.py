@@ -6,7 +6,7 @@ Dagster itself retries very little (measured with dagster 1.13 / dagster-postgre
   exponential from 0.2 s with jitter, ~11 s in all), then raises ``DagsterPostgresException("too
   many retries for DB connection")`` whose ``__cause__`` is the SQLAlchemy ``OperationalError``.
   Statements are never retried.
-- A pooled engine (``optimize_for_webserver``, what ``secrets.pooled`` turns on) has no
+- A pooled engine (``optimize_for_webserver``, what ``instance.pooled`` turns on) has no
   ``pool_pre_ping``: after a server restart the first statement on each stale pooled connection
   fails at once with ``OperationalError`` (``connection_invalidated=True``, "server closed the
   connection unexpectedly" / "terminating connection due to administrator command"); SQLAlchemy

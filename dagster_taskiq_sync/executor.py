@@ -21,7 +21,6 @@ from dagster import _check as check
 from ._dagster_private import (
     CheckStepHealthResult,
     DagsterEvent,
-    DagsterExecutionInterruptedError,
     EngineEventData,
     InProcessExecutor,
     PollingStepDelegatingExecutor,
@@ -29,6 +28,7 @@ from ._dagster_private import (
     StepHandler,
     StepHandlerContext,
     install_step_sort_key,
+    run_interrupted,
     serialize_value,
     step_sort_key,
 )
@@ -37,7 +37,7 @@ from .broker_client import BrokerClient
 from .celery_compat import settings_from_executor_config
 from .config_schema import TASKIQ_CONFIG
 from .errors import ConfigError, TaskiqSyncError
-from .instance import InstanceOptions, pooled
+from .instance import InstanceOptions, prepared
 from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, QUEUED, RUNNING, LivenessStore, StepRecord
 from .messages import RUN_PRIORITY_TAGS, STEP_PRIORITY_TAGS, StepMessage, encode, int_tag, queue_for_tags
 from .sender import PendingSend, StepSender
@@ -48,6 +48,7 @@ STATUS_CHECK_INTERVAL = 0.5  # seconds between run-status reads while steps are 
 # A step process that exited is given this long for its last events to be read before the
 # orchestrator concludes it ended without reporting a result.
 EXIT_GRACE_SECONDS = 3.0
+DB_SLOW_SECONDS = 2.0  # a liveness read slower than this waited out a database outage
 
 _result_observers: list[Callable[[str, str, float], None]] = []
 
@@ -121,6 +122,7 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             check_step_health_interval_seconds=settings.health_check_interval,
         )
         self._next_status_check = 0.0
+        self._canceled = False
 
     def on_poll(self, instance: Any, run_id: str) -> None:
         """Fail the run on a step that could not be sent, and stop orchestrating as soon as the
@@ -136,12 +138,15 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         self._next_status_check = now + STATUS_CHECK_INTERVAL
         run = instance.get_run_by_id(run_id)
         if run is not None and run.status in (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED):
-            raise DagsterExecutionInterruptedError(
-                f"run {run_id} is being canceled; its workers stop the steps still running"
-            )
+            # Dagster's loop sees it on its next check for interrupts (run_interrupted): it logs the
+            # termination, asks each running step's worker to stop it, and ends the run CANCELED.
+            self._canceled = True
 
     def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[no-untyped-def]  # Dagster's signature
+        started = time.monotonic()
         events = super()._pop_events(instance, run_id, seen_storage_ids)
+        if time.monotonic() - started > DB_SLOW_SECONDS:
+            self._taskiq_handler.database_was_down()
         if _result_observers:
             now = time.time()
             for event in events:
@@ -160,15 +165,18 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         sort_token = step_sort_key.set(
             lambda step: -(int_tag(step.tags, STEP_PRIORITY_TAGS, default_priority) + run_priority)
         )
+        self._canceled = False
+        interrupt_token = run_interrupted.set(lambda: self._canceled)
         queues = {queue_for_tags(step.tags, self.settings.sqs.default_queue) for step in execution_plan.steps}
         # The loop below reads the event log every step_poll_interval: on PostgreSQL, one
-        # connection for the run rather than one per read.
-        pooled(plan_context.instance, InstanceOptions.from_env())
+        # connection for the run rather than one per read, and reads that ride out a restart.
+        prepared(plan_context.instance, InstanceOptions.from_env(outage_timeout=self.settings.database_outage_timeout))
         with contextlib.ExitStack() as stack:
             try:
                 if self._config_error is not None:
                     raise self._config_error
-                stack.enter_context(self._taskiq_handler.connected(plan_context.instance, sorted(queues)))
+                stack.enter_context(self._taskiq_handler.connected(plan_context.instance, plan_context.run_id,
+                                                                   sorted(queues)))
             except TaskiqSyncError as exc:
                 # One sentence in the run's log before Dagster records the failure.
                 plan_context.log.error(str(exc))
@@ -177,6 +185,7 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                 yield from super().execute(plan_context, execution_plan)
             finally:
                 step_sort_key.reset(sort_token)
+                run_interrupted.reset(interrupt_token)
                 self._taskiq_handler.finish(plan_context.instance, plan_context.run_id)
 
     def _warn_on_priorities(self, plan_context: Any, execution_plan: Any, run_priority: int) -> None:
@@ -204,13 +213,17 @@ class TaskiqStepHandler(StepHandler):
         self.settings = settings
         self.sender: StepSender | None = None
         self._warned_queued: set[str] = set()  # only dedups a warning; health lives in the store
+        self._database_back_at = 0.0  # wall clock: heartbeats older than an outage do not mean "lost"
+        self._run_id = ""
+        self._next_probe = 0.0
 
     @property
     def name(self) -> str:
         return "TaskiqStepHandler"
 
     @contextlib.contextmanager
-    def connected(self, instance: Any, queues: list[str]) -> Iterator[BrokerClient]:
+    def connected(self, instance: Any, run_id: str, queues: list[str]) -> Iterator[BrokerClient]:
+        self._run_id = run_id
         with shared_bridge() as bridge:
             client = BrokerClient(self.settings.sqs, bridge, queues, keyring=self.settings.keyring)
             client.start()
@@ -230,9 +243,28 @@ class TaskiqStepHandler(StepHandler):
         sender.flush(timeout=5)
         self.report_sends(instance, run_id, raise_errors=False)
         try:  # bounded state: the run's step records are no use to anyone now
-            LivenessStore(instance).forget(sender.sent_task_ids)
+            LivenessStore(instance).forget(sender.sent_task_ids, run_id=run_id)
         except Exception as exc:  # workers' sweep deletes them later
             log.warning("could not delete the step records of run %s: %s", run_id, exc)
+
+    def _probe_writes(self, instance: Any) -> None:
+        """Once per health-check round, one write: if it had to wait (a locked sqlite, a restarting
+        PostgreSQL), workers' heartbeat writes had to wait too, and stale records do not mean lost."""
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        LivenessStore(instance).probe(self._run_id)
+        if time.monotonic() - now > DB_SLOW_SECONDS:
+            self.database_was_down()
+        self._next_probe = time.monotonic() + max(0.5, self.settings.health_check_interval / 2)
+
+    def database_was_down(self) -> None:
+        """A read of the instance just waited out a database outage: workers could not heartbeat
+        during it either, so their stale records do not mean they were lost."""
+        if time.time() - self._database_back_at > DB_SLOW_SECONDS:
+            log.warning("the Dagster instance's database was unavailable; workers get %g s (worker_lost_timeout) "
+                        "to heartbeat again before a step counts as lost", self.settings.worker_lost_timeout)
+        self._database_back_at = time.time()
 
     def _identity(self, ctx: StepHandlerContext) -> tuple[str, int, str, str]:
         """(step key, attempt, step handle id, Celery queue name) of the step in ``ctx``."""
@@ -291,13 +323,18 @@ class TaskiqStepHandler(StepHandler):
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         step_key, _attempt, handle, queue = self._identity(step_handler_context)
+        self._probe_writes(step_handler_context.instance)
+        started = time.monotonic()
         record = LivenessStore(step_handler_context.instance).read([handle]).get(handle)
         now = time.time()
+        if time.monotonic() - started > DB_SLOW_SECONDS:
+            self.database_was_down()
         if record is None or record.state in (QUEUED, FINAL_DELIVERY):
             return self._queued_health(step_handler_context, step_key, handle, queue, record, now)
         if record.state == RUNNING:
             lost = record.lost_for(self.settings.worker_lost_timeout, now)
-            if lost is not None:
+            # After a database outage, workers get a full worker_lost_timeout to heartbeat again.
+            if lost is not None and time.time() - self._database_back_at > self.settings.worker_lost_timeout:
                 return CheckStepHealthResult.unhealthy(
                     f"worker {record.worker} (host {record.host}, pid {record.worker_pid}) running "
                     f"step {step_key} stopped heartbeating {lost:.0f} s ago; the worker "

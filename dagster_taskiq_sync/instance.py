@@ -33,13 +33,15 @@ class InstanceOptions:
     """How a long-lived process uses its instance; read once from the environment at the edge."""
 
     pool_connections: bool = True
+    # Event writes, run/KV writes and reads ride out a database outage this long (db_retry.py).
+    outage_timeout: float = 120.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> "InstanceOptions":
+    def from_env(cls, env: Mapping[str, str] | None = None, outage_timeout: float = 120.0) -> "InstanceOptions":
         value = (env if env is not None else os.environ).get(DB_POOL_ENV, "1").strip().lower()
         if value not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
             raise ConfigError(f"{DB_POOL_ENV}={value!r} must be 1 or 0; unset it to pool database connections.")
-        return cls(pool_connections=value not in ("0", "false", "no", "off"))
+        return cls(pool_connections=value not in ("0", "false", "no", "off"), outage_timeout=outage_timeout)
 
 
 def dagster_home(env: Mapping[str, str] | None = None) -> str:
@@ -85,14 +87,22 @@ def open_home_instance(options: InstanceOptions | None = None, env: Mapping[str,
             f"the Dagster instance in DAGSTER_HOME={home!r} cannot be opened ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); fix its dagster.yaml or start its database."
         ) from None
-    return pooled(instance, options or InstanceOptions())
+    return prepared(instance, options or InstanceOptions())
 
 
 def instance_from_ref(ref: Any, options: InstanceOptions | None = None) -> Any:
     """An instance from a reference the worker itself made (step and run children)."""
     from dagster import DagsterInstance
 
-    return pooled(DagsterInstance.from_ref(ref), options or InstanceOptions())
+    return prepared(DagsterInstance.from_ref(ref), options or InstanceOptions())
+
+
+def prepared(instance: Any, options: InstanceOptions) -> Any:
+    """A long-lived process's instance: pooled connections, and reads and writes that ride out a
+    database outage of up to ``options.outage_timeout`` (a PostgreSQL restart, a locked sqlite)."""
+    from .db_retry import install_event_write_retry
+
+    return install_event_write_retry(pooled(instance, options), options.outage_timeout, reads=True)
 
 
 def pooled(instance: Any, options: InstanceOptions) -> Any:

@@ -47,6 +47,10 @@ def cancel_key(handle_id: str) -> str:
     return f"{KEY_PREFIX}/cancel/{handle_id}"
 
 
+def probe_key(run_id: str) -> str:
+    return f"{KEY_PREFIX}/probe/{run_id}"
+
+
 def lost_for(ts: float, heartbeat_interval: float | None, lost_timeout: float, now: float | None = None) -> float | None:
     """The one "worker is lost" rule: seconds since the last heartbeat when that is longer than
     ``lost_timeout`` (and at least three heartbeats), else None. Used for steps, runs and workers."""
@@ -149,13 +153,19 @@ class LivenessStore:
                 requests[ids[key]] = reason
         return requests
 
-    def forget(self, handle_ids: Iterable[str]) -> int:
+    def forget(self, handle_ids: Iterable[str], run_id: str | None = None) -> int:
         """Delete the records of these step attempts (their run's execution is over). Cancel
         requests stay until the sweep: a terminated run's workers may not have read them yet."""
         from ._dagster_private import kv_delete
 
         keys = [key for handle in handle_ids for key in (step_record_key(handle), queued_key(handle))]
+        if run_id:
+            keys.append(probe_key(run_id))
         return kv_delete(self._storage, keys)
+
+    def probe(self, run_id: str) -> None:
+        """One write, to tell whether the store takes writes now (the orchestrator's check)."""
+        self._storage.set_cursor_values({probe_key(run_id): json.dumps({"ts": time.time()})})
 
     def sweep(self, expiry: float, now: float | None = None, limit: int = 1000) -> int:
         """Delete records nobody updated for ``expiry`` seconds; returns how many."""

@@ -105,6 +105,7 @@ class Settings:
     queued_step_warning: float = 60.0  # engine event when no worker has taken a step by then
     queued_step_timeout: float | None = None  # fail a step nobody took by then (None: wait)
     broker_outage_timeout: float = 60.0  # keep retrying a send this long through an outage
+    database_outage_timeout: float = 120.0  # instance reads/writes ride out a database outage this long
     # --- reliability (worker side) ---
     heartbeat_interval: float = 5.0  # liveness record refresh while a step runs
     cancel_poll_interval: float = 1.0  # how often a worker looks for cancel requests

@@ -24,6 +24,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .instance import InstanceOptions, instance_from_ref
 from ._dagster_private import (
     DagsterExecutionStepNotFoundError,
     EngineEventData,
@@ -132,11 +133,8 @@ def die_with_worker(worker_pid: int | None) -> None:
     threading.Thread(target=watch, name="watch-worker", daemon=True).start()
 
 
-def _open_instance(instance_ref: str) -> Any:
-    from ._dagster_private import deserialize_value as load
-    from .instance import InstanceOptions, instance_from_ref
-
-    return instance_from_ref(load(instance_ref), InstanceOptions.from_env())
+def _open_instance(instance_ref: str, options: InstanceOptions) -> Any:
+    return instance_from_ref(deserialize_value(instance_ref), options)
 
 
 def _recon_job(run: Any) -> Any:
@@ -174,7 +172,8 @@ def _run_or_raise(instance: Any, run_id: str, what: str) -> Any:
     return run
 
 
-def run_run_in_child(kind: str, run_id: str, pickup: Pickup, instance_ref: str, report: Any) -> None:
+def run_run_in_child(kind: str, run_id: str, pickup: Pickup, instance_ref: str, options: InstanceOptions,
+                     report: Any) -> None:
     """Entry point of a run child (TaskiqRunLauncher): execute or resume a whole run.
 
     The run process is Dagster's own run worker: with ``taskiq_executor`` it sends its steps to
@@ -184,7 +183,7 @@ def run_run_in_child(kind: str, run_id: str, pickup: Pickup, instance_ref: str, 
     die_with_worker(pickup.worker_pid)
     os.setpgrp()  # a Ctrl-C in the worker's terminal is the worker's to handle, not the run's
     with capture_interrupts():
-        instance = _open_instance(instance_ref)
+        instance = _open_instance(instance_ref, options)
         try:
             run = _run_or_raise(instance, run_id, "Run")
             _load_job_or_raise(instance, run, "Run", pickup)
@@ -203,19 +202,20 @@ def run_run_in_child(kind: str, run_id: str, pickup: Pickup, instance_ref: str, 
 class _StepChildState:
     """What a step child keeps between steps: its one instance and the runs it has looked at."""
 
-    def __init__(self, instance_ref: str) -> None:
+    def __init__(self, instance_ref: str, options: InstanceOptions) -> None:
         self.instance_ref = instance_ref
+        self.options = options
         self._instance: Any = None
         self.retry_modes: dict[tuple[str, str], Any] = {}
 
     @property
     def instance(self) -> Any:
         if self._instance is None:
-            self._instance = _open_instance(self.instance_ref)
+            self._instance = _open_instance(self.instance_ref, self.options)
         return self._instance
 
 
-def serve_steps(conn: Any, worker_pid: int, instance_ref: str) -> None:
+def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: InstanceOptions) -> None:
     """Entry point of a step child: run the steps the worker sends, one at a time, until told to
     stop (None) or the worker goes away.
 
@@ -230,7 +230,7 @@ def serve_steps(conn: Any, worker_pid: int, instance_ref: str) -> None:
     install_thread_log_mirror()
     install_cached_step_plans()
     install_step_worker_details()
-    state = _StepChildState(instance_ref)
+    state = _StepChildState(instance_ref, options)
     profile_dir = os.environ.get("DAGSTER_TASKIQ_SYNC_PROFILE_DIR")
     while True:
         try:

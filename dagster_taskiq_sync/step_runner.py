@@ -30,6 +30,7 @@ from multiprocessing.context import ForkServerContext
 from typing import Any, Callable, Protocol, Sequence
 
 from ._dagster_private import OPTIONAL_PRELOAD_MODULES, PRELOAD_MODULES
+from .instance import InstanceOptions
 from .step_child import CANNOT_RUN, WARM, Pickup, StepTask, run_run_in_child, serve_steps
 
 
@@ -138,12 +139,14 @@ class StepRunner:
     instance, whatever a message says.
     """
 
-    def __init__(self, instance_ref: str, preload: Sequence[str] = (), max_tasks_per_child: int | None = None,
-                 max_memory_per_child: int | None = None, on_recycle: Callable[[str], None] | None = None) -> None:
+    def __init__(self, instance_ref: str, instance_options: InstanceOptions, preload: Sequence[str] = (),
+                 max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
+                 on_recycle: Callable[[str], None] | None = None) -> None:
         self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")  # type: ignore[assignment]  # asked for by name
         optional = [m for m in OPTIONAL_PRELOAD_MODULES if importlib.util.find_spec(m) is not None]
         self._ctx.set_forkserver_preload(["dagster_taskiq_sync.step_child", *PRELOAD_MODULES, *optional, *preload])
         self._instance_ref = instance_ref
+        self._instance_options = instance_options
         self.max_tasks_per_child = max_tasks_per_child
         self.max_memory_per_child = max_memory_per_child  # KiB, as Celery's option
         self._on_recycle = on_recycle or (lambda reason: None)
@@ -185,7 +188,8 @@ class StepRunner:
     def start_run(self, kind: str, run_id: str, pickup: Pickup) -> RunProcess:
         """A fresh child for a whole run ("run") or a resumed one ("resume")."""
         reports, report = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=run_run_in_child, args=(kind, run_id, pickup, self._instance_ref, report),
+        process = self._ctx.Process(target=run_run_in_child, args=(kind, run_id, pickup, self._instance_ref,
+                                                                   self._instance_options, report),
                                     name=f"run:{run_id}")
         process.start()
         report.close()  # the child holds the write end now
@@ -193,7 +197,8 @@ class StepRunner:
 
     def _new_child(self) -> StepChild:
         conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=serve_steps, args=(child_conn, os.getpid(), self._instance_ref),
+        process = self._ctx.Process(target=serve_steps, args=(child_conn, os.getpid(), self._instance_ref,
+                                                              self._instance_options),
                                     name="taskiq-step-child")
         process.start()
         child_conn.close()

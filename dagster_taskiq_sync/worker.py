@@ -39,7 +39,7 @@ from .bridge import Bridge
 from .broker import Delivery
 from .broker_client import BrokerClient
 from .capacity import Capacity
-from .instance import InstanceOptions, open_home_instance
+from .instance import InstanceOptions, open_home_instance, prepared
 from .liveness import LivenessStore
 from .registry import WorkerRecord, WorkerRegistry
 from .request import WorkerContext, Outcome, Request
@@ -80,7 +80,8 @@ class Worker:
 
     def start(self) -> "Worker":
         settings, config = self.settings, self.config
-        instance = self._instance or open_home_instance(InstanceOptions.from_env())
+        options = InstanceOptions.from_env(outage_timeout=settings.database_outage_timeout)
+        instance = prepared(self._instance, options) if self._instance is not None else open_home_instance(options)
         self.instance = instance
         if not settings.keyring.verifies:
             log.warning("worker %s: no signing key is configured, so anyone who can send to its queues (%s) can "
@@ -93,7 +94,7 @@ class Worker:
         except BaseException:
             self._bridge.stop()
             raise
-        self.runner = StepRunner(serialize_value(instance.get_ref()), preload=config.includes,
+        self.runner = StepRunner(serialize_value(instance.get_ref()), options, preload=config.includes,
                                  max_tasks_per_child=settings.max_tasks_per_child,
                                  max_memory_per_child=settings.max_memory_per_child)
         self.acker = Acker(self.client, self._on_death, self._settled)

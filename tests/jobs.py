@@ -186,6 +186,16 @@ def two_sleepers():
     _counted("sleeper_b", queue=None)()
 
 
+COUNTED_LEAVES = [_counted(f"counted_{i}", queue=None) for i in range(10)]
+
+
+@job(executor_def=taskiq_executor)
+def counted_fanout():
+    """Ten parallel counted steps on the run's default queue (database outage tests)."""
+    for leaf in COUNTED_LEAVES:
+        leaf()
+
+
 @op(tags={"dagster-celery/queue": "lonely"})
 def nobody_serves_this() -> int:
     return 1
@@ -374,5 +384,5 @@ defs = Definitions(jobs=[
     diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps,
     one_long, one_long_retried, two_long, wide, two_chatty, unserved,
     launched_ok, launched_raises, launched_exits_hard, launched_long, resumable,
-    across_two_queues, backlog_q1, backlog_q2, backlog_q3, fan_100, two_sleepers,
+    across_two_queues, backlog_q1, backlog_q2, backlog_q3, fan_100, two_sleepers, counted_fanout,
 ])

@@ -27,8 +27,8 @@ def test_installers_change_nothing_until_called():
     from dagster._core.executor.step_delegating import step_delegating_executor as sde
 
     # Importing this package does not patch Dagster: other executors keep Dagster's own classes.
-    assert sde.ActiveExecution is _dagster_private.ActiveExecution or sde.ActiveExecution.__name__ == "_SortableActiveExecution"
+    assert sde.ActiveExecution is _dagster_private.ActiveExecution or sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
     _dagster_private.install_step_sort_key()
-    assert sde.ActiveExecution.__name__ == "_SortableActiveExecution"
+    assert sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
     _dagster_private.install_step_sort_key()  # idempotent
     assert sde.ActiveExecution.__mro__[1] is _dagster_private.ActiveExecution

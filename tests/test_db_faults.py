@@ -28,7 +28,7 @@ from dagster_taskiq_sync.db_retry import (
     is_transient_db_error,
     retry_transient,
 )
-from dagster_taskiq_sync.secrets import pooled
+from dagster_taskiq_sync.instance import InstanceOptions, pooled
 
 RETRY_LOG = "dagster_taskiq_sync.db_retry"
 
@@ -183,9 +183,9 @@ def test_an_unrelated_error_raised_while_handling_a_transient_one_is_not_transie
 @pytest.fixture
 def pg_instance(pg_home):
     """A pooled Dagster instance on a fresh PostgreSQL database, as workers, step children and
-    the orchestrator hold it (secrets.pooled)."""
+    the orchestrator hold it (instance.pooled)."""
     with DagsterInstance.from_config(str(pg_home)) as instance:
-        yield pooled(instance)
+        yield pooled(instance, InstanceOptions())
 
 
 def test_errors_from_a_stopped_server_are_transient_and_a_unique_violation_is_not(pg, pg_home):

@@ -165,6 +165,9 @@ def test_run_termination_stops_running_steps_and_queued_ones_never_start(endpoin
     result = run.wait(30)
     assert instance.get_run_by_id(result.run_id).status == DagsterRunStatus.CANCELED
     assert marker_lines(markers, running[0]) == [f"start {step_pid}"]
+    # and the run's own log says so (Dagster's termination path: forwarded to the step's worker)
+    said = [r.dagster_event.message for r in events(instance, result.run_id, DagsterEventType.ENGINE_EVENT)]
+    assert f"Asked the worker running step {running[0]} (attempt 1) to stop it." in said
     # and the queued step is dropped when the worker receives it, without running user code
     wait_queue_empty(endpoint)
     assert marker_lines(markers, queued) == []
