@@ -212,7 +212,7 @@ class TaskiqStepHandler(StepHandler):
     @contextlib.contextmanager
     def connected(self, instance: Any, queues: list[str]) -> Iterator[BrokerClient]:
         with shared_bridge() as bridge:
-            client = BrokerClient(self.settings.sqs, bridge, queues, keyring=self.settings.keyring)
+            client = BrokerClient(self.settings.sqs, bridge, queues, keyring=self.settings.keyring, dead_letters=False)
             client.start()
             sender = self.sender = StepSender(client, instance, self.settings.broker_outage_timeout)
             try:
