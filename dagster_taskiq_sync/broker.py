@@ -92,9 +92,13 @@ class QueueFacts:
 class StepBroker(SQSBroker):
     """taskiq-aio-sqs broker with worker-side primitives and explicit client settings."""
 
-    def __init__(self, settings: SQSSettings, queues: Sequence[str], keyring: Keyring | None = None) -> None:
+    def __init__(self, settings: SQSSettings, queues: Sequence[str], keyring: Keyring | None = None,
+                 dead_letters: bool = True) -> None:
         self.settings = settings
         self.keyring = keyring or Keyring()
+        # Only a worker moves messages to dead-letter queues; senders do not look them up (their
+        # policy has no permission on them, and a refusal would be logged on every start).
+        self.dead_letters = dead_letters
         # Only the queues this process uses must exist: a worker started with `-q other` or a
         # run whose steps are all routed elsewhere does not need the default queue.
         self.queue_names: dict[str, str] = {
@@ -130,7 +134,9 @@ class StepBroker(SQSBroker):
             attributes = answer.get("Attributes", {})
             facts = QueueFacts(url, int(attributes.get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE)))
             policy = _redrive_policy(attributes.get("RedrivePolicy"))
-            if policy is not None:
+            if policy is not None and not self.dead_letters:
+                facts = dataclasses.replace(facts, max_receive_count=policy[2])
+            elif policy is not None:
                 dlq_name, account, receives = policy
                 try:
                     dlq = await self._sqs_client.get_queue_url(QueueName=dlq_name, QueueOwnerAWSAccountId=account)

@@ -29,7 +29,8 @@ class BrokerClient:
     """Synchronous facade over :class:`StepBroker`, reached only through the bridge.
 
     ``observe`` (optional) is told about every call: action, seconds, and the error class name
-    when it failed (worker metrics).
+    when it failed (worker metrics). ``dead_letters=False`` (senders): the queues' dead-letter
+    queues are not looked up at start, and :meth:`dead_letter` deletes.
     """
 
     def __init__(
@@ -42,10 +43,11 @@ class BrokerClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         observe: CallObserver | None = None,
+        dead_letters: bool = True,
     ) -> None:
         self.settings = settings
         self.bridge = bridge
-        self.broker = StepBroker(settings, list(queues), keyring)
+        self.broker = StepBroker(settings, list(queues), keyring, dead_letters=dead_letters)
         self.call_timeout = call_timeout
         self._started = False
         self.clock = clock

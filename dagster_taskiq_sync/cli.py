@@ -287,16 +287,13 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
 
     notes = []
     workers = None
-    try:
-        registry = _registry()
-    except Exception as exc:  # noqa: BLE001 - SQS numbers are still worth printing
-        registry = None
-        notes.append(f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); live workers are unknown.")
+    if not os.environ.get("DAGSTER_HOME", "").strip():  # _registry() raises for this; say it plainly
+        notes.append("DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance.")
     else:
-        if registry is None:
-            notes.append("DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance.")
-        else:
-            workers = registry.workers()
+        try:
+            workers = _registry().workers()
+        except Exception as exc:  # noqa: BLE001 - SQS numbers are still worth printing
+            notes.append(f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); live workers are unknown.")
     names = list(only) or [settings.sqs.default_queue, *(q for w in workers or () if w.looks_alive() for q in w.queues)]
     try:
         stats = bridge.call(queue_depths, settings.sqs, list(dict.fromkeys(names)), timeout=60)

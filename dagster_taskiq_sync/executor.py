@@ -225,7 +225,7 @@ class TaskiqStepHandler(StepHandler):
     def connected(self, instance: Any, run_id: str, queues: list[str]) -> Iterator[BrokerClient]:
         self._run_id = run_id
         with shared_bridge() as bridge:
-            client = BrokerClient(self.settings.sqs, bridge, queues, keyring=self.settings.keyring)
+            client = BrokerClient(self.settings.sqs, bridge, queues, keyring=self.settings.keyring, dead_letters=False)
             client.start()
             sender = self.sender = StepSender(client, instance, self.settings.broker_outage_timeout)
             try:

@@ -9,15 +9,21 @@ breaks one of them):
 orchestrator (the run's ``taskiq_executor``), launcher (``TaskiqRunLauncher`` on the run queues)
     ``sqs:GetQueueUrl`` and ``sqs:GetQueueAttributes`` (``MaximumMessageSize``) when the broker
     starts, ``sqs:SendMessage`` per step or run (``SendMessageBatch`` is authorized by the same
-    action); with an S3 backend ``s3:PutObject`` for payloads larger than the queue accepts and
-    ``s3:DeleteObject`` for a payload whose message could not be sent after its upload.
+    action); with an S3 backend ``s3:PutObject`` for payloads larger than the queue accepts.
+    Nothing on the dead-letter queues: a sender's start looks its dead-letter queue up
+    (``GetQueueUrl``) but only workers use it, and a refusal there is logged and ignored. Senders
+    delete nothing in S3: a payload whose message could not be sent is left to the bucket's
+    expiry rule (``queues create --payload-expiry-days``).
 worker
-    ``sqs:GetQueueUrl``, ``sqs:GetQueueAttributes``, ``sqs:ReceiveMessage``, ``sqs:DeleteMessage``,
-    ``sqs:ChangeMessageVisibility`` (heartbeat, release) on its queues; ``sqs:GetQueueUrl``,
-    ``sqs:GetQueueAttributes`` and ``sqs:SendMessage`` on their dead-letter queues (a message that
-    can never run is moved there at once); ``s3:GetObject`` and ``s3:DeleteObject`` on the offload
-    prefix. A worker serving ``TaskiqRunLauncher`` runs whose steps it sends needs the orchestrator's
-    statements too (``--role worker --role orchestrator``).
+    ``sqs:GetQueueUrl``, ``sqs:GetQueueAttributes`` (``MaximumMessageSize``, ``RedrivePolicy``),
+    ``sqs:ReceiveMessage``, ``sqs:DeleteMessage`` (``DeleteMessageBatch`` too),
+    ``sqs:ChangeMessageVisibility`` (heartbeat, release) on its queues; ``sqs:GetQueueUrl`` (at
+    start, from the queue's ``RedrivePolicy``) and ``sqs:SendMessage`` on their dead-letter queues
+    (a message that can never run is moved there at once; without ``GetQueueUrl`` the worker
+    finds no dead-letter queue and deletes such a message instead); ``s3:GetObject`` and
+    ``s3:DeleteObject`` on the offload prefix (payloads are read, and deleted with their
+    messages). A worker serving ``TaskiqRunLauncher`` runs whose steps it sends needs the
+    orchestrator's statements too (``--role worker --role orchestrator``).
 KMS (``--kms-key``, or ``KmsMasterKeyId`` in ``sqs-creation-attributes``)
     senders need ``kms:GenerateDataKey`` and ``kms:Decrypt`` (AWS requires both to send to an
     SSE-KMS queue; S3 needs ``GenerateDataKey`` to write an SSE-KMS object), receivers
@@ -38,7 +44,7 @@ from .errors import ConfigError
 
 ROLES = ("orchestrator", "worker", "launcher")
 SENDER_SQS = ("sqs:GetQueueAttributes", "sqs:GetQueueUrl", "sqs:SendMessage")
-SENDER_S3 = ("s3:DeleteObject", "s3:PutObject")
+SENDER_S3 = ("s3:PutObject",)
 WORKER_SQS = (
     "sqs:ChangeMessageVisibility",
     "sqs:DeleteMessage",
@@ -46,7 +52,7 @@ WORKER_SQS = (
     "sqs:GetQueueUrl",
     "sqs:ReceiveMessage",
 )
-WORKER_DLQ = ("sqs:GetQueueAttributes", "sqs:GetQueueUrl", "sqs:SendMessage")
+WORKER_DLQ = ("sqs:GetQueueUrl", "sqs:SendMessage")
 WORKER_S3 = ("s3:DeleteObject", "s3:GetObject")
 KMS_SEND = ("kms:Decrypt", "kms:GenerateDataKey")
 KMS_RECEIVE = ("kms:Decrypt",)

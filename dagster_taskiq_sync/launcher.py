@@ -110,8 +110,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     @contextlib.contextmanager
     def _client(self, queue: str) -> Iterator[BrokerClient]:
-        with shared_bridge() as bridge, BrokerClient(self.settings.sqs, bridge, [queue],
-                                                     keyring=self.settings.keyring) as client:
+        with shared_bridge() as bridge, BrokerClient(self.settings.sqs, bridge, [queue], keyring=self.settings.keyring,
+                                                     dead_letters=False) as client:
             yield client
 
     def _send(self, run: Any, message: RunMessage) -> None:

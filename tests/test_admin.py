@@ -16,8 +16,9 @@ from dagster import DagsterInstance
 
 from dagster_taskiq_sync.admin import LIFECYCLE_RULE_ID, replicas_needed
 from dagster_taskiq_sync.bridge import Bridge
-from dagster_taskiq_sync.broker import BrokerClient
+from dagster_taskiq_sync.broker_client import BrokerClient
 from dagster_taskiq_sync.celery_compat import settings_from_executor_config
+from dagster_taskiq_sync.messages import RunMessage, TaskKind, encode
 from dagster_taskiq_sync.registry import WorkerRecord, WorkerRegistry
 
 from .helpers import CLI, WorkerProcess, sqs_client, wait_for
@@ -195,9 +196,11 @@ def test_offloaded_payloads_are_written_with_server_side_encryption(endpoint, tm
     assert cli("queues", "create", "-y", config).returncode == 0
     settings = settings_from_executor_config(yaml.safe_load(open(config))["execution"]["config"])
     with Bridge() as bridge, BrokerClient(settings.sqs, bridge, [queue]) as client:
-        url = client.send(queue=queue, task_id="big-step", group_id="g", kwargs={"blob": "x" * 4000})
-    assert url == f"s3://{bucket}/offload/big-step.json"
-    head = boto("s3", endpoint).head_object(Bucket=bucket, Key="offload/big-step.json")
+        # a real message: with its attribute allowance it is more than the queue's 1024 bytes
+        message = RunMessage(TaskKind.RUN, str(uuid.uuid4()), "launch")
+        url = client.send(queue=queue, task_id=message.handle, body=encode(message, queue))
+    assert url == f"s3://{bucket}/offload/{message.handle}.json"
+    head = boto("s3", endpoint).head_object(Bucket=bucket, Key=f"offload/{message.handle}.json")
     if with_kms:
         assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", key)
     else:

@@ -6,9 +6,10 @@ checked against IAM policies. ``tests/moto_iam_server.py`` aligns two details of
 authorization with AWS (GetQueueUrl's resource, batch actions) and documents them.
 
 For each role, a principal holding exactly the policy ``dagster-taskiq-sync iam-policy`` prints
-makes every call of that role through this package's own code (``BrokerClient`` start / send /
-receive / change_visibility / delete, S3 offload), and removing any one action of the policy makes
-the call that needs it fail. KMS permissions are printed but not proven here: moto does not call
+makes every call of that role through this package's own code with real encoded messages
+(``BrokerClient`` start, send / send_many with S3 offload for a sender; receive, fetch_payload,
+change_visibility, delete_many with the payload pointer and dead_letter for a worker), and removing
+any one action of the policy makes the call that needs it fail. KMS permissions are printed but not proven here: moto does not call
 KMS when it encrypts SQS messages or S3 objects.
 """
 
@@ -26,15 +27,19 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
-from aiobotocore.session import get_session
 from botocore.exceptions import ClientError
 
 from dagster_taskiq_sync import iam
 from dagster_taskiq_sync.bridge import Bridge
-from dagster_taskiq_sync.broker import RUN_TASK_NAME, STEP_TASK_NAME, BrokerClient, client_kwargs
+from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
+from dagster_taskiq_sync.broker import DEAD_LETTER_REASON_ATTRIBUTE, Delivery, Outgoing
+from dagster_taskiq_sync.broker_client import BrokerClient
 from dagster_taskiq_sync.celery_compat import settings_from_executor_config
 from dagster_taskiq_sync.credentials import RoleCredentials, refresh_windows
 from dagster_taskiq_sync.local_endpoint import LocalEndpoint
+from dagster_taskiq_sync.messages import (
+    MalformedMessage, RunMessage, StepMessage, TaskKind, check_payload, decode_pointer, encode,
+)
 from dagster_taskiq_sync.run_report import step_reports
 
 from .helpers import CLI, WorkerProcess, wait_for
@@ -119,9 +124,11 @@ def enforcing(tmp_path_factory):
         key = bootstrap.create_access_key(UserName="admin")["AccessKey"]
         bootstrap.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=json.dumps(ALLOW_ALL))
         env = Enforcing(endpoint, Creds(key["AccessKeyId"], key["SecretAccessKey"]), log_dir)
-        out = subprocess.run([CLI, "queues", "create", "-y", env.config(), "-q", RUNS],
-                             capture_output=True, text=True, timeout=60, env=env.admin.env())
-        assert out.returncode == 0, out.stderr
+        for config in (env.config(STEPS),  # 2048 bytes (see block)
+                       env.config(RUNS, **{"sqs-creation-attributes": {"MaximumMessageSize": "1400"}})):
+            out = subprocess.run([CLI, "queues", "create", "-y", config],
+                                 capture_output=True, text=True, timeout=60, env=env.admin.env())
+            assert out.returncode == 0, out.stderr
         yield env
 
 
@@ -167,24 +174,47 @@ def sqs_settings(enforcing: Enforcing, creds: Creds, default_queue: str = STEPS,
     return replace(settings, access_key_id=creds.key, secret_access_key=creds.secret, **changes)
 
 
-def exercise_sender(enforcing: Enforcing, creds: Creds, queue: str = STEPS, task_name: str = STEP_TASK_NAME) -> None:
-    """The orchestrator's (and the run launcher's) calls."""
+def step_message(big: bool = False) -> StepMessage:
+    """A real step message. A small one fits the steps queue (2048 bytes); a fan-in after a wide
+    fan-out carries many dynamic mapping keys in its known_state, more than the queue accepts,
+    so it is offloaded to S3."""
+    mappings = {"fan_out": {"result": [f"key_{i}" for i in range(100)]}} if big else {}
+    return StepMessage(str(uuid.uuid4()), "fan_in" if big else "emit_one", 1,
+                       serialize_value(KnownExecutionState(dynamic_mappings=mappings)))
+
+
+def run_message(big: bool = False) -> RunMessage:
+    """A real run launch. The runs queue accepts 1400 bytes: a launch with a Dagster run id (a
+    UUID) fits; a resume of a run whose id has the full 255 characters does not, so it is offloaded."""
+    if big:
+        return RunMessage(TaskKind.RESUME, "r" * 255, "resume-1")
+    return RunMessage(TaskKind.RUN, str(uuid.uuid4()), "launch")
+
+
+def exercise_sender(enforcing: Enforcing, creds: Creds, role: str = "orchestrator") -> None:
+    """The orchestrator's calls (taskiq_executor's StepSender: send_many of step messages) or the
+    run launcher's (TaskiqRunLauncher: send of one run message), through BrokerClient."""
+    queue, make = (RUNS, run_message) if role == "launcher" else (STEPS, step_message)
     settings = sqs_settings(enforcing, creds, queue)
-    task_id = uuid.uuid4().hex
+
+    def outgoing(message) -> Outgoing:
+        return Outgoing(queue, message.handle, encode(message, settings.queue_name(queue)))
+
     with Bridge() as bridge:
-        client = BrokerClient(settings, bridge, [queue])
+        client = BrokerClient(settings, bridge, [queue], dead_letters=False)  # as executor.py and launcher.py make it
         step("start", client.start)
         try:
-            step("send", lambda: client.send(queue=queue, task_id=uuid.uuid4().hex, group_id="g",
-                                             kwargs={"n": 1}, task_name=task_name))
-            url = step("send offloaded", lambda: client.send(queue=queue, task_id=task_id, group_id="g",
-                                                             kwargs={"blob": "x" * 4000}, task_name=task_name))
-            assert url == f"s3://{BUCKET}/{PREFIX}/{task_id}.json"
+            one = outgoing(make())
+            assert step("send", lambda: client.send(queue=queue, task_id=one.task_id, body=one.body)) is None
+            if role != "launcher":  # several steps ready at once: SendMessageBatch
+                results = step("send batch", lambda: client.send_many([outgoing(make()), outgoing(make())]))
+                if any(r.error for r in results):
+                    raise Denied("send batch", [r.error for r in results])
+            big = outgoing(make(big=True))
+            url = step("send offloaded", lambda: client.send(queue=queue, task_id=big.task_id, body=big.body))
+            assert url == f"s3://{BUCKET}/{PREFIX}/{big.task_id}.json"
         finally:
             client.stop()
-    # A send that fails after its upload deletes the payload it left behind.
-    s3 = enforcing.client("s3", creds)
-    step("delete orphaned payload", lambda: s3.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/{task_id}.json"))
 
 
 def drain(enforcing: Enforcing, queue: str) -> None:
@@ -199,66 +229,94 @@ def drain(enforcing: Enforcing, queue: str) -> None:
             {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(left)])
 
 
-def seed_worker_messages(enforcing: Enforcing, queue: str) -> tuple[bytes, bytes, str]:
-    """As the administrator: one plain and one offloaded message on a drained queue.
+@dataclass(frozen=True)
+class Seeded:
+    """What seed_worker_messages sent: a plain step, an offloaded step and a poison message."""
 
-    (PurgeQueue is allowed once a minute, so the queue is drained instead; messages an earlier,
+    plain: bytes
+    offloaded: bytes  # the payload in S3
+    key: str  # its S3 key
+    poison: bytes
+
+    def which(self, delivery: Delivery, settings) -> str | None:
+        if delivery.offloaded:
+            try:
+                pointer = decode_pointer(delivery.body, settings.s3_bucket, settings.s3_prefix, settings.max_payload_bytes)
+            except MalformedMessage:
+                return None
+            return "offloaded" if pointer.key == self.key else None
+        return {self.plain: "plain", self.poison: "poison"}.get(delivery.body)
+
+
+def seed_worker_messages(enforcing: Enforcing, queue: str) -> Seeded:
+    """As the administrator, through BrokerClient: a step, an offloaded step and a message that can
+    never run, on a drained queue (and a drained dead-letter queue).
+
+    (PurgeQueue is allowed once a minute, so the queues are drained instead; messages an earlier,
     denied exercise left in flight come back within the short visibility used here and are ignored.)
     """
     drain(enforcing, queue)
-    sqs, s3 = enforcing.client("sqs"), enforcing.client("s3")
-    url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
-    marker = uuid.uuid4().hex
-    plain = json.dumps({"plain": marker}).encode()
-    payload, key = json.dumps({"blob": "y" * 2000, "marker": marker}).encode(), f"{PREFIX}/{marker}.json"
-    s3.put_object(Bucket=BUCKET, Key=key, Body=payload)
-    sqs.send_message(QueueUrl=url, MessageBody=plain.decode())
-    sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"s3_bucket": BUCKET, "s3_key": key}),
-                     MessageAttributes={"s3_extended_message": {"DataType": "String", "StringValue": "True"}})
-    return plain, payload, key
+    drain(enforcing, iam.dead_letter_name(queue))
+    settings = sqs_settings(enforcing, enforcing.admin, queue)
+    plain, big = step_message(), step_message(big=True)
+    bodies = [encode(plain, queue), encode(big, queue), json.dumps({"not": "a step", "id": uuid.uuid4().hex}).encode()]
+    ids = [plain.handle, big.handle, f"poison-{uuid.uuid4().hex}"]
+    with Bridge() as bridge, BrokerClient(settings, bridge, [queue]) as client:
+        results = client.send_many([Outgoing(queue, i, b) for i, b in zip(ids, bodies)])
+    assert [r.error for r in results] == [None] * 3, results
+    assert [bool(r.offloaded_to) for r in results] == [False, True, False], results
+    return Seeded(bodies[0], bodies[1], f"{PREFIX}/{big.handle}.json", bodies[2])
+
+
+def payload_exists(enforcing: Enforcing, key: str) -> bool:
+    try:
+        enforcing.client("s3").head_object(Bucket=BUCKET, Key=key)
+        return True
+    except ClientError:
+        return False
 
 
 def exercise_worker(enforcing: Enforcing, creds: Creds, queue: str = STEPS, **settings_changes) -> None:
-    plain, payload, key = seed_worker_messages(enforcing, queue)
+    """A worker's calls, as its threads make them through BrokerClient: receive, read an offloaded
+    payload, extend visibility, delete (with the payload), dead-letter a message that can never run."""
+    seeded = seed_worker_messages(enforcing, queue)
     settings = sqs_settings(enforcing, creds, queue, visibility_timeout=5, **settings_changes)
     with Bridge() as bridge:
         client = BrokerClient(settings, bridge, [queue])
         step("start", client.start)
         try:
-            got = []
+            got: dict[str, Delivery] = {}
             deadline = time.monotonic() + 20
-            while len(got) < 2 and time.monotonic() < deadline:
-                got += [d for d in step("receive", lambda: client.receive(queue, 10, 1))
-                        if d.body == plain or (d.s3_object and d.s3_object[1] == key)]
-            assert len(got) == 2, got
-            if payload not in {d.body for d in got}:  # the broker logs an unreadable payload and passes the pointer on
-                raise Denied("receive", "the offloaded payload could not be read from S3")
-            lost = step("extend visibility", lambda: client.change_visibility(got, 30))
+            while len(got) < 3 and time.monotonic() < deadline:
+                for delivery in step("receive", lambda: client.receive(queue, 10, 1)):
+                    which = seeded.which(delivery, settings)
+                    if which:
+                        got[which] = delivery
+            assert set(got) == {"plain", "offloaded", "poison"}, got
+            pointer = decode_pointer(got["offloaded"].body, settings.s3_bucket, settings.s3_prefix,
+                                     settings.max_payload_bytes)
+            payload = step("read payload", lambda: client.fetch_payload(pointer, settings.max_payload_bytes))
+            check_payload(pointer, payload, signed=False)
+            assert payload == seeded.offloaded
+            lost = step("extend visibility", lambda: client.change_visibility(list(got.values()), 30))
             if lost:
                 raise Denied("extend visibility", lost)
-            for delivery in got:
-                step("delete", lambda d=delivery: client.delete(d))
-            try:  # the broker logs a payload it could not delete; look for it
-                enforcing.client("s3").head_object(Bucket=BUCKET, Key=key)
+            refused = step("delete", lambda: client.delete_many([got["plain"], got["offloaded"]], [pointer]))
+            if refused:
+                raise Denied("delete", refused)
+            if payload_exists(enforcing, seeded.key):  # delete_many logs a payload it could not delete
                 raise Denied("delete", "the offloaded payload was not deleted with its message")
-            except ClientError:
-                pass
+            moved_to = step("dead-letter", lambda: client.dead_letter(got["poison"], "exercise: it can never run"))
+            if moved_to != iam.dead_letter_name(queue):  # no dead-letter queue found at start: deleted instead
+                raise Denied("dead-letter", f"the message was deleted, not moved to {iam.dead_letter_name(queue)}")
         finally:
             client.stop()
-    # A message that can never run goes to the queue's dead-letter queue at once (signed the way
-    # the broker signs: the user's keys, or the role's credentials with sts_role_arn).
-    async def dead_letter():
-        session = get_session()
-        async with session.create_client("sqs", **client_kwargs(settings, session)) as sqs:
-            source = (await sqs.get_queue_url(QueueName=queue))["QueueUrl"]
-            attributes = await sqs.get_queue_attributes(QueueUrl=source, AttributeNames=["RedrivePolicy"])
-            target = json.loads(attributes["Attributes"]["RedrivePolicy"])["deadLetterTargetArn"]
-            dlq = (await sqs.get_queue_url(QueueName=target.rsplit(":", 1)[-1]))["QueueUrl"]
-            await sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["MaximumMessageSize"])
-            await sqs.send_message(QueueUrl=dlq, MessageBody='{"poison": true}')
-
-    with Bridge() as bridge:
-        step("dead-letter", lambda: bridge.call(dead_letter, timeout=60))
+    # The dead-letter queue holds the message as it was, with the reason.
+    sqs = enforcing.client("sqs")
+    dlq = sqs.get_queue_url(QueueName=iam.dead_letter_name(queue))["QueueUrl"]
+    held = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, MessageAttributeNames=["All"]).get("Messages", [])
+    assert [(m["Body"].encode(), m["MessageAttributes"][DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"]) for m in held] == [
+        (seeded.poison, "exercise: it can never run")], held
 
 
 # Which (statement, action) each step of a role needs: removing one must break that step.
@@ -266,28 +324,27 @@ NEEDS = {
     "orchestrator": {
         "start": {("OrchestratorSendMessages", "sqs:GetQueueUrl"), ("OrchestratorSendMessages", "sqs:GetQueueAttributes")},
         "send": {("OrchestratorSendMessages", "sqs:SendMessage")},
+        "send batch": {("OrchestratorSendMessages", "sqs:SendMessage")},
         "send offloaded": {("OrchestratorOffloadPayloads", "s3:PutObject")},
-        "delete orphaned payload": {("OrchestratorOffloadPayloads", "s3:DeleteObject")},
     },
     "worker": {
         "start": {("WorkerReceiveMessages", "sqs:GetQueueUrl"), ("WorkerReceiveMessages", "sqs:GetQueueAttributes")},
-        "receive": {("WorkerReceiveMessages", "sqs:ReceiveMessage"), ("WorkerReadPayloads", "s3:GetObject")},
+        "receive": {("WorkerReceiveMessages", "sqs:ReceiveMessage")},
+        "read payload": {("WorkerReadPayloads", "s3:GetObject")},
         "extend visibility": {("WorkerReceiveMessages", "sqs:ChangeMessageVisibility")},
         "delete": {("WorkerReceiveMessages", "sqs:DeleteMessage"), ("WorkerReadPayloads", "s3:DeleteObject")},
-        "dead-letter": {("WorkerDeadLetter", a) for a in iam.WORKER_DLQ},
+        "dead-letter": {("WorkerDeadLetter", "sqs:GetQueueUrl"), ("WorkerDeadLetter", "sqs:SendMessage")},
     },
 }
 NEEDS["launcher"] = {s: {(sid.replace("Orchestrator", "Launcher"), a) for sid, a in needs}
-                     for s, needs in NEEDS["orchestrator"].items()}
+                     for s, needs in NEEDS["orchestrator"].items() if s != "send batch"}
 
 
 def exercise(enforcing: Enforcing, role: str, creds: Creds) -> None:
-    if role == "orchestrator":
-        exercise_sender(enforcing, creds, STEPS, STEP_TASK_NAME)
-    elif role == "launcher":
-        exercise_sender(enforcing, creds, RUNS, RUN_TASK_NAME)
-    else:
+    if role == "worker":
         exercise_worker(enforcing, creds, STEPS)
+    else:
+        exercise_sender(enforcing, creds, role)
 
 
 def role_policy(enforcing: Enforcing, role: str) -> dict:
@@ -560,7 +617,8 @@ def test_a_job_runs_end_to_end_with_only_the_printed_policies(enforcing, worker_
         reports = step_reports(instance, run.run_id)
         assert set(reports) == {"emit_one", "add_one", "times_ten", "combine"}
         assert {r.worker for r in reports.values()} == {worker.full_name}
-    assert "AccessDenied" not in worker.log() + out.stderr and "not authorized" not in worker.log() + out.stderr
+    refused = [line for line in (worker.log() + out.stderr).splitlines() if "AccessDenied" in line or "not authorized" in line]
+    assert not refused, refused
 
 
 def test_sts_and_kms_use_boto_endpoints_when_the_broker_names_an_aws_sqs_host():
