@@ -24,12 +24,14 @@ CLI = str(BIN / "dagster-taskiq-sync")
 class WorkerProcess:
     """One `dagster-taskiq-sync worker start` process and its log."""
 
-    def __init__(self, config: Path, name: str, log_dir: Path, args: Sequence[str] = (), env: dict | None = None):
+    def __init__(self, config: Path, name: str, log_dir: Path, args: Sequence[str] = (), env: dict | None = None,
+                 cwd: Path | None = None, preexec_fn=None):
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         self.command = [CLI, "worker", "start", "-y", str(config), "-n", name, *args]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy())
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
+                                     cwd=cwd, preexec_fn=preexec_fn)  # noqa: PLW1509 - e.g. PR_SET_PDEATHSIG
 
     @property
     def pid(self) -> int:
