@@ -56,6 +56,7 @@ BASELINES = ("celery", "in_process")  # every new figure is also shown as a rati
 # multiprocess_executor starts a Python process per step (fanout-100: ~1.7 s of wall time per
 # step on the 2-core reference machine): a 1000-step run takes ~30 min. Measurements with more steps than this skip it (--run-skipped).
 MULTIPROCESS_MAX_STEPS = 200
+QUICK_MULTIPROCESS_MAX_STEPS = 8  # --quick: the three original smoke workloads only
 STORAGES = ("sqlite", "postgres")
 CONCURRENCY = 4
 # Labels of the links orchestrator.step_segments measures, in its order.
@@ -69,8 +70,11 @@ SEGMENTS = tuple(zip(SEGMENT_NAMES, (
 )))
 
 
-def skip_reason(contender: str, spec: Workload) -> str | None:
+def skip_reason(contender: str, spec: Workload, quick: bool = False) -> str | None:
     """Why ``contender`` does not run ``spec`` by default (printed in the report), or None."""
+    if contender == "multiprocess" and quick and spec.steps > QUICK_MULTIPROCESS_MAX_STEPS:
+        return (f"{spec.steps} steps: --quick keeps multiprocess_executor (a process per step, ~1.7 s each) to "
+                f"measurements of at most {QUICK_MULTIPROCESS_MAX_STEPS} steps; `--run-skipped` runs it anyway")
     if contender == "multiprocess" and spec.steps > MULTIPROCESS_MAX_STEPS:
         return (f"{spec.steps} steps: multiprocess_executor starts a process per step (fanout-100 took "
                 f"~1.7 s of wall time per step here), so ~{spec.steps * 1.7 / 60:.0f} min per measurement; "
@@ -870,7 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(opts, workdir)
     for workload in opts.workloads:
         for contender in opts.contenders:
-            reason = None if opts.run_skipped else skip_reason(contender, workload_spec(workload))
+            reason = None if opts.run_skipped else skip_reason(contender, workload_spec(workload), opts.quick)
             if reason:
                 bench.skipped[(workload, contender)] = reason
     if opts.report_only:
