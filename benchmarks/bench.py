@@ -800,18 +800,22 @@ def chart(bench: Bench, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     storages = bench.opts.storages
-    fig, axes = plt.subplots(1, len(storages), figsize=(6.5 * len(storages), 4.2), squeeze=False)
+    workloads = bench.opts.workloads
+    width_per_panel = max(6.5, 1.1 * len(workloads))
+    fig, axes = plt.subplots(1, len(storages), figsize=(width_per_panel * len(storages), 4.6), squeeze=False)
     width = 0.8 / len(bench.opts.contenders)
     for ax, storage in zip(axes[0], storages):
         for i, contender in enumerate(bench.opts.contenders):
             values = [bench.measurements[(storage, w, contender)].median
-                      if (storage, w, contender) in bench.measurements else 0 for w in bench.opts.workloads]
-            xs = [x + (i - (len(bench.opts.contenders) - 1) / 2) * width for x in range(len(bench.opts.workloads))]
+                      if (storage, w, contender) in bench.measurements else float("nan") for w in workloads]
+            xs = [x + (i - (len(bench.opts.contenders) - 1) / 2) * width for x in range(len(workloads))]
             bars = ax.bar(xs, values, width, label=LABELS[contender])
-            ax.bar_label(bars, labels=[f"{v:.1f}" if v >= 1 else f"{v:.2f}" for v in values], fontsize=7)
-        ax.set_xticks(range(len(bench.opts.workloads)), bench.opts.workloads)
+            labels = [("skipped" if (w, contender) in bench.skipped else "") if v != v else f"{v:.1f}" if v >= 1
+                      else f"{v:.2f}" for w, v in zip(workloads, values)]
+            ax.bar_label(bars, labels=labels, fontsize=7)
+        ax.set_xticks(range(len(workloads)), workloads, rotation=20, ha="right")
         ax.set_yscale("log")
-        ax.set_ylabel("run wall time, s (median, log scale)")
+        ax.set_ylabel("wall time, s (median, log scale;\nseveral runs: until the last one ends)")
         ax.set_title(f"{storage} instance, concurrency {CONCURRENCY}")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -843,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run nothing: write the report, JSON and chart from the --include files")
     parser.add_argument("--out", help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir)")
     opts = parser.parse_args(argv)
+    workloads_given = opts.workloads is not None
     opts.repeats = opts.repeats or (1 if opts.quick else 3)
     opts.workloads = tuple((opts.workloads or ",".join(QUICK_WORKLOADS if opts.quick else FULL_WORKLOADS)).split(","))
     opts.storages = tuple(opts.storages.split(","))
@@ -872,7 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--report-only needs at least one --include RESULTS.json")
     workdir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-bench-"))
     bench = Bench(opts, workdir)
-    for workload in opts.workloads:
+    for workload in () if opts.report_only else opts.workloads:
         for contender in opts.contenders:
             reason = None if opts.run_skipped else skip_reason(contender, workload_spec(workload), opts.quick)
             if reason:
@@ -885,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.include(Path(path))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             parser.error(f"--include {path}: not a bin/bench results file ({exc})")
+    if opts.report_only and not workloads_given:  # the included files' workloads, in their order
+        opts.workloads = tuple(dict.fromkeys(m.workload for m in bench.measurements.values()))
 
     def on_signal(signum, _frame):  # stop every server and worker on Ctrl-C / SIGTERM too
         raise SystemExit(128 + signum)
