@@ -98,9 +98,13 @@ class Measurement:
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS of a worker process and peak PSS of its whole process tree while a run goes on."""
+    """Peak RSS of a worker process and peak PSS of its whole process tree while a run goes on.
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
+    Reading PSS walks every page table of the tree: at 20 reads a second the bench itself took
+    ~15% of a core during a 6-minute fanout-1000, competing with the contenders on 2 cores; 5 a
+    second still sees every step (each takes several hundred ms in a fan-out)."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
         import psutil
 
@@ -195,6 +199,32 @@ class RequestCounter:
         return self._read()
 
 
+def redis_commands(port: int) -> dict[str, int]:
+    """Commands Redis has served so far, by name (``INFO commandstats``; the INFO calls excluded)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while b"\r\n" not in data:
+            data += sock.recv(65536)
+        header, _, body = data.partition(b"\r\n")
+        size = int(header[1:])  # bulk string: $<size>
+        while len(body) < size:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+    counts = {}
+    for line in body[:size].decode().splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, stats = line[len("cmdstat_"):].partition(":")
+            calls = dict(item.split("=", 1) for item in stats.split(","))["calls"]
+            if name != "info":
+                counts[name] = int(calls)
+    return {"redis": counts}
+
+
 def count_difference(after: dict[str, dict[str, int]], before: dict[str, dict[str, int]]) -> dict[str, int]:
     """``{"orchestrator SQS SendMessage": n, ...}``: requests between two counter snapshots."""
     diff = {}
@@ -274,6 +304,8 @@ class Bench:
         self.details: dict[tuple[str, str, str], list[dict[str, Any]]] = {}  # several-run workloads
         self.cpu: dict[tuple[str, str, str], list[dict[str, float]]] = {}
         self.requests: dict[tuple[str, str], list[dict[str, Any]]] = {}  # taskiq only
+        self.redis_commands: dict[tuple[str, str], list[dict[str, Any]]] = {}  # celery only
+        self.redis_port: int | None = None
         self.payload_bytes: dict[tuple[str, str], list[int]] = {}  # taskiq only
         self.skipped: dict[tuple[str, str], str] = {}  # (workload, contender) -> why
         self.counter: RequestCounter | None = None
@@ -309,6 +341,7 @@ class Bench:
             }}}
             self._write_config("celery")
             self.broker_pids["celery"] = next(proc.pid for name, proc in self.services._procs if name == "redis")
+            self.redis_port = int(redis.rsplit(":", 1)[1])
             self.log(f"redis {redis}")
 
     @staticmethod
@@ -378,10 +411,13 @@ class Bench:
         worker_pid, broker_pid = self.worker_pids.get(contender), self.broker_pids.get(contender)
         counter = self.counter if contender == "taskiq" else None
         counts_before = counter.counts() if counter else None
+        redis_port = self.redis_port if contender == "celery" else None
+        redis_before = redis_commands(redis_port) if redis_port else None
         cpu_before = (tree_cpu(worker_pid), tree_cpu(broker_pid), tree_cpu(counter.proc.pid) if counter else 0.0)
         answer = orchestrator.run(workload, self.run_config[contender])
         cpu_after = (tree_cpu(worker_pid), tree_cpu(broker_pid), tree_cpu(counter.proc.pid) if counter else 0.0)
         counts_after = counter.counts() if counter else None
+        redis_after = redis_commands(redis_port) if redis_port else None
         wall = answer["wall"]
         if sampler is not None:
             rss, pss = sampler.stop()
@@ -419,6 +455,9 @@ class Bench:
             if counts_before is not None:
                 self.requests.setdefault((storage, workload), []).append(
                     {"steps": spec.steps, "counts": count_difference(counts_after, counts_before)})
+            if redis_before is not None:
+                self.redis_commands.setdefault((storage, workload), []).append(
+                    {"steps": spec.steps, "counts": count_difference(redis_after, redis_before)})
         return wall
 
     def run_storage(self, storage: str) -> None:
@@ -680,6 +719,29 @@ class Bench:
         return lines
 
     def report_requests(self) -> list[str]:
+        return self._report_requests() + self._report_redis()
+
+    def _report_redis(self) -> list[str]:
+        if not self.redis_commands:
+            return []
+        lines = ["", "For comparison, the broker round trips of dagster-celery: Redis commands per step (`INFO "
+                 "commandstats` before and after each timed measurement, its own INFO calls excluded; the orchestrator's "
+                 "result polling included). A Redis command is far cheaper than an SQS HTTP request; this counts round "
+                 "trips, it does not compare cost.", "",
+                 "| storage | workload | steps | all commands | most frequent |", "|---|---|---:|---:|---|"]
+        for (storage, workload), records in sorted(self.redis_commands.items(),
+                                                   key=lambda kv: self._row_order((*kv[0], ""))):
+            steps = sum(r["steps"] for r in records)
+            totals: dict[str, int] = {}
+            for record in records:
+                for command, n in record["counts"].items():
+                    totals[command] = totals.get(command, 0) + n
+            top = sorted(totals.items(), key=lambda kv: -kv[1])[:5]
+            lines.append(f"| {storage} | {workload} | {steps // len(records)} | {sum(totals.values()) / steps:.1f} | "
+                         + ", ".join(f"{name.removeprefix('redis ')} {n / steps:.1f}" for name, n in top) + " |")
+        return lines
+
+    def _report_requests(self) -> list[str]:
         if not self.requests:
             return []
         operations: list[str] = []
@@ -720,6 +782,7 @@ class Bench:
             "several_runs": {f"{s}/{w}/{c}": v for (s, w, c), v in self.details.items()},
             "cpu": {f"{s}/{w}/{c}": v for (s, w, c), v in self.cpu.items()},
             "sqs_requests": {f"{s}/{w}": v for (s, w), v in self.requests.items()},
+            "redis_commands": {f"{s}/{w}": v for (s, w), v in self.redis_commands.items()},
             "payload_bytes": {f"{s}/{w}": v for (s, w), v in self.payload_bytes.items()},
             "skipped": [{"workload": w, "contender": c, "why": why} for (w, c), why in self.skipped.items()],
             "targets": self.targets(),
@@ -748,7 +811,8 @@ class Bench:
                 workload, contender = rest.rsplit("/", 1)
                 if storage in added:
                     target[(storage, workload, contender)] = value
-        for name, target in (("sqs_requests", self.requests), ("payload_bytes", self.payload_bytes)):
+        for name, target in (("sqs_requests", self.requests), ("redis_commands", self.redis_commands),
+                             ("payload_bytes", self.payload_bytes)):
             for key, value in raw.get(name, {}).items():
                 storage, workload = key.split("/", 1)
                 if storage in added:
