@@ -54,7 +54,8 @@ FULL_WORKLOADS = ("chain-20", "fanout-100", "fanout-100-sleep", "fanout-1000", "
 QUICK_WORKLOADS = ("chain-3", "fanout-4", "fanout-4-sleep", "fanout-20", "runs-3-chain-3", "backfill-small")
 BASELINES = ("celery", "in_process")  # every new figure is also shown as a ratio to these
 # multiprocess_executor starts a Python process per step (fanout-100: ~1.7 s of wall time per
-# step on the 2-core reference machine): a 1000-step run takes ~30 min. Measurements with more steps than this skip it (--run-skipped).
+# step on the 2-core reference machine): a 1000-step run takes ~30 min. Measurements with more
+# steps than this skip it (--run-skipped runs them).
 MULTIPROCESS_MAX_STEPS = 200
 QUICK_MULTIPROCESS_MAX_STEPS = 8  # --quick: the three original smoke workloads only
 STORAGES = ("sqlite", "postgres")
@@ -177,8 +178,8 @@ class RequestCounter:
         from .services import _die_with_parent
 
         log = open(services.workdir / "request-counter.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.request_counter", str(target_port), *self.SIDES],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
+        command = [sys.executable, "-m", "benchmarks.request_counter", str(target_port), *self.SIDES]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
                                      preexec_fn=_die_with_parent, text=True)
         log.close()
         services._procs.append(("request-counter", self.proc))
@@ -557,7 +558,8 @@ class Bench:
             lines += ["", "Workloads of several runs: the time from the first run's start to the last run's end."]
         if self.skipped:
             lines += ["", "Skipped (not measured, by default):", ""]
-            lines += [f"- {workload}, {LABELS[contender]}: {why}." for (workload, contender), why in self.skipped.items()]
+            lines += [f"- {workload}, {LABELS[contender]}: {why}."
+                      for (workload, contender), why in self.skipped.items()]
         lines += self.report_runs() + self.report_backfill()
         lines += ["", "### Targets", "", "| storage | ratio | measured | target | met |", "|---|---|---:|---:|---|"]
         for row in self.targets():
@@ -725,8 +727,8 @@ class Bench:
         if not self.redis_commands:
             return []
         lines = ["", "For comparison, the broker round trips of dagster-celery: Redis commands per step (`INFO "
-                 "commandstats` before and after each timed measurement, its own INFO calls excluded; the orchestrator's "
-                 "result polling included). A Redis command is far cheaper than an SQS HTTP request; this counts round "
+                 "commandstats` before and after each timed measurement, its own INFO calls excluded; the "
+                 "orchestrator's result polling included). A Redis command is far cheaper than an SQS HTTP request; this counts round "
                  "trips, it does not compare cost.", "",
                  "| storage | workload | steps | all commands | most frequent |", "|---|---|---:|---:|---|"]
         for (storage, workload), records in sorted(self.redis_commands.items(),
@@ -748,7 +750,9 @@ class Bench:
         for records in self.requests.values():
             for record in records:
                 operations.extend(op for op in record["counts"] if op not in operations)
-        operations.sort(key=lambda op: (not op.startswith("orchestrator"), "S3" in op, op.startswith("worker") and "Receive" not in op, op))
+        # orchestrator first, then the worker's receives, its other calls, and S3 last
+        operations.sort(key=lambda op: (not op.startswith("orchestrator"), "S3" in op,
+                                        op.startswith("worker") and "Receive" not in op, op))
         lines = ["", "### SQS and S3 requests per step (taskiq, counted at the endpoint)", "",
                  "A counting proxy in front of the local endpoint reads each HTTP request's head (X-Amz-Target or "
                  "Action=; S3 method and path); the orchestrator and the worker use separate proxy ports. Requests "
