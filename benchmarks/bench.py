@@ -709,7 +709,11 @@ class Bench:
                  "runs the steps), the worker's whole process tree (multiprocess: the orchestrator's step "
                  "processes), and the broker's server process (the local SQS endpoint, moto; Redis). Summed over "
                  "the repeats, divided by their steps (the kernel counts in 10 ms ticks: small runs are coarse). "
-                 "The counting proxy in front of the SQS endpoint is the bench's own and not in the total. "
+                 "The counting proxy in front of the SQS endpoint is the bench's own and not in the total. The local "
+                 "SQS endpoint (moto) looks through every message of a queue on each receive, so its CPU per step "
+                 "grows with the queue's depth (the big fan-outs); that is the stand-in's cost, not SQS's. In "
+                 "backfill workloads the orchestrator column includes the bench's own look at the backfill's "
+                 "progress (one event-log read per 0.1 s until the interactive run starts). "
                  + self._ratio_note("CPU ms per step"), "",
                  "| storage | workload | contender | " + " | ".join(f[0] for f in figures) + " | counting proxy |",
                  "|---|---|---|" + "---:|" * (len(figures) + 1)]
