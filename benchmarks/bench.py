@@ -909,7 +909,7 @@ def main(argv: list[str] | None = None) -> int:
                         + "; --quick " + ",".join(QUICK_WORKLOADS) + ")")
     parser.add_argument("--run-skipped", action="store_true",
                         help=f"also run what is skipped by default (multiprocess on more than {MULTIPROCESS_MAX_STEPS} "
-                        "steps per measurement)")
+                        f"steps per measurement; with --quick, more than {QUICK_MULTIPROCESS_MAX_STEPS})")
     parser.add_argument("--no-request-count", dest="count_requests", action="store_false",
                         help="no counting proxy in front of the SQS endpoint (taskiq talks to it directly)")
     parser.add_argument("--include", metavar="RESULTS.json", action="append", default=[],
