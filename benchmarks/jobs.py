@@ -8,6 +8,7 @@ benchmark starts them with the repository root on PYTHONPATH).
 from __future__ import annotations
 
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -96,7 +97,17 @@ def parse_workload(workload: str) -> tuple[str, int, bool]:
     return match.group(1), int(match.group(2)), bool(match.group(3))
 
 
+# Dagster's job composition keeps its state in one module-level stack, not per thread: two runs'
+# threads rebuilding their jobs at once (runs-R-chain-N) fail with "invoked the same node twice".
+_COMPOSITION = threading.Lock()
+
+
 def make_job(workload: str, executor: str) -> JobDefinition:
+    with _COMPOSITION:
+        return _make_job(workload, executor)
+
+
+def _make_job(workload: str, executor: str) -> JobDefinition:
     shape, size, sleep = parse_workload(workload)
     name = f"{shape}_{size}{'_sleep' if sleep else ''}__{executor}"
     executor_definition = executor_def(executor)
