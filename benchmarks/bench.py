@@ -877,16 +877,20 @@ def chart(bench: Bench, path: Path) -> None:
     fig, axes = plt.subplots(1, len(storages), figsize=(width_per_panel * len(storages), 4.6), squeeze=False)
     width = 0.8 / len(bench.opts.contenders)
     for ax, storage in zip(axes[0], storages):
+        skipped_at = []
         for i, contender in enumerate(bench.opts.contenders):
             values = [bench.measurements[(storage, w, contender)].median
                       if (storage, w, contender) in bench.measurements else float("nan") for w in workloads]
             xs = [x + (i - (len(bench.opts.contenders) - 1) / 2) * width for x in range(len(workloads))]
             bars = ax.bar(xs, values, width, label=LABELS[contender])
-            labels = [("skipped" if (w, contender) in bench.skipped else "") if v != v else f"{v:.1f}" if v >= 1
-                      else f"{v:.2f}" for w, v in zip(workloads, values)]
-            ax.bar_label(bars, labels=labels, fontsize=7)
+            ax.bar_label(bars, labels=["" if v != v else f"{v:.1f}" if v >= 1 else f"{v:.2f}" for v in values],
+                         fontsize=7)
+            skipped_at += [x for x, w, v in zip(xs, workloads, values) if v != v and (w, contender) in bench.skipped]
         ax.set_xticks(range(len(workloads)), workloads, rotation=20, ha="right")
         ax.set_yscale("log")
+        for x in skipped_at:  # no bar to label: say so at the bottom of the panel
+            ax.text(x, ax.get_ylim()[0] * 1.1, "skipped", rotation=90, ha="center", va="bottom", fontsize=7,
+                    color="grey")
         ax.set_ylabel("wall time, s (median, log scale;\nseveral runs: until the last one ends)")
         ax.set_title(f"{storage} instance, concurrency {CONCURRENCY}")
         ax.grid(axis="y", alpha=0.3)
