@@ -623,17 +623,79 @@ class Bench:
             return m.median if m else None
         return figure
 
+    def _runs_figures(self) -> list[tuple]:
+        """(JSON name, report label, figure, digits) of runs-R-chain-N workloads."""
+        return [
+            ("all_runs_done_s", "all runs done (s)", self._detail(lambda d: d["makespan"]), 2),
+            ("runs_per_min", "runs/min", self._detail(lambda d: 60 * len(d["walls"]) / d["makespan"]), 1),
+            ("steps_per_s", "steps/s", self._detail(lambda d: d["steps"] / d["makespan"]), 2),
+            ("slowest_run_s", "slowest run (s)", self._detail(lambda d: max(d["walls"])), 2),
+            ("median_run_s", "median run (s)", self._detail(lambda d: statistics.median(d["walls"])), 2),
+        ]
+
+    def _backfill_figures(self) -> list[tuple]:
+        """(JSON name, report label, figure, digits) of backfill-N+chain-M workloads."""
+        small_during = self._detail(lambda d: d["walls"][1])
+        big_during = self._detail(lambda d: d["walls"][0])
+        small_solo, big_solo = self._solo(1), self._solo(0)
+
+        def slowdown(during, solo):
+            def figure(storage, workload, contender):
+                a, b = during(storage, workload, contender), solo(storage, workload, contender)
+                return a / b if a is not None and b else None
+            return figure
+
+        return [
+            ("interactive_solo_s", "interactive run solo (s)", small_solo, 2),
+            ("interactive_during_backfill_s", "interactive run during the backfill (s)", small_during, 2),
+            ("interactive_slowdown", "interactive slowdown (x)", slowdown(small_during, small_solo), 2),
+            ("backfill_solo_s", "backfill run solo (s)", big_solo, 2),
+            ("backfill_with_interactive_s", "backfill run with the interactive one (s)", big_during, 2),
+            ("backfill_slowdown", "backfill slowdown (x)", slowdown(big_during, big_solo), 2),
+        ]
+
+    def figures(self) -> list[dict[str, Any]]:
+        """Every figure of the report with its ratios to the baselines, for benchmark.json."""
+        def wall(storage, workload, contender):
+            m = self.measurements.get((storage, workload, contender))
+            return m.median if m else None
+
+        rows = []
+        keys = sorted({*self.measurements, *self.cpu}, key=self._row_order)
+        for storage, workload, contender in keys:
+            kind = workload_spec(workload).kind
+            named = [("wall_s", wall)]
+            named += [(f"cpu_ms_per_step_{part}", self._cpu_figure(part))
+                      for part in ("orchestrator", "workers", "broker", "total")]
+            if kind == "runs":
+                named += [(name, fig) for name, _, fig, _ in self._runs_figures()]
+            if kind == "backfill":
+                named += [(name, fig) for name, _, fig, _ in self._backfill_figures()]
+            for name, fig in named:
+                value = fig(storage, workload, contender)
+                if value is None:
+                    continue
+                row = {"storage": storage, "workload": workload, "contender": contender, "figure": name, "value": value}
+                for base in BASELINES:
+                    other = fig(storage, workload, base)
+                    row[f"ratio_to_{base}"] = value / other if other else None
+                rows.append(row)
+        for (storage, workload), records in sorted(self.requests.items(), key=lambda kv: self._row_order((*kv[0], ""))):
+            steps = sum(r["steps"] for r in records)
+            per_op: dict[str, float] = {}
+            for record in records:
+                for op, n in record["counts"].items():
+                    per_op[op] = per_op.get(op, 0) + n / steps
+            rows.append({"storage": storage, "workload": workload, "contender": "taskiq",
+                         "figure": "sqs_requests_per_step", "value": sum(per_op.values()), "by_operation": per_op,
+                         **{f"ratio_to_{base}": None for base in BASELINES}})  # no SQS baseline
+        return rows
+
     def report_runs(self) -> list[str]:
         rows = [(s, w, c) for (s, w, c) in self.details if workload_spec(w).kind == "runs"]
         if not rows:
             return []
-        figures = [
-            ("all runs done (s)", self._detail(lambda d: d["makespan"]), 2),
-            ("runs/min", self._detail(lambda d: 60 * len(d["walls"]) / d["makespan"]), 1),
-            ("steps/s", self._detail(lambda d: d["steps"] / d["makespan"]), 2),
-            ("slowest run (s)", self._detail(lambda d: max(d["walls"])), 2),
-            ("median run (s)", self._detail(lambda d: statistics.median(d["walls"])), 2),
-        ]
+        figures = [(label, fig, digits) for _, label, fig, digits in self._runs_figures()]
         lines = ["", "### Several runs submitted at once", "",
                  "R runs of a chain, started together from one orchestrating process (a thread per run). "
                  + self._ratio_note(), "",
@@ -648,24 +710,7 @@ class Bench:
         rows = [(s, w, c) for (s, w, c) in self.details if workload_spec(w).kind == "backfill"]
         if not rows:
             return []
-        small_during = self._detail(lambda d: d["walls"][1])
-        big_during = self._detail(lambda d: d["walls"][0])
-        small_solo, big_solo = self._solo(1), self._solo(0)
-
-        def slowdown(during, solo):
-            def figure(storage, workload, contender):
-                a, b = during(storage, workload, contender), solo(storage, workload, contender)
-                return a / b if a is not None and b else None
-            return figure
-
-        figures = [
-            ("interactive run solo (s)", small_solo, 2),
-            ("interactive run during the backfill (s)", small_during, 2),
-            ("interactive slowdown (x)", slowdown(small_during, small_solo), 2),
-            ("backfill run solo (s)", big_solo, 2),
-            ("backfill run with the interactive one (s)", big_during, 2),
-            ("backfill slowdown (x)", slowdown(big_during, big_solo), 2),
-        ]
+        figures = [(label, fig, digits) for _, label, fig, digits in self._backfill_figures()]
         lines = ["", "### Interactive run during a backfill", "",
                  "backfill-N+chain-M: a fanout-N run starts; once its root step is done and 5% of its branches "
                  "have started, a chain-M run starts on the same queue (same orchestrating process, its own "
@@ -793,6 +838,8 @@ class Bench:
             "redis_commands": {f"{s}/{w}": v for (s, w), v in self.redis_commands.items()},
             "payload_bytes": {f"{s}/{w}": v for (s, w), v in self.payload_bytes.items()},
             "skipped": [{"workload": w, "contender": c, "why": why} for (w, c), why in self.skipped.items()],
+            # derived from the above (recomputed, not read, by --include): each figure and its ratios
+            "figures": self.figures(),
             "targets": self.targets(),
             "versions": _versions(),
         }
