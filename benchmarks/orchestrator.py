@@ -6,18 +6,28 @@ imports. It reads one JSON request per line on stdin and answers one JSON line o
 
     {"workload": "chain-20", "run_config": {...}}  ->  {"wall": 1.23, "run_id": "...", "segments": {...}}
 
-Each run is ``execute_job`` on a reconstructable job, timed from the call to its return.
-For taskiq runs the answer includes the per-step latency breakdown (labels in ``bench.SEGMENTS``).
+Each run is ``execute_job`` on a reconstructable job, timed from the call to its return. A
+workload of several runs (``runs-R-chain-N``, ``backfill-N+chain-M``; see ``jobs.workload_spec``)
+runs each in its own thread of this process, as concurrent runs of one code location would;
+``wall`` is then from the first start to the last end, and ``walls`` has each run's own time.
+The answer also has this process's CPU seconds over the runs (``cpu``: its own threads, and its
+reaped children: multiprocess_executor's step processes). For taskiq runs it includes the
+per-step latency breakdown (labels in ``bench.SEGMENTS``) and each step message's size.
 """
 
 from __future__ import annotations
 
 import json
+import faulthandler
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
+import uuid
 
 SEGMENTS = ("ready_to_sent", "sent_to_received", "received_to_child", "child_to_start", "start_to_finish",
             "finish_to_seen")
@@ -36,8 +46,9 @@ def instrument_taskiq() -> None:
     observe_results(lambda run_id, step_key, at: _SEEN_AT.setdefault((run_id, step_key), at))
 
 
-def step_segments(instance, run_id: str) -> dict[str, list[float]]:
-    """Seconds spent in each link of each step's path, from the run's event log and the marks above."""
+def step_segments(instance, run_id: str, payload_bytes: list[int] | None = None) -> dict[str, list[float]]:
+    """Seconds spent in each link of each step's path, from the run's event log and the marks
+    above; appends each step message's payload size to ``payload_bytes``."""
     from dagster import DagsterEventType
 
     marks: dict[str, dict[str, float]] = {}
@@ -48,8 +59,11 @@ def step_segments(instance, run_id: str) -> dict[str, list[float]]:
         mark = marks.setdefault(event.step_key, {})
         kind = event.event_type
         if kind == DagsterEventType.STEP_WORKER_STARTING:
-            launch_ms = float(event.event_specific_data.metadata["launch_ms"].value)
+            metadata = event.event_specific_data.metadata
+            launch_ms = float(metadata["launch_ms"].value)
             mark["ready"] = record.timestamp - launch_ms / 1000
+            if payload_bytes is not None and "payload_bytes" in metadata:
+                payload_bytes.append(int(metadata["payload_bytes"].value))
         elif kind == DagsterEventType.STEP_WORKER_STARTED and "picked up by worker" in (event.message or ""):
             mark["received"] = float(event.event_specific_data.metadata["received_at"].value)
             mark["child"] = record.timestamp
@@ -70,32 +84,159 @@ def step_segments(instance, run_id: str) -> dict[str, list[float]]:
     return segments
 
 
+def no_logging_reconfiguration(instance) -> None:
+    """Let runs share this process's threads without deadlocking.
+
+    Dagster builds each run's log manager with ``instance.get_yaml_python_handlers()``, which,
+    whenever dagster.yaml has any setting (the bench's has ``telemetry``), calls
+    ``logging.config.dictConfig``: that takes the logging module's lock and then closes every
+    handler in the process, while another run's thread holds its handler's lock and waits for
+    the module's lock (seen as a hang of runs-3-chain-3). With no ``python_logs`` handlers
+    configured the call always returns ``[]``, so it is skipped here; every contender's
+    orchestrator gets the same.
+    """
+    if not instance.get_python_log_dagster_handler_config():
+        instance.get_yaml_python_handlers = lambda: []
+
+
+class Runner:
+    """Runs one workload's runs in this process and times them."""
+
+    def __init__(self, contender: str, instance) -> None:
+        self.contender = contender
+        self.instance = instance
+
+    def execute(self, job: str, run_config: dict, tags: dict[str, str] | None = None) -> dict:
+        from dagster import execute_job
+
+        from .jobs import reconstructable_job
+
+        started = time.perf_counter()
+        result = execute_job(reconstructable_job(job, self.contender), instance=self.instance,
+                             run_config=run_config, raise_on_error=False, tags=tags)
+        ended = time.perf_counter()
+        return {"job": job, "run_id": result.run_id, "success": result.success, "start": started, "end": ended}
+
+    def in_threads(self, calls: list[tuple], barrier: threading.Barrier | None = None) -> list[threading.Thread]:
+        """Start ``execute(*call)`` for each call in its own thread; results land in ``self.results``."""
+        threads = []
+        for index, call in enumerate(calls):
+            def target(index=index, call=call):
+                try:
+                    if barrier is not None:
+                        barrier.wait()
+                    self.results[index] = self.execute(*call)
+                except BaseException:  # noqa: BLE001 - reported in the answer
+                    self.results[index] = {"error": traceback.format_exc()}
+            thread = threading.Thread(target=target, name=f"run-{index}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        return threads
+
+    def run(self, workload: str, run_config: dict) -> dict:
+        from .jobs import workload_spec
+
+        spec = workload_spec(workload)
+        self.results: dict[int, dict] = {}
+        extra: dict = {}
+        before = os.times()
+        if spec.kind == "single":
+            self.results[0] = self.execute(spec.jobs[0], run_config)
+        elif spec.kind == "runs":
+            # Submitted at once: every run's thread is released by one barrier.
+            barrier = threading.Barrier(spec.count)
+            for thread in self.in_threads([(spec.jobs[0], run_config)] * spec.count, barrier):
+                thread.join()
+        else:
+            extra = self.backfill(spec, run_config)
+        after = os.times()
+        errors = [r["error"] for r in self.results.values() if "error" in r]
+        if errors:
+            raise RuntimeError(errors[0])
+        runs = [self.results[i] for i in sorted(self.results)]
+        start, end = min(r["start"] for r in runs), max(r["end"] for r in runs)
+        failed = [r for r in runs if not r["success"]]
+        answer = {
+            "wall": end - start,
+            "walls": [r["end"] - r["start"] for r in runs],
+            "run_ids": [r["run_id"] for r in runs],
+            "run_id": (failed or runs)[0]["run_id"],
+            "success": not failed,
+            "cpu": {"self": (after.user - before.user) + (after.system - before.system),
+                    "children": (after.children_user - before.children_user)
+                    + (after.children_system - before.children_system)},
+            **extra,
+        }
+        return answer
+
+    def backfill(self, spec, run_config: dict) -> dict:
+        """The fan-out run (backfill) first; once its fan-out is in flight (root done and 5% of
+        its branches started), the chain run (interactive), timed on its own."""
+        from dagster import DagsterEventType, RunsFilter
+
+        big, small = spec.jobs
+        token = uuid.uuid4().hex
+        (thread,) = self.in_threads([(big, run_config, {"bench/request": token})])
+        branches = int(big.split("-")[1])
+        wanted = 1 + math.ceil(branches / 20)  # STEP_STARTs: root and 5% of the branches
+        big_run_id, started = None, 0
+        while thread.is_alive():
+            if big_run_id is None:
+                runs = self.instance.get_runs(filters=RunsFilter(tags={"bench/request": token}), limit=1)
+                big_run_id = runs[0].run_id if runs else None
+            if big_run_id is not None:
+                started = len(self.instance.get_records_for_run(
+                    big_run_id, of_type=DagsterEventType.STEP_START, limit=wanted).records)
+                if started >= wanted:
+                    break
+            time.sleep(0.1)
+        in_flight = started >= wanted
+        done_at_start = self._steps_done(big_run_id)
+        self.results[1] = self.execute(small, run_config)
+        done_at_end = self._steps_done(big_run_id)
+        thread.join()
+        return {"backfill": {
+            "big_steps_started_when_small_started": started,
+            "big_steps_done_when_small_started": done_at_start,
+            "big_steps_done_when_small_ended": done_at_end,
+            # False: the backfill ended before its fan-out was seen in flight; the small run ran alone
+            "small_started_during_backfill": in_flight,
+        }}
+
+    def _steps_done(self, run_id: str | None) -> int | None:
+        if run_id is None:
+            return None
+        return self.instance.get_run_stats(run_id).steps_succeeded
+
+
 def main() -> int:
     contender, home = sys.argv[1], sys.argv[2]
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack, in the log
     # The answers go on the real stdout; everything else (Dagster's and Celery's chatter) to stderr.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.getLogger("dagster").setLevel(logging.WARNING)
 
-    from dagster import DagsterInstance, execute_job
-
-    from .jobs import reconstructable_job
+    from dagster import DagsterInstance
 
     if contender == "taskiq":
         instrument_taskiq()
     instance = DagsterInstance.from_config(home)
+    no_logging_reconfiguration(instance)
+    runner = Runner(contender, instance)
     print(json.dumps({"ready": True}), file=answers)
     for line in sys.stdin:
         request = json.loads(line)
         try:
             run_config = request["run_config"] | {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-            started = time.perf_counter()
-            result = execute_job(reconstructable_job(request["workload"], contender), instance=instance,
-                                 run_config=run_config, raise_on_error=False)
-            wall = time.perf_counter() - started
-            answer = {"wall": wall, "run_id": result.run_id, "success": result.success}
+            answer = runner.run(request["workload"], run_config)
             if contender == "taskiq":
-                answer["segments"] = step_segments(instance, result.run_id)
+                segments: dict[str, list[float]] = {name: [] for name in SEGMENTS}
+                payload_bytes: list[int] = []
+                for run_id in answer["run_ids"]:
+                    for name, values in step_segments(instance, run_id, payload_bytes).items():
+                        segments[name].extend(values)
+                answer["segments"], answer["payload_bytes"] = segments, payload_bytes
         except Exception:  # noqa: BLE001 - reported to the bench, which stops
             answer = {"error": traceback.format_exc()}
         print(json.dumps(answer), file=answers)
