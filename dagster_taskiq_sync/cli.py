@@ -47,12 +47,16 @@ def worker() -> None:
 @click.option("--max-tasks-per-child", type=click.IntRange(1), help="Steps a step child runs before it is replaced by a fresh process (default: worker_max_tasks_per_child, else no limit).")
 @click.option("--max-memory-per-child", type=click.IntRange(1), help="KiB of resident memory after which a step child is replaced once its step ends (default: worker_max_memory_per_child, else no limit).")
 @click.option("--signing-key-file", "signing_key_files", multiple=True, type=click.Path(dir_okay=False), help="File holding message signing keys, one per line (first: current); adds to the config's signing_key (repeatable).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus /metrics and the /livez (restart me) and /readyz (send me work) probes on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics port binds to; 0.0.0.0 in a container, so probes and scrapes reach it.")
+@click.option("--scale-in-protection", type=click.Choice(["ecs", "k8s"]), help="While it holds steps, protect this worker from scale-in: ECS task scale-in protection, or a high Kubernetes pod-deletion-cost.")
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
 @click.option("-f", "--logfile", type=click.Path(dir_okay=False), help="Log file for --background (default ./dagster-taskiq-sync-worker-NAME.log).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval,  # type: ignore[no-untyped-def]
-                 max_tasks_per_child, max_memory_per_child, signing_key_files, app, background, logfile, celery_args) -> None:
+                 max_tasks_per_child, max_memory_per_child, signing_key_files, metrics_port, metrics_host,
+                 scale_in_protection, app, background, logfile, celery_args) -> None:
     """Start a worker that runs the steps sent to its queues.
 
     Celery worker options after `--` that mean something here are honoured: --concurrency N,
@@ -90,6 +94,9 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
             max_tasks_per_child=max_tasks_per_child or passthrough.get("max_tasks_per_child"),
             max_memory_per_child=max_memory_per_child or passthrough.get("max_memory_per_child"),
             signing_key_files=signing_key_files,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            scale_in_protection=scale_in_protection,
         )
         for note in config.settings.notes:
             log.warning(note)

@@ -35,10 +35,10 @@ STEP_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 6
 SQS_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30)
 SEND_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-# Why a worker gave up on a message and left it to the queue's redrive policy.
-DEAD_LETTER_REASONS = ("malformed", "unknown_task", "unknown_run", "cannot_run", "other")
+# Why a worker moved a message that can never run to the dead-letter queue.
+DEAD_LETTER_REASONS = ("malformed", "signature", "unknown_run", "cannot_run", "other")
 # Why a step child was replaced by a fresh one.
-RECYCLE_REASONS = ("max_tasks", "max_memory", "killed", "crashed", "other")
+RECYCLE_REASONS = ("max_tasks_per_child", "max_memory_per_child", "unusable", "other")
 
 
 @dataclass(frozen=True)

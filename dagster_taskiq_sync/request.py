@@ -34,6 +34,7 @@ from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, LivenessSt
 from .messages import (
     MalformedMessage,
     Message,
+    SignatureError,
     RunMessage,
     S3Pointer,
     StepMessage,
@@ -43,6 +44,7 @@ from .messages import (
     decode_pointer,
     queue_label,
 )
+from .metrics import NullMetrics
 from .settings import Settings
 from .step_child import Pickup, StepTask
 from .step_runner import ChildHandle, StepRunner
@@ -94,15 +96,12 @@ class WorkerContext:
     stopping: threading.Event
     killing: threading.Event
     running: RunningRequests = field(default_factory=RunningRequests)
+    metrics: Any = field(default_factory=NullMetrics)  # metrics.WorkerMetrics when --metrics-port is given
     clock: Callable[[], float] = time.monotonic
     on_done: Callable[[], None] = lambda: None
-    on_dead_letter: Callable[[str, str], None] = lambda queue, why: None
 
     def count_done(self) -> None:
         self.on_done()
-
-    def count_dead_letter(self, queue: str, why: str) -> None:
-        self.on_dead_letter(queue, why)
 
 
 class Request:
@@ -119,6 +118,7 @@ class Request:
         self.kill_reason: str | None = None
         self._interrupted_at: float | None = None
         self._started = 0.0
+        self._unreadable = "malformed"  # or "signature": why it could not be opened, for metrics
 
     @property
     def handle_id(self) -> str:
@@ -138,6 +138,7 @@ class Request:
 
     def handle(self) -> Verdict:
         verdict = Verdict(Outcome.RELEASE)
+        self.worker.metrics.step_received(self.delivery.queue)
         try:
             verdict = self.admit() or self.execute()
         except Stopping:
@@ -156,6 +157,7 @@ class Request:
         try:
             self.message = self._open()
         except MalformedMessage as exc:
+            self._unreadable = "signature" if isinstance(exc, SignatureError) else "malformed"
             return Verdict(Outcome.DEAD_LETTER, exc.reason)
         if self.worker.stopping.is_set():
             return Verdict(Outcome.RELEASE, "the worker is stopping")
@@ -185,6 +187,7 @@ class Request:
             body = self._retrying(f"reading {pointer.url}",
                                   lambda: worker.client.fetch_payload(pointer, sqs.max_payload_bytes))
             check_payload(pointer, body, signed)
+            worker.metrics.s3_offload_read(len(body))
         message = decode(body)
         if signed and delivery.offloaded and queue_label(body) != worker.settings.sqs.queue_name(delivery.queue):
             raise MalformedMessage("the offloaded message was signed for another queue")
@@ -247,6 +250,10 @@ class Request:
         worker.running.add(self)
         log.info("worker %s: %s started (queue %s, pid %s)", worker.name, message.label, self.delivery.queue,
                  self.child.pid)
+        if isinstance(message, StepMessage):
+            sent = self.delivery.sent_at
+            worker.metrics.step_started(self.delivery.queue, self.run.job_name,
+                                        self.delivery.received_at - sent if sent else None)
 
     def _supervise(self) -> int:
         assert self.child is not None and self.message is not None
@@ -296,6 +303,10 @@ class Request:
         log.info("worker %s: %s finished in %.2f s (exit code %s%s)", worker.name, message.label,
                  worker.clock() - self._started, code, f", {reason}" if reason else "")
         worker.count_done()
+        if isinstance(message, StepMessage):
+            count = (worker.metrics.step_killed if self.kill_reason
+                     else worker.metrics.step_succeeded if code == 0 else worker.metrics.step_failed)
+            count(self.delivery.queue, self.run.job_name, worker.clock() - self._started)
         if cannot_run and not self.kill_reason:
             return Verdict(Outcome.DEAD_LETTER, cannot_run)
         if message.kind is not TaskKind.STEP:
@@ -357,6 +368,8 @@ class Request:
         elif verdict.outcome is Outcome.DONE and verdict.why:
             log.warning("worker %s: dropping message %s (delivered %d times): %s; not running it", name,
                         d.message_id, d.receive_count, verdict.why)
+            if " already " in verdict.why:
+                self.worker.metrics.step_dropped_duplicate(d.queue)
             if "(lost)" in verdict.why and self.run is not None and isinstance(self.message, StepMessage):
                 self._explain_lost_attempt(verdict.why)
             if isinstance(self.message, RunMessage) and self.run is not None and self.run.status == DagsterRunStatus.CANCELING:
@@ -400,7 +413,8 @@ class Request:
 
     def _dead_letter(self, verdict: Verdict) -> None:
         dlq = self.worker.client.dead_letter(self.delivery, verdict.why)
-        self.worker.count_dead_letter(self.delivery.queue, verdict.why)
+        reason = self._unreadable if self.message is None else "unknown_run" if self.run is None else "cannot_run"
+        self.worker.metrics.message_dead_lettered(self.delivery.queue, reason)
         if self.message is None or self.run is None:
             return  # unverified or run-less: nothing in the instance is touched on its behalf
         where = f"to dead-letter queue {dlq!r}" if dlq else "and deleted it (the queue has no dead-letter queue)"

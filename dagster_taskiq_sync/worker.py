@@ -47,7 +47,10 @@ from .signals import SignalInbox
 from .step_runner import StepRunner
 from .worker_config import WorkerConfig
 from .worker_threads import Acker, ConsumerThread, GuardedThread, VisibilityThread, WorkerThread
+from .health_server import HealthServer
 from .liveness_thread import LivenessThread
+from .metrics import NullMetrics, WorkerMetrics
+from .scale_in import protector_from_flag
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
 
@@ -80,6 +83,21 @@ class Worker:
 
     def start(self) -> "Worker":
         settings, config = self.settings, self.config
+        # Probes first (a Kubernetes startup probe may already ask while step children warm up);
+        # a port in use or a platform without scale-in protection fails here, before anything else.
+        self.metrics = WorkerMetrics() if config.metrics_port else NullMetrics()
+        self.protector = protector_from_flag(config.scale_in_protection)
+        self.health = (HealthServer(config.metrics_port, config.metrics_host, live=self.live, ready=self.ready,
+                                    metrics=self.metrics).start() if config.metrics_port else None)
+        try:
+            self._start(settings, config)
+        except BaseException:
+            if self.health is not None:
+                self.health.stop()
+            raise
+        return self
+
+    def _start(self, settings: Any, config: WorkerConfig) -> None:
         options = InstanceOptions.from_env(outage_timeout=settings.database_outage_timeout)
         instance = prepared(self._instance, options) if self._instance is not None else open_home_instance(options)
         self.instance = instance
@@ -90,25 +108,31 @@ class Worker:
         self.registry = WorkerRegistry(instance)
         self._bridge = Bridge(name="taskiq-bridge").start()
         try:
-            self.client = BrokerClient(settings.sqs, self._bridge, config.queues, keyring=settings.keyring).start()
+            self.client = BrokerClient(settings.sqs, self._bridge, config.queues, keyring=settings.keyring,
+                                       observe=self.metrics.sqs_call).start()
         except BaseException:
             self._bridge.stop()
             raise
         self.runner = StepRunner(serialize_value(instance.get_ref()), options, preload=config.includes,
                                  max_tasks_per_child=settings.max_tasks_per_child,
-                                 max_memory_per_child=settings.max_memory_per_child)
+                                 max_memory_per_child=settings.max_memory_per_child,
+                                 on_recycle=self.metrics.step_child_recycled)
         self.acker = Acker(self.client, self._on_death, self._settled)
         self.context = WorkerContext(
             name=self.name, host=self.host, pid=os.getpid(), settings=settings, client=self.client,
             instance=instance, store=LivenessStore(instance), runner=self.runner, acks=self.acker,
-            stopping=self.stopping, killing=self.killing, clock=self._clock, on_done=self._count_done,
+            stopping=self.stopping, killing=self.killing, metrics=self.metrics, clock=self._clock,
+            on_done=self._count_done,
         )
+        self.metrics.track_slots(self._slots)
+        self.protector.start()
         self.runner.warm(children=config.concurrency)
         sqs = settings.sqs
         self._liveness = LivenessThread(self.context, self.heartbeat_registry, self._check_terminate, self._on_death)
         self._threads = [
             self.acker,
-            VisibilityThread(self.held, self.client, sqs.visibility_timeout, self._on_death),
+            VisibilityThread(self.held, self.client, sqs.visibility_timeout, self._on_death,
+                             on_extended=self.metrics.visibility_extended),
             self._liveness,
             *(WorkerThread(i, self._inbox, self._handle, self._on_death) for i in range(config.concurrency)),
             *(ConsumerThread(q, self.client, self.capacity, self._hold, self._release_now, sqs.wait_time_seconds,
@@ -124,7 +148,8 @@ class Worker:
             config.concurrency, self.capacity.limit, sqs.describe_endpoint(),
             "required" if settings.keyring.verifies else "not required",
         )
-        return self
+        if self.health is not None:
+            log.info("worker %s: metrics and probes at %s/metrics, /livez, /readyz", self.name, self.health.url)
 
     def __enter__(self) -> "Worker":
         return self.start()
@@ -190,6 +215,9 @@ class Worker:
         self._bridge.stop()
         self.runner.close()
         self.heartbeat_registry("stopped")
+        self.protector.stop()
+        if self.health is not None:
+            self.health.stop()
         log.info("worker %s stopped after running %d step(s)", self.name, self.steps_done)
 
     def _join(self, threads: list[GuardedThread], deadline: float, second_signal: Callable[[], list[int]] | None) -> None:
@@ -248,13 +276,25 @@ class Worker:
         with self._lock:
             for delivery in deliveries:
                 self._held[delivery.receipt_handle] = delivery
+            busy = bool(self._held)
+        self.protector.set_busy(busy)
         for delivery in deliveries:
             self._inbox.put(delivery)
 
     def _settled(self, delivery: Delivery) -> None:
         with self._lock:
             self._held.pop(delivery.receipt_handle, None)
+            busy = bool(self._held)
         self.capacity.release(1)
+        if not busy:
+            self.protector.set_busy(False)
+
+    def _slots(self) -> tuple[int, int, int]:
+        """(busy slots, free slots, prefetched messages) for the metrics."""
+        busy = len(self.context.running.list())
+        with self._lock:
+            held = len(self._held)
+        return busy, max(0, self.config.concurrency - busy), max(0, held - busy)
 
     def _handle(self, delivery: Delivery) -> None:
         verdict = Request(delivery, self.context).handle()

@@ -90,6 +90,9 @@ class WorkerConfig:
     concurrency: int
     shutdown_timeout: float = 60.0  # running steps get this long to finish on SIGTERM / stop()
     includes: tuple[str, ...] = ()  # modules the fork server imports before steps fork
+    metrics_port: int | None = None  # /metrics, /livez, /readyz (None: not served)
+    metrics_host: str = "127.0.0.1"  # containers need 0.0.0.0 for probes and scrapes
+    scale_in_protection: str | None = None  # "ecs" or "k8s": protect a busy worker from scale-in
 
     @classmethod
     def from_yaml(
@@ -106,6 +109,9 @@ class WorkerConfig:
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
         signing_key_files: Sequence[str] = (),
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+        scale_in_protection: str | None = None,
     ) -> "WorkerConfig":
         """The same configuration ``worker start`` builds from ``-y`` and its flags."""
         settings = settings_from_yaml(config_yaml)
@@ -137,4 +143,7 @@ class WorkerConfig:
             concurrency=concurrency or settings.worker_concurrency or os.cpu_count() or 1,
             shutdown_timeout=shutdown_timeout,
             includes=modules,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            scale_in_protection=scale_in_protection,
         )

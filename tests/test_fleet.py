@@ -561,9 +561,6 @@ def self_signed_certificate(directory: Path, ip: str) -> tuple[str, str]:
 # Every `worker start` flag the kit uses, in one place.
 KIT_FLAGS = {"-y", "-q", "-c", "--shutdown-timeout", "--heartbeat-interval", "--metrics-port", "--metrics-host",
              "--scale-in-protection"}
-# Flags the kit uses before the worker has them; they land with the worker wiring (then drop
-# this set and the xfail below).
-NOT_IN_CLI_YET = {"--metrics-port", "--metrics-host", "--scale-in-protection"}
 WORKER_START = ["dagster-taskiq-sync", "worker", "start"]
 GRACE_MARGIN = 10  # seconds between --shutdown-timeout and the platform's SIGKILL, at least
 FARGATE_MAX_STOP_TIMEOUT = 120
@@ -818,11 +815,6 @@ def test_the_kit_uses_only_the_flags_listed_here_and_all_of_them():
     assert used == KIT_FLAGS
 
 
-def test_flags_the_cli_already_has_still_exist():
-    assert KIT_FLAGS - NOT_IN_CLI_YET <= cli_flags()
-
-
-@pytest.mark.xfail(strict=True, reason="flags land with the worker wiring")
 def test_every_flag_the_kit_uses_exists_in_the_cli_and_every_invocation_parses():
     from dagster_taskiq_sync.cli import worker_start
 
