@@ -31,7 +31,6 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,7 @@ SEGMENTS = tuple(zip(SEGMENT_NAMES, (
     "STEP_WORKER_STARTED -> STEP_START (Dagster step setup)",
     "STEP_START -> STEP_SUCCESS (op + outputs)",
     "STEP_SUCCESS -> seen by orchestrator (event log poll)",
-)))
+), strict=True))
 
 
 def skip_reason(contender: str, spec: Workload, quick: bool = False) -> str | None:
@@ -524,7 +523,7 @@ class Bench:
                 seg = self.segments.get((storage, workload))
                 if not seg or not seg["ready_to_sent"]:
                     continue
-                overhead = [a + b for a, b in zip(seg["ready_to_sent"], seg["finish_to_seen"])]
+                overhead = [a + b for a, b in zip(seg["ready_to_sent"], seg["finish_to_seen"], strict=False)]
                 value = statistics.median(overhead) * 1000
                 rows.append({"storage": storage, "what": f"{workload}: orchestrator overhead per step p50 (ms)",
                              "value": value, "target": 50.0, "met": value <= 50.0})
@@ -923,7 +922,7 @@ def chart(bench: Bench, path: Path) -> None:
     width_per_panel = max(6.5, 1.1 * len(workloads))
     fig, axes = plt.subplots(1, len(storages), figsize=(width_per_panel * len(storages), 4.6), squeeze=False)
     width = 0.8 / len(bench.opts.contenders)
-    for ax, storage in zip(axes[0], storages):
+    for ax, storage in zip(axes[0], storages, strict=False):
         skipped_at = []
         for i, contender in enumerate(bench.opts.contenders):
             values = [bench.measurements[(storage, w, contender)].median
@@ -932,7 +931,7 @@ def chart(bench: Bench, path: Path) -> None:
             bars = ax.bar(xs, values, width, label=LABELS[contender])
             ax.bar_label(bars, labels=["" if v != v else f"{v:.1f}" if v >= 1 else f"{v:.2f}" for v in values],
                          fontsize=7)
-            skipped_at += [x for x, w, v in zip(xs, workloads, values) if v != v and (w, contender) in bench.skipped]
+            skipped_at += [x for x, w, v in zip(xs, workloads, values, strict=True) if v != v and (w, contender) in bench.skipped]
         ax.set_xticks(range(len(workloads)), workloads, rotation=20, ha="right")
         ax.set_yscale("log")
         for x in skipped_at:  # no bar to label: say so at the bottom of the panel

@@ -17,8 +17,8 @@ per-step latency breakdown (labels in ``bench.SEGMENTS``) and each step message'
 
 from __future__ import annotations
 
-import json
 import faulthandler
+import json
 import logging
 import math
 import os
@@ -79,7 +79,7 @@ def step_segments(instance, run_id: str, payload_bytes: list[int] | None = None)
         if (run_id, step_key) in _SEEN_AT:
             mark["seen"] = _SEEN_AT[(run_id, step_key)]
         if all(k in mark for k in order):
-            for name, a, b in zip(SEGMENTS, order, order[1:]):
+            for name, a, b in zip(SEGMENTS, order, order[1:], strict=False):
                 segments[name].append(mark[b] - mark[a])
     return segments
 
@@ -126,7 +126,7 @@ class Runner:
                     if barrier is not None:
                         barrier.wait()
                     self.results[index] = self.execute(*call)
-                except BaseException:  # noqa: BLE001 - reported in the answer
+                except BaseException:
                     self.results[index] = {"error": traceback.format_exc()}
             thread = threading.Thread(target=target, name=f"run-{index}", daemon=True)
             thread.start()
@@ -237,7 +237,7 @@ def main() -> int:
                     for name, values in step_segments(instance, run_id, payload_bytes).items():
                         segments[name].extend(values)
                 answer["segments"], answer["payload_bytes"] = segments, payload_bytes
-        except Exception:  # noqa: BLE001 - reported to the bench, which stops
+        except Exception:
             answer = {"error": traceback.format_exc()}
         print(json.dumps(answer), file=answers)
     instance.dispose()

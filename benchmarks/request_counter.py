@@ -209,7 +209,7 @@ class CountingProxy:
                 if peek is not None:
                     try:
                         peek(data)
-                    except Exception:  # noqa: BLE001 - counting must never break forwarding
+                    except Exception:
                         peek = None
                 dst.sendall(data)
         except OSError:

@@ -8,7 +8,6 @@ Nothing here changes Dagster at import time: each behaviour change is an explici
 (``install_*``) that the process which wants it calls once (the executor, or a step child).
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
 
 import collections
@@ -17,7 +16,8 @@ import contextvars
 import json
 import os
 import threading
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 from dagster._cli import api as _cli_api
 from dagster._cli.api import _execute_run_command_body as execute_run_command_body
@@ -53,14 +53,43 @@ from dagster._utils.hosted_user_process import recon_job_from_origin
 from dagster._utils.interrupts import capture_interrupts
 
 __all__ = [
-    "ActiveExecution", "CheckRunHealthResult", "CheckStepHealthResult", "ConfigurableClass", "ConfigurableClassData",
-    "DagsterEvent", "DagsterExecutionInterruptedError", "DagsterExecutionStepNotFoundError", "EngineEventData",
-    "ExecuteStepArgs", "InProcessExecutor", "KnownExecutionState", "LaunchRunContext", "PRELOAD_MODULES",
-    "ResumeRunContext", "RetryMode", "RunLauncher", "StepDelegatingExecutor", "StepHandler", "StepHandlerContext",
-    "WorkerStatus", "capture_interrupts", "copy_record", "deserialize_value", "execute_run_command_body",
-    "execute_step_command_body", "get_retries_config", "run_interrupted", "get_tag_concurrency_limits_config", "kv_delete", "kv_scan",
-    "post_process_config", "recon_job_from_origin", "resume_run_command_body", "serializable_error_info_from_exc_info",
-    "serialize_value", "validate_config",
+    "PRELOAD_MODULES",
+    "ActiveExecution",
+    "CheckRunHealthResult",
+    "CheckStepHealthResult",
+    "ConfigurableClass",
+    "ConfigurableClassData",
+    "DagsterEvent",
+    "DagsterExecutionInterruptedError",
+    "DagsterExecutionStepNotFoundError",
+    "EngineEventData",
+    "ExecuteStepArgs",
+    "InProcessExecutor",
+    "KnownExecutionState",
+    "LaunchRunContext",
+    "ResumeRunContext",
+    "RetryMode",
+    "RunLauncher",
+    "StepDelegatingExecutor",
+    "StepHandler",
+    "StepHandlerContext",
+    "WorkerStatus",
+    "capture_interrupts",
+    "copy_record",
+    "deserialize_value",
+    "execute_run_command_body",
+    "execute_step_command_body",
+    "get_retries_config",
+    "get_tag_concurrency_limits_config",
+    "kv_delete",
+    "kv_scan",
+    "post_process_config",
+    "recon_job_from_origin",
+    "resume_run_command_body",
+    "run_interrupted",
+    "serializable_error_info_from_exc_info",
+    "serialize_value",
+    "validate_config",
 ]
 
 # What a step needs beyond `import dagster`, imported once by the worker's fork server. Without
@@ -154,7 +183,7 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
     def on_poll(self, instance: Any, run_id: str) -> None:
         """Called before every read of the event log; subclasses override it."""
 
-    def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[no-untyped-def]  # Dagster's signature
+    def _pop_events(self, instance, run_id, seen_storage_ids):  # Dagster's signature
         self.on_poll(instance, run_id)
         return super()._pop_events(instance, run_id, seen_storage_ids)
 
@@ -270,7 +299,7 @@ def _full_plan(job: Any, run_config: Any) -> Any:
     return _PLAN_CACHE[key]
 
 
-def cached_create_execution_plan(job, run_config=None, step_keys_to_execute=None, known_state=None,  # type: ignore[no-untyped-def]
+def cached_create_execution_plan(job, run_config=None, step_keys_to_execute=None, known_state=None,
                                  instance_ref=None, tags=None, repository_load_data=None):
     """``create_execution_plan`` for one step, from a cached full plan where that is exact."""
     usable = (
@@ -316,7 +345,7 @@ step_worker_details: contextvars.ContextVar[Any] = contextvars.ContextVar(
 _original_step_worker_started = DagsterEvent.step_worker_started
 
 
-def _step_worker_started(log_manager, job_name, message, metadata, step_key):  # type: ignore[no-untyped-def]
+def _step_worker_started(log_manager, job_name, message, metadata, step_key):
     details = step_worker_details.get()
     if details is not None:
         suffix, extra = details

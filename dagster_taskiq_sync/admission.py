@@ -37,6 +37,7 @@ class Verdict:
     outcome: Outcome
     why: str = ""
     release_after: int = 0  # seconds before a released message is visible again
+    resent_started: bool = False  # it names an attempt already running (a resumed run re-sends it)
 
 
 # --- drop rules: (message, its run, its attempt's record, lost timeout) -> Verdict or None ---------------
@@ -59,11 +60,13 @@ def already_started(message: Message, run: Any, previous: StepRecord | None, los
     if previous is None or previous.state not in (RUNNING, EXITED):
         return None
     verb = "started" if previous.state == RUNNING else "ran"
-    lost = previous.lost_for(lost_timeout) if previous.state == RUNNING else None
     why = f"{message.label} already {verb} on worker {previous.worker}"
-    if lost is not None:
-        why += f", which stopped heartbeating {lost:.0f} s ago (lost)"
-    return Verdict(Outcome.DONE, why)
+    # The worker cannot know the orchestrator's worker_lost_timeout: three missed heartbeats (or its
+    # own lost timeout, if shorter) say its worker is gone.
+    stale = min(lost_timeout, 3 * (previous.heartbeat_interval or 5.0))
+    if previous.state == RUNNING and previous.age() > stale:
+        why += f", which stopped heartbeating {previous.age():.0f} s ago (lost)"
+    return Verdict(Outcome.DONE, why, resent_started=previous.state == RUNNING)
 
 
 def run_is_over(message: Message, run: Any, previous: StepRecord | None, lost_timeout: float) -> Verdict | None:

@@ -15,7 +15,8 @@ import concurrent.futures
 import contextlib
 import os
 import threading
-from typing import Any, Awaitable, Callable, Iterator, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -38,7 +39,7 @@ class Bridge:
     def running(self) -> bool:
         return self._portal is not None
 
-    def start(self) -> "Bridge":
+    def start(self) -> Bridge:
         with self._lock:
             if self._portal is None:
                 cm = start_blocking_portal(backend="asyncio", name=self._name)
@@ -103,7 +104,7 @@ class Bridge:
             portal.call(portal.stop, True)
         cm.__exit__(None, None, None)
 
-    def __enter__(self) -> "Bridge":
+    def __enter__(self) -> Bridge:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

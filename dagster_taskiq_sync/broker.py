@@ -19,7 +19,8 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from aiobotocore.config import AioConfig
 from botocore import exceptions as boto_exc
@@ -147,11 +148,11 @@ class StepBroker(SQSBroker):
                     facts = dataclasses.replace(facts, max_receive_count=receives)
             self.facts[queue] = facts
 
-    async def _get_sqs_client(self):  # type: ignore[no-untyped-def]  # explicit settings instead of taskiq-aio-sqs's
+    async def _get_sqs_client(self):  # explicit settings instead of taskiq-aio-sqs's
         self._client_context_creator = self._session.create_client("sqs", **client_kwargs(self.settings, self._session))
         return await self._client_context_creator.__aenter__()
 
-    async def _get_s3_client(self):  # type: ignore[no-untyped-def]
+    async def _get_s3_client(self):
         self._s3_client_context_creator = self._session.create_client("s3", **client_kwargs(self.settings, self._session))
         return await self._s3_client_context_creator.__aenter__()
 
@@ -187,7 +188,7 @@ class StepBroker(SQSBroker):
                     item, entry = chunk[index]
                     try:  # a throttled or internally failed entry: once more, on its own
                         await self._sqs_client.send_message(QueueUrl=facts.url, **_single(entry))
-                    except Exception as exc:  # translated by the client; the rest of the batch is sent
+                    except Exception as exc:  # noqa: BLE001 - translated by the client; the rest of the batch is sent
                         results[item.task_id] = SendResult(item.task_id, error=_as_error(exc, error))
         return [results[item.task_id] for item in items]
 

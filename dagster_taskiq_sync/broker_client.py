@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from botocore import exceptions as boto_exc
 from taskiq_aio_sqs import exceptions as sqs_exc
@@ -77,7 +78,7 @@ class BrokerClient:
                 f"{timeout or self.call_timeout:g} s; check that the SQS endpoint in "
                 "execution.config.broker (or AWS_ENDPOINT_URL) is up and reachable."
             ) from None
-        except Exception as exc:  # translate vendor errors at the edge
+        except Exception as exc:  # noqa: BLE001 - translate vendor errors at the edge
             translated = translate_error(exc, self.settings, what, queue)
             error = type(translated).__name__
             raise translated from None
@@ -85,7 +86,7 @@ class BrokerClient:
             if self._observe is not None:
                 self._observe(action, time.monotonic() - started, error)
 
-    def start(self) -> "BrokerClient":
+    def start(self) -> BrokerClient:
         """Open clients and resolve every queue URL (a missing queue fails here, by name)."""
         if not self._started:
             try:
@@ -99,7 +100,7 @@ class BrokerClient:
     def _close_quietly(self) -> None:
         try:
             self.bridge.call(self.broker.shutdown, timeout=10)
-        except Exception as exc:  # closing must not mask what made us stop
+        except Exception as exc:  # noqa: BLE001 - closing must not mask what made us stop
             log.debug("closing the SQS clients failed: %s", exc)
 
     def stop(self) -> None:
@@ -107,7 +108,7 @@ class BrokerClient:
             self._started = False
             self._close_quietly()
 
-    def __enter__(self) -> "BrokerClient":
+    def __enter__(self) -> BrokerClient:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -198,13 +199,7 @@ def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue:
             "no AWS region is set; set config_source.broker_transport_options.region or AWS_DEFAULT_REGION."
         )
     if isinstance(exc, boto_exc.ClientError):
-        code = exc.response.get("Error", {}).get("Code", "")
-        message = exc.response.get("Error", {}).get("Message", "")
-        if "NonExistentQueue" in code or code == "QueueDoesNotExist":
-            return QueueMissingError(f"SQS queue {queue_shown!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
-        if code in ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch"):
-            return ConfigError(f"SQS refused {what} ({code}: {message}); check the credentials and IAM permissions.")
-        return BrokerError(f"SQS failed {what} ({code}: {message}).")
+        return _client_error(exc, endpoint, what, queue_shown)
     if isinstance(exc, sqs_exc.TaskIQSQSError):
         return BrokerError(f"{what} failed: {exc}")
     if isinstance(exc, OSError) or type(exc).__module__.startswith("aiohttp"):
@@ -213,3 +208,14 @@ def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue:
             "start it, or fix execution.config.broker / AWS_ENDPOINT_URL."
         )
     return BrokerError(f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")
+
+
+def _client_error(exc: boto_exc.ClientError, endpoint: str, what: str, queue_shown: str | None) -> TaskiqSyncError:
+    """An error SQS answered with, by its code: each one the user can act on gets its own sentence."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    message = exc.response.get("Error", {}).get("Message", "")
+    if "NonExistentQueue" in code or code == "QueueDoesNotExist":
+        return QueueMissingError(f"SQS queue {queue_shown!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
+    if code in ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch"):
+        return ConfigError(f"SQS refused {what} ({code}: {message}); check the credentials and IAM permissions.")
+    return BrokerError(f"SQS failed {what} ({code}: {message}).")

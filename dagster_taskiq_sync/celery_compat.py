@@ -9,14 +9,15 @@ is generated from :data:`CONFIG_SOURCE_TABLE` and :data:`TRANSPORT_OPTIONS_TABLE
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from .credentials import check_role_arn, check_token_seconds
 from .errors import ConfigError
 from .messages import Keyring
-from .settings import DEFAULT_QUEUE, SQSSettings, Settings, redact_url
+from .settings import DEFAULT_QUEUE, Settings, SQSSettings, redact_url
 
 SUPPORTED_BROKERS = "'sqs://' (AWS defaults), 'sqs://host:port' (an endpoint such as a local one) or 'sqs://key:secret@host:port'"
 
@@ -360,7 +361,7 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
 def _note(settings: Settings, message: str) -> Settings:
     if message in settings.notes:
         return settings
-    return replace(settings, notes=settings.notes + (message,))
+    return replace(settings, notes=(*settings.notes, message))
 
 
 def _apply_table(

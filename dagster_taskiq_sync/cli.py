@@ -54,7 +54,7 @@ def worker() -> None:
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
 @click.option("-f", "--logfile", type=click.Path(dir_okay=False), help="Log file for --background (default ./dagster-taskiq-sync-worker-NAME.log).")
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval,  # type: ignore[no-untyped-def]
+def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval,
                  max_tasks_per_child, max_memory_per_child, signing_key_files, metrics_port, metrics_host,
                  scale_in_protection, app, background, logfile, celery_args) -> None:
     """Start a worker that runs the steps sent to its queues.
@@ -159,7 +159,7 @@ def _start_in_background(name, logfile) -> None:
     click.echo(f"worker started in the background: pid {proc.pid}, log {path}")
 
 
-def _registry():  # type: ignore[no-untyped-def]
+def _registry():
     """The worker registry in DAGSTER_HOME's instance (a ClickException saying how to set it)."""
     from .instance import InstanceOptions, open_home_instance
     from .registry import WorkerRegistry
@@ -232,8 +232,8 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
     Queues are encrypted at rest (SQS-managed keys, or --kms-key); the bucket gets default
     encryption and a lifecycle rule expiring offloaded payloads.
     """
-    from .bridge import Bridge
     from .admin import provision
+    from .bridge import Bridge
     from .broker_client import translate_error
 
     try:
@@ -244,7 +244,7 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
                 report = bridge.call(create, settings.sqs, extra, None if no_dead_letter else max_receive_count, timeout=60)
             except TaskiqSyncError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - translated below into one sentence
                 raise translate_error(exc, settings.sqs, "creating queues", None) from None
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
@@ -306,7 +306,7 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
         stats = bridge.call(queue_depths, settings.sqs, list(dict.fromkeys(names)), timeout=60)
     except TaskiqSyncError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the registry is optional for stats; say why it could not be read
         raise translate_error(exc, settings.sqs, "reading queue attributes", None) from None
     add_workers(stats, workers, prefetch_multiplier=settings.prefetch_multiplier,
                 config_concurrency=settings.worker_concurrency, target=target)
@@ -360,7 +360,7 @@ def queues_redrive(name, config_yaml, max_messages) -> None:
                 result = bridge.call(redrive, settings.sqs, name, max_messages, timeout=3600)
             except TaskiqSyncError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - translated below into one sentence
                 raise translate_error(exc, settings.sqs, f"redriving queue {name!r}", name) from None
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from dagster import DagsterRunStatus, executor, multiple_process_executor_requirements
 from dagster import _check as check
@@ -64,7 +65,7 @@ def observe_results(callback: Callable[[str, str, float], None]) -> None:
     config_schema=TASKIQ_CONFIG,
     requirements=multiple_process_executor_requirements(),
 )
-def taskiq_executor(init_context):  # type: ignore[no-untyped-def]  # Dagster's executor factory
+def taskiq_executor(init_context):  # Dagster's executor factory
     """Run each step as a message on SQS, executed by ``dagster-taskiq-sync worker start``.
 
     Accepts a ``celery_executor`` config block unchanged:
@@ -88,10 +89,10 @@ def taskiq_executor(init_context):  # type: ignore[no-untyped-def]  # Dagster's 
     if config_error is None and settings.always_eager:
         # Celery's task_always_eager runs tasks inline, without a broker; dagster-celery's eager
         # tests rely on it. Dagster's in-process executor is exactly that.
-        return InProcessExecutor(retries=RetryMode.from_config(config["retries"]))
+        return InProcessExecutor(retries=check.not_none(RetryMode.from_config(config["retries"])))
     return TaskiqExecutor(
         settings,
-        retries=RetryMode.from_config(config["retries"]),
+        retries=check.not_none(RetryMode.from_config(config["retries"])),
         max_concurrent=config.get("max_concurrent"),
         tag_concurrency_limits=config.get("tag_concurrency_limits"),
         config_error=config_error,
@@ -142,7 +143,7 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             # termination, asks each running step's worker to stop it, and ends the run CANCELED.
             self._canceled = True
 
-    def _pop_events(self, instance, run_id, seen_storage_ids):  # type: ignore[no-untyped-def]  # Dagster's signature
+    def _pop_events(self, instance, run_id, seen_storage_ids):  # Dagster's signature
         started = time.monotonic()
         events = super()._pop_events(instance, run_id, seen_storage_ids)
         if time.monotonic() - started > DB_SLOW_SECONDS:
@@ -155,7 +156,7 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                         observer(run_id, event.step_key, now)
         return events
 
-    def execute(self, plan_context, execution_plan):  # type: ignore[no-untyped-def, override]  # Dagster's signature
+    def execute(self, plan_context, execution_plan):  # Dagster's signature
         for note in self.settings.notes:
             plan_context.log.warning(note)
         install_step_sort_key()
@@ -244,7 +245,7 @@ class TaskiqStepHandler(StepHandler):
         self.report_sends(instance, run_id, raise_errors=False)
         try:  # bounded state: the run's step records are no use to anyone now
             LivenessStore(instance).forget(sender.sent_task_ids, run_id=run_id)
-        except Exception as exc:  # workers' sweep deletes them later
+        except Exception as exc:  # noqa: BLE001 - workers' sweep deletes them later
             log.warning("could not delete the step records of run %s: %s", run_id, exc)
 
     def _probe_writes(self, instance: Any) -> None:

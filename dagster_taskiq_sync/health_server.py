@@ -22,8 +22,9 @@ import errno
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .errors import ConfigError
 
@@ -41,7 +42,7 @@ class Renderer(Protocol):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck request thread must not keep the worker process alive
 
-    def __init__(self, address, handler, owner: "HealthServer") -> None:
+    def __init__(self, address, handler, owner: HealthServer) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.owner = owner
@@ -54,10 +55,10 @@ class _Handler(BaseHTTPRequestHandler):
     # thread outlives a scrape.
     server_version = "dagster-taskiq-sync"
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self._answer(send_body=True)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._answer(send_body=False)
 
     def _answer(self, send_body: bool) -> None:
@@ -82,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
         if send_body:
             self.wfile.write(body)
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's signature
+    def log_message(self, format: str, *args) -> None:
         # Probes arrive every few seconds; they are not worker news.
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -129,7 +130,7 @@ class HealthServer:
             return False, f"the check itself failed: {type(exc).__name__}: {exc}"
         return bool(ok), str(reason or ("ok" if ok else "not ok"))
 
-    def start(self) -> "HealthServer":
+    def start(self) -> HealthServer:
         """Bind now (so a bad port or host fails worker start with one sentence), then serve."""
         port_flag, host_flag = self._flags
         try:
@@ -172,7 +173,7 @@ class HealthServer:
             thread.join(timeout)
         self._thread = None
 
-    def __enter__(self) -> "HealthServer":
+    def __enter__(self) -> HealthServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

@@ -13,8 +13,9 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -37,7 +38,7 @@ class InstanceOptions:
     outage_timeout: float = 120.0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, outage_timeout: float = 120.0) -> "InstanceOptions":
+    def from_env(cls, env: Mapping[str, str] | None = None, outage_timeout: float = 120.0) -> InstanceOptions:
         value = (env if env is not None else os.environ).get(DB_POOL_ENV, "1").strip().lower()
         if value not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
             raise ConfigError(f"{DB_POOL_ENV}={value!r} must be 1 or 0; unset it to pool database connections.")
@@ -82,7 +83,7 @@ def open_home_instance(options: InstanceOptions | None = None, env: Mapping[str,
             instance = DagsterInstance.from_config(home)
     except ConfigError:
         raise
-    except Exception as exc:  # a broken dagster.yaml or an unreachable database
+    except Exception as exc:  # noqa: BLE001 - a broken dagster.yaml or an unreachable database
         raise ConfigError(
             f"the Dagster instance in DAGSTER_HOME={home!r} cannot be opened ({type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}); fix its dagster.yaml or start its database."
@@ -122,6 +123,6 @@ def pooled(instance: Any, options: InstanceOptions) -> Any:
         # statement_timeout 0: no timeout, as without pooling
         instance.optimize_for_webserver(statement_timeout=0, pool_recycle=1800, max_overflow=10)
         instance._dagster_taskiq_sync_pooled = True
-    except Exception as exc:  # an optimisation; never fail a step for it
+    except Exception as exc:  # noqa: BLE001 - an optimisation; never fail a step for it
         log.warning("could not pool database connections: %s", exc)
     return instance

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from dagster import Field, Noneable, Permissive, StringSource
 from dagster import _check as check
+
 from ._dagster_private import (
     CheckRunHealthResult,
     ConfigurableClass,
@@ -171,7 +173,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         return True
 
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
-        handle, record = self._record(run)
+        _handle, record = self._record(run)
         if record is None:
             return CheckRunHealthResult(WorkerStatus.UNKNOWN, "no launch of this run was recorded by TaskiqRunLauncher")
         if record.state == QUEUED:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Mapping
 
 KEY_PREFIX = "dagster-taskiq-sync"
 
@@ -78,7 +78,7 @@ class StepRecord:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})
 
     @classmethod
-    def from_json(cls, text: str) -> "StepRecord | None":
+    def from_json(cls, text: str) -> StepRecord | None:
         try:
             data = json.loads(text)
             if not isinstance(data, dict):

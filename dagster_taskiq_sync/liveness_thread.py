@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from dagster import DagsterRunStatus
 
+from .admission import CANCEL_STATUSES, STOP_STATUSES
 from .messages import TaskKind
 from .registry import WorkerRegistry
-from .admission import CANCEL_STATUSES, STOP_STATUSES
 from .request import Request, WorkerContext
 from .worker_threads import GuardedThread
 
@@ -57,7 +57,7 @@ class LivenessThread(GuardedThread):
                     next_sweep = time.monotonic() + SWEEP_INTERVAL
                     self._sweep()
                 self._last_error = None
-            except Exception as exc:  # keep watching whatever happens (a database blip, say)
+            except Exception as exc:  # noqa: BLE001 - keep watching whatever happens (a database blip, say)
                 text = f"{type(exc).__name__}: {exc}"
                 if text != self._last_error:
                     log.warning("worker %s: liveness check failed: %s", self._context.name, text)

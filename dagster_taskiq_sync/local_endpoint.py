@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import ConfigError
 
@@ -60,7 +60,7 @@ class LocalEndpoint:
         """The Celery-style broker URL for this endpoint."""
         return f"sqs://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> "LocalEndpoint":
+    def start(self, timeout: float = 20.0) -> LocalEndpoint:
         try:
             import moto.server  # noqa: F401
         except ImportError:
@@ -103,7 +103,7 @@ class LocalEndpoint:
         req = urllib.request.Request(self.url + "/moto-api/reset", method="POST")
         urllib.request.urlopen(req, timeout=5).close()
 
-    def __enter__(self) -> "LocalEndpoint":
+    def __enter__(self) -> LocalEndpoint:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -25,9 +25,10 @@ import hashlib
 import hmac
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 MESSAGE_VERSION = 2
 
@@ -247,7 +248,7 @@ def _check_known_state(text: str, step_key: str, attempt: int) -> None:
 
     try:
         state = deserialize_value(text, KnownExecutionState)
-    except Exception as exc:  # serdes raises many types; all mean the same here
+    except Exception as exc:  # noqa: BLE001 - serdes raises many types; all mean the same here
         raise MalformedMessage(f"the message's known_state is not a Dagster execution state ({type(exc).__name__})") from None
     previous = state.get_retry_state().get_attempt_count(step_key)
     if previous + 1 != attempt:
@@ -347,7 +348,7 @@ class Keyring:
     previous: tuple[bytes, ...] = ()
 
     @classmethod
-    def from_secrets(cls, current: str | None, previous: tuple[str, ...] = (), setting: str = "signing_key") -> "Keyring":
+    def from_secrets(cls, current: str | None, previous: tuple[str, ...] = (), setting: str = "signing_key") -> Keyring:
         from .errors import ConfigError
 
         for name, secret in [(setting, current), *((f"previous_{setting}s", p) for p in previous)]:

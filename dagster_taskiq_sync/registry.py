@@ -57,7 +57,7 @@ class WorkerRecord:
         return self.state != "stopped" and lost_for(self.ts, self.heartbeat_interval, 5.0, now) is None
 
     @classmethod
-    def from_json(cls, text: str) -> "WorkerRecord | None":
+    def from_json(cls, text: str) -> WorkerRecord | None:
         try:
             data = json.loads(text)
             if not isinstance(data, dict):
@@ -93,7 +93,7 @@ class WorkerRegistry:
             if worker.name in names:
                 self._set(INDEX_KEY, json.dumps([n for n in names if n != worker.name]))
         elif worker.name not in names:
-            self._set(INDEX_KEY, json.dumps(names + [worker.name]))
+            self._set(INDEX_KEY, json.dumps([*names, worker.name]))
 
     def workers(self) -> list[WorkerRecord]:
         names = self._index()

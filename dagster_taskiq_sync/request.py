@@ -22,21 +22,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from dagster import DagsterRunStatus
 
+from .admission import DROP_RULES, Outcome, Verdict
 from .broker import Delivery
 from .broker_client import BrokerClient
-from .admission import DROP_RULES, Outcome, Verdict
 from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, LivenessStore, StepRecord
 from .messages import (
     MalformedMessage,
     Message,
-    SignatureError,
     RunMessage,
     S3Pointer,
+    SignatureError,
     StepMessage,
     TaskKind,
     check_payload,
@@ -65,17 +66,17 @@ class RunningRequests:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._requests: dict[int, "Request"] = {}
+        self._requests: dict[int, Request] = {}
 
-    def add(self, request: "Request") -> None:
+    def add(self, request: Request) -> None:
         with self._lock:
             self._requests[id(request)] = request
 
-    def remove(self, request: "Request") -> None:
+    def remove(self, request: Request) -> None:
         with self._lock:
             self._requests.pop(id(request), None)
 
-    def list(self) -> list["Request"]:
+    def list(self) -> list[Request]:
         with self._lock:
             return list(self._requests.values())
 
@@ -331,7 +332,7 @@ class Request:
                 # A run process stopped on a terminate normally ends its run CANCELED itself; if it
                 # was killed before it could, say so here rather than leave the run CANCELING.
                 instance.report_run_canceled(run, message=f"Run process stopped by worker {self.worker.name}: {self.kill_reason}.")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed run update must not stop the message from settling
             log.warning("worker %s: could not read or update run %s: %s", self.worker.name, run_id, exc)
         self._finish_record(code, reason)
 
@@ -339,7 +340,7 @@ class Request:
         self.record = record
         try:
             self.worker.store.write(self.handle_id, record)
-        except Exception as exc:  # liveness must not take the step down
+        except Exception as exc:  # noqa: BLE001 - liveness must not take the step down
             log.warning("worker %s: could not record liveness of %s: %s", self.worker.name, self.label, exc)
 
     # --- settling ------------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ class Request:
                 self._release(verdict)
             else:
                 self._dead_letter(verdict)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - settling must never raise; the message reappears after its visibility timeout
             # Not fatal: the message reappears after its visibility timeout, and a step attempt
             # that already ran is dropped then without running user code again.
             log.warning("worker %s: could not settle %s (%s) on queue %s: %s", self.worker.name, self.label,
@@ -370,15 +371,17 @@ class Request:
                         d.message_id, d.receive_count, verdict.why)
             if " already " in verdict.why:
                 self.worker.metrics.step_dropped_duplicate(d.queue)
-            if "(lost)" in verdict.why and self.run is not None and isinstance(self.message, StepMessage):
-                self._explain_lost_attempt(verdict.why)
+            # A first delivery of a started attempt is a re-send (a resumed run), not SQS delivering
+            # twice: say in the run's own log why it does not run.
+            if verdict.resent_started and d.receive_count == 1 and self.run is not None:
+                self._explain_resent_attempt(verdict.why)
             if isinstance(self.message, RunMessage) and self.run is not None and self.run.status == DagsterRunStatus.CANCELING:
                 self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")
         elif verdict.outcome is Outcome.RELEASE and verdict.why:
             log.info("worker %s: releasing message %s back to queue %s (%s)", name, d.message_id, d.queue, verdict.why)
 
-    def _explain_lost_attempt(self, why: str) -> None:
-        """A resumed run re-sent a step attempt whose worker was lost: say in the run's own log why
+    def _explain_resent_attempt(self, why: str) -> None:
+        """A resumed run re-sent a step attempt that already started: say in the run's own log why
         it does not run again, instead of only in this worker's log."""
         assert isinstance(self.message, StepMessage)
         self.worker.instance.report_engine_event(
@@ -402,7 +405,7 @@ class Request:
                 self.message = self._open()
             if self.run is None:
                 self.run = self.worker.instance.get_run_by_id(self.message.run_id)
-        except Exception as exc:  # unreadable or unverifiable: nothing to record on its behalf
+        except Exception as exc:  # noqa: BLE001 - unreadable or unverifiable: nothing to record on its behalf
             log.debug("worker %s: not recording the final delivery of %s: %s", self.worker.name, self.label, exc)
             return
         if isinstance(self.message, StepMessage) and self.run is not None:

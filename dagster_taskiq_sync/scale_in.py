@@ -43,7 +43,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 from .errors import ConfigError
 
@@ -75,7 +75,7 @@ class ScaleInProtector:
 
     name = "none"
 
-    def start(self) -> "ScaleInProtector":
+    def start(self) -> ScaleInProtector:
         return self
 
     def set_busy(self, busy: bool) -> None:
@@ -113,7 +113,7 @@ class _BackgroundProtector(ScaleInProtector):
 
     # --- what the worker calls -----------------------------------------------------------
 
-    def start(self) -> "ScaleInProtector":
+    def start(self) -> ScaleInProtector:
         self._thread = threading.Thread(target=self._run, name=f"scale-in-protection:{self.name}", daemon=True)
         self._thread.start()
         return self

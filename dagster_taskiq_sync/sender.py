@@ -18,8 +18,9 @@ import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .broker import BATCH_ENTRIES, Outgoing, SendResult
 from .broker_client import BrokerClient
@@ -29,10 +30,10 @@ from .liveness import QUEUED, LivenessStore, StepRecord
 log = logging.getLogger("dagster_taskiq_sync.sender")
 SEND_CONCURRENCY = 4  # batches in flight at once when many steps become ready together
 
-_observers: list[Callable[["PendingSend", float], None]] = []
+_observers: list[Callable[[PendingSend, float], None]] = []
 
 
-def observe_sends(callback: Callable[["PendingSend", float], None]) -> None:
+def observe_sends(callback: Callable[[PendingSend, float], None]) -> None:
     """Call ``callback(item, wall_time)`` in the sender thread once each step is on its queue."""
     _observers.append(callback)
 
@@ -113,7 +114,7 @@ class StepSender:
                 self._busy = True
             try:
                 self._send(batch)
-            except Exception as exc:  # never let the sender thread die with steps pending
+            except Exception as exc:  # noqa: BLE001 - never let the sender thread die with steps pending
                 self._fail(batch, TaskiqSyncError(f"{type(exc).__name__}: {exc}"))
             finally:
                 with self._cond:
@@ -140,7 +141,7 @@ class StepSender:
         if sent:
             try:
                 self._store.write_queued({item.task_id: StepRecord(QUEUED, queue=item.queue) for item in sent})
-            except Exception as exc:  # the steps are sent; only queued-age warnings suffer
+            except Exception as exc:  # noqa: BLE001 - the steps are sent; only queued-age warnings suffer
                 log.warning("could not record %d queued step(s): %s", len(sent), exc)
 
     def _send_chunk(self, chunk: list[PendingSend]) -> list[SendResult]:
@@ -150,7 +151,7 @@ class StepSender:
     def _settle(self, chunk: list[PendingSend], results: list[SendResult]) -> list[PendingSend]:
         sent = []
         now = time.time()
-        for item, result in zip(chunk, results):
+        for item, result in zip(chunk, results, strict=True):
             if result.error is not None:
                 self._fail([item], result.error)
                 continue

@@ -10,8 +10,9 @@ the credential chain) when a client is created.
 from __future__ import annotations
 
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .messages import Keyring
@@ -131,5 +132,5 @@ class Settings:
                 "--signing-key-file), or remove those keys to send unsigned messages."
             )
 
-    def with_sqs(self, **changes: Any) -> "Settings":
+    def with_sqs(self, **changes: Any) -> Settings:
         return replace(self, sqs=replace(self.sqs, **changes))

@@ -26,7 +26,7 @@ class SignalInbox:
         os.set_blocking(self._wfd, False)
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> "SignalInbox":
+    def install(self) -> SignalInbox:
         for signum in self._signals:
             self._previous[signum] = signal.signal(signum, self._handler)
         return self

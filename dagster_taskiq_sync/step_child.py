@@ -24,7 +24,6 @@ import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .instance import InstanceOptions, instance_from_ref
 from ._dagster_private import (
     DagsterExecutionStepNotFoundError,
     EngineEventData,
@@ -43,6 +42,7 @@ from ._dagster_private import (
     serializable_error_info_from_exc_info,
     step_worker_details,
 )
+from .instance import InstanceOptions, instance_from_ref
 
 WARM = "warm"  # a step child message asking it to load a run's job ahead of its steps
 PICKED_UP_KEY = "picked_up_by"  # metadata key of the event saying which worker took a message
@@ -150,7 +150,7 @@ def _load_job_or_raise(instance: Any, run: Any, what: str, pickup: Pickup) -> An
         recon = _recon_job(run)
         recon.get_definition()
         return recon
-    except Exception:  # user code failing to import
+    except Exception:  # noqa: BLE001 - user code failing to import
         error = serializable_error_info_from_exc_info(sys.exc_info())
         instance.report_engine_event(
             f"{what} cannot run on worker {pickup.worker}: its job could not be loaded "
@@ -260,7 +260,7 @@ def _serve_one(task: StepTask, state: _StepChildState, profile_dir: str | None) 
         return "ok", None
     except CannotRun as exc:
         return "cannot_run", exc.reason
-    except BaseException:  # anything outside the step's own error handling, SystemExit included
+    except BaseException:  # noqa: BLE001 - anything outside the step's own error handling, SystemExit included
         traceback.print_exc()
         return "error", None
 
@@ -298,7 +298,7 @@ def _warm(run_id: str, state: _StepChildState) -> None:
         run = state.instance.get_run_by_id(run_id)
         if run is not None and run.job_code_origin is not None:
             _retry_mode(state, run, _recon_job(run))
-    except Exception:  # the step that follows reports whatever this was
+    except Exception:  # noqa: BLE001 - the step that follows reports whatever this was
         pass
 
 

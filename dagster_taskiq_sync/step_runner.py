@@ -25,9 +25,10 @@ import multiprocessing.connection as mp_connection
 import os
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 from ._dagster_private import OPTIONAL_PRELOAD_MODULES, PRELOAD_MODULES
 from .instance import InstanceOptions
@@ -142,7 +143,7 @@ class StepRunner:
     def __init__(self, instance_ref: str, instance_options: InstanceOptions, preload: Sequence[str] = (),
                  max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
                  on_recycle: Callable[[str], None] | None = None) -> None:
-        self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")  # type: ignore[assignment]  # asked for by name
+        self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")
         optional = [m for m in OPTIONAL_PRELOAD_MODULES if importlib.util.find_spec(m) is not None]
         self._ctx.set_forkserver_preload(["dagster_taskiq_sync.step_child", *PRELOAD_MODULES, *optional, *preload])
         self._instance_ref = instance_ref
@@ -162,7 +163,7 @@ class StepRunner:
         with self._lock:
             self._idle.extend(started)
 
-    def start_step(self, task: StepTask) -> "StepAttempt":
+    def start_step(self, task: StepTask) -> StepAttempt:
         """Run one step in an idle step child.
 
         The first step of a run seen by this worker also asks the other idle children to load the

@@ -32,25 +32,26 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ._dagster_private import serialize_value
 from .bridge import Bridge
 from .broker import Delivery
 from .broker_client import BrokerClient
 from .capacity import Capacity
+from .health_server import HealthServer
 from .instance import InstanceOptions, open_home_instance, prepared
 from .liveness import LivenessStore
+from .liveness_thread import LivenessThread
+from .metrics import NullMetrics, WorkerMetrics
 from .registry import WorkerRecord, WorkerRegistry
-from .request import WorkerContext, Outcome, Request
+from .request import Outcome, Request, WorkerContext
+from .scale_in import protector_from_flag
 from .signals import SignalInbox
 from .step_runner import StepRunner
 from .worker_config import WorkerConfig
 from .worker_threads import Acker, ConsumerThread, GuardedThread, VisibilityThread, WorkerThread
-from .health_server import HealthServer
-from .liveness_thread import LivenessThread
-from .metrics import NullMetrics, WorkerMetrics
-from .scale_in import protector_from_flag
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
 
@@ -81,7 +82,7 @@ class Worker:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         settings, config = self.settings, self.config
         # Probes first (a Kubernetes startup probe may already ask while step children warm up);
         # a port in use or a platform without scale-in protection fails here, before anything else.
@@ -151,7 +152,7 @@ class Worker:
         if self.health is not None:
             log.info("worker %s: metrics and probes at %s/metrics, /livez, /readyz", self.name, self.health.url)
 
-    def __enter__(self) -> "Worker":
+    def __enter__(self) -> Worker:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -164,7 +165,9 @@ class Worker:
         try:
             self.start()
             while True:
-                seen = inbox.wait(1.0) if inbox else (time.sleep(1.0) or [])
+                seen: list[int] = inbox.wait(1.0) if inbox else []
+                if inbox is None:
+                    time.sleep(1.0)
                 if seen:
                     log.info("worker %s: %s received; finishing running steps (up to %.0f s), send it again to stop now",
                              self.name, _signal_name(seen[0]), self.config.shutdown_timeout)
@@ -199,8 +202,10 @@ class Worker:
         if running:
             log.info("worker %s: waiting up to %.0f s for %d running step(s): %s", self.name, timeout, len(running),
                      ", ".join(running))
-        for thread in workers + consumers:
-            thread.done.set()
+        for worker_thread in workers:
+            worker_thread.done.set()
+        for consumer in consumers:
+            consumer.done.set()
         self._join(workers, deadline, second_signal)
         if any(t.is_alive() for t in workers):
             self.kill_running("the shutdown deadline passed")
@@ -210,7 +215,8 @@ class Worker:
         self._release_waiting()
         for thread in self._threads:
             thread.done.set()
-        self._join([t for t in self._threads if t not in workers + consumers], self._clock() + 10, None)
+        helpers = [t for t in self._threads if not isinstance(t, (WorkerThread, ConsumerThread))]
+        self._join(helpers, self._clock() + 10, None)
         self.client.stop()
         self._bridge.stop()
         self.runner.close()
@@ -220,7 +226,8 @@ class Worker:
             self.health.stop()
         log.info("worker %s stopped after running %d step(s)", self.name, self.steps_done)
 
-    def _join(self, threads: list[GuardedThread], deadline: float, second_signal: Callable[[], list[int]] | None) -> None:
+    def _join(self, threads: Sequence[GuardedThread], deadline: float,
+              second_signal: Callable[[], list[int]] | None) -> None:
         for thread in threads:
             while thread.is_alive() and self._clock() < deadline:
                 thread.join(min(0.2, max(0.0, deadline - self._clock())))
@@ -308,7 +315,7 @@ class Worker:
             Request(delivery, self.context).mark_final_delivery()
         try:
             self.client.change_visibility(deliveries, 0)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - releasing is best effort; unreleased messages reappear after their visibility timeout
             log.warning("worker %s: could not release %d message(s): %s", self.name, len(deliveries), exc)
         self.capacity.release(len(deliveries))
 
@@ -344,7 +351,7 @@ class Worker:
                 heartbeat_interval=self.settings.heartbeat_interval,
                 signing_required=self.settings.keyring.verifies,
             ))
-        except Exception as exc:  # the registry is for humans; never stop work for it
+        except Exception as exc:  # noqa: BLE001 - the registry is for humans; never stop work for it
             log.warning("worker %s: could not update the worker registry: %s", self.name, exc)
 
     def _check_terminate(self) -> None:

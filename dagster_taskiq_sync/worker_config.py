@@ -12,8 +12,9 @@ import importlib
 import os
 import socket
 import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .errors import ConfigError
 from .messages import Keyring
@@ -53,13 +54,14 @@ def settings_from_yaml(config_yaml: str | None) -> Settings:
 
     block = load_executor_config(config_yaml)
     config_type = taskiq_executor.config_schema.config_type
+    assert config_type is not None  # taskiq_executor declares a schema
     result = validate_config(config_type, block)
     if not result.success:
-        problems = "; ".join(e.message for e in result.errors)
+        problems = "; ".join(e.message for e in result.errors or ())
         raise ConfigError(f"--config-yaml {config_yaml!r}: the execution config is invalid: {problems}")
     processed = post_process_config(config_type, block)
     if not processed.success:
-        problems = "; ".join(e.message for e in processed.errors)
+        problems = "; ".join(e.message for e in processed.errors or ())
         raise ConfigError(f"--config-yaml {config_yaml!r}: {problems}")
     return settings_from_executor_config(processed.value)
 
@@ -112,7 +114,7 @@ class WorkerConfig:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         scale_in_protection: str | None = None,
-    ) -> "WorkerConfig":
+    ) -> WorkerConfig:
         """The same configuration ``worker start`` builds from ``-y`` and its flags."""
         settings = settings_from_yaml(config_yaml)
         changes: dict[str, Any] = {

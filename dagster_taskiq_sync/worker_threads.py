@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import queue as queue_mod
 import threading
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from .broker import Delivery
 from .broker_client import BrokerClient
@@ -96,7 +97,7 @@ class ConsumerThread(GuardedThread):
 class WorkerThread(GuardedThread):
     """Runs one message's life at a time (``handle`` never raises; settling is its job)."""
 
-    def __init__(self, index: int, inbox: "queue_mod.Queue[Delivery]", handle: Callable[[Delivery], Any],
+    def __init__(self, index: int, inbox: queue_mod.Queue[Delivery], handle: Callable[[Delivery], Any],
                  on_death: Callable[[str], None]) -> None:
         super().__init__(f"worker-thread:{index}", on_death)
         self._inbox, self._handle = inbox, handle
@@ -143,7 +144,7 @@ class Acker(GuardedThread):
                  on_settled: Callable[[Delivery], None]) -> None:
         super().__init__("acker", on_death)
         self._client, self._on_settled = client, on_settled
-        self._pending: "queue_mod.Queue[tuple[Delivery, S3Pointer | None]]" = queue_mod.Queue()
+        self._pending: queue_mod.Queue[tuple[Delivery, S3Pointer | None]] = queue_mod.Queue()
 
     def delete(self, delivery: Delivery, pointer: S3Pointer | None = None) -> None:
         self._pending.put((delivery, pointer))

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import boto3
 
@@ -31,7 +31,7 @@ class WorkerProcess:
         self.command = [CLI, "worker", "start", "-y", str(config), "-n", name, *args]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
-                                     cwd=cwd, preexec_fn=preexec_fn)  # noqa: PLW1509 - e.g. PR_SET_PDEATHSIG
+                                     cwd=cwd, preexec_fn=preexec_fn)
 
     @property
     def pid(self) -> int:
@@ -44,7 +44,7 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 60.0) -> "WorkerProcess":
+    def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if " ready: " in self.log():
@@ -105,7 +105,7 @@ class BackgroundRun:
         def target():
             try:
                 self.result = execute_job(reconstructable(job_fn), instance=instance, run_config=run_config, raise_on_error=False)
-            except BaseException as exc:  # noqa: BLE001 - surfaced by wait()
+            except BaseException as exc:
                 self.error = exc
 
         self.thread = threading.Thread(target=target, daemon=True)

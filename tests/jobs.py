@@ -6,10 +6,20 @@ import pickle
 import time
 from pathlib import Path
 
-from dagster import Config, ConfigurableIOManager, Definitions, in_process_executor, DynamicOut, DynamicOutput, RetryPolicy, job, mem_io_manager, op
+from dagster import (
+    Config,
+    ConfigurableIOManager,
+    Definitions,
+    DynamicOut,
+    DynamicOutput,
+    RetryPolicy,
+    in_process_executor,
+    job,
+    mem_io_manager,
+    op,
+)
 
 from dagster_taskiq_sync import taskiq_executor
-
 
 
 @op

@@ -88,7 +88,7 @@ class Pause(threading.Thread):
             time.sleep(self.seconds)
             self.cluster.start()
             self.started.set()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by wait() in the test's thread
+        except BaseException as exc:
             self.error = exc
             self.stopped.set()
 
@@ -170,7 +170,7 @@ class PostgresCluster:
                  "-k", str(self.data), "-c", "fsync=off", "-c", "synchronous_commit=off",
                  "-c", "full_page_writes=off", "-c", "max_connections=200"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=self.user,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - PDEATHSIG must be set in the child
+                preexec_fn=_die_with_parent,
             )
 
     def _wait_ready(self, timeout: float) -> None:
@@ -216,7 +216,7 @@ class PostgresCluster:
         self._spawner.shutdown(wait=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PostgresCluster:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> PostgresCluster:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

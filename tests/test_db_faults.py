@@ -276,7 +276,7 @@ def test_an_event_written_while_the_server_is_stopped_is_stored_once_after_it_re
     def write() -> None:
         try:
             pg_instance.report_engine_event("written during the outage", run)
-        except BaseException as exc:  # noqa: BLE001 - asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     pg.stop()
@@ -397,7 +397,7 @@ def write_in_thread(fn):
     def target():
         try:
             fn()
-        except BaseException as exc:  # noqa: BLE001 - asserted by the caller
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=target)
@@ -479,7 +479,7 @@ def test_an_in_process_run_rides_out_an_eight_second_stop_with_every_event_store
     def run() -> None:
         try:
             outcome["result"] = execute_job(reconstructable(slow_chain), instance=pg_instance, raise_on_error=False)
-        except BaseException as exc:  # noqa: BLE001 - asserted below
+        except BaseException as exc:
             outcome["error"] = exc
 
     with caplog.at_level(logging.WARNING, logger=RETRY_LOG):

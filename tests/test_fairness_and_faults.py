@@ -78,7 +78,7 @@ def test_a_worker_on_two_queues_serves_the_idle_one_within_one_long_poll(endpoin
 
 
 def test_backlogs_on_three_queues_drain_interleaved(endpoint, instance, dagster_home, tmp_path):
-    config, path = make_config(endpoint, tmp_path, "fair_q1", "fair_q2", "fair_q3")
+    _config, path = make_config(endpoint, tmp_path, "fair_q1", "fair_q2", "fair_q3")
     # Three orchestrators at once, as three `dagster job execute` processes (Dagster's logging set-up
     # is not safe for concurrent runs in one process's threads).
     runs = [subprocess.Popen([str(Path(CLI).parent / "dagster"), "job", "execute", "-f", str(ROOT / "tests" / "jobs.py"),

@@ -30,15 +30,21 @@ import yaml
 from botocore.exceptions import ClientError
 
 from dagster_taskiq_sync import iam
-from dagster_taskiq_sync.bridge import Bridge
 from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
+from dagster_taskiq_sync.bridge import Bridge
 from dagster_taskiq_sync.broker import DEAD_LETTER_REASON_ATTRIBUTE, Delivery, Outgoing
 from dagster_taskiq_sync.broker_client import BrokerClient
 from dagster_taskiq_sync.celery_compat import settings_from_executor_config
 from dagster_taskiq_sync.credentials import RoleCredentials, refresh_windows
 from dagster_taskiq_sync.local_endpoint import LocalEndpoint
 from dagster_taskiq_sync.messages import (
-    MalformedMessage, RunMessage, StepMessage, TaskKind, check_payload, decode_pointer, encode,
+    MalformedMessage,
+    RunMessage,
+    StepMessage,
+    TaskKind,
+    check_payload,
+    decode_pointer,
+    encode,
 )
 from dagster_taskiq_sync.run_report import step_reports
 
@@ -156,7 +162,7 @@ def step(name: str, fn):
         return fn()
     except Denied:
         raise
-    except Exception as exc:  # noqa: BLE001 - any failure of the call is what we look for
+    except Exception as exc:
         raise Denied(name, " <- ".join(_chain(exc))) from exc
 
 
@@ -262,7 +268,7 @@ def seed_worker_messages(enforcing: Enforcing, queue: str) -> Seeded:
     bodies = [encode(plain, queue), encode(big, queue), json.dumps({"not": "a step", "id": uuid.uuid4().hex}).encode()]
     ids = [plain.handle, big.handle, f"poison-{uuid.uuid4().hex}"]
     with Bridge() as bridge, BrokerClient(settings, bridge, [queue]) as client:
-        results = client.send_many([Outgoing(queue, i, b) for i, b in zip(ids, bodies)])
+        results = client.send_many([Outgoing(queue, i, b) for i, b in zip(ids, bodies, strict=True)])
     assert [r.error for r in results] == [None] * 3, results
     assert [bool(r.offloaded_to) for r in results] == [False, True, False], results
     return Seeded(bodies[0], bodies[1], f"{PREFIX}/{big.handle}.json", bodies[2])

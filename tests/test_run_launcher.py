@@ -232,3 +232,38 @@ def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_ho
     assert [line.split()[0] for line in marker_lines(markers, "first_part")] == ["start", "end"]
     assert [line.split()[0] for line in marker_lines(markers, "second_part")] == ["start", "end"]
     wait_for(lambda: queue_counts(endpoint.url, "runs") == (0, 0), timeout=20, what="queue runs to drain")
+
+
+@pytest.mark.slow
+def test_a_resumed_run_says_why_its_lost_step_is_not_run_again(launcher_home, launcher_instance, run_worker,
+                                                               executor_config, tmp_path, endpoint):
+    # Given a launched run whose second step runs on a step worker
+    markers = tmp_path / "m"
+    markers.mkdir()
+    first = run_worker("orchestrating")
+    env = os.environ | {"DAGSTER_HOME": str(launcher_home)}
+    doomed = WorkerProcess(launcher_home / "runs.yaml", "doomed-steps", tmp_path,
+                           ["-q", "launched-steps", "-c", "1", "--heartbeat-interval", "0.5"], env=env).wait_ready()
+    ops = {name: {"config": {"marker_dir": str(markers), "sleep": sleep}}
+           for name, sleep in (("first_part", 0.1), ("second_part", 60))}
+    config = {**steps_config(executor_config), "worker_lost_timeout": 5, "health_check_interval": 1}
+    run_id = launch(launcher_home, launcher_instance, "resumable", {"execution": {"config": config}, "ops": ops},
+                    tmp_path)
+    wait_for(lambda: marker_lines(markers, "second_part"), timeout=60, what="the second step to start")
+    # When both the run's worker and the step's worker die, and new workers come
+    os.kill(doomed.pid, signal.SIGKILL)
+    os.kill(first.pid, signal.SIGKILL)
+    run_worker("resuming")
+    replacement = WorkerProcess(launcher_home / "runs.yaml", "replacement-steps", tmp_path,
+                                ["-q", "launched-steps", "-c", "1"], env=env).wait_ready()
+    try:
+        # Then run monitoring resumes the run, which re-sends the lost step attempt; the worker does not
+        # run it again and says so in the run's own log, naming the step and why
+        run = monitor_until_finished(launcher_instance, run_id, timeout=120)
+        text = messages(launcher_instance, run_id)
+        assert "Resuming run" in text
+        assert "Step second_part is not run again" in text and "(lost)" in text
+        assert run.status == DagsterRunStatus.FAILURE
+        assert [line.split()[0] for line in marker_lines(markers, "second_part")] == ["start"]  # never twice
+    finally:
+        assert replacement.stop() == 0

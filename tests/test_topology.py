@@ -29,7 +29,6 @@ from types import SimpleNamespace
 import boto3
 import pytest
 import yaml
-
 from dagster import DagsterEventType, DagsterInstance
 
 from dagster_taskiq_sync.local_endpoint import free_port

@@ -11,9 +11,6 @@ from types import SimpleNamespace
 import pytest
 from dagster import DagsterRunStatus
 
-from dagster_taskiq_sync.capacity import Capacity
-from dagster_taskiq_sync.liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
-from dagster_taskiq_sync.messages import RunMessage, StepMessage, TaskKind
 from dagster_taskiq_sync.admission import (
     DROP_RULES,
     Outcome,
@@ -23,6 +20,9 @@ from dagster_taskiq_sync.admission import (
     run_is_over,
     run_missing,
 )
+from dagster_taskiq_sync.capacity import Capacity
+from dagster_taskiq_sync.liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
+from dagster_taskiq_sync.messages import RunMessage, StepMessage, TaskKind
 from dagster_taskiq_sync.request import RUN_INTERRUPT_GRACE, Request
 from dagster_taskiq_sync.settings import Settings
 

@@ -16,8 +16,9 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from .postgres import _die_with_parent
 
@@ -33,7 +34,7 @@ class Service:
         with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen([str(c) for c in command], stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=dict(env), cwd=cwd,
-                                         preexec_fn=die_with_parent)  # noqa: PLW1509 - PDEATHSIG is per child
+                                         preexec_fn=die_with_parent)
 
     def log(self, lines: int = 60) -> str:
         try:
