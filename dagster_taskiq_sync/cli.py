@@ -171,10 +171,22 @@ def _registry():
 
 
 @worker.command("list")
-@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Accepted for dagster-celery scripts; the registry is DAGSTER_HOME's instance.")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML: its lost_worker_expiry applies (the registry is DAGSTER_HOME's instance).")
 def worker_list(config_yaml) -> None:
-    """List the workers registered in DAGSTER_HOME's instance, with their running steps."""
-    rows = _registry().workers()
+    """List the workers registered in DAGSTER_HOME's instance, with their running steps.
+
+    Workers that stopped heartbeating (killed, node lost) show as `lost?`, and leave the list
+    lost_worker_expiry seconds (default 3600) after their last heartbeat.
+    """
+    from .settings import Settings
+
+    try:
+        expiry = settings_from_yaml(config_yaml).lost_worker_expiry if config_yaml else Settings().lost_worker_expiry
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    registry = _registry()
+    registry.prune(expiry)
+    rows = registry.workers()
     if not rows:
         click.echo("no workers registered")
         return

@@ -237,3 +237,27 @@ def test_backlogs_on_three_queues_are_taken_in_turns():
                 break
         capacity.release(1)
     assert order == ["a", "b", "c"] * 3
+
+
+# --- bounded state: the registry and liveness records expire ---------------------------------------------
+
+
+def test_lost_workers_leave_the_registry_and_stale_records_are_swept(tmp_path):
+    from dagster import DagsterInstance
+
+    from dagster_taskiq_sync.liveness import QUEUED, LivenessStore, StepRecord
+    from dagster_taskiq_sync.registry import WorkerRecord, WorkerRegistry
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        registry, store = WorkerRegistry(instance), LivenessStore(instance)
+        now = time.time()
+        registry.record(WorkerRecord("alive@h", "h", 1, ["q"], 2, ts=now))
+        registry.record(WorkerRecord("killed@h", "h", 2, ["q"], 2, ts=now - 7200))
+        assert registry.prune(3600, now=now) == ["killed@h"]
+        assert [r.name for r in registry.workers()] == ["alive@h"]
+        store.write_queued({"fresh": StepRecord(QUEUED, ts=now), "old": StepRecord(QUEUED, ts=now - 90000)})
+        store.request_cancel("old-cancel", "terminated")
+        assert store.sweep(86400, now=now + 1) == 1  # only the record nobody updated for a day
+        assert set(store.read(["fresh", "old"])) == {"fresh"}
+        assert store.forget(["fresh"], run_id="r") == 1
