@@ -19,7 +19,8 @@ from dagster import DagsterRunStatus
 from .admission import CANCEL_STATUSES, STOP_STATUSES
 from .messages import TaskKind
 from .registry import WorkerRegistry
-from .request import Request, WorkerContext
+from .request import Request
+from .worker_context import WorkerContext
 from .worker_threads import GuardedThread
 
 log = logging.getLogger("dagster_taskiq_sync.worker")

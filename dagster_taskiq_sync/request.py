@@ -20,18 +20,16 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from dagster import DagsterRunStatus
 
 from .admission import DROP_RULES, Outcome, Verdict
 from .broker import Delivery
-from .broker_client import BrokerClient
-from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, LivenessStore, StepRecord
+from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, StepRecord
 from .messages import (
     MalformedMessage,
     Message,
@@ -45,11 +43,10 @@ from .messages import (
     decode_pointer,
     queue_label,
 )
-from .metrics import NullMetrics
-from .settings import Settings
 from .step_child import Pickup, StepTask
-from .step_runner import ChildHandle, StepRunner
+from .step_runner import ChildHandle
 from .transient import is_transient
+from .worker_context import WorkerContext
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
 
@@ -59,50 +56,6 @@ RETRY_BACKOFF_MAX = 30.0
 ERROR_VISIBILITY_MAX = 900  # seconds: a message that broke this worker's own code comes back slower each time
 class Stopping(Exception):
     """The worker is stopping while this message waited on infrastructure: release it."""
-
-
-class RunningRequests:
-    """The requests whose children are running (the liveness thread heartbeats and cancels them)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests: dict[int, Request] = {}
-
-    def add(self, request: Request) -> None:
-        with self._lock:
-            self._requests[id(request)] = request
-
-    def remove(self, request: Request) -> None:
-        with self._lock:
-            self._requests.pop(id(request), None)
-
-    def list(self) -> list[Request]:
-        with self._lock:
-            return list(self._requests.values())
-
-
-@dataclass
-class WorkerContext:
-    """The collaborators one message's life uses, and nothing else of the worker."""
-
-    name: str
-    host: str
-    pid: int
-    settings: Settings
-    client: BrokerClient
-    instance: Any
-    store: LivenessStore
-    runner: StepRunner
-    acks: Any  # worker_threads.Acker: delete(delivery, pointer)
-    stopping: threading.Event
-    killing: threading.Event
-    running: RunningRequests = field(default_factory=RunningRequests)
-    metrics: Any = field(default_factory=NullMetrics)  # metrics.WorkerMetrics when --metrics-port is given
-    clock: Callable[[], float] = time.monotonic
-    on_done: Callable[[], None] = lambda: None
-
-    def count_done(self) -> None:
-        self.on_done()
 
 
 class Request:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._dagster_private import serialize_value
+from .admission import Outcome
 from .bridge import Bridge
 from .broker import Delivery
 from .broker_client import BrokerClient
@@ -46,11 +47,12 @@ from .liveness import LivenessStore
 from .liveness_thread import LivenessThread
 from .metrics import NullMetrics, WorkerMetrics
 from .registry import WorkerRecord, WorkerRegistry
-from .request import Outcome, Request, WorkerContext
+from .request import Request
 from .scale_in import protector_from_flag
 from .signals import SignalInbox
 from .step_runner import StepRunner
 from .worker_config import WorkerConfig
+from .worker_context import WorkerContext
 from .worker_threads import Acker, ConsumerThread, GuardedThread, VisibilityThread, WorkerThread
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
@@ -128,20 +130,11 @@ class Worker:
         self.metrics.track_slots(self._slots)
         self.protector.start()
         self.runner.warm(children=config.concurrency)
-        sqs = settings.sqs
-        self._liveness = LivenessThread(self.context, self.heartbeat_registry, self._check_terminate, self._on_death)
-        self._threads = [
-            self.acker,
-            VisibilityThread(self.held, self.client, sqs.visibility_timeout, self._on_death,
-                             on_extended=self.metrics.visibility_extended),
-            self._liveness,
-            *(WorkerThread(i, self._inbox, self._handle, self._on_death) for i in range(config.concurrency)),
-            *(ConsumerThread(q, self.client, self.capacity, self._hold, self._release_now, sqs.wait_time_seconds,
-                             sqs.polling_interval, self._on_death, self._on_outage) for q in config.queues),
-        ]
+        self._threads = self._make_threads()
         for thread in self._threads:
             thread.start()
         self._started = True
+        sqs = settings.sqs
         self.heartbeat_registry()
         log.info(
             "worker %s ready: pid %d, queues %s, concurrency %d, prefetch %d, endpoint %s, signed messages %s",
@@ -151,6 +144,19 @@ class Worker:
         )
         if self.health is not None:
             log.info("worker %s: metrics and probes at %s/metrics, /livez, /readyz", self.name, self.health.url)
+
+    def _make_threads(self) -> list[GuardedThread]:
+        """Each thread gets exactly the collaborators it uses."""
+        sqs, config = self.settings.sqs, self.config
+        return [
+            self.acker,
+            VisibilityThread(self.held, self.client, sqs.visibility_timeout, self._on_death,
+                             on_extended=self.metrics.visibility_extended),
+            LivenessThread(self.context, self.heartbeat_registry, self._check_terminate, self._on_death),
+            *(WorkerThread(i, self._inbox, self._handle, self._on_death) for i in range(config.concurrency)),
+            *(ConsumerThread(q, self.client, self.capacity, self._hold, self._release_now, sqs.wait_time_seconds,
+                             sqs.polling_interval, self._on_death, self._on_outage) for q in config.queues),
+        ]
 
     def __enter__(self) -> Worker:
         return self.start()
