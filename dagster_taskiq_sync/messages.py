@@ -351,7 +351,8 @@ class Keyring:
     def from_secrets(cls, current: str | None, previous: tuple[str, ...] = (), setting: str = "signing_key") -> Keyring:
         from .errors import ConfigError
 
-        for name, secret in [(setting, current), *((f"previous_{setting}s", p) for p in previous)]:
+        previous_setting = setting.replace("signing_key", "previous_signing_keys")
+        for name, secret in [(setting, current), *((previous_setting, p) for p in previous)]:
             if secret is not None and len(secret.strip()) < MIN_KEY_CHARS:
                 raise ConfigError(
                     f"{name} is {len(secret.strip())} characters; use a random secret of at least "

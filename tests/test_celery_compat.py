@@ -170,3 +170,31 @@ def test_backend_forms():
 def test_readme_carries_the_generated_mapping_table():
     # The table is generated from the mapping code, so the docs cannot drift from it.
     assert mapping_table_markdown() in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("max_payload_mib", 0, "execution.config.max_payload_mib must be a whole number between 1 and 2048"),
+    ("max_payload_mib", "lots", "execution.config.max_payload_mib must be a whole number"),
+    ("database_outage_timeout", -1, "execution.config.database_outage_timeout must be a positive number of seconds"),
+    ("record_expiry", "soon", "execution.config.record_expiry must be a number of seconds"),
+    ("lost_worker_expiry", 0, "execution.config.lost_worker_expiry must be a positive number of seconds"),
+    ("signing_key", "short", "execution.config.signing_key is 5 characters; use a random secret of at least 32"),
+    ("previous_signing_keys", ["ok" * 20, "tiny"], "execution.config.previous_signing_keys is 4 characters"),
+])
+def test_new_native_keys_refuse_garbage_naming_the_key(key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        settings_from_executor_config({key: value})
+    assert expected in str(info.value)
+
+
+def test_celery_message_signing_requires_a_signing_key_and_is_never_silently_weaker():
+    settings = settings_from_executor_config({"config_source": {"task_serializer": "auth"}})
+    assert settings.signing_required
+    with pytest.raises(ConfigError, match="ask for signed messages"):
+        settings.check_signing("sender")
+    with pytest.raises(ConfigError, match="ask for signed messages"):
+        settings.check_signing("worker")
+    signed = settings_from_executor_config({"signing_key": "k" * 40, "config_source": {
+        "security_key": "/etc/worker.key", "security_certificate": "/etc/worker.pem"}})
+    signed.check_signing("sender")
+    assert any("X.509 signing keys are not used" in note for note in signed.notes)
