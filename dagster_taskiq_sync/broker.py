@@ -26,11 +26,7 @@ from aiobotocore.config import AioConfig
 from botocore import exceptions as boto_exc
 from taskiq_aio_sqs import SQSBroker, SQSQueue
 
-from .errors import (
-    BrokerError,
-    PayloadTooLargeError,
-    TaskiqSyncError,
-)
+from .errors import BrokerError, ConfigError, PayloadTooLargeError, TaskiqSyncError
 from .messages import S3_POINTER_ATTRIBUTE, Keyring, MalformedMessage, S3Pointer, pointer_for
 from .settings import SQSSettings
 
@@ -143,8 +139,18 @@ class StepBroker(SQSBroker):
                     dlq = await self._sqs_client.get_queue_url(QueueName=dlq_name, QueueOwnerAWSAccountId=account)
                     facts = dataclasses.replace(facts, dead_letter_url=dlq["QueueUrl"], dead_letter_name=dlq_name,
                                                 max_receive_count=receives)
-                except boto_exc.ClientError as exc:  # the DLQ is gone: dead-lettering will delete instead
-                    log.warning("queue %s names dead-letter queue %s, which cannot be found (%s)", sqs_name, dlq_name, exc)
+                except boto_exc.ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code", "")
+                    if "NonExistentQueue" not in code and code != "QueueDoesNotExist":
+                        # Not allowed to see it: never quietly delete what should be dead-lettered.
+                        raise ConfigError(
+                            f"queue {sqs_name!r} names dead-letter queue {dlq_name!r}, which cannot be looked up "
+                            f"({code}); allow sqs:GetQueueUrl and sqs:SendMessage on it (dagster-taskiq-sync "
+                            "iam-policy --role worker prints the policy)."
+                        ) from None
+                    # The DLQ is gone: a message that can never run is deleted instead.
+                    log.warning("queue %s names dead-letter queue %s, which does not exist; messages that can never "
+                                "run will be deleted", sqs_name, dlq_name)
                     facts = dataclasses.replace(facts, max_receive_count=receives)
             self.facts[queue] = facts
 
@@ -175,8 +181,8 @@ class StepBroker(SQSBroker):
         for item in items:
             try:
                 entry, offloaded = await self._entry(item)
-            except TaskiqSyncError as exc:
-                results[item.task_id] = SendResult(item.task_id, error=exc)
+            except Exception as exc:  # noqa: BLE001 - an upload that failed fails its own message, not the batch
+                results[item.task_id] = SendResult(item.task_id, error=_as_error(exc, "its S3 upload failed"))
                 continue
             results[item.task_id] = SendResult(item.task_id, offloaded)
             by_queue.setdefault(item.queue, []).append((item, entry))
@@ -256,8 +262,13 @@ class StepBroker(SQSBroker):
             answer = await self._s3_client.get_object(Bucket=pointer.bucket, Key=pointer.key)
         except boto_exc.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404", "NoSuchBucket", "InvalidBucketName", "AccessDenied", "403"):
+            if code in ("NoSuchKey", "404", "NoSuchBucket", "InvalidBucketName"):
                 raise MalformedMessage(f"the offloaded payload {pointer.url} cannot be read ({code})") from None
+            if code in ("AccessDenied", "403", "KMS.AccessDeniedException"):
+                # The worker's permissions, not the message: it goes back to the queue, and the
+                # redrive policy decides if this is never fixed.
+                raise ConfigError(f"this worker may not read the offloaded payload {pointer.url} ({code}); allow "
+                                  "s3:GetObject on the offload prefix (and kms:Decrypt for SSE-KMS).") from None
             raise
         async with answer["Body"] as stream:
             if int(answer.get("ContentLength") or 0) > max_bytes:

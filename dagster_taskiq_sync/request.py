@@ -29,6 +29,7 @@ from dagster import DagsterRunStatus
 
 from .admission import DROP_RULES, Outcome, Verdict
 from .broker import Delivery
+from .errors import TaskiqSyncError
 from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, StepRecord
 from .messages import (
     MalformedMessage,
@@ -98,8 +99,12 @@ class Request:
         except Stopping:
             verdict = Verdict(Outcome.RELEASE, "the worker is stopping")
         except BaseException as exc:  # nothing in one message may take a worker thread down
-            log.exception("worker %s: unexpected error handling %s from queue %s", self.worker.name, self.label,
-                          self.delivery.queue)
+            if isinstance(exc, TaskiqSyncError):  # ours: one sentence says it all
+                log.error("worker %s: %s from queue %s goes back to the queue: %s", self.worker.name, self.label,
+                          self.delivery.queue, exc)
+            else:
+                log.exception("worker %s: unexpected error handling %s from queue %s", self.worker.name, self.label,
+                              self.delivery.queue)
             backoff = min(ERROR_VISIBILITY_MAX, 15 * 2 ** min(self.delivery.receive_count, 6))
             verdict = Verdict(Outcome.RELEASE, f"{type(exc).__name__}: {exc}", release_after=backoff)
         finally:
