@@ -110,3 +110,32 @@ def test_scale_in_protection_outside_its_platform_is_one_sentence(run_config_fil
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode != 0
     assert "--scale-in-protection ecs needs ECS_AGENT_URI" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_busy_worker_is_protected_from_ecs_scale_in_and_released_when_it_stops(endpoint, instance, tmp_path):
+    from .test_fleet import Recorder
+
+    config = {"broker": endpoint.broker_url, "config_source": {
+        "task_default_queue": "protected", "broker_transport_options": {"wait_time_seconds": 1}}}
+    path = tmp_path / "protected.yaml"
+    path.write_text(yaml.safe_dump({"execution": {"config": config}}))
+    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    agent = Recorder()  # stands in for the ECS agent's task-protection endpoint
+    env = __import__("os").environ | {"ECS_AGENT_URI": agent.url + "/api/task-1"}
+    worker = WorkerProcess(path, "protected", tmp_path, ["-q", "protected", "-c", "2", "--scale-in-protection", "ecs"],
+                           env=env).wait_ready()
+    try:
+        with execute_job(reconstructable(jobs.diamond), instance=instance,
+                         run_config={"execution": {"config": config}}) as result:
+            assert result.success
+        assert worker.stop() == 0
+        puts = [call for call in agent.calls if call["method"] == "PUT"]
+        assert all(call["path"] == "/api/task-1/task-protection/v1/state" for call in puts)
+        states = [call["body"]["ProtectionEnabled"] for call in puts]
+        assert True in states  # protected while it held steps
+        assert states[-1] is False  # and released when it stopped
+    finally:
+        if worker.proc.poll() is None:
+            worker.stop()
+        agent.close()
