@@ -190,7 +190,7 @@ def _classify(exc: BaseException) -> bool | None:
     try:
         import sqlalchemy.exc as sa_exc
     except ImportError:  # pragma: no cover - Dagster depends on SQLAlchemy
-        sa_exc = None  # type: ignore[assignment]
+        sa_exc = None  # type: ignore[assignment]  # the classification below then skips SQLAlchemy
     if sa_exc is not None:
         if isinstance(exc, sa_exc.DBAPIError):
             if exc.connection_invalidated:

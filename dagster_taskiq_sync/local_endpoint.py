@@ -62,7 +62,7 @@ class LocalEndpoint:
 
     def start(self, timeout: float = 20.0) -> LocalEndpoint:
         try:
-            import moto.server  # noqa: F401
+            import moto.server  # noqa: F401 - only to say it is not installed
         except ImportError:
             raise ConfigError(
                 "the local SQS endpoint needs moto's server; install it with "
