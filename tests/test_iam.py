@@ -334,7 +334,9 @@ NEEDS = {
         "send offloaded": {("OrchestratorOffloadPayloads", "s3:PutObject")},
     },
     "worker": {
-        "start": {("WorkerReceiveMessages", "sqs:GetQueueUrl"), ("WorkerReceiveMessages", "sqs:GetQueueAttributes")},
+        # A worker looks its dead-letter queue up at start: one it may not find fails the start.
+        "start": {("WorkerReceiveMessages", "sqs:GetQueueUrl"), ("WorkerReceiveMessages", "sqs:GetQueueAttributes"),
+                  ("WorkerDeadLetter", "sqs:GetQueueUrl")},
         "receive": {("WorkerReceiveMessages", "sqs:ReceiveMessage")},
         "read payload": {("WorkerReadPayloads", "s3:GetObject")},
         "extend visibility": {("WorkerReceiveMessages", "sqs:ChangeMessageVisibility")},
