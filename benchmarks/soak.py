@@ -69,6 +69,7 @@ VISIBILITY = 10
 WAIT_TIME = 1
 MAX_RECEIVE = 5
 SQS_PAUSE = 10.0
+PG_DOWN = (2.0, 8.0)  # seconds PostgreSQL stays down in a restart
 CHAOS_KINDS = ("kill", "sqs_pause", "pg_restart")
 ORPHAN_GRACE = 15.0  # seconds a killed worker's step processes get to die with it
 READY_TIMEOUT = 180.0  # a restarted worker that is not ready by then "did not come back"
@@ -97,6 +98,8 @@ class ChaosEvent:
     worker: str | None = None
     incarnation: int | None = None
     pid: int | None = None
+    killed_at: float | None = None  # just before the SIGKILL
+    gone_at: float | None = None  # when its process tree was gone (or ORPHAN_GRACE later)
     pids: list[int] = field(default_factory=list)  # the killed worker's process tree at the kill
     orphans: list[str] = field(default_factory=list)  # processes of it still alive ORPHAN_GRACE s later
     killed_steps: list[str] = field(default_factory=list)  # steps its incarnation had in user code
@@ -326,6 +329,7 @@ class Soak:
                 tree = [slot.pid]
             event.pids = tree
             log(f"chaos: SIGKILL worker {name} (incarnation {slot.incarnation}, pid {slot.pid}, {len(tree) - 1} children)")
+            event.killed_at = time.time()
             os.kill(slot.pid, signal.SIGKILL)
             slot.proc.wait()
             self.chaos.append(event)
@@ -334,9 +338,10 @@ class Soak:
             alive = tree[1:]
             while alive and time.monotonic() < deadline:
                 alive = [pid for pid in alive if _alive(pid)]
-                time.sleep(0.2)
+                time.sleep(0.05)
+            event.gone_at = time.time()
             if not alive:
-                event.children_gone_after = time.time() - event.start
+                event.children_gone_after = event.gone_at - event.killed_at
             else:
                 event.orphans = [_describe(pid) for pid in alive]
                 self.violations.add("orphan", f"{len(alive)} process(es) of worker {name} (pid {slot.pid}) were still "
@@ -383,7 +388,11 @@ class Soak:
         event = ChaosEvent("pg_restart", time.time())
         log("chaos: restarting PostgreSQL")
         self.chaos.append(event)
-        self.pg.restart()
+        self.pg.stop()
+        # Down for a few seconds, as a real restart or a managed database's reboot is (a bare stop and
+        # start of this fsync-off cluster takes 0.3 s, too short to be in anyone's way).
+        time.sleep(self.chaos_rng.uniform(*PG_DOWN))
+        self.pg.start()
         event.end = time.time()
         log(f"chaos: PostgreSQL back after {event.end - event.start:.1f} s")
 
@@ -634,6 +643,7 @@ class Soak:
                                "exit_code_on_sigterm": stops.get(name)} for name, s in self.slots.items()},
             "settings": {**EXECUTOR, "visibility_timeout": VISIBILITY, "wait_time_seconds": WAIT_TIME,
                          "heartbeat_interval": HEARTBEAT, "max_receive_count": MAX_RECEIVE, "sqs_pause": SQS_PAUSE,
+                         "pg_down": list(PG_DOWN),
                          "chaos_gap": list(self.opts.chaos_gap), "stall_limit": self.opts.stall_limit,
                          "run_timeout": self.opts.run_timeout},
             "runs": {"started": len(self.runs), "succeeded": statuses.get("SUCCESS", 0),
@@ -702,17 +712,20 @@ class Soak:
                 if i == len(starts) - 1:
                     continue
                 kill = self.kill_of(start["worker"], start["incarnation"])
-                if ended:
+                # The attempt started before its killed worker's processes were gone (a step child may
+                # enter user code in the moment between its worker's death and its own), and the
+                # retry after the kill.
+                if kill is None or not (start["ts"] <= kill.gone_at and kill.killed_at <= starts[i + 1]["ts"]):
                     allowed = False
-                    reasons.append(f"retry {start['retry']} ran to its end on {start['worker']}#{start['incarnation']} "
-                                   "and yet ran again")
-                elif kill is None or kill.start < start["ts"]:
-                    allowed = False
-                    reasons.append(f"retry {start['retry']} on {start['worker']}#{start['incarnation']} did not end "
-                                   "and its worker was not killed while it ran")
+                    reasons.append(f"retry {start['retry']} on {start['worker']}#{start['incarnation']} "
+                                   f"{'ran to its end' if ended else 'did not end'}, its worker was not killed "
+                                   "while it ran, and yet it ran again")
                 else:
-                    reasons.append(f"retry {start['retry']} killed mid-step by the SIGKILL of {start['worker']} "
-                                   f"at +{kill.start - self.t0:.1f} s")
+                    # killed mid-step: in user code, or after it returned but before the step's result
+                    # was in the event log (the step process dies with its worker either way)
+                    where = "after its user code returned" if ended else "in its user code"
+                    reasons.append(f"retry {start['retry']} killed mid-step ({where}) by the SIGKILL of "
+                                   f"{start['worker']} at +{kill.start - self.t0:.1f} s")
             out.append({"seq": run.seq, "run": run_id, "step": step, "starts": len(starts), "allowed": allowed,
                         "why": "; ".join(dict.fromkeys(reasons))})
         return out
