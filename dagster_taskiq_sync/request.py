@@ -29,7 +29,7 @@ from dagster import DagsterRunStatus
 
 from .broker import Delivery
 from .broker_client import BrokerClient
-from .admission import DROP_RULES, Outcome, Verdict
+from .admission import DROP_RULES, Outcome, Verdict, ran_to_its_end
 from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, LivenessStore, StepRecord
 from .messages import (
     MalformedMessage,
@@ -163,6 +163,9 @@ class Request:
         for rule in DROP_RULES:
             verdict = rule(self.message, self.run, previous, self.worker.settings.worker_lost_timeout)
             if verdict is not None:
+                if verdict.lost and previous is not None:
+                    ended = self._retrying(f"reading the outcome of {self.message.label}", self._attempts_ended)
+                    verdict = ran_to_its_end(self.message, previous, ended) or verdict
                 return verdict
         if self.worker.stopping.is_set():
             return Verdict(Outcome.RELEASE, "the worker is stopping")
@@ -195,6 +198,17 @@ class Request:
         run = self.worker.instance.get_run_by_id(self.message.run_id)
         previous = self.worker.store.read([self.message.handle]).get(self.message.handle) if run else None
         return run, previous
+
+    def _attempts_ended(self) -> int:
+        """How many attempts of the message's step have an outcome in the run's event log."""
+        from dagster import DagsterEventType
+
+        message = self.message
+        if not isinstance(message, StepMessage):
+            return 0
+        ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
+        return sum(1 for entry in self.worker.instance.all_logs(message.run_id, of_type=ends)
+                   if entry.step_key == message.step_key)
 
     def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn``; ride out infrastructure errors with capped backoff while the message stays
@@ -357,7 +371,7 @@ class Request:
         elif verdict.outcome is Outcome.DONE and verdict.why:
             log.warning("worker %s: dropping message %s (delivered %d times): %s; not running it", name,
                         d.message_id, d.receive_count, verdict.why)
-            if "(lost)" in verdict.why and self.run is not None and isinstance(self.message, StepMessage):
+            if verdict.lost and self.run is not None and isinstance(self.message, StepMessage):
                 self._explain_lost_attempt(verdict.why)
             if isinstance(self.message, RunMessage) and self.run is not None and self.run.status == DagsterRunStatus.CANCELING:
                 self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")
