@@ -623,6 +623,11 @@ class Soak:
         if leftover > len(self.runs):
             self.violations.add("state", f"{leftover} per-step-attempt rows left in the key-value store after "
                                          f"{len(self.runs)} runs ({step_attempts} step attempts): not O(runs)")
+        for item in misleading:
+            self.violations.add("called-lost", f"step {item['step']} (attempt {item['attempt']}) of run #{item['seq']} "
+                                               f"had its outcome in the event log at +{item['ended_at']} s, yet its "
+                                               f"redelivered message was dropped as lost at +{item['dropped_at']} s: "
+                                               f"{item['why']}", **item)
         for failure in failures:
             if not failure["explained"]:
                 self.violations.add("failure", f"run #{failure['seq']} failed without an allowed cause: {failure['why']}",
@@ -732,19 +737,25 @@ class Soak:
 
     def finished_called_lost(self, run: RunProc, run_id: str, events: list, markers: list[dict],
                              dropped: dict) -> list[dict]:
-        """Redelivered messages of attempts that had run to their end, dropped as "already started
-        ... (lost)": the worker's log and the run's own log then say a finished step's worker was lost."""
+        """Redelivered messages of attempts whose outcome was already in the run's event log, dropped
+        as "already started ... (lost)": the worker's log (and the note it writes in the run's own
+        log) then say a finished step's worker was lost. Each attempt ends in one STEP_SUCCESS,
+        STEP_FAILURE or STEP_UP_FOR_RETRY, so attempt N's outcome is the step's N-th of those."""
         out = []
+        outcomes: dict[str, list[float]] = defaultdict(list)
+        for r in events:
+            if r.dagster_event.event_type.name in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_UP_FOR_RETRY"):
+                outcomes[r.dagster_event.step_key].append(r.timestamp)
         for (rid, step, attempt), items in dropped.items():
-            if rid != run_id:
+            if rid != run_id or len(outcomes[step]) < attempt:
                 continue
-            ended = [m for m in markers if m["step"] == step and m["retry"] == attempt - 1 and m["what"] == "end"]
+            ended_at = sorted(outcomes[step])[attempt - 1]
             for item in items:
-                if "(lost)" in item["why"] and ended and ended[0]["ts"] <= (item["ts"] or 0) + 1:
+                if "(lost)" in item["why"] and ended_at <= (item["ts"] or 0):
                     notes = [r for r in events if r.dagster_event.event_type.name == "ENGINE_EVENT"
                              and r.dagster_event.step_key == step and "is not run again" in (r.dagster_event.message or "")]
                     out.append({"seq": run.seq, "run": run_id, "step": step, "attempt": attempt,
-                                "ended_at": round(ended[0]["ts"] - self.t0, 1),
+                                "ended_at": round(ended_at - self.t0, 1),
                                 "dropped_at": round((item["ts"] or 0) - self.t0, 1), "by": item["worker"],
                                 "why": item["why"], "run_log_says": [(r.dagster_event.message or "")[:300] for r in notes]})
         return out
@@ -922,7 +933,10 @@ def report_md(r: dict, t0: float) -> str:
             + ", ".join(f"{k} {v}" for k, v in r["settings"].items()) + ".", "",
             "| figure | value |", "|---|---|",
             f"| runs started / succeeded / failed | {runs['started']} / {runs['succeeded']} / {runs['failed']} |",
-            f"| failures explained (allowed cause) | {sum(f['explained'] for f in r['failures'])} of {len(r['failures'])} |",
+            f"| failures explained (allowed cause) | {sum(f['explained'] for f in r['failures'])} of {len(r['failures'])}: "
+            f"{sum(f['explained'] and not f.get('documented_fail_fast') for f in r['failures'])} a step's worker SIGKILLed "
+            f"mid-step (no RetryPolicy, or its retries used up), {sum(bool(f.get('documented_fail_fast')) for f in r['failures'])} "
+            "started while SQS was paused (documented fail-fast at run start) |",
             f"| step messages sent (attempts) | {msgs['sent']} |",
             f"| ... started on a worker / dropped with a reason / of a failed run only | {msgs['started']} / "
             f"{msgs['dropped_with_reason']} / {msgs['of_failed_runs_only']} |",
@@ -964,9 +978,9 @@ def report_md(r: dict, t0: float) -> str:
         out.append(f"- run #{x['seq']} step `{x['step']}`: {x['starts']} starts, "
                    f"{'allowed' if x['allowed'] else '**not allowed**'}: {x['why']}")
     out += ["", "## Finished step attempts reported as lost", "",
-            "Redelivered messages of attempts that had already run to their end (their delete failed during an "
-            "outage), dropped by a worker as \"already started ... (lost)\"; the drop is right, the word \"lost\" "
-            "(and the note it writes in the run's own log) is not.", ""]
+            "Redelivered messages of attempts whose outcome was already in the run's event log (their delete "
+            "failed during an outage), dropped by a worker as \"already started ... (lost)\": the drop is right, "
+            "the word \"lost\" (and the note it writes in the run's own log) is not.", ""]
     if not r["finished_attempts_called_lost"]:
         out.append("None.")
     for x in r["finished_attempts_called_lost"]:
