@@ -872,7 +872,9 @@ def drop_reasons(dropped: dict) -> dict[str, int]:
     for items in dropped.values():
         for item in items:
             why = item["why"]
-            if " already started " in why or " already ran " in why:
+            if "and has ended (the run's event log has its outcome)" in why:
+                kind = "already started and ended (its outcome in the event log; its record was stale)"
+            elif " already started " in why or " already ran " in why:
                 kind = "already started (lost worker)" if "(lost)" in why else ("already ran" if " already ran " in why
                                                                                  else "already started")
             elif re.search(r"run \S+ is \w+, so", why):

@@ -73,10 +73,11 @@ def ran_to_its_end(message: Message, previous: StepRecord, attempts_ended: int) 
     ran to its end leaves (a worker writes nothing when a step ends normally: one instance write
     per step fewer), e.g. when its message comes back because the delete failed in an SQS outage.
     When the run's event log already holds the outcome of this attempt (each attempt ends in one
-    STEP_SUCCESS, STEP_FAILURE or STEP_UP_FOR_RETRY), it was not lost: it ran."""
+    STEP_SUCCESS, STEP_FAILURE or STEP_UP_FOR_RETRY: its own, or the health check's for a worker
+    that really was lost), there is nothing more to say about it: it has ended."""
     if isinstance(message, StepMessage) and attempts_ended >= message.attempt:
-        return Verdict(Outcome.DONE, f"{message.label} already ran on worker {previous.worker} "
-                                     "(the run's event log has its outcome)")
+        return Verdict(Outcome.DONE, f"{message.label} already started on worker {previous.worker} and has "
+                                     "ended (the run's event log has its outcome)")
     return None
 
 

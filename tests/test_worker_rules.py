@@ -75,7 +75,7 @@ def test_a_lost_attempt_whose_outcome_is_in_the_event_log_ran_to_its_end():
     assert ran_to_its_end(STEP, previous, attempts_ended=0) is None  # no outcome: lost
     verdict = ran_to_its_end(STEP, previous, attempts_ended=1)
     assert verdict.outcome is Outcome.DONE and not verdict.lost
-    assert "already ran on worker w1@h (the run's event log has its outcome)" in verdict.why
+    assert "already started on worker w1@h and has ended (the run's event log has its outcome)" in verdict.why
     assert ran_to_its_end(RESUME, previous, attempts_ended=1) is None
 
 
@@ -108,7 +108,7 @@ def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypa
     outcomes.append(SimpleNamespace(step_key=STEP.step_key))
     verdict = request.admit()
     assert verdict.outcome is Outcome.DONE and not verdict.lost
-    assert verdict.why == f"{STEP.label} already ran on worker w1@h (the run's event log has its outcome)"
+    assert verdict.why == f"{STEP.label} already started on worker w1@h and has ended (the run's event log has its outcome)"
 
 
 def test_an_attempt_that_could_not_run_before_goes_to_the_dead_letter_queue():
