@@ -16,9 +16,14 @@ At the end it checks and reports (``soak.md`` and ``soak.json`` in ``--out``):
 
 * runs started / succeeded / failed, each failure explained (its step, its error message and the
   chaos event that caused it). Allowed: a step whose worker was SIGKILLed mid-step and which has
-  no RetryPolicy (or used up its retries that way);
+  no RetryPolicy (or used up its retries that way); a run whose orchestrator started while SQS was
+  paused and failed connecting to it, before sending anything (README, Failure modes: "the
+  endpoint is unreachable at start: run fails within seconds"). Anything else is a violation;
 * steps whose user code ran more than once (from the ops' start/end markers); only a retry after
-  a SIGKILL mid-step is allowed;
+  a SIGKILL mid-step is allowed, and every Dagster retry (STEP_UP_FOR_RETRY) must be such a kill's
+  (none of the ops fails by itself);
+* redelivered messages of attempts whose outcome was already in the event log must not be
+  reported as lost (in the worker's log and the run's);
 * messages lost: every step message sent (STEP_WORKER_STARTING in the run's event log) either
   started on a worker, was dropped with a reason (workers' logs), or belongs to a failed run; the
   queues are empty at the end;
@@ -554,6 +559,7 @@ class Soak:
             sent_attempts = ran = dropped_only = failed_run_only = 0
             lost: list[dict] = []
             misleading: list[dict] = []
+            odd_retries: list[dict] = []
             step_attempts = 0
             for run in self.runs:
                 dagster_run = by_seq.get(run.seq)
@@ -594,6 +600,7 @@ class Soak:
                                             run=run_id, step=step_key)
                 reruns.extend(self.check_reruns(run, run_id, markers, RETRIES))
                 misleading.extend(self.finished_called_lost(run, run_id, events, markers, logs["dropped"]))
+                odd_retries.extend(self.retries_not_by_kills(run, run_id, events))
                 if failed or run.exit_code != 0:
                     failures.append(self.explain_failure(run, dagster_run, events, markers, RETRIES))
         for item in lost:
@@ -623,6 +630,9 @@ class Soak:
         if leftover > len(self.runs):
             self.violations.add("state", f"{leftover} per-step-attempt rows left in the key-value store after "
                                          f"{len(self.runs)} runs ({step_attempts} step attempts): not O(runs)")
+        for item in odd_retries:
+            self.violations.add("retry", f"step {item['step']} of run #{item['seq']} was retried at +{item['at']} s "
+                                         f"without its worker being killed: {item['error']}", **item)
         for item in misleading:
             self.violations.add("called-lost", f"step {item['step']} (attempt {item['attempt']}) of run #{item['seq']} "
                                                f"had its outcome in the event log at +{item['ended_at']} s, yet its "
@@ -664,6 +674,7 @@ class Soak:
                          "drained_after_seconds": None if drained is None else round(drained, 1)},
             "reruns": reruns,
             "finished_attempts_called_lost": misleading,
+            "retries_not_by_kills": odd_retries,
             "dead_lettered": sum(sum(queues[f"{q}-dlq"]) for q in QUEUES),
             "longest_stall": stall,
             "state_rows": rows,
@@ -760,6 +771,32 @@ class Soak:
                                 "why": item["why"], "run_log_says": [(r.dagster_event.message or "")[:300] for r in notes]})
         return out
 
+    def kill_in(self, message: str) -> ChaosEvent | None:
+        """The kill a health-check failure names ("worker W (host H, pid P) running step X stopped
+        heartbeating N s ago"), matched by the worker's pid."""
+        if re.search(r"running step \S+ stopped heartbeating", message):
+            pid = re.search(r"pid (\d+)\)", message)
+            if pid:
+                return self.kill_of(None, pid=int(pid.group(1)))
+        return None
+
+    def retries_not_by_kills(self, run: RunProc, run_id: str, events: list) -> list[dict]:
+        """Dagster retries (STEP_UP_FOR_RETRY) not caused by a SIGKILL of the step's worker: none of
+        the soak's ops fails by itself, so any other retry is a fault the soak did not inject
+        (a worker wrongly taken for lost, say)."""
+        out = []
+        for record in events:
+            event = record.dagster_event
+            if event.event_type.name != "STEP_UP_FOR_RETRY":
+                continue
+            error = getattr(event.event_specific_data, "error", None)
+            message = " ".join((error.message.strip() if error else event.message or "").splitlines())[:600]
+            if self.kill_in(message) is None:
+                out.append({"seq": run.seq, "run": run_id, "step": event.step_key, "error": message,
+                            "at": round(record.timestamp - self.t0, 1),
+                            "chaos": [self.describe_event(e) for e in self.chaos_near(record.timestamp)]})
+        return out
+
     def explain_no_run(self, run: RunProc) -> dict:
         text = tail(Path(run.log), 15)
         near = self.chaos_near(run.start, before=5) + [e for e in self.chaos if run.start <= e.start <= (run.end or run.start)]
@@ -781,17 +818,18 @@ class Soak:
             message = " ".join(message)[:600]
             step = event.step_key
             attempts = [m for m in markers if m["step"] == step and m["what"] == "start"]
+            sent = sum(1 for r in events if r.dagster_event.event_type.name == "STEP_WORKER_STARTING"
+                       and r.dagster_event.step_key == step)
             cause, explained = None, False
-            pid_match = re.search(r"running step \S+ stopped heartbeating", message) and re.search(r"pid (\d+)\)", message)
-            if pid_match:
-                kill = self.kill_of(None, pid=int(pid_match.group(1)))
-                if kill is not None:
-                    cause = self.describe_event(kill)
-                    # allowed: no RetryPolicy, or every allowed retry was used up by kills
-                    explained = retries.get(step, 0) == 0 or len(attempts) > retries.get(step, 0)
-                    if not explained:
-                        cause["note"] = (f"op has RetryPolicy(max_retries={retries.get(step, 0)}) but only "
-                                         f"{len(attempts)} attempt(s) ran user code")
+            kill = self.kill_in(message)
+            if kill is not None:
+                cause = self.describe_event(kill)
+                # Allowed: no RetryPolicy, or every retry it allows was used up (each earlier attempt's
+                # own kill is checked with every STEP_UP_FOR_RETRY, in retries_not_by_kills).
+                explained = retries.get(step, 0) == 0 or sent > retries.get(step, 0)
+                if not explained:
+                    cause["note"] = (f"op has RetryPolicy(max_retries={retries.get(step, 0)}) but only "
+                                     f"{sent} attempt(s) were sent")
             if cause is None:
                 near = self.chaos_near(record.timestamp)
                 cause = [self.describe_event(e) for e in near] or "no chaos event in the 40 s before"
