@@ -6,7 +6,8 @@ instance has it, the attempt's liveness record), tried in order by ``request.Req
 * ``run_missing``: the run is not in this worker's instance: it can never run here (dead-letter).
 * ``could_not_run_before``: a worker already found this attempt cannot run (dead-letter).
 * ``already_started``: the attempt started or ran before (SQS delivered it again): drop it; user
-  code never runs twice.
+  code never runs twice. A started attempt whose record went stale is called lost unless the run's
+  event log has its outcome (``ran_to_its_end``, read only then).
 * ``run_is_over``: its run finished or is being canceled: nobody waits for it (drop).
 * ``run_cannot_take_it``: its run is in a state no genuine sender sends this kind in (dead-letter).
 """
@@ -20,7 +21,7 @@ from typing import Any
 from dagster import DagsterRunStatus
 
 from .liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
-from .messages import Message, TaskKind
+from .messages import Message, StepMessage, TaskKind
 
 CANCEL_STATUSES = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
 # A step whose run is in one of these states has nobody waiting for it.
@@ -38,6 +39,7 @@ class Verdict:
     why: str = ""
     release_after: int = 0  # seconds before a released message is visible again
     resent_started: bool = False  # it names an attempt already running (a resumed run re-sends it)
+    lost: bool = False  # dropped as an attempt whose worker stopped heartbeating while it ran
 
 
 # --- drop rules: (message, its run, its attempt's record, lost timeout) -> Verdict or None ---------------
@@ -64,9 +66,23 @@ def already_started(message: Message, run: Any, previous: StepRecord | None, los
     # The worker cannot know the orchestrator's worker_lost_timeout: three missed heartbeats (or its
     # own lost timeout, if shorter) say its worker is gone.
     stale = min(lost_timeout, 3 * (previous.heartbeat_interval or 5.0))
-    if previous.state == RUNNING and previous.age() > stale:
+    lost = previous.state == RUNNING and previous.age() > stale
+    if lost:
         why += f", which stopped heartbeating {previous.age():.0f} s ago (lost)"
-    return Verdict(Outcome.DONE, why, resent_started=previous.state == RUNNING)
+    return Verdict(Outcome.DONE, why, resent_started=previous.state == RUNNING, lost=lost)
+
+
+def ran_to_its_end(message: Message, previous: StepRecord, attempts_ended: int) -> Verdict | None:
+    """For a ``lost`` verdict: a ``running`` record nobody refreshes is also what an attempt that
+    ran to its end leaves (a worker writes nothing when a step ends normally: one instance write
+    per step fewer), e.g. when its message comes back because the delete failed in an SQS outage.
+    When the run's event log already holds the outcome of this attempt (each attempt ends in one
+    STEP_SUCCESS, STEP_FAILURE or STEP_UP_FOR_RETRY: its own, or the health check's for a worker
+    that really was lost), there is nothing more to say about it: it has ended."""
+    if isinstance(message, StepMessage) and attempts_ended >= message.attempt:
+        return Verdict(Outcome.DONE, f"{message.label} already started on worker {previous.worker} and has "
+                                     "ended (the run's event log has its outcome)")
+    return None
 
 
 def run_is_over(message: Message, run: Any, previous: StepRecord | None, lost_timeout: float) -> Verdict | None:

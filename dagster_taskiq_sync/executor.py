@@ -244,7 +244,8 @@ class TaskiqStepHandler(StepHandler):
         sender.flush(timeout=5)
         self.report_sends(instance, run_id, raise_errors=False)
         try:  # bounded state: the run's step records are no use to anyone now
-            LivenessStore(instance).forget(sender.sent_task_ids, run_id=run_id)
+            LivenessStore(instance).forget(sender.sent_task_ids, run_id=run_id,
+                                           outage_timeout=self.settings.database_outage_timeout)
         except Exception as exc:  # noqa: BLE001 - workers' sweep deletes them later
             log.warning("could not delete the step records of run %s: %s", run_id, exc)
 

@@ -153,15 +153,25 @@ class LivenessStore:
                 requests[ids[key]] = reason
         return requests
 
-    def forget(self, handle_ids: Iterable[str], run_id: str | None = None) -> int:
+    def forget(self, handle_ids: Iterable[str], run_id: str | None = None, outage_timeout: float = 0.0) -> int:
         """Delete the records of these step attempts (their run's execution is over). Cancel
-        requests stay until the sweep: a terminated run's workers may not have read them yet."""
-        from ._dagster_private import kv_delete
+        requests stay until the sweep: a terminated run's workers may not have read them yet.
+
+        The delete is a statement of its own (not one of the storage methods ``db_retry`` wraps):
+        with ``outage_timeout`` it rides out a database outage (or a pooled connection the
+        server closed in a restart) that long, instead of leaving the run's records for the
+        sweep a ``record_expiry`` later."""
+        from . import _dagster_private
+        from .db_retry import retry_transient
 
         keys = [key for handle in handle_ids for key in (step_record_key(handle), queued_key(handle))]
         if run_id:
             keys.append(probe_key(run_id))
-        return kv_delete(self._storage, keys)
+        delete = lambda: _dagster_private.kv_delete(self._storage, keys)  # noqa: E731
+        if outage_timeout <= 0:
+            return delete()
+        return retry_transient(delete, what=f"deleting the step records of run {run_id}",
+                               deadline_seconds=outage_timeout)
 
     def probe(self, run_id: str) -> None:
         """One write, to tell whether the store takes writes now (the orchestrator's check)."""

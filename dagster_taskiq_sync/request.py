@@ -27,7 +27,7 @@ from typing import Any
 
 from dagster import DagsterRunStatus
 
-from .admission import DROP_RULES, Outcome, Verdict
+from .admission import DROP_RULES, Outcome, Verdict, ran_to_its_end
 from .broker import Delivery
 from .errors import TaskiqSyncError
 from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, StepRecord
@@ -124,6 +124,9 @@ class Request:
         for rule in DROP_RULES:
             verdict = rule(self.message, self.run, previous, self.worker.settings.worker_lost_timeout)
             if verdict is not None:
+                if verdict.lost and previous is not None:
+                    ended = self._retrying(f"reading the outcome of {self.message.label}", self._attempts_ended)
+                    verdict = ran_to_its_end(self.message, previous, ended) or verdict
                 return verdict
         if self.worker.stopping.is_set():
             return Verdict(Outcome.RELEASE, "the worker is stopping")
@@ -157,6 +160,17 @@ class Request:
         run = self.worker.instance.get_run_by_id(self.message.run_id)
         previous = self.worker.store.read([self.message.handle]).get(self.message.handle) if run else None
         return run, previous
+
+    def _attempts_ended(self) -> int:
+        """How many attempts of the message's step have an outcome in the run's event log."""
+        from dagster import DagsterEventType
+
+        message = self.message
+        if not isinstance(message, StepMessage):
+            return 0
+        ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
+        return sum(1 for entry in self.worker.instance.all_logs(message.run_id, of_type=ends)
+                   if entry.step_key == message.step_key)
 
     def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn``; ride out infrastructure errors with capped backoff while the message stays
@@ -330,8 +344,8 @@ class Request:
             if " already " in verdict.why:
                 self.worker.metrics.step_dropped_duplicate(d.queue)
             # A first delivery of a started attempt is a re-send (a resumed run), not SQS delivering
-            # twice: say in the run's own log why it does not run.
-            if verdict.resent_started and d.receive_count == 1 and self.run is not None:
+            # twice; a lost one will never end by itself: say in the run's own log why it does not run.
+            if verdict.resent_started and (d.receive_count == 1 or verdict.lost) and self.run is not None:
                 self._explain_resent_attempt(verdict.why)
             if isinstance(self.message, RunMessage) and self.run is not None and self.run.status == DagsterRunStatus.CANCELING:
                 self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")

@@ -262,6 +262,28 @@ def test_retry_transient_rides_out_a_five_second_stop_of_the_server(pg, pg_insta
     assert retries, "the read never met the outage"
 
 
+def test_a_runs_step_records_are_deleted_at_its_end_right_after_a_restart(pg, pg_instance):
+    """Found by bin/soak: a run whose execution ended just after a PostgreSQL restart left its
+    step, queued and probe records behind ("could not delete the step records of run ...: server
+    closed the connection unexpectedly"): the delete is a statement of its own, on a pooled
+    connection the restart had closed, and was not retried."""
+    from dagster_taskiq_sync._dagster_private import kv_scan
+    from dagster_taskiq_sync.liveness import KEY_PREFIX, QUEUED, RUNNING, LivenessStore, StepRecord
+
+    store = LivenessStore(pg_instance)
+    handles = [f"run1-step{i}" for i in range(3)]
+    for handle in handles:
+        store.write(handle, StepRecord(RUNNING))
+    store.write_queued({handle: StepRecord(QUEUED) for handle in handles})
+    store.probe("run-1")
+    assert len(kv_scan(pg_instance.run_storage, f"{KEY_PREFIX}/", 100)) == 7  # a connection is now pooled
+
+    pg.restart()
+
+    assert store.forget(handles, run_id="run-1", outage_timeout=60) == 7
+    assert kv_scan(pg_instance.run_storage, f"{KEY_PREFIX}/", 100) == []
+
+
 def engine_events(instance, run_id, message):
     return [r for r in instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT).records
             if r.event_log_entry.message == message]

@@ -9,13 +9,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from dagster import DagsterRunStatus
+from dagster import DagsterEventType, DagsterRunStatus
 
 from dagster_taskiq_sync.admission import (
     DROP_RULES,
     Outcome,
     already_started,
     could_not_run_before,
+    ran_to_its_end,
     run_cannot_take_it,
     run_is_over,
     run_missing,
@@ -67,6 +68,47 @@ def test_a_lost_attempt_says_its_worker_was_lost():
     previous = StepRecord(RUNNING, ts=time.time() - 120, worker="w1@h", heartbeat_interval=5)
     verdict = already_started(STEP, run(DagsterRunStatus.STARTED), previous, 30)
     assert "stopped heartbeating 120 s ago (lost)" in verdict.why
+
+
+def test_a_lost_attempt_whose_outcome_is_in_the_event_log_ran_to_its_end():
+    previous = StepRecord(RUNNING, ts=time.time() - 120, worker="w1@h", heartbeat_interval=5)
+    assert ran_to_its_end(STEP, previous, attempts_ended=0) is None  # no outcome: lost
+    verdict = ran_to_its_end(STEP, previous, attempts_ended=1)
+    assert verdict.outcome is Outcome.DONE and not verdict.lost
+    assert "already started on worker w1@h and has ended (the run's event log has its outcome)" in verdict.why
+    assert ran_to_its_end(RESUME, previous, attempts_ended=1) is None
+
+
+def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypatch):
+    # Found by bin/soak: a step ran to its end during an SQS outage, its delete failed, the
+    # message came back, and the worker dropped it as "... stopped heartbeating 12 s ago (lost)"
+    # and wrote "Step X is not run again ... its health check fails it" into the run's own log.
+    previous = StepRecord(RUNNING, ts=time.time() - 12, worker="w1@h", heartbeat_interval=2)
+    outcomes = [SimpleNamespace(step_key="other_step")]
+    asked = []
+
+    def all_logs(run_id, of_type=None):
+        asked.append((run_id, of_type))
+        return list(outcomes)
+
+    worker = SimpleNamespace(
+        name="w2", settings=Settings(worker_lost_timeout=10), stopping=threading.Event(),
+        instance=SimpleNamespace(get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED), all_logs=all_logs),
+        store=SimpleNamespace(read=lambda handles: {STEP.handle: previous}),
+    )
+    request = Request(SimpleNamespace(queue="q", message_id="m", receive_count=2), worker)
+    monkeypatch.setattr(request, "_open", lambda: STEP)
+
+    # no outcome of the step in the event log: its worker was lost while it ran
+    verdict = request.admit()
+    assert verdict.outcome is Outcome.DONE and verdict.lost and "(lost)" in verdict.why
+    assert asked and asked[0][0] == STEP.run_id and DagsterEventType.STEP_SUCCESS in asked[0][1]
+
+    # its STEP_SUCCESS is there: it ran to its end, and nothing says it was lost
+    outcomes.append(SimpleNamespace(step_key=STEP.step_key))
+    verdict = request.admit()
+    assert verdict.outcome is Outcome.DONE and not verdict.lost
+    assert verdict.why == f"{STEP.label} already started on worker w1@h and has ended (the run's event log has its outcome)"
 
 
 def test_an_attempt_that_could_not_run_before_goes_to_the_dead_letter_queue():
