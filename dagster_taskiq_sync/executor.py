@@ -49,6 +49,9 @@ STATUS_CHECK_INTERVAL = 0.5  # seconds between run-status reads while steps are 
 # orchestrator concludes it ended without reporting a result.
 EXIT_GRACE_SECONDS = 3.0
 DB_SLOW_SECONDS = 2.0  # a liveness read slower than this waited out a database outage
+# Dagster checks every in-flight step in one loop iteration: records read for the first answer
+# the rest of the round (and nothing older than this).
+ROUND_SECONDS = 1.0
 
 _result_observers: list[Callable[[str, str, float], None]] = []
 
@@ -147,10 +150,11 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         events = super()._pop_events(instance, run_id, seen_storage_ids)
         if time.monotonic() - started > DB_SLOW_SECONDS:
             self._taskiq_handler.database_was_down()
-        if _result_observers:
-            now = time.time()
-            for event in events:
-                if event.is_step_success or event.is_step_failure:
+        now = time.time()
+        for event in events:
+            if event.is_step_success or event.is_step_failure or event.is_step_up_for_retry:
+                self._taskiq_handler.step_finished(event.step_key)
+                if _result_observers and not event.is_step_up_for_retry:
                     for observer in _result_observers:
                         observer(run_id, event.step_key, now)
         return events
@@ -207,7 +211,13 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
 
 
 class TaskiqStepHandler(StepHandler):
-    """Stateless but for the open broker client: ids are derived from run id, step and attempt."""
+    """Stateless but for the open broker client: ids are derived from run id, step and attempt.
+
+    Health lives in the instance's liveness records. Dagster asks about each in-flight step in
+    turn every health-check round; one read answers the whole round (``_round_records``), so a
+    round costs one query, not one per step in flight. The step -> id map it reads for is only
+    a list of what to read: a step missing from it is read on its own.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -216,6 +226,10 @@ class TaskiqStepHandler(StepHandler):
         self._database_back_at = 0.0  # wall clock: heartbeats older than an outage do not mean "lost"
         self._run_id = ""
         self._next_probe = 0.0
+        self._in_flight: dict[str, str] = {}  # step key -> step handle id of its attempt in flight
+        self._round: dict[str, StepRecord] = {}  # the current health-check round's records
+        self._round_handles: set[str] = set()
+        self._round_at = -1e9
 
     @property
     def name(self) -> str:
@@ -234,6 +248,28 @@ class TaskiqStepHandler(StepHandler):
                 sender.close(timeout=self.settings.broker_outage_timeout + 5)
                 self.sender = None
                 client.stop()
+
+    def expect_launches(self, count: int) -> None:
+        """Dagster is about to launch ``count`` steps: the sender sends them together."""
+        if self.sender is not None:
+            self.sender.expect(count)
+
+    def step_finished(self, step_key: str | None) -> None:
+        """The orchestrator read the step's result: no more health checks for it."""
+        if step_key is not None:
+            self._in_flight.pop(step_key, None)
+
+    def _round_records(self, instance: Any, handle: str) -> dict[str, StepRecord]:
+        """The liveness records of every step in flight, read once per health-check round."""
+        now = time.monotonic()
+        if handle in self._round_handles and now - self._round_at < ROUND_SECONDS:
+            return self._round
+        handles = set(self._in_flight.values()) | {handle}
+        records = LivenessStore(instance).read(handles)
+        if time.monotonic() - now > DB_SLOW_SECONDS:
+            self.database_was_down()
+        self._round, self._round_handles, self._round_at = records, handles, time.monotonic()
+        return records
 
     def finish(self, instance: Any, run_id: str) -> None:
         """The run's execution is over: send what is left, say what failed, forget its records."""
@@ -281,6 +317,7 @@ class TaskiqStepHandler(StepHandler):
         launched = time.monotonic()
         args = step_handler_context.execute_step_args
         step_key, attempt, task_id, queue = self._identity(step_handler_context)
+        self._in_flight[step_key] = task_id
         sqs_queue = self.settings.sqs.queue_name(queue)
         message = StepMessage(args.run_id, step_key, attempt, serialize_value(args.known_state))
         body = encode(message, sqs_queue)
@@ -324,11 +361,9 @@ class TaskiqStepHandler(StepHandler):
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         step_key, _attempt, handle, queue = self._identity(step_handler_context)
         self._probe_writes(step_handler_context.instance)
-        started = time.monotonic()
-        record = LivenessStore(step_handler_context.instance).read([handle]).get(handle)
+        self._in_flight.setdefault(step_key, handle)  # a resumed run's step from before
+        record = self._round_records(step_handler_context.instance, handle).get(handle)
         now = time.time()
-        if time.monotonic() - started > DB_SLOW_SECONDS:
-            self.database_was_down()
         if record is None or record.state in (QUEUED, FINAL_DELIVERY):
             return self._queued_health(step_handler_context, step_key, handle, queue, record, now)
         if record.state == RUNNING:
