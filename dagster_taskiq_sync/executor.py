@@ -30,6 +30,7 @@ from ._dagster_private import (
     install_step_sort_key,
     run_interrupted,
     serialize_value,
+    step_launch_policy,
     step_sort_key,
 )
 from .bridge import shared_bridge
@@ -37,9 +38,11 @@ from .broker_client import BrokerClient
 from .celery_compat import settings_from_executor_config
 from .config_schema import TASKIQ_CONFIG
 from .errors import ConfigError, TaskiqSyncError
+from .fair_share import LaunchPolicy, live_slots
 from .instance import InstanceOptions, prepared
 from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, QUEUED, RUNNING, LivenessStore, StepRecord
 from .messages import RUN_PRIORITY_TAGS, STEP_PRIORITY_TAGS, StepMessage, encode, int_tag, queue_for_tags
+from .registry import WorkerRegistry
 from .sender import PendingSend, StepSender
 from .settings import Settings
 
@@ -126,6 +129,41 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         )
         self._next_status_check = 0.0
         self._canceled = False
+        self._policy: LaunchPolicy | None = None
+        self._queues: list[str] = []
+        self._next_cap_refresh = 0.0
+        self._caps_said: set[str] = set()
+
+    def _refresh_caps(self, instance: Any, run_id: str) -> None:
+        """Per-queue caps on this run's steps in flight, from the live workers' slots (fair_share.py)."""
+        policy = self._policy
+        if policy is None or policy.per_slot is None:
+            return
+        self._next_cap_refresh = time.monotonic() + self.settings.health_check_interval
+        try:
+            slots = live_slots(WorkerRegistry(instance).workers())
+        except Exception as exc:  # keep the caps we have (none before the first read: no cap)
+            log.warning("run %s: could not read the worker registry for its in-flight caps: %s", run_id, exc)
+            return
+        policy.refresh(self._queues, slots)
+
+    def _say_caps(self, instance: Any, run_id: str) -> None:
+        """Once per queue, when the cap first holds steps back: say so in the run's log."""
+        policy = self._policy
+        if policy is None:
+            return
+        for queue in sorted(policy.held_queues - self._caps_said):
+            self._caps_said.add(queue)
+            instance.report_engine_event(
+                f"This run keeps at most {policy.caps.get(queue)} of its steps in flight on SQS queue "
+                f"{self.settings.sqs.queue_name(queue)!r} ({policy.per_slot:g} per live worker slot, "
+                f"{policy.slots.get(queue, 0)} slots, at least {policy.floor}), so other runs' steps are not "
+                "queued behind all of it; the others are sent as these finish (execution.config."
+                "steps_in_flight_per_slot, 'none' for no cap).",
+                instance.get_run_by_id(run_id),
+                EngineEventData(metadata={"queue": queue, "cap": str(policy.caps.get(queue)),
+                                          "live_slots": str(policy.slots.get(queue, 0))}),
+            )
 
     def on_poll(self, instance: Any, run_id: str) -> None:
         """Fail the run on a step that could not be sent, and stop orchestrating as soon as the
@@ -136,6 +174,11 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         """
         self._taskiq_handler.report_sends(instance, run_id)
         now = time.monotonic()
+        if self._policy is not None:
+            if now >= self._next_cap_refresh:
+                self._refresh_caps(instance, run_id)
+            if self._policy.held_queues - self._caps_said:
+                self._say_caps(instance, run_id)
         if now < self._next_status_check:
             return
         self._next_status_check = now + STATUS_CHECK_INTERVAL
@@ -172,6 +215,10 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         self._canceled = False
         interrupt_token = run_interrupted.set(lambda: self._canceled)
         queues = {queue_for_tags(step.tags, self.settings.sqs.default_queue) for step in execution_plan.steps}
+        self._queues, self._caps_said = sorted(queues), set()
+        self._policy = LaunchPolicy(self.settings.sqs.default_queue, self.settings.steps_in_flight_per_slot,
+                                    self.settings.min_steps_in_flight, on_launching=self._taskiq_handler.expect_launches)
+        policy_token = step_launch_policy.set(self._policy)
         # The loop below reads the event log every step_poll_interval: on PostgreSQL, one
         # connection for the run rather than one per read, and reads that ride out a restart.
         prepared(plan_context.instance, InstanceOptions.from_env(outage_timeout=self.settings.database_outage_timeout))
@@ -184,12 +231,17 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             except TaskiqSyncError as exc:
                 # One sentence in the run's log before Dagster records the failure.
                 plan_context.log.error(str(exc))
+                step_sort_key.reset(sort_token)
+                run_interrupted.reset(interrupt_token)
+                step_launch_policy.reset(policy_token)
                 raise
             try:
+                self._refresh_caps(plan_context.instance, plan_context.run_id)
                 yield from super().execute(plan_context, execution_plan)
             finally:
                 step_sort_key.reset(sort_token)
                 run_interrupted.reset(interrupt_token)
+                step_launch_policy.reset(policy_token)
                 self._taskiq_handler.finish(plan_context.instance, plan_context.run_id)
 
     def _warn_on_priorities(self, plan_context: Any, execution_plan: Any, run_priority: int) -> None:
