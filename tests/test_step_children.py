@@ -15,7 +15,13 @@ from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.retries import RetryMode
 
 from dagster_taskiq_sync import taskiq_executor
-from dagster_taskiq_sync._dagster_private import _PLAN_CACHE, _TaskiqActiveExecution, cached_create_execution_plan
+from dagster_taskiq_sync._dagster_private import (
+    _PLAN_CACHE,
+    _TaskiqActiveExecution,
+    _original_resolved_build,
+    cached_create_execution_plan,
+    cached_resolved_run_config,
+)
 from dagster_taskiq_sync.run_report import step_reports
 
 from . import jobs
@@ -49,6 +55,21 @@ def test_cached_step_plan_equals_the_plan_dagster_builds(job_fn):
             theirs = create_execution_plan(recon, run_config, [step_key], known_state)
             assert _plan_facts(ours) == _plan_facts(theirs), step_key
     assert any(entry is not None for entry in _PLAN_CACHE.values())  # the cache was used, not bypassed
+
+
+def test_a_step_child_validates_a_runs_config_once_and_gets_what_dagster_gets():
+    from dagster import DagsterInvalidConfigError
+
+    job_def = jobs.retries
+    config = {"execution": {"config": {"broker": "sqs://127.0.0.1:1"}},
+              "ops": {"flaky": {"config": {"counter_file": "/a"}}}}
+    first = cached_resolved_run_config(job_def, config)
+    assert first == _original_resolved_build(job_def, config)
+    assert cached_resolved_run_config(job_def, {**config}) is first  # the same run's next step
+    other = {**config, "ops": {"flaky": {"config": {"counter_file": "/b"}}}}
+    assert cached_resolved_run_config(job_def, other) == _original_resolved_build(job_def, other) != first
+    with pytest.raises(DagsterInvalidConfigError):
+        cached_resolved_run_config(job_def, {"ops": {"flaky": {"config": {"nope": 1}}}})
 
 
 @op(out=DynamicOut(int))
