@@ -389,6 +389,19 @@ def _apply_table(
     return settings
 
 
+def _per_slot(value: Any, path: str) -> float | None:
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = 0.0
+    if isinstance(value, bool) or not number >= 1 or number == float("inf"):
+        raise ConfigError(f"{path} must be a number of at least 1 (steps in flight per live worker slot) or 'none' "
+                          f"(no cap), got {value!r}; fix the value.")
+    return number
+
+
 # taskiq_executor's own keys (not Celery's), validated the same way.
 NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "step_poll_interval": _positive,
@@ -400,6 +413,8 @@ NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "database_outage_timeout": _positive,
     "record_expiry": _positive,
     "lost_worker_expiry": _positive,
+    "steps_in_flight_per_slot": _per_slot,
+    "min_steps_in_flight": lambda v, p: _int(v, p, 1, 100_000),
 }
 
 

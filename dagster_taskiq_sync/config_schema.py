@@ -6,13 +6,13 @@ start -y`` (which validates the same YAML block against it).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any as _AnyType
 
-from dagster import Field, Noneable, Permissive, StringSource
+from dagster import Any, Field, Noneable, Permissive, StringSource
 
 from ._dagster_private import get_retries_config, get_tag_concurrency_limits_config
 
-TASKIQ_CONFIG: dict[str, Any] = {
+TASKIQ_CONFIG: dict[str, _AnyType] = {
     # --- the celery_executor schema, unchanged (dagster-celery 0.29) ---
     "broker": Field(
         Noneable(StringSource),
@@ -75,6 +75,20 @@ TASKIQ_CONFIG: dict[str, Any] = {
         is_required=False,
         description="Keep retrying the Dagster instance's database through an outage (a PostgreSQL "
         "restart, a locked sqlite) this long before failing a step or run (default 120).",
+    ),
+    # --- fair sharing between runs (see README "Fair sharing between runs") ---
+    "steps_in_flight_per_slot": Field(
+        Any,
+        is_required=False,
+        description="A run keeps at most this many of its steps in flight (queued or running) per live "
+        "worker slot on each queue, so other runs' steps are not queued behind all of it (default 2; "
+        "at least 1; 'none': no cap).",
+    ),
+    "min_steps_in_flight": Field(
+        Noneable(int),
+        is_required=False,
+        description="The per-queue cap on a run's steps in flight never goes below this, also with no "
+        "live worker (default 4).",
     ),
     # --- message signing and limits (see README "Security model") ---
     "signing_key": Field(

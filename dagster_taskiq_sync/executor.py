@@ -31,6 +31,7 @@ from ._dagster_private import (
     install_step_sort_key,
     run_interrupted,
     serialize_value,
+    step_launch_policy,
     step_sort_key,
 )
 from .bridge import shared_bridge
@@ -38,9 +39,11 @@ from .broker_client import BrokerClient
 from .celery_compat import settings_from_executor_config
 from .config_schema import TASKIQ_CONFIG
 from .errors import ConfigError, TaskiqSyncError
+from .fair_share import LaunchPolicy, live_slots
 from .instance import InstanceOptions, prepared
 from .liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, QUEUED, RUNNING, LivenessStore, StepRecord
 from .messages import RUN_PRIORITY_TAGS, STEP_PRIORITY_TAGS, StepMessage, encode, int_tag, queue_for_tags
+from .registry import WorkerRegistry
 from .sender import PendingSend, StepSender
 from .settings import Settings
 
@@ -50,6 +53,9 @@ STATUS_CHECK_INTERVAL = 0.5  # seconds between run-status reads while steps are 
 # orchestrator concludes it ended without reporting a result.
 EXIT_GRACE_SECONDS = 3.0
 DB_SLOW_SECONDS = 2.0  # a liveness read slower than this waited out a database outage
+# Dagster checks every in-flight step in one loop iteration: records read for the first answer
+# the rest of the round (and nothing older than this).
+ROUND_SECONDS = 1.0
 
 _result_observers: list[Callable[[str, str, float], None]] = []
 
@@ -124,6 +130,41 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         )
         self._next_status_check = 0.0
         self._canceled = False
+        self._policy: LaunchPolicy | None = None
+        self._queues: list[str] = []
+        self._next_cap_refresh = 0.0
+        self._caps_said: set[str] = set()
+
+    def _refresh_caps(self, instance: Any, run_id: str) -> None:
+        """Per-queue caps on this run's steps in flight, from the live workers' slots (fair_share.py)."""
+        policy = self._policy
+        if policy is None or policy.per_slot is None:
+            return
+        self._next_cap_refresh = time.monotonic() + self.settings.health_check_interval
+        try:
+            slots = live_slots(WorkerRegistry(instance).workers())
+        except Exception as exc:  # noqa: BLE001 - any registry read failure: keep the caps we have (none before the first read: no cap)
+            log.warning("run %s: could not read the worker registry for its in-flight caps: %s", run_id, exc)
+            return
+        policy.refresh(self._queues, slots)
+
+    def _say_caps(self, instance: Any, run_id: str) -> None:
+        """Once per queue, when the cap first holds steps back: say so in the run's log."""
+        policy = self._policy
+        if policy is None:
+            return
+        for queue in sorted(policy.held_queues - self._caps_said):
+            self._caps_said.add(queue)
+            instance.report_engine_event(
+                f"This run keeps at most {policy.caps.get(queue)} of its steps in flight on SQS queue "
+                f"{self.settings.sqs.queue_name(queue)!r} ({policy.per_slot:g} per live worker slot, "
+                f"{policy.slots.get(queue, 0)} slots, at least {policy.floor}), so other runs' steps are not "
+                "queued behind all of it; the others are sent as these finish (execution.config."
+                "steps_in_flight_per_slot, 'none' for no cap).",
+                instance.get_run_by_id(run_id),
+                EngineEventData(metadata={"queue": queue, "cap": str(policy.caps.get(queue)),
+                                          "live_slots": str(policy.slots.get(queue, 0))}),
+            )
 
     def on_poll(self, instance: Any, run_id: str) -> None:
         """Fail the run on a step that could not be sent, and stop orchestrating as soon as the
@@ -134,6 +175,11 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         """
         self._taskiq_handler.report_sends(instance, run_id)
         now = time.monotonic()
+        if self._policy is not None:
+            if now >= self._next_cap_refresh:
+                self._refresh_caps(instance, run_id)
+            if self._policy.held_queues - self._caps_said:
+                self._say_caps(instance, run_id)
         if now < self._next_status_check:
             return
         self._next_status_check = now + STATUS_CHECK_INTERVAL
@@ -148,10 +194,11 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         events = super()._pop_events(instance, run_id, seen_storage_ids)
         if time.monotonic() - started > DB_SLOW_SECONDS:
             self._taskiq_handler.database_was_down()
-        if _result_observers:
-            now = time.time()
-            for event in events:
-                if event.is_step_success or event.is_step_failure:
+        now = time.time()
+        for event in events:
+            if event.is_step_success or event.is_step_failure or event.is_step_up_for_retry:
+                self._taskiq_handler.step_finished(event.step_key)
+                if _result_observers and not event.is_step_up_for_retry:
                     for observer in _result_observers:
                         observer(run_id, event.step_key, now)
         return events
@@ -169,6 +216,10 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         self._canceled = False
         interrupt_token = run_interrupted.set(lambda: self._canceled)
         queues = {queue_for_tags(step.tags, self.settings.sqs.default_queue) for step in execution_plan.steps}
+        self._queues, self._caps_said = sorted(queues), set()
+        self._policy = LaunchPolicy(self.settings.sqs.default_queue, self.settings.steps_in_flight_per_slot,
+                                    self.settings.min_steps_in_flight, on_launching=self._taskiq_handler.expect_launches)
+        policy_token = step_launch_policy.set(self._policy)
         # The loop below reads the event log every step_poll_interval: on PostgreSQL, one
         # connection for the run rather than one per read, and reads that ride out a restart.
         prepared(plan_context.instance, InstanceOptions.from_env(outage_timeout=self.settings.database_outage_timeout))
@@ -181,12 +232,17 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             except TaskiqSyncError as exc:
                 # One sentence in the run's log before Dagster records the failure.
                 plan_context.log.error(str(exc))
+                step_sort_key.reset(sort_token)
+                run_interrupted.reset(interrupt_token)
+                step_launch_policy.reset(policy_token)
                 raise
             try:
+                self._refresh_caps(plan_context.instance, plan_context.run_id)
                 yield from super().execute(plan_context, execution_plan)
             finally:
                 step_sort_key.reset(sort_token)
                 run_interrupted.reset(interrupt_token)
+                step_launch_policy.reset(policy_token)
                 self._taskiq_handler.finish(plan_context.instance, plan_context.run_id)
 
     def _warn_on_priorities(self, plan_context: Any, execution_plan: Any, run_priority: int) -> None:
@@ -208,7 +264,13 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
 
 
 class TaskiqStepHandler(StepHandler):
-    """Stateless but for the open broker client: ids are derived from run id, step and attempt."""
+    """Stateless but for the open broker client: ids are derived from run id, step and attempt.
+
+    Health lives in the instance's liveness records. Dagster asks about each in-flight step in
+    turn every health-check round; one read answers the whole round (``_round_records``), so a
+    round costs one query, not one per step in flight. The step -> id map it reads for is only
+    a list of what to read: a step missing from it is read on its own.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -217,6 +279,10 @@ class TaskiqStepHandler(StepHandler):
         self._database_back_at = 0.0  # wall clock: heartbeats older than an outage do not mean "lost"
         self._run_id = ""
         self._next_probe = 0.0
+        self._in_flight: dict[str, str] = {}  # step key -> step handle id of its attempt in flight
+        self._round: dict[str, StepRecord] = {}  # the current health-check round's records
+        self._round_handles: set[str] = set()
+        self._round_at = -1e9
 
     @property
     def name(self) -> str:
@@ -235,6 +301,28 @@ class TaskiqStepHandler(StepHandler):
                 sender.close(timeout=self.settings.broker_outage_timeout + 5)
                 self.sender = None
                 client.stop()
+
+    def expect_launches(self, count: int) -> None:
+        """Dagster is about to launch ``count`` steps: the sender sends them together."""
+        if self.sender is not None:
+            self.sender.expect(count)
+
+    def step_finished(self, step_key: str | None) -> None:
+        """The orchestrator read the step's result: no more health checks for it."""
+        if step_key is not None:
+            self._in_flight.pop(step_key, None)
+
+    def _round_records(self, instance: Any, handle: str) -> dict[str, StepRecord]:
+        """The liveness records of every step in flight, read once per health-check round."""
+        now = time.monotonic()
+        if handle in self._round_handles and now - self._round_at < ROUND_SECONDS:
+            return self._round
+        handles = set(self._in_flight.values()) | {handle}
+        records = LivenessStore(instance).read(handles)
+        if time.monotonic() - now > DB_SLOW_SECONDS:
+            self.database_was_down()
+        self._round, self._round_handles, self._round_at = records, handles, time.monotonic()
+        return records
 
     def finish(self, instance: Any, run_id: str) -> None:
         """The run's execution is over: send what is left, say what failed, forget its records."""
@@ -283,6 +371,7 @@ class TaskiqStepHandler(StepHandler):
         launched = time.monotonic()
         args = step_handler_context.execute_step_args
         step_key, attempt, task_id, queue = self._identity(step_handler_context)
+        self._in_flight[step_key] = task_id
         sqs_queue = self.settings.sqs.queue_name(queue)
         message = StepMessage(args.run_id, step_key, attempt, serialize_value(args.known_state))
         body = encode(message, sqs_queue)
@@ -326,11 +415,9 @@ class TaskiqStepHandler(StepHandler):
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
         step_key, _attempt, handle, queue = self._identity(step_handler_context)
         self._probe_writes(step_handler_context.instance)
-        started = time.monotonic()
-        record = LivenessStore(step_handler_context.instance).read([handle]).get(handle)
+        self._in_flight.setdefault(step_key, handle)  # a resumed run's step from before
+        record = self._round_records(step_handler_context.instance, handle).get(handle)
         now = time.time()
-        if time.monotonic() - started > DB_SLOW_SECONDS:
-            self.database_was_down()
         if record is None or record.state in (QUEUED, FINAL_DELIVERY):
             return self._queued_health(step_handler_context, step_key, handle, queue, record, now)
         if record.state == RUNNING:

@@ -115,11 +115,18 @@ def pooled(instance: Any, options: InstanceOptions) -> Any:
     reading the event log every 20 ms would each pay a connection set-up, and the server a
     backend start, per query. With pooling each process holds one connection per storage (plus
     short-lived overflow under concurrency); ``DAGSTER_TASKIQ_SYNC_DB_POOL=0`` turns it off where
-    connections are scarce (no PgBouncer). No effect on sqlite instances.
+    connections are scarce (no PgBouncer). On sqlite, where Dagster builds a new engine and
+    connection for every query (~1 ms of CPU each), each database file keeps one open connection
+    (``_dagster_private.keep_sqlite_connections``).
     """
     if not options.pool_connections or getattr(instance, "_dagster_taskiq_sync_pooled", False):
         return instance
     try:
+        from ._dagster_private import keep_sqlite_connections
+
+        if keep_sqlite_connections(instance):
+            instance._dagster_taskiq_sync_pooled = True
+            return instance
         # statement_timeout 0: no timeout, as without pooling
         instance.optimize_for_webserver(statement_timeout=0, pool_recycle=1800, max_overflow=10)
         instance._dagster_taskiq_sync_pooled = True

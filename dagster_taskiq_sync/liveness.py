@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 KEY_PREFIX = "dagster-taskiq-sync"
+READ_CHUNK = 500  # keys per read: the whole health-check round of a big fan-out in a few queries
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -125,7 +126,10 @@ class LivenessStore:
             ids[queued_key(handle)] = handle
         if not ids:
             return {}
-        values = self._storage.get_cursor_values(set(ids))
+        keys = list(ids)
+        values: dict[str, str] = {}
+        for start in range(0, len(keys), READ_CHUNK):  # bounded IN (...) lists
+            values.update(self._storage.get_cursor_values(set(keys[start:start + READ_CHUNK])))
         records: dict[str, StepRecord] = {}
         for key, text in values.items():
             record = StepRecord.from_json(text)

@@ -3,7 +3,10 @@
 ``TaskiqStepHandler.launch_step`` only queues a :class:`PendingSend`. The sender takes what is
 pending at once (steps that became ready together, a fan-out), highest priority first, and
 sends it in batches of ten (``SendMessageBatch``), several batches concurrently, through the
-process's one event-loop thread. Their ``queued`` liveness records are written in one batch
+process's one event-loop thread. Dagster launches the steps of one loop iteration one by one
+(each writes an event first), so the executor says how many are coming (:meth:`StepSender.expect`)
+and the sender waits for them, or for a full batch of ten, before sending: one call for the
+iteration's steps instead of one per step. Their ``queued`` liveness records are written in one batch
 after the sends. A send that still fails after ``broker_outage_timeout`` is raised by
 :meth:`StepSender.raise_errors`, which the executor calls on every loop iteration: the run fails
 as it would have had the send been inline.
@@ -29,6 +32,9 @@ from .liveness import QUEUED, LivenessStore, StepRecord
 
 log = logging.getLogger("dagster_taskiq_sync.sender")
 SEND_CONCURRENCY = 4  # batches in flight at once when many steps become ready together
+# Announced steps that have not arrived after this long are not waited for any more (a launch
+# that raised): what is pending goes out.
+EXPECT_TIMEOUT = 0.25
 
 _observers: list[Callable[[PendingSend, float], None]] = []
 
@@ -58,6 +64,8 @@ class StepSender:
         self._retry_for = retry_for
         self._cond = threading.Condition()
         self._pending: list[PendingSend] = []
+        self._expected = 0  # steps announced by expect() and not put yet
+        self._last_put = 0.0
         self._busy = False
         self._closing = False
         self._errors: list[TaskiqSyncError] = []
@@ -67,10 +75,28 @@ class StepSender:
         self._thread = threading.Thread(target=self._run, name="taskiq-step-sender", daemon=True)
         self._thread.start()
 
+    def expect(self, count: int) -> None:
+        """``count`` steps are about to be put (one loop iteration's launches): send them together."""
+        with self._cond:
+            self._expected += count
+            self._last_put = time.monotonic()
+
     def put(self, item: PendingSend) -> None:
         with self._cond:
             self._pending.append(item)
+            self._expected = max(0, self._expected - 1)
+            self._last_put = time.monotonic()
             self._cond.notify_all()
+
+    def _ready(self) -> list[PendingSend]:
+        """What to send now (under the lock): everything, or while more announced steps are on
+        their way, only whole batches of ten."""
+        if self._expected and time.monotonic() - self._last_put > EXPECT_TIMEOUT:
+            self._expected = 0
+        take = len(self._pending) if not self._expected or self._closing else \
+            len(self._pending) // BATCH_ENTRIES * BATCH_ENTRIES
+        batch, self._pending = self._pending[:take], self._pending[take:]
+        return batch
 
     def take_offloaded(self) -> list[tuple[PendingSend, str]]:
         """(step, S3 URL) of payloads that went to S3 since the last call."""
@@ -88,6 +114,8 @@ class StepSender:
         """Wait until everything put so far was sent (or failed); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            self._expected = 0
+            self._cond.notify_all()
             while self._pending or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -106,11 +134,13 @@ class StepSender:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._closing:
-                    self._cond.wait()
-                if not self._pending:
+                while True:
+                    batch = self._ready() if self._pending else []
+                    if batch or (self._closing and not self._pending):
+                        break
+                    self._cond.wait(EXPECT_TIMEOUT / 2 if self._pending else None)
+                if not batch:
                     return
-                batch, self._pending = self._pending, []
                 self._busy = True
             try:
                 self._send(batch)

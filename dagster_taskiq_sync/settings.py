@@ -107,6 +107,9 @@ class Settings:
     queued_step_timeout: float | None = None  # fail a step nobody took by then (None: wait)
     broker_outage_timeout: float = 60.0  # keep retrying a send this long through an outage
     database_outage_timeout: float = 120.0  # instance reads/writes ride out a database outage this long
+    # --- fair sharing between runs (fair_share.py) ---
+    steps_in_flight_per_slot: float | None = 2.0  # a run's cap per queue: this x live slots (None: no cap)
+    min_steps_in_flight: int = 4  # the cap never goes below this (a run with no live worker still sends)
     # --- reliability (worker side) ---
     heartbeat_interval: float = 5.0  # liveness record refresh while a step runs
     cancel_poll_interval: float = 1.0  # how often a worker looks for cancel requests

@@ -8,12 +8,20 @@ from collections import Counter
 
 import pytest
 import yaml
-from dagster import execute_job, reconstructable
+from dagster import DynamicOut, DynamicOutput, In, Nothing, execute_job, job, op, reconstructable
 from dagster._core.execution.api import create_execution_plan
 from dagster._core.execution.plan.outputs import StepOutputHandle
 from dagster._core.execution.plan.state import KnownExecutionState
+from dagster._core.execution.retries import RetryMode
 
-from dagster_taskiq_sync._dagster_private import _PLAN_CACHE, cached_create_execution_plan
+from dagster_taskiq_sync import taskiq_executor
+from dagster_taskiq_sync._dagster_private import (
+    _PLAN_CACHE,
+    _original_resolved_build,
+    _TaskiqActiveExecution,
+    cached_create_execution_plan,
+    cached_resolved_run_config,
+)
 from dagster_taskiq_sync.run_report import step_reports
 
 from . import jobs
@@ -47,6 +55,116 @@ def test_cached_step_plan_equals_the_plan_dagster_builds(job_fn):
             theirs = create_execution_plan(recon, run_config, [step_key], known_state)
             assert _plan_facts(ours) == _plan_facts(theirs), step_key
     assert any(entry is not None for entry in _PLAN_CACHE.values())  # the cache was used, not bypassed
+
+
+def test_a_step_child_validates_a_runs_config_once_and_gets_what_dagster_gets():
+    from dagster import DagsterInvalidConfigError
+
+    job_def = jobs.retries
+    config = {"execution": {"config": {"broker": "sqs://127.0.0.1:1"}},
+              "ops": {"flaky": {"config": {"counter_file": "/a"}}}}
+    first = cached_resolved_run_config(job_def, config)
+    assert first == _original_resolved_build(job_def, config)
+    assert cached_resolved_run_config(job_def, {**config}) is first  # the same run's next step
+    other = {**config, "ops": {"flaky": {"config": {"counter_file": "/b"}}}}
+    assert cached_resolved_run_config(job_def, other) == _original_resolved_build(job_def, other) != first
+    with pytest.raises(DagsterInvalidConfigError):
+        cached_resolved_run_config(job_def, {"ops": {"flaky": {"config": {"nope": 1}}}})
+
+
+@op(out=DynamicOut(int))
+def _fan(context):
+    for i in range(3):
+        yield DynamicOutput(i, mapping_key=f"k{i}")
+
+
+@op(out=DynamicOut(int))
+def _other_fan():
+    for i in range(2):
+        yield DynamicOutput(i, mapping_key=f"o{i}")
+
+
+@op
+def _double(x: int) -> int:
+    return 2 * x
+
+
+@op
+def _gather(xs: list[int]) -> int:
+    return sum(xs)
+
+
+@op(ins={"after": In(Nothing)})
+def _last(x: int) -> int:
+    return x
+
+
+@job(executor_def=taskiq_executor)
+def two_dynamic_fans():
+    # Two independent dynamic fan-outs, a map of a map, collects, and a fan-in over both.
+    total = _gather(_fan().map(_double).map(_double).collect())
+    other = _gather.alias("other_gather")(_other_fan().map(_double).collect())
+    _last(total, after=other)
+
+
+def _static_fan_in():
+    from . import jobs
+    return jobs.fan_out_fan_in
+
+
+def _walk_the_run(recon, run_config, plan):
+    """Drive taskiq's ActiveExecution through a whole run as the orchestrator would (every step
+    succeeds and yields each output, the first one after a retry), and give each step with the
+    state the orchestrator knows when it is launched and the trimmed state its message carries."""
+    with _TaskiqActiveExecution(plan, RetryMode.ENABLED) as active:
+        first, *others = active.get_steps_to_execute()
+        active.mark_up_for_retry(first.key)  # its second attempt: retry count 1 in the state
+        while True:
+            steps = others + list(active.get_steps_to_execute())
+            others = []
+            if not steps:
+                assert active.is_complete, "the walk is stuck"
+                return
+            for step in steps:
+                yield step, active.get_known_state(), active.known_state_for(step)
+            for step in steps:
+                for output in step.step_outputs:
+                    if output.is_dynamic:
+                        mapping_keys = ["k0", "k1", "k2"] if "other" not in step.key else ["o0", "o1"]
+                        for mapping_key in mapping_keys:
+                            active.mark_step_produced_output(StepOutputHandle(step.key, output.name, mapping_key))
+                            active._gathering_dynamic_outputs[step.key][output.name].append(mapping_key)
+                    else:
+                        active.mark_step_produced_output(StepOutputHandle(step.key, output.name))
+                active.mark_success(step.key)
+
+
+@pytest.mark.parametrize("job_name", ["fan_out_fan_in", "two_dynamic_fans"])
+def test_a_step_message_carries_only_the_state_its_step_needs_and_builds_the_same_plan(job_name):
+    # Given a run as the orchestrator sees it, step by step (ready outputs, retries, dynamic mappings)
+    job_def = _static_fan_in() if job_name == "fan_out_fan_in" else two_dynamic_fans
+    recon = reconstructable(job_def)
+    run_config = {"execution": {"config": {"broker": "sqs://127.0.0.1:1"}}}
+    plan = create_execution_plan(recon, run_config)
+    walked = list(_walk_the_run(recon, run_config, plan))
+    assert len(walked) == (8 if job_name == "fan_out_fan_in" else 2 + 3 + 3 + 2 + 1 + 1 + 1)
+    for step, full, trimmed in walked:
+        # Then its message's state holds its own retry count, its inputs' ready outputs only...
+        upstream = {h for i in step.step_inputs for h in i.get_step_output_handle_dependencies()}
+        assert trimmed.ready_outputs == full.ready_outputs & upstream, step.key
+        assert trimmed.get_retry_state().get_attempt_count(step.key) == full.get_retry_state().get_attempt_count(step.key)
+        assert set(trimmed.previous_retry_attempts) <= {step.key}
+        assert set(trimmed.dynamic_mappings) <= set(full.dynamic_mappings)
+        # ...and the step child builds exactly the plan Dagster builds from the run's whole state.
+        ours = cached_create_execution_plan(recon, run_config, [step.key], trimmed)
+        theirs = create_execution_plan(recon, run_config, [step.key], full)
+        assert {**_plan_facts(ours), "known_state": None} == {**_plan_facts(theirs), "known_state": None}, step.key
+    # The state stays small: the gather of a fan-out carries its own inputs, not the whole run's.
+    by_key = {step.key: trimmed for step, _full, trimmed in walked}
+    if job_name == "two_dynamic_fans":
+        assert set(by_key["_double_2[k0]"].dynamic_mappings) == {"_fan"}
+        assert set(by_key["other_gather"].dynamic_mappings) == {"_other_fan"}
+        assert by_key["_last"].ready_outputs == {StepOutputHandle("_gather", "result"), StepOutputHandle("other_gather", "result")}
 
 
 def _run_pids(instance, config: dict) -> list[int]:
