@@ -321,6 +321,10 @@ class Request:
         """Delete, release or dead-letter the message, and say so; never raises."""
         try:
             self._say(verdict)
+        except Exception as exc:  # noqa: BLE001 - a failed report (run log, metrics) must not keep the message
+            log.warning("worker %s: could not report the %s of %s in its run's log: %s: %s", self.worker.name,
+                        verdict.outcome.value, self.label, type(exc).__name__, exc)
+        try:
             if verdict.outcome is Outcome.DONE:
                 self.worker.acks.delete(self.delivery, self.pointer)
             elif verdict.outcome is Outcome.RELEASE:
@@ -330,8 +334,8 @@ class Request:
         except Exception as exc:  # noqa: BLE001 - settling must never raise; the message reappears after its visibility timeout
             # Not fatal: the message reappears after its visibility timeout, and a step attempt
             # that already ran is dropped then without running user code again.
-            log.warning("worker %s: could not settle %s (%s) on queue %s: %s", self.worker.name, self.label,
-                        verdict.outcome.value, self.delivery.queue, exc)
+            log.warning("worker %s: could not settle %s (%s) on queue %s: %s: %s", self.worker.name, self.label,
+                        verdict.outcome.value, self.delivery.queue, type(exc).__name__, exc)
         return verdict
 
     def _say(self, verdict: Verdict) -> None:
@@ -345,7 +349,8 @@ class Request:
                 self.worker.metrics.step_dropped_duplicate(d.queue)
             # A first delivery of a started attempt is a re-send (a resumed run), not SQS delivering
             # twice; a lost one will never end by itself: say in the run's own log why it does not run.
-            if verdict.resent_started and (d.receive_count == 1 or verdict.lost) and self.run is not None:
+            if (verdict.resent_started and (d.receive_count == 1 or verdict.lost) and self.run is not None
+                    and isinstance(self.message, StepMessage)):
                 self._explain_resent_attempt(verdict.why)
             if isinstance(self.message, RunMessage) and self.run is not None and self.run.status == DagsterRunStatus.CANCELING:
                 self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")

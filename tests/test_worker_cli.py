@@ -108,7 +108,7 @@ def test_sigterm_finishes_running_steps_and_releases_unstarted_ones(endpoint, in
         assert result.success
         workers_used = {r.worker for r in step_reports(instance, result.run_id).values()}
         assert workers_used == {first.full_name, second.full_name}
-        assert queue_counts(endpoint.url, "drain") == (0, 0)
+        wait_for(lambda: queue_counts(endpoint.url, "drain") == (0, 0), timeout=10, what="finished messages deleted")
     finally:
         assert second.stop() == 0
 
@@ -199,6 +199,6 @@ def test_parallel_job_on_a_fifo_queue_runs_its_steps_side_by_side(endpoint, inst
         starts = sorted(reports[f"square_{i}"].started for i in range(6))
         ends = sorted(reports[f"square_{i}"].finished for i in range(6))
         assert starts[2] < ends[0]  # three squares were running at the same time
-        assert queue_counts(endpoint.url, "steps.fifo") == (0, 0)
+        wait_for(lambda: queue_counts(endpoint.url, "steps.fifo") == (0, 0), timeout=10, what="finished messages deleted")
     finally:
         assert worker.stop() == 0

@@ -111,6 +111,40 @@ def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypa
     assert verdict.why == f"{STEP.label} already started on worker w1@h and has ended (the run's event log has its outcome)"
 
 
+def test_a_lost_run_launch_is_dropped_and_deleted_and_only_steps_are_explained_in_the_run_log(monkeypatch):
+    # Found by the run-launcher tests: a launch message whose worker was SIGKILLed comes back; the
+    # drop's explanation (written for step attempts only) raised for it and the message was never
+    # deleted. Settling deletes it whatever the report does.
+    previous = StepRecord(RUNNING, ts=time.time() - 30, worker="w1@h", heartbeat_interval=2)
+    deleted, events = [], []
+    worker = SimpleNamespace(
+        name="w2", settings=Settings(worker_lost_timeout=10), stopping=threading.Event(),
+        instance=SimpleNamespace(get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED),
+                                 report_engine_event=lambda *a, **k: events.append(a)),
+        store=SimpleNamespace(read=lambda handles: {RUN.handle: previous}),
+        acks=SimpleNamespace(delete=lambda delivery, pointer: deleted.append(delivery)),
+        metrics=SimpleNamespace(step_dropped_duplicate=lambda queue: None),
+    )
+    delivery = SimpleNamespace(queue="runs", message_id="m", receive_count=2)
+    request = Request(delivery, worker)
+    monkeypatch.setattr(request, "_open", lambda: RUN)
+    verdict = request.settle(request.admit())
+    assert verdict.outcome is Outcome.DONE and verdict.lost and "(lost)" in verdict.why
+    assert deleted == [delivery] and events == []
+
+    # and a report that fails (the run's log unreachable) does not keep a step's message either
+    def broken(*args, **kwargs):
+        raise RuntimeError("database is gone")
+
+    worker.instance.report_engine_event = broken
+    worker.instance.all_logs = lambda run_id, of_type=None: []
+    worker.store.read = lambda handles: {STEP.handle: previous}
+    step_request = Request(delivery, worker)
+    monkeypatch.setattr(step_request, "_open", lambda: STEP)
+    assert step_request.settle(step_request.admit()).lost
+    assert deleted == [delivery, delivery]
+
+
 def test_an_attempt_that_could_not_run_before_goes_to_the_dead_letter_queue():
     previous = StepRecord(DEAD_LETTERED, worker="w1@h", reason="its job could not be loaded", cannot_run=True)
     verdict = could_not_run_before(STEP, run(DagsterRunStatus.STARTED), previous, 30)
