@@ -48,8 +48,15 @@ LABELS = {
     "multiprocess": "multiprocess_executor",
     "in_process": "in_process_executor",
 }
-FULL_WORKLOADS = ("chain-20", "fanout-100", "fanout-100-sleep", "fanout-1000", "chain-5", "runs-10",
-                  "backfill+interactive")
+FULL_WORKLOADS = (
+    "chain-20",
+    "fanout-100",
+    "fanout-100-sleep",
+    "fanout-1000",
+    "chain-5",
+    "runs-10",
+    "backfill+interactive",
+)
 QUICK_WORKLOADS = ("chain-3", "fanout-4", "fanout-4-sleep", "fanout-20", "runs-3-chain-3", "backfill-small")
 BASELINES = ("celery", "in_process")  # every new figure is also shown as a ratio to these
 # multiprocess_executor starts a Python process per step (fanout-100: ~1.7 s of wall time per
@@ -60,25 +67,35 @@ QUICK_MULTIPROCESS_MAX_STEPS = 8  # --quick: the three original smoke workloads 
 STORAGES = ("sqlite", "postgres")
 CONCURRENCY = 4
 # Labels of the links orchestrator.step_segments measures, in its order.
-SEGMENTS = tuple(zip(SEGMENT_NAMES, (
-    "ready -> message sent (orchestrator)",
-    "sent -> received by a worker (SQS)",
-    "received -> STEP_WORKER_STARTED (worker, step child)",
-    "STEP_WORKER_STARTED -> STEP_START (Dagster step setup)",
-    "STEP_START -> STEP_SUCCESS (op + outputs)",
-    "STEP_SUCCESS -> seen by orchestrator (event log poll)",
-), strict=True))
+SEGMENTS = tuple(
+    zip(
+        SEGMENT_NAMES,
+        (
+            "ready -> message sent (orchestrator)",
+            "sent -> received by a worker (SQS)",
+            "received -> STEP_WORKER_STARTED (worker, step child)",
+            "STEP_WORKER_STARTED -> STEP_START (Dagster step setup)",
+            "STEP_START -> STEP_SUCCESS (op + outputs)",
+            "STEP_SUCCESS -> seen by orchestrator (event log poll)",
+        ),
+        strict=True,
+    )
+)
 
 
 def skip_reason(contender: str, spec: Workload, quick: bool = False) -> str | None:
     """Why ``contender`` does not run ``spec`` by default (printed in the report), or None."""
     if contender == "multiprocess" and quick and spec.steps > QUICK_MULTIPROCESS_MAX_STEPS:
-        return (f"{spec.steps} steps: --quick keeps multiprocess_executor (a process per step, ~1.7 s each) to "
-                f"measurements of at most {QUICK_MULTIPROCESS_MAX_STEPS} steps; `--run-skipped` runs it anyway")
+        return (
+            f"{spec.steps} steps: --quick keeps multiprocess_executor (a process per step, ~1.7 s each) to "
+            f"measurements of at most {QUICK_MULTIPROCESS_MAX_STEPS} steps; `--run-skipped` runs it anyway"
+        )
     if contender == "multiprocess" and spec.steps > MULTIPROCESS_MAX_STEPS:
-        return (f"{spec.steps} steps: multiprocess_executor starts a process per step (fanout-100 took "
-                f"~1.7 s of wall time per step here), so ~{spec.steps * 1.7 / 60:.0f} min per measurement; "
-                "`--run-skipped` runs it anyway")
+        return (
+            f"{spec.steps} steps: multiprocess_executor starts a process per step (fanout-100 took "
+            f"~1.7 s of wall time per step here), so ~{spec.steps * 1.7 / 60:.0f} min per measurement; "
+            "`--run-skipped` runs it anyway"
+        )
     return None
 
 
@@ -178,8 +195,15 @@ class RequestCounter:
 
         log = open(services.workdir / "request-counter.log", "ab")
         command = [sys.executable, "-m", "benchmarks.request_counter", str(target_port), *self.SIDES]
-        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, cwd=ROOT,
-                                     preexec_fn=_die_with_parent, text=True)
+        self.proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            cwd=ROOT,
+            preexec_fn=_die_with_parent,
+            text=True,
+        )
         log.close()
         services._procs.append(("request-counter", self.proc))
         self.ports: dict[str, int] = self._read()["ports"]
@@ -218,7 +242,7 @@ def redis_commands(port: int) -> dict[str, int]:
     counts = {}
     for line in body[:size].decode().splitlines():
         if line.startswith("cmdstat_"):
-            name, _, stats = line[len("cmdstat_"):].partition(":")
+            name, _, stats = line[len("cmdstat_") :].partition(":")
             calls = dict(item.split("=", 1) for item in stats.split(","))["calls"]
             if name != "info":
                 counts[name] = int(calls)
@@ -250,9 +274,16 @@ class Orchestrator:
         self.contender = contender
         self.log_path = services.workdir / f"orchestrator-{contender}-{home.name}.log"
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.orchestrator", contender, str(home)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
-                                     cwd=ROOT, preexec_fn=_die_with_parent, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.orchestrator", contender, str(home)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=_die_with_parent,
+            text=True,
+        )
         log.close()
         services._procs.append((f"orchestrator-{contender}", self.proc))
         self._read(120)
@@ -263,8 +294,10 @@ class Orchestrator:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else ""
         if not line:
-            raise ServiceError(f"the {self.contender} orchestrator did not answer within {timeout:g} s "
-                               f"(exit code {self.proc.poll()}); see {self.log_path}")
+            raise ServiceError(
+                f"the {self.contender} orchestrator did not answer within {timeout:g} s "
+                f"(exit code {self.proc.poll()}); see {self.log_path}"
+            )
         return json.loads(line)
 
     def run(self, workload: str, run_config: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
@@ -284,10 +317,19 @@ class Bench:
         self.workdir = workdir
         self.services = Services(workdir)
         self.env = dict(os.environ)
-        self.env.update({"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local",
-                         "AWS_DEFAULT_REGION": "us-east-1", "PYTHONPATH": str(ROOT), "DAGSTER_DISABLE_TELEMETRY": "1",
-                         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
-        os.environ.update({k: self.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")})
+        self.env.update(
+            {
+                "AWS_ACCESS_KEY_ID": "local",
+                "AWS_SECRET_ACCESS_KEY": "local",
+                "AWS_DEFAULT_REGION": "us-east-1",
+                "PYTHONPATH": str(ROOT),
+                "DAGSTER_DISABLE_TELEMETRY": "1",
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
+        os.environ.update(
+            {k: self.env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+        )
         self.run_config: dict[str, dict[str, Any]] = {
             "multiprocess": {"execution": {"config": {"max_concurrent": CONCURRENCY}}},
             "in_process": {},
@@ -331,14 +373,21 @@ class Bench:
                 self.counter = RequestCounter(self.services, self.endpoint.port)
                 self.run_config["taskiq"] = self._taskiq_config(self.counter.ports["orchestrator"])
                 worker_config = self._taskiq_config(self.counter.ports["worker"])
-                self.log(f"SQS request counter: orchestrator -> 127.0.0.1:{self.counter.ports['orchestrator']}, "
-                         f"worker -> 127.0.0.1:{self.counter.ports['worker']}")
+                self.log(
+                    f"SQS request counter: orchestrator -> 127.0.0.1:{self.counter.ports['orchestrator']}, "
+                    f"worker -> 127.0.0.1:{self.counter.ports['worker']}"
+                )
             (self.workdir / "taskiq-worker.yaml").write_text(yaml.safe_dump(worker_config))
         if "celery" in self.opts.contenders:
             redis = redis_server(self.services)
-            self.run_config["celery"] = {"execution": {"config": {
-                "broker": f"{redis}/0", "backend": f"{redis}/1",
-            }}}
+            self.run_config["celery"] = {
+                "execution": {
+                    "config": {
+                        "broker": f"{redis}/0",
+                        "backend": f"{redis}/1",
+                    }
+                }
+            }
             self._write_config("celery")
             self.broker_pids["celery"] = next(proc.pid for name, proc in self.services._procs if name == "redis")
             self.redis_port = int(redis.rsplit(":", 1)[1])
@@ -346,10 +395,17 @@ class Bench:
 
     @staticmethod
     def _taskiq_config(port: int) -> dict[str, Any]:
-        return {"execution": {"config": {
-            "broker": f"sqs://127.0.0.1:{port}",
-            "config_source": {"broker_transport_options": {"region": "us-east-1"}, "task_default_queue": "bench"},
-        }}}
+        return {
+            "execution": {
+                "config": {
+                    "broker": f"sqs://127.0.0.1:{port}",
+                    "config_source": {
+                        "broker_transport_options": {"region": "us-east-1"},
+                        "task_default_queue": "bench",
+                    },
+                }
+            }
+        }
 
     def _write_config(self, contender: str) -> None:
         (self.workdir / f"{contender}.yaml").write_text(yaml.safe_dump(self.run_config[contender]))
@@ -382,17 +438,47 @@ class Bench:
         if "taskiq" in self.opts.contenders:
             proc, log = self.services.spawn(
                 f"taskiq-worker-{home.name}",
-                [BIN / "dagster-taskiq-sync", "worker", "start", "-y", self.workdir / "taskiq-worker.yaml",
-                 "-c", str(CONCURRENCY), "-n", "bench", "-i", "benchmarks.jobs"], env=env)
+                [
+                    BIN / "dagster-taskiq-sync",
+                    "worker",
+                    "start",
+                    "-y",
+                    self.workdir / "taskiq-worker.yaml",
+                    "-c",
+                    str(CONCURRENCY),
+                    "-n",
+                    "bench",
+                    "-i",
+                    "benchmarks.jobs",
+                ],
+                env=env,
+            )
             wait_until(lambda: " ready: " in log.read_text(errors="replace"), proc, "taskiq worker", log)
             self.worker_pids["taskiq"] = proc.pid
             started.append(proc)
         if "celery" in self.opts.contenders:
             proc, log = self.services.spawn(
                 f"celery-worker-{home.name}",
-                [BIN / "dagster-celery", "worker", "start", "-A", "dagster_celery.app", "-y", self.workdir / "celery.yaml", "-n", "bench@%h",
-                 "-i", "benchmarks.jobs", "--", "-c", str(CONCURRENCY), "--without-gossip", "--without-mingle"],
-                env=env)
+                [
+                    BIN / "dagster-celery",
+                    "worker",
+                    "start",
+                    "-A",
+                    "dagster_celery.app",
+                    "-y",
+                    self.workdir / "celery.yaml",
+                    "-n",
+                    "bench@%h",
+                    "-i",
+                    "benchmarks.jobs",
+                    "--",
+                    "-c",
+                    str(CONCURRENCY),
+                    "--without-gossip",
+                    "--without-mingle",
+                ],
+                env=env,
+            )
             wait_until(lambda: "ready." in log.read_text(errors="replace"), proc, "dagster-celery worker", log)
             self.worker_pids["celery"] = proc.pid
             started.append(proc)
@@ -400,8 +486,9 @@ class Bench:
 
     # -- runs --
 
-    def run_once(self, orchestrator: Orchestrator, storage: str, workload: str, record: bool = True,
-                 sample_memory: bool = False) -> float:
+    def run_once(
+        self, orchestrator: Orchestrator, storage: str, workload: str, record: bool = True, sample_memory: bool = False
+    ) -> float:
         contender = orchestrator.contender
         spec = workload_spec(workload)
         sampler = None
@@ -427,8 +514,10 @@ class Bench:
                 "tree_pss_mib": max(previous["tree_pss_mib"], pss / 2**20),
             }
         if not answer["success"]:
-            raise RuntimeError(f"{contender} run {answer['run_id']} of {workload} on {storage} did not succeed; "
-                               f"see its event log in {self.workdir}/home-{storage}")
+            raise RuntimeError(
+                f"{contender} run {answer['run_id']} of {workload} on {storage} did not succeed; "
+                f"see its event log in {self.workdir}/home-{storage}"
+            )
         if record:
             key = (storage, workload, contender)
             self.measurements.setdefault(key, Measurement(storage, workload, contender)).walls.append(wall)
@@ -438,26 +527,37 @@ class Bench:
                     segments[name].extend(values)
             if "payload_bytes" in answer:
                 self.payload_bytes.setdefault((storage, workload), []).extend(answer["payload_bytes"])
-            self.cpu.setdefault(key, []).append({
-                "steps": spec.steps,
-                "orchestrator": answer["cpu"]["self"],
-                # multiprocess_executor's step processes are the orchestrator's children
-                "workers": (answer["cpu"]["children"] + (cpu_after[0] - cpu_before[0])
-                            if contender != "in_process" else None),
-                "broker": cpu_after[1] - cpu_before[1] if broker_pid else None,
-                "request_counter": cpu_after[2] - cpu_before[2] if counter else None,
-            })
+            self.cpu.setdefault(key, []).append(
+                {
+                    "steps": spec.steps,
+                    "orchestrator": answer["cpu"]["self"],
+                    # multiprocess_executor's step processes are the orchestrator's children
+                    "workers": (
+                        answer["cpu"]["children"] + (cpu_after[0] - cpu_before[0])
+                        if contender != "in_process"
+                        else None
+                    ),
+                    "broker": cpu_after[1] - cpu_before[1] if broker_pid else None,
+                    "request_counter": cpu_after[2] - cpu_before[2] if counter else None,
+                }
+            )
             if spec.kind != "single":
-                self.details.setdefault(key, []).append({
-                    "steps": spec.steps, "makespan": wall, "walls": answer["walls"],
-                    **answer.get("backfill", {}),
-                })
+                self.details.setdefault(key, []).append(
+                    {
+                        "steps": spec.steps,
+                        "makespan": wall,
+                        "walls": answer["walls"],
+                        **answer.get("backfill", {}),
+                    }
+                )
             if counts_before is not None:
                 self.requests.setdefault((storage, workload), []).append(
-                    {"steps": spec.steps, "counts": count_difference(counts_after, counts_before)})
+                    {"steps": spec.steps, "counts": count_difference(counts_after, counts_before)}
+                )
             if redis_before is not None:
                 self.redis_commands.setdefault((storage, workload), []).append(
-                    {"steps": spec.steps, "counts": count_difference(redis_after, redis_before)})
+                    {"steps": spec.steps, "counts": count_difference(redis_after, redis_before)}
+                )
         return wall
 
     def run_storage(self, storage: str) -> None:
@@ -513,35 +613,64 @@ class Bench:
         chain = next((w for w in self.opts.workloads if w.startswith("chain")), None)
         fanout = next((w for w in self.opts.workloads if w.startswith("fanout") and not w.endswith("sleep")), None)
         for storage in self.opts.storages:
-            for workload, other, limit in ((chain, "celery", 0.3), (chain, "in_process", 2.5),
-                                           (fanout, "celery", 0.6), (fanout, "multiprocess", 0.3)):
+            for workload, other, limit in (
+                (chain, "celery", 0.3),
+                (chain, "in_process", 2.5),
+                (fanout, "celery", 0.6),
+                (fanout, "multiprocess", 0.3),
+            ):
                 value = self.ratio(storage, workload, "taskiq", other) if workload else None
                 if value is not None:
-                    rows.append({"storage": storage, "what": f"{workload}: taskiq / {other}", "value": value,
-                                 "target": limit, "met": value <= limit})
+                    rows.append(
+                        {
+                            "storage": storage,
+                            "what": f"{workload}: taskiq / {other}",
+                            "value": value,
+                            "target": limit,
+                            "met": value <= limit,
+                        }
+                    )
             for workload in self.opts.workloads:
                 seg = self.segments.get((storage, workload))
                 if not seg or not seg["ready_to_sent"]:
                     continue
                 overhead = [a + b for a, b in zip(seg["ready_to_sent"], seg["finish_to_seen"], strict=False)]
                 value = statistics.median(overhead) * 1000
-                rows.append({"storage": storage, "what": f"{workload}: orchestrator overhead per step p50 (ms)",
-                             "value": value, "target": 50.0, "met": value <= 50.0})
+                rows.append(
+                    {
+                        "storage": storage,
+                        "what": f"{workload}: orchestrator overhead per step p50 (ms)",
+                        "value": value,
+                        "target": 50.0,
+                        "met": value <= 50.0,
+                    }
+                )
         return rows
 
     def report(self) -> str:
-        lines = [f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; concurrency {CONCURRENCY}; "
-                 f"{self.opts.repeats} repeat(s), median wall seconds of `execute_job` (min-max).", ""]
+        lines = [
+            f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; concurrency {CONCURRENCY}; "
+            f"{self.opts.repeats} repeat(s), median wall seconds of `execute_job` (min-max).",
+            "",
+        ]
         versions = _versions()
         lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
         for path, storages in self.included:
-            lines += ["", f"{', '.join(storages)}: from the invocation that wrote {path.name} (all contenders side by "
-                      "side in that one invocation; ratios never mix invocations)."]
+            lines += [
+                "",
+                f"{', '.join(storages)}: from the invocation that wrote {path.name} (all contenders side by "
+                "side in that one invocation; ratios never mix invocations).",
+            ]
         for storage in self.opts.storages:
-            lines += ["", f"### {storage}", "",
-                      "| workload | " + " | ".join(LABELS[c] for c in self.opts.contenders)
-                      + " | taskiq / celery | taskiq / multiprocess | taskiq / in_process |",
-                      "|---|" + "---:|" * (len(self.opts.contenders) + 3)]
+            lines += [
+                "",
+                f"### {storage}",
+                "",
+                "| workload | "
+                + " | ".join(LABELS[c] for c in self.opts.contenders)
+                + " | taskiq / celery | taskiq / multiprocess | taskiq / in_process |",
+                "|---|" + "---:|" * (len(self.opts.contenders) + 3),
+            ]
             for workload in self.opts.workloads:
                 cells = []
                 for contender in self.opts.contenders:
@@ -557,16 +686,23 @@ class Bench:
             lines += ["", "Workloads of several runs: the time from the first run's start to the last run's end."]
         if self.skipped:
             lines += ["", "Skipped (not measured, by default):", ""]
-            lines += [f"- {workload}, {LABELS[contender]}: {why}."
-                      for (workload, contender), why in self.skipped.items()]
+            lines += [
+                f"- {workload}, {LABELS[contender]}: {why}." for (workload, contender), why in self.skipped.items()
+            ]
         lines += self.report_runs() + self.report_backfill()
         lines += ["", "### Targets", "", "| storage | ratio | measured | target | met |", "|---|---|---:|---:|---|"]
         for row in self.targets():
-            lines.append(f"| {row['storage']} | {row['what']} | {row['value']:.2f} | <= {row['target']:g} | "
-                         f"{'yes' if row['met'] else 'NO'} |")
-        lines += ["", "### Where a taskiq step's time goes (ms, p50 / p95 over every step of every timed run)", "",
-                  "| storage | workload | " + " | ".join(label for _, label in SEGMENTS) + " |",
-                  "|---|---|" + "---:|" * len(SEGMENTS)]
+            lines.append(
+                f"| {row['storage']} | {row['what']} | {row['value']:.2f} | <= {row['target']:g} | "
+                f"{'yes' if row['met'] else 'NO'} |"
+            )
+        lines += [
+            "",
+            "### Where a taskiq step's time goes (ms, p50 / p95 over every step of every timed run)",
+            "",
+            "| storage | workload | " + " | ".join(label for _, label in SEGMENTS) + " |",
+            "|---|---|" + "---:|" * len(SEGMENTS),
+        ]
         for (storage, workload), seg in sorted(self.segments.items()):
             cells = []
             for name, _ in SEGMENTS:
@@ -575,11 +711,17 @@ class Bench:
             lines.append(f"| {storage} | {workload} | " + " | ".join(cells) + " |")
         lines += self.report_cpu() + self.report_requests()
         if self.memory:
-            lines += ["", f"### Worker memory, {CONCURRENCY} threads/processes, fan-out run (MiB)", "",
-                      "| storage | worker | peak RSS of the worker process | peak PSS of worker + children |",
-                      "|---|---|---:|---:|"]
+            lines += [
+                "",
+                f"### Worker memory, {CONCURRENCY} threads/processes, fan-out run (MiB)",
+                "",
+                "| storage | worker | peak RSS of the worker process | peak PSS of worker + children |",
+                "|---|---|---:|---:|",
+            ]
             for (storage, contender), mem in sorted(self.memory.items()):
-                lines.append(f"| {storage} | {LABELS[contender]} | {mem['worker_rss_mib']:.0f} | {mem['tree_pss_mib']:.0f} |")
+                lines.append(
+                    f"| {storage} | {LABELS[contender]} | {mem['worker_rss_mib']:.0f} | {mem['tree_pss_mib']:.0f} |"
+                )
         return "\n".join(lines) + "\n"
 
     # -- the sections for several-run workloads, CPU and SQS requests --
@@ -603,23 +745,30 @@ class Bench:
         return f"{value:.{digits}f} · " + " / ".join(ratios)
 
     def _ratio_note(self, figure: str = "the figure (median over repeats)") -> str:
-        return (f"Each cell: {figure} · its ratio to " + " / ".join(LABELS[b] for b in BASELINES)
-                + " on the same workload and storage in this invocation (`=`: the baseline itself; `-`: not measured "
-                "or not applicable).")
+        return (
+            f"Each cell: {figure} · its ratio to "
+            + " / ".join(LABELS[b] for b in BASELINES)
+            + " on the same workload and storage in this invocation (`=`: the baseline itself; `-`: not measured "
+            "or not applicable)."
+        )
 
     def _detail(self, key: str):
         """A figure of several-run workloads: the median over repeats of ``key(detail)``."""
+
         def figure(storage, workload, contender):
             values = [key(d) for d in self.details.get((storage, workload, contender), [])]
             values = [v for v in values if v is not None]
             return statistics.median(values) if values else None
+
         return figure
 
     def _solo(self, index: int):
         """Median solo wall of a backfill workload's run ``index`` (0: the fan-out, 1: the chain)."""
+
         def figure(storage, workload, contender):
             m = self.measurements.get((storage, workload_spec(workload).jobs[index], contender))
             return m.median if m else None
+
         return figure
 
     def _runs_figures(self) -> list[tuple]:
@@ -642,6 +791,7 @@ class Bench:
             def figure(storage, workload, contender):
                 a, b = during(storage, workload, contender), solo(storage, workload, contender)
                 return a / b if a is not None and b else None
+
             return figure
 
         return [
@@ -655,6 +805,7 @@ class Bench:
 
     def figures(self) -> list[dict[str, Any]]:
         """Every figure of the report with its ratios to the baselines, for benchmark.json."""
+
         def wall(storage, workload, contender):
             m = self.measurements.get((storage, workload, contender))
             return m.median if m else None
@@ -664,8 +815,10 @@ class Bench:
         for storage, workload, contender in keys:
             kind = workload_spec(workload).kind
             named = [("wall_s", wall)]
-            named += [(f"cpu_ms_per_step_{part}", self._cpu_figure(part))
-                      for part in ("orchestrator", "workers", "broker", "total")]
+            named += [
+                (f"cpu_ms_per_step_{part}", self._cpu_figure(part))
+                for part in ("orchestrator", "workers", "broker", "total")
+            ]
             if kind == "runs":
                 named += [(name, fig) for name, _, fig, _ in self._runs_figures()]
             if kind == "backfill":
@@ -685,9 +838,17 @@ class Bench:
             for record in records:
                 for op, n in record["counts"].items():
                     per_op[op] = per_op.get(op, 0) + n / steps
-            rows.append({"storage": storage, "workload": workload, "contender": "taskiq",
-                         "figure": "sqs_requests_per_step", "value": sum(per_op.values()), "by_operation": per_op,
-                         **{f"ratio_to_{base}": None for base in BASELINES}})  # no SQS baseline
+            rows.append(
+                {
+                    "storage": storage,
+                    "workload": workload,
+                    "contender": "taskiq",
+                    "figure": "sqs_requests_per_step",
+                    "value": sum(per_op.values()),
+                    "by_operation": per_op,
+                    **{f"ratio_to_{base}": None for base in BASELINES},
+                }
+            )  # no SQS baseline
         return rows
 
     def report_runs(self) -> list[str]:
@@ -695,11 +856,16 @@ class Bench:
         if not rows:
             return []
         figures = [(label, fig, digits) for _, label, fig, digits in self._runs_figures()]
-        lines = ["", "### Several runs submitted at once", "",
-                 "R runs of a chain, started together from one orchestrating process (a thread per run). "
-                 + self._ratio_note(), "",
-                 "| storage | workload | contender | " + " | ".join(f[0] for f in figures) + " |",
-                 "|---|---|---|" + "---:|" * len(figures)]
+        lines = [
+            "",
+            "### Several runs submitted at once",
+            "",
+            "R runs of a chain, started together from one orchestrating process (a thread per run). "
+            + self._ratio_note(),
+            "",
+            "| storage | workload | contender | " + " | ".join(f[0] for f in figures) + " |",
+            "|---|---|---|" + "---:|" * len(figures),
+        ]
         for storage, workload, contender in sorted(rows, key=self._row_order):
             cells = [self.with_ratios(fig, storage, workload, contender, digits) for _, fig, digits in figures]
             lines.append(f"| {storage} | {workload} | {LABELS[contender]} | " + " | ".join(cells) + " |")
@@ -710,13 +876,19 @@ class Bench:
         if not rows:
             return []
         figures = [(label, fig, digits) for _, label, fig, digits in self._backfill_figures()]
-        lines = ["", "### Interactive run during a backfill", "",
-                 "backfill-N+chain-M: a fanout-N run starts; once its root step is done and 5% of its branches "
-                 "have started, a chain-M run starts on the same queue (same orchestrating process, its own "
-                 "thread). Solo times are the fanout-N and chain-M rows of the table above. " + self._ratio_note(), "",
-                 "| storage | workload | contender | " + " | ".join(f[0] for f in figures)
-                 + " | backfill steps done when the interactive run started / ended |",
-                 "|---|---|---|" + "---:|" * (len(figures) + 1)]
+        lines = [
+            "",
+            "### Interactive run during a backfill",
+            "",
+            "backfill-N+chain-M: a fanout-N run starts; once its root step is done and 5% of its branches "
+            "have started, a chain-M run starts on the same queue (same orchestrating process, its own "
+            "thread). Solo times are the fanout-N and chain-M rows of the table above. " + self._ratio_note(),
+            "",
+            "| storage | workload | contender | "
+            + " | ".join(f[0] for f in figures)
+            + " | backfill steps done when the interactive run started / ended |",
+            "|---|---|---|" + "---:|" * (len(figures) + 1),
+        ]
         for storage, workload, contender in sorted(rows, key=self._row_order):
             cells = [self.with_ratios(fig, storage, workload, contender, digits) for _, fig, digits in figures]
             details = self.details[(storage, workload, contender)]
@@ -724,7 +896,8 @@ class Bench:
             progress = ", ".join(
                 f"{d.get('big_steps_done_when_small_started')} / {d.get('big_steps_done_when_small_ended')}"
                 + ("" if d.get("small_started_during_backfill", True) else " (backfill ended first)")
-                for d in details)
+                for d in details
+            )
             cells.append(f"{progress} of {big_steps}")
             lines.append(f"| {storage} | {workload} | {LABELS[contender]} | " + " | ".join(cells) + " |")
         return lines
@@ -732,6 +905,7 @@ class Bench:
     def _cpu_figure(self, part: str):
         """CPU milliseconds per step of ``part`` (orchestrator, workers, broker, total), summed
         over every timed measurement and divided by their steps."""
+
         def figure(storage, workload, contender):
             records = self.cpu.get((storage, workload, contender))
             if not records:
@@ -741,26 +915,36 @@ class Bench:
                 return None  # not applicable: in_process has no workers, no contender but taskiq a proxy
             steps = sum(r["steps"] for r in records)
             return 1000 * sum(r.get(p) or 0.0 for r in records for p in parts) / steps
+
         return figure
 
     def report_cpu(self) -> list[str]:
         if not self.cpu:
             return []
-        figures = [("orchestrator", "orchestrator"), ("workers / step processes", "workers"),
-                   ("broker server (moto / redis)", "broker"), ("total", "total")]
-        lines = ["", "### CPU per step (ms of user + system time)", "",
-                 "psutil, before and after each timed measurement: the orchestrating process (in_process: it also "
-                 "runs the steps), the worker's whole process tree (multiprocess: the orchestrator's step "
-                 "processes), and the broker's server process (the local SQS endpoint, moto; Redis). Summed over "
-                 "the repeats, divided by their steps (the kernel counts in 10 ms ticks: small runs are coarse). "
-                 "The counting proxy in front of the SQS endpoint is the bench's own and not in the total. The local "
-                 "SQS endpoint (moto) looks through every message of a queue on each receive, so its CPU per step "
-                 "grows with the queue's depth (the big fan-outs); that is the stand-in's cost, not SQS's. In "
-                 "backfill workloads the orchestrator column includes the bench's own look at the backfill's "
-                 "progress (one event-log read per 0.1 s until the interactive run starts). "
-                 + self._ratio_note("CPU ms per step"), "",
-                 "| storage | workload | contender | " + " | ".join(f[0] for f in figures) + " | counting proxy |",
-                 "|---|---|---|" + "---:|" * (len(figures) + 1)]
+        figures = [
+            ("orchestrator", "orchestrator"),
+            ("workers / step processes", "workers"),
+            ("broker server (moto / redis)", "broker"),
+            ("total", "total"),
+        ]
+        lines = [
+            "",
+            "### CPU per step (ms of user + system time)",
+            "",
+            "psutil, before and after each timed measurement: the orchestrating process (in_process: it also "
+            "runs the steps), the worker's whole process tree (multiprocess: the orchestrator's step "
+            "processes), and the broker's server process (the local SQS endpoint, moto; Redis). Summed over "
+            "the repeats, divided by their steps (the kernel counts in 10 ms ticks: small runs are coarse). "
+            "The counting proxy in front of the SQS endpoint is the bench's own and not in the total. The local "
+            "SQS endpoint (moto) looks through every message of a queue on each receive, so its CPU per step "
+            "grows with the queue's depth (the big fan-outs); that is the stand-in's cost, not SQS's. In "
+            "backfill workloads the orchestrator column includes the bench's own look at the backfill's "
+            "progress (one event-log read per 0.1 s until the interactive run starts). "
+            + self._ratio_note("CPU ms per step"),
+            "",
+            "| storage | workload | contender | " + " | ".join(f[0] for f in figures) + " | counting proxy |",
+            "|---|---|---|" + "---:|" * (len(figures) + 1),
+        ]
         for storage, workload, contender in sorted(self.cpu, key=self._row_order):
             cells = [self.with_ratios(self._cpu_figure(part), storage, workload, contender, 1) for _, part in figures]
             proxy = self._cpu_figure("request_counter")(storage, workload, contender)
@@ -774,21 +958,30 @@ class Bench:
     def _report_redis(self) -> list[str]:
         if not self.redis_commands:
             return []
-        lines = ["", "For comparison, the broker round trips of dagster-celery: Redis commands per step (`INFO "
-                 "commandstats` before and after each timed measurement, its own INFO calls excluded; the "
-                 "orchestrator's result polling included). A Redis command is far cheaper than an SQS HTTP request; this counts round "
-                 "trips, it does not compare cost.", "",
-                 "| storage | workload | steps | all commands | most frequent |", "|---|---|---:|---:|---|"]
-        for (storage, workload), records in sorted(self.redis_commands.items(),
-                                                   key=lambda kv: self._row_order((*kv[0], ""))):
+        lines = [
+            "",
+            "For comparison, the broker round trips of dagster-celery: Redis commands per step (`INFO "
+            "commandstats` before and after each timed measurement, its own INFO calls excluded; the "
+            "orchestrator's result polling included). A Redis command is far cheaper than an SQS HTTP request; this counts round "
+            "trips, it does not compare cost.",
+            "",
+            "| storage | workload | steps | all commands | most frequent |",
+            "|---|---|---:|---:|---|",
+        ]
+        for (storage, workload), records in sorted(
+            self.redis_commands.items(), key=lambda kv: self._row_order((*kv[0], ""))
+        ):
             steps = sum(r["steps"] for r in records)
             totals: dict[str, int] = {}
             for record in records:
                 for command, n in record["counts"].items():
                     totals[command] = totals.get(command, 0) + n
             top = sorted(totals.items(), key=lambda kv: -kv[1])[:5]
-            lines.append(f"| {storage} | {workload} | {steps // len(records)} | {sum(totals.values()) / steps:.1f} | "
-                         + ", ".join(f"{name.removeprefix('redis ')} {n / steps:.1f}" for name, n in top) + " |")
+            lines.append(
+                f"| {storage} | {workload} | {steps // len(records)} | {sum(totals.values()) / steps:.1f} | "
+                + ", ".join(f"{name.removeprefix('redis ')} {n / steps:.1f}" for name, n in top)
+                + " |"
+            )
         return lines
 
     def _report_requests(self) -> list[str]:
@@ -799,17 +992,28 @@ class Bench:
             for record in records:
                 operations.extend(op for op in record["counts"] if op not in operations)
         # orchestrator first, then the worker's receives, its other calls, and S3 last
-        operations.sort(key=lambda op: (not op.startswith("orchestrator"), "S3" in op,
-                                        op.startswith("worker") and "Receive" not in op, op))
-        lines = ["", "### SQS and S3 requests per step (taskiq, counted at the endpoint)", "",
-                 "A counting proxy in front of the local endpoint reads each HTTP request's head (X-Amz-Target or "
-                 "Action=; S3 method and path); the orchestrator and the worker use separate proxy ports. Requests "
-                 "from the start to the end of each timed measurement (idle long polls included), summed over the "
-                 "repeats, divided by their steps. There is no SQS baseline: dagster-celery talks to Redis, the "
-                 "in-process executors to nothing. Message bytes: the serialized step arguments each message "
-                 "carries (p50 / max).", "",
-                 "| storage | workload | steps | all requests | " + " | ".join(operations) + " | message bytes |",
-                 "|---|---|---:|---:|" + "---:|" * (len(operations) + 1)]
+        operations.sort(
+            key=lambda op: (
+                not op.startswith("orchestrator"),
+                "S3" in op,
+                op.startswith("worker") and "Receive" not in op,
+                op,
+            )
+        )
+        lines = [
+            "",
+            "### SQS and S3 requests per step (taskiq, counted at the endpoint)",
+            "",
+            "A counting proxy in front of the local endpoint reads each HTTP request's head (X-Amz-Target or "
+            "Action=; S3 method and path); the orchestrator and the worker use separate proxy ports. Requests "
+            "from the start to the end of each timed measurement (idle long polls included), summed over the "
+            "repeats, divided by their steps. There is no SQS baseline: dagster-celery talks to Redis, the "
+            "in-process executors to nothing. Message bytes: the serialized step arguments each message "
+            "carries (p50 / max).",
+            "",
+            "| storage | workload | steps | all requests | " + " | ".join(operations) + " | message bytes |",
+            "|---|---|---:|---:|" + "---:|" * (len(operations) + 1),
+        ]
         for (storage, workload), records in sorted(self.requests.items(), key=lambda kv: self._row_order((*kv[0], ""))):
             steps = sum(r["steps"] for r in records)
             totals = {op: sum(r["counts"].get(op, 0) for r in records) / steps for op in operations}
@@ -822,9 +1026,12 @@ class Bench:
 
     def _row_order(self, key: tuple[str, str, str]) -> tuple:
         storage, workload, contender = key
-        return (STORAGES.index(storage) if storage in STORAGES else 9,
-                self.opts.workloads.index(workload) if workload in self.opts.workloads else 99, workload,
-                CONTENDERS.index(contender) if contender in CONTENDERS else 9)
+        return (
+            STORAGES.index(storage) if storage in STORAGES else 9,
+            self.opts.workloads.index(workload) if workload in self.opts.workloads else 99,
+            workload,
+            CONTENDERS.index(contender) if contender in CONTENDERS else 9,
+        )
 
     def raw(self) -> dict[str, Any]:
         return {
@@ -865,8 +1072,11 @@ class Bench:
                 workload, contender = rest.rsplit("/", 1)
                 if storage in added:
                     target[(storage, workload, contender)] = value
-        for name, target in (("sqs_requests", self.requests), ("redis_commands", self.redis_commands),
-                             ("payload_bytes", self.payload_bytes)):
+        for name, target in (
+            ("sqs_requests", self.requests),
+            ("redis_commands", self.redis_commands),
+            ("payload_bytes", self.payload_bytes),
+        ):
             for key, value in raw.get(name, {}).items():
                 storage, workload = key.split("/", 1)
                 if storage in added:
@@ -901,8 +1111,16 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("dagster", "dagster-taskiq-sync", "taskiq", "taskiq-aio-sqs", "dagster-celery", "celery",
-                    "dagster-postgres", "moto"):
+    for package in (
+        "dagster",
+        "dagster-taskiq-sync",
+        "taskiq",
+        "taskiq-aio-sqs",
+        "dagster-celery",
+        "celery",
+        "dagster-postgres",
+        "moto",
+    ):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
@@ -925,18 +1143,26 @@ def chart(bench: Bench, path: Path) -> None:
     for ax, storage in zip(axes[0], storages, strict=False):
         skipped_at = []
         for i, contender in enumerate(bench.opts.contenders):
-            values = [bench.measurements[(storage, w, contender)].median
-                      if (storage, w, contender) in bench.measurements else float("nan") for w in workloads]
+            values = [
+                bench.measurements[(storage, w, contender)].median
+                if (storage, w, contender) in bench.measurements
+                else float("nan")
+                for w in workloads
+            ]
             xs = [x + (i - (len(bench.opts.contenders) - 1) / 2) * width for x in range(len(workloads))]
             bars = ax.bar(xs, values, width, label=LABELS[contender])
-            ax.bar_label(bars, labels=["" if v != v else f"{v:.1f}" if v >= 1 else f"{v:.2f}" for v in values],
-                         fontsize=7)
-            skipped_at += [x for x, w, v in zip(xs, workloads, values, strict=True) if v != v and (w, contender) in bench.skipped]
+            ax.bar_label(
+                bars, labels=["" if v != v else f"{v:.1f}" if v >= 1 else f"{v:.2f}" for v in values], fontsize=7
+            )
+            skipped_at += [
+                x for x, w, v in zip(xs, workloads, values, strict=True) if v != v and (w, contender) in bench.skipped
+            ]
         ax.set_xticks(range(len(workloads)), workloads, rotation=20, ha="right")
         ax.set_yscale("log")
         for x in skipped_at:  # no bar to label: say so at the bottom of the panel
-            ax.text(x, ax.get_ylim()[0] * 1.1, "skipped", rotation=90, ha="center", va="bottom", fontsize=7,
-                    color="grey")
+            ax.text(
+                x, ax.get_ylim()[0] * 1.1, "skipped", rotation=90, ha="center", va="bottom", fontsize=7, color="grey"
+            )
         ax.set_ylabel("wall time, s (median, log scale;\nseveral runs: until the last one ends)")
         ax.set_title(f"{storage} instance, concurrency {CONCURRENCY}")
         ax.grid(axis="y", alpha=0.3)
@@ -947,26 +1173,49 @@ def chart(bench: Bench, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bin/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="bin/bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small workloads, one repeat: a smoke run (CI)")
     parser.add_argument("--repeats", type=int, help="timed runs per contender and workload (default 3; --quick 1)")
     parser.add_argument("--storages", default=",".join(STORAGES), help="comma-separated: sqlite,postgres")
     parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated: " + ",".join(CONTENDERS))
-    parser.add_argument("--workloads", help="comma-separated chain-N / fanout-N / fanout-N-sleep / runs-R-chain-N / "
-                        "backfill-N+chain-M, or runs-10 (= runs-10-chain-10), backfill+interactive "
-                        "(= backfill-1000+chain-5), backfill-small (= backfill-20+chain-3); a backfill's fanout-N and "
-                        "chain-M solo runs are added if not listed (default " + ",".join(FULL_WORKLOADS)
-                        + "; --quick " + ",".join(QUICK_WORKLOADS) + ")")
-    parser.add_argument("--run-skipped", action="store_true",
-                        help=f"also run what is skipped by default (multiprocess on more than {MULTIPROCESS_MAX_STEPS} "
-                        f"steps per measurement; with --quick, more than {QUICK_MULTIPROCESS_MAX_STEPS})")
-    parser.add_argument("--no-request-count", dest="count_requests", action="store_false",
-                        help="no counting proxy in front of the SQS endpoint (taskiq talks to it directly)")
-    parser.add_argument("--include", metavar="RESULTS.json", action="append", default=[],
-                        help="also report the storages of an earlier invocation (its benchmark.json or progress.json) "
-                        "that this one did not run; each storage's ratios still come from one invocation (repeatable)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="run nothing: write the report, JSON and chart from the --include files")
+    parser.add_argument(
+        "--workloads",
+        help="comma-separated chain-N / fanout-N / fanout-N-sleep / runs-R-chain-N / "
+        "backfill-N+chain-M, or runs-10 (= runs-10-chain-10), backfill+interactive "
+        "(= backfill-1000+chain-5), backfill-small (= backfill-20+chain-3); a backfill's fanout-N and "
+        "chain-M solo runs are added if not listed (default "
+        + ",".join(FULL_WORKLOADS)
+        + "; --quick "
+        + ",".join(QUICK_WORKLOADS)
+        + ")",
+    )
+    parser.add_argument(
+        "--run-skipped",
+        action="store_true",
+        help=f"also run what is skipped by default (multiprocess on more than {MULTIPROCESS_MAX_STEPS} "
+        f"steps per measurement; with --quick, more than {QUICK_MULTIPROCESS_MAX_STEPS})",
+    )
+    parser.add_argument(
+        "--no-request-count",
+        dest="count_requests",
+        action="store_false",
+        help="no counting proxy in front of the SQS endpoint (taskiq talks to it directly)",
+    )
+    parser.add_argument(
+        "--include",
+        metavar="RESULTS.json",
+        action="append",
+        default=[],
+        help="also report the storages of an earlier invocation (its benchmark.json or progress.json) "
+        "that this one did not run; each storage's ratios still come from one invocation (repeatable)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run nothing: write the report, JSON and chart from the --include files",
+    )
     parser.add_argument("--out", help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir)")
     opts = parser.parse_args(argv)
     workloads_given = opts.workloads is not None
@@ -988,7 +1237,10 @@ def main(argv: list[str] | None = None) -> int:
         if workload not in workloads:
             workloads.append(workload)
     opts.workloads = tuple(workloads)
-    for name, values, allowed in (("--storages", opts.storages, STORAGES), ("--contenders", opts.contenders, CONTENDERS)):
+    for name, values, allowed in (
+        ("--storages", opts.storages, STORAGES),
+        ("--contenders", opts.contenders, CONTENDERS),
+    ):
         unknown = [v for v in values if v not in allowed]
         if unknown or not values:
             parser.error(f"{name}: {', '.join(unknown) or 'nothing given'} not one of {', '.join(allowed)}")

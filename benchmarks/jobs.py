@@ -70,8 +70,10 @@ def workload_spec(name: str) -> Workload:
     match = BACKFILL.match(full)
     if match and int(match.group(1)) >= 1 and int(match.group(2)) >= 1:
         return Workload(name, "backfill", (f"fanout-{match.group(1)}", f"chain-{match.group(2)}"))
-    raise ValueError(f"unknown workload {name!r}; use chain-N, fanout-N, fanout-N-sleep, runs-R-chain-N, "
-                     f"backfill-N+chain-M or one of {', '.join(ALIASES)}")
+    raise ValueError(
+        f"unknown workload {name!r}; use chain-N, fanout-N, fanout-N-sleep, runs-R-chain-N, "
+        f"backfill-N+chain-M or one of {', '.join(ALIASES)}"
+    )
 
 
 def executor_def(name: str):
@@ -113,6 +115,7 @@ def _make_job(workload: str, executor: str) -> JobDefinition:
     executor_definition = executor_def(executor)
 
     if shape == "chain":
+
         @op
         def first() -> int:
             return 0

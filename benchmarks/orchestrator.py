@@ -29,8 +29,14 @@ import time
 import traceback
 import uuid
 
-SEGMENTS = ("ready_to_sent", "sent_to_received", "received_to_child", "child_to_start", "start_to_finish",
-            "finish_to_seen")
+SEGMENTS = (
+    "ready_to_sent",
+    "sent_to_received",
+    "received_to_child",
+    "child_to_start",
+    "start_to_finish",
+    "finish_to_seen",
+)
 _SEEN_AT: dict[tuple[str, str], float] = {}
 _SENT_AT: dict[tuple[str, str], float] = {}
 
@@ -112,8 +118,13 @@ class Runner:
         from .jobs import reconstructable_job
 
         started = time.perf_counter()
-        result = execute_job(reconstructable_job(job, self.contender), instance=self.instance,
-                             run_config=run_config, raise_on_error=False, tags=tags)
+        result = execute_job(
+            reconstructable_job(job, self.contender),
+            instance=self.instance,
+            run_config=run_config,
+            raise_on_error=False,
+            tags=tags,
+        )
         ended = time.perf_counter()
         return {"job": job, "run_id": result.run_id, "success": result.success, "start": started, "end": ended}
 
@@ -121,6 +132,7 @@ class Runner:
         """Start ``execute(*call)`` for each call in its own thread; results land in ``self.results``."""
         threads = []
         for index, call in enumerate(calls):
+
             def target(index=index, call=call):
                 try:
                     if barrier is not None:
@@ -128,6 +140,7 @@ class Runner:
                     self.results[index] = self.execute(*call)
                 except BaseException:
                     self.results[index] = {"error": traceback.format_exc()}
+
             thread = threading.Thread(target=target, name=f"run-{index}", daemon=True)
             thread.start()
             threads.append(thread)
@@ -162,9 +175,11 @@ class Runner:
             "run_ids": [r["run_id"] for r in runs],
             "run_id": (failed or runs)[0]["run_id"],
             "success": not failed,
-            "cpu": {"self": (after.user - before.user) + (after.system - before.system),
-                    "children": (after.children_user - before.children_user)
-                    + (after.children_system - before.children_system)},
+            "cpu": {
+                "self": (after.user - before.user) + (after.system - before.system),
+                "children": (after.children_user - before.children_user)
+                + (after.children_system - before.children_system),
+            },
             **extra,
         }
         return answer
@@ -185,8 +200,11 @@ class Runner:
                 runs = self.instance.get_runs(filters=RunsFilter(tags={"bench/request": token}), limit=1)
                 big_run_id = runs[0].run_id if runs else None
             if big_run_id is not None:
-                started = len(self.instance.get_records_for_run(
-                    big_run_id, of_type=DagsterEventType.STEP_START, limit=wanted).records)
+                started = len(
+                    self.instance.get_records_for_run(
+                        big_run_id, of_type=DagsterEventType.STEP_START, limit=wanted
+                    ).records
+                )
                 if started >= wanted:
                     break
             time.sleep(0.1)
@@ -195,13 +213,15 @@ class Runner:
         self.results[1] = self.execute(small, run_config)
         done_at_end = self._steps_done(big_run_id)
         thread.join()
-        return {"backfill": {
-            "big_steps_started_when_small_started": started,
-            "big_steps_done_when_small_started": done_at_start,
-            "big_steps_done_when_small_ended": done_at_end,
-            # False: the backfill ended before its fan-out was seen in flight; the small run ran alone
-            "small_started_during_backfill": in_flight,
-        }}
+        return {
+            "backfill": {
+                "big_steps_started_when_small_started": started,
+                "big_steps_done_when_small_started": done_at_start,
+                "big_steps_done_when_small_ended": done_at_end,
+                # False: the backfill ended before its fan-out was seen in flight; the small run ran alone
+                "small_started_during_backfill": in_flight,
+            }
+        }
 
     def _steps_done(self, run_id: str | None) -> int | None:
         if run_id is None:

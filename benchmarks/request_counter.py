@@ -28,9 +28,15 @@ MAX_HEAD = 65536
 CREDENTIAL_SERVICE = re.compile(r"Credential=[^/,]+/\d+/[^/,]+/([^/,]+)/")
 ACTION = re.compile(rb"(?:^|&)Action=([A-Za-z0-9]+)")
 S3_OPERATIONS = {  # (method, names an object) -> operation, path-style addressing
-    ("PUT", True): "PutObject", ("GET", True): "GetObject", ("DELETE", True): "DeleteObject",
-    ("HEAD", True): "HeadObject", ("PUT", False): "CreateBucket", ("HEAD", False): "HeadBucket",
-    ("GET", False): "ListObjects", ("DELETE", False): "DeleteBucket", ("POST", False): "DeleteObjects",
+    ("PUT", True): "PutObject",
+    ("GET", True): "GetObject",
+    ("DELETE", True): "DeleteObject",
+    ("HEAD", True): "HeadObject",
+    ("PUT", False): "CreateBucket",
+    ("HEAD", False): "HeadBucket",
+    ("GET", False): "ListObjects",
+    ("DELETE", False): "DeleteBucket",
+    ("POST", False): "DeleteObjects",
 }
 
 
@@ -80,7 +86,7 @@ class RequestStream:
             if self.state in ("body", "chunk-data"):
                 take = min(self.remaining, len(data))
                 if self.want_prefix and self.state == "body" and len(self.prefix) < PREFIX_BYTES:
-                    self.prefix += data[:min(take, PREFIX_BYTES - len(self.prefix))]
+                    self.prefix += data[: min(take, PREFIX_BYTES - len(self.prefix))]
                 self.remaining -= take
                 data = data[take:]
                 if self.remaining == 0:
@@ -106,11 +112,11 @@ class RequestStream:
             if end < 0:
                 return None
             self._start(buf[:end])
-            return buf[end + 4:]
+            return buf[end + 4 :]
         end = buf.find(b"\r\n")
         if end < 0:
             return None
-        line, rest = buf[:end], buf[end + 2:]
+        line, rest = buf[:end], buf[end + 2 :]
         if self.state == "chunk-size":
             try:
                 size = int(line.split(b";", 1)[0].strip(), 16)

@@ -61,13 +61,26 @@ class Services:
         self.workdir = workdir
         self._procs: list[tuple[str, subprocess.Popen]] = []
 
-    def spawn(self, name: str, command: list[str], env: dict[str, str] | None = None, user: str | None = None,
-              cwd: Path | None = None) -> tuple[subprocess.Popen, Path]:
+    def spawn(
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: Path | None = None,
+    ) -> tuple[subprocess.Popen, Path]:
         log = self.workdir / f"{name}.log"
         out = open(log, "ab")
-        proc = subprocess.Popen([str(c) for c in command], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, user=user, preexec_fn=_die_with_parent,
-                                cwd=cwd or ROOT)
+        proc = subprocess.Popen(
+            [str(c) for c in command],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            user=user,
+            preexec_fn=_die_with_parent,
+            cwd=cwd or ROOT,
+        )
         out.close()
         self._procs.append((name, proc))
         return proc, log
@@ -107,10 +120,26 @@ def redis_server(services: Services) -> str:
     """A throwaway Redis on loopback (Debian's redis-server); returns its URL."""
     binary = shutil.which("redis-server")
     if binary is None:
-        raise ServiceError("redis-server is not installed; install Debian's redis-server (apt-get install redis-server).")
+        raise ServiceError(
+            "redis-server is not installed; install Debian's redis-server (apt-get install redis-server)."
+        )
     port = free_port()
-    proc, log = services.spawn("redis", [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                         "--appendonly", "no", "--dir", str(services.workdir)])
+    proc, log = services.spawn(
+        "redis",
+        [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(services.workdir),
+        ],
+    )
 
     def ready() -> bool:
         import socket
@@ -137,13 +166,21 @@ def postgres_server(services: Services) -> dict[str, object]:
         for path in (services.workdir, data):
             os.chown(path, entry.pw_uid, entry.pw_gid)
         os.chmod(services.workdir, 0o755)
-    init = subprocess.run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth", "trust", "-E", "UTF8",
-                           "--no-sync"], capture_output=True, text=True, user=user, timeout=120)
+    init = subprocess.run(
+        [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth", "trust", "-E", "UTF8", "--no-sync"],
+        capture_output=True,
+        text=True,
+        user=user,
+        timeout=120,
+    )
     if init.returncode != 0:
         raise ServiceError(f"initdb failed: {init.stderr.strip()}")
     port = free_port()
-    proc, log = services.spawn("postgres", [bindir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
-                                            "-k", data, "-c", "max_connections=200"], user=user)
+    proc, log = services.spawn(
+        "postgres",
+        [bindir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port), "-k", data, "-c", "max_connections=200"],
+        user=user,
+    )
 
     def ready() -> bool:
         out = subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True)

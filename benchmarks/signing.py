@@ -41,8 +41,10 @@ def main() -> None:
     print("| body bytes | sign (µs) | verify (µs) | decode + checks (µs) | verify / decode |")
     print("|---:|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['bytes']} | {row['sign_us']:.1f} | {row['verify_us']:.1f} | {row['decode_us']:.1f} | "
-              f"{row['verify_us'] / row['decode_us']:.2f}x |")
+        print(
+            f"| {row['bytes']} | {row['sign_us']:.1f} | {row['verify_us']:.1f} | {row['decode_us']:.1f} | "
+            f"{row['verify_us'] / row['decode_us']:.2f}x |"
+        )
     print(f"median verify share of decode: {statistics.median(r['verify_us'] / r['decode_us'] for r in rows):.2f}x")
 
 

@@ -80,12 +80,23 @@ CHAOS_KINDS = ("kill", "sqs_pause", "pg_restart")
 ORPHAN_GRACE = 15.0  # seconds a killed worker's step processes get to die with it
 READY_TIMEOUT = 180.0  # a restarted worker that is not ready by then "did not come back"
 # DagsterEventType names (their values are the legacy PIPELINE_* strings)
-PROGRESS = ("STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "STEP_UP_FOR_RETRY", "STEP_RESTARTED",
-            "RUN_START", "RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED")
+PROGRESS = (
+    "STEP_START",
+    "STEP_SUCCESS",
+    "STEP_FAILURE",
+    "STEP_UP_FOR_RETRY",
+    "STEP_RESTARTED",
+    "RUN_START",
+    "RUN_SUCCESS",
+    "RUN_FAILURE",
+    "RUN_CANCELED",
+)
 RUN_END = ("RUN_SUCCESS", "RUN_FAILURE", "RUN_CANCELED")
 PER_ATTEMPT_KINDS = ("step", "queued", "cancel", "probe")
 
-STARTED_RE = re.compile(r"worker (\S+): step (\S+) \(attempt (\d+)\) of run ([0-9a-f-]{36}) started \(queue (\S+), pid (\d+)\)")
+STARTED_RE = re.compile(
+    r"worker (\S+): step (\S+) \(attempt (\d+)\) of run ([0-9a-f-]{36}) started \(queue (\S+), pid (\d+)\)"
+)
 DROPPED_RE = re.compile(r"worker (\S+): dropping message (\S+) \(delivered (\d+) times\): (.*); not running it")
 LABEL_RE = re.compile(r"step (\S+) \(attempt (\d+)\) of run ([0-9a-f-]{36})")
 NEVER_RE = re.compile(r"worker (\S+): message (\S+) on queue (\S+) can never run: (.*)")
@@ -196,11 +207,18 @@ class Soak:
         stack.callback(self.services.close)
         stack.callback(self.stop_chaos.set)
         stack.callback(self.stop_supervising.set)
-        config = {"broker": self.proxy.broker_url, **EXECUTOR,
-                  "config_source": {"task_default_queue": QUEUES[0],
-                                    "broker_transport_options": {"region": "us-east-1",
-                                                                 "visibility_timeout": VISIBILITY,
-                                                                 "wait_time_seconds": WAIT_TIME}}}
+        config = {
+            "broker": self.proxy.broker_url,
+            **EXECUTOR,
+            "config_source": {
+                "task_default_queue": QUEUES[0],
+                "broker_transport_options": {
+                    "region": "us-east-1",
+                    "visibility_timeout": VISIBILITY,
+                    "wait_time_seconds": WAIT_TIME,
+                },
+            },
+        }
         self.config_path.write_text(yaml.safe_dump({"execution": {"config": config}}))
         self.env = aws_env(self.endpoint) | {
             "DAGSTER_HOME": str(self.home),
@@ -208,9 +226,22 @@ class Soak:
             "PYTHONUNBUFFERED": "1",
         }
         self.env.pop("AWS_ENDPOINT_URL", None)
-        out = subprocess.run([CLI, "queues", "create", "-y", str(self.config_path), *(arg for q in QUEUES for arg in ("-q", q)),
-                              "--max-receive-count", str(MAX_RECEIVE)], env=self.env, capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            [
+                CLI,
+                "queues",
+                "create",
+                "-y",
+                str(self.config_path),
+                *(arg for q in QUEUES for arg in ("-q", q)),
+                "--max-receive-count",
+                str(MAX_RECEIVE),
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if out.returncode != 0:
             raise ServiceError(f"queues create failed: {out.stderr.strip()}")
         for slot in self.slots.values():
@@ -223,9 +254,22 @@ class Soak:
         slot.incarnation += 1
         env = self.env | {"SOAK_WORKER": slot.name, "SOAK_INCARNATION": str(slot.incarnation)}
         offset = slot.log.stat().st_size if slot.log and slot.log.exists() else 0
-        command = [CLI, "worker", "start", "-y", str(self.config_path), "-n", slot.name,
-                   *(arg for q in slot.queues for arg in ("-q", q)), "-c", str(CONCURRENCY),
-                   "--heartbeat-interval", str(HEARTBEAT), "--shutdown-timeout", "30"]
+        command = [
+            CLI,
+            "worker",
+            "start",
+            "-y",
+            str(self.config_path),
+            "-n",
+            slot.name,
+            *(arg for q in slot.queues for arg in ("-q", q)),
+            "-c",
+            str(CONCURRENCY),
+            "--heartbeat-interval",
+            str(HEARTBEAT),
+            "--shutdown-timeout",
+            "30",
+        ]
         proc, path = self.spawn(f"worker-{slot.name}", command, env)
         slot.proc, slot.pid, slot.log, slot.started = proc, proc.pid, path, time.time()
         slot.pids[slot.incarnation] = proc.pid
@@ -250,16 +294,31 @@ class Soak:
     def run_config(self, job: str) -> dict:
         from .soak_jobs import op_names
 
-        ops = {name: {"config": {"marker_dir": str(self.markers), "sleep": round(self.rng.uniform(0.2, 2.5), 2)}}
-               for name in op_names(job)}
+        ops = {
+            name: {"config": {"marker_dir": str(self.markers), "sleep": round(self.rng.uniform(0.2, 2.5), 2)}}
+            for name in op_names(job)
+        }
         return {"ops": ops}
 
     def launch(self, seq: int) -> RunProc:
         job = self.rng.choice(("soak_fanout", "soak_chain"))
         cfg = self.run_dir / f"run-{seq:04d}.yaml"
         cfg.write_text(yaml.safe_dump(self.run_config(job)))
-        command = [DAGSTER, "job", "execute", "-f", str(JOBS_FILE), "-a", job, "-c", str(self.config_path),
-                   "-c", str(cfg), "--tags", json.dumps({"soak/seq": str(seq)})]
+        command = [
+            DAGSTER,
+            "job",
+            "execute",
+            "-f",
+            str(JOBS_FILE),
+            "-a",
+            job,
+            "-c",
+            str(self.config_path),
+            "-c",
+            str(cfg),
+            "--tags",
+            json.dumps({"soak/seq": str(seq)}),
+        ]
         proc, path = self.spawn(f"runs/run-{seq:04d}", command, self.env)
         run = RunProc(seq, job, time.time(), str(path), proc=proc)
         self.runs.append(run)
@@ -276,9 +335,13 @@ class Soak:
                 code = run.proc.poll()
                 if code is None and now - run.start > self.opts.run_timeout:
                     run.timed_out = True
-                    self.violations.add("hang", f"run #{run.seq} ({run.job}) did not end within "
-                                                f"{self.opts.run_timeout:g} s; its orchestrator was killed",
-                                        seq=run.seq, log=run.log)
+                    self.violations.add(
+                        "hang",
+                        f"run #{run.seq} ({run.job}) did not end within "
+                        f"{self.opts.run_timeout:g} s; its orchestrator was killed",
+                        seq=run.seq,
+                        log=run.log,
+                    )
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(run.proc.pid, signal.SIGKILL)
                     code = run.proc.wait()
@@ -334,7 +397,9 @@ class Soak:
             except psutil.NoSuchProcess:
                 tree = [slot.pid]
             event.pids = tree
-            log(f"chaos: SIGKILL worker {name} (incarnation {slot.incarnation}, pid {slot.pid}, {len(tree) - 1} children)")
+            log(
+                f"chaos: SIGKILL worker {name} (incarnation {slot.incarnation}, pid {slot.pid}, {len(tree) - 1} children)"
+            )
             event.killed_at = time.time()
             os.kill(slot.pid, signal.SIGKILL)
             slot.proc.wait()
@@ -350,9 +415,13 @@ class Soak:
                 event.children_gone_after = event.gone_at - event.killed_at
             else:
                 event.orphans = [_describe(pid) for pid in alive]
-                self.violations.add("orphan", f"{len(alive)} process(es) of worker {name} (pid {slot.pid}) were still "
-                                              f"alive {ORPHAN_GRACE:g} s after its SIGKILL: {event.orphans}",
-                                    worker=name, pid=slot.pid)
+                self.violations.add(
+                    "orphan",
+                    f"{len(alive)} process(es) of worker {name} (pid {slot.pid}) were still "
+                    f"alive {ORPHAN_GRACE:g} s after its SIGKILL: {event.orphans}",
+                    worker=name,
+                    pid=slot.pid,
+                )
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(slot.pid, signal.SIGKILL)  # what a supervisor's cgroup kill would do
             self.services._procs = [(n, p) for n, p in self.services._procs if p is not slot.proc]
@@ -362,8 +431,12 @@ class Soak:
                 event.back_after = time.time() - event.start
                 log(f"chaos: worker {name} back (incarnation {slot.incarnation}) after {event.back_after:.1f} s")
             else:
-                self.violations.add("worker-not-back", f"worker {name} did not come back within {READY_TIMEOUT:g} s "
-                                                       f"of its restart; its log ends:\n{tail(slot.log)}", worker=name)
+                self.violations.add(
+                    "worker-not-back",
+                    f"worker {name} did not come back within {READY_TIMEOUT:g} s "
+                    f"of its restart; its log ends:\n{tail(slot.log)}",
+                    worker=name,
+                )
             event.end = time.time()
 
     def busy_workers(self) -> set[str]:
@@ -412,15 +485,18 @@ class Soak:
                     code = slot.proc.poll()
                     if code is None:
                         continue
-                    what = (f"worker {slot.name} (incarnation {slot.incarnation}, pid {slot.pid}) exited by itself "
-                            f"with code {code}; its log ends:\n{tail(slot.log)}")
+                    what = (
+                        f"worker {slot.name} (incarnation {slot.incarnation}, pid {slot.pid}) exited by itself "
+                        f"with code {code}; its log ends:\n{tail(slot.log)}"
+                    )
                     slot.unexpected_exits.append({"incarnation": slot.incarnation, "code": code, "at": time.time()})
                     self.violations.add("worker-exit", what, worker=slot.name)
                     self.services._procs = [(n, p) for n, p in self.services._procs if p is not slot.proc]
                     offset = self.start_worker(slot)
                     if not self.wait_ready(slot, offset):
-                        self.violations.add("worker-not-back", f"worker {slot.name} did not come back after exiting",
-                                            worker=slot.name)
+                        self.violations.add(
+                            "worker-not-back", f"worker {slot.name} did not come back after exiting", worker=slot.name
+                        )
                 finally:
                     slot.lock.release()
 
@@ -430,8 +506,10 @@ class Soak:
         started = time.time()
         until = started + self.opts.duration * 60
         plan = self.chaos_plan(started, until)
-        log(f"soak for {self.opts.duration:g} min (seed {self.opts.seed}): {len(plan)} chaos events planned, "
-            f"{self.opts.runs_at_once} runs at once; work dir {self.workdir}")
+        log(
+            f"soak for {self.opts.duration:g} min (seed {self.opts.seed}): {len(plan)} chaos events planned, "
+            f"{self.opts.runs_at_once} runs at once; work dir {self.workdir}"
+        )
         supervisor = threading.Thread(target=self.supervise, name="supervisor", daemon=True)
         supervisor.start()
         chaos = threading.Thread(target=self.chaos_loop, args=(plan,), name="chaos", daemon=True)
@@ -476,15 +554,20 @@ class Soak:
                 codes[slot.name] = slot.proc.wait(60)
             except subprocess.TimeoutExpired:
                 codes[slot.name] = None
-                self.violations.add("worker-stop", f"worker {slot.name} did not stop within 60 s of SIGTERM",
-                                    worker=slot.name)
+                self.violations.add(
+                    "worker-stop", f"worker {slot.name} did not stop within 60 s of SIGTERM", worker=slot.name
+                )
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(slot.pid, signal.SIGKILL)
             if codes[slot.name] not in (0, None):
-                self.violations.add("worker-stop", f"worker {slot.name} exited {codes[slot.name]} on SIGTERM; its log "
-                                                   f"ends:\n{tail(slot.log)}", worker=slot.name)
-        self.services._procs = [(n, p) for n, p in self.services._procs
-                                if all(p is not s.proc for s in self.slots.values())]
+                self.violations.add(
+                    "worker-stop",
+                    f"worker {slot.name} exited {codes[slot.name]} on SIGTERM; its log ends:\n{tail(slot.log)}",
+                    worker=slot.name,
+                )
+        self.services._procs = [
+            (n, p) for n, p in self.services._procs if all(p is not s.proc for s in self.slots.values())
+        ]
         return codes
 
     def state_rows(self) -> dict[str, Any]:
@@ -492,7 +575,9 @@ class Soak:
         out = self.pg.psql("SELECT key, value FROM kvs WHERE key LIKE 'dagster-taskiq-sync/%' ORDER BY id", db)
         rows = [line.split("|", 1) for line in out.splitlines() if line.strip()]
         kinds = Counter(key.split("/")[1] for key, _ in rows)
-        per_attempt = [{"key": key, "value": value[:300]} for key, value in rows if key.split("/")[1] in PER_ATTEMPT_KINDS]
+        per_attempt = [
+            {"key": key, "value": value[:300]} for key, value in rows if key.split("/")[1] in PER_ATTEMPT_KINDS
+        ]
         return {"total": len(rows), "by_kind": dict(sorted(kinds.items())), "per_attempt_rows": per_attempt}
 
     # --- analysis -----------------------------------------------------------------------------
@@ -509,9 +594,9 @@ class Soak:
                     started[(m[4], m[2], int(m[3]))].append({"worker": m[1], "queue": m[5], "pid": int(m[6])})
                 elif m := DROPPED_RE.search(line):
                     if lm := LABEL_RE.search(m[4]):
-                        dropped[(lm[3], lm[1], int(lm[2]))].append({"worker": m[1], "message": m[2],
-                                                                    "delivered": int(m[3]), "why": m[4],
-                                                                    "ts": log_time(line)})
+                        dropped[(lm[3], lm[1], int(lm[2]))].append(
+                            {"worker": m[1], "message": m[2], "delivered": int(m[3]), "why": m[4], "ts": log_time(line)}
+                        )
                 elif m := NEVER_RE.search(line):
                     never.append({"worker": m[1], "message": m[2], "queue": m[3], "why": m[4]})
                 elif m := RELEASE_RE.search(line):
@@ -525,8 +610,17 @@ class Soak:
         out = []
         for line in path.read_text().splitlines():
             what, step, retry, pid, worker, inc, ts = line.split()
-            out.append({"what": what, "step": step, "retry": int(retry), "pid": int(pid), "worker": worker,
-                        "incarnation": int(inc) if inc.isdigit() else None, "ts": float(ts)})
+            out.append(
+                {
+                    "what": what,
+                    "step": step,
+                    "retry": int(retry),
+                    "pid": int(pid),
+                    "worker": worker,
+                    "incarnation": int(inc) if inc.isdigit() else None,
+                    "ts": float(ts),
+                }
+            )
         return out
 
     def kill_of(self, worker: str | None, incarnation: int | None = None, pid: int | None = None) -> ChaosEvent | None:
@@ -542,8 +636,9 @@ class Soak:
     def chaos_near(self, ts: float, before: float = 40.0) -> list[ChaosEvent]:
         return [e for e in self.chaos if e.start - 2 <= ts and (e.end or e.start) >= ts - before]
 
-    def analyse(self, started: float, stream_end: float, drained: float | None, queues: dict,
-                stops: dict, rows: dict) -> dict:
+    def analyse(
+        self, started: float, stream_end: float, drained: float | None, queues: dict, stops: dict, rows: dict
+    ) -> dict:
         from dagster import DagsterEventType, DagsterInstance
 
         from .soak_jobs import RETRIES
@@ -564,9 +659,15 @@ class Soak:
             step_attempts = 0
             for run in self.runs:
                 dagster_run = by_seq.get(run.seq)
-                entry = {"seq": run.seq, "job": run.job, "exit_code": run.exit_code, "timed_out": run.timed_out,
-                         "wall": round(run.end - run.start, 1), "run_id": dagster_run.run_id if dagster_run else None,
-                         "status": dagster_run.status.value if dagster_run else "NO RUN"}
+                entry = {
+                    "seq": run.seq,
+                    "job": run.job,
+                    "exit_code": run.exit_code,
+                    "timed_out": run.timed_out,
+                    "wall": round(run.end - run.start, 1),
+                    "run_id": dagster_run.run_id if dagster_run else None,
+                    "status": dagster_run.status.value if dagster_run else "NO RUN",
+                }
                 runs_out.append(entry)
                 if dagster_run is None:
                     failures.append(self.explain_no_run(run))
@@ -580,8 +681,11 @@ class Soak:
                 progress.extend(r.timestamp for r in events if r.dagster_event.event_type.name in PROGRESS)
                 markers = self.markers_of(run_id)
                 # messages: every attempt sent was started, dropped with a reason, or belongs to a failed run
-                sent = [(r.dagster_event.step_key, int(r.dagster_event.event_specific_data.metadata["attempt"].value))
-                        for r in events if r.dagster_event.event_type == DagsterEventType.STEP_WORKER_STARTING]
+                sent = [
+                    (r.dagster_event.step_key, int(r.dagster_event.event_specific_data.metadata["attempt"].value))
+                    for r in events
+                    if r.dagster_event.event_type == DagsterEventType.STEP_WORKER_STARTING
+                ]
                 step_attempts += len(sent)
                 failed = dagster_run.status.value != "SUCCESS"
                 for step_key, attempt in sent:
@@ -596,57 +700,97 @@ class Soak:
                     else:
                         lost.append({"run": run_id, "seq": run.seq, "step": step_key, "attempt": attempt})
                     if len(logs["started"].get(key, [])) > 1:
-                        self.violations.add("double-start", f"step {step_key} (attempt {attempt}) of run {run_id} was "
-                                                            f"started {len(logs['started'][key])} times: {logs['started'][key]}",
-                                            run=run_id, step=step_key)
+                        self.violations.add(
+                            "double-start",
+                            f"step {step_key} (attempt {attempt}) of run {run_id} was "
+                            f"started {len(logs['started'][key])} times: {logs['started'][key]}",
+                            run=run_id,
+                            step=step_key,
+                        )
                 reruns.extend(self.check_reruns(run, run_id, markers, RETRIES))
                 misleading.extend(self.finished_called_lost(run, run_id, events, markers, logs["dropped"]))
                 odd_retries.extend(self.retries_not_by_kills(run, run_id, events))
                 if failed or run.exit_code != 0:
                     failures.append(self.explain_failure(run, dagster_run, events, markers, RETRIES))
         for item in lost:
-            self.violations.add("lost", f"step {item['step']} (attempt {item['attempt']}) of run #{item['seq']} "
-                                        f"{item['run']} was sent but no worker started or dropped it, and its run succeeded",
-                                **item)
+            self.violations.add(
+                "lost",
+                f"step {item['step']} (attempt {item['attempt']}) of run #{item['seq']} "
+                f"{item['run']} was sent but no worker started or dropped it, and its run succeeded",
+                **item,
+            )
         stall = longest_stall(sorted(progress), pending)
         if stall:
-            stall["chaos"] = [self.describe_event(e) for e in self.chaos
-                              if e.start <= stall["to"] and (e.end or e.start) >= stall["from"] - 30]
+            stall["chaos"] = [
+                self.describe_event(e)
+                for e in self.chaos
+                if e.start <= stall["to"] and (e.end or e.start) >= stall["from"] - 30
+            ]
             if stall["seconds"] > self.opts.stall_limit:
-                self.violations.add("stall", f"no step made progress for {stall['seconds']:.0f} s "
-                                             f"(limit {self.opts.stall_limit:g} s) while runs were pending", **stall)
+                self.violations.add(
+                    "stall",
+                    f"no step made progress for {stall['seconds']:.0f} s "
+                    f"(limit {self.opts.stall_limit:g} s) while runs were pending",
+                    **stall,
+                )
         for name in QUEUES:
             if queues[name] != (0, 0):
-                self.violations.add("queue-not-empty", f"queue {name} still holds {queues[name][0]} visible and "
-                                                       f"{queues[name][1]} in-flight messages at the end",
-                                    messages=self.peek(name))
+                self.violations.add(
+                    "queue-not-empty",
+                    f"queue {name} still holds {queues[name][0]} visible and "
+                    f"{queues[name][1]} in-flight messages at the end",
+                    messages=self.peek(name),
+                )
             dlq = f"{name}-dlq"
             if queues[dlq] != (0, 0):
-                self.violations.add("dead-letter", f"dead-letter queue {dlq} holds {sum(queues[dlq])} message(s)",
-                                    messages=self.peek(dlq))
+                self.violations.add(
+                    "dead-letter",
+                    f"dead-letter queue {dlq} holds {sum(queues[dlq])} message(s)",
+                    messages=self.peek(dlq),
+                )
         for item in logs["never"]:
-            self.violations.add("dead-letter", f"worker {item['worker']} dead-lettered message {item['message']} on "
-                                               f"{item['queue']}: {item['why']}", **item)
+            self.violations.add(
+                "dead-letter",
+                f"worker {item['worker']} dead-lettered message {item['message']} on {item['queue']}: {item['why']}",
+                **item,
+            )
         leftover = len(rows["per_attempt_rows"])
         if leftover > len(self.runs):
-            self.violations.add("state", f"{leftover} per-step-attempt rows left in the key-value store after "
-                                         f"{len(self.runs)} runs ({step_attempts} step attempts): not O(runs)")
+            self.violations.add(
+                "state",
+                f"{leftover} per-step-attempt rows left in the key-value store after "
+                f"{len(self.runs)} runs ({step_attempts} step attempts): not O(runs)",
+            )
         for item in odd_retries:
-            self.violations.add("retry", f"step {item['step']} of run #{item['seq']} was retried at +{item['at']} s "
-                                         f"without its worker being killed: {item['error']}", **item)
+            self.violations.add(
+                "retry",
+                f"step {item['step']} of run #{item['seq']} was retried at +{item['at']} s "
+                f"without its worker being killed: {item['error']}",
+                **item,
+            )
         for item in misleading:
-            self.violations.add("called-lost", f"step {item['step']} (attempt {item['attempt']}) of run #{item['seq']} "
-                                               f"had its outcome in the event log at +{item['ended_at']} s, yet its "
-                                               f"redelivered message was dropped as lost at +{item['dropped_at']} s: "
-                                               f"{item['why']}", **item)
+            self.violations.add(
+                "called-lost",
+                f"step {item['step']} (attempt {item['attempt']}) of run #{item['seq']} "
+                f"had its outcome in the event log at +{item['ended_at']} s, yet its "
+                f"redelivered message was dropped as lost at +{item['dropped_at']} s: "
+                f"{item['why']}",
+                **item,
+            )
         for failure in failures:
             if not failure["explained"]:
-                self.violations.add("failure", f"run #{failure['seq']} failed without an allowed cause: {failure['why']}",
-                                    seq=failure["seq"])
+                self.violations.add(
+                    "failure",
+                    f"run #{failure['seq']} failed without an allowed cause: {failure['why']}",
+                    seq=failure["seq"],
+                )
         for item in reruns:
             if not item["allowed"]:
-                self.violations.add("ran-twice", f"step {item['step']} of run #{item['seq']} ran user code "
-                                                 f"{item['starts']} times: {item['why']}", **item)
+                self.violations.add(
+                    "ran-twice",
+                    f"step {item['step']} of run #{item['seq']} ran user code {item['starts']} times: {item['why']}",
+                    **item,
+                )
         statuses = Counter(r["status"] for r in runs_out)
         chaos_counts = Counter(e.kind for e in self.chaos)
         return {
@@ -655,24 +799,48 @@ class Soak:
             "duration_minutes": self.opts.duration,
             "runs_at_once": self.opts.runs_at_once,
             "soak_seconds": round(stream_end - started, 1),
-            "workers": {name: {"queues": list(s.queues), "concurrency": CONCURRENCY, "incarnations": s.incarnation,
-                               "exit_code_on_sigterm": stops.get(name)} for name, s in self.slots.items()},
-            "settings": {**EXECUTOR, "visibility_timeout": VISIBILITY, "wait_time_seconds": WAIT_TIME,
-                         "heartbeat_interval": HEARTBEAT, "max_receive_count": MAX_RECEIVE, "sqs_pause": SQS_PAUSE,
-                         "pg_down": list(PG_DOWN),
-                         "chaos_gap": list(self.opts.chaos_gap), "stall_limit": self.opts.stall_limit,
-                         "run_timeout": self.opts.run_timeout},
-            "runs": {"started": len(self.runs), "succeeded": statuses.get("SUCCESS", 0),
-                     "failed": len(self.runs) - statuses.get("SUCCESS", 0),
-                     "by_job": dict(Counter(r["job"] for r in runs_out)), "statuses": dict(statuses)},
+            "workers": {
+                name: {
+                    "queues": list(s.queues),
+                    "concurrency": CONCURRENCY,
+                    "incarnations": s.incarnation,
+                    "exit_code_on_sigterm": stops.get(name),
+                }
+                for name, s in self.slots.items()
+            },
+            "settings": {
+                **EXECUTOR,
+                "visibility_timeout": VISIBILITY,
+                "wait_time_seconds": WAIT_TIME,
+                "heartbeat_interval": HEARTBEAT,
+                "max_receive_count": MAX_RECEIVE,
+                "sqs_pause": SQS_PAUSE,
+                "pg_down": list(PG_DOWN),
+                "chaos_gap": list(self.opts.chaos_gap),
+                "stall_limit": self.opts.stall_limit,
+                "run_timeout": self.opts.run_timeout,
+            },
+            "runs": {
+                "started": len(self.runs),
+                "succeeded": statuses.get("SUCCESS", 0),
+                "failed": len(self.runs) - statuses.get("SUCCESS", 0),
+                "by_job": dict(Counter(r["job"] for r in runs_out)),
+                "statuses": dict(statuses),
+            },
             "failures": failures,
             "step_attempts_sent": sent_attempts,
-            "messages": {"sent": sent_attempts, "started": ran, "dropped_with_reason": dropped_only,
-                         "of_failed_runs_only": failed_run_only, "lost": len(lost), "lost_list": lost,
-                         "drops_by_reason": drop_reasons(logs["dropped"]),
-                         "releases_by_reason": dict(logs["releases"]),
-                         "queues_at_end": {k: list(v) for k, v in queues.items()},
-                         "drained_after_seconds": None if drained is None else round(drained, 1)},
+            "messages": {
+                "sent": sent_attempts,
+                "started": ran,
+                "dropped_with_reason": dropped_only,
+                "of_failed_runs_only": failed_run_only,
+                "lost": len(lost),
+                "lost_list": lost,
+                "drops_by_reason": drop_reasons(logs["dropped"]),
+                "releases_by_reason": dict(logs["releases"]),
+                "queues_at_end": {k: list(v) for k, v in queues.items()},
+                "drained_after_seconds": None if drained is None else round(drained, 1),
+            },
             "reruns": reruns,
             "finished_attempts_called_lost": misleading,
             "retries_not_by_kills": odd_retries,
@@ -697,8 +865,11 @@ class Soak:
                     open_starts.pop(key, None)
         for event in self.chaos:
             if event.kind == "kill":
-                event.killed_steps = sorted(f"{k[1]} (retry {k[2]}) of {k[0][:8]}" for k, m in open_starts.items()
-                                            if m["worker"] == event.worker and m["incarnation"] == event.incarnation)
+                event.killed_steps = sorted(
+                    f"{k[1]} (retry {k[2]}) of {k[0][:8]}"
+                    for k, m in open_starts.items()
+                    if m["worker"] == event.worker and m["incarnation"] == event.incarnation
+                )
 
     def describe_event(self, e: ChaosEvent) -> dict:
         d = {k: v for k, v in asdict(e).items() if v not in (None, [], "")}
@@ -719,12 +890,16 @@ class Soak:
                 continue
             reasons, allowed = [], True
             for i, start in enumerate(starts):
-                ended = any(m["what"] == "end" and m["retry"] == start["retry"] and m["pid"] == start["pid"] for m in lines)
+                ended = any(
+                    m["what"] == "end" and m["retry"] == start["retry"] and m["pid"] == start["pid"] for m in lines
+                )
                 same_retry = [s for s in starts if s["retry"] == start["retry"]]
                 if len(same_retry) > 1:
                     allowed = False
-                    reasons.append(f"retry number {start['retry']} started {len(same_retry)} times "
-                                   f"(pids {[s['pid'] for s in same_retry]})")
+                    reasons.append(
+                        f"retry number {start['retry']} started {len(same_retry)} times "
+                        f"(pids {[s['pid'] for s in same_retry]})"
+                    )
                     continue
                 if i == len(starts) - 1:
                     continue
@@ -734,21 +909,34 @@ class Soak:
                 # retry after the kill.
                 if kill is None or not (start["ts"] <= kill.gone_at and kill.killed_at <= starts[i + 1]["ts"]):
                     allowed = False
-                    reasons.append(f"retry {start['retry']} on {start['worker']}#{start['incarnation']} "
-                                   f"{'ran to its end' if ended else 'did not end'}, its worker was not killed "
-                                   "while it ran, and yet it ran again")
+                    reasons.append(
+                        f"retry {start['retry']} on {start['worker']}#{start['incarnation']} "
+                        f"{'ran to its end' if ended else 'did not end'}, its worker was not killed "
+                        "while it ran, and yet it ran again"
+                    )
                 else:
                     # killed mid-step: in user code, or after it returned but before the step's result
                     # was in the event log (the step process dies with its worker either way)
                     where = "after its user code returned" if ended else "in its user code"
-                    reasons.append(f"retry {start['retry']} killed mid-step ({where}) by the SIGKILL of "
-                                   f"{start['worker']} at +{kill.start - self.t0:.1f} s")
-            out.append({"seq": run.seq, "run": run_id, "step": step, "starts": len(starts), "allowed": allowed,
-                        "why": "; ".join(dict.fromkeys(reasons))})
+                    reasons.append(
+                        f"retry {start['retry']} killed mid-step ({where}) by the SIGKILL of "
+                        f"{start['worker']} at +{kill.start - self.t0:.1f} s"
+                    )
+            out.append(
+                {
+                    "seq": run.seq,
+                    "run": run_id,
+                    "step": step,
+                    "starts": len(starts),
+                    "allowed": allowed,
+                    "why": "; ".join(dict.fromkeys(reasons)),
+                }
+            )
         return out
 
-    def finished_called_lost(self, run: RunProc, run_id: str, events: list, markers: list[dict],
-                             dropped: dict) -> list[dict]:
+    def finished_called_lost(
+        self, run: RunProc, run_id: str, events: list, markers: list[dict], dropped: dict
+    ) -> list[dict]:
         """Redelivered messages of attempts whose outcome was already in the run's event log, dropped
         as "already started ... (lost)": the worker's log (and the note it writes in the run's own
         log) then say a finished step's worker was lost. Each attempt ends in one STEP_SUCCESS,
@@ -764,12 +952,26 @@ class Soak:
             ended_at = sorted(outcomes[step])[attempt - 1]
             for item in items:
                 if "(lost)" in item["why"] and ended_at <= (item["ts"] or 0):
-                    notes = [r for r in events if r.dagster_event.event_type.name == "ENGINE_EVENT"
-                             and r.dagster_event.step_key == step and "is not run again" in (r.dagster_event.message or "")]
-                    out.append({"seq": run.seq, "run": run_id, "step": step, "attempt": attempt,
-                                "ended_at": round(ended_at - self.t0, 1),
-                                "dropped_at": round((item["ts"] or 0) - self.t0, 1), "by": item["worker"],
-                                "why": item["why"], "run_log_says": [(r.dagster_event.message or "")[:300] for r in notes]})
+                    notes = [
+                        r
+                        for r in events
+                        if r.dagster_event.event_type.name == "ENGINE_EVENT"
+                        and r.dagster_event.step_key == step
+                        and "is not run again" in (r.dagster_event.message or "")
+                    ]
+                    out.append(
+                        {
+                            "seq": run.seq,
+                            "run": run_id,
+                            "step": step,
+                            "attempt": attempt,
+                            "ended_at": round(ended_at - self.t0, 1),
+                            "dropped_at": round((item["ts"] or 0) - self.t0, 1),
+                            "by": item["worker"],
+                            "why": item["why"],
+                            "run_log_says": [(r.dagster_event.message or "")[:300] for r in notes],
+                        }
+                    )
         return out
 
     def kill_in(self, message: str) -> ChaosEvent | None:
@@ -793,20 +995,36 @@ class Soak:
             error = getattr(event.event_specific_data, "error", None)
             message = " ".join((error.message.strip() if error else event.message or "").splitlines())[:600]
             if self.kill_in(message) is None:
-                out.append({"seq": run.seq, "run": run_id, "step": event.step_key, "error": message,
-                            "at": round(record.timestamp - self.t0, 1),
-                            "chaos": [self.describe_event(e) for e in self.chaos_near(record.timestamp)]})
+                out.append(
+                    {
+                        "seq": run.seq,
+                        "run": run_id,
+                        "step": event.step_key,
+                        "error": message,
+                        "at": round(record.timestamp - self.t0, 1),
+                        "chaos": [self.describe_event(e) for e in self.chaos_near(record.timestamp)],
+                    }
+                )
         return out
 
     def explain_no_run(self, run: RunProc) -> dict:
         text = tail(Path(run.log), 15)
-        near = self.chaos_near(run.start, before=5) + [e for e in self.chaos if run.start <= e.start <= (run.end or run.start)]
-        return {"seq": run.seq, "run": None, "job": run.job, "explained": False, "steps": [],
-                "why": f"`dagster job execute` exited {run.exit_code} without creating a run; chaos at the time: "
-                       f"{[self.describe_event(e) for e in near]}; its output ends: {text[-1500:]}"}
+        near = self.chaos_near(run.start, before=5) + [
+            e for e in self.chaos if run.start <= e.start <= (run.end or run.start)
+        ]
+        return {
+            "seq": run.seq,
+            "run": None,
+            "job": run.job,
+            "explained": False,
+            "steps": [],
+            "why": f"`dagster job execute` exited {run.exit_code} without creating a run; chaos at the time: "
+            f"{[self.describe_event(e) for e in near]}; its output ends: {text[-1500:]}",
+        }
 
-    def explain_failure(self, run: RunProc, dagster_run: Any, events: list, markers: list[dict],
-                        retries: dict[str, int]) -> dict:
+    def explain_failure(
+        self, run: RunProc, dagster_run: Any, events: list, markers: list[dict], retries: dict[str, int]
+    ) -> dict:
         """Why a run failed: each failed step, its error, and the chaos event that caused it."""
         steps = []
         explained_all = True
@@ -819,8 +1037,11 @@ class Soak:
             message = " ".join(message)[:600]
             step = event.step_key
             attempts = [m for m in markers if m["step"] == step and m["what"] == "start"]
-            sent = sum(1 for r in events if r.dagster_event.event_type.name == "STEP_WORKER_STARTING"
-                       and r.dagster_event.step_key == step)
+            sent = sum(
+                1
+                for r in events
+                if r.dagster_event.event_type.name == "STEP_WORKER_STARTING" and r.dagster_event.step_key == step
+            )
             cause, explained = None, False
             kill = self.kill_in(message)
             if kill is not None:
@@ -829,42 +1050,74 @@ class Soak:
                 # own kill is checked with every STEP_UP_FOR_RETRY, in retries_not_by_kills).
                 explained = retries.get(step, 0) == 0 or sent > retries.get(step, 0)
                 if not explained:
-                    cause["note"] = (f"op has RetryPolicy(max_retries={retries.get(step, 0)}) but only "
-                                     f"{sent} attempt(s) were sent")
+                    cause["note"] = (
+                        f"op has RetryPolicy(max_retries={retries.get(step, 0)}) but only {sent} attempt(s) were sent"
+                    )
             if cause is None:
                 near = self.chaos_near(record.timestamp)
                 cause = [self.describe_event(e) for e in near] or "no chaos event in the 40 s before"
             explained_all &= explained
-            steps.append({"step": step, "error": message, "attempts_with_user_code": len(attempts),
-                          "retry_policy": retries.get(step, 0), "caused_by": cause, "allowed": explained,
-                          "at": round(record.timestamp - self.t0, 1)})
+            steps.append(
+                {
+                    "step": step,
+                    "error": message,
+                    "attempts_with_user_code": len(attempts),
+                    "retry_policy": retries.get(step, 0),
+                    "caused_by": cause,
+                    "allowed": explained,
+                    "at": round(record.timestamp - self.t0, 1),
+                }
+            )
         why = ""
         if not steps:
             explained_all = False
             started_in_pause = self.start_in_sqs_pause(run, events)
             if started_in_pause is not None:
                 # README, Failure modes: "the endpoint is unreachable at start: run fails within seconds"
-                return {"seq": run.seq, "run": dagster_run.run_id, "job": run.job, "status": dagster_run.status.value,
-                        "exit_code": run.exit_code, "steps": [], "explained": True, "documented_fail_fast": True,
-                        "why": "its orchestrator connected to SQS while the endpoint was paused "
-                               f"(sqs_pause at +{started_in_pause['at']} s for {started_in_pause['seconds']} s): "
-                               "\"cannot reach the SQS endpoint ... while connecting to SQS\", before any step was sent "
-                               "(documented: a run whose endpoint is unreachable at start fails within seconds)"}
-            msgs = [f"{r.dagster_event.event_type.name}: {(r.dagster_event.message or '')[:400]}" for r in events
-                    if (r.dagster_event.event_type.name in ("RUN_FAILURE", "ENGINE_EVENT")
-                    and getattr(r.dagster_event.event_specific_data, "error", None) is not None)
-                    or r.dagster_event.event_type.name == "RUN_FAILURE"]
+                return {
+                    "seq": run.seq,
+                    "run": dagster_run.run_id,
+                    "job": run.job,
+                    "status": dagster_run.status.value,
+                    "exit_code": run.exit_code,
+                    "steps": [],
+                    "explained": True,
+                    "documented_fail_fast": True,
+                    "why": "its orchestrator connected to SQS while the endpoint was paused "
+                    f"(sqs_pause at +{started_in_pause['at']} s for {started_in_pause['seconds']} s): "
+                    '"cannot reach the SQS endpoint ... while connecting to SQS", before any step was sent '
+                    "(documented: a run whose endpoint is unreachable at start fails within seconds)",
+                }
+            msgs = [
+                f"{r.dagster_event.event_type.name}: {(r.dagster_event.message or '')[:400]}"
+                for r in events
+                if (
+                    r.dagster_event.event_type.name in ("RUN_FAILURE", "ENGINE_EVENT")
+                    and getattr(r.dagster_event.event_specific_data, "error", None) is not None
+                )
+                or r.dagster_event.event_type.name == "RUN_FAILURE"
+            ]
             near = self.chaos_near(run.end or time.time(), before=run.end - run.start if run.end else 60)
-            why = (f"run {dagster_run.status.value} with no step failure; exit code {run.exit_code}"
-                   f"{' (timed out)' if run.timed_out else ''}; events: {msgs}; chaos during the run: "
-                   f"{[self.describe_event(e) for e in near]}; its output ends: {tail(Path(run.log), 8)[-1200:]}")
+            why = (
+                f"run {dagster_run.status.value} with no step failure; exit code {run.exit_code}"
+                f"{' (timed out)' if run.timed_out else ''}; events: {msgs}; chaos during the run: "
+                f"{[self.describe_event(e) for e in near]}; its output ends: {tail(Path(run.log), 8)[-1200:]}"
+            )
         elif dagster_run.status.value == "SUCCESS" and run.exit_code != 0:
             explained_all = False
             why = f"run succeeded but its orchestrator exited {run.exit_code}"
         else:
             why = "; ".join(f"{s['step']}: {s['error'][:200]}" for s in steps)
-        return {"seq": run.seq, "run": dagster_run.run_id, "job": run.job, "status": dagster_run.status.value,
-                "exit_code": run.exit_code, "steps": steps, "explained": explained_all, "why": why}
+        return {
+            "seq": run.seq,
+            "run": dagster_run.run_id,
+            "job": run.job,
+            "status": dagster_run.status.value,
+            "exit_code": run.exit_code,
+            "steps": steps,
+            "explained": explained_all,
+            "why": why,
+        }
 
     def start_in_sqs_pause(self, run: RunProc, events: list) -> dict | None:
         """The sqs_pause during which this run's executor failed to connect to SQS, if that is why it
@@ -886,15 +1139,26 @@ class Soak:
 
         client = sqs_client(self.endpoint.url)
         url = client.get_queue_url(QueueName=queue)["QueueUrl"]
-        got = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, WaitTimeSeconds=1,
-                                     MessageAttributeNames=["All"], AttributeNames=["All"])
+        got = client.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            VisibilityTimeout=0,
+            WaitTimeSeconds=1,
+            MessageAttributeNames=["All"],
+            AttributeNames=["All"],
+        )
         out = []
         for m in got.get("Messages", []):
             label = LABEL_RE.search(m["Body"]) or None
             body = m["Body"][:300]
-            out.append({"id": m["MessageId"], "receives": m["Attributes"].get("ApproximateReceiveCount"),
-                        "reason": m.get("MessageAttributes", {}).get("dts-dead-letter-reason", {}).get("StringValue"),
-                        "body": label[0] if label else body})
+            out.append(
+                {
+                    "id": m["MessageId"],
+                    "receives": m["Attributes"].get("ApproximateReceiveCount"),
+                    "reason": m.get("MessageAttributes", {}).get("dts-dead-letter-reason", {}).get("StringValue"),
+                    "body": label[0] if label else body,
+                }
+            )
         return out
 
 
@@ -914,8 +1178,11 @@ def drop_reasons(dropped: dict) -> dict[str, int]:
             if "and has ended (the run's event log has its outcome)" in why:
                 kind = "already started and ended (its outcome in the event log; its record was stale)"
             elif " already started " in why or " already ran " in why:
-                kind = "already started (lost worker)" if "(lost)" in why else ("already ran" if " already ran " in why
-                                                                                 else "already started")
+                kind = (
+                    "already started (lost worker)"
+                    if "(lost)" in why
+                    else ("already ran" if " already ran " in why else "already started")
+                )
             elif re.search(r"run \S+ is \w+, so", why):
                 kind = "run is over: " + re.search(r"run \S+ is (\w+), so", why).group(1)
             else:
@@ -964,32 +1231,42 @@ def report_md(r: dict, t0: float) -> str:
     mode = "--quick" if r["quick"] else f"--duration {r['duration_minutes']:g}"
     ok = "PASS" if not r["violations"] else f"FAIL ({len(r['violations'])} violation(s))"
     runs, msgs = r["runs"], r["messages"]
-    out += [f"# Chaos soak: {ok}", "",
-            f"`bin/soak {mode} --seed {r['seed']}`: {r['soak_seconds']:.0f} s of runs ({r['runs_at_once']} at once, each a "
-            "`dagster job execute` process) against workers "
-            + ", ".join(f"`{n}` (`-q {' -q '.join(w['queues'])} -c {w['concurrency']}`, {w['incarnations']} incarnation(s))"
-                        for n, w in r["workers"].items())
-            + ", on a PostgreSQL instance and a local SQS endpoint behind a pausable proxy. Chaos: "
-            + ", ".join(f"{v} x {k}" for k, v in sorted(r["chaos"]["counts"].items())) + ". Settings: "
-            + ", ".join(f"{k} {v}" for k, v in r["settings"].items()) + ".", "",
-            "| figure | value |", "|---|---|",
-            f"| runs started / succeeded / failed | {runs['started']} / {runs['succeeded']} / {runs['failed']} |",
-            f"| failures explained (allowed cause) | {sum(f['explained'] for f in r['failures'])} of {len(r['failures'])}: "
-            f"{sum(f['explained'] and not f.get('documented_fail_fast') for f in r['failures'])} a step's worker SIGKILLed "
-            f"mid-step (no RetryPolicy, or its retries used up), {sum(bool(f.get('documented_fail_fast')) for f in r['failures'])} "
-            "started while SQS was paused (documented fail-fast at run start) |",
-            f"| step messages sent (attempts) | {msgs['sent']} |",
-            f"| ... started on a worker / dropped with a reason / of a failed run only | {msgs['started']} / "
-            f"{msgs['dropped_with_reason']} / {msgs['of_failed_runs_only']} |",
-            f"| messages lost | **{msgs['lost']}** |",
-            f"| messages in dead-letter queues | **{r['dead_lettered']}** |",
-            f"| queues at the end (visible, in flight) | {', '.join(f'{k}: {tuple(v)}' for k, v in msgs['queues_at_end'].items())} |",
-            f"| steps whose user code ran more than once | {len(r['reruns'])} ({sum(not x['allowed'] for x in r['reruns'])} not allowed) |",
-            f"| longest stall | {r['longest_stall']['seconds'] if r['longest_stall'] else 0:.1f} s |",
-            f"| state rows left under `dagster-taskiq-sync/` | {r['state_rows']['total']} "
-            f"({', '.join(f'{k}: {v}' for k, v in r['state_rows']['by_kind'].items()) or 'none'}) after "
-            f"{r['step_attempts_sent']} step attempts |",
-            f"| violations | **{len(r['violations'])}** |", ""]
+    out += [
+        f"# Chaos soak: {ok}",
+        "",
+        f"`bin/soak {mode} --seed {r['seed']}`: {r['soak_seconds']:.0f} s of runs ({r['runs_at_once']} at once, each a "
+        "`dagster job execute` process) against workers "
+        + ", ".join(
+            f"`{n}` (`-q {' -q '.join(w['queues'])} -c {w['concurrency']}`, {w['incarnations']} incarnation(s))"
+            for n, w in r["workers"].items()
+        )
+        + ", on a PostgreSQL instance and a local SQS endpoint behind a pausable proxy. Chaos: "
+        + ", ".join(f"{v} x {k}" for k, v in sorted(r["chaos"]["counts"].items()))
+        + ". Settings: "
+        + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        + ".",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| runs started / succeeded / failed | {runs['started']} / {runs['succeeded']} / {runs['failed']} |",
+        f"| failures explained (allowed cause) | {sum(f['explained'] for f in r['failures'])} of {len(r['failures'])}: "
+        f"{sum(f['explained'] and not f.get('documented_fail_fast') for f in r['failures'])} a step's worker SIGKILLed "
+        f"mid-step (no RetryPolicy, or its retries used up), {sum(bool(f.get('documented_fail_fast')) for f in r['failures'])} "
+        "started while SQS was paused (documented fail-fast at run start) |",
+        f"| step messages sent (attempts) | {msgs['sent']} |",
+        f"| ... started on a worker / dropped with a reason / of a failed run only | {msgs['started']} / "
+        f"{msgs['dropped_with_reason']} / {msgs['of_failed_runs_only']} |",
+        f"| messages lost | **{msgs['lost']}** |",
+        f"| messages in dead-letter queues | **{r['dead_lettered']}** |",
+        f"| queues at the end (visible, in flight) | {', '.join(f'{k}: {tuple(v)}' for k, v in msgs['queues_at_end'].items())} |",
+        f"| steps whose user code ran more than once | {len(r['reruns'])} ({sum(not x['allowed'] for x in r['reruns'])} not allowed) |",
+        f"| longest stall | {r['longest_stall']['seconds'] if r['longest_stall'] else 0:.1f} s |",
+        f"| state rows left under `dagster-taskiq-sync/` | {r['state_rows']['total']} "
+        f"({', '.join(f'{k}: {v}' for k, v in r['state_rows']['by_kind'].items()) or 'none'}) after "
+        f"{r['step_attempts_sent']} step attempts |",
+        f"| violations | **{len(r['violations'])}** |",
+        "",
+    ]
     if r["violations"]:
         out += ["## Violations", ""]
         for v in r["violations"]:
@@ -999,43 +1276,70 @@ def report_md(r: dict, t0: float) -> str:
     if not r["failures"]:
         out.append("None.")
     for f in r["failures"]:
-        label = ("explained (documented fail-fast at run start)" if f.get("documented_fail_fast")
-                 else "explained" if f["explained"] else "**not explained**")
+        label = (
+            "explained (documented fail-fast at run start)"
+            if f.get("documented_fail_fast")
+            else "explained"
+            if f["explained"]
+            else "**not explained**"
+        )
         out.append(f"- run #{f['seq']} `{f.get('run')}` ({f['job']}, {f.get('status', 'no run')}): {label}")
         for s in f["steps"]:
             cause = s["caused_by"]
             if isinstance(cause, dict):
-                cause = (f"{cause['kind']} of {cause.get('worker')} (incarnation {cause.get('incarnation')}, pid "
-                         f"{cause.get('pid')}) at +{cause['at']} s" + (f"; {cause['note']}" if cause.get("note") else ""))
-            out.append(f"  - step `{s['step']}` at +{s['at']} s (RetryPolicy max_retries {s['retry_policy']}, "
-                       f"{s['attempts_with_user_code']} attempt(s) ran user code): {s['error']}  \n"
-                       f"    caused by: {cause}")
+                cause = (
+                    f"{cause['kind']} of {cause.get('worker')} (incarnation {cause.get('incarnation')}, pid "
+                    f"{cause.get('pid')}) at +{cause['at']} s" + (f"; {cause['note']}" if cause.get("note") else "")
+                )
+            out.append(
+                f"  - step `{s['step']}` at +{s['at']} s (RetryPolicy max_retries {s['retry_policy']}, "
+                f"{s['attempts_with_user_code']} attempt(s) ran user code): {s['error']}  \n"
+                f"    caused by: {cause}"
+            )
         if not f["steps"]:
             out.append(f"  - {f['why']}")
     out += ["", "## Steps whose user code ran more than once", ""]
     if not r["reruns"]:
         out.append("None.")
     for x in r["reruns"]:
-        out.append(f"- run #{x['seq']} step `{x['step']}`: {x['starts']} starts, "
-                   f"{'allowed' if x['allowed'] else '**not allowed**'}: {x['why']}")
-    out += ["", "## Finished step attempts reported as lost", "",
-            "Redelivered messages of attempts whose outcome was already in the run's event log (their delete "
-            "failed during an outage), dropped by a worker as \"already started ... (lost)\": the drop is right, "
-            "the word \"lost\" (and the note it writes in the run's own log) is not.", ""]
+        out.append(
+            f"- run #{x['seq']} step `{x['step']}`: {x['starts']} starts, "
+            f"{'allowed' if x['allowed'] else '**not allowed**'}: {x['why']}"
+        )
+    out += [
+        "",
+        "## Finished step attempts reported as lost",
+        "",
+        "Redelivered messages of attempts whose outcome was already in the run's event log (their delete "
+        'failed during an outage), dropped by a worker as "already started ... (lost)": the drop is right, '
+        'the word "lost" (and the note it writes in the run\'s own log) is not.',
+        "",
+    ]
     if not r["finished_attempts_called_lost"]:
         out.append("None.")
     for x in r["finished_attempts_called_lost"]:
-        out.append(f"- run #{x['seq']} step `{x['step']}` (attempt {x['attempt']}): ended at +{x['ended_at']} s, "
-                   f"dropped at +{x['dropped_at']} s by {x['by']}: {x['why']}"
-                   + (f"; the run's log says: {x['run_log_says']}" if x["run_log_says"] else ""))
+        out.append(
+            f"- run #{x['seq']} step `{x['step']}` (attempt {x['attempt']}): ended at +{x['ended_at']} s, "
+            f"dropped at +{x['dropped_at']} s by {x['by']}: {x['why']}"
+            + (f"; the run's log says: {x['run_log_says']}" if x["run_log_says"] else "")
+        )
     stall = r["longest_stall"]
     out += ["", "## Longest stall", ""]
     if stall:
-        out.append(f"{stall['seconds']:.1f} s with runs pending and no step event, from +{stall['from'] - t0:.1f} s "
-                   f"to +{stall['to'] - t0:.1f} s. Chaos then: "
-                   + ("; ".join(f"{e['kind']} at +{e['at']} s ({e['seconds']} s"
-                                + (f", {e['worker']}" if e.get("worker") else "") + ")" for e in stall["chaos"]) or "none")
-                   + ".")
+        out.append(
+            f"{stall['seconds']:.1f} s with runs pending and no step event, from +{stall['from'] - t0:.1f} s "
+            f"to +{stall['to'] - t0:.1f} s. Chaos then: "
+            + (
+                "; ".join(
+                    f"{e['kind']} at +{e['at']} s ({e['seconds']} s"
+                    + (f", {e['worker']}" if e.get("worker") else "")
+                    + ")"
+                    for e in stall["chaos"]
+                )
+                or "none"
+            )
+            + "."
+        )
     out += ["", "## Messages dropped by workers (with their reason)", ""]
     for k, v in sorted(msgs["drops_by_reason"].items(), key=lambda kv: -kv[1]):
         out.append(f"- {k}: {v}")
@@ -1048,29 +1352,46 @@ def report_md(r: dict, t0: float) -> str:
     for e in r["chaos"]["events"]:
         detail = ""
         if e["kind"] == "kill":
-            detail = (f"{e['worker']} incarnation {e['incarnation']} (pid {e['pid']}, {len(e.get('pids', [])) - 1} "
-                      f"child processes, gone after {e.get('children_gone_after', float('nan')):.1f} s); "
-                      f"ready again after {e.get('back_after', float('nan')):.1f} s; killed mid-step: "
-                      f"{', '.join(e.get('killed_steps', [])) or 'none'}"
-                      + (f"; ORPHANS: {e['orphans']}" if e.get("orphans") else ""))
+            detail = (
+                f"{e['worker']} incarnation {e['incarnation']} (pid {e['pid']}, {len(e.get('pids', [])) - 1} "
+                f"child processes, gone after {e.get('children_gone_after', float('nan')):.1f} s); "
+                f"ready again after {e.get('back_after', float('nan')):.1f} s; killed mid-step: "
+                f"{', '.join(e.get('killed_steps', [])) or 'none'}"
+                + (f"; ORPHANS: {e['orphans']}" if e.get("orphans") else "")
+            )
         out.append(f"| {e['at']} | {e['kind']} | {e['seconds']} | {detail} |")
     out += ["", f"Runs by job: {r['runs']['by_job']}; statuses: {r['runs']['statuses']}.", ""]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bin/soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=15.0, metavar="MINUTES", help="minutes of runs and chaos (default 15)")
-    parser.add_argument("--quick", action="store_true",
-                        help="about 2 minutes in all, one chaos event of each kind (CI); writes its report to the work dir "
-                             "unless --out is given, so it never overwrites the committed full run's")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the runs and the chaos (default: random, printed)")
+    parser = argparse.ArgumentParser(
+        prog="bin/soak", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration", type=float, default=15.0, metavar="MINUTES", help="minutes of runs and chaos (default 15)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="about 2 minutes in all, one chaos event of each kind (CI); writes its report to the work dir "
+        "unless --out is given, so it never overwrites the committed full run's",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="seed of the runs and the chaos (default: random, printed)"
+    )
     parser.add_argument("--out", help="where soak.md and soak.json go (default docs/; --quick: the work dir)")
     parser.add_argument("--runs-at-once", type=int, default=None, help="concurrent runs (default 3; --quick 2)")
     parser.add_argument("--chaos-gap", default="15,45", help="seconds between chaos events: MIN,MAX (default 15,45)")
-    parser.add_argument("--stall-limit", type=float, default=180.0,
-                        help="a stall longer than this (no step progress while runs are pending) is a violation (default 180 s)")
-    parser.add_argument("--run-timeout", type=float, default=600.0, help="a run longer than this is a hang (default 600 s)")
+    parser.add_argument(
+        "--stall-limit",
+        type=float,
+        default=180.0,
+        help="a stall longer than this (no step progress while runs are pending) is a violation (default 180 s)",
+    )
+    parser.add_argument(
+        "--run-timeout", type=float, default=600.0, help="a run longer than this is a hang (default 600 s)"
+    )
     opts = parser.parse_args(argv)
     if opts.quick:
         opts.duration = 1.25 if "--duration" not in (argv if argv is not None else sys.argv) else opts.duration
@@ -1084,7 +1405,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--chaos-gap {opts.chaos_gap!r} must be MIN,MAX seconds, e.g. 15,45")
     opts.chaos_gap = (lo, hi)
 
-    for key, value in (("AWS_ACCESS_KEY_ID", "local"), ("AWS_SECRET_ACCESS_KEY", "local"), ("AWS_DEFAULT_REGION", "us-east-1")):
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "local"),
+        ("AWS_SECRET_ACCESS_KEY", "local"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ.setdefault(key, value)  # this process reads the local endpoint's queues too
     workdir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-soak-"))
     out_dir = Path(opts.out) if opts.out else (workdir if opts.quick else ROOT / "docs")
@@ -1107,8 +1432,10 @@ def main(argv: list[str] | None = None) -> int:
     md = report_md(result, soak.t0)
     (out_dir / "soak.md").write_text(md)
     print(md)
-    log(f"wrote {out_dir / 'soak.md'} and {out_dir / 'soak.json'}; logs in {workdir}; "
-        f"{result['total_seconds']:.0f} s in all")
+    log(
+        f"wrote {out_dir / 'soak.md'} and {out_dir / 'soak.json'}; logs in {workdir}; "
+        f"{result['total_seconds']:.0f} s in all"
+    )
     return 1 if result["violations"] else 0
 
 

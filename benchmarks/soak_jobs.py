@@ -34,9 +34,13 @@ class SoakOpConfig(Config):
 
 
 def _mark(context: OpExecutionContext, config: SoakOpConfig, what: str) -> None:
-    line = (f"{what} {context.op_handle} {context.retry_number} {os.getpid()} {os.environ.get('SOAK_WORKER', '?')} "
-            f"{os.environ.get('SOAK_INCARNATION', '?')} {time.time():.3f}\n")
-    fd = os.open(os.path.join(config.marker_dir, f"{context.run_id}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    line = (
+        f"{what} {context.op_handle} {context.retry_number} {os.getpid()} {os.environ.get('SOAK_WORKER', '?')} "
+        f"{os.environ.get('SOAK_INCARNATION', '?')} {time.time():.3f}\n"
+    )
+    fd = os.open(
+        os.path.join(config.marker_dir, f"{context.run_id}.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+    )
     try:
         os.write(fd, line.encode())
     finally:
@@ -88,8 +92,9 @@ def gather_op(name: str, queue: str, retries: int = 0):
 
 _FAN_SOURCE = source_op("fan_source", QUEUE_A)
 # leaves alternate queues; leaves 0-2 (and the gather) have a RetryPolicy, the others none
-_FAN_LEAVES = [step_op(f"leaf_{i}", QUEUE_A if i % 2 == 0 else QUEUE_B, RETRY.max_retries if i < 3 else 0)
-               for i in range(LEAVES)]
+_FAN_LEAVES = [
+    step_op(f"leaf_{i}", QUEUE_A if i % 2 == 0 else QUEUE_B, RETRY.max_retries if i < 3 else 0) for i in range(LEAVES)
+]
 _FAN_GATHER = gather_op("fan_gather", QUEUE_B, RETRY.max_retries)
 
 
@@ -100,8 +105,10 @@ def soak_fanout():
 
 
 _CHAIN_SOURCE = source_op("link_0", QUEUE_B)
-_CHAIN_LINKS = [step_op(f"link_{i}", QUEUE_A if i % 2 == 0 else QUEUE_B, RETRY.max_retries if i in (2, 4) else 0)
-                for i in range(1, CHAIN)]
+_CHAIN_LINKS = [
+    step_op(f"link_{i}", QUEUE_A if i % 2 == 0 else QUEUE_B, RETRY.max_retries if i in (2, 4) else 0)
+    for i in range(1, CHAIN)
+]
 
 
 @job(executor_def=taskiq_executor)

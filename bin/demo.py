@@ -57,9 +57,20 @@ def main() -> int:
             log = open(workdir / f"worker-{n}.log", "wb")
             workers.append(
                 subprocess.Popen(
-                    [BIN / "dagster-taskiq-sync", "worker", "start", "-y", config,
-                     "-n", f"demo-{n}", "-c", str(opts.concurrency)],
-                    env=env, stdout=log, stderr=subprocess.STDOUT,
+                    [
+                        BIN / "dagster-taskiq-sync",
+                        "worker",
+                        "start",
+                        "-y",
+                        config,
+                        "-n",
+                        f"demo-{n}",
+                        "-c",
+                        str(opts.concurrency),
+                    ],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                 )
             )
         for n in range(1, opts.workers + 1):

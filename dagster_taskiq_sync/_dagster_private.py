@@ -153,7 +153,7 @@ def kv_delete(run_storage: Any, keys: Iterable[str]) -> int:
     deleted = 0
     with run_storage.connect() as conn:
         for start in range(0, len(keys), 500):
-            chunk = keys[start:start + 500]
+            chunk = keys[start : start + 500]
             result = conn.execute(KeyValueStoreTable.delete().where(KeyValueStoreTable.c.key.in_(chunk)))
             deleted += result.rowcount or 0
     return deleted
@@ -167,8 +167,12 @@ def kv_scan(run_storage: Any, prefix: str, limit: int) -> list[tuple[str, str]]:
     from dagster._core.storage.runs.schema import KeyValueStoreTable
 
     table = KeyValueStoreTable
-    query = (db.select(table.c.key, table.c.value).where(table.c.key.like(prefix.replace("%", r"\%") + "%"))
-             .order_by(table.c.id).limit(limit))
+    query = (
+        db.select(table.c.key, table.c.value)
+        .where(table.c.key.like(prefix.replace("%", r"\%") + "%"))
+        .order_by(table.c.id)
+        .limit(limit)
+    )
     with run_storage.connect() as conn:
         return [(row[0], row[1]) for row in conn.execute(query).fetchall()]
 
@@ -196,8 +200,12 @@ def keep_sqlite_connections(instance: Any) -> bool:
         engine = engines.get(conn_string)
         if engine is None:  # the busy timeouts Dagster's own engines use
             engine = engines[conn_string] = db.create_engine(
-                conn_string, pool_size=1, max_overflow=8, pool_timeout=60,
-                connect_args={**connect_args, "check_same_thread": False})
+                conn_string,
+                pool_size=1,
+                max_overflow=8,
+                pool_timeout=60,
+                connect_args={**connect_args, "check_same_thread": False},
+            )
             while len(engines) > _SQLITE_ENGINES:
                 engines.popitem(last=False)[1].dispose()
         engines.move_to_end(conn_string)
@@ -211,7 +219,9 @@ def keep_sqlite_connections(instance: Any) -> bool:
         @contextlib.contextmanager
         def _connect(shard: str) -> Iterator[Any]:
             with events._db_lock:
-                engine = engine_for(event_engines, events.conn_string_for_shard(shard), timeout=SQLITE_BUSY_TIMEOUT_SECONDS)
+                engine = engine_for(
+                    event_engines, events.conn_string_for_shard(shard), timeout=SQLITE_BUSY_TIMEOUT_SECONDS
+                )
                 if shard not in events._initialized_dbs:
                     events._initdb(engine)
                     events._initialized_dbs.add(shard)
@@ -294,12 +304,15 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
 # context variable says "this run's cancel was seen".
 
 step_sort_key: contextvars.ContextVar[Any] = contextvars.ContextVar("dagster_taskiq_sync_step_sort_key", default=None)
-run_interrupted: contextvars.ContextVar[Any] = contextvars.ContextVar("dagster_taskiq_sync_run_interrupted", default=None)
+run_interrupted: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "dagster_taskiq_sync_run_interrupted", default=None
+)
 _install_lock = threading.Lock()
 
 
-step_launch_policy: contextvars.ContextVar[Any] = contextvars.ContextVar("dagster_taskiq_sync_step_launch_policy",
-                                                                         default=None)
+step_launch_policy: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "dagster_taskiq_sync_step_launch_policy", default=None
+)
 
 
 class _TaskiqActiveExecution(ActiveExecution):
@@ -314,7 +327,9 @@ class _TaskiqActiveExecution(ActiveExecution):
         super().__init__(*args, **kwargs)
 
     def check_for_interrupts(self) -> bool:
-        return super().check_for_interrupts() or bool(self._taskiq_run_interrupted is not None and self._taskiq_run_interrupted())
+        return super().check_for_interrupts() or bool(
+            self._taskiq_run_interrupted is not None and self._taskiq_run_interrupted()
+        )
 
     # --- what a step's message carries ----------------------------------------------------------
     # Dagster hands every step the run's whole KnownExecutionState: every output produced so far
@@ -328,8 +343,12 @@ class _TaskiqActiveExecution(ActiveExecution):
     def known_state_for(self, step: Any) -> KnownExecutionState:
         """The part of the run's known state ``step`` needs (see above)."""
         ready = self._step_outputs
-        needed = {handle for step_input in step.step_inputs
-                  for handle in step_input.get_step_output_handle_dependencies() if handle in ready}
+        needed = {
+            handle
+            for step_input in step.step_inputs
+            for handle in step_input.get_step_output_handle_dependencies()
+            if handle in ready
+        }
         attempts = self._retry_state.get_attempt_count(step.key)
         plan_state = self._plan.known_state
         return KnownExecutionState(
@@ -411,7 +430,8 @@ class _TaskiqActiveExecution(ActiveExecution):
         if not self._executable:
             return []
         in_flight: dict[str, int] = collections.Counter(
-            policy.queue_of(self.get_step_by_key(key)) for key in self._in_flight)
+            policy.queue_of(self.get_step_by_key(key)) for key in self._in_flight
+        )
         room: dict[str, int] = {}
         allowed, held = [], []
         for key in sorted(self._executable, key=lambda k: self._sort_key_fn(self.get_step_by_key(k))):
@@ -512,8 +532,15 @@ def _full_plan(job: Any, run_config: Any) -> Any:
     return _PLAN_CACHE[key]
 
 
-def cached_create_execution_plan(job, run_config=None, step_keys_to_execute=None, known_state=None,
-                                 instance_ref=None, tags=None, repository_load_data=None):
+def cached_create_execution_plan(
+    job,
+    run_config=None,
+    step_keys_to_execute=None,
+    known_state=None,
+    instance_ref=None,
+    tags=None,
+    repository_load_data=None,
+):
     """``create_execution_plan`` for one step, from a cached full plan where that is exact."""
     usable = (
         isinstance(job, ReconstructableJob)
@@ -525,8 +552,9 @@ def cached_create_execution_plan(job, run_config=None, step_keys_to_execute=None
     )
     entry = _full_plan(job, run_config) if usable else None
     if entry is None:
-        return _original_create_execution_plan(job, run_config, step_keys_to_execute, known_state, instance_ref,
-                                               tags, repository_load_data)
+        return _original_create_execution_plan(
+            job, run_config, step_keys_to_execute, known_state, instance_ref, tags, repository_load_data
+        )
     job_def, resolved, full = entry
     plan = full._replace(known_state=known_state or KnownExecutionState())
     return plan.build_subset_plan(step_keys_to_execute, job_def, resolved)
@@ -582,7 +610,8 @@ def retry_mode_of_run(job: Any, run_config: Any) -> Any:
 # host, queue and message details to the STEP_WORKER_STARTED event Dagster writes anyway.
 
 step_worker_details: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "dagster_taskiq_sync_step_worker_details", default=None)
+    "dagster_taskiq_sync_step_worker_details", default=None
+)
 _original_step_worker_started = DagsterEvent.step_worker_started
 
 

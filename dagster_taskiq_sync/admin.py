@@ -68,9 +68,13 @@ async def _check_key_usable(session: Any, settings: SQSSettings, key: str) -> st
         ) from None
     state, spec = meta.get("KeyState", "Enabled"), meta.get("KeySpec", "SYMMETRIC_DEFAULT")
     if state != "Enabled":
-        raise ConfigError(f"--kms-key {key!r} is {state}, so SQS and S3 cannot encrypt with it; enable it or pass another key.")
+        raise ConfigError(
+            f"--kms-key {key!r} is {state}, so SQS and S3 cannot encrypt with it; enable it or pass another key."
+        )
     if spec != "SYMMETRIC_DEFAULT":
-        raise ConfigError(f"--kms-key {key!r} is a {spec} key; SQS and S3 encrypt only with symmetric keys, pass one of those.")
+        raise ConfigError(
+            f"--kms-key {key!r} is a {spec} key; SQS and S3 encrypt only with symmetric keys, pass one of those."
+        )
     return f"KMS key {key}: {meta.get('Arn', key)} ({state})"
 
 
@@ -78,7 +82,9 @@ def _kms_rejected(exc: boto_exc.ClientError, key: str | None, service: str) -> C
     """A ConfigError when the endpoint refused the KMS key (None for any other error)."""
     code, message = _code(exc), _message(exc)
     if key and (code.startswith("KMS") or "kms" in message.lower() or "KmsMasterKeyId" in message):
-        return ConfigError(f"{service} rejected --kms-key {key!r} ({code}: {message}); pass an existing, enabled key as {KMS_KEY_FORMS}.")
+        return ConfigError(
+            f"{service} rejected --kms-key {key!r} ({code}: {message}); pass an existing, enabled key as {KMS_KEY_FORMS}."
+        )
     return None
 
 
@@ -87,13 +93,16 @@ def _same(attribute: str, current: Any, wanted: Any) -> bool:
         try:
             a, b = json.loads(current or "{}"), json.loads(wanted)
             return a.get("deadLetterTargetArn") == b.get("deadLetterTargetArn") and str(
-                a.get("maxReceiveCount")) == str(b.get("maxReceiveCount"))
+                a.get("maxReceiveCount")
+            ) == str(b.get("maxReceiveCount"))
         except (ValueError, AttributeError):
             return False
     return str(current if current is not None else "").lower() == str(wanted).lower()
 
 
-async def _ensure_queue(sqs: Any, name: str, attributes: Mapping[str, str], tags: Mapping[str, str], keep_kms: bool) -> tuple[str, str]:
+async def _ensure_queue(
+    sqs: Any, name: str, attributes: Mapping[str, str], tags: Mapping[str, str], keep_kms: bool
+) -> tuple[str, str]:
     """Create ``name`` or bring an existing queue's attributes to ``attributes``; returns (url, note).
 
     With ``keep_kms`` an existing queue's own KMS key is kept when this run asks only for
@@ -184,7 +193,9 @@ async def provision(
     if key:
         report.append(f"encryption: KMS key {key} on every queue")
     elif any("kept its KMS key" in line for line in report):
-        report.append("encryption: SQS-managed keys (SSE-SQS), except queues that kept their KMS key (pass --kms-key to change it)")
+        report.append(
+            "encryption: SQS-managed keys (SSE-SQS), except queues that kept their KMS key (pass --kms-key to change it)"
+        )
     else:
         report.append("encryption: SQS-managed keys (SSE-SQS) on every queue")
     if settings.s3_bucket:
@@ -253,7 +264,9 @@ async def _payload_expiry(s3: Any, settings: SQSSettings, days: int) -> str:
     ours = {"ID": LIFECYCLE_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": prefix}, "Expiration": {"Days": days}}
     rules = [r for r in rules if r.get("ID") != LIFECYCLE_RULE_ID] + [ours]
     await s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": rules})
-    where = f"s3://{bucket}/{prefix}" if prefix else f"the whole bucket {bucket} (no prefix in execution.config.backend)"
+    where = (
+        f"s3://{bucket}/{prefix}" if prefix else f"the whole bucket {bucket} (no prefix in execution.config.backend)"
+    )
     return f"bucket {bucket}: offloaded payloads under {where} expire after {days} day(s)"
 
 
@@ -314,7 +327,10 @@ async def queue_depths(settings: SQSSettings, queues: Sequence[str]) -> list[Que
             stats = QueueStats(queue=queue, sqs_name=settings.queue_name(queue))
             found.append(stats)
             try:
-                stats.url = settings.predefined_queues.get(queue) or (await sqs.get_queue_url(QueueName=stats.sqs_name))["QueueUrl"]
+                stats.url = (
+                    settings.predefined_queues.get(queue)
+                    or (await sqs.get_queue_url(QueueName=stats.sqs_name))["QueueUrl"]
+                )
                 attrs = (await sqs.get_queue_attributes(QueueUrl=stats.url, AttributeNames=["All"]))["Attributes"]
             except boto_exc.ClientError as exc:
                 stats.error = _queue_error(exc, stats.sqs_name, settings)
@@ -328,7 +344,7 @@ async def queue_depths(settings: SQSSettings, queues: Sequence[str]) -> list[Que
             stats.dead_letter_queue = target_arn.rsplit(":", 1)[-1]
             try:
                 dlq_url = await _url_for_arn(sqs, target_arn)
-                dlq = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessages"]))
+                dlq = await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
                 stats.dead_letter_depth = int(dlq["Attributes"].get("ApproximateNumberOfMessages", 0))
             except boto_exc.ClientError as exc:
                 stats.dead_letter_error = _queue_error(exc, stats.dead_letter_queue, settings)
@@ -424,7 +440,9 @@ def _sendable_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-async def redrive(settings: SQSSettings, queue: str, max_messages: int | None = None, *, visibility: int = 60) -> RedriveResult:
+async def redrive(
+    settings: SQSSettings, queue: str, max_messages: int | None = None, *, visibility: int = 60
+) -> RedriveResult:
     """Move messages from ``queue``'s dead-letter queue back to ``queue``.
 
     SQS's StartMessageMoveTask would do this server-side, but the local endpoint (moto) does not
@@ -439,7 +457,9 @@ async def redrive(settings: SQSSettings, queue: str, max_messages: int | None = 
     async with session.create_client("sqs", **client_kwargs(settings, session)) as sqs:
         try:
             url = settings.predefined_queues.get(queue) or (await sqs.get_queue_url(QueueName=sqs_name))["QueueUrl"]
-            attrs = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])).get("Attributes", {})
+            attrs = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])).get(
+                "Attributes", {}
+            )
         except boto_exc.ClientError as exc:
             if "NonExistentQueue" in _code(exc) or _code(exc) == "QueueDoesNotExist":
                 raise QueueMissingError(
@@ -466,14 +486,16 @@ async def redrive(settings: SQSSettings, queue: str, max_messages: int | None = 
         fifo = sqs_name.endswith(".fifo")
         moved = failed = 0
         while moved + failed < limit:
-            received = (await sqs.receive_message(
-                QueueUrl=dlq_url,
-                MaxNumberOfMessages=max(1, min(10, limit - moved - failed)),
-                WaitTimeSeconds=1,
-                VisibilityTimeout=visibility,
-                MessageAttributeNames=["All"],
-                MessageSystemAttributeNames=["MessageGroupId"],
-            )).get("Messages", [])
+            received = (
+                await sqs.receive_message(
+                    QueueUrl=dlq_url,
+                    MaxNumberOfMessages=max(1, min(10, limit - moved - failed)),
+                    WaitTimeSeconds=1,
+                    VisibilityTimeout=visibility,
+                    MessageAttributeNames=["All"],
+                    MessageSystemAttributeNames=["MessageGroupId"],
+                )
+            ).get("Messages", [])
             if not received:
                 break
             entries = []

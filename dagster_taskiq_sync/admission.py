@@ -27,6 +27,7 @@ CANCEL_STATUSES = (DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED)
 # A step whose run is in one of these states has nobody waiting for it.
 STOP_STATUSES = (*CANCEL_STATUSES, DagsterRunStatus.FAILURE, DagsterRunStatus.SUCCESS)
 
+
 class Outcome(Enum):
     DONE = "done"  # it ran (whatever its result), or need not run: delete it
     RELEASE = "release"  # not run here: visible again now, for this or another worker
@@ -47,12 +48,17 @@ class Verdict:
 
 def run_missing(message: Message, run: Any, previous: StepRecord | None, lost_timeout: float) -> Verdict | None:
     if run is None:
-        return Verdict(Outcome.DEAD_LETTER, f"its run {message.run_id} is not in this worker's Dagster instance "
-                                            "(check that DAGSTER_HOME has the orchestrator's storage)")
+        return Verdict(
+            Outcome.DEAD_LETTER,
+            f"its run {message.run_id} is not in this worker's Dagster instance "
+            "(check that DAGSTER_HOME has the orchestrator's storage)",
+        )
     return None
 
 
-def could_not_run_before(message: Message, run: Any, previous: StepRecord | None, lost_timeout: float) -> Verdict | None:
+def could_not_run_before(
+    message: Message, run: Any, previous: StepRecord | None, lost_timeout: float
+) -> Verdict | None:
     if previous is not None and previous.state in (EXITED, DEAD_LETTERED) and previous.cannot_run:
         return Verdict(Outcome.DEAD_LETTER, f"{previous.reason} (on worker {previous.worker})")
     return None
@@ -80,8 +86,11 @@ def ran_to_its_end(message: Message, previous: StepRecord, attempts_ended: int) 
     STEP_SUCCESS, STEP_FAILURE or STEP_UP_FOR_RETRY: its own, or the health check's for a worker
     that really was lost), there is nothing more to say about it: it has ended."""
     if isinstance(message, StepMessage) and attempts_ended >= message.attempt:
-        return Verdict(Outcome.DONE, f"{message.label} already started on worker {previous.worker} and has "
-                                     "ended (the run's event log has its outcome)")
+        return Verdict(
+            Outcome.DONE,
+            f"{message.label} already started on worker {previous.worker} and has "
+            "ended (the run's event log has its outcome)",
+        )
     return None
 
 
@@ -98,8 +107,11 @@ def run_cannot_take_it(message: Message, run: Any, previous: StepRecord | None, 
         TaskKind.RESUME: (DagsterRunStatus.STARTING, DagsterRunStatus.STARTED),
     }[message.kind]
     if run.status not in allowed:
-        return Verdict(Outcome.DEAD_LETTER, f"its run {message.run_id} is {run.status.value}, and a "
-                                            f"{message.kind.name.lower()} message needs it {' or '.join(s.value for s in allowed)}")
+        return Verdict(
+            Outcome.DEAD_LETTER,
+            f"its run {message.run_id} is {run.status.value}, and a "
+            f"{message.kind.name.lower()} message needs it {' or '.join(s.value for s in allowed)}",
+        )
     return None
 
 

@@ -89,8 +89,9 @@ class QueueFacts:
 class StepBroker(SQSBroker):
     """taskiq-aio-sqs broker with worker-side primitives and explicit client settings."""
 
-    def __init__(self, settings: SQSSettings, queues: Sequence[str], keyring: Keyring | None = None,
-                 dead_letters: bool = True) -> None:
+    def __init__(
+        self, settings: SQSSettings, queues: Sequence[str], keyring: Keyring | None = None, dead_letters: bool = True
+    ) -> None:
         self.settings = settings
         self.keyring = keyring or Keyring()
         # Only a worker moves messages to dead-letter queues; senders do not look them up (their
@@ -112,11 +113,17 @@ class StepBroker(SQSBroker):
             visibility_timeout=settings.visibility_timeout,
             s3_extended_bucket_name=settings.s3_bucket,
         )
-        self.with_queues(*(
-            SQSQueue(name=sqs_name, is_fifo=sqs_name.endswith(".fifo"), wait_time_seconds=settings.wait_time_seconds,
-                     visibility_timeout=settings.visibility_timeout)
-            for sqs_name in self.queue_names.values()
-        ))
+        self.with_queues(
+            *(
+                SQSQueue(
+                    name=sqs_name,
+                    is_fifo=sqs_name.endswith(".fifo"),
+                    wait_time_seconds=settings.wait_time_seconds,
+                    visibility_timeout=settings.visibility_timeout,
+                )
+                for sqs_name in self.queue_names.values()
+            )
+        )
         for celery_name, url in settings.predefined_queues.items():
             if celery_name in self.queue_names:
                 self._queue_urls[self.queue_names[celery_name]] = url
@@ -127,7 +134,8 @@ class StepBroker(SQSBroker):
         for queue, sqs_name in self.queue_names.items():
             url = self._queue_urls[sqs_name]
             answer = await self._sqs_client.get_queue_attributes(
-                QueueUrl=url, AttributeNames=["MaximumMessageSize", "RedrivePolicy"])
+                QueueUrl=url, AttributeNames=["MaximumMessageSize", "RedrivePolicy"]
+            )
             attributes = answer.get("Attributes", {})
             facts = QueueFacts(url, int(attributes.get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE)))
             policy = _redrive_policy(attributes.get("RedrivePolicy"))
@@ -137,8 +145,9 @@ class StepBroker(SQSBroker):
                 dlq_name, account, receives = policy
                 try:
                     dlq = await self._sqs_client.get_queue_url(QueueName=dlq_name, QueueOwnerAWSAccountId=account)
-                    facts = dataclasses.replace(facts, dead_letter_url=dlq["QueueUrl"], dead_letter_name=dlq_name,
-                                                max_receive_count=receives)
+                    facts = dataclasses.replace(
+                        facts, dead_letter_url=dlq["QueueUrl"], dead_letter_name=dlq_name, max_receive_count=receives
+                    )
                 except boto_exc.ClientError as exc:
                     code = exc.response.get("Error", {}).get("Code", "")
                     if "NonExistentQueue" not in code and code != "QueueDoesNotExist":
@@ -149,8 +158,12 @@ class StepBroker(SQSBroker):
                             "iam-policy --role worker prints the policy)."
                         ) from None
                     # The DLQ is gone: a message that can never run is deleted instead.
-                    log.warning("queue %s names dead-letter queue %s, which does not exist; messages that can never "
-                                "run will be deleted", sqs_name, dlq_name)
+                    log.warning(
+                        "queue %s names dead-letter queue %s, which does not exist; messages that can never "
+                        "run will be deleted",
+                        sqs_name,
+                        dlq_name,
+                    )
                     facts = dataclasses.replace(facts, max_receive_count=receives)
             self.facts[queue] = facts
 
@@ -159,7 +172,9 @@ class StepBroker(SQSBroker):
         return await self._client_context_creator.__aenter__()
 
     async def _get_s3_client(self):
-        self._s3_client_context_creator = self._session.create_client("s3", **client_kwargs(self.settings, self._session))
+        self._s3_client_context_creator = self._session.create_client(
+            "s3", **client_kwargs(self.settings, self._session)
+        )
         return await self._s3_client_context_creator.__aenter__()
 
     async def _close_client(self) -> None:
@@ -214,7 +229,11 @@ class StepBroker(SQSBroker):
             # Encrypted at rest whatever the bucket's default: SSE-KMS with the queues' key when the
             # config names one (sqs-creation-attributes.KmsMasterKeyId), else SSE-S3.
             kms_key = self.settings.queue_attributes.get("KmsMasterKeyId")
-            sse = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else {"ServerSideEncryption": "AES256"}
+            sse = (
+                {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key}
+                if kms_key
+                else {"ServerSideEncryption": "AES256"}
+            )
             await self._s3_client.put_object(Bucket=pointer.bucket, Key=pointer.key, Body=body, **sse)
             body, offloaded = pointer.encode(), pointer.url
             attributes[S3_POINTER_ATTRIBUTE] = "True"
@@ -267,13 +286,17 @@ class StepBroker(SQSBroker):
             if code in ("AccessDenied", "403", "KMS.AccessDeniedException"):
                 # The worker's permissions, not the message: it goes back to the queue, and the
                 # redrive policy decides if this is never fixed.
-                raise ConfigError(f"this worker may not read the offloaded payload {pointer.url} ({code}); allow "
-                                  "s3:GetObject on the offload prefix (and kms:Decrypt for SSE-KMS).") from None
+                raise ConfigError(
+                    f"this worker may not read the offloaded payload {pointer.url} ({code}); allow "
+                    "s3:GetObject on the offload prefix (and kms:Decrypt for SSE-KMS)."
+                ) from None
             raise
         async with answer["Body"] as stream:
             if int(answer.get("ContentLength") or 0) > max_bytes:
-                raise MalformedMessage(f"the offloaded payload {pointer.url} is {answer.get('ContentLength')} bytes, "
-                                       f"over the {max_bytes}-byte limit (execution.config.max_payload_mib)")
+                raise MalformedMessage(
+                    f"the offloaded payload {pointer.url} is {answer.get('ContentLength')} bytes, "
+                    f"over the {max_bytes}-byte limit (execution.config.max_payload_mib)"
+                )
             chunks, size = [], 0
             while size <= max_bytes:  # a read may return less than asked: read to the end, or past the cap
                 chunk = await stream.read(min(1 << 20, max_bytes + 1 - size))
@@ -294,11 +317,13 @@ class StepBroker(SQSBroker):
             by_queue.setdefault(delivery.queue_url, []).append(delivery)
         for queue_url, items in by_queue.items():
             for start in range(0, len(items), BATCH_ENTRIES):
-                chunk = items[start:start + BATCH_ENTRIES]
+                chunk = items[start : start + BATCH_ENTRIES]
                 answer = await self._sqs_client.change_message_visibility_batch(
                     QueueUrl=queue_url,
-                    Entries=[{"Id": str(i), "ReceiptHandle": d.receipt_handle, "VisibilityTimeout": seconds}
-                             for i, d in enumerate(chunk)],
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": d.receipt_handle, "VisibilityTimeout": seconds}
+                        for i, d in enumerate(chunk)
+                    ],
                 )
                 failed.extend(chunk[int(f["Id"])].receipt_handle for f in answer.get("Failed", []))
         return failed
@@ -312,7 +337,7 @@ class StepBroker(SQSBroker):
             by_queue.setdefault(delivery.queue_url, []).append(delivery)
         for queue_url, items in by_queue.items():
             for start in range(0, len(items), BATCH_ENTRIES):
-                chunk = items[start:start + BATCH_ENTRIES]
+                chunk = items[start : start + BATCH_ENTRIES]
                 if len(chunk) == 1:
                     await self._sqs_client.delete_message(QueueUrl=queue_url, ReceiptHandle=chunk[0].receipt_handle)
                     continue
@@ -335,8 +360,11 @@ class StepBroker(SQSBroker):
         if facts.dead_letter_url:
             attributes = {k: {"DataType": "String", "StringValue": v} for k, v in delivery.attributes.items()}
             attributes[DEAD_LETTER_REASON_ATTRIBUTE] = {"DataType": "String", "StringValue": reason[:1000]}
-            kwargs: dict[str, Any] = {"QueueUrl": facts.dead_letter_url, "MessageBody": delivery.body.decode("utf-8", "replace"),
-                                      "MessageAttributes": attributes}
+            kwargs: dict[str, Any] = {
+                "QueueUrl": facts.dead_letter_url,
+                "MessageBody": delivery.body.decode("utf-8", "replace"),
+                "MessageAttributes": attributes,
+            }
             if facts.dead_letter_url.endswith(".fifo"):
                 kwargs["MessageGroupId"] = kwargs["MessageDeduplicationId"] = delivery.message_id or "dead-letter"
             await self._sqs_client.send_message(**kwargs)
@@ -345,13 +373,21 @@ class StepBroker(SQSBroker):
 
 
 def _delivery(queue: str, url: str, raw: Mapping[str, Any], now: float) -> Delivery:
-    attributes = {name: str(value.get("StringValue", "")) for name, value in raw.get("MessageAttributes", {}).items()
-                  if isinstance(value, Mapping)}
+    attributes = {
+        name: str(value.get("StringValue", ""))
+        for name, value in raw.get("MessageAttributes", {}).items()
+        if isinstance(value, Mapping)
+    }
     sent = raw.get("Attributes", {}).get("SentTimestamp")
     return Delivery(
-        queue=queue, queue_url=url, receipt_handle=raw["ReceiptHandle"], message_id=raw.get("MessageId", ""),
+        queue=queue,
+        queue_url=url,
+        receipt_handle=raw["ReceiptHandle"],
+        message_id=raw.get("MessageId", ""),
         receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
-        body=raw.get("Body", "").encode("utf-8"), attributes=attributes, received_at=now,
+        body=raw.get("Body", "").encode("utf-8"),
+        attributes=attributes,
+        received_at=now,
         sent_at=int(sent) / 1000 if sent and str(sent).isdigit() else None,
     )
 
@@ -377,7 +413,9 @@ def _entry_size(entry: Mapping[str, Any]) -> int:
     return len(entry["MessageBody"].encode()) + ATTRIBUTE_ALLOWANCE
 
 
-def _chunks(entries: list[tuple[Outgoing, dict[str, Any]]], max_bytes: int) -> list[list[tuple[Outgoing, dict[str, Any]]]]:
+def _chunks(
+    entries: list[tuple[Outgoing, dict[str, Any]]], max_bytes: int
+) -> list[list[tuple[Outgoing, dict[str, Any]]]]:
     """Batches of at most ten entries whose bodies together fit what the queue accepts."""
     chunks: list[list[tuple[Outgoing, dict[str, Any]]]] = []
     current: list[tuple[Outgoing, dict[str, Any]]] = []
@@ -397,7 +435,9 @@ def _chunks(entries: list[tuple[Outgoing, dict[str, Any]]], max_bytes: int) -> l
 def _as_error(exc: BaseException, batch_error: str) -> TaskiqSyncError:
     if isinstance(exc, TaskiqSyncError):
         return exc
-    return BrokerError(f"SQS did not take the message ({batch_error}), nor on a second try ({type(exc).__name__}: {exc}).")
+    return BrokerError(
+        f"SQS did not take the message ({batch_error}), nor on a second try ({type(exc).__name__}: {exc})."
+    )
 
 
 def client_kwargs(settings: SQSSettings, session: Any, with_role: bool = True) -> dict[str, Any]:

@@ -59,8 +59,9 @@ class BrokerClient:
     def facts(self) -> Mapping[str, QueueFacts]:
         return self.broker.facts
 
-    def _call(self, what: str, action: str, fn: Any, *args: Any, queue: str | None = None,
-              timeout: float | None = None) -> Any:
+    def _call(
+        self, what: str, action: str, fn: Any, *args: Any, queue: str | None = None, timeout: float | None = None
+    ) -> Any:
         started = time.monotonic()
         error: str | None = None
         try:
@@ -126,8 +127,13 @@ class BrokerClient:
         delay = 0.5
         while True:
             try:
-                return self._call(what, "SendMessageBatch", self.broker.send_many, list(items),
-                                  queue=queues[0] if len(queues) == 1 else None)
+                return self._call(
+                    what,
+                    "SendMessageBatch",
+                    self.broker.send_many,
+                    list(items),
+                    queue=queues[0] if len(queues) == 1 else None,
+                )
             except EndpointUnreachableError as exc:
                 if self.clock() + delay > deadline:
                     raise
@@ -153,26 +159,44 @@ class BrokerClient:
         """
         what = f"receiving from queue {queue!r}"
         budget = wait_seconds + self.settings.connect_timeout * self.settings.max_attempts + 10
-        return self._call(what, "ReceiveMessage", self.broker.receive, queue, max_messages, wait_seconds,
-                          queue=queue, timeout=budget)
+        return self._call(
+            what, "ReceiveMessage", self.broker.receive, queue, max_messages, wait_seconds, queue=queue, timeout=budget
+        )
 
     def fetch_payload(self, pointer: S3Pointer, max_bytes: int) -> bytes:
-        return self._call(f"reading the offloaded payload {pointer.url}", "GetObject", self.broker.fetch_payload,
-                          pointer, max_bytes)
+        return self._call(
+            f"reading the offloaded payload {pointer.url}", "GetObject", self.broker.fetch_payload, pointer, max_bytes
+        )
 
     def change_visibility(self, deliveries: Sequence[Delivery], seconds: int) -> list[str]:
-        return self._call("extending message visibility", "ChangeMessageVisibilityBatch",
-                          self.broker.change_visibility, list(deliveries), seconds)
+        return self._call(
+            "extending message visibility",
+            "ChangeMessageVisibilityBatch",
+            self.broker.change_visibility,
+            list(deliveries),
+            seconds,
+        )
 
     def delete_many(self, deliveries: Sequence[Delivery], payloads: Sequence[S3Pointer] = ()) -> list[str]:
         queues = sorted({d.queue for d in deliveries})
-        return self._call(f"deleting {len(deliveries)} message(s) from queue {', '.join(map(repr, queues))}",
-                          "DeleteMessageBatch", self.broker.delete_many, list(deliveries), list(payloads),
-                          queue=queues[0] if len(queues) == 1 else None)
+        return self._call(
+            f"deleting {len(deliveries)} message(s) from queue {', '.join(map(repr, queues))}",
+            "DeleteMessageBatch",
+            self.broker.delete_many,
+            list(deliveries),
+            list(payloads),
+            queue=queues[0] if len(queues) == 1 else None,
+        )
 
     def dead_letter(self, delivery: Delivery, reason: str) -> str | None:
-        return self._call(f"moving message {delivery.message_id} of queue {delivery.queue!r} to its dead-letter queue",
-                          "SendMessage", self.broker.dead_letter, delivery, reason, queue=delivery.queue)
+        return self._call(
+            f"moving message {delivery.message_id} of queue {delivery.queue!r} to its dead-letter queue",
+            "SendMessage",
+            self.broker.dead_letter,
+            delivery,
+            reason,
+            queue=delivery.queue,
+        )
 
 
 def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue: str | None) -> TaskiqSyncError:
@@ -184,7 +208,9 @@ def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue:
     if isinstance(exc, sqs_exc.QueueNotFoundError):
         missing = getattr(exc, "queue_name", None) or queue_shown
         return QueueMissingError(f"SQS queue {missing!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
-    if isinstance(exc, (boto_exc.EndpointConnectionError, boto_exc.ConnectTimeoutError, boto_exc.ConnectionClosedError)):
+    if isinstance(
+        exc, (boto_exc.EndpointConnectionError, boto_exc.ConnectTimeoutError, boto_exc.ConnectionClosedError)
+    ):
         return EndpointUnreachableError(
             f"cannot reach the SQS endpoint {endpoint} while {what}; start it, or fix "
             "execution.config.broker (sqs://HOST:PORT) / AWS_ENDPOINT_URL."

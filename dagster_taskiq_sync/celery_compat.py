@@ -19,7 +19,9 @@ from .errors import ConfigError
 from .messages import Keyring
 from .settings import DEFAULT_QUEUE, Settings, SQSSettings, redact_url
 
-SUPPORTED_BROKERS = "'sqs://' (AWS defaults), 'sqs://host:port' (an endpoint such as a local one) or 'sqs://key:secret@host:port'"
+SUPPORTED_BROKERS = (
+    "'sqs://' (AWS defaults), 'sqs://host:port' (an endpoint such as a local one) or 'sqs://key:secret@host:port'"
+)
 
 
 # --- broker / backend URLs ------------------------------------------------------------------
@@ -38,9 +40,7 @@ def parse_broker_url(url: str | None, *, is_secure: bool = False) -> dict[str, A
         parts = urlsplit(url.strip())
         port = parts.port  # raises ValueError on a non-numeric port
     except ValueError:
-        raise ConfigError(
-            f"execution.config.broker {shown!r} is not a valid URL; use {SUPPORTED_BROKERS}."
-        ) from None
+        raise ConfigError(f"execution.config.broker {shown!r} is not a valid URL; use {SUPPORTED_BROKERS}.") from None
     scheme = parts.scheme.lower()
     if scheme != "sqs":
         what = f"scheme {scheme + '://'!r}" if scheme else "no scheme"
@@ -50,8 +50,7 @@ def parse_broker_url(url: str | None, *, is_secure: bool = False) -> dict[str, A
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(
-            f"execution.config.broker {shown!r} has a path or query SQS does not use; "
-            f"use {SUPPORTED_BROKERS}."
+            f"execution.config.broker {shown!r} has a path or query SQS does not use; use {SUPPORTED_BROKERS}."
         )
     fields: dict[str, Any] = {}
     if parts.username or parts.password:
@@ -72,9 +71,7 @@ def parse_broker_url(url: str | None, *, is_secure: bool = False) -> dict[str, A
         scheme = "https" if is_secure else "http"
         fields["endpoint_url"] = f"{scheme}://{host}:{port}"
     elif port is not None:
-        raise ConfigError(
-            f"execution.config.broker {shown!r} has a port but no host; write sqs://HOST:PORT."
-        )
+        raise ConfigError(f"execution.config.broker {shown!r} has a port but no host; write sqs://HOST:PORT.")
     return fields
 
 
@@ -202,8 +199,10 @@ MAPPED = "mapped"
 NO_EFFECT = "no effect"
 REFUSED = "refused"
 
-_SECURITY_WHY = ("Celery's X.509 signing keys are not used; messages are signed with HMAC-SHA256 "
-                 "(execution.config.signing_key), which becomes required.")
+_SECURITY_WHY = (
+    "Celery's X.509 signing keys are not used; messages are signed with HMAC-SHA256 "
+    "(execution.config.signing_key), which becomes required."
+)
 
 
 def _serializer(settings: Settings, value: Any, path: str) -> Settings:
@@ -215,6 +214,7 @@ def _serializer(settings: Settings, value: Any, path: str) -> Settings:
 def _security(settings: Settings, value: Any, path: str) -> Settings:
     # Never silently weaker than the Celery deployment: signing stays required.
     return _note(replace(settings, signing_required=True), f"{path}: {_SECURITY_WHY}")
+
 
 TRANSPORT_OPTIONS_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     "region": (MAPPED, "AWS region of the queues.", _set_sqs("region", _str)),
@@ -282,7 +282,9 @@ TRANSPORT_OPTIONS_TABLE: dict[str, tuple[str, str, Handler | None]] = {
 def _transport_options(settings: Settings, value: Any, path: str) -> Settings:
     settings = _apply_table(settings, _mapping(value, path), path, TRANSPORT_OPTIONS_TABLE)
     if "sts_token_timeout" in value and not settings.sqs.sts_role_arn:
-        settings = _note(settings, f"{path}.sts_token_timeout has no effect without sts_role_arn; set both or remove it.")
+        settings = _note(
+            settings, f"{path}.sts_token_timeout has no effect without sts_role_arn; set both or remove it."
+        )
     return settings
 
 
@@ -397,8 +399,10 @@ def _per_slot(value: Any, path: str) -> float | None:
     except (TypeError, ValueError):
         number = 0.0
     if isinstance(value, bool) or not number >= 1 or number == float("inf"):
-        raise ConfigError(f"{path} must be a number of at least 1 (steps in flight per live worker slot) or 'none' "
-                          f"(no cap), got {value!r}; fix the value.")
+        raise ConfigError(
+            f"{path} must be a number of at least 1 (steps in flight per live worker slot) or 'none' "
+            f"(no cap), got {value!r}; fix the value."
+        )
     return number
 
 
@@ -433,8 +437,7 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     transport = config_source.get("broker_transport_options") or {}
     if not isinstance(transport, Mapping):
         raise ConfigError(
-            "execution.config.config_source.broker_transport_options must be a mapping, "
-            f"got {transport!r}."
+            f"execution.config.config_source.broker_transport_options must be a mapping, got {transport!r}."
         )
     is_secure = _bool(transport.get("is_secure", False), "broker_transport_options.is_secure")
     sqs = SQSSettings(
@@ -442,9 +445,7 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
         **parse_backend_url(config.get("backend")),
     )
     settings = Settings(sqs=sqs, include=tuple(config.get("include") or ()))
-    settings = _apply_table(
-        settings, config_source, "execution.config.config_source", CONFIG_SOURCE_TABLE
-    )
+    settings = _apply_table(settings, config_source, "execution.config.config_source", CONFIG_SOURCE_TABLE)
     for key, convert in NATIVE_KEYS.items():
         if config.get(key) is not None:
             settings = replace(settings, **{key: convert(config[key], f"execution.config.{key}")})
@@ -454,8 +455,12 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     previous = config.get("previous_signing_keys") or ()
     if not isinstance(previous, (list, tuple)) or not all(isinstance(k, str) for k in previous):
         raise ConfigError("execution.config.previous_signing_keys must be a list of secrets ({env: NAME} each).")
-    settings = replace(settings, keyring=Keyring.from_secrets(
-        config.get("signing_key"), tuple(previous), setting="execution.config.signing_key"))
+    settings = replace(
+        settings,
+        keyring=Keyring.from_secrets(
+            config.get("signing_key"), tuple(previous), setting="execution.config.signing_key"
+        ),
+    )
     if not settings.sqs.default_queue:
         settings = settings.with_sqs(default_queue=DEFAULT_QUEUE)
     return settings
@@ -470,4 +475,3 @@ def mapping_table_markdown() -> str:
     for key, (action, why, _) in TRANSPORT_OPTIONS_TABLE.items():
         lines.append(f"| `{key}` | {action} | {why} |")
     return "\n".join(lines)
-

@@ -36,27 +36,111 @@ def worker() -> None:
 
 
 @worker.command("start")
-@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block (the same file the job uses).")
-@click.option("-q", "--queue", "queues", multiple=True, help="Queue to consume (repeatable). Default: the config's task_default_queue ('dagster').")
+@click.option(
+    "-y",
+    "--config-yaml",
+    type=click.Path(dir_okay=False),
+    help="Run-config YAML with the executor block (the same file the job uses).",
+)
+@click.option(
+    "-q",
+    "--queue",
+    "queues",
+    multiple=True,
+    help="Queue to consume (repeatable). Default: the config's task_default_queue ('dagster').",
+)
 @click.option("-n", "--name", help="Worker name (default dagster-XXXXXX); '@HOST' is appended.")
-@click.option("-c", "--concurrency", type=click.IntRange(1, 1000), help="Most steps running at once in this worker (worker threads). Default: worker_concurrency or the CPU count.")
-@click.option("-i", "--includes", multiple=True, help="Python module every step should have imported (repeatable); imported once, before steps fork.")
-@click.option("-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True)
-@click.option("--shutdown-timeout", type=click.FloatRange(0), default=60.0, show_default=True, help="Seconds running steps get to finish after SIGTERM before they are killed.")
-@click.option("--heartbeat-interval", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True, help="Seconds between liveness records of running steps; the orchestrator's worker_lost_timeout must exceed 3x this.")
-@click.option("--max-tasks-per-child", type=click.IntRange(1), help="Steps a step child runs before it is replaced by a fresh process (default: worker_max_tasks_per_child, else no limit).")
-@click.option("--max-memory-per-child", type=click.IntRange(1), help="KiB of resident memory after which a step child is replaced once its step ends (default: worker_max_memory_per_child, else no limit).")
-@click.option("--signing-key-file", "signing_key_files", multiple=True, type=click.Path(dir_okay=False), help="File holding message signing keys, one per line (first: current); adds to the config's signing_key (repeatable).")
-@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus /metrics and the /livez (restart me) and /readyz (send me work) probes on this port.")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address the metrics port binds to; 0.0.0.0 in a container, so probes and scrapes reach it.")
-@click.option("--scale-in-protection", type=click.Choice(["ecs", "k8s"]), help="While it holds steps, protect this worker from scale-in: ECS task scale-in protection, or a high Kubernetes pod-deletion-cost.")
+@click.option(
+    "-c",
+    "--concurrency",
+    type=click.IntRange(1, 1000),
+    help="Most steps running at once in this worker (worker threads). Default: worker_concurrency or the CPU count.",
+)
+@click.option(
+    "-i",
+    "--includes",
+    multiple=True,
+    help="Python module every step should have imported (repeatable); imported once, before steps fork.",
+)
+@click.option(
+    "-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    help="Seconds running steps get to finish after SIGTERM before they are killed.",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=click.FloatRange(0.1, 3600),
+    default=5.0,
+    show_default=True,
+    help="Seconds between liveness records of running steps; the orchestrator's worker_lost_timeout must exceed 3x this.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(1),
+    help="Steps a step child runs before it is replaced by a fresh process (default: worker_max_tasks_per_child, else no limit).",
+)
+@click.option(
+    "--max-memory-per-child",
+    type=click.IntRange(1),
+    help="KiB of resident memory after which a step child is replaced once its step ends (default: worker_max_memory_per_child, else no limit).",
+)
+@click.option(
+    "--signing-key-file",
+    "signing_key_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="File holding message signing keys, one per line (first: current); adds to the config's signing_key (repeatable).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve Prometheus /metrics and the /livez (restart me) and /readyz (send me work) probes on this port.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics port binds to; 0.0.0.0 in a container, so probes and scrapes reach it.",
+)
+@click.option(
+    "--scale-in-protection",
+    type=click.Choice(["ecs", "k8s"]),
+    help="While it holds steps, protect this worker from scale-in: ECS task scale-in protection, or a high Kubernetes pod-deletion-cost.",
+)
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
-@click.option("-f", "--logfile", type=click.Path(dir_okay=False), help="Log file for --background (default ./dagster-taskiq-sync-worker-NAME.log).")
+@click.option(
+    "-f",
+    "--logfile",
+    type=click.Path(dir_okay=False),
+    help="Log file for --background (default ./dagster-taskiq-sync-worker-NAME.log).",
+)
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
-def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shutdown_timeout, heartbeat_interval,
-                 max_tasks_per_child, max_memory_per_child, signing_key_files, metrics_port, metrics_host,
-                 scale_in_protection, app, background, logfile, celery_args) -> None:
+def worker_start(
+    config_yaml,
+    queues,
+    name,
+    concurrency,
+    includes,
+    loglevel,
+    shutdown_timeout,
+    heartbeat_interval,
+    max_tasks_per_child,
+    max_memory_per_child,
+    signing_key_files,
+    metrics_port,
+    metrics_host,
+    scale_in_protection,
+    app,
+    background,
+    logfile,
+    celery_args,
+) -> None:
     """Start a worker that runs the steps sent to its queues.
 
     Celery worker options after `--` that mean something here are honoured: --concurrency N,
@@ -88,8 +172,13 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
 
     try:
         config = WorkerConfig.from_yaml(
-            config_yaml, queues=queues, name=name, concurrency=concurrency, includes=includes,
-            shutdown_timeout=shutdown_timeout, heartbeat_interval=heartbeat_interval,
+            config_yaml,
+            queues=queues,
+            name=name,
+            concurrency=concurrency,
+            includes=includes,
+            shutdown_timeout=shutdown_timeout,
+            heartbeat_interval=heartbeat_interval,
             prefetch_multiplier=passthrough.get("prefetch_multiplier"),
             max_tasks_per_child=max_tasks_per_child or passthrough.get("max_tasks_per_child"),
             max_memory_per_child=max_memory_per_child or passthrough.get("max_memory_per_child"),
@@ -107,11 +196,13 @@ def worker_start(config_yaml, queues, name, concurrency, includes, loglevel, shu
 
 
 CELERY_WORKER_OPTIONS = {
-    "--concurrency": "concurrency", "-c": "concurrency",
+    "--concurrency": "concurrency",
+    "-c": "concurrency",
     "--prefetch-multiplier": "prefetch_multiplier",
     "--max-tasks-per-child": "max_tasks_per_child",
     "--max-memory-per-child": "max_memory_per_child",
-    "--loglevel": "loglevel", "-l": "loglevel",
+    "--loglevel": "loglevel",
+    "-l": "loglevel",
 }
 
 
@@ -134,7 +225,9 @@ def parse_celery_args(args) -> dict[str, Any]:
             raise ConfigError(f"Celery worker option {flag} after '--' needs a value.")
         if key == "loglevel":
             if value.upper() not in LOG_LEVELS:
-                raise ConfigError(f"{flag} {value!r} after '--' is not a log level; use one of {', '.join(LOG_LEVELS)}.")
+                raise ConfigError(
+                    f"{flag} {value!r} after '--' is not a log level; use one of {', '.join(LOG_LEVELS)}."
+                )
             found[key] = value.upper()
         else:
             try:
@@ -154,8 +247,13 @@ def _start_in_background(name, logfile) -> None:
     args = [a for a in sys.argv[1:] if a not in ("-d", "--background")]
     path = os.path.abspath(logfile or f"dagster-taskiq-sync-worker-{name or 'dagster'}.log")
     with open(path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "dagster_taskiq_sync.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dagster_taskiq_sync.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     click.echo(f"worker started in the background: pid {proc.pid}, log {path}")
 
 
@@ -171,7 +269,12 @@ def _registry():
 
 
 @worker.command("list")
-@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML: its lost_worker_expiry applies (the registry is DAGSTER_HOME's instance).")
+@click.option(
+    "-y",
+    "--config-yaml",
+    type=click.Path(dir_okay=False),
+    help="Run-config YAML: its lost_worker_expiry applies (the registry is DAGSTER_HOME's instance).",
+)
 def worker_list(config_yaml) -> None:
     """List the workers registered in DAGSTER_HOME's instance, with their running steps.
 
@@ -190,18 +293,24 @@ def worker_list(config_yaml) -> None:
     if not rows:
         click.echo("no workers registered")
         return
-    click.echo(f"{'NAME':<28} {'HOST':<16} {'PID':>7} {'QUEUES':<20} {'CONC':>4}  {'LAST HEARTBEAT':<15} {'STATE':<9} RUNNING")
+    click.echo(
+        f"{'NAME':<28} {'HOST':<16} {'PID':>7} {'QUEUES':<20} {'CONC':>4}  {'LAST HEARTBEAT':<15} {'STATE':<9} RUNNING"
+    )
     for row in sorted(rows, key=lambda r: r.name):
         state = row.state if row.looks_alive() else "lost?"
-        click.echo(f"{row.name:<28} {row.host:<16} {row.pid:>7} {','.join(row.queues):<20} {row.concurrency:>4}  "
-                   f"{row.age():>6.0f} s ago     {state:<9} {', '.join(row.running) or '-'}")
+        click.echo(
+            f"{row.name:<28} {row.host:<16} {row.pid:>7} {','.join(row.queues):<20} {row.concurrency:>4}  "
+            f"{row.age():>6.0f} s ago     {state:<9} {', '.join(row.running) or '-'}"
+        )
 
 
 @worker.command("terminate")
 @click.argument("name", required=False)
 @click.option("-a", "--all", "all_", is_flag=True, help="Ask every registered worker to stop.")
 @click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Accepted for dagster-celery scripts.")
-@click.option("--wait", "wait_seconds", type=click.FloatRange(0), default=0, help="Wait up to this many seconds for them to stop.")
+@click.option(
+    "--wait", "wait_seconds", type=click.FloatRange(0), default=0, help="Wait up to this many seconds for them to stop."
+)
 def worker_terminate(name, all_, config_yaml, wait_seconds) -> None:
     """Ask a worker (by name, with or without @HOST) or all workers to stop gracefully."""
     import time
@@ -233,11 +342,30 @@ def queues() -> None:
 
 @queues.command("create")
 @click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block.")
-@click.option("-q", "--queue", "extra", multiple=True, help="Also create this queue (repeatable), e.g. one named by a dagster-celery/queue tag.")
-@click.option("--max-receive-count", type=click.IntRange(1, 1000), default=5, show_default=True, help="Receives before SQS moves a message to the dead-letter queue NAME-dlq.")
+@click.option(
+    "-q",
+    "--queue",
+    "extra",
+    multiple=True,
+    help="Also create this queue (repeatable), e.g. one named by a dagster-celery/queue tag.",
+)
+@click.option(
+    "--max-receive-count",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="Receives before SQS moves a message to the dead-letter queue NAME-dlq.",
+)
 @click.option("--no-dead-letter", is_flag=True, help="Create no dead-letter queue or redrive policy.")
-@click.option("--kms-key", help="Encrypt the queues and the S3 bucket with this KMS key (id, ARN or alias/NAME) instead of SQS-managed keys and SSE-S3. Default: sqs-creation-attributes' KmsMasterKeyId.")
-@click.option("--payload-expiry-days", type=int, help="Days after which offloaded payloads under the backend's S3 prefix expire (a bucket lifecycle rule; default 7): payloads of dead-lettered or purged messages would otherwise stay forever.")
+@click.option(
+    "--kms-key",
+    help="Encrypt the queues and the S3 bucket with this KMS key (id, ARN or alias/NAME) instead of SQS-managed keys and SSE-S3. Default: sqs-creation-attributes' KmsMasterKeyId.",
+)
+@click.option(
+    "--payload-expiry-days",
+    type=int,
+    help="Days after which offloaded payloads under the backend's S3 prefix expire (a bucket lifecycle rule; default 7): payloads of dead-lettered or purged messages would otherwise stay forever.",
+)
 def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key, payload_expiry_days) -> None:
     """Create the queues (with dead-letter queues and redrive policy) and the S3 bucket a config names.
 
@@ -253,7 +381,9 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
         with Bridge() as bridge:
             try:
                 create = functools.partial(provision, kms_key=kms_key, payload_expiry_days=payload_expiry_days)
-                report = bridge.call(create, settings.sqs, extra, None if no_dead_letter else max_receive_count, timeout=60)
+                report = bridge.call(
+                    create, settings.sqs, extra, None if no_dead_letter else max_receive_count, timeout=60
+                )
             except TaskiqSyncError:
                 raise
             except Exception as exc:  # noqa: BLE001 - translated below into one sentence
@@ -266,10 +396,24 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
 
 @queues.command("stats")
 @click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block.")
-@click.option("-q", "--queue", "only", multiple=True, help="Queue to show (repeatable). Default: the config's task_default_queue and every queue a live worker consumes.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (one document per line with --watch) instead of a table.")
+@click.option(
+    "-q",
+    "--queue",
+    "only",
+    multiple=True,
+    help="Queue to show (repeatable). Default: the config's task_default_queue and every queue a live worker consumes.",
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (one document per line with --watch) instead of a table."
+)
 @click.option("--watch", type=float, metavar="SECONDS", help="Print again every SECONDS until Ctrl-C.")
-@click.option("--target-backlog-per-worker", "target", type=int, metavar="N", help="Messages one worker should hold (default: its concurrency x worker_prefetch_multiplier); replicas needed = ceil((visible + in flight) / N).")
+@click.option(
+    "--target-backlog-per-worker",
+    "target",
+    type=int,
+    metavar="N",
+    help="Messages one worker should hold (default: its concurrency x worker_prefetch_multiplier); replicas needed = ceil((visible + in flight) / N).",
+)
 def queues_stats(config_yaml, only, as_json, watch, target) -> None:
     """Per queue: visible / in-flight / delayed messages, dead-letter depth, live workers, free slots, replicas needed."""
     import time
@@ -279,7 +423,9 @@ def queues_stats(config_yaml, only, as_json, watch, target) -> None:
     if watch is not None and not watch > 0:
         raise click.UsageError(f"--watch {watch:g} must be a positive number of seconds; pass e.g. --watch 5.")
     if target is not None and target < 1:
-        raise click.UsageError(f"--target-backlog-per-worker {target} must be a whole number of at least 1; pass e.g. 4.")
+        raise click.UsageError(
+            f"--target-backlog-per-worker {target} must be a whole number of at least 1; pass e.g. 4."
+        )
     try:
         settings = settings_from_yaml(config_yaml)
         with Bridge() as bridge:
@@ -307,12 +453,16 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
     notes = []
     workers = None
     if not os.environ.get("DAGSTER_HOME", "").strip():  # _registry() raises for this; say it plainly
-        notes.append("DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance.")
+        notes.append(
+            "DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance."
+        )
     else:
         try:
             workers = _registry().workers()
         except Exception as exc:  # noqa: BLE001 - SQS numbers are still worth printing
-            notes.append(f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); live workers are unknown.")
+            notes.append(
+                f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); live workers are unknown."
+            )
     names = list(only) or [settings.sqs.default_queue, *(q for w in workers or () if w.looks_alive() for q in w.queues)]
     try:
         stats = bridge.call(queue_depths, settings.sqs, list(dict.fromkeys(names)), timeout=60)
@@ -320,8 +470,13 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
         raise
     except Exception as exc:  # noqa: BLE001 - the registry is optional for stats; say why it could not be read
         raise translate_error(exc, settings.sqs, "reading queue attributes", None) from None
-    add_workers(stats, workers, prefetch_multiplier=settings.prefetch_multiplier,
-                config_concurrency=settings.worker_concurrency, target=target)
+    add_workers(
+        stats,
+        workers,
+        prefetch_multiplier=settings.prefetch_multiplier,
+        config_concurrency=settings.worker_concurrency,
+        target=target,
+    )
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     if as_json:
         click.echo(json.dumps({"time": now, "queues": [s.as_dict() for s in stats], "notes": notes}))
@@ -341,10 +496,14 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
             dlq = f"{s.dead_letter_queue}: {s.dead_letter_depth}"
         live = "?" if s.workers is None else str(len(s.workers))
         free = "?" if s.free_slots is None else str(s.free_slots)
-        click.echo(f"{s.queue:<20} {s.visible:>7} {s.in_flight:>9} {s.delayed:>7}  {dlq:<24} {live:>7} {free:>5} "
-                   f"{s.target_backlog_per_worker:>6} {s.replicas_needed:>8}")
-    click.echo("replicas = ceil((visible + in flight) / target); target per queue: "
-               + "; ".join(f"{s.queue}: {s.target_source}" for s in stats if not s.error))
+        click.echo(
+            f"{s.queue:<20} {s.visible:>7} {s.in_flight:>9} {s.delayed:>7}  {dlq:<24} {live:>7} {free:>5} "
+            f"{s.target_backlog_per_worker:>6} {s.replicas_needed:>8}"
+        )
+    click.echo(
+        "replicas = ceil((visible + in flight) / target); target per queue: "
+        + "; ".join(f"{s.queue}: {s.target_source}" for s in stats if not s.error)
+    )
     for s in stats:
         if s.dead_letter_error:
             click.echo(f"note: {s.dead_letter_error}")
@@ -356,7 +515,13 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
 @queues.command("redrive")
 @click.argument("name")
 @click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block.")
-@click.option("--max", "max_messages", type=int, metavar="N", help="Move at most N messages (default: as many as the dead-letter queue holds when this starts).")
+@click.option(
+    "--max",
+    "max_messages",
+    type=int,
+    metavar="N",
+    help="Move at most N messages (default: as many as the dead-letter queue holds when this starts).",
+)
 def queues_redrive(name, config_yaml, max_messages) -> None:
     """Move the messages in queue NAME's dead-letter queue back to NAME (after the cause is fixed)."""
     from .admin import redrive
@@ -364,7 +529,9 @@ def queues_redrive(name, config_yaml, max_messages) -> None:
     from .broker_client import translate_error
 
     if max_messages is not None and max_messages < 1:
-        raise click.UsageError(f"--max {max_messages} must be a whole number of at least 1; pass e.g. --max 100, or leave it out to move them all.")
+        raise click.UsageError(
+            f"--max {max_messages} must be a whole number of at least 1; pass e.g. --max 100, or leave it out to move them all."
+        )
     try:
         settings = settings_from_yaml(config_yaml)
         with Bridge() as bridge:
@@ -376,17 +543,44 @@ def queues_redrive(name, config_yaml, max_messages) -> None:
                 raise translate_error(exc, settings.sqs, f"redriving queue {name!r}", name) from None
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"moved {result.moved} message(s) from {result.dead_letter_queue} back to {result.queue} "
-               f"({result.left} left in {result.dead_letter_queue})")
+    click.echo(
+        f"moved {result.moved} message(s) from {result.dead_letter_queue} back to {result.queue} "
+        f"({result.left} left in {result.dead_letter_queue})"
+    )
 
 
 @main.command("iam-policy")
-@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block (queues, bucket, prefix, region).")
-@click.option("--role", "roles", multiple=True, type=click.Choice(["orchestrator", "worker", "launcher"]), help="Role to print the policy of (repeatable: the union, e.g. --role worker --role orchestrator for a worker serving TaskiqRunLauncher runs). Default: one policy per role, keyed by role.")
-@click.option("-q", "--queue", "extra", multiple=True, help="Also cover this queue (repeatable), e.g. one named by a dagster-celery/queue tag or the launcher's default_queue.")
-@click.option("--kms-key", help="KMS key of the queues and bucket (default: sqs-creation-attributes' KmsMasterKeyId); adds kms:GenerateDataKey / kms:Decrypt.")
-@click.option("--account-id", help="AWS account that owns the queues (default: the predefined queue URLs, else STS GetCallerIdentity).")
-@click.option("--no-dead-letter", is_flag=True, help="The queues have no dead-letter queues (created with --no-dead-letter).")
+@click.option(
+    "-y",
+    "--config-yaml",
+    type=click.Path(dir_okay=False),
+    help="Run-config YAML with the executor block (queues, bucket, prefix, region).",
+)
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    type=click.Choice(["orchestrator", "worker", "launcher"]),
+    help="Role to print the policy of (repeatable: the union, e.g. --role worker --role orchestrator for a worker serving TaskiqRunLauncher runs). Default: one policy per role, keyed by role.",
+)
+@click.option(
+    "-q",
+    "--queue",
+    "extra",
+    multiple=True,
+    help="Also cover this queue (repeatable), e.g. one named by a dagster-celery/queue tag or the launcher's default_queue.",
+)
+@click.option(
+    "--kms-key",
+    help="KMS key of the queues and bucket (default: sqs-creation-attributes' KmsMasterKeyId); adds kms:GenerateDataKey / kms:Decrypt.",
+)
+@click.option(
+    "--account-id",
+    help="AWS account that owns the queues (default: the predefined queue URLs, else STS GetCallerIdentity).",
+)
+@click.option(
+    "--no-dead-letter", is_flag=True, help="The queues have no dead-letter queues (created with --no-dead-letter)."
+)
 def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -> None:
     """Print the least-privilege IAM policy (JSON) for the queues, dead-letter queues and S3 offload prefix a config names."""
     import json
@@ -398,7 +592,9 @@ def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -
     try:
         settings = settings_from_yaml(config_yaml)
         key = kms_key_for(settings.sqs, kms_key)
-        resolve = functools.partial(resolve_resources, account_id=account_id, kms_key=key, dead_letter=not no_dead_letter)
+        resolve = functools.partial(
+            resolve_resources, account_id=account_id, kms_key=key, dead_letter=not no_dead_letter
+        )
         with Bridge() as bridge:
             resources = bridge.call(resolve, settings.sqs, list(extra), timeout=60)
         document = policy(roles, resources) if roles else {role: policy([role], resources) for role in ROLES}

@@ -294,13 +294,17 @@ def retry_transient(
             remaining = deadline_seconds - elapsed
             kind = describe_db_error(exc)
             if remaining <= 0:
-                log.warning("database still unavailable %s after %.1f s and %d attempts, giving up: %s",
-                            what, elapsed, attempt, kind)
+                log.warning(
+                    "database still unavailable %s after %.1f s and %d attempts, giving up: %s",
+                    what,
+                    elapsed,
+                    attempt,
+                    kind,
+                )
                 raise
             if kind not in kinds:
                 kinds.add(kind)
-                log.warning("database unavailable %s (%s); retrying for up to %g s", what, kind,
-                            deadline_seconds)
+                log.warning("database unavailable %s (%s); retrying for up to %g s", what, kind, deadline_seconds)
             wait = min(delay, remaining)
             if on_retry is not None:
                 on_retry(exc, attempt, wait)
@@ -364,16 +368,21 @@ def install_event_write_retry(
             _shadow(events, "store_event", _store_event_wrapper, events, settings)
             _shadow(events, "store_event_batch", _store_event_batch_wrapper, events, store_one, settings)
         else:
-            log.warning("event writes of %s are not retried through database outages: only SQL event "
-                        "log storages are supported", type(events).__name__)
+            log.warning(
+                "event writes of %s are not retried through database outages: only SQL event "
+                "log storages are supported",
+                type(events).__name__,
+            )
         events.__dict__[_INSTALLED] = set()
     if not runs.__dict__.get(_INSTALLED):
         for name in RUN_STORAGE_WRITES:
             _shadow(runs, name, _retrying_wrapper, name, "run storage", settings)
         runs.__dict__[_INSTALLED] = set()
     if reads:
-        for storage, names, label in ((events, EVENT_STORAGE_READS, "event log"),
-                                      (runs, RUN_STORAGE_READS, "run storage")):
+        for storage, names, label in (
+            (events, EVENT_STORAGE_READS, "event log"),
+            (runs, RUN_STORAGE_READS, "run storage"),
+        ):
             done = storage.__dict__[_INSTALLED]
             for name in names:
                 if name not in done and hasattr(storage, name):
@@ -413,22 +422,23 @@ def _retrying_wrapper(orig: Callable[..., T], name: str, label: str, settings: d
     def wrapper(*args: Any, **kwargs: Any) -> T:
         run_id = args[0] if args and isinstance(args[0], str) else None
         what = f"in {label} {name}" + (f" for run {run_id}" if run_id else "")
-        return _outermost(lambda: retry_transient(lambda: orig(*args, **kwargs), what=what, **settings),
-                          lambda: orig(*args, **kwargs))
+        return _outermost(
+            lambda: retry_transient(lambda: orig(*args, **kwargs), what=what, **settings), lambda: orig(*args, **kwargs)
+        )
 
     return wrapper
 
 
 def _store_event_wrapper(orig: Callable[[Any], None], storage: Any, settings: dict) -> Callable[[Any], None]:
     def store_event(event: Any) -> None:
-        _outermost(lambda: _store_event_once(storage, orig, event, settings, maybe_stored=False),
-                   lambda: orig(event))
+        _outermost(lambda: _store_event_once(storage, orig, event, settings, maybe_stored=False), lambda: orig(event))
 
     return store_event
 
 
-def _store_event_batch_wrapper(orig: Callable[[Any], None], storage: Any, store_one: Callable[[Any], None],
-                               settings: dict) -> Callable[[Any], None]:
+def _store_event_batch_wrapper(
+    orig: Callable[[Any], None], storage: Any, store_one: Callable[[Any], None], settings: dict
+) -> Callable[[Any], None]:
     def store_event_batch(events: Any) -> None:
         def call() -> None:
             try:
@@ -437,8 +447,11 @@ def _store_event_batch_wrapper(orig: Callable[[Any], None], storage: Any, store_
             except Exception as exc:
                 if not is_transient_db_error(exc):
                     raise
-                log.warning("database unavailable storing a batch of %d events (%s); storing them one by "
-                            "one", len(events), describe_db_error(exc))
+                log.warning(
+                    "database unavailable storing a batch of %d events (%s); storing them one by one",
+                    len(events),
+                    describe_db_error(exc),
+                )
             # The batch insert is one statement, but whether it committed is unknown: each event
             # is looked up before it is written again.
             for event in events:
@@ -449,8 +462,9 @@ def _store_event_batch_wrapper(orig: Callable[[Any], None], storage: Any, store_
     return store_event_batch
 
 
-def _store_event_once(storage: Any, orig: Callable[[Any], None], event: Any, settings: dict, *,
-                      maybe_stored: bool) -> None:
+def _store_event_once(
+    storage: Any, orig: Callable[[Any], None], event: Any, settings: dict, *, maybe_stored: bool
+) -> None:
     attempts = 0
 
     def attempt() -> None:
@@ -476,8 +490,12 @@ def _stored_event_id(storage: Any, event: Any, *, index: bool) -> int | None:
     body = _event_row(storage, event)["event"]
     connection = storage.index_connection() if index else storage.run_connection(event.run_id)
     with connection as conn:
-        query = (db.select(table.c.id).where(table.c.run_id == event.run_id, table.c.event == body)
-                 .order_by(table.c.id).limit(1))
+        query = (
+            db.select(table.c.id)
+            .where(table.c.run_id == event.run_id, table.c.event == body)
+            .order_by(table.c.id)
+            .limit(1)
+        )
         found = conn.execute(query).scalar()
     return None if found is None else int(found)
 
@@ -509,8 +527,11 @@ def _finish_stored_event(storage: Any, event: Any, event_id: int) -> None:
     event_type = event.dagster_event_type
     if isinstance(storage, SqliteEventLogStorage):
         # Per-run shards: asset, asset-check and run-status events are mirrored into index.db.
-        if not (event_type in ASSET_EVENTS or event_type in ASSET_CHECK_EVENTS
-                or event_type in EVENT_TYPE_TO_PIPELINE_RUN_STATUS):
+        if not (
+            event_type in ASSET_EVENTS
+            or event_type in ASSET_CHECK_EVENTS
+            or event_type in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+        ):
             return
         mirror_id = _stored_event_id(storage, event, index=True)
         insert = storage.prepare_insert_event(event)

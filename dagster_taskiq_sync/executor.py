@@ -162,8 +162,13 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                 "queued behind all of it; the others are sent as these finish (execution.config."
                 "steps_in_flight_per_slot, 'none' for no cap).",
                 instance.get_run_by_id(run_id),
-                EngineEventData(metadata={"queue": queue, "cap": str(policy.caps.get(queue)),
-                                          "live_slots": str(policy.slots.get(queue, 0))}),
+                EngineEventData(
+                    metadata={
+                        "queue": queue,
+                        "cap": str(policy.caps.get(queue)),
+                        "live_slots": str(policy.slots.get(queue, 0)),
+                    }
+                ),
             )
 
     def on_poll(self, instance: Any, run_id: str) -> None:
@@ -217,8 +222,12 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         interrupt_token = run_interrupted.set(lambda: self._canceled)
         queues = {queue_for_tags(step.tags, self.settings.sqs.default_queue) for step in execution_plan.steps}
         self._queues, self._caps_said = sorted(queues), set()
-        self._policy = LaunchPolicy(self.settings.sqs.default_queue, self.settings.steps_in_flight_per_slot,
-                                    self.settings.min_steps_in_flight, on_launching=self._taskiq_handler.expect_launches)
+        self._policy = LaunchPolicy(
+            self.settings.sqs.default_queue,
+            self.settings.steps_in_flight_per_slot,
+            self.settings.min_steps_in_flight,
+            on_launching=self._taskiq_handler.expect_launches,
+        )
         policy_token = step_launch_policy.set(self._policy)
         # The loop below reads the event log every step_poll_interval: on PostgreSQL, one
         # connection for the run rather than one per read, and reads that ride out a restart.
@@ -227,8 +236,9 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             try:
                 if self._config_error is not None:
                     raise self._config_error
-                stack.enter_context(self._taskiq_handler.connected(plan_context.instance, plan_context.run_id,
-                                                                   sorted(queues)))
+                stack.enter_context(
+                    self._taskiq_handler.connected(plan_context.instance, plan_context.run_id, sorted(queues))
+                )
             except TaskiqSyncError as exc:
                 # One sentence in the run's log before Dagster records the failure.
                 plan_context.log.error(str(exc))
@@ -253,8 +263,11 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                 "ready steps are sent in priority order (higher first), as dagster-celery's orchestrator "
                 "does, but a step already in the queue is not overtaken by a later, higher one."
             )
-        misused = [s.key for s in execution_plan.steps
-                   if s.tags.get("dagster/priority") is not None and not any(t in s.tags for t in STEP_PRIORITY_TAGS)]
+        misused = [
+            s.key
+            for s in execution_plan.steps
+            if s.tags.get("dagster/priority") is not None and not any(t in s.tags for t in STEP_PRIORITY_TAGS)
+        ]
         if misused:
             plan_context.log.warning(
                 'The following steps do not have "dagster-celery/priority" set but do have '
@@ -332,8 +345,9 @@ class TaskiqStepHandler(StepHandler):
         sender.flush(timeout=5)
         self.report_sends(instance, run_id, raise_errors=False)
         try:  # bounded state: the run's step records are no use to anyone now
-            LivenessStore(instance).forget(sender.sent_task_ids, run_id=run_id,
-                                           outage_timeout=self.settings.database_outage_timeout)
+            LivenessStore(instance).forget(
+                sender.sent_task_ids, run_id=run_id, outage_timeout=self.settings.database_outage_timeout
+            )
         except Exception as exc:  # noqa: BLE001 - workers' sweep deletes them later
             log.warning("could not delete the step records of run %s: %s", run_id, exc)
 
@@ -352,8 +366,11 @@ class TaskiqStepHandler(StepHandler):
         """A read of the instance just waited out a database outage: workers could not heartbeat
         during it either, so their stale records do not mean they were lost."""
         if time.time() - self._database_back_at > DB_SLOW_SECONDS:
-            log.warning("the Dagster instance's database was unavailable; workers get %g s (worker_lost_timeout) "
-                        "to heartbeat again before a step counts as lost", self.settings.worker_lost_timeout)
+            log.warning(
+                "the Dagster instance's database was unavailable; workers get %g s (worker_lost_timeout) "
+                "to heartbeat again before a step counts as lost",
+                self.settings.worker_lost_timeout,
+            )
         self._database_back_at = time.time()
 
     def _identity(self, ctx: StepHandlerContext) -> tuple[str, int, str, str]:
@@ -364,7 +381,12 @@ class TaskiqStepHandler(StepHandler):
         step_key = keys[0]  # type: ignore[index]  # checked just above
         attempt = args.known_state.get_retry_state().get_attempt_count(step_key) + 1 if args.known_state else 1
         message = StepMessage(args.run_id, step_key, attempt, "")
-        return step_key, attempt, message.handle, queue_for_tags(ctx.step_tags[step_key], self.settings.sqs.default_queue)
+        return (
+            step_key,
+            attempt,
+            message.handle,
+            queue_for_tags(ctx.step_tags[step_key], self.settings.sqs.default_queue),
+        )
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
         sender = check.not_none(self.sender, "taskiq_executor used outside its connected() block")
@@ -376,22 +398,28 @@ class TaskiqStepHandler(StepHandler):
         message = StepMessage(args.run_id, step_key, attempt, serialize_value(args.known_state))
         body = encode(message, sqs_queue)
         tags = step_handler_context.step_tags[step_key]
-        sender.put(PendingSend(
-            run_id=args.run_id,
-            step_key=step_key,
-            attempt=attempt,
-            task_id=task_id,
-            queue=queue,
-            priority=int_tag(tags, STEP_PRIORITY_TAGS, self.settings.default_priority)
-            + int_tag(step_handler_context.dagster_run.tags, RUN_PRIORITY_TAGS, 0),
-            body=body,
-        ))
+        sender.put(
+            PendingSend(
+                run_id=args.run_id,
+                step_key=step_key,
+                attempt=attempt,
+                task_id=task_id,
+                queue=queue,
+                priority=int_tag(tags, STEP_PRIORITY_TAGS, self.settings.default_priority)
+                + int_tag(step_handler_context.dagster_run.tags, RUN_PRIORITY_TAGS, 0),
+                body=body,
+            )
+        )
         yield DagsterEvent.step_worker_starting(
             step_handler_context.get_step_context(step_key),
             message=f"Sending step {step_key} (attempt {attempt}) to SQS queue {sqs_queue!r}.",
-            metadata={"queue": queue, "task_id": task_id, "attempt": str(attempt),
-                      "payload_bytes": str(len(body)),
-                      "launch_ms": f"{(time.monotonic() - launched) * 1000:.1f}"},
+            metadata={
+                "queue": queue,
+                "task_id": task_id,
+                "attempt": str(attempt),
+                "payload_bytes": str(len(body)),
+                "launch_ms": f"{(time.monotonic() - launched) * 1000:.1f}",
+            },
         )
 
     def report_sends(self, instance: Any, run_id: str, raise_errors: bool = True) -> None:
@@ -409,7 +437,9 @@ class TaskiqStepHandler(StepHandler):
                 instance.report_engine_event(
                     f"Step {item.step_key} (attempt {item.attempt}): its payload was larger than SQS queue "
                     f"{self.settings.sqs.queue_name(item.queue)!r} accepts, so the message carries a pointer to {url}.",
-                    run, EngineEventData(metadata={"payload": url, "task_id": item.task_id}), step_key=item.step_key,
+                    run,
+                    EngineEventData(metadata={"payload": url, "task_id": item.task_id}),
+                    step_key=item.step_key,
                 )
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
@@ -443,8 +473,9 @@ class TaskiqStepHandler(StepHandler):
             )
         return CheckStepHealthResult.healthy()
 
-    def _queued_health(self, ctx: StepHandlerContext, step_key: str, handle: str, queue: str,
-                       record: StepRecord | None, now: float) -> CheckStepHealthResult:
+    def _queued_health(
+        self, ctx: StepHandlerContext, step_key: str, handle: str, queue: str, record: StepRecord | None, now: float
+    ) -> CheckStepHealthResult:
         settings = self.settings
         sqs_queue = settings.sqs.queue_name(queue)
         if record is not None and record.state == FINAL_DELIVERY:

@@ -58,9 +58,14 @@ class LaunchPolicy:
     iteration). ``caps`` stay empty until :meth:`refresh` has read the registry once.
     """
 
-    def __init__(self, default_queue: str, per_slot: float | None, floor: int,
-                 on_launching: Callable[[int], None] = lambda n: None,
-                 per_iteration: int | None = LAUNCHES_PER_ITERATION) -> None:
+    def __init__(
+        self,
+        default_queue: str,
+        per_slot: float | None,
+        floor: int,
+        on_launching: Callable[[int], None] = lambda n: None,
+        per_iteration: int | None = LAUNCHES_PER_ITERATION,
+    ) -> None:
         self.default_queue = default_queue
         self.per_slot = per_slot
         self.floor = floor

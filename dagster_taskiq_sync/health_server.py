@@ -100,8 +100,17 @@ class HealthServer:
     :class:`~dagster_taskiq_sync.metrics.WorkerMetrics`). Port 0 picks a free port (see ``.port``).
     """
 
-    def __init__(self, port: int, host: str = DEFAULT_HOST, *, live: Check, ready: Check,
-                 metrics: Renderer, port_flag: str = "--metrics-port", host_flag: str = "--metrics-host") -> None:
+    def __init__(
+        self,
+        port: int,
+        host: str = DEFAULT_HOST,
+        *,
+        live: Check,
+        ready: Check,
+        metrics: Renderer,
+        port_flag: str = "--metrics-port",
+        host_flag: str = "--metrics-host",
+    ) -> None:
         self.host = host
         self.requested_port = port
         self.live = live
@@ -155,9 +164,12 @@ class HealthServer:
                     f"{host_flag} {self.host!r} is not an address of this machine; use 127.0.0.1, or 0.0.0.0 to "
                     "listen on every interface (as containers need)."
                 ) from None
-            raise ConfigError(f"{port_flag} {self.requested_port} on {self.host} cannot be served: {exc.strerror}.") from None
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.25},
-                                        name="health-server", daemon=True)
+            raise ConfigError(
+                f"{port_flag} {self.requested_port} on {self.host} cannot be served: {exc.strerror}."
+            ) from None
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.25}, name="health-server", daemon=True
+        )
         self._thread.start()
         log.info("metrics and health probes at %s (/metrics, /livez, /readyz)", self.url)
         return self

@@ -58,7 +58,9 @@ WORKER_S3 = ("s3:DeleteObject", "s3:GetObject")
 KMS_SEND = ("kms:Decrypt", "kms:GenerateDataKey")
 KMS_RECEIVE = ("kms:Decrypt",)
 
-_KEY_ID = re.compile(r"^(mrk-[0-9a-f]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$")
+_KEY_ID = re.compile(
+    r"^(mrk-[0-9a-f]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12})$"
+)
 _ALIAS = re.compile(r"^alias/[a-zA-Z0-9/_-]{1,250}$")
 _KEY_ARN = re.compile(r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(key/[a-zA-Z0-9-]+|alias/[a-zA-Z0-9/_-]+)$")
 _ACCOUNT = re.compile(r"^\d{12}$")
@@ -92,7 +94,9 @@ def partition_of(region: str) -> str:
 
 def check_account_id(value: str) -> str:
     if not _ACCOUNT.match(value or ""):
-        raise ConfigError(f"--account-id {value!r} is not an AWS account id; pass the 12 digits of the account that owns the queues.")
+        raise ConfigError(
+            f"--account-id {value!r} is not an AWS account id; pass the 12 digits of the account that owns the queues."
+        )
     return value
 
 
@@ -230,7 +234,11 @@ async def resolve_resources(
                 "pass --account-id ACCOUNT."
             ) from None
     arns = [queue_arn(partition, region, owners.get(n, account or ""), n) for n in names]
-    dlqs = [queue_arn(partition, region, owners.get(n, account or ""), dead_letter_name(n)) for n in names] if dead_letter else []
+    dlqs = (
+        [queue_arn(partition, region, owners.get(n, account or ""), dead_letter_name(n)) for n in names]
+        if dead_letter
+        else []
+    )
     objects = payload_objects_arn(partition, settings.s3_bucket, settings.s3_prefix) if settings.s3_bucket else None
     key_arn = None
     if kms_key:

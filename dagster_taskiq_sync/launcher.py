@@ -88,20 +88,36 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
     @classmethod
     def config_type(cls):
         return {
-            "broker": Field(Noneable(StringSource), is_required=False, description="SQS broker URL, as for taskiq_executor."),
+            "broker": Field(
+                Noneable(StringSource), is_required=False, description="SQS broker URL, as for taskiq_executor."
+            ),
             "backend": Field(Noneable(StringSource), is_required=False, default_value="rpc://"),
             "include": Field([str], is_required=False, description="Modules every worker should import."),
-            "default_queue": Field(StringSource, is_required=False, default_value=DEFAULT_QUEUE,
-                                   description="Queue for runs without a dagster-celery/queue tag."),
-            "config_source": Field(Noneable(Permissive()), is_required=False,
-                                   description="Celery settings; see the README's mapping table."),
-            "worker_lost_timeout": Field(Noneable(float), is_required=False,
-                                         description="A run whose worker has not heartbeated for this long is "
-                                         "reported FAILED to run monitoring (default 30)."),
-            "signing_key": Field(Noneable(StringSource), is_required=False,
-                                 description="Secret that signs launch messages ({env: NAME}); as for taskiq_executor."),
-            "previous_signing_keys": Field([StringSource], is_required=False,
-                                           description="Keys workers still accept during a rotation."),
+            "default_queue": Field(
+                StringSource,
+                is_required=False,
+                default_value=DEFAULT_QUEUE,
+                description="Queue for runs without a dagster-celery/queue tag.",
+            ),
+            "config_source": Field(
+                Noneable(Permissive()),
+                is_required=False,
+                description="Celery settings; see the README's mapping table.",
+            ),
+            "worker_lost_timeout": Field(
+                Noneable(float),
+                is_required=False,
+                description="A run whose worker has not heartbeated for this long is "
+                "reported FAILED to run monitoring (default 30).",
+            ),
+            "signing_key": Field(
+                Noneable(StringSource),
+                is_required=False,
+                description="Secret that signs launch messages ({env: NAME}); as for taskiq_executor.",
+            ),
+            "previous_signing_keys": Field(
+                [StringSource], is_required=False, description="Keys workers still accept during a rotation."
+            ),
         }
 
     @classmethod
@@ -112,8 +128,12 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     @contextlib.contextmanager
     def _client(self, queue: str) -> Iterator[BrokerClient]:
-        with shared_bridge() as bridge, BrokerClient(self.settings.sqs, bridge, [queue], keyring=self.settings.keyring,
-                                                     dead_letters=False) as client:
+        with (
+            shared_bridge() as bridge,
+            BrokerClient(
+                self.settings.sqs, bridge, [queue], keyring=self.settings.keyring, dead_letters=False
+            ) as client,
+        ):
             yield client
 
     def _send(self, run: Any, message: RunMessage) -> None:
@@ -123,8 +143,12 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         self._instance.add_run_tags(run.run_id, {TASK_ID_TAG: handle})
         launch = message.launch
         with self._client(queue) as client:
-            offloaded = client.send(queue=queue, task_id=handle, body=encode(message, self.settings.sqs.queue_name(queue)),
-                                    retry_for=self.settings.broker_outage_timeout)
+            offloaded = client.send(
+                queue=queue,
+                task_id=handle,
+                body=encode(message, self.settings.sqs.queue_name(queue)),
+                retry_for=self.settings.broker_outage_timeout,
+            )
         priority = next((run.tags[t] for t in RUN_PRIORITY_TAGS if run.tags.get(t)), None)
         self._instance.report_engine_event(
             f"Sent run to SQS queue {self.settings.sqs.queue_name(queue)!r} ({launch})"
@@ -188,8 +212,10 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 )
             return CheckRunHealthResult(WorkerStatus.RUNNING)
         if record.state == DEAD_LETTERED:
-            return CheckRunHealthResult(WorkerStatus.FAILED, f"the run can never run: worker {record.worker} moved "
-                                                             f"its launch message {record.reason}")
+            return CheckRunHealthResult(
+                WorkerStatus.FAILED,
+                f"the run can never run: worker {record.worker} moved its launch message {record.reason}",
+            )
         if record.state == EXITED and record.exit_code == 0:
             return CheckRunHealthResult(WorkerStatus.SUCCESS)
         return CheckRunHealthResult(

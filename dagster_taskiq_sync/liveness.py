@@ -52,7 +52,9 @@ def probe_key(run_id: str) -> str:
     return f"{KEY_PREFIX}/probe/{run_id}"
 
 
-def lost_for(ts: float, heartbeat_interval: float | None, lost_timeout: float, now: float | None = None) -> float | None:
+def lost_for(
+    ts: float, heartbeat_interval: float | None, lost_timeout: float, now: float | None = None
+) -> float | None:
     """The one "worker is lost" rule: seconds since the last heartbeat when that is longer than
     ``lost_timeout`` (and at least three heartbeats), else None. Used for steps, runs and workers."""
     age = (now if now is not None else time.time()) - ts
@@ -129,7 +131,7 @@ class LivenessStore:
         keys = list(ids)
         values: dict[str, str] = {}
         for start in range(0, len(keys), READ_CHUNK):  # bounded IN (...) lists
-            values.update(self._storage.get_cursor_values(set(keys[start:start + READ_CHUNK])))
+            values.update(self._storage.get_cursor_values(set(keys[start : start + READ_CHUNK])))
         records: dict[str, StepRecord] = {}
         for key, text in values.items():
             record = StepRecord.from_json(text)
@@ -174,8 +176,9 @@ class LivenessStore:
         delete = lambda: _dagster_private.kv_delete(self._storage, keys)  # noqa: E731
         if outage_timeout <= 0:
             return delete()
-        return retry_transient(delete, what=f"deleting the step records of run {run_id}",
-                               deadline_seconds=outage_timeout)
+        return retry_transient(
+            delete, what=f"deleting the step records of run {run_id}", deadline_seconds=outage_timeout
+        )
 
     def probe(self, run_id: str) -> None:
         """One write, to tell whether the store takes writes now (the orchestrator's check)."""

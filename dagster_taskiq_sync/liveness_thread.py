@@ -28,8 +28,13 @@ SWEEP_INTERVAL = 600.0
 
 
 class LivenessThread(GuardedThread):
-    def __init__(self, context: WorkerContext, beat_registry: Callable[[], None], check_terminate: Callable[[], None],
-                 on_death: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        context: WorkerContext,
+        beat_registry: Callable[[], None],
+        check_terminate: Callable[[], None],
+        on_death: Callable[[str], None],
+    ) -> None:
         super().__init__("liveness", on_death)
         self._context = context
         self._beat_registry = beat_registry
@@ -89,5 +94,9 @@ class LivenessThread(GuardedThread):
         records = self._context.store.sweep(settings.record_expiry)
         workers = WorkerRegistry(self._context.instance).prune(settings.lost_worker_expiry)
         if records or workers:
-            log.info("worker %s: deleted %d stale liveness record(s) and %d lost worker(s) from the registry",
-                     self._context.name, records, len(workers))
+            log.info(
+                "worker %s: deleted %d stale liveness record(s) and %d lost worker(s) from the registry",
+                self._context.name,
+                records,
+                len(workers),
+            )

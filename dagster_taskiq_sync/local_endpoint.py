@@ -79,7 +79,9 @@ class LocalEndpoint:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise ConfigError(f"the local SQS endpoint exited at start (port {self.port} in use?); pick another port.")
+                raise ConfigError(
+                    f"the local SQS endpoint exited at start (port {self.port} in use?); pick another port."
+                )
             try:
                 urllib.request.urlopen(self.url + "/moto-api/", timeout=0.5).close()
                 return self

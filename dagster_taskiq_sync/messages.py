@@ -127,8 +127,13 @@ class StepMessage:
         return f"step {self.step_key} (attempt {self.attempt}) of run {self.run_id}"
 
     def kwargs(self) -> dict[str, Any]:
-        return {"version": MESSAGE_VERSION, "run_id": self.run_id, "step_key": self.step_key,
-                "attempt": self.attempt, "known_state": self.known_state}
+        return {
+            "version": MESSAGE_VERSION,
+            "run_id": self.run_id,
+            "step_key": self.step_key,
+            "attempt": self.attempt,
+            "known_state": self.known_state,
+        }
 
 
 @dataclass(frozen=True)
@@ -162,14 +167,18 @@ def encode(message: Message, sqs_queue: str) -> bytes:
     """The SQS body of ``message``: a TaskIQ JSON message (TaskIQ's own model and formatter)."""
     from taskiq.message import TaskiqMessage
 
-    return TaskiqMessage(
-        task_id=message.handle,
-        task_name=message.kind.value,
-        labels={"queue": sqs_queue},
-        labels_types=None,
-        args=[],
-        kwargs=message.kwargs(),
-    ).model_dump_json().encode()
+    return (
+        TaskiqMessage(
+            task_id=message.handle,
+            task_name=message.kind.value,
+            labels={"queue": sqs_queue},
+            labels_types=None,
+            args=[],
+            kwargs=message.kwargs(),
+        )
+        .model_dump_json()
+        .encode()
+    )
 
 
 def decode(body: bytes) -> Message:
@@ -249,7 +258,9 @@ def _check_known_state(text: str, step_key: str, attempt: int) -> None:
     try:
         state = deserialize_value(text, KnownExecutionState)
     except Exception as exc:  # noqa: BLE001 - serdes raises many types; all mean the same here
-        raise MalformedMessage(f"the message's known_state is not a Dagster execution state ({type(exc).__name__})") from None
+        raise MalformedMessage(
+            f"the message's known_state is not a Dagster execution state ({type(exc).__name__})"
+        ) from None
     previous = state.get_retry_state().get_attempt_count(step_key)
     if previous + 1 != attempt:
         raise MalformedMessage(
@@ -278,8 +289,9 @@ class S3Pointer:
     sha256: str | None = None
 
     def encode(self) -> bytes:
-        return json.dumps({"s3_bucket": self.bucket, "s3_key": self.key, "size": self.size,
-                           "sha256": self.sha256}).encode()
+        return json.dumps(
+            {"s3_bucket": self.bucket, "s3_key": self.key, "size": self.size, "sha256": self.sha256}
+        ).encode()
 
     @property
     def url(self) -> str:
@@ -301,20 +313,27 @@ def decode_pointer(body: bytes, bucket: str | None, prefix: str, max_bytes: int)
         raise MalformedMessage("the S3 pointer is not a JSON object")
     where, key = data.get("s3_bucket"), data.get("s3_key")
     if not bucket:
-        raise MalformedMessage("the message points at S3, and this worker has no offload bucket configured "
-                               "(execution.config.backend)")
+        raise MalformedMessage(
+            "the message points at S3, and this worker has no offload bucket configured (execution.config.backend)"
+        )
     if where != bucket:
         raise MalformedMessage(f"the S3 pointer names bucket {_shown(where)}, not the configured {bucket!r}")
     prefix = prefix.strip("/")
-    if (not isinstance(key, str) or len(key) > 1024 or ".." in key or not _S3_KEY.match(key)
-            or (prefix and not key.startswith(prefix + "/"))):
+    if (
+        not isinstance(key, str)
+        or len(key) > 1024
+        or ".." in key
+        or not _S3_KEY.match(key)
+        or (prefix and not key.startswith(prefix + "/"))
+    ):
         raise MalformedMessage(f"the S3 pointer's key {_shown(key)} is not under the offload prefix {prefix!r}")
     size, digest = data.get("size"), data.get("sha256")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
         raise MalformedMessage("the S3 pointer's size is not a whole number")
     if size is not None and size > max_bytes:
-        raise MalformedMessage(f"the offloaded payload is {size} bytes, over the {max_bytes}-byte limit "
-                               "(execution.config.max_payload_mib)")
+        raise MalformedMessage(
+            f"the offloaded payload is {size} bytes, over the {max_bytes}-byte limit (execution.config.max_payload_mib)"
+        )
     if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)):
         raise MalformedMessage("the S3 pointer's sha256 is malformed")
     return S3Pointer(bucket, key, size, digest)
@@ -358,8 +377,7 @@ class Keyring:
                     f"{name} is {len(secret.strip())} characters; use a random secret of at least "
                     f"{MIN_KEY_CHARS} characters (for example `openssl rand -hex 32`), from {{env: NAME}}."
                 )
-        return cls(current.strip().encode() if current else None,
-                   tuple(p.strip().encode() for p in previous if p))
+        return cls(current.strip().encode() if current else None, tuple(p.strip().encode() for p in previous if p))
 
     @property
     def verifies(self) -> bool:
@@ -387,8 +405,10 @@ class Keyring:
             raise SignatureError("the message's signature is malformed")
         key = self._accepted().get(parts[1])
         if key is None:
-            raise SignatureError(f"the message is signed with key {_shown(parts[1][:12])}, which this worker "
-                                 "does not hold (rotate keys: add it to previous_signing_keys)")
+            raise SignatureError(
+                f"the message is signed with key {_shown(parts[1][:12])}, which this worker "
+                "does not hold (rotate keys: add it to previous_signing_keys)"
+            )
         expected = hmac.new(key, body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(expected, parts[2]):
             raise SignatureError("the message's signature does not match its body (tampered or wrong key)")

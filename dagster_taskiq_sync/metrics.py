@@ -68,48 +68,104 @@ WORKER_METRICS = (
     MetricSpec("worker_steps_received", "counter", _QUEUE, "Step messages taken from SQS."),
     MetricSpec("worker_steps_started", "counter", _QUEUE, "Steps whose process was started."),
     MetricSpec("worker_steps_succeeded", "counter", _QUEUE, "Steps whose process ended with exit code 0."),
-    MetricSpec("worker_steps_failed", "counter", _QUEUE,
-               "Steps whose process ended with a non-zero exit code or without reporting a result."),
-    MetricSpec("worker_steps_killed", "counter", _QUEUE,
-               "Steps killed by the worker (cancel request, run over, task_time_limit, shutdown deadline)."),
-    MetricSpec("worker_steps_dropped_duplicate", "counter", _QUEUE,
-               "Step messages delivered again for an attempt that already started or ran; dropped without running."),
-    MetricSpec("worker_messages_dead_lettered", "counter", ("queue", "reason"),
-               "Messages refused as unable ever to run and left to the queue's redrive policy, which moves them "
-               "to NAME-dlq after max-receive-count receives (each receive counts)."),
-    MetricSpec("worker_step_duration_seconds", "histogram", _QUEUE_JOB,
-               "Seconds from a step process's start to its end, whatever the outcome.", STEP_SECONDS_BUCKETS),
-    MetricSpec("worker_step_queue_wait_seconds", "histogram", _QUEUE_JOB,
-               "Seconds from the orchestrator sending a step message (SQS SentTimestamp) to its process starting.",
-               STEP_SECONDS_BUCKETS),
+    MetricSpec(
+        "worker_steps_failed",
+        "counter",
+        _QUEUE,
+        "Steps whose process ended with a non-zero exit code or without reporting a result.",
+    ),
+    MetricSpec(
+        "worker_steps_killed",
+        "counter",
+        _QUEUE,
+        "Steps killed by the worker (cancel request, run over, task_time_limit, shutdown deadline).",
+    ),
+    MetricSpec(
+        "worker_steps_dropped_duplicate",
+        "counter",
+        _QUEUE,
+        "Step messages delivered again for an attempt that already started or ran; dropped without running.",
+    ),
+    MetricSpec(
+        "worker_messages_dead_lettered",
+        "counter",
+        ("queue", "reason"),
+        "Messages refused as unable ever to run and left to the queue's redrive policy, which moves them "
+        "to NAME-dlq after max-receive-count receives (each receive counts).",
+    ),
+    MetricSpec(
+        "worker_step_duration_seconds",
+        "histogram",
+        _QUEUE_JOB,
+        "Seconds from a step process's start to its end, whatever the outcome.",
+        STEP_SECONDS_BUCKETS,
+    ),
+    MetricSpec(
+        "worker_step_queue_wait_seconds",
+        "histogram",
+        _QUEUE_JOB,
+        "Seconds from the orchestrator sending a step message (SQS SentTimestamp) to its process starting.",
+        STEP_SECONDS_BUCKETS,
+    ),
     MetricSpec("worker_busy_slots", "gauge", (), "Steps (or launched runs) running now."),
     MetricSpec("worker_free_slots", "gauge", (), "Slots (-c) not running anything."),
     MetricSpec("worker_prefetched_messages", "gauge", (), "Messages held but not started yet."),
-    MetricSpec("worker_visibility_extensions", "counter", (),
-               "Message visibility extensions sent while steps run (one per message per heartbeat)."),
+    MetricSpec(
+        "worker_visibility_extensions",
+        "counter",
+        (),
+        "Message visibility extensions sent while steps run (one per message per heartbeat).",
+    ),
     MetricSpec("worker_s3_offload_reads", "counter", (), "Step payloads read from the S3 offload bucket."),
-    MetricSpec("worker_s3_offload_read_bytes", "counter", (), "Bytes of step payloads read from the S3 offload bucket."),
-    MetricSpec("worker_step_child_recycles", "counter", ("reason",),
-               "Step children replaced by a fresh process (max_tasks, max_memory, killed, crashed)."),
+    MetricSpec(
+        "worker_s3_offload_read_bytes", "counter", (), "Bytes of step payloads read from the S3 offload bucket."
+    ),
+    MetricSpec(
+        "worker_step_child_recycles",
+        "counter",
+        ("reason",),
+        "Step children replaced by a fresh process (max_tasks, max_memory, killed, crashed).",
+    ),
 )
 
 SQS_METRICS = (
-    MetricSpec("sqs_call_duration_seconds", "histogram", ("action",),
-               "Seconds per SQS API call, retries included; ReceiveMessage includes its long poll.",
-               SQS_SECONDS_BUCKETS),
-    MetricSpec("sqs_call_errors", "counter", ("action", "error"),
-               "SQS API calls that failed after botocore's retries, by error code or class."),
+    MetricSpec(
+        "sqs_call_duration_seconds",
+        "histogram",
+        ("action",),
+        "Seconds per SQS API call, retries included; ReceiveMessage includes its long poll.",
+        SQS_SECONDS_BUCKETS,
+    ),
+    MetricSpec(
+        "sqs_call_errors",
+        "counter",
+        ("action", "error"),
+        "SQS API calls that failed after botocore's retries, by error code or class.",
+    ),
 )
 
 ORCHESTRATOR_METRICS = (
     MetricSpec("orchestrator_steps_sent", "counter", _QUEUE, "Step messages SQS accepted."),
-    MetricSpec("orchestrator_steps_send_failed", "counter", _QUEUE,
-               "Step messages that could not be sent within broker_outage_timeout (their run fails)."),
-    MetricSpec("orchestrator_step_send_duration_seconds", "histogram", _QUEUE,
-               "Seconds from a step being launched to SQS accepting its message (sender queue, retries and S3 "
-               "offload included).", SEND_SECONDS_BUCKETS),
-    MetricSpec("orchestrator_steps_in_flight", "gauge", ("run_id", "job"),
-               "Steps of a run sent and not yet finished; the series is removed when the run ends."),
+    MetricSpec(
+        "orchestrator_steps_send_failed",
+        "counter",
+        _QUEUE,
+        "Step messages that could not be sent within broker_outage_timeout (their run fails).",
+    ),
+    MetricSpec(
+        "orchestrator_step_send_duration_seconds",
+        "histogram",
+        _QUEUE,
+        "Seconds from a step being launched to SQS accepting its message (sender queue, retries and S3 "
+        "offload included).",
+        SEND_SECONDS_BUCKETS,
+    ),
+    MetricSpec(
+        "orchestrator_steps_in_flight",
+        "gauge",
+        ("run_id", "job"),
+        "Steps of a run sent and not yet finished; the series is removed when the run ends.",
+    ),
 )
 
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.:-]")
@@ -330,8 +386,11 @@ class OrchestratorMetrics(NullOrchestratorMetrics):
 def metrics_reference_markdown() -> str:
     """The metrics table the docs show, from the declarations above."""
     lines = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
-    for title, specs in (("worker", WORKER_METRICS), ("worker and orchestrator", SQS_METRICS),
-                         ("orchestrator", ORCHESTRATOR_METRICS)):
+    for title, specs in (
+        ("worker", WORKER_METRICS),
+        ("worker and orchestrator", SQS_METRICS),
+        ("orchestrator", ORCHESTRATOR_METRICS),
+    ):
         lines.append(f"| **{title}** | | | |")
         for spec in specs:
             labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"

@@ -125,7 +125,10 @@ class WorkerRegistry:
         raw = self._storage.get_cursor_values({control_key(name)}).get(control_key(name))
         try:
             request = json.loads(raw) if raw else None
-            return (isinstance(request, dict) and request.get("action") == "terminate"
-                    and float(request.get("ts", 0)) >= since)
+            return (
+                isinstance(request, dict)
+                and request.get("action") == "terminate"
+                and float(request.get("ts", 0)) >= since
+            )
         except (ValueError, TypeError):
             return False

@@ -55,6 +55,8 @@ RUN_INTERRUPT_GRACE = 15.0  # seconds a terminated run gets to stop its steps be
 SUPERVISE_TICK = 0.5
 RETRY_BACKOFF_MAX = 30.0
 ERROR_VISIBILITY_MAX = 900  # seconds: a message that broke this worker's own code comes back slower each time
+
+
 class Stopping(Exception):
     """The worker is stopping while this message waited on infrastructure: release it."""
 
@@ -100,11 +102,20 @@ class Request:
             verdict = Verdict(Outcome.RELEASE, "the worker is stopping")
         except BaseException as exc:  # nothing in one message may take a worker thread down
             if isinstance(exc, TaskiqSyncError):  # ours: one sentence says it all
-                log.error("worker %s: %s from queue %s goes back to the queue: %s", self.worker.name, self.label,
-                          self.delivery.queue, exc)
+                log.error(
+                    "worker %s: %s from queue %s goes back to the queue: %s",
+                    self.worker.name,
+                    self.label,
+                    self.delivery.queue,
+                    exc,
+                )
             else:
-                log.exception("worker %s: unexpected error handling %s from queue %s", self.worker.name, self.label,
-                              self.delivery.queue)
+                log.exception(
+                    "worker %s: unexpected error handling %s from queue %s",
+                    self.worker.name,
+                    self.label,
+                    self.delivery.queue,
+                )
             backoff = min(ERROR_VISIBILITY_MAX, 15 * 2 ** min(self.delivery.receive_count, 6))
             verdict = Verdict(Outcome.RELEASE, f"{type(exc).__name__}: {exc}", release_after=backoff)
         finally:
@@ -146,8 +157,9 @@ class Request:
             sqs = worker.settings.sqs
             self.pointer = decode_pointer(body, sqs.s3_bucket, sqs.s3_prefix, sqs.max_payload_bytes)
             pointer = self.pointer
-            body = self._retrying(f"reading {pointer.url}",
-                                  lambda: worker.client.fetch_payload(pointer, sqs.max_payload_bytes))
+            body = self._retrying(
+                f"reading {pointer.url}", lambda: worker.client.fetch_payload(pointer, sqs.max_payload_bytes)
+            )
             check_payload(pointer, body, signed)
             worker.metrics.s3_offload_read(len(body))
         message = decode(body)
@@ -169,8 +181,11 @@ class Request:
         if not isinstance(message, StepMessage):
             return 0
         ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
-        return sum(1 for entry in self.worker.instance.all_logs(message.run_id, of_type=ends)
-                   if entry.step_key == message.step_key)
+        return sum(
+            1
+            for entry in self.worker.instance.all_logs(message.run_id, of_type=ends)
+            if entry.step_key == message.step_key
+        )
 
     def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn``; ride out infrastructure errors with capped backoff while the message stays
@@ -186,8 +201,15 @@ class Request:
                     raise
                 if self.worker.stopping.is_set():
                     raise Stopping() from None
-                log.warning("worker %s: %s for %s failed (%s: %s); retrying in %.1f s while holding the message",
-                            self.worker.name, what, self.label, type(exc).__name__, exc, delay)
+                log.warning(
+                    "worker %s: %s for %s failed (%s: %s); retrying in %.1f s while holding the message",
+                    self.worker.name,
+                    what,
+                    self.label,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 self.worker.stopping.wait(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX)
 
@@ -201,32 +223,52 @@ class Request:
     def _pickup(self) -> Pickup:
         d, w, m = self.delivery, self.worker, self.message
         assert m is not None
-        return Pickup(worker=w.name, host=w.host, worker_pid=w.pid, queue=d.queue, message_id=d.message_id,
-                      receive_count=d.receive_count, received_at=d.received_at, run_id=m.run_id,
-                      step_key=getattr(m, "step_key", None), attempt=getattr(m, "attempt", None))
+        return Pickup(
+            worker=w.name,
+            host=w.host,
+            worker_pid=w.pid,
+            queue=d.queue,
+            message_id=d.message_id,
+            receive_count=d.receive_count,
+            received_at=d.received_at,
+            run_id=m.run_id,
+            step_key=getattr(m, "step_key", None),
+            attempt=getattr(m, "attempt", None),
+        )
 
     def _start(self) -> None:
         worker, message = self.worker, self.message
         assert message is not None
         self._started = worker.clock()
         if isinstance(message, StepMessage):
-            self.child = worker.runner.start_step(StepTask(message.run_id, message.step_key, message.attempt,
-                                                           message.known_state, self._pickup()))
+            self.child = worker.runner.start_step(
+                StepTask(message.run_id, message.step_key, message.attempt, message.known_state, self._pickup())
+            )
         else:
-            self.child = worker.runner.start_run("run" if message.kind is TaskKind.RUN else "resume",
-                                                 message.run_id, self._pickup())
-        self.write_record(StepRecord(
-            RUNNING, queue=self.delivery.queue, worker=worker.name, host=worker.host, worker_pid=worker.pid,
-            step_pid=self.child.pid, message_id=self.delivery.message_id,
-            heartbeat_interval=worker.settings.heartbeat_interval,
-        ))
+            self.child = worker.runner.start_run(
+                "run" if message.kind is TaskKind.RUN else "resume", message.run_id, self._pickup()
+            )
+        self.write_record(
+            StepRecord(
+                RUNNING,
+                queue=self.delivery.queue,
+                worker=worker.name,
+                host=worker.host,
+                worker_pid=worker.pid,
+                step_pid=self.child.pid,
+                message_id=self.delivery.message_id,
+                heartbeat_interval=worker.settings.heartbeat_interval,
+            )
+        )
         worker.running.add(self)
-        log.info("worker %s: %s started (queue %s, pid %s)", worker.name, message.label, self.delivery.queue,
-                 self.child.pid)
+        log.info(
+            "worker %s: %s started (queue %s, pid %s)", worker.name, message.label, self.delivery.queue, self.child.pid
+        )
         if isinstance(message, StepMessage):
             sent = self.delivery.sent_at
-            worker.metrics.step_started(self.delivery.queue, self.run.job_name,
-                                        self.delivery.received_at - sent if sent else None)
+            worker.metrics.step_started(
+                self.delivery.queue, self.run.job_name, self.delivery.received_at - sent if sent else None
+            )
 
     def _supervise(self) -> int:
         assert self.child is not None and self.message is not None
@@ -251,8 +293,14 @@ class Request:
         assert self.child is not None and self.message is not None
         if self.kill_reason is None:
             self.kill_reason = why
-            log.warning("worker %s: %s %s (pid %s): %s", self.worker.name,
-                        "killing" if self.message.kind is TaskKind.STEP else "stopping", self.label, self.child.pid, why)
+            log.warning(
+                "worker %s: %s %s (pid %s): %s",
+                self.worker.name,
+                "killing" if self.message.kind is TaskKind.STEP else "stopping",
+                self.label,
+                self.child.pid,
+                why,
+            )
         now = self.worker.clock()
         if force or self.message.kind is TaskKind.STEP:
             self.child.kill()
@@ -273,12 +321,23 @@ class Request:
         cannot_run = child.cannot_run_reason()
         child.close()
         reason = f"killed: {self.kill_reason}" if self.kill_reason else cannot_run
-        log.info("worker %s: %s finished in %.2f s (exit code %s%s)", worker.name, message.label,
-                 worker.clock() - self._started, code, f", {reason}" if reason else "")
+        log.info(
+            "worker %s: %s finished in %.2f s (exit code %s%s)",
+            worker.name,
+            message.label,
+            worker.clock() - self._started,
+            code,
+            f", {reason}" if reason else "",
+        )
         worker.count_done()
         if isinstance(message, StepMessage):
-            count = (worker.metrics.step_killed if self.kill_reason
-                     else worker.metrics.step_succeeded if code == 0 else worker.metrics.step_failed)
+            count = (
+                worker.metrics.step_killed
+                if self.kill_reason
+                else worker.metrics.step_succeeded
+                if code == 0
+                else worker.metrics.step_failed
+            )
             count(self.delivery.queue, self.run.job_name, worker.clock() - self._started)
         if cannot_run and not self.kill_reason:
             return Verdict(Outcome.DEAD_LETTER, cannot_run)
@@ -303,7 +362,9 @@ class Request:
             if self.kill_reason and run is not None and run.status == DagsterRunStatus.CANCELING:
                 # A run process stopped on a terminate normally ends its run CANCELED itself; if it
                 # was killed before it could, say so here rather than leave the run CANCELING.
-                instance.report_run_canceled(run, message=f"Run process stopped by worker {self.worker.name}: {self.kill_reason}.")
+                instance.report_run_canceled(
+                    run, message=f"Run process stopped by worker {self.worker.name}: {self.kill_reason}."
+                )
         except Exception as exc:  # noqa: BLE001 - a failed run update must not stop the message from settling
             log.warning("worker %s: could not read or update run %s: %s", self.worker.name, run_id, exc)
         self._finish_record(code, reason)
@@ -322,8 +383,14 @@ class Request:
         try:
             self._say(verdict)
         except Exception as exc:  # noqa: BLE001 - a failed report (run log, metrics) must not keep the message
-            log.warning("worker %s: could not report the %s of %s in its run's log: %s: %s", self.worker.name,
-                        verdict.outcome.value, self.label, type(exc).__name__, exc)
+            log.warning(
+                "worker %s: could not report the %s of %s in its run's log: %s: %s",
+                self.worker.name,
+                verdict.outcome.value,
+                self.label,
+                type(exc).__name__,
+                exc,
+            )
         try:
             if verdict.outcome is Outcome.DONE:
                 self.worker.acks.delete(self.delivery, self.pointer)
@@ -334,8 +401,15 @@ class Request:
         except Exception as exc:  # noqa: BLE001 - settling must never raise; the message reappears after its visibility timeout
             # Not fatal: the message reappears after its visibility timeout, and a step attempt
             # that already ran is dropped then without running user code again.
-            log.warning("worker %s: could not settle %s (%s) on queue %s: %s: %s", self.worker.name, self.label,
-                        verdict.outcome.value, self.delivery.queue, type(exc).__name__, exc)
+            log.warning(
+                "worker %s: could not settle %s (%s) on queue %s: %s: %s",
+                self.worker.name,
+                self.label,
+                verdict.outcome.value,
+                self.delivery.queue,
+                type(exc).__name__,
+                exc,
+            )
         return verdict
 
     def _say(self, verdict: Verdict) -> None:
@@ -343,16 +417,29 @@ class Request:
         if verdict.outcome is Outcome.DEAD_LETTER:
             log.error("worker %s: message %s on queue %s can never run: %s", name, d.message_id, d.queue, verdict.why)
         elif verdict.outcome is Outcome.DONE and verdict.why:
-            log.warning("worker %s: dropping message %s (delivered %d times): %s; not running it", name,
-                        d.message_id, d.receive_count, verdict.why)
+            log.warning(
+                "worker %s: dropping message %s (delivered %d times): %s; not running it",
+                name,
+                d.message_id,
+                d.receive_count,
+                verdict.why,
+            )
             if " already " in verdict.why:
                 self.worker.metrics.step_dropped_duplicate(d.queue)
             # A first delivery of a started attempt is a re-send (a resumed run), not SQS delivering
             # twice; a lost one will never end by itself: say in the run's own log why it does not run.
-            if (verdict.resent_started and (d.receive_count == 1 or verdict.lost) and self.run is not None
-                    and isinstance(self.message, StepMessage)):
+            if (
+                verdict.resent_started
+                and (d.receive_count == 1 or verdict.lost)
+                and self.run is not None
+                and isinstance(self.message, StepMessage)
+            ):
                 self._explain_resent_attempt(verdict.why)
-            if isinstance(self.message, RunMessage) and self.run is not None and self.run.status == DagsterRunStatus.CANCELING:
+            if (
+                isinstance(self.message, RunMessage)
+                and self.run is not None
+                and self.run.status == DagsterRunStatus.CANCELING
+            ):
                 self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")
         elif verdict.outcome is Outcome.RELEASE and verdict.why:
             log.info("worker %s: releasing message %s back to queue %s (%s)", name, d.message_id, d.queue, verdict.why)
@@ -364,7 +451,8 @@ class Request:
         self.worker.instance.report_engine_event(
             f"Step {self.message.step_key} is not run again: {why}. Dagster does not re-run a step attempt "
             "that already started; its health check fails it (or retries it under its RetryPolicy).",
-            self.run, step_key=self.message.step_key,
+            self.run,
+            step_key=self.message.step_key,
         )
 
     def _release(self, verdict: Verdict) -> None:
@@ -386,10 +474,15 @@ class Request:
             log.debug("worker %s: not recording the final delivery of %s: %s", self.worker.name, self.label, exc)
             return
         if isinstance(self.message, StepMessage) and self.run is not None:
-            self.write_record(StepRecord(
-                FINAL_DELIVERY, queue=facts.dead_letter_name, worker=self.worker.name,
-                message_id=self.delivery.message_id,
-                reason=f"{self.delivery.receive_count} times (maxReceiveCount {facts.max_receive_count})"))
+            self.write_record(
+                StepRecord(
+                    FINAL_DELIVERY,
+                    queue=facts.dead_letter_name,
+                    worker=self.worker.name,
+                    message_id=self.delivery.message_id,
+                    reason=f"{self.delivery.receive_count} times (maxReceiveCount {facts.max_receive_count})",
+                )
+            )
 
     def _dead_letter(self, verdict: Verdict) -> None:
         dlq = self.worker.client.dead_letter(self.delivery, verdict.why)
@@ -398,6 +491,13 @@ class Request:
         if self.message is None or self.run is None:
             return  # unverified or run-less: nothing in the instance is touched on its behalf
         where = f"to dead-letter queue {dlq!r}" if dlq else "and deleted it (the queue has no dead-letter queue)"
-        self.write_record(StepRecord(DEAD_LETTERED, queue=self.delivery.queue, worker=self.worker.name,
-                                     message_id=self.delivery.message_id, cannot_run=True,
-                                     reason=f"{where}: {verdict.why}."))
+        self.write_record(
+            StepRecord(
+                DEAD_LETTERED,
+                queue=self.delivery.queue,
+                worker=self.worker.name,
+                message_id=self.delivery.message_id,
+                cannot_run=True,
+                reason=f"{where}: {verdict.why}.",
+            )
+        )

@@ -92,9 +92,15 @@ class ScaleInProtector:
 class _BackgroundProtector(ScaleInProtector):
     """Applies the desired state from one daemon thread: debounce, coalesce, renew, retry."""
 
-    def __init__(self, *, idle_delay: float = DEFAULT_IDLE_DELAY, renew_interval: float | None = None,
-                 retry_initial: float = 2.0, retry_max: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        idle_delay: float = DEFAULT_IDLE_DELAY,
+        renew_interval: float | None = None,
+        retry_initial: float = 2.0,
+        retry_max: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.idle_delay = idle_delay
         self.renew_interval = renew_interval
         self._retry_initial = retry_initial
@@ -223,21 +229,38 @@ class _BackgroundProtector(ScaleInProtector):
             log.debug("scale-in protection (%s): could not %s: %s", self.name, self._describe(target), exc)
             return
         self._logged.add(exc.kind)
-        log.warning("scale-in protection (%s): could not %s: %s; retrying with backoff up to %g s "
-                    "(this kind of failure is logged once)", self.name, self._describe(target), exc, self._retry_max)
+        log.warning(
+            "scale-in protection (%s): could not %s: %s; retrying with backoff up to %g s "
+            "(this kind of failure is logged once)",
+            self.name,
+            self._describe(target),
+            exc,
+            self._retry_max,
+        )
 
 
-def _http(method: str, url: str, body: dict, content_type: str, *, timeout: float,
-          headers: Mapping[str, str] | None = None, context: ssl.SSLContext | None = None) -> bytes:
+def _http(
+    method: str,
+    url: str,
+    body: dict,
+    content_type: str,
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> bytes:
     """One HTTP call without proxies (the agent and the API server are reached directly, whatever
     HTTP(S)_PROXY says); a failure becomes :class:`ProtectionCallFailed`."""
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
     if context is not None:
         handlers.append(urllib.request.HTTPSHandler(context=context))
     opener = urllib.request.build_opener(*handlers)
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method=method,
-                                     headers={"Content-Type": content_type, "Accept": "application/json",
-                                              **(headers or {})})
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": content_type, "Accept": "application/json", **(headers or {})},
+    )
     try:
         with opener.open(request, timeout=timeout) as response:
             return response.read()
@@ -263,8 +286,14 @@ class ECSTaskProtection(_BackgroundProtector):
 
     name = "ecs"
 
-    def __init__(self, agent_uri: str, *, expires_minutes: int = DEFAULT_ECS_EXPIRES_MINUTES,
-                 timeout: float = HTTP_TIMEOUT, **options) -> None:
+    def __init__(
+        self,
+        agent_uri: str,
+        *,
+        expires_minutes: int = DEFAULT_ECS_EXPIRES_MINUTES,
+        timeout: float = HTTP_TIMEOUT,
+        **options,
+    ) -> None:
         if not 1 <= expires_minutes <= 2880:
             raise ConfigError(f"ECS task protection lasts 1 to 2880 minutes; {expires_minutes} is outside that.")
         # Renew at half the expiry: a step that outlives the expiry stays protected.
@@ -297,9 +326,18 @@ class KubernetesDeletionCost(_BackgroundProtector):
 
     name = "k8s"
 
-    def __init__(self, api_url: str, namespace: str, pod_name: str, *, token_path: str | None = None,
-                 ca_path: str | None = None, busy_cost: int = DEFAULT_BUSY_COST,
-                 timeout: float = HTTP_TIMEOUT, **options) -> None:
+    def __init__(
+        self,
+        api_url: str,
+        namespace: str,
+        pod_name: str,
+        *,
+        token_path: str | None = None,
+        ca_path: str | None = None,
+        busy_cost: int = DEFAULT_BUSY_COST,
+        timeout: float = HTTP_TIMEOUT,
+        **options,
+    ) -> None:
         super().__init__(**options)
         self.url = f"{api_url.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{pod_name}"
         self.token_path = token_path
@@ -317,10 +355,18 @@ class KubernetesDeletionCost(_BackgroundProtector):
                 with open(self.token_path, encoding="utf8") as fh:
                     headers["Authorization"] = "Bearer " + fh.read().strip()
             except OSError as exc:
-                raise ProtectionCallFailed("token", f"cannot read the service-account token {self.token_path}: "
-                                                    f"{exc.strerror}") from None
-        _http("PATCH", self.url, patch, "application/merge-patch+json", timeout=self.timeout,
-              headers=headers, context=self._context)
+                raise ProtectionCallFailed(
+                    "token", f"cannot read the service-account token {self.token_path}: {exc.strerror}"
+                ) from None
+        _http(
+            "PATCH",
+            self.url,
+            patch,
+            "application/merge-patch+json",
+            timeout=self.timeout,
+            headers=headers,
+            context=self._context,
+        )
 
 
 def _read(path: str) -> str | None:
@@ -377,6 +423,12 @@ def protector_from_flag(kind: str | None, env: Mapping[str, str] | None = None, 
                 "(fieldRef metadata.namespace)."
             )
         pod_name = env.get("POD_NAME") or env.get("HOSTNAME") or socket.gethostname()
-        return KubernetesDeletionCost(api_url, namespace, pod_name, token_path=token_path,
-                                      ca_path=ca_path if os.path.exists(ca_path) else None, **options)
+        return KubernetesDeletionCost(
+            api_url,
+            namespace,
+            pod_name,
+            token_path=token_path,
+            ca_path=ca_path if os.path.exists(ca_path) else None,
+            **options,
+        )
     raise ConfigError(f"{FLAG} {kind!r} is not a platform this worker knows; use one of: {', '.join(KINDS)}.")

@@ -93,8 +93,11 @@ class StepSender:
         their way, only whole batches of ten."""
         if self._expected and time.monotonic() - self._last_put > EXPECT_TIMEOUT:
             self._expected = 0
-        take = len(self._pending) if not self._expected or self._closing else \
-            len(self._pending) // BATCH_ENTRIES * BATCH_ENTRIES
+        take = (
+            len(self._pending)
+            if not self._expected or self._closing
+            else len(self._pending) // BATCH_ENTRIES * BATCH_ENTRIES
+        )
         batch, self._pending = self._pending[:take], self._pending[take:]
         return batch
 
@@ -158,8 +161,9 @@ class StepSender:
             by_queue: dict[str, list[PendingSend]] = {}
             for item in group:
                 by_queue.setdefault(item.queue, []).append(item)
-            chunks = [items[i:i + BATCH_ENTRIES] for items in by_queue.values()
-                      for i in range(0, len(items), BATCH_ENTRIES)]
+            chunks = [
+                items[i : i + BATCH_ENTRIES] for items in by_queue.values() for i in range(0, len(items), BATCH_ENTRIES)
+            ]
             futures = {self._pool.submit(self._send_chunk, chunk): chunk for chunk in chunks}
             for future, chunk in futures.items():
                 try:
@@ -175,8 +179,9 @@ class StepSender:
                 log.warning("could not record %d queued step(s): %s", len(sent), exc)
 
     def _send_chunk(self, chunk: list[PendingSend]) -> list[SendResult]:
-        return self._client.send_many([Outgoing(item.queue, item.task_id, item.body) for item in chunk],
-                                      retry_for=self._retry_for)
+        return self._client.send_many(
+            [Outgoing(item.queue, item.task_id, item.body) for item in chunk], retry_for=self._retry_for
+        )
 
     def _settle(self, chunk: list[PendingSend], results: list[SendResult]) -> list[PendingSend]:
         sent = []
@@ -195,7 +200,9 @@ class StepSender:
         return sent
 
     def _fail(self, items: list[PendingSend], exc: TaskiqSyncError) -> None:
-        errors = [type(exc)(f"step {item.step_key} (attempt {item.attempt}) of run {item.run_id} could not be "
-                            f"sent: {exc}") for item in items]
+        errors = [
+            type(exc)(f"step {item.step_key} (attempt {item.attempt}) of run {item.run_id} could not be sent: {exc}")
+            for item in items
+        ]
         with self._cond:
             self._errors.extend(errors)

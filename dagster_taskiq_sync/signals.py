@@ -64,6 +64,6 @@ class SignalInbox:
                 pass
         except (BlockingIOError, OSError):
             pass
-        new = self._seen[self._read:]
+        new = self._seen[self._read :]
         self._read += len(new)
         return new

@@ -172,8 +172,9 @@ def _run_or_raise(instance: Any, run_id: str, what: str) -> Any:
     return run
 
 
-def run_run_in_child(kind: str, run_id: str, pickup: Pickup, instance_ref: str, options: InstanceOptions,
-                     report: Any) -> None:
+def run_run_in_child(
+    kind: str, run_id: str, pickup: Pickup, instance_ref: str, options: InstanceOptions, report: Any
+) -> None:
     """Entry point of a run child (TaskiqRunLauncher): execute or resume a whole run.
 
     The run process is Dagster's own run worker: with ``taskiq_executor`` it sends its steps to
@@ -188,8 +189,9 @@ def run_run_in_child(kind: str, run_id: str, pickup: Pickup, instance_ref: str, 
             run = _run_or_raise(instance, run_id, "Run")
             _load_job_or_raise(instance, run, "Run", pickup)
             verb = "resumed" if kind == "resume" else "picked up"
-            instance.report_engine_event(f"Run {pickup.text(verb, os.getpid())}", run,
-                                         EngineEventData(metadata=pickup.metadata(os.getpid())))
+            instance.report_engine_event(
+                f"Run {pickup.text(verb, os.getpid())}", run, EngineEventData(metadata=pickup.metadata(os.getpid()))
+            )
         except CannotRun as exc:
             report.send(exc.reason)
             report.close()

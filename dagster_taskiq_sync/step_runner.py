@@ -140,9 +140,15 @@ class StepRunner:
     instance, whatever a message says.
     """
 
-    def __init__(self, instance_ref: str, instance_options: InstanceOptions, preload: Sequence[str] = (),
-                 max_tasks_per_child: int | None = None, max_memory_per_child: int | None = None,
-                 on_recycle: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        instance_ref: str,
+        instance_options: InstanceOptions,
+        preload: Sequence[str] = (),
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+        on_recycle: Callable[[str], None] | None = None,
+    ) -> None:
         self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")
         optional = [m for m in OPTIONAL_PRELOAD_MODULES if importlib.util.find_spec(m) is not None]
         self._ctx.set_forkserver_preload(["dagster_taskiq_sync.step_child", *PRELOAD_MODULES, *optional, *preload])
@@ -189,18 +195,22 @@ class StepRunner:
     def start_run(self, kind: str, run_id: str, pickup: Pickup) -> RunProcess:
         """A fresh child for a whole run ("run") or a resumed one ("resume")."""
         reports, report = self._ctx.Pipe(duplex=False)
-        process = self._ctx.Process(target=run_run_in_child, args=(kind, run_id, pickup, self._instance_ref,
-                                                                   self._instance_options, report),
-                                    name=f"run:{run_id}")
+        process = self._ctx.Process(
+            target=run_run_in_child,
+            args=(kind, run_id, pickup, self._instance_ref, self._instance_options, report),
+            name=f"run:{run_id}",
+        )
         process.start()
         report.close()  # the child holds the write end now
         return RunProcess(process, reports)
 
     def _new_child(self) -> StepChild:
         conn, child_conn = self._ctx.Pipe(duplex=True)
-        process = self._ctx.Process(target=serve_steps, args=(child_conn, os.getpid(), self._instance_ref,
-                                                              self._instance_options),
-                                    name="taskiq-step-child")
+        process = self._ctx.Process(
+            target=serve_steps,
+            args=(child_conn, os.getpid(), self._instance_ref, self._instance_options),
+            name="taskiq-step-child",
+        )
         process.start()
         child_conn.close()
         self.children_started += 1

@@ -61,7 +61,9 @@ log = logging.getLogger("dagster_taskiq_sync.worker")
 class Worker:
     """A dagster-taskiq-sync worker (see the module docstring)."""
 
-    def __init__(self, config: WorkerConfig, *, instance: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, config: WorkerConfig, *, instance: Any = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self.settings = config.settings
         self.name = config.name
@@ -90,8 +92,13 @@ class Worker:
         # a port in use or a platform without scale-in protection fails here, before anything else.
         self.metrics = WorkerMetrics() if config.metrics_port else NullMetrics()
         self.protector = protector_from_flag(config.scale_in_protection)
-        self.health = (HealthServer(config.metrics_port, config.metrics_host, live=self.live, ready=self.ready,
-                                    metrics=self.metrics).start() if config.metrics_port else None)
+        self.health = (
+            HealthServer(
+                config.metrics_port, config.metrics_host, live=self.live, ready=self.ready, metrics=self.metrics
+            ).start()
+            if config.metrics_port
+            else None
+        )
         try:
             self._start(settings, config)
         except BaseException:
@@ -105,26 +112,44 @@ class Worker:
         instance = prepared(self._instance, options) if self._instance is not None else open_home_instance(options)
         self.instance = instance
         if not settings.keyring.verifies:
-            log.warning("worker %s: no signing key is configured, so anyone who can send to its queues (%s) can "
-                        "run steps of existing runs; set execution.config.signing_key (README: Security model).",
-                        self.name, ", ".join(config.queues))
+            log.warning(
+                "worker %s: no signing key is configured, so anyone who can send to its queues (%s) can "
+                "run steps of existing runs; set execution.config.signing_key (README: Security model).",
+                self.name,
+                ", ".join(config.queues),
+            )
         self.registry = WorkerRegistry(instance)
         self._bridge = Bridge(name="taskiq-bridge").start()
         try:
-            self.client = BrokerClient(settings.sqs, self._bridge, config.queues, keyring=settings.keyring,
-                                       observe=self.metrics.sqs_call).start()
+            self.client = BrokerClient(
+                settings.sqs, self._bridge, config.queues, keyring=settings.keyring, observe=self.metrics.sqs_call
+            ).start()
         except BaseException:
             self._bridge.stop()
             raise
-        self.runner = StepRunner(serialize_value(instance.get_ref()), options, preload=config.includes,
-                                 max_tasks_per_child=settings.max_tasks_per_child,
-                                 max_memory_per_child=settings.max_memory_per_child,
-                                 on_recycle=self.metrics.step_child_recycled)
+        self.runner = StepRunner(
+            serialize_value(instance.get_ref()),
+            options,
+            preload=config.includes,
+            max_tasks_per_child=settings.max_tasks_per_child,
+            max_memory_per_child=settings.max_memory_per_child,
+            on_recycle=self.metrics.step_child_recycled,
+        )
         self.acker = Acker(self.client, self._on_death, self._settled)
         self.context = WorkerContext(
-            name=self.name, host=self.host, pid=os.getpid(), settings=settings, client=self.client,
-            instance=instance, store=LivenessStore(instance), runner=self.runner, acks=self.acker,
-            stopping=self.stopping, killing=self.killing, metrics=self.metrics, clock=self._clock,
+            name=self.name,
+            host=self.host,
+            pid=os.getpid(),
+            settings=settings,
+            client=self.client,
+            instance=instance,
+            store=LivenessStore(instance),
+            runner=self.runner,
+            acks=self.acker,
+            stopping=self.stopping,
+            killing=self.killing,
+            metrics=self.metrics,
+            clock=self._clock,
             on_done=self._count_done,
         )
         self.metrics.track_slots(self._slots)
@@ -138,8 +163,12 @@ class Worker:
         self.heartbeat_registry()
         log.info(
             "worker %s ready: pid %d, queues %s, concurrency %d, prefetch %d, endpoint %s, signed messages %s",
-            self.name, os.getpid(), ", ".join(f"{q} (SQS {sqs.queue_name(q)})" for q in config.queues),
-            config.concurrency, self.capacity.limit, sqs.describe_endpoint(),
+            self.name,
+            os.getpid(),
+            ", ".join(f"{q} (SQS {sqs.queue_name(q)})" for q in config.queues),
+            config.concurrency,
+            self.capacity.limit,
+            sqs.describe_endpoint(),
             "required" if settings.keyring.verifies else "not required",
         )
         if self.health is not None:
@@ -150,12 +179,29 @@ class Worker:
         sqs, config = self.settings.sqs, self.config
         return [
             self.acker,
-            VisibilityThread(self.held, self.client, sqs.visibility_timeout, self._on_death,
-                             on_extended=self.metrics.visibility_extended),
+            VisibilityThread(
+                self.held,
+                self.client,
+                sqs.visibility_timeout,
+                self._on_death,
+                on_extended=self.metrics.visibility_extended,
+            ),
             LivenessThread(self.context, self.heartbeat_registry, self._check_terminate, self._on_death),
             *(WorkerThread(i, self._inbox, self._handle, self._on_death) for i in range(config.concurrency)),
-            *(ConsumerThread(q, self.client, self.capacity, self._hold, self._release_now, sqs.wait_time_seconds,
-                             sqs.polling_interval, self._on_death, self._on_outage) for q in config.queues),
+            *(
+                ConsumerThread(
+                    q,
+                    self.client,
+                    self.capacity,
+                    self._hold,
+                    self._release_now,
+                    sqs.wait_time_seconds,
+                    sqs.polling_interval,
+                    self._on_death,
+                    self._on_outage,
+                )
+                for q in config.queues
+            ),
         ]
 
     def __enter__(self) -> Worker:
@@ -175,8 +221,12 @@ class Worker:
                 if inbox is None:
                     time.sleep(1.0)
                 if seen:
-                    log.info("worker %s: %s received; finishing running steps (up to %.0f s), send it again to stop now",
-                             self.name, _signal_name(seen[0]), self.config.shutdown_timeout)
+                    log.info(
+                        "worker %s: %s received; finishing running steps (up to %.0f s), send it again to stop now",
+                        self.name,
+                        _signal_name(seen[0]),
+                        self.config.shutdown_timeout,
+                    )
                     if len(seen) > 1:
                         self.kill_running(f"second {_signal_name(seen[1])}")
                     break
@@ -200,14 +250,21 @@ class Worker:
         deadline = self._clock() + timeout
         self.stopping.set()
         self.heartbeat_registry("stopping")
-        self.client.call_timeout = max(1.0, min(self.client.call_timeout, 10.0))  # SQS may be gone: stay in the deadline
+        self.client.call_timeout = max(
+            1.0, min(self.client.call_timeout, 10.0)
+        )  # SQS may be gone: stay in the deadline
         self._release_waiting()
         workers = [t for t in self._threads if isinstance(t, WorkerThread)]
         consumers = [t for t in self._threads if isinstance(t, ConsumerThread)]
         running = [r.label for r in self.context.running.list()]
         if running:
-            log.info("worker %s: waiting up to %.0f s for %d running step(s): %s", self.name, timeout, len(running),
-                     ", ".join(running))
+            log.info(
+                "worker %s: waiting up to %.0f s for %d running step(s): %s",
+                self.name,
+                timeout,
+                len(running),
+                ", ".join(running),
+            )
         for worker_thread in workers:
             worker_thread.done.set()
         for consumer in consumers:
@@ -232,8 +289,9 @@ class Worker:
             self.health.stop()
         log.info("worker %s stopped after running %d step(s)", self.name, self.steps_done)
 
-    def _join(self, threads: Sequence[GuardedThread], deadline: float,
-              second_signal: Callable[[], list[int]] | None) -> None:
+    def _join(
+        self, threads: Sequence[GuardedThread], deadline: float, second_signal: Callable[[], list[int]] | None
+    ) -> None:
         for thread in threads:
             while thread.is_alive() and self._clock() < deadline:
                 thread.join(min(0.2, max(0.0, deadline - self._clock())))
@@ -316,8 +374,12 @@ class Worker:
 
     def _release_now(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
-            log.info("worker %s: releasing message %s back to queue %s (the worker is stopping)", self.name,
-                     delivery.message_id, delivery.queue)
+            log.info(
+                "worker %s: releasing message %s back to queue %s (the worker is stopping)",
+                self.name,
+                delivery.message_id,
+                delivery.queue,
+            )
             Request(delivery, self.context).mark_final_delivery()
         try:
             self.client.change_visibility(deliveries, 0)
@@ -350,13 +412,19 @@ class Worker:
             return
         running = self.context.running.list()
         try:
-            self.registry.record(WorkerRecord(
-                name=self.name, host=self.host, pid=os.getpid(), queues=list(self.config.queues),
-                concurrency=self.config.concurrency, running=[r.step_key for r in running],
-                state="stopping" if self.stopping.is_set() and state == "running" else state,
-                heartbeat_interval=self.settings.heartbeat_interval,
-                signing_required=self.settings.keyring.verifies,
-            ))
+            self.registry.record(
+                WorkerRecord(
+                    name=self.name,
+                    host=self.host,
+                    pid=os.getpid(),
+                    queues=list(self.config.queues),
+                    concurrency=self.config.concurrency,
+                    running=[r.step_key for r in running],
+                    state="stopping" if self.stopping.is_set() and state == "running" else state,
+                    heartbeat_interval=self.settings.heartbeat_interval,
+                    signing_required=self.settings.keyring.verifies,
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - the registry is for humans; never stop work for it
             log.warning("worker %s: could not update the worker registry: %s", self.name, exc)
 

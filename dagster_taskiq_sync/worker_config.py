@@ -31,7 +31,9 @@ def load_executor_config(config_yaml: str | None) -> Mapping[str, Any]:
         with open(config_yaml, encoding="utf8") as fh:
             parsed = yaml.safe_load(fh) or {}
     except OSError as exc:
-        raise ConfigError(f"--config-yaml {config_yaml!r} cannot be read ({exc.strerror}); pass an existing file.") from None
+        raise ConfigError(
+            f"--config-yaml {config_yaml!r} cannot be read ({exc.strerror}); pass an existing file."
+        ) from None
     except yaml.YAMLError as exc:
         where = " ".join(str(exc).split())  # PyYAML's message spans lines; keep the error one line
         raise ConfigError(f"--config-yaml {config_yaml!r} is not valid YAML ({where}); fix the file.") from None
@@ -74,7 +76,9 @@ def read_key_files(paths: Iterable[str]) -> list[str]:
             with open(path, encoding="utf8") as fh:
                 lines = [line.strip() for line in fh]
         except OSError as exc:
-            raise ConfigError(f"--signing-key-file {path!r} cannot be read ({exc.strerror}); pass a readable file.") from None
+            raise ConfigError(
+                f"--signing-key-file {path!r} cannot be read ({exc.strerror}); pass a readable file."
+            ) from None
         found = [line for line in lines if line and not line.startswith("#")]
         if not found:
             raise ConfigError(f"--signing-key-file {path!r} holds no key; put one secret per line.")
@@ -129,15 +133,18 @@ class WorkerConfig:
             current = settings.keyring.current.decode() if settings.keyring.current else None
             previous = [k.decode() for k in settings.keyring.previous]
             keys = [k for k in (current, *previous) if k] + file_keys
-            settings = dataclasses.replace(settings, keyring=Keyring.from_secrets(
-                keys[0], tuple(keys[1:]), setting="--signing-key-file"))
+            settings = dataclasses.replace(
+                settings, keyring=Keyring.from_secrets(keys[0], tuple(keys[1:]), setting="--signing-key-file")
+            )
         settings.check_signing("worker")
         modules = tuple(dict.fromkeys([*settings.include, *(m for i in includes for m in i.split(",") if m)]))
         for module in modules:  # fail fast here; the fork server would swallow an ImportError
             try:
                 importlib.import_module(module)
             except ImportError as exc:
-                raise ConfigError(f"-i/--includes {module!r} cannot be imported ({exc}); fix the module name or PYTHONPATH.") from None
+                raise ConfigError(
+                    f"-i/--includes {module!r} cannot be imported ({exc}); fix the module name or PYTHONPATH."
+                ) from None
         return cls(
             settings=settings,
             name=f"{name or 'dagster-' + uuid.uuid4().hex[:6]}@{socket.gethostname()}",

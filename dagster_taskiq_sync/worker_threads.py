@@ -63,9 +63,18 @@ class GuardedThread(threading.Thread):
 class ConsumerThread(GuardedThread):
     """Long-polls one queue, only for as many messages as the worker has room for."""
 
-    def __init__(self, queue: str, client: BrokerClient, capacity: Capacity, hold: Callable[[list[Delivery]], None],
-                 release: Callable[[list[Delivery]], None], wait_time_seconds: int, polling_interval: float,
-                 on_death: Callable[[str], None], on_outage: Callable[[str, bool], None]) -> None:
+    def __init__(
+        self,
+        queue: str,
+        client: BrokerClient,
+        capacity: Capacity,
+        hold: Callable[[list[Delivery]], None],
+        release: Callable[[list[Delivery]], None],
+        wait_time_seconds: int,
+        polling_interval: float,
+        on_death: Callable[[str], None],
+        on_outage: Callable[[str, bool], None],
+    ) -> None:
         super().__init__(f"consumer:{queue}", on_death)
         self.queue = queue
         self._client, self._capacity = client, capacity
@@ -104,8 +113,13 @@ class ConsumerThread(GuardedThread):
 class WorkerThread(GuardedThread):
     """Runs one message's life at a time (``handle`` never raises; settling is its job)."""
 
-    def __init__(self, index: int, inbox: queue_mod.Queue[Delivery], handle: Callable[[Delivery], Any],
-                 on_death: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        index: int,
+        inbox: queue_mod.Queue[Delivery],
+        handle: Callable[[Delivery], Any],
+        on_death: Callable[[str], None],
+    ) -> None:
         super().__init__(f"worker-thread:{index}", on_death)
         self._inbox, self._handle = inbox, handle
 
@@ -122,8 +136,14 @@ class WorkerThread(GuardedThread):
 class VisibilityThread(GuardedThread):
     """Extends the visibility of every held message every third of the visibility timeout."""
 
-    def __init__(self, held: Callable[[], list[Delivery]], client: BrokerClient, visibility_timeout: int,
-                 on_death: Callable[[str], None], on_extended: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(
+        self,
+        held: Callable[[], list[Delivery]],
+        client: BrokerClient,
+        visibility_timeout: int,
+        on_death: Callable[[str], None],
+        on_extended: Callable[[int], None] = lambda n: None,
+    ) -> None:
         super().__init__("visibility-extender", on_death)
         self._held, self._client, self._visibility = held, client, visibility_timeout
         self._on_extended = on_extended
@@ -141,7 +161,9 @@ class VisibilityThread(GuardedThread):
                 continue
             self._on_extended(len(held) - len(lost))
             for receipt in lost:
-                log.warning("SQS no longer knows a held message (receipt %s...); it may be delivered again", receipt[:12])
+                log.warning(
+                    "SQS no longer knows a held message (receipt %s...); it may be delivered again", receipt[:12]
+                )
 
 
 class Acker(GuardedThread):
@@ -152,8 +174,13 @@ class Acker(GuardedThread):
     On shutdown (``done``) the last ones are deleted without waiting.
     """
 
-    def __init__(self, client: BrokerClient, on_death: Callable[[str], None],
-                 on_settled: Callable[[Delivery], None], window: float = ACK_WINDOW) -> None:
+    def __init__(
+        self,
+        client: BrokerClient,
+        on_death: Callable[[str], None],
+        on_settled: Callable[[Delivery], None],
+        window: float = ACK_WINDOW,
+    ) -> None:
         super().__init__("acker", on_death)
         self._client, self._on_settled = client, on_settled
         self._window = window
@@ -188,10 +215,16 @@ class Acker(GuardedThread):
         try:
             refused = self._client.delete_many(deliveries, [p for _, p in batch if p is not None])
             for message_id in refused:
-                log.warning("SQS refused to delete message %s; it will be delivered again and dropped as already run",
-                            message_id)
+                log.warning(
+                    "SQS refused to delete message %s; it will be delivered again and dropped as already run",
+                    message_id,
+                )
         except TaskiqSyncError as exc:
             # Not fatal: the message reappears after its visibility timeout and an attempt that
             # already ran is dropped then without running user code again.
-            log.warning("could not delete %d message(s) from queue %s: %s", len(deliveries),
-                        ", ".join(sorted({d.queue for d in deliveries})), exc)
+            log.warning(
+                "could not delete %d message(s) from queue %s: %s",
+                len(deliveries),
+                ", ".join(sorted({d.queue for d in deliveries})),
+                exc,
+            )

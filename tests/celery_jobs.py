@@ -79,7 +79,13 @@ def composite_job():
     _nest(4, "composite")()  # 16 steps, as dagster-celery's composite test
 
 
-@op(out={"out_1": Out(int, is_required=False), "out_2": Out(int, is_required=False), "out_3": Out(int, is_required=False)})
+@op(
+    out={
+        "out_1": Out(int, is_required=False),
+        "out_2": Out(int, is_required=False),
+        "out_3": Out(int, is_required=False),
+    }
+)
 def foo():
     yield Output(1, "out_1")
 
@@ -122,8 +128,14 @@ def test_retries():
     retry_request()
 
 
-@op(tags={"dagster-k8s/resource_requirements": {"requests": {"cpu": "250m", "memory": "64Mi"},
-                                                "limits": {"cpu": "500m", "memory": "2560Mi"}}})
+@op(
+    tags={
+        "dagster-k8s/resource_requirements": {
+            "requests": {"cpu": "250m", "memory": "64Mi"},
+            "limits": {"cpu": "500m", "memory": "2560Mi"},
+        }
+    }
+)
 def resource_req_op(context) -> None:
     context.log.info("running")
 
@@ -159,7 +171,18 @@ def simple_priority_job():
         _prioritized(priority)()
 
 
-defs = Definitions(jobs=[
-    test_job, test_serial_job, test_diamond_job, test_parallel_job, composite_job, test_optional_outputs,
-    test_fails, test_retries, test_resources_limit, multiqueue_job, simple_priority_job,
-])
+defs = Definitions(
+    jobs=[
+        test_job,
+        test_serial_job,
+        test_diamond_job,
+        test_parallel_job,
+        composite_job,
+        test_optional_outputs,
+        test_fails,
+        test_retries,
+        test_resources_limit,
+        multiqueue_job,
+        simple_priority_job,
+    ]
+)

@@ -79,7 +79,9 @@ def run_config_file(executor_config, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def queues_created(endpoint, run_config_file) -> str:
-    out = subprocess.run([CLI, "queues", "create", "-y", str(run_config_file)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(run_config_file)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 

@@ -18,8 +18,10 @@ def postgres():
     """A running :class:`~tests.postgres.PostgresCluster` shared by the session. A test that
     stops it must leave it running (``pause()`` does); the fixture starts it again otherwise."""
     if find_bindir() is None:
-        pytest.skip(f"PostgreSQL server binaries not found: install Debian's {APT_PACKAGE} package "
-                    f"(apt-get install {APT_PACKAGE})")
+        pytest.skip(
+            f"PostgreSQL server binaries not found: install Debian's {APT_PACKAGE} package "
+            f"(apt-get install {APT_PACKAGE})"
+        )
     cluster = PostgresCluster()
     try:
         cluster.start()

@@ -24,14 +24,28 @@ CLI = str(BIN / "dagster-taskiq-sync")
 class WorkerProcess:
     """One `dagster-taskiq-sync worker start` process and its log."""
 
-    def __init__(self, config: Path, name: str, log_dir: Path, args: Sequence[str] = (), env: dict | None = None,
-                 cwd: Path | None = None, preexec_fn=None):
+    def __init__(
+        self,
+        config: Path,
+        name: str,
+        log_dir: Path,
+        args: Sequence[str] = (),
+        env: dict | None = None,
+        cwd: Path | None = None,
+        preexec_fn=None,
+    ):
         self.name = name
         self.log_path = log_dir / f"worker-{name}.log"
         self.command = [CLI, "worker", "start", "-y", str(config), "-n", name, *args]
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=env or os.environ.copy(),
-                                     cwd=cwd, preexec_fn=preexec_fn)
+        self.proc = subprocess.Popen(
+            self.command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or os.environ.copy(),
+            cwd=cwd,
+            preexec_fn=preexec_fn,
+        )
 
     @property
     def pid(self) -> int:
@@ -104,7 +118,9 @@ class BackgroundRun:
 
         def target():
             try:
-                self.result = execute_job(reconstructable(job_fn), instance=instance, run_config=run_config, raise_on_error=False)
+                self.result = execute_job(
+                    reconstructable(job_fn), instance=instance, run_config=run_config, raise_on_error=False
+                )
             except BaseException as exc:
                 self.error = exc
 

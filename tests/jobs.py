@@ -362,7 +362,9 @@ def across_two_queues():
     _on_queue("last_on_a", None)(_on_queue("middle_on_b", "fair_b")(_on_queue("first_on_a", None)()))
 
 
-BACKLOG_OPS = {queue: [_on_queue(f"{queue}_step_{i}", queue) for i in range(4)] for queue in ("fair_q1", "fair_q2", "fair_q3")}
+BACKLOG_OPS = {
+    queue: [_on_queue(f"{queue}_step_{i}", queue) for i in range(4)] for queue in ("fair_q1", "fair_q2", "fair_q3")
+}
 
 
 @job(executor_def=taskiq_executor)
@@ -390,9 +392,32 @@ def fan_100():
         _on_queue(f"leaf_{i}", None)()
 
 
-defs = Definitions(jobs=[
-    diamond, fan_out_fan_in, failing, retries, in_memory_outputs, routed, two_slow_steps,
-    one_long, one_long_retried, two_long, wide, two_chatty, unserved,
-    launched_ok, launched_raises, launched_exits_hard, launched_long, resumable,
-    across_two_queues, backlog_q1, backlog_q2, backlog_q3, fan_100, two_sleepers, counted_fanout,
-])
+defs = Definitions(
+    jobs=[
+        diamond,
+        fan_out_fan_in,
+        failing,
+        retries,
+        in_memory_outputs,
+        routed,
+        two_slow_steps,
+        one_long,
+        one_long_retried,
+        two_long,
+        wide,
+        two_chatty,
+        unserved,
+        launched_ok,
+        launched_raises,
+        launched_exits_hard,
+        launched_long,
+        resumable,
+        across_two_queues,
+        backlog_q1,
+        backlog_q2,
+        backlog_q3,
+        fan_100,
+        two_sleepers,
+        counted_fanout,
+    ]
+)

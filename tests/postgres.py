@@ -142,9 +142,23 @@ class PostgresCluster:
                 os.chown(path, entry.pw_uid, entry.pw_gid)
             os.chmod(self.root, 0o755)
         init = subprocess.run(
-            [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth", "trust",
-             "-E", "UTF8", "--no-sync"],
-            check=False, capture_output=True, text=True, user=self.user, timeout=180,
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            user=self.user,
+            timeout=180,
         )
         if init.returncode != 0:
             raise RuntimeError(f"initdb failed (code {init.returncode}): {init.stderr.strip()}")
@@ -166,10 +180,29 @@ class PostgresCluster:
     def _spawn(self) -> subprocess.Popen:
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             return subprocess.Popen(
-                [str(self.bindir / "postgres"), "-D", str(self.data), "-h", self.host, "-p", str(self.port),
-                 "-k", str(self.data), "-c", "fsync=off", "-c", "synchronous_commit=off",
-                 "-c", "full_page_writes=off", "-c", "max_connections=200"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, user=self.user,
+                [
+                    str(self.bindir / "postgres"),
+                    "-D",
+                    str(self.data),
+                    "-h",
+                    self.host,
+                    "-p",
+                    str(self.port),
+                    "-k",
+                    str(self.data),
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                    "-c",
+                    "max_connections=200",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                user=self.user,
                 preexec_fn=_die_with_parent,
             )
 
@@ -177,9 +210,14 @@ class PostgresCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"postgres exited at start (code {self._proc.returncode}); its log:\n{self.log_tail()}")
-            ready = subprocess.run([str(self.bindir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)],
-                                   check=False, capture_output=True)
+                raise RuntimeError(
+                    f"postgres exited at start (code {self._proc.returncode}); its log:\n{self.log_tail()}"
+                )
+            ready = subprocess.run(
+                [str(self.bindir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)],
+                check=False,
+                capture_output=True,
+            )
             if ready.returncode == 0:
                 return
             time.sleep(0.05)
@@ -233,9 +271,29 @@ class PostgresCluster:
     def psql(self, sql: str, db_name: str = "postgres") -> str:
         """Run one SQL statement as the superuser; returns psql's unaligned output."""
         out = subprocess.run(
-            [str(self.bindir / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", self.host,
-             "-p", str(self.port), "-U", "postgres", "-d", db_name, "-c", sql],
-            check=False, capture_output=True, text=True, timeout=120,
+            [
+                str(self.bindir / "psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                db_name,
+                "-c",
+                sql,
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if out.returncode != 0:
             raise RuntimeError(f"psql failed: {out.stderr.strip()}")
@@ -259,8 +317,14 @@ class PostgresCluster:
     def db_settings(self, db_name: str) -> dict[str, Any]:
         """dagster-postgres ``postgres_db`` settings for ``db_name``. The scheme names psycopg2:
         SQLAlchemy 2.1 maps plain ``postgresql://`` to psycopg 3, which is not installed."""
-        return {"username": "postgres", "password": "", "hostname": self.host, "db_name": db_name,
-                "port": self.port, "scheme": "postgresql+psycopg2"}
+        return {
+            "username": "postgres",
+            "password": "",
+            "hostname": self.host,
+            "db_name": db_name,
+            "port": self.port,
+            "scheme": "postgresql+psycopg2",
+        }
 
     def url(self, db_name: str) -> str:
         return f"postgresql+psycopg2://postgres@{self.host}:{self.port}/{db_name}"
@@ -273,8 +337,10 @@ class PostgresCluster:
         """Write ``home/dagster.yaml`` with all of Dagster's storage on a fresh database of this
         cluster (telemetry off, plus ``extra`` top-level keys); returns the database's name."""
         db_name = self.create_database()
-        config: dict[str, Any] = {"storage": {"postgres": {"postgres_db": self.db_settings(db_name)}},
-                                  "telemetry": {"enabled": False}}
+        config: dict[str, Any] = {
+            "storage": {"postgres": {"postgres_db": self.db_settings(db_name)}},
+            "telemetry": {"enabled": False},
+        }
         config.update(extra or {})
         home.mkdir(parents=True, exist_ok=True)
         (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -34,8 +34,10 @@ def unique(prefix: str) -> str:
 
 def write_config(tmp_path, endpoint, **block) -> str:
     """A run-config YAML for the local endpoint with ``block`` merged into `execution: config:`."""
-    config = {"broker": endpoint.broker_url,
-              "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}}}
+    config = {
+        "broker": endpoint.broker_url,
+        "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
+    }
     for key, value in block.items():
         if key == "transport":
             config["config_source"]["broker_transport_options"].update(value)
@@ -71,8 +73,9 @@ def one_sentence_error(out: subprocess.CompletedProcess) -> str:
 def test_create_encrypts_queues_with_sqs_managed_keys_and_expires_offloaded_payloads(endpoint, tmp_path):
     # Given a config with an S3 backend and no KMS key
     queue, bucket = unique("enc"), unique("payloads")
-    config = write_config(tmp_path, endpoint, backend=f"s3://{bucket}/steps/large",
-                          config_source={"task_default_queue": queue})
+    config = write_config(
+        tmp_path, endpoint, backend=f"s3://{bucket}/steps/large", config_source={"task_default_queue": queue}
+    )
     # When the queues are created
     out = cli("queues", "create", "-y", config)
     assert out.returncode == 0, out.stderr
@@ -85,7 +88,8 @@ def test_create_encrypts_queues_with_sqs_managed_keys_and_expires_offloaded_payl
     assert default["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
     rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
     assert [(r["ID"], r["Filter"], r["Expiration"]) for r in rules] == [
-        (LIFECYCLE_RULE_ID, {"Prefix": "steps/large/"}, {"Days": 7})]
+        (LIFECYCLE_RULE_ID, {"Prefix": "steps/large/"}, {"Days": 7})
+    ]
     assert f"offloaded payloads under s3://{bucket}/steps/large/ expire after 7 day(s)" in out.stdout
 
 
@@ -129,8 +133,12 @@ def test_kms_key_from_sqs_creation_attributes_is_used_by_create(endpoint, tmp_pa
     key = kms.create_key()["KeyMetadata"]
     kms.create_alias(AliasName=f"alias/{unique('dagster')}", TargetKeyId=key["KeyId"])
     queue = unique("cfgkms")
-    config = write_config(tmp_path, endpoint, config_source={"task_default_queue": queue},
-                          transport={"sqs-creation-attributes": {"KmsMasterKeyId": key["KeyId"]}})
+    config = write_config(
+        tmp_path,
+        endpoint,
+        config_source={"task_default_queue": queue},
+        transport={"sqs-creation-attributes": {"KmsMasterKeyId": key["KeyId"]}},
+    )
     out = cli("queues", "create", "-y", config)
     assert out.returncode == 0, out.stderr
     assert attributes(endpoint, queue)["KmsMasterKeyId"] == key["KeyId"]
@@ -141,8 +149,10 @@ def test_kms_key_from_sqs_creation_attributes_is_used_by_create(endpoint, tmp_pa
     "args, expected",
     [
         (["--kms-key", "not a key!"], "--kms-key 'not a key!' is not a KMS key; pass a key id"),
-        (["--kms-key", "00000000-0000-0000-0000-000000000000"],
-         "--kms-key '00000000-0000-0000-0000-000000000000' is not usable at http://127.0.0.1"),
+        (
+            ["--kms-key", "00000000-0000-0000-0000-000000000000"],
+            "--kms-key '00000000-0000-0000-0000-000000000000' is not usable at http://127.0.0.1",
+        ),
         (["--kms-key", "alias/no-such-alias"], "is not usable at"),
         (["--payload-expiry-days", "0"], "--payload-expiry-days 0 must be a whole number of days of at least 1"),
         (["--payload-expiry-days", "-3"], "--payload-expiry-days -3 must be a whole number of days of at least 1"),
@@ -150,7 +160,9 @@ def test_kms_key_from_sqs_creation_attributes_is_used_by_create(endpoint, tmp_pa
 )
 def test_create_refuses_garbage_in_one_sentence(endpoint, tmp_path, args, expected):
     queue = unique("garbage")
-    config = write_config(tmp_path, endpoint, backend=f"s3://{unique('b')}/p", config_source={"task_default_queue": queue})
+    config = write_config(
+        tmp_path, endpoint, backend=f"s3://{unique('b')}/p", config_source={"task_default_queue": queue}
+    )
     line = one_sentence_error(cli("queues", "create", "-y", config, *args))
     assert expected in line, line
     # nothing was created on the way to the error
@@ -191,8 +203,13 @@ def test_offloaded_payloads_are_written_with_server_side_encryption(endpoint, tm
     queue, bucket = unique("offload"), unique("payloads")
     key = boto("kms", endpoint).create_key()["KeyMetadata"]["Arn"] if with_kms else None
     transport = {"sqs-creation-attributes": {"MaximumMessageSize": "1024", **({"KmsMasterKeyId": key} if key else {})}}
-    config = write_config(tmp_path, endpoint, backend=f"s3://{bucket}/offload",
-                          config_source={"task_default_queue": queue}, transport=transport)
+    config = write_config(
+        tmp_path,
+        endpoint,
+        backend=f"s3://{bucket}/offload",
+        config_source={"task_default_queue": queue},
+        transport=transport,
+    )
     assert cli("queues", "create", "-y", config).returncode == 0
     settings = settings_from_executor_config(yaml.safe_load(open(config))["execution"]["config"])
     with Bridge() as bridge, BrokerClient(settings.sqs, bridge, [queue]) as client:
@@ -225,8 +242,11 @@ def fill_queue(endpoint, queue: str, *, visible: int, in_flight: int, delayed: i
         sqs.send_message(QueueUrl=url, MessageBody=f"m{i}")
     held = 0
     while held < in_flight:
-        held += len(sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=in_flight - held,
-                                        VisibilityTimeout=600).get("Messages", []))
+        held += len(
+            sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=in_flight - held, VisibilityTimeout=600).get(
+                "Messages", []
+            )
+        )
     for i in range(delayed):
         sqs.send_message(QueueUrl=url, MessageBody=f"d{i}", DelaySeconds=900)
     dlq = sqs.get_queue_url(QueueName=f"{queue}-dlq")["QueueUrl"]
@@ -244,18 +264,28 @@ def registry_home(tmp_path):
 
 def test_stats_json_counts_messages_dead_letters_workers_and_replicas(endpoint, tmp_path, registry_home):
     queue = unique("stats")
-    config = write_config(tmp_path, endpoint, config_source={"task_default_queue": queue, "worker_prefetch_multiplier": 2})
+    config = write_config(
+        tmp_path, endpoint, config_source={"task_default_queue": queue, "worker_prefetch_multiplier": 2}
+    )
     assert cli("queues", "create", "-y", config).returncode == 0
     fill_queue(endpoint, queue, visible=5, in_flight=2, delayed=1, dead=3)
     # Given a real worker (-c 3) on another queue and a registry record of a busy worker on ours
     assert cli("queues", "create", "-y", config, "-q", "elsewhere-" + queue).returncode == 0
-    worker = WorkerProcess(config, "stats-real", tmp_path, ["-c", "3", "-q", "elsewhere-" + queue],
-                           env=os.environ | {"DAGSTER_HOME": str(registry_home)})
+    worker = WorkerProcess(
+        config,
+        "stats-real",
+        tmp_path,
+        ["-c", "3", "-q", "elsewhere-" + queue],
+        env=os.environ | {"DAGSTER_HOME": str(registry_home)},
+    )
     try:
         worker.wait_ready()
         with DagsterInstance.from_config(str(registry_home)) as instance:
-            WorkerRegistry(instance).record(WorkerRecord(
-                name="busy@host", host="host", pid=1, queues=[queue], concurrency=4, running=["a", "b", "c"]))
+            WorkerRegistry(instance).record(
+                WorkerRecord(
+                    name="busy@host", host="host", pid=1, queues=[queue], concurrency=4, running=["a", "b", "c"]
+                )
+            )
         env = os.environ | {"DAGSTER_HOME": str(registry_home)}
         out = cli("queues", "stats", "-y", config, "--json", env=env)
         assert out.returncode == 0, out.stderr
@@ -307,8 +337,12 @@ def test_stats_watch_reprints_until_ctrl_c(endpoint, tmp_path):
     queue = unique("watch")
     config = write_config(tmp_path, endpoint, config_source={"task_default_queue": queue})
     assert cli("queues", "create", "-y", config).returncode == 0
-    proc = subprocess.Popen([CLI, "queues", "stats", "-y", config, "--watch", "0.2", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [CLI, "queues", "stats", "-y", config, "--watch", "0.2", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = json.loads(proc.stdout.readline())
         sqs_client(endpoint.url).send_message(QueueUrl=first["queues"][0]["url"], MessageBody="new")
@@ -354,8 +388,14 @@ def test_redrive_moves_dead_lettered_messages_back_with_body_and_attributes(endp
 
     def all_dead_lettered():
         sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
-        return int(sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])[
-            "Attributes"]["ApproximateNumberOfMessages"]) == 3
+        return (
+            int(
+                sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["ApproximateNumberOfMessages"])["Attributes"][
+                    "ApproximateNumberOfMessages"
+                ]
+            )
+            == 3
+        )
 
     wait_for(all_dead_lettered, timeout=30, what="SQS's redrive policy to dead-letter the messages")
     # When one is redriven, then the rest
@@ -368,8 +408,12 @@ def test_redrive_moves_dead_lettered_messages_back_with_body_and_attributes(endp
     # Then the source queue holds the three messages, bodies and attributes intact, with a fresh receive count
     received = []
     while len(received) < 3:
-        received += sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, MessageAttributeNames=["All"],
-                                        AttributeNames=["ApproximateReceiveCount"]).get("Messages", [])
+        received += sqs.receive_message(
+            QueueUrl=url,
+            MaxNumberOfMessages=10,
+            MessageAttributeNames=["All"],
+            AttributeNames=["ApproximateReceiveCount"],
+        ).get("Messages", [])
     assert sorted(json.loads(m["Body"])["n"] for m in received) == [0, 1, 2]
     for message in received:
         assert message["MessageAttributes"]["s3_extended_message"]["StringValue"] == "True"
@@ -385,15 +429,20 @@ def test_redrive_a_fifo_queue_keeps_message_groups(endpoint, tmp_path):
     dlq = sqs.get_queue_url(QueueName=f"{base}-dlq.fifo")["QueueUrl"]
     for i, group in enumerate(["run-a", "run-b"]):
         # the same deduplication id the original send used: a redrive must not be swallowed by it
-        sqs.send_message(QueueUrl=dlq, MessageBody=f"step-{i}", MessageGroupId=group, MessageDeduplicationId=f"step-{i}")
+        sqs.send_message(
+            QueueUrl=dlq, MessageBody=f"step-{i}", MessageGroupId=group, MessageDeduplicationId=f"step-{i}"
+        )
     out = cli("queues", "redrive", queue, "-y", config)
     assert out.returncode == 0, out.stderr
     assert "moved 2 message(s)" in out.stdout
     url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
-    received = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10,
-                                   MessageSystemAttributeNames=["MessageGroupId"])["Messages"]
+    received = sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["MessageGroupId"]
+    )["Messages"]
     assert sorted((m["Body"], m["Attributes"]["MessageGroupId"]) for m in received) == [
-        ("step-0", "run-a"), ("step-1", "run-b")]
+        ("step-0", "run-a"),
+        ("step-1", "run-b"),
+    ]
 
 
 def test_redrive_refuses_unknown_queues_and_queues_without_dead_letter_queue(endpoint, tmp_path):

@@ -18,13 +18,18 @@ from .helpers import CLI
 def failed_run_message(instance, executor_config, job_fn=jobs.diamond) -> tuple[str, float]:
     started = time.monotonic()
     result = execute_job(
-        reconstructable(job_fn), instance=instance,
-        run_config={"execution": {"config": executor_config}}, raise_on_error=False,
+        reconstructable(job_fn),
+        instance=instance,
+        run_config={"execution": {"config": executor_config}},
+        raise_on_error=False,
     )
     elapsed = time.monotonic() - started
     assert not result.success
-    failure = [r for r in instance.all_logs(result.run_id)
-               if r.dagster_event and r.dagster_event.event_type == DagsterEventType.RUN_FAILURE]
+    failure = [
+        r
+        for r in instance.all_logs(result.run_id)
+        if r.dagster_event and r.dagster_event.event_type == DagsterEventType.RUN_FAILURE
+    ]
     assert len(failure) == 1
     errors = [r.user_message for r in instance.all_logs(result.run_id) if r.level >= 40]
     return "\n".join(errors), elapsed
@@ -74,7 +79,8 @@ def test_in_memory_io_manager_is_refused_before_any_step_runs(instance, endpoint
     runs_before = len(instance.get_runs())
     with pytest.raises(DagsterUnmetExecutorRequirementsError, match="Please use a persistent IO manager"):
         execute_job(
-            reconstructable(jobs.in_memory_outputs), instance=instance,
+            reconstructable(jobs.in_memory_outputs),
+            instance=instance,
             run_config={"execution": {"config": {"broker": endpoint.broker_url}}},
         )
     assert len(instance.get_runs()) == runs_before
@@ -102,9 +108,18 @@ def test_worker_with_missing_queue_exits_with_one_sentence(endpoint, queues_crea
         ("execution: [1, 2", "is not valid YAML"),
         ("execution:\n  config:\n    broker: 'amqp://x'\n", "scheme 'amqp://'"),
         ("execution:\n  config:\n    brokr: 'sqs://'\n", "the execution config is invalid"),
-        ("execution:\n  config:\n    config_source:\n      worker_prefetch_multiplier: lots\n", "worker_prefetch_multiplier must be a whole number"),
-        ("execution:\n  config:\n    config_source:\n      worker_max_tasks_per_child: 0\n", "worker_max_tasks_per_child"),
-        ("execution:\n  config:\n    config_source:\n      worker_max_memory_per_child: lots\n", "worker_max_memory_per_child must be a whole number"),
+        (
+            "execution:\n  config:\n    config_source:\n      worker_prefetch_multiplier: lots\n",
+            "worker_prefetch_multiplier must be a whole number",
+        ),
+        (
+            "execution:\n  config:\n    config_source:\n      worker_max_tasks_per_child: 0\n",
+            "worker_max_tasks_per_child",
+        ),
+        (
+            "execution:\n  config:\n    config_source:\n      worker_max_memory_per_child: lots\n",
+            "worker_max_memory_per_child must be a whole number",
+        ),
     ],
 )
 def test_worker_rejects_bad_config_yaml(tmp_path, content, expected):

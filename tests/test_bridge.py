@@ -20,6 +20,7 @@ async def echo_after(value, delay):
 
 def test_many_threads_share_one_loop_and_get_their_own_results():
     with Bridge() as bridge:
+
         def caller(i):
             return [bridge.call(echo_after, (i, n), 0.001, timeout=10) for n in range(20)]
 

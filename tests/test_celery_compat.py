@@ -108,7 +108,12 @@ def test_transport_options_map_to_sqs_settings():
         }
     )
     sqs = settings.sqs
-    assert (sqs.region, sqs.visibility_timeout, sqs.wait_time_seconds, sqs.polling_interval) == ("eu-west-1", 120, 20, 2.0)
+    assert (sqs.region, sqs.visibility_timeout, sqs.wait_time_seconds, sqs.polling_interval) == (
+        "eu-west-1",
+        120,
+        20,
+        2.0,
+    )
     assert sqs.default_queue == "steps" and sqs.queue_name("steps") == "prod-steps"
     assert sqs.queue_name("other.queue") == "prod-other-queue"
     assert (settings.prefetch_multiplier, settings.worker_concurrency, settings.task_time_limit) == (2, 8, 3600.0)
@@ -138,9 +143,14 @@ def test_options_without_effect_warn_once_each_and_unknown_keys_warn():
 @pytest.mark.parametrize(
     "config_source, expected",
     [
-        ({"broker_transport_options": {"sts_role_arn": "arn:aws:iam::1:role/x"}}, "sts_role_arn 'arn:aws:iam::1:role/x' is not an IAM role ARN"),
-        ({"broker_transport_options": {"sts_role_arn": "arn:aws:iam::123456789012:role/x", "sts_token_timeout": 60}},
-         "sts_token_timeout 60 is outside what STS accepts; use 900 to 43200 seconds"),
+        (
+            {"broker_transport_options": {"sts_role_arn": "arn:aws:iam::1:role/x"}},
+            "sts_role_arn 'arn:aws:iam::1:role/x' is not an IAM role ARN",
+        ),
+        (
+            {"broker_transport_options": {"sts_role_arn": "arn:aws:iam::123456789012:role/x", "sts_token_timeout": 60}},
+            "sts_token_timeout 60 is outside what STS accepts; use 900 to 43200 seconds",
+        ),
         (
             {"broker_transport_options": {"predefined_queues": {"q": {"url": "u", "access_key_id": "a"}}}},
             "per-queue credentials are not supported",
@@ -172,15 +182,22 @@ def test_readme_carries_the_generated_mapping_table():
     assert mapping_table_markdown() in (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("max_payload_mib", 0, "execution.config.max_payload_mib must be a whole number between 1 and 2048"),
-    ("max_payload_mib", "lots", "execution.config.max_payload_mib must be a whole number"),
-    ("database_outage_timeout", -1, "execution.config.database_outage_timeout must be a positive number of seconds"),
-    ("record_expiry", "soon", "execution.config.record_expiry must be a number of seconds"),
-    ("lost_worker_expiry", 0, "execution.config.lost_worker_expiry must be a positive number of seconds"),
-    ("signing_key", "short", "execution.config.signing_key is 5 characters; use a random secret of at least 32"),
-    ("previous_signing_keys", ["ok" * 20, "tiny"], "execution.config.previous_signing_keys is 4 characters"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("max_payload_mib", 0, "execution.config.max_payload_mib must be a whole number between 1 and 2048"),
+        ("max_payload_mib", "lots", "execution.config.max_payload_mib must be a whole number"),
+        (
+            "database_outage_timeout",
+            -1,
+            "execution.config.database_outage_timeout must be a positive number of seconds",
+        ),
+        ("record_expiry", "soon", "execution.config.record_expiry must be a number of seconds"),
+        ("lost_worker_expiry", 0, "execution.config.lost_worker_expiry must be a positive number of seconds"),
+        ("signing_key", "short", "execution.config.signing_key is 5 characters; use a random secret of at least 32"),
+        ("previous_signing_keys", ["ok" * 20, "tiny"], "execution.config.previous_signing_keys is 4 characters"),
+    ],
+)
 def test_new_native_keys_refuse_garbage_naming_the_key(key, value, expected):
     with pytest.raises(ConfigError) as info:
         settings_from_executor_config({key: value})
@@ -194,7 +211,11 @@ def test_celery_message_signing_requires_a_signing_key_and_is_never_silently_wea
         settings.check_signing("sender")
     with pytest.raises(ConfigError, match="ask for signed messages"):
         settings.check_signing("worker")
-    signed = settings_from_executor_config({"signing_key": "k" * 40, "config_source": {
-        "security_key": "/etc/worker.key", "security_certificate": "/etc/worker.pem"}})
+    signed = settings_from_executor_config(
+        {
+            "signing_key": "k" * 40,
+            "config_source": {"security_key": "/etc/worker.key", "security_certificate": "/etc/worker.pem"},
+        }
+    )
     signed.check_signing("sender")
     assert any("X.509 signing keys are not used" in note for note in signed.notes)

@@ -21,8 +21,13 @@ EAGER = {"config_source": {"task_always_eager": True}}
 
 
 def run(job_fn, instance, executor_config, op_selection=None):
-    return execute_job(reconstructable(job_fn), instance=instance, op_selection=op_selection,
-                       run_config={"execution": {"config": executor_config}}, raise_on_error=False)
+    return execute_job(
+        reconstructable(job_fn),
+        instance=instance,
+        op_selection=op_selection,
+        run_config={"execution": {"config": executor_config}},
+        raise_on_error=False,
+    )
 
 
 def count(result, event_type: str) -> int:
@@ -41,16 +46,26 @@ def engine(request, executor_config):
 def test_execute_default(engine, instance):
     with run(cj.test_job, instance, engine) as result:
         assert result.output_for_node("simple") == 1
-        assert (count(result, "STEP_START"), count(result, "STEP_OUTPUT"), count(result, "HANDLED_OUTPUT"),
-                count(result, "STEP_SUCCESS")) == (1, 1, 1, 1)
+        assert (
+            count(result, "STEP_START"),
+            count(result, "STEP_OUTPUT"),
+            count(result, "HANDLED_OUTPUT"),
+            count(result, "STEP_SUCCESS"),
+        ) == (1, 1, 1, 1)
 
 
 def test_execute_serial(engine, instance):
     with run(cj.test_serial_job, instance, engine) as result:
         assert result.output_for_node("simple") == 1
         assert result.output_for_node("add_one") == 2
-        assert (count(result, "STEP_START"), count(result, "STEP_INPUT"), count(result, "STEP_OUTPUT"),
-                count(result, "HANDLED_OUTPUT"), count(result, "LOADED_INPUT"), count(result, "STEP_SUCCESS")) == (2, 1, 2, 2, 1, 2)
+        assert (
+            count(result, "STEP_START"),
+            count(result, "STEP_INPUT"),
+            count(result, "STEP_OUTPUT"),
+            count(result, "HANDLED_OUTPUT"),
+            count(result, "LOADED_INPUT"),
+            count(result, "STEP_SUCCESS"),
+        ) == (2, 1, 2, 2, 1, 2)
 
 
 def test_execute_diamond(engine, instance):
@@ -95,8 +110,12 @@ def test_execute_fails(engine, instance):
 
 def test_execute_retries(engine, instance):
     with run(cj.test_retries, instance, engine) as result:
-        assert (count(result, "STEP_START"), count(result, "STEP_UP_FOR_RETRY"), count(result, "STEP_RESTARTED"),
-                count(result, "STEP_FAILURE")) == (1, 1, 1, 1)
+        assert (
+            count(result, "STEP_START"),
+            count(result, "STEP_UP_FOR_RETRY"),
+            count(result, "STEP_RESTARTED"),
+            count(result, "STEP_FAILURE"),
+        ) == (1, 1, 1, 1)
 
 
 def test_execute_resources_limit(engine, instance):
@@ -107,9 +126,21 @@ def test_execute_resources_limit(engine, instance):
 
 def _queue_yaml(tmp_path, endpoint, queue):
     cfg = tmp_path / f"{queue}.yaml"
-    cfg.write_text(yaml.safe_dump({"execution": {"config": {"broker": endpoint.broker_url, "config_source": {
-        "broker_transport_options": {"wait_time_seconds": 1}}}}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg), "-q", queue], capture_output=True, text=True, timeout=60)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "execution": {
+                    "config": {
+                        "broker": endpoint.broker_url,
+                        "config_source": {"broker_transport_options": {"wait_time_seconds": 1}},
+                    }
+                }
+            }
+        )
+    )
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(cfg), "-q", queue], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return cfg
 
@@ -147,7 +178,9 @@ def test_priority_orders_submission_higher_first(instance, executor_config, endp
         assert result.success
         starts = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
         assert starts == [f"priority_{p}" for p in range(10, -1, -1)]
-        warnings = [r.user_message for r in instance.all_logs(result.run_id) if "SQS has no message priority" in r.user_message]
+        warnings = [
+            r.user_message for r in instance.all_logs(result.run_id) if "SQS has no message priority" in r.user_message
+        ]
         assert len(warnings) == 1
     finally:
         assert worker.stop() == 0

@@ -27,7 +27,10 @@ def test_installers_change_nothing_until_called():
     from dagster._core.executor.step_delegating import step_delegating_executor as sde
 
     # Importing this package does not patch Dagster: other executors keep Dagster's own classes.
-    assert sde.ActiveExecution is _dagster_private.ActiveExecution or sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
+    assert (
+        sde.ActiveExecution is _dagster_private.ActiveExecution
+        or sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
+    )
     _dagster_private.install_step_sort_key()
     assert sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
     _dagster_private.install_step_sort_key()  # idempotent

@@ -88,8 +88,14 @@ def test_a_transient_error_that_clears_returns_the_result_and_reports_each_retry
     fn = failing([locked(), locked(), locked()])
     retries = []
 
-    result = retry_transient(fn, what="reading run R", deadline_seconds=60, sleep=t.sleep, clock=t.clock,
-                             on_retry=lambda exc, attempt, wait: retries.append((type(exc).__name__, attempt, wait)))
+    result = retry_transient(
+        fn,
+        what="reading run R",
+        deadline_seconds=60,
+        sleep=t.sleep,
+        clock=t.clock,
+        on_retry=lambda exc, attempt, wait: retries.append((type(exc).__name__, attempt, wait)),
+    )
 
     assert result == "done"
     assert retries == [("OperationalError", 1, 0.25), ("OperationalError", 2, 0.5), ("OperationalError", 3, 1)]
@@ -191,7 +197,9 @@ def pg_instance(pg_home):
 def test_errors_from_a_stopped_server_are_transient_and_a_unique_violation_is_not(pg, pg_home):
     import psycopg2
 
-    db_name = yaml.safe_load(pg_home.joinpath("dagster.yaml").read_text())["storage"]["postgres"]["postgres_db"]["db_name"]
+    db_name = yaml.safe_load(pg_home.joinpath("dagster.yaml").read_text())["storage"]["postgres"]["postgres_db"][
+        "db_name"
+    ]
     conn = psycopg2.connect(pg.dsn(db_name))
     conn.autocommit = True
     engine = sqlalchemy.create_engine(pg.url(db_name), pool_size=1)
@@ -253,9 +261,12 @@ def test_retry_transient_rides_out_a_five_second_stop_of_the_server(pg, pg_insta
 
     pause = pg.pause(5)
     assert pause.stopped.wait(120)
-    found = retry_transient(lambda: pg_instance.get_run_by_id(run.run_id),
-                            what=f"reading run {run.run_id} from the instance", deadline_seconds=120,
-                            on_retry=lambda exc, attempt, wait: retries.append(describe_db_error(exc)))
+    found = retry_transient(
+        lambda: pg_instance.get_run_by_id(run.run_id),
+        what=f"reading run {run.run_id} from the instance",
+        deadline_seconds=120,
+        on_retry=lambda exc, attempt, wait: retries.append(describe_db_error(exc)),
+    )
     pause.wait()
 
     assert found is not None and found.run_id == run.run_id
@@ -285,8 +296,11 @@ def test_a_runs_step_records_are_deleted_at_its_end_right_after_a_restart(pg, pg
 
 
 def engine_events(instance, run_id, message):
-    return [r for r in instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT).records
-            if r.event_log_entry.message == message]
+    return [
+        r
+        for r in instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT).records
+        if r.event_log_entry.message == message
+    ]
 
 
 def test_an_event_written_while_the_server_is_stopped_is_stored_once_after_it_restarts(pg, pg_instance, caplog):
@@ -311,8 +325,10 @@ def test_an_event_written_while_the_server_is_stopped_is_stored_once_after_it_re
 
     assert not writer.is_alive() and errors == []
     assert len(engine_events(pg_instance, run.run_id, "written during the outage")) == 1
-    assert any(f"database unavailable writing event ENGINE_EVENT of run {run.run_id} (" in r.getMessage()
-               for r in caplog.records), "the write never met the outage"
+    assert any(
+        f"database unavailable writing event ENGINE_EVENT of run {run.run_id} (" in r.getMessage()
+        for r in caplog.records
+    ), "the write never met the outage"
 
 
 class KillSessionBefore:
@@ -366,8 +382,11 @@ def test_an_asset_event_whose_insert_committed_gets_its_asset_index_written_once
     install_event_write_retry(pg_instance, deadline_seconds=120)
     run = create_run_for_test(pg_instance)
     asset_key = AssetKey(["db_faults", uuid.uuid4().hex[:8]])
-    event = DagsterEvent(event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value, job_name=run.job_name,
-                         event_specific_data=StepMaterializationData(AssetMaterialization(asset_key=asset_key)))
+    event = DagsterEvent(
+        event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
+        job_name=run.job_name,
+        event_specific_data=StepMaterializationData(AssetMaterialization(asset_key=asset_key)),
+    )
     kill = KillSessionBefore(pg, pg_instance.event_log_storage._engine, "NOTIFY")
 
     pg_instance.report_dagster_event(event, run.run_id)
@@ -428,7 +447,8 @@ def write_in_thread(fn):
 
 
 def test_an_event_written_while_sqlite_is_locked_past_its_busy_timeout_is_stored_once(
-        sqlite_instance, short_busy_timeout, caplog):
+    sqlite_instance, short_busy_timeout, caplog
+):
     install_event_write_retry(sqlite_instance, deadline_seconds=120)
     run = create_run_for_test(sqlite_instance)
     sqlite_instance.report_engine_event("before the lock", run)  # creates the run's shard
@@ -479,8 +499,10 @@ def test_a_run_event_whose_index_mirror_is_locked_is_stored_once_in_each_shard(s
     assert not writer.is_alive() and errors == []
     assert len(sqlite_instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START).records) == 1
     with sqlite3.connect(storage.path_for_shard("index")) as index:
-        mirrored = index.execute("SELECT count(*) FROM event_logs WHERE run_id = ? AND dagster_event_type = ?",
-                                 (run.run_id, DagsterEventType.RUN_START.value)).fetchone()[0]
+        mirrored = index.execute(
+            "SELECT count(*) FROM event_logs WHERE run_id = ? AND dagster_event_type = ?",
+            (run.run_id, DagsterEventType.RUN_START.value),
+        ).fetchone()[0]
     assert mirrored == 1
 
 
@@ -508,8 +530,11 @@ def test_an_in_process_run_rides_out_an_eight_second_stop_with_every_event_store
         runner = threading.Thread(target=run)
         runner.start()
         run_id = wait_for(lambda: (pg_instance.get_runs(limit=1) or [None])[0], timeout=120, what="the run").run_id
-        wait_for(lambda: pg_instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records,
-                 timeout=120, what="a first step to succeed")
+        wait_for(
+            lambda: pg_instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_SUCCESS).records,
+            timeout=120,
+            what="a first step to succeed",
+        )
         pg.pause(8).wait()
         runner.join(300)
 
@@ -518,9 +543,11 @@ def test_an_in_process_run_rides_out_an_eight_second_stop_with_every_event_store
     records = pg_instance.get_records_for_run(run_id).records
     steps = ["start_value", *(step.name for step in SLOW_STEPS)]
     for event_type in (DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS):
-        assert sorted(r.event_log_entry.step_key for r in records if r.event_log_entry.dagster_event_type == event_type) \
-            == sorted(steps), event_type
+        assert sorted(
+            r.event_log_entry.step_key for r in records if r.event_log_entry.dagster_event_type == event_type
+        ) == sorted(steps), event_type
     timestamps = [r.event_log_entry.timestamp for r in records]
     assert len(timestamps) == len(set(timestamps)), "an event was stored twice"
-    assert any(r.name == RETRY_LOG and "database unavailable" in r.getMessage() for r in caplog.records), \
+    assert any(r.name == RETRY_LOG and "database unavailable" in r.getMessage() for r in caplog.records), (
         "the run never met the outage"
+    )

@@ -24,13 +24,23 @@ LEAVES = [f"counted_{i}" for i in range(10)]
 
 
 def outage_config(endpoint, tmp_path, queue: str) -> tuple[dict, object]:
-    config = {"broker": endpoint.broker_url, "health_check_interval": 1, "worker_lost_timeout": 10,
-              "config_source": {"task_default_queue": queue,
-                                "broker_transport_options": {"wait_time_seconds": 1, "visibility_timeout": 5}}}
+    config = {
+        "broker": endpoint.broker_url,
+        "health_check_interval": 1,
+        "worker_lost_timeout": 10,
+        "config_source": {
+            "task_default_queue": queue,
+            "broker_transport_options": {"wait_time_seconds": 1, "visibility_timeout": 5},
+        },
+    }
     path = tmp_path / f"{queue}.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path), "--max-receive-count", "3"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(path), "--max-receive-count", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return config, path
 
@@ -54,13 +64,20 @@ def test_a_postgres_restart_mid_fanout_fails_nothing_and_runs_each_step_once(end
     markers = tmp_path / "markers"
     markers.mkdir()
     env = os.environ | {"DAGSTER_HOME": str(home)}
-    workers = [WorkerProcess(path, f"pg-{i}", tmp_path, ["-q", "pg_outage", "-c", "2", "--heartbeat-interval", "1"],
-                             env=env).wait_ready() for i in (1, 2)]
+    workers = [
+        WorkerProcess(
+            path, f"pg-{i}", tmp_path, ["-q", "pg_outage", "-c", "2", "--heartbeat-interval", "1"], env=env
+        ).wait_ready()
+        for i in (1, 2)
+    ]
     try:
         with DagsterInstance.from_config(str(home)) as instance:
             run = fanout_run(instance, config, markers, sleep=2)
-            wait_for(lambda: sum(bool(marker_lines(markers, n)) for n in LEAVES) >= 2, timeout=120,
-                     what="the fan-out to be under way")
+            wait_for(
+                lambda: sum(bool(marker_lines(markers, n)) for n in LEAVES) >= 2,
+                timeout=120,
+                what="the fan-out to be under way",
+            )
             # When the database stops for 15 s in the middle of it, and comes back
             pg.pause(15).wait()
             # Then the run succeeds, each step's user code ran once, and nothing was dead-lettered
@@ -85,14 +102,19 @@ def test_a_locked_sqlite_instance_mid_fanout_fails_nothing(endpoint, tmp_path):
     markers = tmp_path / "markers"
     markers.mkdir()
     env = os.environ | {"DAGSTER_HOME": str(home)}
-    workers = [WorkerProcess(path, f"lock-{i}", tmp_path, ["-q", "sqlite_lock", "-c", "2"], env=env).wait_ready()
-               for i in (1, 2)]
+    workers = [
+        WorkerProcess(path, f"lock-{i}", tmp_path, ["-q", "sqlite_lock", "-c", "2"], env=env).wait_ready()
+        for i in (1, 2)
+    ]
     try:
         with DagsterInstance.from_config(str(home)) as instance:
             run = fanout_run(instance, config, markers, sleep=1)
             run_id = run.run_id()
-            wait_for(lambda: sum(bool(marker_lines(markers, n)) for n in LEAVES) >= 2, timeout=120,
-                     what="the fan-out to be under way")
+            wait_for(
+                lambda: sum(bool(marker_lines(markers, n)) for n in LEAVES) >= 2,
+                timeout=120,
+                what="the fan-out to be under way",
+            )
             # When another process holds write locks on the run's event log and the run index for 15 s
             locks = []
             for db in (home / "history" / "runs" / f"{run_id}.db", home / "history" / "runs.db"):

@@ -32,7 +32,10 @@ def test_diamond_runs_every_step_on_the_workers(workers, instance, executor_conf
     assert (combined["a"], combined["b"]) == (2, 10)
     reports = step_reports(instance, result.run_id)
     assert {k: r.status for k, r in reports.items()} == {
-        "emit_one": "SUCCESS", "add_one": "SUCCESS", "times_ten": "SUCCESS", "combine": "SUCCESS"
+        "emit_one": "SUCCESS",
+        "add_one": "SUCCESS",
+        "times_ten": "SUCCESS",
+        "combine": "SUCCESS",
     }
     # and every step ran in a child of one of the workers, not in this (orchestrator) process
     worker_names = {w.full_name for w in workers}
@@ -68,15 +71,22 @@ def test_failing_op_fails_the_run_with_its_message_and_skips_downstream(workers,
     # Downstream never started: Dagster logs that it was not executed (no STEP_SKIPPED for a
     # failed dependency, as with every Dagster executor).
     logs = instance.all_logs(result.run_id)
-    assert not [r for r in logs if r.step_key == "after_explode" and r.dagster_event
-                and r.dagster_event.event_type == DagsterEventType.STEP_START]
+    assert not [
+        r
+        for r in logs
+        if r.step_key == "after_explode"
+        and r.dagster_event
+        and r.dagster_event.event_type == DagsterEventType.STEP_START
+    ]
     assert any(r.step_key == "after_explode" and "failed: ['explode']. Not executing" in r.user_message for r in logs)
     assert instance.get_run_by_id(result.run_id).status.value == "FAILURE"
 
 
 def test_retry_policy_reruns_a_flaky_op_once(workers, instance, executor_config, tmp_path):
     counter = tmp_path / "flaky-count"
-    with run(jobs.retries, instance, executor_config, ops={"flaky": {"config": {"counter_file": str(counter)}}}) as result:
+    with run(
+        jobs.retries, instance, executor_config, ops={"flaky": {"config": {"counter_file": str(counter)}}}
+    ) as result:
         assert result.success
         assert result.output_for_node("after_flaky") == 200
     assert counter.read_text() == "2"  # user code ran exactly twice: the failure and the retry

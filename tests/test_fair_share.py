@@ -24,8 +24,16 @@ from .test_fairness_and_faults import make_config
 def _worker(name, queues, concurrency, state="running", age=0.0):
     import time
 
-    return WorkerRecord(name=name, host="h", pid=1, queues=queues, concurrency=concurrency, state=state,
-                        heartbeat_interval=5.0, ts=time.time() - age)
+    return WorkerRecord(
+        name=name,
+        host="h",
+        pid=1,
+        queues=queues,
+        concurrency=concurrency,
+        state=state,
+        heartbeat_interval=5.0,
+        ts=time.time() - age,
+    )
 
 
 def test_live_slots_count_running_live_workers_per_queue():
@@ -41,7 +49,11 @@ def test_live_slots_count_running_live_workers_per_queue():
 def test_caps_follow_the_live_slots_and_never_drop_below_the_floor():
     policy = LaunchPolicy("dagster", per_slot=2.0, floor=4)
     assert not policy.capped  # nothing read yet: no cap
-    assert policy.refresh(["dagster", "other", "idle"], {"dagster": 6, "other": 1}) == {"dagster": 12, "other": 4, "idle": 4}
+    assert policy.refresh(["dagster", "other", "idle"], {"dagster": 6, "other": 1}) == {
+        "dagster": 12,
+        "other": 4,
+        "idle": 4,
+    }
     assert policy.refresh(["dagster"], {"dagster": 10}) == {"dagster": 20}  # workers were added
     assert LaunchPolicy("dagster", per_slot=None, floor=4).refresh(["dagster"], {"dagster": 6}) == {}
 
@@ -56,13 +68,16 @@ def test_past_the_live_slots_refills_wait_for_a_whole_batch():
     assert [policy.room("dagster", n) for n in (0, 1)] == [1, 0]
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("steps_in_flight_per_slot", "lots", "steps_in_flight_per_slot must be a number of at least 1"),
-    ("steps_in_flight_per_slot", 0.5, "steps_in_flight_per_slot must be a number of at least 1"),
-    ("steps_in_flight_per_slot", True, "steps_in_flight_per_slot must be a number of at least 1"),
-    ("min_steps_in_flight", 0, "min_steps_in_flight must be a whole number between 1 and 100000"),
-    ("min_steps_in_flight", "four", "min_steps_in_flight must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("steps_in_flight_per_slot", "lots", "steps_in_flight_per_slot must be a number of at least 1"),
+        ("steps_in_flight_per_slot", 0.5, "steps_in_flight_per_slot must be a number of at least 1"),
+        ("steps_in_flight_per_slot", True, "steps_in_flight_per_slot must be a number of at least 1"),
+        ("min_steps_in_flight", 0, "min_steps_in_flight must be a whole number between 1 and 100000"),
+        ("min_steps_in_flight", "four", "min_steps_in_flight must be a whole number"),
+    ],
+)
 def test_each_bad_value_is_one_sentence_naming_its_key(key, value, words):
     with pytest.raises(ConfigError) as raised:
         settings_from_executor_config({key: value})
@@ -103,13 +118,17 @@ def test_a_run_keeps_at_most_its_share_of_steps_in_flight(endpoint, instance, tm
     worker = WorkerProcess(path, f"share-{per_slot}", tmp_path, ["-q", queue, "-c", "1"]).wait_ready()
     try:
         # When a run fans out to six steps
-        with execute_job(reconstructable(jobs.fan_out_fan_in), instance=instance,
-                         run_config={"execution": {"config": config}}) as result:
+        with execute_job(
+            reconstructable(jobs.fan_out_fan_in), instance=instance, run_config={"execution": {"config": config}}
+        ) as result:
             assert result.success
         # Then at most two of them were in flight at once (all six without a cap), and the run says why
         assert _most_in_flight(instance, result.run_id) == expected_most
-        said = [e.message for _ts, e in _events(instance, result.run_id)
-                if e.event_type == DagsterEventType.ENGINE_EVENT and "steps in flight" in (e.message or "")]
+        said = [
+            e.message
+            for _ts, e in _events(instance, result.run_id)
+            if e.event_type == DagsterEventType.ENGINE_EVENT and "steps in flight" in (e.message or "")
+        ]
         if per_slot == "none":
             assert said == []
         else:
@@ -127,13 +146,29 @@ def test_an_interactive_run_is_not_queued_behind_a_whole_fan_out(endpoint, insta
     try:
         before = {run.run_id for run in instance.get_runs(filters=RunsFilter(job_name="wide_fan"))}
         backfill = BackgroundRun(fair_jobs.wide_fan, instance, {"execution": {"config": config}})
-        big_run_id = wait_for(lambda: next((run.run_id for run in instance.get_runs(filters=RunsFilter(job_name="wide_fan"))
-                                            if run.run_id not in before), None), what="the fan-out run")
-        wait_for(lambda: any(e.event_type == DagsterEventType.STEP_START and e.step_key.startswith("branch_")
-                             for _ts, e in _events(instance, big_run_id)), timeout=120, what="the fan-out to start")
+        big_run_id = wait_for(
+            lambda: next(
+                (
+                    run.run_id
+                    for run in instance.get_runs(filters=RunsFilter(job_name="wide_fan"))
+                    if run.run_id not in before
+                ),
+                None,
+            ),
+            what="the fan-out run",
+        )
+        wait_for(
+            lambda: any(
+                e.event_type == DagsterEventType.STEP_START and e.step_key.startswith("branch_")
+                for _ts, e in _events(instance, big_run_id)
+            ),
+            timeout=120,
+            what="the fan-out to start",
+        )
         # When a small run starts on the same queue
-        with execute_job(reconstructable(jobs.diamond), instance=instance,
-                         run_config={"execution": {"config": config}}) as small:
+        with execute_job(
+            reconstructable(jobs.diamond), instance=instance, run_config={"execution": {"config": config}}
+        ) as small:
             assert small.success
         assert backfill.wait(300).success
         # Then its first step ran after at most the fan-out's steps already queued when it was sent
@@ -141,8 +176,11 @@ def test_an_interactive_run_is_not_queued_behind_a_whole_fan_out(endpoint, insta
         small_events = _events(instance, small.run_id)
         sent = next(ts for ts, e in small_events if e.event_type == DagsterEventType.STEP_WORKER_STARTING)
         started = next(ts for ts, e in small_events if e.event_type == DagsterEventType.STEP_START)
-        overtaking = [e.step_key for ts, e in _events(instance, big_run_id)
-                      if e.event_type == DagsterEventType.STEP_START and sent < ts < started]
+        overtaking = [
+            e.step_key
+            for ts, e in _events(instance, big_run_id)
+            if e.event_type == DagsterEventType.STEP_START and sent < ts < started
+        ]
         if per_slot == "none":
             assert len(overtaking) >= 3, overtaking  # the defect the cap removes: behind every queued branch
         else:

@@ -31,16 +31,32 @@ ROOT = Path(__file__).resolve().parent.parent
 LONG_POLL = 20  # SQS's longest: a starved queue would wait forever, a fair one at most half of this
 
 
-def make_config(endpoint, tmp_path, default_queue: str, *queues: str, transport: dict | None = None,
-                max_receive_count: int = 5, **native) -> tuple[dict, object]:
-    config = {"broker": endpoint.broker_url, **native, "config_source": {
-        "task_default_queue": default_queue,
-        "broker_transport_options": {"wait_time_seconds": 1, **(transport or {})}}}
+def make_config(
+    endpoint,
+    tmp_path,
+    default_queue: str,
+    *queues: str,
+    transport: dict | None = None,
+    max_receive_count: int = 5,
+    **native,
+) -> tuple[dict, object]:
+    config = {
+        "broker": endpoint.broker_url,
+        **native,
+        "config_source": {
+            "task_default_queue": default_queue,
+            "broker_transport_options": {"wait_time_seconds": 1, **(transport or {})},
+        },
+    }
     path = tmp_path / f"{default_queue}.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
     extra = [arg for q in queues for arg in ("-q", q)]
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path), *extra, "--max-receive-count", str(max_receive_count)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(path), *extra, "--max-receive-count", str(max_receive_count)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return config, path
 
@@ -81,15 +97,34 @@ def test_backlogs_on_three_queues_drain_interleaved(endpoint, instance, dagster_
     _config, path = make_config(endpoint, tmp_path, "fair_q1", "fair_q2", "fair_q3")
     # Three orchestrators at once, as three `dagster job execute` processes (Dagster's logging set-up
     # is not safe for concurrent runs in one process's threads).
-    runs = [subprocess.Popen([str(Path(CLI).parent / "dagster"), "job", "execute", "-f", str(ROOT / "tests" / "jobs.py"),
-                              "-j", job, "-c", str(path)], cwd=ROOT, env=os.environ | {"DAGSTER_HOME": str(dagster_home)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for job in ("backlog_q1", "backlog_q2", "backlog_q3")]
+    runs = [
+        subprocess.Popen(
+            [
+                str(Path(CLI).parent / "dagster"),
+                "job",
+                "execute",
+                "-f",
+                str(ROOT / "tests" / "jobs.py"),
+                "-j",
+                job,
+                "-c",
+                str(path),
+            ],
+            cwd=ROOT,
+            env=os.environ | {"DAGSTER_HOME": str(dagster_home)},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for job in ("backlog_q1", "backlog_q2", "backlog_q3")
+    ]
     try:
         for queue in ("fair_q1", "fair_q2", "fair_q3"):
-            wait_for(lambda q=queue: queue_counts(endpoint.url, q)[0] == 4, timeout=90, what=f"a backlog of 4 on {queue}")
-        worker = WorkerProcess(path, "three-queues", tmp_path,
-                               ["-q", "fair_q1", "-q", "fair_q2", "-q", "fair_q3", "-c", "1"]).wait_ready()
+            wait_for(
+                lambda q=queue: queue_counts(endpoint.url, q)[0] == 4, timeout=90, what=f"a backlog of 4 on {queue}"
+            )
+        worker = WorkerProcess(
+            path, "three-queues", tmp_path, ["-q", "fair_q1", "-q", "fair_q2", "-q", "fair_q3", "-c", "1"]
+        ).wait_ready()
         try:
             assert [run.wait(180) for run in runs] == [0, 0, 0]
         finally:
@@ -98,11 +133,14 @@ def test_backlogs_on_three_queues_drain_interleaved(endpoint, instance, dagster_
         for run in runs:
             if run.poll() is None:
                 run.kill()
-    run_ids = [next(r.run_id for r in instance.get_runs() if r.job_name == job)
-               for job in ("backlog_q1", "backlog_q2", "backlog_q3")]
+    run_ids = [
+        next(r.run_id for r in instance.get_runs() if r.job_name == job)
+        for job in ("backlog_q1", "backlog_q2", "backlog_q3")
+    ]
     starts = sorted(
         (record.timestamp, record.step_key.split("_step_")[0])
-        for run_id in run_ids for record in instance.all_logs(run_id)
+        for run_id in run_ids
+        for record in instance.all_logs(run_id)
         if record.dagster_event and record.dagster_event.event_type == DagsterEventType.STEP_START
     )
     order = [queue for _, queue in starts]
@@ -111,7 +149,9 @@ def test_backlogs_on_three_queues_drain_interleaved(endpoint, instance, dagster_
     assert sorted(order[:6]) == ["fair_q1", "fair_q1", "fair_q2", "fair_q2", "fair_q3", "fair_q3"], order
 
 
-def test_a_step_a_worker_dead_letters_fails_promptly_naming_queue_dlq_and_reason(endpoint, instance, tmp_path, monkeypatch):
+def test_a_step_a_worker_dead_letters_fails_promptly_naming_queue_dlq_and_reason(
+    endpoint, instance, tmp_path, monkeypatch
+):
     # Given a job whose code only the orchestrator has (the worker cannot load it)
     config, path = make_config(endpoint, tmp_path, "dl_fast", health_check_interval=1)
     worker_env = {k: v for k, v in os.environ.items() if k != "DTS_TEST_ORCHESTRATOR"}
@@ -122,12 +162,19 @@ def test_a_step_a_worker_dead_letters_fails_promptly_naming_queue_dlq_and_reason
     try:
         # When it runs
         started = time.monotonic()
-        result = execute_job(reconstructable(orchestrator_only_jobs.orchestrator_only), instance=instance,
-                             run_config={"execution": {"config": config}}, raise_on_error=False)
+        result = execute_job(
+            reconstructable(orchestrator_only_jobs.orchestrator_only),
+            instance=instance,
+            run_config={"execution": {"config": config}},
+            raise_on_error=False,
+        )
         # Then the step fails within seconds, not after a timeout, and says where its message went and why
         assert not result.success and time.monotonic() - started < 60
-        [failure] = [r for r in instance.all_logs(result.run_id)
-                     if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_FAILURE]
+        [failure] = [
+            r
+            for r in instance.all_logs(result.run_id)
+            if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_FAILURE
+        ]
         message = failure.dagster_event.step_failure_data.error.message
         assert "step only_here can never run" in message
         assert "SQS queue 'dl_fast'" in message and "dead-letter queue 'dl_fast-dlq'" in message
@@ -141,8 +188,14 @@ def test_a_step_a_worker_dead_letters_fails_promptly_naming_queue_dlq_and_reason
 @pytest.mark.slow
 def test_a_step_sqs_dead_letters_after_its_last_receive_fails_the_run(endpoint, instance, tmp_path):
     # Given a queue that dead-letters after one receive, and a worker with one slot holding a second step
-    config, path = make_config(endpoint, tmp_path, "dl_redrive", max_receive_count=1, health_check_interval=1,
-                               transport={"visibility_timeout": 2})
+    config, path = make_config(
+        endpoint,
+        tmp_path,
+        "dl_redrive",
+        max_receive_count=1,
+        health_check_interval=1,
+        transport={"visibility_timeout": 2},
+    )
     config["config_source"]["worker_prefetch_multiplier"] = 2
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
     markers = tmp_path / "markers"
@@ -150,7 +203,9 @@ def test_a_step_sqs_dead_letters_after_its_last_receive_fails_the_run(endpoint, 
     first = WorkerProcess(path, "holder", tmp_path, ["-q", "dl_redrive", "-c", "1"]).wait_ready()
     ops = {name: {"config": {"marker_dir": str(markers), "sleep": 4}} for name in ("sleeper_a", "sleeper_b")}
     run = BackgroundRun(jobs.two_sleepers, instance, {"execution": {"config": config}, "ops": ops})
-    wait_for(lambda: queue_counts(endpoint.url, "dl_redrive") == (0, 2), timeout=60, what="the worker to hold both steps")
+    wait_for(
+        lambda: queue_counts(endpoint.url, "dl_redrive") == (0, 2), timeout=60, what="the worker to hold both steps"
+    )
     # When that worker stops: it releases the step it held at its last allowed receive
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(60) == 0
@@ -161,8 +216,11 @@ def test_a_step_sqs_dead_letters_after_its_last_receive_fails_the_run(endpoint, 
         result = run.wait(120)
         # Then the run fails on that step, saying SQS dead-lettered it, instead of waiting forever
         assert not result.success
-        failures = [r for r in instance.all_logs(result.run_id)
-                    if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_FAILURE]
+        failures = [
+            r
+            for r in instance.all_logs(result.run_id)
+            if r.dagster_event and r.dagster_event.event_type == DagsterEventType.STEP_FAILURE
+        ]
         assert len(failures) == 1
         message = failures[0].dagster_event.step_failure_data.error.message
         assert "was dead-lettered" in message and "maxReceiveCount 1" in message and "dl_redrive-dlq" in message
@@ -175,7 +233,9 @@ def test_a_step_sqs_dead_letters_after_its_last_receive_fails_the_run(endpoint, 
 
 def test_a_step_sent_while_a_worker_stops_is_not_hidden_by_its_last_poll(endpoint, instance, tmp_path):
     # Given a worker long-polling an empty queue whose visibility timeout is 60 s
-    config, path = make_config(endpoint, tmp_path, "rolling", transport={"wait_time_seconds": 10, "visibility_timeout": 60})
+    config, path = make_config(
+        endpoint, tmp_path, "rolling", transport={"wait_time_seconds": 10, "visibility_timeout": 60}
+    )
     leaving = WorkerProcess(path, "leaving", tmp_path, ["-q", "rolling", "-c", "1"]).wait_ready()
     time.sleep(1.5)  # its long poll is in flight
     # When it is told to stop and a step is sent at that moment (a rolling restart)
@@ -197,16 +257,25 @@ def test_finished_runs_leave_no_per_step_records(workers, instance, executor_con
     # Given two runs of 100 steps each (200 step attempts)
     run_prefixes = set()
     for _ in range(2):
-        with execute_job(reconstructable(jobs.fan_100), instance=instance,
-                         run_config={"execution": {"config": executor_config}}) as result:
+        with execute_job(
+            reconstructable(jobs.fan_100), instance=instance, run_config={"execution": {"config": executor_config}}
+        ) as result:
             assert result.success
             run_prefixes.add(result.run_id[:8])
     # Then the instance holds none of their liveness records, only the worker registry
     from dagster._core.storage.runs.schema import KeyValueStoreTable
 
     with instance.run_storage.connect() as conn:
-        keys = [row[0] for row in conn.execute(KeyValueStoreTable.select().with_only_columns(KeyValueStoreTable.c.key)
-                                               .where(KeyValueStoreTable.c.key.like(f"{KEY_PREFIX}/%")))]
-    per_attempt = [k for k in keys if k.split("/")[1] in ("step", "queued", "cancel") and k.split("/")[2][:8] in run_prefixes]
+        keys = [
+            row[0]
+            for row in conn.execute(
+                KeyValueStoreTable.select()
+                .with_only_columns(KeyValueStoreTable.c.key)
+                .where(KeyValueStoreTable.c.key.like(f"{KEY_PREFIX}/%"))
+            )
+        ]
+    per_attempt = [
+        k for k in keys if k.split("/")[1] in ("step", "queued", "cancel") and k.split("/")[2][:8] in run_prefixes
+    ]
     assert per_attempt == []  # 0 rows for 200 attempts (they were 400 before compaction)
     assert all(k.split("/")[1] in ("worker", "workers", "worker-control", "step", "queued", "cancel") for k in keys)

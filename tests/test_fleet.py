@@ -97,8 +97,11 @@ def test_metric_names_follow_prometheus_conventions():
 def test_exposed_values_are_what_the_worker_reported():
     metrics = WorkerMetrics()
     exercise(metrics)
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
-               for f in families(metrics.render()[0].decode()).values() for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families(metrics.render()[0].decode()).values()
+        for s in f.samples
+    }
     assert samples[("dagster_taskiq_worker_steps_killed_total", (("queue", "dagster"),))] == 1
     assert samples[("dagster_taskiq_worker_busy_slots", ())] == 2
     assert samples[("dagster_taskiq_worker_free_slots", ())] == 2
@@ -107,11 +110,22 @@ def test_exposed_values_are_what_the_worker_reported():
     assert samples[("dagster_taskiq_worker_s3_offload_read_bytes_total", ())] == 300_000
     assert samples[("dagster_taskiq_worker_step_duration_seconds_count", (("job", "etl"), ("queue", "dagster")))] == 3
     assert samples[("dagster_taskiq_worker_step_queue_wait_seconds_sum", (("job", "etl"), ("queue", "dagster")))] == 0.7
-    assert samples[("dagster_taskiq_sqs_call_errors_total",
-                    (("action", "DeleteMessage"), ("error", "AWS.SimpleQueueService.NonExistentQueue")))] == 1
+    assert (
+        samples[
+            (
+                "dagster_taskiq_sqs_call_errors_total",
+                (("action", "DeleteMessage"), ("error", "AWS.SimpleQueueService.NonExistentQueue")),
+            )
+        ]
+        == 1
+    )
     # Step duration buckets cover 50 ms .. 1 h.
-    les = {s.labels["le"] for f in families(metrics.render()[0].decode()).values() for s in f.samples
-           if s.name == "dagster_taskiq_worker_step_duration_seconds_bucket"}
+    les = {
+        s.labels["le"]
+        for f in families(metrics.render()[0].decode()).values()
+        for s in f.samples
+        if s.name == "dagster_taskiq_worker_step_duration_seconds_bucket"
+    }
     assert {"0.05", "3600.0", "+Inf"} <= les
 
 
@@ -267,7 +281,9 @@ def test_a_host_that_is_not_this_machine_names_metrics_host():
     from dagster_taskiq_sync.errors import ConfigError
     from dagster_taskiq_sync.health_server import HealthServer
 
-    with pytest.raises(ConfigError, match=r"^--metrics-host '192\.0\.2\.1' is not an address of this machine; .*0\.0\.0\.0"):
+    with pytest.raises(
+        ConfigError, match=r"^--metrics-host '192\.0\.2\.1' is not an address of this machine; .*0\.0\.0\.0"
+    ):
         HealthServer(0, "192.0.2.1", live=Switch(), ready=Switch(), metrics=WorkerMetrics()).start()
 
 
@@ -300,8 +316,14 @@ class Recorder:
             def _record(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                recorder.calls.append({"method": self.command, "path": self.path, "headers": dict(self.headers),
-                                       "body": json.loads(raw) if raw else None})
+                recorder.calls.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "headers": dict(self.headers),
+                        "body": json.loads(raw) if raw else None,
+                    }
+                )
                 status, body = recorder.answer
                 payload = json.dumps(body).encode()
                 self.send_response(status)
@@ -392,13 +414,23 @@ def test_a_worker_idle_for_a_moment_between_steps_stays_protected(recorder):
 
 def test_agent_failures_never_reach_the_worker_and_are_logged_once_per_kind(recorder, caplog):
     caplog.set_level("DEBUG", logger="dagster_taskiq_sync.scale_in")
-    recorder.answer = (200, {"failure": {"Arn": "arn:aws:ecs:task/1", "Reason": "TASK_NOT_VALID",
-                                         "Detail": "The task is not part of a service"}})
+    recorder.answer = (
+        200,
+        {
+            "failure": {
+                "Arn": "arn:aws:ecs:task/1",
+                "Reason": "TASK_NOT_VALID",
+                "Detail": "The task is not part of a service",
+            }
+        },
+    )
     protector = ecs(recorder, retry_initial=0.01, retry_max=0.02).start()
     protector.set_busy(True)  # returns at once and never raises, whatever the agent says
     assert wait_until(lambda: len(recorder.calls) >= 4)
-    recorder.answer = (400, {"error": {"Code": "AccessDeniedException", "Message": "not authorized to perform: "
-                                                                                   "ecs:UpdateTaskProtection"}})
+    recorder.answer = (
+        400,
+        {"error": {"Code": "AccessDeniedException", "Message": "not authorized to perform: ecs:UpdateTaskProtection"}},
+    )
     seen = len(recorder.calls)
     assert wait_until(lambda: len(recorder.calls) >= seen + 3)
     recorder.answer = (200, {"protection": {"ProtectionEnabled": True, "TaskArn": "arn:aws:ecs:task/1"}})
@@ -459,9 +491,15 @@ def test_k8s_deletion_cost_is_patched_on_the_pod_with_the_service_account_token(
     protector.set_busy(False)
     assert protector.flush(10)
     protector.stop()
-    assert {(c["method"], c["path"]) for c in recorder.calls} == {("PATCH", "/api/v1/namespaces/workers/pods/worker-7d9f-abcde")}
+    assert {(c["method"], c["path"]) for c in recorder.calls} == {
+        ("PATCH", "/api/v1/namespaces/workers/pods/worker-7d9f-abcde")
+    }
     assert {c["headers"]["Content-Type"] for c in recorder.calls} == {"application/merge-patch+json"}
-    assert [c["headers"]["Authorization"] for c in recorder.calls] == ["Bearer token-1", "Bearer token-1", "Bearer token-2"]
+    assert [c["headers"]["Authorization"] for c in recorder.calls] == [
+        "Bearer token-1",
+        "Bearer token-1",
+        "Bearer token-2",
+    ]
     cost = "controller.kubernetes.io/pod-deletion-cost"
     assert recorder.bodies() == [
         {"metadata": {"annotations": {cost: None}}},  # null removes it
@@ -478,8 +516,12 @@ def test_k8s_in_cluster_config_reaches_the_api_server_over_tls_verified_with_the
     try:
         from dagster_taskiq_sync.scale_in import protector_from_flag
 
-        env = k8s_env(service_account, KUBERNETES_SERVICE_HOST="127.0.0.1", KUBERNETES_SERVICE_PORT=str(api.port),
-                      POD_NAMESPACE="batch")
+        env = k8s_env(
+            service_account,
+            KUBERNETES_SERVICE_HOST="127.0.0.1",
+            KUBERNETES_SERVICE_PORT=str(api.port),
+            POD_NAMESPACE="batch",
+        )
         protector = protector_from_flag("k8s", env=env, idle_delay=0, busy_cost=500).start()
         protector.set_busy(True)
         assert protector.flush(10)
@@ -494,9 +536,17 @@ def test_k8s_in_cluster_config_reaches_the_api_server_over_tls_verified_with_the
 def test_k8s_rbac_refusal_is_logged_with_the_api_servers_reason(recorder, service_account, caplog):
     from dagster_taskiq_sync.scale_in import K8S_API_URL_ENV, protector_from_flag
 
-    recorder.answer = (403, {"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403,
-                             "message": 'pods "worker-7d9f-abcde" is forbidden: User "system:serviceaccount:'
-                                        'workers:default" cannot patch resource "pods"'})
+    recorder.answer = (
+        403,
+        {
+            "kind": "Status",
+            "status": "Failure",
+            "reason": "Forbidden",
+            "code": 403,
+            "message": 'pods "worker-7d9f-abcde" is forbidden: User "system:serviceaccount:'
+            'workers:default" cannot patch resource "pods"',
+        },
+    )
     env = k8s_env(service_account, **{K8S_API_URL_ENV: recorder.url})
     protector = protector_from_flag("k8s", env=env, idle_delay=0, retry_initial=0.01, retry_max=0.02).start()
     protector.set_busy(True)
@@ -506,13 +556,23 @@ def test_k8s_rbac_refusal_is_logged_with_the_api_servers_reason(recorder, servic
     assert len(warnings) == 1 and "HTTP 403" in warnings[0] and 'cannot patch resource "pods"' in warnings[0]
 
 
-@pytest.mark.parametrize("env, missing", [
-    ({}, r"needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, .* run the worker in a pod or drop the flag\.$"),
-    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "NO_TOKEN": "1"},
-     r"needs the pod's service-account token at .*/token, which is missing; mount it"),
-    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "NO_NAMESPACE": "1"},
-     r"cannot tell the pod's namespace: POD_NAMESPACE is not set and .*/namespace is missing"),
-])
+@pytest.mark.parametrize(
+    "env, missing",
+    [
+        (
+            {},
+            r"needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, .* run the worker in a pod or drop the flag\.$",
+        ),
+        (
+            {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "NO_TOKEN": "1"},
+            r"needs the pod's service-account token at .*/token, which is missing; mount it",
+        ),
+        (
+            {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "NO_NAMESPACE": "1"},
+            r"cannot tell the pod's namespace: POD_NAMESPACE is not set and .*/namespace is missing",
+        ),
+    ],
+)
 def test_k8s_outside_a_pod_is_one_sentence_naming_the_flag_and_what_is_missing(service_account, env, missing):
     from dagster_taskiq_sync.errors import ConfigError
     from dagster_taskiq_sync.scale_in import protector_from_flag
@@ -539,17 +599,22 @@ def self_signed_certificate(directory: Path, ip: str) -> tuple[str, str]:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
     cert_path, key_path = directory / "server.crt", directory / "server.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(cert_path), str(key_path)
 
 
@@ -559,8 +624,16 @@ def self_signed_certificate(directory: Path, ip: str) -> tuple[str, str]:
 # cannot rot: probe paths and ports, grace periods, autoscaling targets, queue names, flags.
 
 # Every `worker start` flag the kit uses, in one place.
-KIT_FLAGS = {"-y", "-q", "-c", "--shutdown-timeout", "--heartbeat-interval", "--metrics-port", "--metrics-host",
-             "--scale-in-protection"}
+KIT_FLAGS = {
+    "-y",
+    "-q",
+    "-c",
+    "--shutdown-timeout",
+    "--heartbeat-interval",
+    "--metrics-port",
+    "--metrics-host",
+    "--scale-in-protection",
+}
 WORKER_START = ["dagster-taskiq-sync", "worker", "start"]
 GRACE_MARGIN = 10  # seconds between --shutdown-timeout and the platform's SIGKILL, at least
 FARGATE_MAX_STOP_TIMEOUT = 120
@@ -614,8 +687,11 @@ def invocations() -> dict[str, list[str]]:
     assert "command" not in container, "the Deployment keeps the image's ENTRYPOINT (worker start)"
     ecs = ecs_container()
     assert "entryPoint" not in ecs, "the task definition keeps the image's ENTRYPOINT (worker start)"
-    return {"Dockerfile CMD": dockerfile()["CMD"][-1], "Deployment args": container["args"],
-            "ECS command": ecs["command"]}
+    return {
+        "Dockerfile CMD": dockerfile()["CMD"][-1],
+        "Deployment args": container["args"],
+        "ECS command": ecs["command"],
+    }
 
 
 def options(args: list[str]) -> dict[str, str]:
@@ -635,7 +711,7 @@ def options(args: list[str]) -> dict[str, str]:
 def _split(args: list[str]) -> tuple[list[str], list[str]]:
     if "--" in args:
         index = args.index("--")
-        return args[:index], args[index + 1:]
+        return args[:index], args[index + 1 :]
     return list(args), []
 
 
@@ -643,7 +719,7 @@ def config_file(container_path: str) -> Path:
     """The deploy/config file a path under /config is (the image copies deploy/config/ there, and
     Kubernetes mounts the ConfigMap generated from it)."""
     assert container_path.startswith("/config/"), container_path
-    return DEPLOY / "config" / container_path[len("/config/"):]
+    return DEPLOY / "config" / container_path[len("/config/") :]
 
 
 def settings_of(args: list[str]):
@@ -665,8 +741,15 @@ def test_every_manifest_in_deploy_parses():
     assert len(paths) >= 8
     for path in paths:
         assert load_all(path), path
-    assert set(k8s_objects()) == {"ServiceAccount", "Role", "RoleBinding", "Deployment", "PodDisruptionBudget",
-                                  "TriggerAuthentication", "ScaledObject"}
+    assert set(k8s_objects()) == {
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "PodDisruptionBudget",
+        "TriggerAuthentication",
+        "ScaledObject",
+    }
 
 
 def test_the_image_runs_worker_start_as_a_non_root_user_and_stops_with_sigterm():
@@ -721,7 +804,7 @@ def test_the_platforms_wait_longer_than_the_worker_drains():
 def test_keda_scales_on_concurrency_times_prefetch_of_the_queue_the_workers_consume():
     args = worker_container()["args"]
     settings = settings_of(args)
-    trigger, = k8s_objects()["ScaledObject"]["spec"]["triggers"]
+    (trigger,) = k8s_objects()["ScaledObject"]["spec"]["triggers"]
     assert trigger["type"] == "aws-sqs-queue"
     metadata = trigger["metadata"]
     assert int(metadata["queueLength"]) == messages_per_worker(args)
@@ -730,7 +813,10 @@ def test_keda_scales_on_concurrency_times_prefetch_of_the_queue_the_workers_cons
     assert metadata["awsRegion"] == settings.sqs.region
     assert trigger["authenticationRef"]["name"] == k8s_objects()["TriggerAuthentication"]["metadata"]["name"]
     assert k8s_objects()["TriggerAuthentication"]["spec"]["podIdentity"]["provider"] == "aws"
-    assert k8s_objects()["ScaledObject"]["spec"]["scaleTargetRef"]["name"] == k8s_objects()["Deployment"]["metadata"]["name"]
+    assert (
+        k8s_objects()["ScaledObject"]["spec"]["scaleTargetRef"]["name"]
+        == k8s_objects()["Deployment"]["metadata"]["name"]
+    )
     assert "replicas" not in k8s_objects()["Deployment"]["spec"]  # KEDA owns the count
 
 
@@ -740,11 +826,13 @@ def test_ecs_target_tracking_is_messages_per_task_at_concurrency_times_prefetch(
     policy = load_all(DEPLOY / "ecs" / "scaling-policy.json")[0]
     assert policy["TargetValue"] == messages_per_worker(args)
     metrics = {m["Id"]: m for m in policy["CustomizedMetricSpecification"]["Metrics"]}
-    result, = [m for m in metrics.values() if m["ReturnData"]]
+    (result,) = [m for m in metrics.values() if m["ReturnData"]]
     assert result["Expression"] == "(visible + in_flight) / tasks"
     queue = settings.sqs.queue_name(options(args)["-q"])
-    for metric_id, name in (("visible", "ApproximateNumberOfMessagesVisible"),
-                            ("in_flight", "ApproximateNumberOfMessagesNotVisible")):
+    for metric_id, name in (
+        ("visible", "ApproximateNumberOfMessagesVisible"),
+        ("in_flight", "ApproximateNumberOfMessagesNotVisible"),
+    ):
         metric = metrics[metric_id]["MetricStat"]["Metric"]
         assert (metric["Namespace"], metric["MetricName"]) == ("AWS/SQS", name)
         assert metric["Dimensions"] == [{"Name": "QueueName", "Value": queue}]
@@ -767,14 +855,15 @@ def test_each_platform_asks_for_its_own_scale_in_protection_with_what_it_needs()
     assert objects["Role"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["patch"]}]
     binding = objects["RoleBinding"]
     assert binding["roleRef"]["name"] == objects["Role"]["metadata"]["name"]
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account,
-                                    "namespace": objects["ServiceAccount"]["metadata"]["namespace"]}]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": objects["ServiceAccount"]["metadata"]["namespace"]}
+    ]
     assert options(ecs_container()["command"])["--scale-in-protection"] == "ecs"
 
 
 def test_workers_get_a_dagster_home_with_a_postgres_instance_and_the_run_config():
     kustomization = load_all(DEPLOY / "kustomization.yaml")[0]
-    generated, = kustomization["configMapGenerator"]
+    (generated,) = kustomization["configMapGenerator"]
     container = worker_container()
     home = {e["name"]: e.get("value") for e in container["env"]}["DAGSTER_HOME"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
@@ -800,7 +889,10 @@ def test_workers_get_a_dagster_home_with_a_postgres_instance_and_the_run_config(
 def test_the_disruption_budget_covers_the_workers_and_lets_unready_ones_go():
     objects = k8s_objects()
     pdb = objects["PodDisruptionBudget"]["spec"]
-    assert pdb["selector"]["matchLabels"].items() <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        pdb["selector"]["matchLabels"].items()
+        <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 

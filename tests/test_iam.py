@@ -63,8 +63,11 @@ class Creds:
     secret: str
 
     def env(self) -> dict[str, str]:
-        return os.environ | {"AWS_ACCESS_KEY_ID": self.key, "AWS_SECRET_ACCESS_KEY": self.secret,
-                             "AWS_DEFAULT_REGION": "us-east-1"}
+        return os.environ | {
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
 
 @dataclass
@@ -75,8 +78,13 @@ class Enforcing:
 
     def client(self, service: str, creds: Creds | None = None):
         creds = creds or self.admin
-        return boto3.client(service, endpoint_url=self.endpoint.url, region_name="us-east-1",
-                            aws_access_key_id=creds.key, aws_secret_access_key=creds.secret)
+        return boto3.client(
+            service,
+            endpoint_url=self.endpoint.url,
+            region_name="us-east-1",
+            aws_access_key_id=creds.key,
+            aws_secret_access_key=creds.secret,
+        )
 
     def block(self, default_queue: str = STEPS, **transport) -> dict:
         return {
@@ -85,7 +93,8 @@ class Enforcing:
             "config_source": {
                 "task_default_queue": default_queue,
                 "broker_transport_options": {
-                    "region": "us-east-1", "wait_time_seconds": 1,
+                    "region": "us-east-1",
+                    "wait_time_seconds": 1,
                     # a 4 KB message goes through the S3 offload path, a small one does not
                     "sqs-creation-attributes": {"MaximumMessageSize": "2048"},
                     **transport,
@@ -124,24 +133,37 @@ def enforcing(tmp_path_factory):
     )
     with endpoint:
         # The three unauthenticated requests: an administrator for the rest of the set-up.
-        bootstrap = boto3.client("iam", endpoint_url=endpoint.url, region_name="us-east-1",
-                                 aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+        bootstrap = boto3.client(
+            "iam",
+            endpoint_url=endpoint.url,
+            region_name="us-east-1",
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+        )
         bootstrap.create_user(UserName="admin")
         key = bootstrap.create_access_key(UserName="admin")["AccessKey"]
         bootstrap.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=json.dumps(ALLOW_ALL))
         env = Enforcing(endpoint, Creds(key["AccessKeyId"], key["SecretAccessKey"]), log_dir)
-        for config in (env.config(STEPS),  # 2048 bytes (see block)
-                       env.config(RUNS, **{"sqs-creation-attributes": {"MaximumMessageSize": "1400"}})):
-            out = subprocess.run([CLI, "queues", "create", "-y", config],
-                                 capture_output=True, text=True, timeout=60, env=env.admin.env())
+        for config in (
+            env.config(STEPS),  # 2048 bytes (see block)
+            env.config(RUNS, **{"sqs-creation-attributes": {"MaximumMessageSize": "1400"}}),
+        ):
+            out = subprocess.run(
+                [CLI, "queues", "create", "-y", config], capture_output=True, text=True, timeout=60, env=env.admin.env()
+            )
             assert out.returncode == 0, out.stderr
         yield env
 
 
 def printed_policy(enforcing: Enforcing, *roles: str, default_queue: str = STEPS) -> dict:
     args = [a for role in roles for a in ("--role", role)]
-    out = subprocess.run([CLI, "iam-policy", "-y", enforcing.config(default_queue), *args],
-                         capture_output=True, text=True, timeout=60, env=enforcing.admin.env())
+    out = subprocess.run(
+        [CLI, "iam-policy", "-y", enforcing.config(default_queue), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=enforcing.admin.env(),
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -185,8 +207,12 @@ def step_message(big: bool = False) -> StepMessage:
     fan-out carries many dynamic mapping keys in its known_state, more than the queue accepts,
     so it is offloaded to S3."""
     mappings = {"fan_out": {"result": [f"key_{i}" for i in range(100)]}} if big else {}
-    return StepMessage(str(uuid.uuid4()), "fan_in" if big else "emit_one", 1,
-                       serialize_value(KnownExecutionState(dynamic_mappings=mappings)))
+    return StepMessage(
+        str(uuid.uuid4()),
+        "fan_in" if big else "emit_one",
+        1,
+        serialize_value(KnownExecutionState(dynamic_mappings=mappings)),
+    )
 
 
 def run_message(big: bool = False) -> RunMessage:
@@ -231,8 +257,9 @@ def drain(enforcing: Enforcing, queue: str) -> None:
         left = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10).get("Messages", [])
         if not left:
             return
-        sqs.delete_message_batch(QueueUrl=url, Entries=[
-            {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(left)])
+        sqs.delete_message_batch(
+            QueueUrl=url, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(left)]
+        )
 
 
 @dataclass(frozen=True)
@@ -247,7 +274,9 @@ class Seeded:
     def which(self, delivery: Delivery, settings) -> str | None:
         if delivery.offloaded:
             try:
-                pointer = decode_pointer(delivery.body, settings.s3_bucket, settings.s3_prefix, settings.max_payload_bytes)
+                pointer = decode_pointer(
+                    delivery.body, settings.s3_bucket, settings.s3_prefix, settings.max_payload_bytes
+                )
             except MalformedMessage:
                 return None
             return "offloaded" if pointer.key == self.key else None
@@ -299,8 +328,9 @@ def exercise_worker(enforcing: Enforcing, creds: Creds, queue: str = STEPS, **se
                     if which:
                         got[which] = delivery
             assert set(got) == {"plain", "offloaded", "poison"}, got
-            pointer = decode_pointer(got["offloaded"].body, settings.s3_bucket, settings.s3_prefix,
-                                     settings.max_payload_bytes)
+            pointer = decode_pointer(
+                got["offloaded"].body, settings.s3_bucket, settings.s3_prefix, settings.max_payload_bytes
+            )
             payload = step("read payload", lambda: client.fetch_payload(pointer, settings.max_payload_bytes))
             check_payload(pointer, payload, signed=False)
             assert payload == seeded.offloaded
@@ -321,22 +351,29 @@ def exercise_worker(enforcing: Enforcing, creds: Creds, queue: str = STEPS, **se
     sqs = enforcing.client("sqs")
     dlq = sqs.get_queue_url(QueueName=iam.dead_letter_name(queue))["QueueUrl"]
     held = sqs.receive_message(QueueUrl=dlq, MaxNumberOfMessages=10, MessageAttributeNames=["All"]).get("Messages", [])
-    assert [(m["Body"].encode(), m["MessageAttributes"][DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"]) for m in held] == [
-        (seeded.poison, "exercise: it can never run")], held
+    assert [
+        (m["Body"].encode(), m["MessageAttributes"][DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"]) for m in held
+    ] == [(seeded.poison, "exercise: it can never run")], held
 
 
 # Which (statement, action) each step of a role needs: removing one must break that step.
 NEEDS = {
     "orchestrator": {
-        "start": {("OrchestratorSendMessages", "sqs:GetQueueUrl"), ("OrchestratorSendMessages", "sqs:GetQueueAttributes")},
+        "start": {
+            ("OrchestratorSendMessages", "sqs:GetQueueUrl"),
+            ("OrchestratorSendMessages", "sqs:GetQueueAttributes"),
+        },
         "send": {("OrchestratorSendMessages", "sqs:SendMessage")},
         "send batch": {("OrchestratorSendMessages", "sqs:SendMessage")},
         "send offloaded": {("OrchestratorOffloadPayloads", "s3:PutObject")},
     },
     "worker": {
         # A worker looks its dead-letter queue up at start: one it may not find fails the start.
-        "start": {("WorkerReceiveMessages", "sqs:GetQueueUrl"), ("WorkerReceiveMessages", "sqs:GetQueueAttributes"),
-                  ("WorkerDeadLetter", "sqs:GetQueueUrl")},
+        "start": {
+            ("WorkerReceiveMessages", "sqs:GetQueueUrl"),
+            ("WorkerReceiveMessages", "sqs:GetQueueAttributes"),
+            ("WorkerDeadLetter", "sqs:GetQueueUrl"),
+        },
         "receive": {("WorkerReceiveMessages", "sqs:ReceiveMessage")},
         "read payload": {("WorkerReadPayloads", "s3:GetObject")},
         "extend visibility": {("WorkerReceiveMessages", "sqs:ChangeMessageVisibility")},
@@ -344,8 +381,11 @@ NEEDS = {
         "dead-letter": {("WorkerDeadLetter", "sqs:GetQueueUrl"), ("WorkerDeadLetter", "sqs:SendMessage")},
     },
 }
-NEEDS["launcher"] = {s: {(sid.replace("Orchestrator", "Launcher"), a) for sid, a in needs}
-                     for s, needs in NEEDS["orchestrator"].items() if s != "send batch"}
+NEEDS["launcher"] = {
+    s: {(sid.replace("Orchestrator", "Launcher"), a) for sid, a in needs}
+    for s, needs in NEEDS["orchestrator"].items()
+    if s != "send batch"
+}
 
 
 def exercise(enforcing: Enforcing, role: str, creds: Creds) -> None:
@@ -360,8 +400,10 @@ def role_policy(enforcing: Enforcing, role: str) -> dict:
 
 
 def test_the_endpoint_enforces_iam(enforcing):
-    nobody = enforcing.user("nobody", {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": "sqs:ListQueues", "Resource": "*"}]})
+    nobody = enforcing.user(
+        "nobody",
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sqs:ListQueues", "Resource": "*"}]},
+    )
     with pytest.raises(Denied, match="(?s)start.*sqs:GetQueueUrl"):
         exercise_sender(enforcing, nobody)
     with pytest.raises(ClientError, match="InvalidClientTokenId|403"):
@@ -372,7 +414,9 @@ def test_the_endpoint_enforces_iam(enforcing):
 def test_a_principal_with_exactly_the_printed_policy_makes_every_call_of_its_role(enforcing, role):
     document = role_policy(enforcing, role)
     # Every statement is on the config's own queues, dead-letter queues and offload prefix.
-    resources = {r for s in document["Statement"] for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
+    resources = {
+        r for s in document["Statement"] for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])
+    }
     queue = RUNS if role == "launcher" else STEPS
     expected = {f"arn:aws:sqs:us-east-1:{ACCOUNT}:{queue}", f"arn:aws:s3:::{BUCKET}/{PREFIX}/*"}
     if role == "worker":
@@ -412,12 +456,19 @@ def test_workers_cannot_send_steps_unless_given_the_orchestrator_statements(enfo
 
 def test_policy_with_a_kms_key_predefined_queues_and_merged_roles():
     key = f"arn:aws:kms:eu-west-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
-    resources = iam.Resources((f"arn:aws:sqs:eu-west-1:{ACCOUNT}:q",), (f"arn:aws:sqs:eu-west-1:{ACCOUNT}:q-dlq",), None, key)
+    resources = iam.Resources(
+        (f"arn:aws:sqs:eu-west-1:{ACCOUNT}:q",), (f"arn:aws:sqs:eu-west-1:{ACCOUNT}:q-dlq",), None, key
+    )
     worker = iam.policy(["worker"], resources)
-    assert {s["Sid"]: s["Action"] for s in worker["Statement"]}["WorkerDecryptWithKey"] == ["kms:Decrypt", "kms:GenerateDataKey"]
+    assert {s["Sid"]: s["Action"] for s in worker["Statement"]}["WorkerDecryptWithKey"] == [
+        "kms:Decrypt",
+        "kms:GenerateDataKey",
+    ]
     sender = iam.policy(["orchestrator"], resources)
     assert {s["Sid"]: (s["Action"], s["Resource"]) for s in sender["Statement"]}["OrchestratorEncryptWithKey"] == (
-        ["kms:Decrypt", "kms:GenerateDataKey"], key)
+        ["kms:Decrypt", "kms:GenerateDataKey"],
+        key,
+    )
     assert not any(s["Resource"] == "arn:aws:s3:::b/p/*" for s in sender["Statement"])  # no backend, no S3
     both = iam.policy(["worker", "orchestrator"], resources)
     queue_statement = next(s for s in both["Statement"] if s["Resource"] == [f"arn:aws:sqs:eu-west-1:{ACCOUNT}:q"])
@@ -427,19 +478,24 @@ def test_policy_with_a_kms_key_predefined_queues_and_merged_roles():
 def iam_policy_cli(tmp_path, block: dict, *args, env=None) -> subprocess.CompletedProcess:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": block}}))
-    return subprocess.run([CLI, "iam-policy", "-y", str(path), *args], capture_output=True, text=True,
-                          timeout=60, env=env)
+    return subprocess.run(
+        [CLI, "iam-policy", "-y", str(path), *args], capture_output=True, text=True, timeout=60, env=env
+    )
 
 
 def test_iam_policy_cli_with_predefined_queues_and_key_id_needs_no_aws_call(tmp_path):
     block = {
         "broker": "sqs://127.0.0.1:1",  # nothing listens: the account comes from the queue URL
         "backend": "s3://b/p",
-        "config_source": {"broker_transport_options": {
-            "region": "eu-west-1",
-            "predefined_queues": {"dagster": {"url": "https://sqs.eu-west-1.amazonaws.com/210987654321/prod-dagster"}},
-            "sqs-creation-attributes": {"KmsMasterKeyId": "1234abcd-12ab-34cd-56ef-1234567890ab"},
-        }},
+        "config_source": {
+            "broker_transport_options": {
+                "region": "eu-west-1",
+                "predefined_queues": {
+                    "dagster": {"url": "https://sqs.eu-west-1.amazonaws.com/210987654321/prod-dagster"}
+                },
+                "sqs-creation-attributes": {"KmsMasterKeyId": "1234abcd-12ab-34cd-56ef-1234567890ab"},
+            }
+        },
     }
     out = iam_policy_cli(tmp_path, block)
     assert out.returncode == 0, out.stderr
@@ -449,7 +505,8 @@ def test_iam_policy_cli_with_predefined_queues_and_key_id_needs_no_aws_call(tmp_
     assert statements["WorkerReceiveMessages"]["Resource"] == ["arn:aws:sqs:eu-west-1:210987654321:prod-dagster"]
     assert statements["WorkerDeadLetter"]["Resource"] == ["arn:aws:sqs:eu-west-1:210987654321:prod-dagster-dlq"]
     assert statements["WorkerDecryptWithKey"]["Resource"] == (
-        "arn:aws:kms:eu-west-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab")
+        "arn:aws:kms:eu-west-1:210987654321:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    )
     out = iam_policy_cli(tmp_path, block, "--role", "worker", "--no-dead-letter")
     assert "WorkerDeadLetter" not in out.stdout and "kms:GenerateDataKey" not in out.stdout
 
@@ -471,8 +528,15 @@ def test_iam_policy_refuses_garbage(tmp_path, args, expected):
 
 
 def test_iam_policy_without_a_reachable_sts_asks_for_the_account(tmp_path):
-    block = {"broker": "sqs://127.0.0.1:1", "config_source": {"broker_transport_options": {
-        "region": "us-east-1", "client-config": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}}}
+    block = {
+        "broker": "sqs://127.0.0.1:1",
+        "config_source": {
+            "broker_transport_options": {
+                "region": "us-east-1",
+                "client-config": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+            }
+        },
+    }
     out = iam_policy_cli(tmp_path, block, "--role", "worker")
     assert out.returncode == 1 and "pass --account-id ACCOUNT" in out.stderr, out.stderr
     out = iam_policy_cli(tmp_path, block, "--role", "worker", "--account-id", ACCOUNT)
@@ -486,13 +550,24 @@ def test_iam_policy_without_a_reachable_sts_asks_for_the_account(tmp_path):
 def worker_role(enforcing):
     """A role holding the worker policy, and a user who may do nothing but assume it."""
     client = enforcing.client("iam")
-    trust = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:user/assumer"}, "Action": "sts:AssumeRole"}]}
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:user/assumer"},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
     arn = client.create_role(RoleName="dagster-worker", AssumeRolePolicyDocument=json.dumps(trust))["Role"]["Arn"]
-    client.put_role_policy(RoleName="dagster-worker", PolicyName="worker",
-                           PolicyDocument=json.dumps(role_policy(enforcing, "worker")))
-    assumer = enforcing.user("assumer", {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": arn}]})
+    client.put_role_policy(
+        RoleName="dagster-worker", PolicyName="worker", PolicyDocument=json.dumps(role_policy(enforcing, "worker"))
+    )
+    assumer = enforcing.user(
+        "assumer",
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": arn}]},
+    )
     return arn, assumer
 
 
@@ -519,8 +594,9 @@ def test_role_credentials_refresh_across_token_expiry(enforcing, worker_role):
     # Given a worker's broker signing as the role with 3-second tokens (STS's floor is 900 s, which
     # botocore checks unless told not to; moto accepts less, which lets the test cross an expiry)
     arn, assumer = worker_role
-    settings = sqs_settings(enforcing, assumer, sts_role_arn=arn, sts_token_timeout=3,
-                            client_config={"parameter_validation": False})
+    settings = sqs_settings(
+        enforcing, assumer, sts_role_arn=arn, sts_token_timeout=3, client_config={"parameter_validation": False}
+    )
     signed_with = []
 
     def record_key(request, **_):
@@ -584,10 +660,20 @@ def test_a_worker_process_assumes_the_role_from_its_config(enforcing, worker_rol
         sqs = enforcing.client("sqs")
         url = sqs.get_queue_url(QueueName=STEPS)["QueueUrl"]
         sqs.send_message(QueueUrl=url, MessageBody="not a step")
-        wait_for(lambda: "not a step" in worker.log() or "malformed" in worker.log().lower()
-                 or int(sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])[
-                     "Attributes"]["ApproximateNumberOfMessagesNotVisible"]) > 0,
-                 timeout=30, what="the worker to receive as the role")
+        wait_for(
+            lambda: (
+                "not a step" in worker.log()
+                or "malformed" in worker.log().lower()
+                or int(
+                    sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"])[
+                        "Attributes"
+                    ]["ApproximateNumberOfMessagesNotVisible"]
+                )
+                > 0
+            ),
+            timeout=30,
+            what="the worker to receive as the role",
+        )
     finally:
         assert worker.stop() == 0, worker.log()
     assert "AccessDenied" not in worker.log() and "not authorized" not in worker.log()
@@ -602,15 +688,32 @@ def test_a_job_runs_end_to_end_with_only_the_printed_policies(enforcing, worker_
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     drain(enforcing, STEPS)
-    worker = WorkerProcess(Path(enforcing.config(STEPS, sts_role_arn=arn)), "e2e", tmp_path, ["-c", "2"],
-                           env=assumer.env() | {"DAGSTER_HOME": str(home)})
+    worker = WorkerProcess(
+        Path(enforcing.config(STEPS, sts_role_arn=arn)),
+        "e2e",
+        tmp_path,
+        ["-c", "2"],
+        env=assumer.env() | {"DAGSTER_HOME": str(home)},
+    )
     try:
         worker.wait_ready()
         # When the orchestrator runs a job (dagster job execute, as a user would)
         out = subprocess.run(
-            [str(Path(CLI).parent / "dagster"), "job", "execute", "-f", str(ROOT / "tests" / "jobs.py"), "-j", "diamond",
-             "-c", enforcing.config(STEPS)],
-            capture_output=True, text=True, timeout=180, cwd=ROOT,
+            [
+                str(Path(CLI).parent / "dagster"),
+                "job",
+                "execute",
+                "-f",
+                str(ROOT / "tests" / "jobs.py"),
+                "-j",
+                "diamond",
+                "-c",
+                enforcing.config(STEPS),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=ROOT,
             env=orchestrator.env() | {"DAGSTER_HOME": str(home)},
         )
     finally:
@@ -625,7 +728,9 @@ def test_a_job_runs_end_to_end_with_only_the_printed_policies(enforcing, worker_
         reports = step_reports(instance, run.run_id)
         assert set(reports) == {"emit_one", "add_one", "times_ten", "combine"}
         assert {r.worker for r in reports.values()} == {worker.full_name}
-    refused = [line for line in (worker.log() + out.stderr).splitlines() if "AccessDenied" in line or "not authorized" in line]
+    refused = [
+        line for line in (worker.log() + out.stderr).splitlines() if "AccessDenied" in line or "not authorized" in line
+    ]
     assert not refused, refused
 
 
@@ -644,5 +749,7 @@ def test_sts_options_map_from_broker_transport_options():
     assert (settings.sqs.sts_role_arn, settings.sqs.sts_token_timeout) == (transport["sts_role_arn"], 3600)
     assert settings.notes == ()
     alone = settings_from_executor_config({"config_source": {"broker_transport_options": {"sts_token_timeout": 900}}})
-    assert alone.notes == ("execution.config.config_source.broker_transport_options.sts_token_timeout has no "
-                           "effect without sts_role_arn; set both or remove it.",)
+    assert alone.notes == (
+        "execution.config.config_source.broker_transport_options.sts_token_timeout has no "
+        "effect without sts_role_arn; set both or remove it.",
+    )

@@ -48,55 +48,65 @@ def test_step_and_run_messages_round_trip():
         assert decode(encode(message, "runs")) == message
 
 
-@pytest.mark.parametrize("body, reason", [
-    (b"", "not JSON"),
-    (b"this is not json {", "not JSON"),
-    (step_body()[:40], "not JSON"),  # truncated
-    (step_body()[::-1], "not JSON"),  # reversed
-    (b"[1, 2, 3]", "not a JSON object"),
-    (b"[" * 100_000, "not JSON"),  # nesting bomb
-    (json.dumps({"task_name": "someone.elses.task", "kwargs": {}}).encode(), "unknown task 'someone.elses.task'"),
-    (json.dumps({"task_name": ["x"], "kwargs": {}}).encode(), "unknown task"),
-], ids=["empty", "garbage", "truncated", "reversed", "array", "nesting", "other-task", "task-name-list"])
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"", "not JSON"),
+        (b"this is not json {", "not JSON"),
+        (step_body()[:40], "not JSON"),  # truncated
+        (step_body()[::-1], "not JSON"),  # reversed
+        (b"[1, 2, 3]", "not a JSON object"),
+        (b"[" * 100_000, "not JSON"),  # nesting bomb
+        (json.dumps({"task_name": "someone.elses.task", "kwargs": {}}).encode(), "unknown task 'someone.elses.task'"),
+        (json.dumps({"task_name": ["x"], "kwargs": {}}).encode(), "unknown task"),
+    ],
+    ids=["empty", "garbage", "truncated", "reversed", "array", "nesting", "other-task", "task-name-list"],
+)
 def test_undecodable_bodies_are_malformed(body, reason):
     with pytest.raises(MalformedMessage) as info:
         decode(body)
     assert reason in info.value.reason
 
 
-@pytest.mark.parametrize("field, value, reason", [
-    ("version", 1, "version 1, and this worker reads version 2"),
-    ("version", 3, "version 3"),
-    ("version", True, "version True"),
-    ("version", "2", "version '2'"),
-    ("run_id", 5, "run_id is missing or malformed"),
-    ("run_id", "../../etc", "run_id is missing or malformed"),
-    ("run_id", "x" * 300, "run_id is missing or malformed"),
-    ("step_key", None, "step_key is missing or malformed"),
-    ("step_key", "op; rm -rf /", "step_key is missing or malformed"),
-    ("attempt", "1", "attempt is not a whole number"),
-    ("attempt", True, "attempt is not a whole number"),
-    ("attempt", 0, "attempt is not a whole number"),
-    ("attempt", 2, "disagrees with its known_state"),
-    ("known_state", {}, "known_state is missing"),
-    ("known_state", "{\"__class__\": \"ExecuteStepArgs\"}", "not a Dagster execution state"),
-    ("known_state", "not json", "not a Dagster execution state"),
-    ("instance_ref", {"module": "os"}, "fields this version does not define"),
-    ("execute_step_args", "...", "fields this version does not define"),
-])
+@pytest.mark.parametrize(
+    "field, value, reason",
+    [
+        ("version", 1, "version 1, and this worker reads version 2"),
+        ("version", 3, "version 3"),
+        ("version", True, "version True"),
+        ("version", "2", "version '2'"),
+        ("run_id", 5, "run_id is missing or malformed"),
+        ("run_id", "../../etc", "run_id is missing or malformed"),
+        ("run_id", "x" * 300, "run_id is missing or malformed"),
+        ("step_key", None, "step_key is missing or malformed"),
+        ("step_key", "op; rm -rf /", "step_key is missing or malformed"),
+        ("attempt", "1", "attempt is not a whole number"),
+        ("attempt", True, "attempt is not a whole number"),
+        ("attempt", 0, "attempt is not a whole number"),
+        ("attempt", 2, "disagrees with its known_state"),
+        ("known_state", {}, "known_state is missing"),
+        ("known_state", '{"__class__": "ExecuteStepArgs"}', "not a Dagster execution state"),
+        ("known_state", "not json", "not a Dagster execution state"),
+        ("instance_ref", {"module": "os"}, "fields this version does not define"),
+        ("execute_step_args", "...", "fields this version does not define"),
+    ],
+)
 def test_every_step_field_is_checked(field, value, reason):
     with pytest.raises(MalformedMessage) as info:
         decode(step_body(**{field: value}))
     assert reason in info.value.reason
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"task_id": 123}, "task_id does not match"),
-    ({"task_id": "someone-elses-id"}, "task_id does not match"),
-    ({"kwargs": "run it"}, "no kwargs object"),
-    ({"args": ["os.system"]}, "positional args"),
-    ({"labels": "x"}, None),  # labels are only read for signed messages' queue check
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"task_id": 123}, "task_id does not match"),
+        ({"task_id": "someone-elses-id"}, "task_id does not match"),
+        ({"kwargs": "run it"}, "no kwargs object"),
+        ({"args": ["os.system"]}, "positional args"),
+        ({"labels": "x"}, None),  # labels are only read for signed messages' queue check
+    ],
+)
 def test_top_level_fields_of_wrong_type(change, reason):
     body = json.loads(step_body())
     body.update(change)
@@ -132,7 +142,7 @@ def test_signed_messages_verify_and_every_change_is_caught():
     attributes = ring.sign(body)
     ring.verify(body, attributes)  # no exception
     for i in range(0, len(body), max(1, len(body) // 40)):  # flip a byte anywhere: rejected
-        tampered = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1:]
+        tampered = body[:i] + bytes([body[i] ^ 0x01]) + body[i + 1 :]
         with pytest.raises(SignatureError):
             ring.verify(tampered, attributes)
     version, key_id, digest = attributes[SIGNATURE_ATTRIBUTE].split(":")

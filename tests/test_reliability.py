@@ -53,7 +53,9 @@ def faults_config(endpoint, tmp_path_factory) -> dict:
 def faults_yaml(faults_config, tmp_path_factory):
     path = tmp_path_factory.mktemp("faults") / "faults.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": faults_config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path), "-q", FAULTS], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(path), "-q", FAULTS], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return path
 
@@ -63,8 +65,12 @@ def start_worker(faults_yaml, tmp_path):
     started: list[WorkerProcess] = []
 
     def start(name: str, *extra: str) -> WorkerProcess:
-        worker = WorkerProcess(faults_yaml, f"{name}-{uuid.uuid4().hex[:4]}", tmp_path,
-                               ["-q", FAULTS, "--heartbeat-interval", "0.5", *extra])
+        worker = WorkerProcess(
+            faults_yaml,
+            f"{name}-{uuid.uuid4().hex[:4]}",
+            tmp_path,
+            ["-q", FAULTS, "--heartbeat-interval", "0.5", *extra],
+        )
         started.append(worker.wait_ready())
         return worker
 
@@ -127,7 +133,9 @@ def test_worker_killed_mid_step_fails_the_step_as_lost(endpoint, instance, fault
 
 
 @pytest.mark.slow
-def test_worker_killed_mid_step_is_retried_under_its_retry_policy(endpoint, instance, faults_config, markers, start_worker):
+def test_worker_killed_mid_step_is_retried_under_its_retry_policy(
+    endpoint, instance, faults_config, markers, start_worker
+):
     doomed = start_worker("doomed")
     run = fault_run(jobs.one_long_retried, instance, faults_config, markers, ["retried_step"])
     wait_for(lambda: marker_lines(markers, "retried_step"), what="the first attempt to start")
@@ -145,7 +153,9 @@ def test_worker_killed_mid_step_is_retried_under_its_retry_policy(endpoint, inst
     wait_queue_empty(endpoint)
 
 
-def test_run_termination_stops_running_steps_and_queued_ones_never_start(endpoint, instance, faults_config, markers, start_worker):
+def test_run_termination_stops_running_steps_and_queued_ones_never_start(
+    endpoint, instance, faults_config, markers, start_worker
+):
     # Given one single-threaded worker: one step runs, the other waits in the queue
     worker = start_worker("busy", "-c", "1")
     run = fault_run(jobs.two_long, instance, faults_config, markers, ["long_a", "long_b"], sleep=60)
@@ -178,7 +188,9 @@ def test_run_termination_stops_running_steps_and_queued_ones_never_start(endpoin
 
 
 @pytest.mark.slow
-def test_step_longer_than_visibility_timeout_runs_exactly_once(endpoint, instance, faults_config, markers, start_worker):
+def test_step_longer_than_visibility_timeout_runs_exactly_once(
+    endpoint, instance, faults_config, markers, start_worker
+):
     # Visibility timeout 2 s, step 5 s, two idle workers that would gladly take a redelivery.
     start_worker("one")
     start_worker("two")
@@ -223,11 +235,17 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
 
     # Given a queue whose redrive policy moves a message to poison-dlq after 2 receives
     poison_yaml = tmp_path / "poison.yaml"
-    poison_config = {"broker": endpoint.broker_url, "config_source": {
-        "broker_transport_options": {"visibility_timeout": 1, "wait_time_seconds": 1}}}
+    poison_config = {
+        "broker": endpoint.broker_url,
+        "config_source": {"broker_transport_options": {"visibility_timeout": 1, "wait_time_seconds": 1}},
+    }
     poison_yaml.write_text(yaml.safe_dump({"execution": {"config": poison_config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(poison_yaml), "-q", "poison", "--max-receive-count", "2"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(poison_yaml), "-q", "poison", "--max-receive-count", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     client = sqs_client(endpoint.url)
     url = client.get_queue_url(QueueName="poison")["QueueUrl"]
@@ -235,27 +253,41 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     # and four messages no worker can run: not JSON, an unknown task, a run this instance does
     # not have, and a run whose job code cannot be loaded
     client.send_message(QueueUrl=url, MessageBody="this is not json {")
-    client.send_message(QueueUrl=url, MessageBody=json.dumps({
-        "task_id": "t1", "task_name": "someone.elses.task", "labels": {}, "args": [], "kwargs": {}}))
-    with execute_job(reconstructable(jobs.diamond), instance=instance,
-                     run_config={"execution": {"config": executor_config}}) as done:
+    client.send_message(
+        QueueUrl=url,
+        MessageBody=json.dumps(
+            {"task_id": "t1", "task_name": "someone.elses.task", "labels": {}, "args": [], "kwargs": {}}
+        ),
+    )
+    with execute_job(
+        reconstructable(jobs.diamond), instance=instance, run_config={"execution": {"config": executor_config}}
+    ) as done:
         real_run = instance.get_run_by_id(done.run_id)
     origin = real_run.job_code_origin
     gone = FileCodePointer(python_file=str(tmp_path / "gone.py"), fn_name="diamond", working_directory=str(tmp_path))
     missing_code = origin._replace(repository_origin=origin.repository_origin._replace(code_pointer=gone))
-    unloadable = real_run._replace(run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED, job_code_origin=missing_code)
+    unloadable = real_run._replace(
+        run_id=str(uuid.uuid4()), status=DagsterRunStatus.STARTED, job_code_origin=missing_code
+    )
     instance.add_run(unloadable)
     state = serialize_value(KnownExecutionState())
     for run_id in (str(uuid.uuid4()), unloadable.run_id):
-        client.send_message(QueueUrl=url, MessageBody=encode(StepMessage(run_id, "emit_one", 1, state), "poison").decode())
+        client.send_message(
+            QueueUrl=url, MessageBody=encode(StepMessage(run_id, "emit_one", 1, state), "poison").decode()
+        )
 
     # When a worker consumes the queue
     worker = WorkerProcess(poison_yaml, "poison", tmp_path, ["-q", "poison", "-c", "2"]).wait_ready()
     try:
         # Then every message ends in the dead-letter queue, and the worker is still up
         try:
-            wait_for(lambda: queue_counts(endpoint.url, "poison-dlq")[0] == 4
-                     and queue_counts(endpoint.url, "poison") == (0, 0), timeout=30, what="all four messages in poison-dlq")
+            wait_for(
+                lambda: (
+                    queue_counts(endpoint.url, "poison-dlq")[0] == 4 and queue_counts(endpoint.url, "poison") == (0, 0)
+                ),
+                timeout=30,
+                what="all four messages in poison-dlq",
+            )
         except AssertionError as exc:
             counts = queue_counts(endpoint.url, "poison"), queue_counts(endpoint.url, "poison-dlq")
             raise AssertionError(f"{exc}; poison/dlq counts {counts}; worker log:\n{worker.log()[-4000:]}") from None
@@ -267,8 +299,11 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
         assert "its job could not be loaded on the worker" in log
         assert "Traceback" not in log
         # and the run whose code is missing says why in its own event log
-        assert any("its job could not be loaded" in (r.dagster_event.message or "")
-                   for r in instance.all_logs(unloadable.run_id) if r.dagster_event)
+        assert any(
+            "its job could not be loaded" in (r.dagster_event.message or "")
+            for r in instance.all_logs(unloadable.run_id)
+            if r.dagster_event
+        )
     finally:
         assert worker.stop() == 0
 
@@ -281,8 +316,10 @@ def big_config(endpoint, tmp_path_factory) -> dict:
         "backend": "s3://dagster-payloads/steps",
         "config_source": {
             "task_default_queue": "big",
-            "broker_transport_options": {"wait_time_seconds": 1,
-                                         "sqs-creation-attributes": {"MaximumMessageSize": "262144"}},
+            "broker_transport_options": {
+                "wait_time_seconds": 1,
+                "sqs-creation-attributes": {"MaximumMessageSize": "262144"},
+            },
         },
     }
     path = tmp_path_factory.mktemp("big") / "big.yaml"
@@ -293,11 +330,26 @@ def big_config(endpoint, tmp_path_factory) -> dict:
     # big1m keeps SQS's default size (1 MiB). Workers read offloaded payloads only from the bucket
     # their own config names, so this worker (with the bucket) serves both queues.
     path_1m = path.parent / "big1m.yaml"
-    path_1m.write_text(yaml.safe_dump({"execution": {"config": {**config, "config_source": {
-        "task_default_queue": "big1m", "broker_transport_options": {"wait_time_seconds": 1}}}}}))
+    path_1m.write_text(
+        yaml.safe_dump(
+            {
+                "execution": {
+                    "config": {
+                        **config,
+                        "config_source": {
+                            "task_default_queue": "big1m",
+                            "broker_transport_options": {"wait_time_seconds": 1},
+                        },
+                    }
+                }
+            }
+        )
+    )
     out = subprocess.run([CLI, "queues", "create", "-y", str(path_1m)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    worker = WorkerProcess(path, "big", tmp_path_factory.mktemp("bigw"), ["-q", "big", "-q", "big1m", "-c", "2"]).wait_ready()
+    worker = WorkerProcess(
+        path, "big", tmp_path_factory.mktemp("bigw"), ["-q", "big", "-q", "big1m", "-c", "2"]
+    ).wait_ready()
     yield config
     assert worker.stop() == 0
 
@@ -309,9 +361,11 @@ def sent_payload(instance, run_id, step_key) -> dict:
 
 def offloaded_to(instance, run_id, step_key) -> str | None:
     """Where the orchestrator said a step's payload went (an engine event), if it was offloaded."""
-    urls = [r.dagster_event.event_specific_data.metadata["payload"].value
-            for r in events(instance, run_id, DagsterEventType.ENGINE_EVENT)
-            if r.step_key == step_key and "payload" in (r.dagster_event.event_specific_data.metadata or {})]
+    urls = [
+        r.dagster_event.event_specific_data.metadata["payload"].value
+        for r in events(instance, run_id, DagsterEventType.ENGINE_EVENT)
+        if r.step_key == step_key and "payload" in (r.dagster_event.event_specific_data.metadata or {})
+    ]
     assert len(urls) <= 1
     return urls[0] if urls else None
 
@@ -319,11 +373,15 @@ def offloaded_to(instance, run_id, step_key) -> str | None:
 def wide_run(instance, config, count, tmp_path):
     outputs = tmp_path / "outputs"
     outputs.mkdir(exist_ok=True)
-    return BackgroundRun(jobs.wide, instance, {
-        "execution": {"config": config},
-        "ops": {"emit_wide": {"config": {"count": count}}},
-        "resources": {"io_manager": {"config": {"base_dir": str(outputs)}}},
-    })
+    return BackgroundRun(
+        jobs.wide,
+        instance,
+        {
+            "execution": {"config": config},
+            "ops": {"emit_wide": {"config": {"count": count}}},
+            "resources": {"io_manager": {"config": {"base_dir": str(outputs)}}},
+        },
+    )
 
 
 @pytest.mark.parametrize(
@@ -331,20 +389,26 @@ def wide_run(instance, config, count, tmp_path):
     [("big", 262_144, 28), ("big1m", 1_048_576, 110)],  # ~10 KB mapping keys: ~280 KB, ~1.1 MB
     ids=["256KiB-queue", "default-1MiB-queue"],
 )
-def test_step_payload_larger_than_the_queue_accepts_goes_through_s3(endpoint, instance, big_config, tmp_path,
-                                                                     queue, queue_bytes, count):
+def test_step_payload_larger_than_the_queue_accepts_goes_through_s3(
+    endpoint, instance, big_config, tmp_path, queue, queue_bytes, count
+):
     config = {**big_config, "config_source": {**big_config["config_source"], "task_default_queue": queue}}
     result = wide_run(instance, config, count, tmp_path).wait(120)
     assert result.success
-    assert [r.step_key for r in events(instance, result.run_id, DagsterEventType.STEP_SUCCESS)] == ["emit_wide", "sum_wide"]
+    assert [r.step_key for r in events(instance, result.run_id, DagsterEventType.STEP_SUCCESS)] == [
+        "emit_wide",
+        "sum_wide",
+    ]
     sent = sent_payload(instance, result.run_id, "sum_wide")
     assert int(sent["payload_bytes"]) > queue_bytes
     assert offloaded_to(instance, result.run_id, "sum_wide").startswith("s3://dagster-payloads/steps/")
     assert offloaded_to(instance, result.run_id, "emit_wide") is None
     # the offloaded payload is deleted once its step's message is settled
     s3 = boto3.client("s3", endpoint_url=endpoint.url, region_name="us-east-1")
-    wait_for(lambda: s3.list_objects_v2(Bucket="dagster-payloads").get("KeyCount", 0) == 0,
-             what="the offloaded payload to be deleted")
+    wait_for(
+        lambda: s3.list_objects_v2(Bucket="dagster-payloads").get("KeyCount", 0) == 0,
+        what="the offloaded payload to be deleted",
+    )
     wait_queue_empty(endpoint, queue)
 
 
@@ -369,19 +433,24 @@ def test_concurrent_steps_on_one_worker_get_their_own_compute_logs(endpoint, ins
     assert reports["chatty_b"].started < reports["chatty_a"].finished
 
     captured = events(instance, result.run_id, DagsterEventType.LOGS_CAPTURED)
-    by_step = {tuple(e.dagster_event.logs_captured_data.step_keys): e.dagster_event.logs_captured_data.file_key
-               for e in captured}
+    by_step = {
+        tuple(e.dagster_event.logs_captured_data.step_keys): e.dagster_event.logs_captured_data.file_key
+        for e in captured
+    }
     for mine, other in (("chatty_a", "chatty_b"), ("chatty_b", "chatty_a")):
         data = instance.compute_log_manager.get_log_data([result.run_id, "compute_logs", by_step[(mine,)]])
         stdout, stderr = data.stdout.decode(), data.stderr.decode()
         assert [line for line in stdout.splitlines() if "stdout" in line] == [f"{mine} stdout {i}" for i in range(40)]
         assert [line for line in stderr.splitlines() if line.startswith(("chatty_a", "chatty_b"))] == [
-            f"{mine} stderr {i}" for i in range(40)]
+            f"{mine} stderr {i}" for i in range(40)
+        ]
         assert other not in stdout and other not in stderr
 
 
 @pytest.mark.slow
-def test_second_sigterm_kills_running_steps_and_the_run_says_why(endpoint, instance, faults_config, markers, start_worker):
+def test_second_sigterm_kills_running_steps_and_the_run_says_why(
+    endpoint, instance, faults_config, markers, start_worker
+):
     worker = start_worker("impatient", "-c", "1")
     run = fault_run(jobs.one_long, instance, faults_config, markers, ["long_step"], sleep=60)
     wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")
@@ -403,8 +472,12 @@ def test_second_sigterm_kills_running_steps_and_the_run_says_why(endpoint, insta
 
 
 @pytest.mark.slow
-def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(endpoint, instance, faults_config, faults_yaml, tmp_path):
-    out = subprocess.run([CLI, "queues", "create", "-y", str(faults_yaml), "-q", "lonely"], capture_output=True, text=True, timeout=60)
+def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(
+    endpoint, instance, faults_config, faults_yaml, tmp_path
+):
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(faults_yaml), "-q", "lonely"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     config = {**faults_config, "queued_step_warning": 1, "queued_step_timeout": 4}
     started = time.monotonic()
@@ -412,8 +485,11 @@ def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(en
     assert time.monotonic() - started < 15
 
     assert not result.success
-    warnings = [r for r in events(instance, result.run_id, DagsterEventType.ENGINE_EVENT)
-                if "still queued on SQS queue 'lonely'" in (r.dagster_event.message or "")]
+    warnings = [
+        r
+        for r in events(instance, result.run_id, DagsterEventType.ENGINE_EVENT)
+        if "still queued on SQS queue 'lonely'" in (r.dagster_event.message or "")
+    ]
     assert len(warnings) == 1 and "no live worker has taken it" in warnings[0].dagster_event.message
     [failure] = events(instance, result.run_id, DagsterEventType.STEP_FAILURE)
     message = failure.dagster_event.step_failure_data.error.message
@@ -435,7 +511,9 @@ def test_sqs_outage_during_a_run_is_ridden_out(endpoint, instance, faults_config
     config = {**faults_config, "broker": proxy.broker_url}
     cfg = tmp_path / "outage.yaml"
     cfg.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    worker = WorkerProcess(cfg, "outage", tmp_path, ["-q", FAULTS, "-c", "1", "--heartbeat-interval", "0.5"]).wait_ready()
+    worker = WorkerProcess(
+        cfg, "outage", tmp_path, ["-q", FAULTS, "-c", "1", "--heartbeat-interval", "0.5"]
+    ).wait_ready()
     try:
         run = fault_run(jobs.one_long, instance, config, markers, ["long_step"], sleep=3)
         wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")
@@ -461,19 +539,37 @@ def test_sqs_outage_during_a_run_is_ridden_out(endpoint, instance, faults_config
         proxy.close()
 
 
-def test_interrupting_the_run_process_cancels_its_running_steps_by_id(endpoint, instance, dagster_home, faults_config,
-                                                                      faults_yaml, markers, start_worker, tmp_path):
+def test_interrupting_the_run_process_cancels_its_running_steps_by_id(
+    endpoint, instance, dagster_home, faults_config, faults_yaml, markers, start_worker, tmp_path
+):
     # The UI's terminate interrupts the run process; the executor then asks each running step's
     # worker, by the step attempt's id, to stop it.
     worker = start_worker("interrupted", "-c", "1")
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(yaml.safe_dump({"execution": {"config": faults_config},
-                                        "ops": {"long_step": {"config": {"marker_dir": str(markers), "sleep": 60}}}}))
+    run_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "execution": {"config": faults_config},
+                "ops": {"long_step": {"config": {"marker_dir": str(markers), "sleep": 60}}},
+            }
+        )
+    )
     bin_dir = os.path.dirname(CLI)
     proc = subprocess.Popen(
-        [os.path.join(bin_dir, "dagster"), "job", "execute", "-f", os.path.join(os.path.dirname(__file__), "jobs.py"),
-         "-j", "one_long", "-c", str(run_yaml)],
-        env=os.environ | {"DAGSTER_HOME": str(dagster_home)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            os.path.join(bin_dir, "dagster"),
+            "job",
+            "execute",
+            "-f",
+            os.path.join(os.path.dirname(__file__), "jobs.py"),
+            "-j",
+            "one_long",
+            "-c",
+            str(run_yaml),
+        ],
+        env=os.environ | {"DAGSTER_HOME": str(dagster_home)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")

@@ -29,25 +29,46 @@ BIN = Path(CLI).parent
 def launcher_home(endpoint, tmp_path_factory):
     """A DAGSTER_HOME whose dagster.yaml launches runs on queue `runs` and monitors them."""
     home = tmp_path_factory.mktemp("launcher_home")
-    (home / "dagster.yaml").write_text(yaml.safe_dump({
-        "telemetry": {"enabled": False},
-        "run_launcher": {"module": "dagster_taskiq_sync", "class": "TaskiqRunLauncher", "config": {
-            "broker": endpoint.broker_url,
-            "default_queue": "runs",
-            "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
-            "worker_lost_timeout": 5,
-        }},
-        "run_monitoring": {"enabled": True, "max_resume_run_attempts": 1, "poll_interval_seconds": 1},
-        # Launch on submit (the daemon's queued coordinator would call the launcher the same way).
-        "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "DefaultRunCoordinator"},
-    }))
+    (home / "dagster.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "telemetry": {"enabled": False},
+                "run_launcher": {
+                    "module": "dagster_taskiq_sync",
+                    "class": "TaskiqRunLauncher",
+                    "config": {
+                        "broker": endpoint.broker_url,
+                        "default_queue": "runs",
+                        "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
+                        "worker_lost_timeout": 5,
+                    },
+                },
+                "run_monitoring": {"enabled": True, "max_resume_run_attempts": 1, "poll_interval_seconds": 1},
+                # Launch on submit (the daemon's queued coordinator would call the launcher the same way).
+                "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "DefaultRunCoordinator"},
+            }
+        )
+    )
     cfg = home / "runs.yaml"
     # A short visibility timeout: a killed worker's message reappears (and is dropped) quickly.
-    cfg.write_text(yaml.safe_dump({"execution": {"config": {"broker": endpoint.broker_url, "config_source": {
-        "task_default_queue": "runs",
-        "broker_transport_options": {"wait_time_seconds": 1, "visibility_timeout": 2}}}}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg), "-q", "launched-steps"], capture_output=True,
-                         text=True, timeout=60)
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "execution": {
+                    "config": {
+                        "broker": endpoint.broker_url,
+                        "config_source": {
+                            "task_default_queue": "runs",
+                            "broker_transport_options": {"wait_time_seconds": 1, "visibility_timeout": 2},
+                        },
+                    }
+                }
+            }
+        )
+    )
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(cfg), "-q", "launched-steps"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return home
 
@@ -56,8 +77,13 @@ def launcher_home(endpoint, tmp_path_factory):
 def step_worker(launcher_home, tmp_path):
     """A worker for the steps of launched runs (queue launched-steps), on the launcher's instance:
     workers only run steps of runs in their own DAGSTER_HOME."""
-    worker = WorkerProcess(launcher_home / "runs.yaml", "steps", tmp_path, ["-q", "launched-steps", "-c", "2"],
-                           env=os.environ | {"DAGSTER_HOME": str(launcher_home)}).wait_ready()
+    worker = WorkerProcess(
+        launcher_home / "runs.yaml",
+        "steps",
+        tmp_path,
+        ["-q", "launched-steps", "-c", "2"],
+        env=os.environ | {"DAGSTER_HOME": str(launcher_home)},
+    ).wait_ready()
     yield worker
     assert worker.stop() == 0
 
@@ -80,8 +106,13 @@ def run_worker(launcher_home, tmp_path):
     started = []
 
     def start(name: str) -> WorkerProcess:
-        worker = WorkerProcess(launcher_home / "runs.yaml", name, tmp_path, ["-q", "runs", "-c", "2", "--heartbeat-interval", "0.5"],
-                               env=os.environ | {"DAGSTER_HOME": str(launcher_home)})
+        worker = WorkerProcess(
+            launcher_home / "runs.yaml",
+            name,
+            tmp_path,
+            ["-q", "runs", "-c", "2", "--heartbeat-interval", "0.5"],
+            env=os.environ | {"DAGSTER_HOME": str(launcher_home)},
+        )
         started.append(worker.wait_ready())
         return worker
 
@@ -99,16 +130,25 @@ def launch(launcher_home, instance, job_name: str, run_config: dict | None = Non
         cfg = (tmp_path or launcher_home) / f"{job_name}-config.yaml"
         cfg.write_text(yaml.safe_dump(run_config))
         cmd += ["-c", str(cfg)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env=os.environ | {"DAGSTER_HOME": str(launcher_home)})
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=os.environ | {"DAGSTER_HOME": str(launcher_home)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     [run_id] = [r.run_id for r in instance.get_runs() if r.run_id not in before]
     return run_id
 
 
 def wait_finished(instance, run_id, timeout=60):
-    return wait_for(lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r, timeout=timeout,
-                    what=f"run {run_id} to finish")
+    return wait_for(
+        lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished and r,
+        timeout=timeout,
+        what=f"run {run_id} to finish",
+    )
 
 
 def monitor_until_finished(instance, run_id, timeout):
@@ -127,8 +167,9 @@ def monitor_until_finished(instance, run_id, timeout):
 
 
 def messages(instance, run_id) -> str:
-    return "\n".join((r.dagster_event.message if r.dagster_event else r.user_message) or ""
-                     for r in instance.all_logs(run_id))
+    return "\n".join(
+        (r.dagster_event.message if r.dagster_event else r.user_message) or "" for r in instance.all_logs(run_id)
+    )
 
 
 def test_launched_run_succeeds_on_a_worker(launcher_home, launcher_instance, run_worker):
@@ -141,8 +182,10 @@ def test_launched_run_succeeds_on_a_worker(launcher_home, launcher_instance, run
     assert "Sent run to SQS queue 'runs' (launch)" in text
     assert f"Run picked up by worker {worker.full_name}" in text
     launcher = launcher_instance.run_launcher
-    wait_for(lambda: launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id)).status.value == "SUCCESS",
-             what="the worker to record the run process's exit")
+    wait_for(
+        lambda: launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id)).status.value == "SUCCESS",
+        what="the worker to record the run process's exit",
+    )
     info = launcher.get_run_worker_debug_info(launcher_instance.get_run_by_id(run_id))
     assert worker.full_name in info and "queue runs" in info and "exit code 0" in info
     assert run.tags[TASK_ID_TAG]
@@ -153,8 +196,11 @@ def test_launched_run_that_raises_fails_with_the_error(launcher_home, launcher_i
     run_id = launch(launcher_home, launcher_instance, "launched_raises")
     run = wait_finished(launcher_instance, run_id)
     assert run.status == DagsterRunStatus.FAILURE
-    failures = [r for r in launcher_instance.all_logs(run_id)
-                if r.dagster_event and r.dagster_event.event_type_value == "STEP_FAILURE"]
+    failures = [
+        r
+        for r in launcher_instance.all_logs(run_id)
+        if r.dagster_event and r.dagster_event.event_type_value == "STEP_FAILURE"
+    ]
     assert "run went wrong 7" in failures[0].dagster_event.step_failure_data.error.cause.message
 
 
@@ -163,8 +209,10 @@ def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, lau
     run_worker("runner")
     run_id = launch(launcher_home, launcher_instance, "launched_exits_hard")
     launcher = launcher_instance.run_launcher
-    wait_for(lambda: launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id)).status.value == "FAILED",
-             what="the hard exit to show in the worker's health")
+    wait_for(
+        lambda: launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id)).status.value == "FAILED",
+        what="the hard exit to show in the worker's health",
+    )
     health = launcher.check_run_worker_health(launcher_instance.get_run_by_id(run_id))
     assert "exit code 3" in health.msg
 
@@ -174,12 +222,19 @@ def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, lau
     assert "exit code 3" in messages(launcher_instance, run_id)
 
 
-def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home, launcher_instance, run_worker, tmp_path):
+def test_terminate_stops_the_run_process_and_the_run_ends_canceled(
+    launcher_home, launcher_instance, run_worker, tmp_path
+):
     worker = run_worker("runner")
     markers = tmp_path / "m"
     markers.mkdir()
-    run_id = launch(launcher_home, launcher_instance, "launched_long",
-                    {"ops": {"run_long": {"config": {"marker_dir": str(markers), "sleep": 60}}}}, tmp_path)
+    run_id = launch(
+        launcher_home,
+        launcher_instance,
+        "launched_long",
+        {"ops": {"run_long": {"config": {"marker_dir": str(markers), "sleep": 60}}}},
+        tmp_path,
+    )
     wait_for(lambda: marker_lines(markers, "run_long"), what="the op to start")
     pid = int(marker_lines(markers, "run_long")[0].split()[1])
 
@@ -196,11 +251,14 @@ def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home
 
 
 @pytest.mark.slow
-def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(launcher_home, launcher_instance, run_worker,
-                                                                  step_worker, executor_config):
+def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(
+    launcher_home, launcher_instance, run_worker, step_worker, executor_config
+):
     # The launched run orchestrates; its steps go to queue `launched-steps`, served by another worker.
     run_worker("runner")
-    run_id = launch(launcher_home, launcher_instance, "diamond", {"execution": {"config": steps_config(executor_config)}})
+    run_id = launch(
+        launcher_home, launcher_instance, "diamond", {"execution": {"config": steps_config(executor_config)}}
+    )
     run = wait_finished(launcher_instance, run_id)
     assert run.status == DagsterRunStatus.SUCCESS
     reports = step_reports(launcher_instance, run_id)
@@ -209,15 +267,23 @@ def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(launcher_home, l
 
 
 @pytest.mark.slow
-def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_home, launcher_instance, run_worker,
-                                                                      step_worker, executor_config, tmp_path, endpoint):
+def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(
+    launcher_home, launcher_instance, run_worker, step_worker, executor_config, tmp_path, endpoint
+):
     markers = tmp_path / "m"
     markers.mkdir()
     first = run_worker("first")
-    ops = {name: {"config": {"marker_dir": str(markers), "sleep": sleep}}
-           for name, sleep in (("first_part", 0.1), ("second_part", 4))}
-    run_id = launch(launcher_home, launcher_instance, "resumable",
-                    {"execution": {"config": steps_config(executor_config)}, "ops": ops}, tmp_path)
+    ops = {
+        name: {"config": {"marker_dir": str(markers), "sleep": sleep}}
+        for name, sleep in (("first_part", 0.1), ("second_part", 4))
+    }
+    run_id = launch(
+        launcher_home,
+        launcher_instance,
+        "resumable",
+        {"execution": {"config": steps_config(executor_config)}, "ops": ops},
+        tmp_path,
+    )
     # When the worker running the run (its orchestrator) dies while a step runs elsewhere
     wait_for(lambda: marker_lines(markers, "second_part"), timeout=60, what="the second step to start")
     os.kill(first.pid, signal.SIGKILL)
@@ -235,27 +301,37 @@ def test_run_is_resumed_on_another_worker_after_its_worker_is_killed(launcher_ho
 
 
 @pytest.mark.slow
-def test_a_resumed_run_says_why_its_lost_step_is_not_run_again(launcher_home, launcher_instance, run_worker,
-                                                               executor_config, tmp_path, endpoint):
+def test_a_resumed_run_says_why_its_lost_step_is_not_run_again(
+    launcher_home, launcher_instance, run_worker, executor_config, tmp_path, endpoint
+):
     # Given a launched run whose second step runs on a step worker
     markers = tmp_path / "m"
     markers.mkdir()
     first = run_worker("orchestrating")
     env = os.environ | {"DAGSTER_HOME": str(launcher_home)}
-    doomed = WorkerProcess(launcher_home / "runs.yaml", "doomed-steps", tmp_path,
-                           ["-q", "launched-steps", "-c", "1", "--heartbeat-interval", "0.5"], env=env).wait_ready()
-    ops = {name: {"config": {"marker_dir": str(markers), "sleep": sleep}}
-           for name, sleep in (("first_part", 0.1), ("second_part", 60))}
+    doomed = WorkerProcess(
+        launcher_home / "runs.yaml",
+        "doomed-steps",
+        tmp_path,
+        ["-q", "launched-steps", "-c", "1", "--heartbeat-interval", "0.5"],
+        env=env,
+    ).wait_ready()
+    ops = {
+        name: {"config": {"marker_dir": str(markers), "sleep": sleep}}
+        for name, sleep in (("first_part", 0.1), ("second_part", 60))
+    }
     config = {**steps_config(executor_config), "worker_lost_timeout": 5, "health_check_interval": 1}
-    run_id = launch(launcher_home, launcher_instance, "resumable", {"execution": {"config": config}, "ops": ops},
-                    tmp_path)
+    run_id = launch(
+        launcher_home, launcher_instance, "resumable", {"execution": {"config": config}, "ops": ops}, tmp_path
+    )
     wait_for(lambda: marker_lines(markers, "second_part"), timeout=60, what="the second step to start")
     # When both the run's worker and the step's worker die, and new workers come
     os.kill(doomed.pid, signal.SIGKILL)
     os.kill(first.pid, signal.SIGKILL)
     run_worker("resuming")
-    replacement = WorkerProcess(launcher_home / "runs.yaml", "replacement-steps", tmp_path,
-                                ["-q", "launched-steps", "-c", "1"], env=env).wait_ready()
+    replacement = WorkerProcess(
+        launcher_home / "runs.yaml", "replacement-steps", tmp_path, ["-q", "launched-steps", "-c", "1"], env=env
+    ).wait_ready()
     try:
         # Then run monitoring resumes the run, which re-sends the lost step attempt; the worker does not
         # run it again and says so in the run's own log, naming the step and why

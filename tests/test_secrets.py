@@ -40,11 +40,18 @@ def test_secrets_stay_out_of_messages_logs_and_events(endpoint, tmp_path):
     # Given an instance whose dagster.yaml holds secrets of every shape, and a broker URL with a secret key
     home = tmp_path / "home"
     home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump({
-        "telemetry": {"enabled": False},
-        "compute_logs": {"module": "tests.secret_logs", "class": "TokenComputeLogManager",
-                         "config": {"base_dir": str(home / "logs"), **SENTINELS}},
-    }))
+    (home / "dagster.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "telemetry": {"enabled": False},
+                "compute_logs": {
+                    "module": "tests.secret_logs",
+                    "class": "TokenComputeLogManager",
+                    "config": {"base_dir": str(home / "logs"), **SENTINELS},
+                },
+            }
+        )
+    )
     config = {
         "broker": f"sqs://AKIDEXAMPLE:{BROKER_SECRET}@127.0.0.1:{endpoint.port}",
         "config_source": {"task_default_queue": "secrets", "broker_transport_options": {"wait_time_seconds": 1}},
@@ -64,8 +71,9 @@ def test_secrets_stay_out_of_messages_logs_and_events(endpoint, tmp_path):
         client = sqs_client(endpoint.url)
         url = client.get_queue_url(QueueName="secrets")["QueueUrl"]
         wait_for(lambda: queue_counts(endpoint.url, "secrets")[0] >= 1, what="the first step message")
-        messages = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0,
-                                          MessageAttributeNames=["All"]).get("Messages", [])
+        messages = client.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, MessageAttributeNames=["All"]
+        ).get("Messages", [])
         # Then the raw message names a run, a step and an attempt, and nothing else
         assert messages
         for message in messages:

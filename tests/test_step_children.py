@@ -47,8 +47,10 @@ def test_cached_step_plan_equals_the_plan_dagster_builds(job_fn):
     plan = create_execution_plan(recon, run_config)
     first = plan.step_keys_to_execute[0]
     # a retried attempt (retry state) and outputs already produced upstream (ready outputs)
-    retried = KnownExecutionState(previous_retry_attempts={first: 1},
-                                  ready_outputs={StepOutputHandle(first, o.name) for o in plan.get_step_by_key(first).step_outputs})
+    retried = KnownExecutionState(
+        previous_retry_attempts={first: 1},
+        ready_outputs={StepOutputHandle(first, o.name) for o in plan.get_step_by_key(first).step_outputs},
+    )
     for known_state in (None, retried):
         for step_key in plan.step_keys_to_execute:
             ours = cached_create_execution_plan(recon, run_config, [step_key], known_state)
@@ -61,8 +63,10 @@ def test_a_step_child_validates_a_runs_config_once_and_gets_what_dagster_gets():
     from dagster import DagsterInvalidConfigError
 
     job_def = jobs.retries
-    config = {"execution": {"config": {"broker": "sqs://127.0.0.1:1"}},
-              "ops": {"flaky": {"config": {"counter_file": "/a"}}}}
+    config = {
+        "execution": {"config": {"broker": "sqs://127.0.0.1:1"}},
+        "ops": {"flaky": {"config": {"counter_file": "/a"}}},
+    }
     first = cached_resolved_run_config(job_def, config)
     assert first == _original_resolved_build(job_def, config)
     assert cached_resolved_run_config(job_def, {**config}) is first  # the same run's next step
@@ -109,6 +113,7 @@ def two_dynamic_fans():
 
 def _static_fan_in():
     from . import jobs
+
     return jobs.fan_out_fan_in
 
 
@@ -152,7 +157,9 @@ def test_a_step_message_carries_only_the_state_its_step_needs_and_builds_the_sam
         # Then its message's state holds its own retry count, its inputs' ready outputs only...
         upstream = {h for i in step.step_inputs for h in i.get_step_output_handle_dependencies()}
         assert trimmed.ready_outputs == full.ready_outputs & upstream, step.key
-        assert trimmed.get_retry_state().get_attempt_count(step.key) == full.get_retry_state().get_attempt_count(step.key)
+        assert trimmed.get_retry_state().get_attempt_count(step.key) == full.get_retry_state().get_attempt_count(
+            step.key
+        )
         assert set(trimmed.previous_retry_attempts) <= {step.key}
         assert set(trimmed.dynamic_mappings) <= set(full.dynamic_mappings)
         # ...and the step child builds exactly the plan Dagster builds from the run's whole state.
@@ -164,25 +171,39 @@ def test_a_step_message_carries_only_the_state_its_step_needs_and_builds_the_sam
     if job_name == "two_dynamic_fans":
         assert set(by_key["_double_2[k0]"].dynamic_mappings) == {"_fan"}
         assert set(by_key["other_gather"].dynamic_mappings) == {"_other_fan"}
-        assert by_key["_last"].ready_outputs == {StepOutputHandle("_gather", "result"), StepOutputHandle("other_gather", "result")}
+        assert by_key["_last"].ready_outputs == {
+            StepOutputHandle("_gather", "result"),
+            StepOutputHandle("other_gather", "result"),
+        }
 
 
 def _run_pids(instance, config: dict) -> list[int]:
-    result = execute_job(reconstructable(jobs.diamond), instance=instance, run_config={"execution": {"config": config}},
-                         raise_on_error=False)
+    result = execute_job(
+        reconstructable(jobs.diamond),
+        instance=instance,
+        run_config={"execution": {"config": config}},
+        raise_on_error=False,
+    )
     assert result.success
     reports = step_reports(instance, result.run_id)
     assert len(reports) == 4
     return [rep.pid for rep in sorted(reports.values(), key=lambda r: r.started)]
 
 
-@pytest.mark.parametrize("recycle_args, expected", [
-    ([], [4]),  # one step child runs every step
-    (["--max-tasks-per-child", "2"], [2, 2]),
-    (["--", "--max-tasks-per-child", "1"], [1, 1, 1, 1]),  # dagster-celery scripts pass Celery flags after --
-], ids=["reused", "recycled-after-2", "celery-passthrough-1"])
+@pytest.mark.parametrize(
+    "recycle_args, expected",
+    [
+        ([], [4]),  # one step child runs every step
+        (["--max-tasks-per-child", "2"], [2, 2]),
+        (["--", "--max-tasks-per-child", "1"], [1, 1, 1, 1]),  # dagster-celery scripts pass Celery flags after --
+    ],
+    ids=["reused", "recycled-after-2", "celery-passthrough-1"],
+)
 def test_step_children_are_reused_and_recycled(endpoint, instance, executor_config, tmp_path, recycle_args, expected):
-    config = {**executor_config, "config_source": {**executor_config["config_source"], "task_default_queue": "children"}}
+    config = {
+        **executor_config,
+        "config_source": {**executor_config["config_source"], "task_default_queue": "children"},
+    }
     path = tmp_path / "children.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
     out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)

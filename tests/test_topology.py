@@ -57,8 +57,12 @@ TRANSPORT = {"region": "us-east-1", "wait_time_seconds": 1, "visibility_timeout"
 
 def run_config(**ops: dict) -> dict:
     """What the launchpad submits: the dagster-celery style executor block, steps to STEP_QUEUE."""
-    executor = {"broker": "sqs://", "worker_lost_timeout": WORKER_LOST_TIMEOUT, "health_check_interval": 1,
-                "config_source": {"task_default_queue": STEP_QUEUE, "broker_transport_options": TRANSPORT}}
+    executor = {
+        "broker": "sqs://",
+        "worker_lost_timeout": WORKER_LOST_TIMEOUT,
+        "health_check_interval": 1,
+        "config_source": {"task_default_queue": STEP_QUEUE, "broker_transport_options": TRANSPORT},
+    }
     return {"execution": {"config": executor}, "ops": {name: {"config": cfg} for name, cfg in ops.items()}}
 
 
@@ -76,28 +80,73 @@ def topology(endpoint, postgres, tmp_path_factory):
         boto3.client("s3", endpoint_url=endpoint.url, region_name="us-east-1").create_bucket(Bucket=BUCKET)
         db_name = postgres.create_database("topology")
         dagster_yaml = orchestrator / "dagster_home" / "dagster.yaml"
-        dagster_yaml.write_text(yaml.safe_dump(instance_yaml(
-            postgres.db_settings(db_name), run_queue=RUN_QUEUE, bucket=BUCKET, log_prefix=LOG_PREFIX,
-            worker_lost_timeout=WORKER_LOST_TIMEOUT), sort_keys=False))
-        (orchestrator / "workspace.yaml").write_text(yaml.safe_dump({"load_from": [{"python_file": {
-            "relative_path": str(ROOT / "tests" / "topology_jobs.py"), "working_directory": str(ROOT),
-            "location_name": LOCATION}}]}))
+        dagster_yaml.write_text(
+            yaml.safe_dump(
+                instance_yaml(
+                    postgres.db_settings(db_name),
+                    run_queue=RUN_QUEUE,
+                    bucket=BUCKET,
+                    log_prefix=LOG_PREFIX,
+                    worker_lost_timeout=WORKER_LOST_TIMEOUT,
+                ),
+                sort_keys=False,
+            )
+        )
+        (orchestrator / "workspace.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "load_from": [
+                        {
+                            "python_file": {
+                                "relative_path": str(ROOT / "tests" / "topology_jobs.py"),
+                                "working_directory": str(ROOT),
+                                "location_name": LOCATION,
+                            }
+                        }
+                    ]
+                }
+            )
+        )
         worker_yaml = orchestrator / "run_config.yaml"  # the workers' -y file
-        worker_yaml.write_text(yaml.safe_dump({"execution": {"config": {"broker": "sqs://", "config_source": {
-            "task_default_queue": STEP_QUEUE, "broker_transport_options": TRANSPORT}}}}))
+        worker_yaml.write_text(
+            yaml.safe_dump(
+                {
+                    "execution": {
+                        "config": {
+                            "broker": "sqs://",
+                            "config_source": {"task_default_queue": STEP_QUEUE, "broker_transport_options": TRANSPORT},
+                        }
+                    }
+                }
+            )
+        )
 
         # The operator creates the queues (and their dead-letter queues) once.
-        out = subprocess.run([CLI, "queues", "create", "-y", str(worker_yaml), "-q", RUN_QUEUE, "-q", STEP_QUEUE],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [CLI, "queues", "create", "-y", str(worker_yaml), "-q", RUN_QUEUE, "-q", STEP_QUEUE],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, out.stderr
 
         orch_env = os.environ | {"DAGSTER_HOME": str(dagster_yaml.parent), "HOME": str(orchestrator / "home")}
         port = free_port()
         services = [
-            Service("webserver", [BIN / "dagster-webserver", "-h", "127.0.0.1", "-p", port, "-w",
-                                  orchestrator / "workspace.yaml"], logs, orch_env, orchestrator),
-            Service("daemon", [BIN / "dagster-daemon", "run", "-w", orchestrator / "workspace.yaml"], logs, orch_env,
-                    orchestrator),
+            Service(
+                "webserver",
+                [BIN / "dagster-webserver", "-h", "127.0.0.1", "-p", port, "-w", orchestrator / "workspace.yaml"],
+                logs,
+                orch_env,
+                orchestrator,
+            ),
+            Service(
+                "daemon",
+                [BIN / "dagster-daemon", "run", "-w", orchestrator / "workspace.yaml"],
+                logs,
+                orch_env,
+                orchestrator,
+            ),
         ]
         workers = []
         try:
@@ -109,13 +158,33 @@ def topology(endpoint, postgres, tmp_path_factory):
                     (machine / sub).mkdir(parents=True)
                 shutil.copy(dagster_yaml, machine / "dagster_home" / "dagster.yaml")
                 shutil.copy(worker_yaml, machine / "cwd" / "run_config.yaml")
-                env = os.environ | {"HOME": str(machine / "home"), "TMPDIR": str(machine / "tmp"),
-                                    "DAGSTER_HOME": str(machine / "dagster_home")}
-                workers.append(WorkerProcess(
-                    Path("run_config.yaml"), f"topo{i}", logs,
-                    ["-q", RUN_QUEUE, "-q", STEP_QUEUE, "-c", "3", "--heartbeat-interval", "0.5",
-                     "--shutdown-timeout", "10"],
-                    env=env, cwd=machine / "cwd", preexec_fn=die_with_parent))
+                env = os.environ | {
+                    "HOME": str(machine / "home"),
+                    "TMPDIR": str(machine / "tmp"),
+                    "DAGSTER_HOME": str(machine / "dagster_home"),
+                }
+                workers.append(
+                    WorkerProcess(
+                        Path("run_config.yaml"),
+                        f"topo{i}",
+                        logs,
+                        [
+                            "-q",
+                            RUN_QUEUE,
+                            "-q",
+                            STEP_QUEUE,
+                            "-c",
+                            "3",
+                            "--heartbeat-interval",
+                            "0.5",
+                            "--shutdown-timeout",
+                            "10",
+                        ],
+                        env=env,
+                        cwd=machine / "cwd",
+                        preexec_fn=die_with_parent,
+                    )
+                )
             for worker in workers:
                 worker.wait_ready(timeout=120)
             graphql = GraphQL(port)
@@ -123,8 +192,15 @@ def topology(endpoint, postgres, tmp_path_factory):
             webserver.wait_until(graphql.ping, "the webserver to answer", timeout=120)
             webserver.wait_until(lambda: graphql.location_loaded(LOCATION), "the code location to load", timeout=120)
             with DagsterInstance.from_config(str(dagster_yaml.parent)) as instance:
-                yield SimpleNamespace(graphql=graphql, instance=instance, workers=workers, services=services,
-                                      endpoint=endpoint, root=root, webserver_port=port)
+                yield SimpleNamespace(
+                    graphql=graphql,
+                    instance=instance,
+                    workers=workers,
+                    services=services,
+                    endpoint=endpoint,
+                    root=root,
+                    webserver_port=port,
+                )
         finally:
             # All at once: each waits for its own graceful stop (SIGTERM), then is killed.
             with concurrent.futures.ThreadPoolExecutor(len(services) + len(workers)) as pool:
@@ -184,8 +260,10 @@ def test_run_submitted_through_graphql_succeeds_on_both_workers_with_outputs_and
     assert pickle.loads(s3_object(topology.endpoint, f"{IO_PREFIX}/storage/{run_id}/total/result")) == 55
 
     # Compute logs are in S3, uploaded by S3ComputeLogManager on the workers,
-    captured = {r.dagster_event.logs_captured_data.file_key: r.dagster_event.logs_captured_data.step_keys
-                for r in events(instance, run_id, DagsterEventType.LOGS_CAPTURED)}
+    captured = {
+        r.dagster_event.logs_captured_data.file_key: r.dagster_event.logs_captured_data.step_keys
+        for r in events(instance, run_id, DagsterEventType.LOGS_CAPTURED)
+    }
     assert sorted(k for keys in captured.values() for k in keys) == sorted(steps)
     logs = s3_keys(topology.endpoint, f"{LOG_PREFIX}/storage/{run_id}/compute_logs/")
     for file_key in captured:

@@ -25,7 +25,9 @@ BIN = Path(CLI).parent
 def extra_queues(endpoint, run_config_file):
     out = subprocess.run(
         [CLI, "queues", "create", "-y", str(run_config_file), "-q", "legacy", "-q", "drain"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert "queue legacy -> SQS legacy" in out.stdout and "dead-letter queue drain-dlq" in out.stdout
@@ -34,9 +36,22 @@ def extra_queues(endpoint, run_config_file):
 def test_dagster_job_execute_cli_with_a_celery_style_yaml(workers, instance, dagster_home, run_config_file):
     env = os.environ | {"DAGSTER_HOME": str(dagster_home)}
     out = subprocess.run(
-        [str(BIN / "dagster"), "job", "execute", "-f", str(ROOT / "tests" / "jobs.py"), "-j", "diamond",
-         "-c", str(run_config_file)],
-        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT,
+        [
+            str(BIN / "dagster"),
+            "job",
+            "execute",
+            "-f",
+            str(ROOT / "tests" / "jobs.py"),
+            "-j",
+            "diamond",
+            "-c",
+            str(run_config_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     run = instance.get_runs(limit=1)[0]
@@ -47,13 +62,17 @@ def test_native_broker_form_uses_aws_endpoint_url(workers, instance, endpoint, m
     # broker: "sqs://" leaves the endpoint to boto's own resolution (AWS_ENDPOINT_URL here).
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint.url)
     result = execute_job(
-        reconstructable(jobs.diamond), instance=instance,
-        run_config={"execution": {"config": {"broker": "sqs://"}}}, raise_on_error=False,
+        reconstructable(jobs.diamond),
+        instance=instance,
+        run_config={"execution": {"config": {"broker": "sqs://"}}},
+        raise_on_error=False,
     )
     assert result.success
 
 
-def test_legacy_celery_yaml_worker_serves_a_tag_routed_queue(endpoint, instance, executor_config, extra_queues, tmp_path):
+def test_legacy_celery_yaml_worker_serves_a_tag_routed_queue(
+    endpoint, instance, executor_config, extra_queues, tmp_path
+):
     # Given a worker configured with the legacy `execution: celery:` form, consuming `legacy`
     legacy_yaml = tmp_path / "legacy.yaml"
     legacy_yaml.write_text(yaml.safe_dump({"execution": {"celery": {"broker": endpoint.broker_url}}}))
@@ -61,8 +80,10 @@ def test_legacy_celery_yaml_worker_serves_a_tag_routed_queue(endpoint, instance,
     try:
         # When an op tagged dagster-celery/queue: legacy runs
         result = execute_job(
-            reconstructable(jobs.routed), instance=instance,
-            run_config={"execution": {"config": executor_config}}, raise_on_error=False,
+            reconstructable(jobs.routed),
+            instance=instance,
+            run_config={"execution": {"config": executor_config}},
+            raise_on_error=False,
         )
         # Then that worker ran it
         assert result.success
@@ -73,20 +94,40 @@ def test_legacy_celery_yaml_worker_serves_a_tag_routed_queue(endpoint, instance,
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_running_steps_and_releases_unstarted_ones(endpoint, instance, executor_config, extra_queues, tmp_path):
+def test_sigterm_finishes_running_steps_and_releases_unstarted_ones(
+    endpoint, instance, executor_config, extra_queues, tmp_path
+):
     # Given one worker on `drain` with one thread and prefetch 2: it runs one slow step and
     # holds the other unstarted.
     cfg = tmp_path / "drain.yaml"
-    cfg.write_text(yaml.safe_dump({"execution": {"config": {
-        "broker": endpoint.broker_url,
-        "config_source": {"worker_prefetch_multiplier": 2, "broker_transport_options": {"wait_time_seconds": 1}},
-    }}}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "execution": {
+                    "config": {
+                        "broker": endpoint.broker_url,
+                        "config_source": {
+                            "worker_prefetch_multiplier": 2,
+                            "broker_transport_options": {"wait_time_seconds": 1},
+                        },
+                    }
+                }
+            }
+        )
+    )
     first = WorkerProcess(cfg, "drain1", tmp_path, ["-q", "drain", "-c", "1"]).wait_ready()
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.setdefault("result", execute_job(
-        reconstructable(jobs.two_slow_steps), instance=instance,
-        run_config={"execution": {"config": executor_config}}, raise_on_error=False,
-    )))
+    runner = threading.Thread(
+        target=lambda: outcome.setdefault(
+            "result",
+            execute_job(
+                reconstructable(jobs.two_slow_steps),
+                instance=instance,
+                run_config={"execution": {"config": executor_config}},
+                raise_on_error=False,
+            ),
+        )
+    )
     runner.start()
     wait_for(lambda: "started (queue drain" in first.log(), what="the first slow step to start")
     wait_for(lambda: queue_counts(endpoint.url, "drain") == (0, 2), what="both messages held by the worker")
@@ -132,8 +173,9 @@ def test_worker_list_and_terminate_work_on_sqs(run_config_file, queues_created, 
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = os.environ | {"DAGSTER_HOME": str(home)}
     a = WorkerProcess(run_config_file, "listed-a", tmp_path, ["-c", "1"], env=env).wait_ready()
-    b = WorkerProcess(run_config_file, "listed-b", tmp_path, ["--", "--concurrency", "3", "--prefetch-multiplier", "2"],
-                      env=env).wait_ready()
+    b = WorkerProcess(
+        run_config_file, "listed-b", tmp_path, ["--", "--concurrency", "3", "--prefetch-multiplier", "2"], env=env
+    ).wait_ready()
     assert "concurrency 3, prefetch 6" in b.log()
     try:
         # When listing workers, both show with their queues and a fresh heartbeat
@@ -143,18 +185,29 @@ def test_worker_list_and_terminate_work_on_sqs(run_config_file, queues_created, 
             line = next(line for line in listed.stdout.splitlines() if line.startswith(worker.full_name))
             assert "dagster" in line and "running" in line
         # When one is asked to terminate, it stops gracefully and leaves the list
-        out = subprocess.run([CLI, "worker", "terminate", "listed-a", "--wait", "20"], capture_output=True, text=True,
-                             timeout=60, env=env)
+        out = subprocess.run(
+            [CLI, "worker", "terminate", "listed-a", "--wait", "20"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         assert out.returncode == 0, out.stderr
         assert a.proc.wait(10) == 0 and "asked this worker to stop" in a.log()
         assert b.proc.poll() is None
         listed = subprocess.run([CLI, "worker", "list"], capture_output=True, text=True, timeout=60, env=env).stdout
         assert a.full_name not in listed and b.full_name in listed
         # and -a stops the rest; an unknown name is a clear error
-        assert subprocess.run([CLI, "worker", "terminate", "-a", "--wait", "20"], env=env, capture_output=True,
-                              timeout=60).returncode == 0
+        assert (
+            subprocess.run(
+                [CLI, "worker", "terminate", "-a", "--wait", "20"], env=env, capture_output=True, timeout=60
+            ).returncode
+            == 0
+        )
         assert b.proc.wait(10) == 0
-        missing = subprocess.run([CLI, "worker", "terminate", "nobody"], capture_output=True, text=True, timeout=60, env=env)
+        missing = subprocess.run(
+            [CLI, "worker", "terminate", "nobody"], capture_output=True, text=True, timeout=60, env=env
+        )
         assert missing.returncode == 1 and "no registered worker is named 'nobody'" in missing.stderr
     finally:
         for worker in (a, b):
@@ -170,8 +223,12 @@ def test_worker_list_without_dagster_home_says_what_to_set(tmp_path):
 
 def test_background_worker_runs_detached_and_logs_to_its_file(run_config_file, queues_created, tmp_path):
     log = tmp_path / "bg.log"
-    out = subprocess.run([CLI, "worker", "start", "-d", "-f", str(log), "-y", str(run_config_file), "-n", "bg", "-c", "1"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [CLI, "worker", "start", "-d", "-f", str(log), "-y", str(run_config_file), "-n", "bg", "-c", "1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split("pid ")[1].split(",")[0])
     try:
@@ -183,22 +240,27 @@ def test_background_worker_runs_detached_and_logs_to_its_file(run_config_file, q
 
 def test_parallel_job_on_a_fifo_queue_runs_its_steps_side_by_side(endpoint, instance, tmp_path):
     # One message group per step attempt: SQS FIFO does not serialize independent steps.
-    config = {"broker": endpoint.broker_url, "config_source": {
-        "task_default_queue": "steps.fifo", "broker_transport_options": {"wait_time_seconds": 1}}}
+    config = {
+        "broker": endpoint.broker_url,
+        "config_source": {"task_default_queue": "steps.fifo", "broker_transport_options": {"wait_time_seconds": 1}},
+    }
     cfg = tmp_path / "fifo.yaml"
     cfg.write_text(yaml.safe_dump({"execution": {"config": config}}))
     out = subprocess.run([CLI, "queues", "create", "-y", str(cfg)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "SQS steps.fifo" in out.stdout, out.stderr
     worker = WorkerProcess(cfg, "fifo", tmp_path, ["-c", "3"]).wait_ready()
     try:
-        with execute_job(reconstructable(jobs.fan_out_fan_in), instance=instance,
-                         run_config={"execution": {"config": config}}) as result:
+        with execute_job(
+            reconstructable(jobs.fan_out_fan_in), instance=instance, run_config={"execution": {"config": config}}
+        ) as result:
             assert result.success
             assert result.output_for_node("total") == sum((1 + i) ** 2 for i in range(6))
         reports = step_reports(instance, result.run_id)
         starts = sorted(reports[f"square_{i}"].started for i in range(6))
         ends = sorted(reports[f"square_{i}"].finished for i in range(6))
         assert starts[2] < ends[0]  # three squares were running at the same time
-        wait_for(lambda: queue_counts(endpoint.url, "steps.fifo") == (0, 0), timeout=10, what="finished messages deleted")
+        wait_for(
+            lambda: queue_counts(endpoint.url, "steps.fifo") == (0, 0), timeout=10, what="finished messages deleted"
+        )
     finally:
         assert worker.stop() == 0

@@ -92,7 +92,9 @@ def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypa
         return list(outcomes)
 
     worker = SimpleNamespace(
-        name="w2", settings=Settings(worker_lost_timeout=10), stopping=threading.Event(),
+        name="w2",
+        settings=Settings(worker_lost_timeout=10),
+        stopping=threading.Event(),
         instance=SimpleNamespace(get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED), all_logs=all_logs),
         store=SimpleNamespace(read=lambda handles: {STEP.handle: previous}),
     )
@@ -108,7 +110,10 @@ def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypa
     outcomes.append(SimpleNamespace(step_key=STEP.step_key))
     verdict = request.admit()
     assert verdict.outcome is Outcome.DONE and not verdict.lost
-    assert verdict.why == f"{STEP.label} already started on worker w1@h and has ended (the run's event log has its outcome)"
+    assert (
+        verdict.why
+        == f"{STEP.label} already started on worker w1@h and has ended (the run's event log has its outcome)"
+    )
 
 
 def test_a_lost_run_launch_is_dropped_and_deleted_and_only_steps_are_explained_in_the_run_log(monkeypatch):
@@ -118,9 +123,13 @@ def test_a_lost_run_launch_is_dropped_and_deleted_and_only_steps_are_explained_i
     previous = StepRecord(RUNNING, ts=time.time() - 30, worker="w1@h", heartbeat_interval=2)
     deleted, events = [], []
     worker = SimpleNamespace(
-        name="w2", settings=Settings(worker_lost_timeout=10), stopping=threading.Event(),
-        instance=SimpleNamespace(get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED),
-                                 report_engine_event=lambda *a, **k: events.append(a)),
+        name="w2",
+        settings=Settings(worker_lost_timeout=10),
+        stopping=threading.Event(),
+        instance=SimpleNamespace(
+            get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED),
+            report_engine_event=lambda *a, **k: events.append(a),
+        ),
         store=SimpleNamespace(read=lambda handles: {RUN.handle: previous}),
         acks=SimpleNamespace(delete=lambda delivery, pointer: deleted.append(delivery)),
         metrics=SimpleNamespace(step_dropped_duplicate=lambda queue: None),
@@ -151,24 +160,29 @@ def test_an_attempt_that_could_not_run_before_goes_to_the_dead_letter_queue():
     assert verdict.outcome is Outcome.DEAD_LETTER and "its job could not be loaded" in verdict.why
 
 
-@pytest.mark.parametrize("status", [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELING,
-                                    DagsterRunStatus.CANCELED])
+@pytest.mark.parametrize(
+    "status",
+    [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELING, DagsterRunStatus.CANCELED],
+)
 def test_nothing_runs_for_a_run_that_is_over(status):
     for message in (STEP, RUN, RESUME):
         verdict = run_is_over(message, run(status), None, 30)
         assert verdict.outcome is Outcome.DONE and status.value in verdict.why
 
 
-@pytest.mark.parametrize("message, status, runs", [
-    (STEP, DagsterRunStatus.STARTED, True),
-    (STEP, DagsterRunStatus.NOT_STARTED, False),  # no orchestrator sent this
-    (STEP, DagsterRunStatus.QUEUED, False),
-    (RUN, DagsterRunStatus.STARTING, True),
-    (RUN, DagsterRunStatus.NOT_STARTED, True),
-    (RUN, DagsterRunStatus.STARTED, False),  # already running somewhere: never twice
-    (RESUME, DagsterRunStatus.STARTED, True),
-    (RESUME, DagsterRunStatus.NOT_STARTED, False),
-])
+@pytest.mark.parametrize(
+    "message, status, runs",
+    [
+        (STEP, DagsterRunStatus.STARTED, True),
+        (STEP, DagsterRunStatus.NOT_STARTED, False),  # no orchestrator sent this
+        (STEP, DagsterRunStatus.QUEUED, False),
+        (RUN, DagsterRunStatus.STARTING, True),
+        (RUN, DagsterRunStatus.NOT_STARTED, True),
+        (RUN, DagsterRunStatus.STARTED, False),  # already running somewhere: never twice
+        (RESUME, DagsterRunStatus.STARTED, True),
+        (RESUME, DagsterRunStatus.NOT_STARTED, False),
+    ],
+)
 def test_a_message_must_fit_its_runs_state(message, status, runs):
     verdict = run_cannot_take_it(message, run(status), None, 30)
     assert (verdict is None) == runs
@@ -216,7 +230,10 @@ class Clock:
 
 def request_with(message, child, clock, **settings):
     worker = SimpleNamespace(
-        name="w", settings=Settings(**settings), clock=clock, killing=threading.Event(),
+        name="w",
+        settings=Settings(**settings),
+        clock=clock,
+        killing=threading.Event(),
         running=SimpleNamespace(add=lambda r: None, remove=lambda r: None),
     )
     request = Request(SimpleNamespace(queue="q", message_id="m", receive_count=1), worker)
@@ -265,7 +282,7 @@ def test_steps_are_killed_at_once_on_a_second_signal():
 
 def test_one_queue_takes_all_free_room():
     capacity = Capacity(4)
-    assert capacity.acquire("a", 10, 10, timeout=0) .count == 4
+    assert capacity.acquire("a", 10, 10, timeout=0).count == 4
     assert capacity.acquire("a", 10, 10, timeout=0) is None
 
 

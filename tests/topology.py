@@ -32,9 +32,15 @@ class Service:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         with open(self.log_path, "wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen([str(c) for c in command], stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=dict(env), cwd=cwd,
-                                         preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(
+                [str(c) for c in command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dict(env),
+                cwd=cwd,
+                preexec_fn=die_with_parent,
+            )
 
     def log(self, lines: int = 60) -> str:
         try:
@@ -123,8 +129,11 @@ class GraphQL:
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def __call__(self, query: str, **variables: Any) -> dict:
-        request = urllib.request.Request(self.url, data=json.dumps({"query": query, "variables": variables}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url,
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with self._opener.open(request, timeout=60) as response:
             body = json.loads(response.read())
         if body.get("errors"):
@@ -148,11 +157,14 @@ class GraphQL:
                 return True
         return False
 
-    def launch_run(self, location: str, job: str, run_config: Mapping[str, Any],
-                   repository: str = "__repository__") -> tuple[str, str]:
+    def launch_run(
+        self, location: str, job: str, run_config: Mapping[str, Any], repository: str = "__repository__"
+    ) -> tuple[str, str]:
         """launchRun; returns (run id, status right after the call)."""
-        params = {"selector": {"repositoryLocationName": location, "repositoryName": repository, "jobName": job},
-                  "runConfigData": run_config}
+        params = {
+            "selector": {"repositoryLocationName": location, "repositoryName": repository, "jobName": job},
+            "runConfigData": run_config,
+        }
         result = self(self.LAUNCH, executionParams=params)["launchRun"]
         if result["__typename"] != "LaunchRunSuccess":
             raise GraphQLError(f"launchRun answered {result}")
@@ -188,27 +200,39 @@ class GraphQL:
         return self(self.CAPTURED_LOGS, logKey=list(log_key))["capturedLogs"]
 
 
-def instance_yaml(db_settings: Mapping[str, Any], *, run_queue: str, bucket: str, log_prefix: str,
-                  worker_lost_timeout: float) -> dict:
+def instance_yaml(
+    db_settings: Mapping[str, Any], *, run_queue: str, bucket: str, log_prefix: str, worker_lost_timeout: float
+) -> dict:
     """The dagster.yaml of every process of the deployment: webserver, daemon and each worker."""
     return {
         # PostgreSQL through psycopg2: SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3.
         "storage": {"postgres": {"postgres_db": dict(db_settings)}},
-        "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "QueuedRunCoordinator",
-                            "config": {"dequeue_interval_seconds": 1}},
-        "run_launcher": {"module": "dagster_taskiq_sync", "class": "TaskiqRunLauncher", "config": {
-            "broker": "sqs://",  # boto's resolution: AWS_ENDPOINT_URL here, AWS itself in production
-            "default_queue": run_queue,
-            "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
-            "worker_lost_timeout": worker_lost_timeout,
-        }},
+        "run_coordinator": {
+            "module": "dagster.core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": {"dequeue_interval_seconds": 1},
+        },
+        "run_launcher": {
+            "module": "dagster_taskiq_sync",
+            "class": "TaskiqRunLauncher",
+            "config": {
+                "broker": "sqs://",  # boto's resolution: AWS_ENDPOINT_URL here, AWS itself in production
+                "default_queue": run_queue,
+                "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
+                "worker_lost_timeout": worker_lost_timeout,
+            },
+        },
         "run_monitoring": {"enabled": True, "poll_interval_seconds": 1, "max_resume_run_attempts": 1},
-        "compute_logs": {"module": "dagster_aws.s3.compute_log_manager", "class": "S3ComputeLogManager", "config": {
-            "bucket": bucket,
-            "prefix": log_prefix,
-            # Where logs are staged before upload (default /tmp): each process its own.
-            "local_dir": {"env": "TMPDIR"},
-        }},
+        "compute_logs": {
+            "module": "dagster_aws.s3.compute_log_manager",
+            "class": "S3ComputeLogManager",
+            "config": {
+                "bucket": bucket,
+                "prefix": log_prefix,
+                # Where logs are staged before upload (default /tmp): each process its own.
+                "local_dir": {"env": "TMPDIR"},
+            },
+        },
         "telemetry": {"enabled": False},
     }
 
@@ -257,7 +281,7 @@ def listening_sockets(pgids: set[int]) -> set[tuple[str, int]]:
             hex_addr, hex_port = local.split(":")
             raw = bytes.fromhex(hex_addr)
             # the kernel prints each 32-bit word of the address in host (little-endian) order
-            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
             address = ipaddress.ip_address(raw)
             if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
                 address = address.ipv4_mapped
