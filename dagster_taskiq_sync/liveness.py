@@ -173,7 +173,10 @@ class LivenessStore:
         keys = [key for handle in handle_ids for key in (step_record_key(handle), queued_key(handle))]
         if run_id:
             keys.append(probe_key(run_id))
-        delete = lambda: _dagster_private.kv_delete(self._storage, keys)  # noqa: E731
+
+        def delete() -> int:
+            return _dagster_private.kv_delete(self._storage, keys)
+
         if outage_timeout <= 0:
             return delete()
         return retry_transient(
