@@ -648,9 +648,12 @@ class Bench:
         return rows
 
     def report(self) -> str:
+        # The repeats of what is reported (an included invocation's, with --report-only).
+        counts = sorted({len(m.walls) for m in self.measurements.values()}) or [self.opts.repeats]
+        repeats = "-".join(str(n) for n in (counts[0], counts[-1]) if n) if counts[0] != counts[-1] else str(counts[0])
         lines = [
             f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; concurrency {CONCURRENCY}; "
-            f"{self.opts.repeats} repeat(s), median wall seconds of `execute_job` (min-max).",
+            f"{repeats} repeat(s), median wall seconds of `execute_job` (min-max).",
             "",
         ]
         versions = _versions()
