@@ -159,6 +159,27 @@ def kv_delete(run_storage: Any, keys: Iterable[str]) -> int:
     return deleted
 
 
+def kv_insert_new(run_storage: Any, key: str, value: str) -> bool:
+    """Insert a key-value row unless the key exists; True when this call inserted it.
+
+    Atomic on SQL storages (the ``kvs`` table's unique index on ``key``): of two processes inserting
+    the same key at once, exactly one gets True. Elsewhere a read then a write (not atomic)."""
+    if not hasattr(run_storage, "connect"):
+        if run_storage.get_cursor_values({key}).get(key) is not None:
+            return False
+        run_storage.set_cursor_values({key: value})
+        return True
+    from dagster._core.storage.runs.schema import KeyValueStoreTable
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        with run_storage.connect() as conn:
+            conn.execute(KeyValueStoreTable.insert().values(key=key, value=value))
+    except IntegrityError:
+        return False
+    return True
+
+
 def kv_scan(run_storage: Any, prefix: str, limit: int) -> list[tuple[str, str]]:
     """Up to ``limit`` key-value rows whose key starts with ``prefix`` (oldest rows first)."""
     if not hasattr(run_storage, "connect"):

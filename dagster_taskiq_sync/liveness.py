@@ -48,6 +48,10 @@ def cancel_key(handle_id: str) -> str:
     return f"{KEY_PREFIX}/cancel/{handle_id}"
 
 
+def claim_key(handle_id: str) -> str:
+    return f"{KEY_PREFIX}/claim/{handle_id}"
+
+
 def probe_key(run_id: str) -> str:
     return f"{KEY_PREFIX}/probe/{run_id}"
 
@@ -120,6 +124,35 @@ class LivenessStore:
         for key in existing:  # one per call, as in write()
             self._storage.set_cursor_values({key: keys[key]})
 
+    def claim(self, handle_id: str, worker: str, stale_after: float) -> str | None:
+        """Claim the right to start this attempt; None when claimed, else who holds it.
+
+        SQS may hand one message to two receivers at once (at-least-once delivery); both would find
+        no record of the attempt and start it. The claim is one insert that only one of them can
+        make. A claim older than ``stale_after`` whose attempt never started (its worker died
+        between the claim and the start) is taken over."""
+        from ._dagster_private import kv_insert_new
+
+        key = claim_key(handle_id)
+        value = json.dumps({"worker": worker, "ts": time.time()})
+        if kv_insert_new(self._storage, key, value):
+            return None
+        try:
+            holder = json.loads(self._storage.get_cursor_values({key}).get(key) or "{}")
+            since = time.time() - float(holder.get("ts", 0))
+        except (ValueError, AttributeError, TypeError):
+            holder, since = {}, float("inf")
+        if since > stale_after:
+            self._storage.set_cursor_values({key: value})
+            return None
+        return str(holder.get("worker") or "another worker")
+
+    def unclaim(self, handle_id: str) -> None:
+        """Give a claim back (the attempt could not be started here)."""
+        from ._dagster_private import kv_delete
+
+        kv_delete(self._storage, [claim_key(handle_id)])
+
     def read(self, handle_ids: Iterable[str]) -> dict[str, StepRecord]:
         """The latest record of each step attempt: the worker's, else the orchestrator's ``queued``."""
         ids = {}
@@ -170,7 +203,9 @@ class LivenessStore:
         from . import _dagster_private
         from .db_retry import retry_transient
 
-        keys = [key for handle in handle_ids for key in (step_record_key(handle), queued_key(handle))]
+        keys = [
+            key for handle in handle_ids for key in (step_record_key(handle), queued_key(handle), claim_key(handle))
+        ]
         if run_id:
             keys.append(probe_key(run_id))
 

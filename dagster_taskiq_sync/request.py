@@ -141,7 +141,23 @@ class Request:
                 return verdict
         if self.worker.stopping.is_set():
             return Verdict(Outcome.RELEASE, "the worker is stopping")
-        return None
+        return self._claim()
+
+    def _claim(self) -> Verdict | None:
+        """Only one of two deliveries of one message received at once may start it (see
+        ``LivenessStore.claim``): the other is dropped like any duplicate."""
+        settings = self.worker.settings
+        stale_after = max(settings.worker_lost_timeout, 3 * settings.heartbeat_interval)
+        holder = self._retrying(
+            f"claiming {self.label}", lambda: self.worker.store.claim(self.handle_id, self.worker.name, stale_after)
+        )
+        if holder is None:
+            return None
+        return Verdict(
+            Outcome.DONE,
+            f"{self.label} already started on worker {holder} from another delivery of the same message "
+            "(SQS delivered it twice at once)",
+        )
 
     def _open(self) -> Message:
         delivery, worker = self.delivery, self.worker
@@ -216,7 +232,15 @@ class Request:
     # --- running it ----------------------------------------------------------------------------
 
     def execute(self) -> Verdict:
-        self._start()
+        try:
+            self._start()
+        except BaseException:
+            # Not started: give the claim back, so that the message's next delivery may start it.
+            try:
+                self.worker.store.unclaim(self.handle_id)
+            except Exception as exc:  # noqa: BLE001 - the start's own error is the one to raise
+                log.warning("worker %s: could not give back the claim on %s: %s", self.worker.name, self.label, exc)
+            raise
         code = self._supervise()
         return self._finish(code)
 

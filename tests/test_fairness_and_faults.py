@@ -275,7 +275,11 @@ def test_finished_runs_leave_no_per_step_records(workers, instance, executor_con
             )
         ]
     per_attempt = [
-        k for k in keys if k.split("/")[1] in ("step", "queued", "cancel") and k.split("/")[2][:8] in run_prefixes
+        k
+        for k in keys
+        if k.split("/")[1] in ("step", "queued", "cancel", "claim") and k.split("/")[2][:8] in run_prefixes
     ]
     assert per_attempt == []  # 0 rows for 200 attempts (they were 400 before compaction)
-    assert all(k.split("/")[1] in ("worker", "workers", "worker-control", "step", "queued", "cancel") for k in keys)
+    assert all(
+        k.split("/")[1] in ("worker", "workers", "worker-control", "step", "queued", "cancel", "claim") for k in keys
+    )

@@ -354,3 +354,71 @@ def test_lost_workers_leave_the_registry_and_stale_records_are_swept(tmp_path):
         assert store.sweep(86400, now=now + 1) == 1  # only the record nobody updated for a day
         assert set(store.read(["fresh", "old"])) == {"fresh"}
         assert store.forget(["fresh"], run_id="r") == 1
+
+
+def test_only_one_of_two_deliveries_received_at_once_may_start_an_attempt(tmp_path):
+    # Found by the full suite: moto (like SQS, at least once) handed one message to two workers
+    # within 2 ms; both found no record, both ran the step, and the run died on Dagster's
+    # "Attempted to mark step leaf_5 as complete that was not known to be in flight".
+    from dagster import DagsterInstance
+
+    from dagster_taskiq_sync.liveness import LivenessStore
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        store = LivenessStore(instance)
+        handles = [f"attempt-{i}" for i in range(20)]
+        results: dict[str, list] = {h: [] for h in handles}
+        barrier = threading.Barrier(2)
+
+        def deliver(worker: str) -> None:
+            for handle in handles:
+                barrier.wait()
+                results[handle].append(store.claim(handle, worker, stale_after=60))
+
+        threads = [threading.Thread(target=deliver, args=(name,)) for name in ("w1@h", "w2@h")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        for handle, got in results.items():
+            assert sorted(got, key=str) in ([None, "w1@h"], [None, "w2@h"]), (handle, got)
+
+        # a claim given back (the start failed) or abandoned (its worker died before starting) is taken
+        store.unclaim("attempt-0")
+        assert store.claim("attempt-0", "w3@h", stale_after=60) is None
+        assert store.claim("attempt-1", "w3@h", stale_after=60) in ("w1@h", "w2@h")
+        assert store.claim("attempt-1", "w3@h", stale_after=-1) is None
+        # and the run's end deletes the claims with its records
+        store.forget(handles, run_id="r")
+        assert store.claim("attempt-2", "w4@h", stale_after=60) is None
+
+
+def test_the_second_of_two_simultaneous_deliveries_is_dropped_as_a_duplicate(tmp_path):
+    from dagster import DagsterInstance
+
+    from dagster_taskiq_sync.liveness import LivenessStore
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        store = LivenessStore(instance)
+
+        def request(name):
+            worker = SimpleNamespace(
+                name=name,
+                settings=Settings(worker_lost_timeout=10),
+                stopping=threading.Event(),
+                instance=SimpleNamespace(get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED)),
+                store=store,
+            )
+            req = Request(SimpleNamespace(queue="q", message_id="m", receive_count=1), worker)
+            req._open = lambda: STEP
+            return req
+
+        assert request("w1@h").admit() is None  # no record: it runs
+        verdict = request("w2@h").admit()  # the same message, before w1 wrote its running record
+        assert verdict.outcome is Outcome.DONE
+        assert verdict.why == (
+            f"{STEP.label} already started on worker w1@h from another delivery of the same message "
+            "(SQS delivered it twice at once)"
+        )
