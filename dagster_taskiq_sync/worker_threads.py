@@ -111,17 +111,18 @@ class ConsumerThread(GuardedThread):
 
 
 class WorkerThread(GuardedThread):
-    """Runs one message's life at a time (``handle`` never raises; settling is its job)."""
+    """Runs one message's life at a time (``process`` never raises; settling is its job)."""
 
     def __init__(
         self,
         index: int,
         inbox: queue_mod.Queue[Delivery],
-        handle: Callable[[Delivery], Any],
+        process: Callable[[Delivery], Any],
         on_death: Callable[[str], None],
     ) -> None:
         super().__init__(f"worker-thread:{index}", on_death)
-        self._inbox, self._handle = inbox, handle
+        # Not `_handle`: Python 3.13's Thread keeps its own `_handle` and refuses to start without it.
+        self._inbox, self._process = inbox, process
 
     def loop(self) -> None:
         while not self.done.is_set():
@@ -129,7 +130,7 @@ class WorkerThread(GuardedThread):
                 delivery = self._inbox.get(timeout=0.5)
             except queue_mod.Empty:
                 continue
-            self._handle(delivery)
+            self._process(delivery)
             del delivery
 
 
