@@ -19,6 +19,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from dagster import _check as check
 from dagster._check import CheckError
 from dagster._cli import api as _cli_api
 from dagster._cli.api import _execute_run_command_body as execute_run_command_body
@@ -44,7 +45,6 @@ from dagster._core.executor.step_delegating import (
 )
 from dagster._core.executor.step_delegating import step_delegating_executor as _sde_module
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, ResumeRunContext, RunLauncher, WorkerStatus
-from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
 from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster._grpc.types import ExecuteStepArgs
 from dagster._record import copy as _copy_record
@@ -53,6 +53,24 @@ from dagster._serdes import ConfigurableClass, ConfigurableClassData, deserializ
 from dagster._utils.error import serializable_error_info_from_exc_info
 from dagster._utils.hosted_user_process import recon_job_from_origin
 from dagster._utils.interrupts import capture_interrupts
+from dagster.version import __version__ as _dagster_version
+
+try:  # dagster >= 1.13 names sqlite's busy timeout; 1.11 / 1.12 leave pysqlite's 5 s default
+    from dagster._core.storage.sqlite import SQLITE_BUSY_TIMEOUT_SECONDS
+except ImportError:  # the value dagster 1.13 uses: a long busy wait beats a "database is locked"
+    SQLITE_BUSY_TIMEOUT_SECONDS = 30
+
+
+def _minor(version: str) -> tuple[int, int]:
+    """(major, minor) of a Dagster version; a source checkout ("1!0+dev") counts as newest."""
+    try:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return (999, 0)
+
+
+_DAGSTER_MINOR = _minor(_dagster_version)
 
 __all__ = [
     "PRELOAD_MODULES",
@@ -77,12 +95,15 @@ __all__ = [
     "StepHandlerContext",
     "WorkerStatus",
     "capture_interrupts",
+    "check",
     "copy_record",
     "deserialize_value",
     "execute_run_command_body",
     "execute_step_command_body",
+    "finish_stored_event",
     "get_retries_config",
     "get_tag_concurrency_limits_config",
+    "is_sql_event_storage",
     "keep_sqlite_connections",
     "kv_delete",
     "kv_scan",
@@ -93,6 +114,7 @@ __all__ = [
     "serializable_error_info_from_exc_info",
     "serialize_value",
     "step_launch_policy",
+    "stored_event_id",
     "validate_config",
 ]
 
@@ -648,3 +670,125 @@ def _step_worker_started(log_manager, job_name, message, metadata, step_key):
 def install_step_worker_details() -> None:
     """Install the richer STEP_WORKER_STARTED event in this process (step children only)."""
     DagsterEvent.step_worker_started = staticmethod(_step_worker_started)  # type: ignore[method-assign]  # no hook
+
+
+# --- Resuming an event write that committed part of its rows (db_retry) ----------------------
+# ``store_event`` writes the event row, then (for some event types) a mirror row in sqlite's
+# index shard, the asset row and its tags, and the asset-check row. A transient database error
+# after the first commit leaves a prefix written; these finish the rest without duplicating it.
+# How the rest is written differs by Dagster minor, which is why it lives here:
+# - 1.13 writes the asset row and its tags in one ``index_transaction`` through
+#   ``_store_asset_event`` / ``_store_asset_event_tags``; 1.11 / 1.12 make two separate public
+#   calls (``store_asset_event``, then ``store_asset_event_tags``), so either may be missing.
+# - sqlite 1.12 / 1.13 mirror asset-check events into the index shard and key the check row by
+#   the mirror's id; 1.11 does not mirror them and stores the check row with no event id.
+
+
+def is_sql_event_storage(storage: Any) -> bool:
+    from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
+
+    return isinstance(storage, SqlEventLogStorage)
+
+
+def stored_event_id(storage: Any, event: Any, *, index: bool) -> int | None:
+    """The id of the row holding exactly ``event`` in its run's event log (or, ``index=True``,
+    sqlite's cross-run index shard), or None."""
+    import sqlalchemy as db
+    from dagster._core.storage.event_log.schema import SqlEventLogStorageTable as table
+
+    body = _event_row(storage, event)["event"]
+    connection = storage.index_connection() if index else storage.run_connection(event.run_id)
+    with connection as conn:
+        query = (
+            db.select(table.c.id)
+            .where(table.c.run_id == event.run_id, table.c.event == body)
+            .order_by(table.c.id)
+            .limit(1)
+        )
+        found = conn.execute(query).scalar()
+    return None if found is None else int(found)
+
+
+def _event_row(storage: Any, event: Any) -> dict:
+    to_row = getattr(storage, "_event_to_row", None)  # what prepare_insert_event writes
+    if to_row is not None:
+        return to_row(event)
+    return {"event": serialize_value(event)}
+
+
+def finish_stored_event(storage: Any, event: Any, event_id: int) -> None:
+    """The writes ``store_event`` makes after the event row, for an event whose row was
+    committed by an attempt that then failed. Mirrors ``store_event`` of
+    ``SqlEventLogStorage`` / ``PostgresEventLogStorage`` and ``SqliteEventLogStorage`` on the
+    installed Dagster minor."""
+    from dagster._core.events import ASSET_CHECK_EVENTS, ASSET_EVENTS
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+    if not event.is_dagster_event:
+        return
+    if isinstance(storage, SqliteEventLogStorage):
+        _finish_sqlite_mirror(storage, event)
+        return
+    # One event table (PostgreSQL, MySQL, consolidated sqlite).
+    event_type = event.dagster_event_type
+    if event_type in ASSET_EVENTS and event.dagster_event.asset_key:
+        _store_asset_rows(storage, event, event_id)
+    if event_type in ASSET_CHECK_EVENTS:
+        storage.store_asset_check_event(event, event_id)
+
+
+def _finish_sqlite_mirror(storage: Any, event: Any) -> None:
+    """Per-run shards: asset, asset-check (1.12+) and run-status events are mirrored into the
+    index shard, and the asset / check rows key on the mirror's id."""
+    from dagster._core.events import (
+        ASSET_CHECK_EVENTS,
+        ASSET_EVENTS,
+        EVENT_TYPE_TO_PIPELINE_RUN_STATUS,
+    )
+
+    event_type = event.dagster_event_type
+    check_mirrored = _DAGSTER_MINOR >= (1, 12)
+    mirrored = (
+        event_type in ASSET_EVENTS
+        or (check_mirrored and event_type in ASSET_CHECK_EVENTS)
+        or event_type in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
+    )
+    mirror_id = stored_event_id(storage, event, index=True) if mirrored else None
+    if mirrored and mirror_id is None:
+        with storage.index_connection() as conn:
+            mirror_id = _inserted_id(conn.execute(storage.prepare_insert_event(event)))
+    if event_type in ASSET_EVENTS:
+        _store_asset_rows(storage, event, check.not_none(mirror_id))
+    elif event_type in ASSET_CHECK_EVENTS:
+        # sqlite reports "locked" before writing, so a failed check write wrote nothing.
+        storage.store_asset_check_event(event, mirror_id)
+
+
+def _store_asset_rows(storage: Any, event: Any, event_id: int) -> None:
+    """The asset row and the asset-event tags of stored event ``event_id``."""
+    if hasattr(storage, "_store_asset_event_tags"):  # 1.13: one transaction, all or nothing
+        with storage.index_transaction() as conn:
+            storage._store_asset_event_tags(conn, [event], [event_id])
+            storage._store_asset_event(conn, event, event_id)
+        return
+    # 1.11 / 1.12: the asset row is an upsert (safe to repeat); the tags are plain inserts, so
+    # they are written only when the failed attempt wrote none.
+    storage.store_asset_event(event, event_id)
+    if not _has_asset_event_tags(storage, event_id):
+        storage.store_asset_event_tags([event], [event_id])
+
+
+def _has_asset_event_tags(storage: Any, event_id: int) -> bool:
+    import sqlalchemy as db
+    from dagster._core.storage.event_log.schema import AssetEventTagsTable as tags
+
+    with storage.index_connection() as conn:
+        query = db.select(tags.c.id).where(tags.c.event_id == event_id).limit(1)
+        return conn.execute(query).scalar() is not None
+
+
+def _inserted_id(result: Any) -> int:
+    key = result.inserted_primary_key
+    if not key or key[0] is None:
+        raise RuntimeError("the event log did not return the id of the event it stored")
+    return int(key[0])

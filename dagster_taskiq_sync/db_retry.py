@@ -54,6 +54,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from ._dagster_private import finish_stored_event, is_sql_event_storage, stored_event_id
+
 log = logging.getLogger("dagster_taskiq_sync.db_retry")
 
 T = TypeVar("T")
@@ -363,7 +365,7 @@ def install_event_write_retry(
     settings = {"deadline_seconds": deadline_seconds, "sleep": sleep, "clock": clock}
 
     if not events.__dict__.get(_INSTALLED):
-        if _is_sql_event_storage(events):
+        if is_sql_event_storage(events):
             store_one = events.store_event
             _shadow(events, "store_event", _store_event_wrapper, events, settings)
             _shadow(events, "store_event_batch", _store_event_batch_wrapper, events, store_one, settings)
@@ -389,12 +391,6 @@ def install_event_write_retry(
                     _shadow(storage, name, _retrying_wrapper, name, label, settings)
                     done.add(name)
     return instance
-
-
-def _is_sql_event_storage(storage: Any) -> bool:
-    from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
-
-    return isinstance(storage, SqlEventLogStorage)
 
 
 def _shadow(storage: Any, name: str, make: Callable[..., Callable[..., Any]], *args: Any) -> None:
@@ -471,97 +467,11 @@ def _store_event_once(
         nonlocal attempts
         attempts += 1
         if attempts > 1 or maybe_stored:
-            event_id = _stored_event_id(storage, event, index=False)
+            event_id = stored_event_id(storage, event, index=False)
             if event_id is not None:
-                _finish_stored_event(storage, event, event_id)
+                finish_stored_event(storage, event, event_id)
                 return
         orig(event)
 
     kind = event.dagster_event_type.value if getattr(event, "dagster_event_type", None) else "log message"
     retry_transient(attempt, what=f"writing event {kind} of run {event.run_id}", **settings)
-
-
-def _stored_event_id(storage: Any, event: Any, *, index: bool) -> int | None:
-    """The id of the row holding exactly ``event`` in its run's event log (or, ``index=True``,
-    sqlite's cross-run index shard), or None."""
-    import sqlalchemy as db
-    from dagster._core.storage.event_log.schema import SqlEventLogStorageTable as table
-
-    body = _event_row(storage, event)["event"]
-    connection = storage.index_connection() if index else storage.run_connection(event.run_id)
-    with connection as conn:
-        query = (
-            db.select(table.c.id)
-            .where(table.c.run_id == event.run_id, table.c.event == body)
-            .order_by(table.c.id)
-            .limit(1)
-        )
-        found = conn.execute(query).scalar()
-    return None if found is None else int(found)
-
-
-def _event_row(storage: Any, event: Any) -> dict:
-    to_row = getattr(storage, "_event_to_row", None)  # what prepare_insert_event writes
-    if to_row is not None:
-        return to_row(event)
-    from dagster._serdes import serialize_value
-
-    return {"event": serialize_value(event)}
-
-
-def _finish_stored_event(storage: Any, event: Any, event_id: int) -> None:
-    """The writes ``store_event`` makes after the event row, for an event whose row was
-    committed by an attempt that then failed. Mirrors dagster 1.13's ``store_event`` of
-    ``SqlEventLogStorage`` / ``PostgresEventLogStorage`` and ``SqliteEventLogStorage``."""
-    from dagster._core.events import (
-        ASSET_CHECK_EVENTS,
-        ASSET_EVENTS,
-        EVENT_TYPE_TO_PIPELINE_RUN_STATUS,
-    )
-    from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
-        SqliteEventLogStorage,
-    )
-
-    if not event.is_dagster_event:
-        return
-    event_type = event.dagster_event_type
-    if isinstance(storage, SqliteEventLogStorage):
-        # Per-run shards: asset, asset-check and run-status events are mirrored into index.db.
-        if not (
-            event_type in ASSET_EVENTS
-            or event_type in ASSET_CHECK_EVENTS
-            or event_type in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
-        ):
-            return
-        mirror_id = _stored_event_id(storage, event, index=True)
-        insert = storage.prepare_insert_event(event)
-        if event_type in ASSET_EVENTS:
-            if mirror_id is None:  # mirror, tags and asset row are one transaction
-                with storage.index_transaction() as conn:
-                    mirror_id = _inserted_id(conn.execute(insert))
-                    storage._store_asset_event_tags(conn, [event], [mirror_id])
-                    storage._store_asset_event(conn, event, mirror_id)
-        elif event_type in ASSET_CHECK_EVENTS:
-            if mirror_id is None:
-                with storage.index_connection() as conn:
-                    mirror_id = _inserted_id(conn.execute(insert))
-            # sqlite reports "locked" before writing, so a failed check write wrote nothing.
-            storage.store_asset_check_event(event, mirror_id)
-        elif mirror_id is None:
-            with storage.index_connection() as conn:
-                conn.execute(insert)
-        return
-    # One event table (PostgreSQL, MySQL, consolidated sqlite).
-    if event_type in ASSET_EVENTS and event.dagster_event.asset_key:
-        with storage.index_transaction() as conn:
-            storage._store_asset_event_tags(conn, [event], [event_id])
-            storage._store_asset_event(conn, event, event_id)
-    if event_type in ASSET_CHECK_EVENTS:
-        storage.store_asset_check_event(event, event_id)
-
-
-def _inserted_id(result: Any) -> int:
-    key = result.inserted_primary_key
-    if not key or key[0] is None:
-        raise RuntimeError("the event log did not return the id of the event it stored")
-    return int(key[0])

@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from dagster import DagsterRunStatus, executor, multiple_process_executor_requirements
-from dagster import _check as check
 
 from ._dagster_private import (
     CheckStepHealthResult,
@@ -28,6 +27,7 @@ from ._dagster_private import (
     RetryMode,
     StepHandler,
     StepHandlerContext,
+    check,
     install_step_sort_key,
     run_interrupted,
     serialize_value,

@@ -26,7 +26,6 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from dagster import Field, Noneable, Permissive, StringSource
-from dagster import _check as check
 
 from ._dagster_private import (
     CheckRunHealthResult,
@@ -37,6 +36,7 @@ from ._dagster_private import (
     ResumeRunContext,
     RunLauncher,
     WorkerStatus,
+    check,
 )
 from .bridge import shared_bridge
 from .broker_client import BrokerClient

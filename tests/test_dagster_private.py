@@ -35,3 +35,63 @@ def test_installers_change_nothing_until_called():
     assert sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
     _dagster_private.install_step_sort_key()  # idempotent
     assert sde.ActiveExecution.__mro__[1] is _dagster_private.ActiveExecution
+
+
+def _private_dagster_imports(path):
+    """(line, name) of every import of a private Dagster module or name in one Python file:
+    ``import dagster._x``, ``from dagster._x import y``, ``from dagster import _x`` and
+    ``importlib.import_module("dagster._x")``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names if a.name.startswith("dagster._")]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("dagster._"):
+                found.append((node.lineno, node.module))
+            elif node.module == "dagster":
+                found += [(node.lineno, f"dagster.{a.name}") for a in node.names if a.name.startswith("_")]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            value = node.args[0].value
+            if isinstance(value, str) and value.startswith("dagster._"):
+                found.append((node.lineno, value))
+    return found
+
+
+# Where shipped code lives: the package and what users run (bin/ scripts, benchmarks, examples).
+# tests/ may reach into Dagster to set up a fault; that is not a promise to users.
+_SHIPPED = ("dagster_taskiq_sync", "benchmarks", "examples", "deploy", "bin")
+
+
+def test_no_module_outside_the_private_api_module_imports_private_dagster():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    own = root / "dagster_taskiq_sync" / "_dagster_private.py"
+    files = [p for top in _SHIPPED for p in (root / top).rglob("*.py") if p != own]
+    assert len(files) > 30, "the scan found too few files to be looking in the right place"
+    offenders = [
+        f"{p.relative_to(root)}:{line} imports {name}" for p in files for line, name in _private_dagster_imports(p)
+    ]
+    assert offenders == [], "private Dagster names belong in dagster_taskiq_sync/_dagster_private.py: " + "; ".join(
+        offenders
+    )
+
+
+def test_the_scan_sees_every_form_of_private_import(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "import dagster._core.events\n"
+        "from dagster._serdes import serialize_value\n"
+        "from dagster import _check as check, job\n"
+        "import importlib\n"
+        "importlib.import_module('dagster._cli.api')\n"
+        "from dagster import asset\n"
+    )
+    assert [name for _, name in _private_dagster_imports(sample)] == [
+        "dagster._core.events",
+        "dagster._serdes",
+        "dagster._check",
+        "dagster._cli.api",
+    ]

@@ -416,7 +416,15 @@ def short_busy_timeout(monkeypatch):
     outlasts it (as a long one outlasts 30 s) and reaches the retry."""
     from dagster._core.storage.event_log.sqlite import sqlite_event_log
 
-    monkeypatch.setattr(sqlite_event_log, "SQLITE_BUSY_TIMEOUT_SECONDS", 0.5)
+    # Every Dagster minor builds its shard engines through this module's create_engine (1.13
+    # passes a timeout of 30 s, 1.11 / 1.12 leave pysqlite's 5 s): override it there.
+    real_create_engine = sqlite_event_log.create_engine
+
+    def create_engine(*args, **kwargs):
+        kwargs["connect_args"] = {**kwargs.get("connect_args", {}), "timeout": 0.5}
+        return real_create_engine(*args, **kwargs)
+
+    monkeypatch.setattr(sqlite_event_log, "create_engine", create_engine)
 
 
 class HeldWriteLock:
@@ -504,6 +512,41 @@ def test_a_run_event_whose_index_mirror_is_locked_is_stored_once_in_each_shard(s
             (run.run_id, DagsterEventType.RUN_START.value),
         ).fetchone()[0]
     assert mirrored == 1
+
+
+def test_an_asset_event_whose_index_mirror_is_locked_gets_its_mirror_and_asset_row_once(
+    sqlite_instance, short_busy_timeout
+):
+    # The asset path of SqliteEventLogStorage.store_event: run shard, then the index mirror, the
+    # asset row and its tags (one transaction on dagster 1.13, two calls on 1.11 / 1.12).
+    install_event_write_retry(sqlite_instance, deadline_seconds=120)
+    run = create_run_for_test(sqlite_instance)
+    sqlite_instance.report_engine_event("before the lock", run)
+    storage = sqlite_instance.event_log_storage
+    asset_key = AssetKey(["db_faults", uuid.uuid4().hex[:8]])
+    event = DagsterEvent(
+        event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
+        job_name=run.job_name,
+        event_specific_data=StepMaterializationData(AssetMaterialization(asset_key=asset_key)),
+    )
+    lock = HeldWriteLock(storage.path_for_shard("index"))
+
+    writer, errors = write_in_thread(lambda: sqlite_instance.report_dagster_event(event, run.run_id))
+    time.sleep(2)
+    lock.release()
+    writer.join(180)
+
+    assert not writer.is_alive() and errors == []
+    records = sqlite_instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+    assert len(records) == 1
+    with sqlite3.connect(storage.path_for_shard("index")) as index:
+        mirrored = index.execute(
+            "SELECT count(*) FROM event_logs WHERE run_id = ? AND dagster_event_type = ?",
+            (run.run_id, DagsterEventType.ASSET_MATERIALIZATION.value),
+        ).fetchone()[0]
+    assert mirrored == 1
+    latest = sqlite_instance.get_latest_materialization_event(asset_key)
+    assert latest is not None and latest.run_id == run.run_id
 
 
 # -- a whole run through an outage ----------------------------------------------------------------
