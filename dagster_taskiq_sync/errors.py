@@ -31,3 +31,7 @@ class BrokerError(TaskiqSyncError):
 
 class BridgeStoppedError(TaskiqSyncError):
     """A call was made through the async bridge after it was stopped."""
+
+
+class UnsupportedVersionError(TaskiqSyncError, ImportError):
+    """The installed dagster or taskiq is outside the range this release supports."""
