@@ -12,6 +12,8 @@ import pytest
 from dagster_taskiq_sync.bridge import Bridge, shared_bridge
 from dagster_taskiq_sync.errors import BridgeStoppedError
 
+pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
+
 
 async def echo_after(value, delay):
     await asyncio.sleep(delay)

@@ -14,6 +14,8 @@ from dagster_taskiq_sync.celery_compat import (
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.settings import kombu_queue_name, redact_url
 
+pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

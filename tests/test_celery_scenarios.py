@@ -43,6 +43,7 @@ def engine(request, executor_config):
     return EAGER
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_default(engine, instance):
     with run(cj.test_job, instance, engine) as result:
         assert result.output_for_node("simple") == 1
@@ -54,6 +55,7 @@ def test_execute_default(engine, instance):
         ) == (1, 1, 1, 1)
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_serial(engine, instance):
     with run(cj.test_serial_job, instance, engine) as result:
         assert result.output_for_node("simple") == 1
@@ -68,6 +70,7 @@ def test_execute_serial(engine, instance):
         ) == (2, 1, 2, 2, 1, 2)
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_diamond(engine, instance):
     with run(cj.test_diamond_job, instance, engine) as result:
         assert result.output_for_node("emit_values", "value_one") == 1
@@ -77,29 +80,34 @@ def test_execute_diamond(engine, instance):
         assert result.output_for_node("subtract") == -1
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_diamond_subset(engine, instance):
     with run(cj.test_diamond_job, instance, engine, op_selection=["emit_values"]) as result:
         assert result.output_for_node("emit_values", "value_one") == 1
         assert len(result.get_step_success_events()) == 1
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_parallel(engine, instance):
     with run(cj.test_parallel_job, instance, engine) as result:
         assert len(result.get_step_success_events()) == 11
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_composite(engine, instance):
     with run(cj.composite_job, instance, engine) as result:
         assert result.success
         assert len(result.get_step_success_events()) == 16
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_optional_outputs(engine, instance):
     with run(cj.test_optional_outputs, instance, engine) as result:
         assert len(result.get_step_success_events()) == 2
         assert len(result.get_step_skipped_events()) == 2
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_fails(engine, instance):
     with run(cj.test_fails, instance, engine) as result:
         assert len(result.get_step_failure_events()) == 1
@@ -108,6 +116,7 @@ def test_execute_fails(engine, instance):
         assert result.is_node_untouched("should_never_execute")
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_retries(engine, instance):
     with run(cj.test_retries, instance, engine) as result:
         assert (
@@ -118,6 +127,7 @@ def test_execute_retries(engine, instance):
         ) == (1, 1, 1, 1)
 
 
+@pytest.mark.compat  # on workers and eager: the tier bin/matrix runs on every env
 def test_execute_resources_limit(engine, instance):
     with run(cj.test_resources_limit, instance, engine) as result:
         assert result.is_node_success("resource_req_op")

@@ -10,6 +10,8 @@ import yaml
 from dagster_taskiq_sync.cli import settings_from_yaml
 from dagster_taskiq_sync.errors import ConfigError
 
+pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
+
 FIXTURES = Path(__file__).resolve().parent.parent / "compat" / "celery_yaml"
 CASES = sorted(p for p in FIXTURES.glob("*.yaml") if not p.name.endswith(".expected.yaml"))
 

@@ -12,6 +12,8 @@ import pytest
 
 from dagster_taskiq_sync import _dagster_private
 
+pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
+
 
 @pytest.mark.parametrize("module", _dagster_private.PRELOAD_MODULES)
 def test_every_fork_server_preload_imports(module):

@@ -454,6 +454,7 @@ def write_in_thread(fn):
     return thread, errors
 
 
+@pytest.mark.compat
 def test_an_event_written_while_sqlite_is_locked_past_its_busy_timeout_is_stored_once(
     sqlite_instance, short_busy_timeout, caplog
 ):
@@ -488,6 +489,7 @@ def test_with_dagsters_own_busy_timeout_a_short_lock_is_simply_waited_out(sqlite
     assert len(engine_events(sqlite_instance, run.run_id, "written while locked")) == 1
 
 
+@pytest.mark.compat
 def test_a_run_event_whose_index_mirror_is_locked_is_stored_once_in_each_shard(sqlite_instance, short_busy_timeout):
     # SqliteEventLogStorage writes a run-status event to the run's shard, then mirrors it into
     # index.db: with index.db locked the first write commits and the second fails. A blind
@@ -514,6 +516,7 @@ def test_a_run_event_whose_index_mirror_is_locked_is_stored_once_in_each_shard(s
     assert mirrored == 1
 
 
+@pytest.mark.compat
 def test_an_asset_event_whose_index_mirror_is_locked_gets_its_mirror_and_asset_row_once(
     sqlite_instance, short_busy_timeout
 ):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from dagster import DagsterEventType, execute_job, reconstructable
 
 from dagster_taskiq_sync.run_report import step_reports
 
 from . import jobs
+
+pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 
 
 def run(job_fn, instance, executor_config, ops=None):

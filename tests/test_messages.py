@@ -29,6 +29,8 @@ from dagster_taskiq_sync.messages import (
     queue_for_tags,
 )
 
+pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
+
 RUN_ID = "0b6f9c7e-6a43-4c1e-9d55-3c2f9a1d2b10"
 STATE = serialize_value(KnownExecutionState())
 KEY = "k" * 40

@@ -172,6 +172,7 @@ def messages(instance, run_id) -> str:
     )
 
 
+@pytest.mark.compat
 def test_launched_run_succeeds_on_a_worker(launcher_home, launcher_instance, run_worker):
     worker = run_worker("runner")
     run_id = launch(launcher_home, launcher_instance, "launched_ok")
@@ -251,6 +252,7 @@ def test_terminate_stops_the_run_process_and_the_run_ends_canceled(
 
 
 @pytest.mark.slow
+@pytest.mark.compat
 def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(
     launcher_home, launcher_instance, run_worker, step_worker, executor_config
 ):

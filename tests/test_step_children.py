@@ -38,6 +38,7 @@ def _plan_facts(plan):
     }
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("job_fn", [jobs.diamond, jobs.fan_out_fan_in, jobs.retries], ids=lambda j: j.name)
 def test_cached_step_plan_equals_the_plan_dagster_builds(job_fn):
     recon = reconstructable(job_fn)
@@ -59,6 +60,7 @@ def test_cached_step_plan_equals_the_plan_dagster_builds(job_fn):
     assert any(entry is not None for entry in _PLAN_CACHE.values())  # the cache was used, not bypassed
 
 
+@pytest.mark.compat
 def test_a_step_child_validates_a_runs_config_once_and_gets_what_dagster_gets():
     from dagster import DagsterInvalidConfigError
 
@@ -144,6 +146,7 @@ def _walk_the_run(recon, run_config, plan):
                 active.mark_success(step.key)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("job_name", ["fan_out_fan_in", "two_dynamic_fans"])
 def test_a_step_message_carries_only_the_state_its_step_needs_and_builds_the_same_plan(job_name):
     # Given a run as the orchestrator sees it, step by step (ready outputs, retries, dynamic mappings)
@@ -193,7 +196,7 @@ def _run_pids(instance, config: dict) -> list[int]:
 @pytest.mark.parametrize(
     "recycle_args, expected",
     [
-        ([], [4]),  # one step child runs every step
+        pytest.param([], [4], marks=pytest.mark.compat),  # one step child runs every step
         (["--max-tasks-per-child", "2"], [2, 2]),
         (["--", "--max-tasks-per-child", "1"], [1, 1, 1, 1]),  # dagster-celery scripts pass Celery flags after --
     ],
