@@ -197,14 +197,14 @@ def main() -> int:
         for future in concurrent.futures.as_completed(futures):
             row = future.result() | stamp
             rows.append(row)
+            if not args.no_write:  # after each env, so an interrupted matrix keeps what it ran
+                write(rows)
             counts = " ".join(f"{k}={row[k]}" for k in ("passed", "failed", "errors", "skipped") if k in row)
             print(
                 f"  {row['env']:28} {row['status']:6} {counts} pytest {row.get('pytest_seconds', '-')} s,"
                 f" wall {row.get('wall_seconds', '-')} s" + (f"  ({row['why']})" if row.get("why") else ""),
                 flush=True,
             )
-    if not args.no_write:
-        write(rows)
     failed = [r for r in rows if r["status"] != "passed"]
     for r in failed:
         log = ROOT / ".tox" / "matrix-logs" / f"{r['env']}-{r['tier']}.log"
