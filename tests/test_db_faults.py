@@ -440,6 +440,15 @@ class HeldWriteLock:
         self.conn.close()
 
 
+def index_mirrors(storage, run_id, event_type) -> int:
+    """How many copies of ``run_id``'s ``event_type`` events sqlite's index shard holds."""
+    with sqlite3.connect(storage.path_for_shard("index")) as index:
+        return index.execute(
+            "SELECT count(*) FROM event_logs WHERE run_id = ? AND dagster_event_type = ?",
+            (run_id, event_type.value),
+        ).fetchone()[0]
+
+
 def write_in_thread(fn):
     errors: list[BaseException] = []
 
@@ -508,12 +517,7 @@ def test_a_run_event_whose_index_mirror_is_locked_is_stored_once_in_each_shard(s
 
     assert not writer.is_alive() and errors == []
     assert len(sqlite_instance.get_records_for_run(run.run_id, of_type=DagsterEventType.RUN_START).records) == 1
-    with sqlite3.connect(storage.path_for_shard("index")) as index:
-        mirrored = index.execute(
-            "SELECT count(*) FROM event_logs WHERE run_id = ? AND dagster_event_type = ?",
-            (run.run_id, DagsterEventType.RUN_START.value),
-        ).fetchone()[0]
-    assert mirrored == 1
+    assert index_mirrors(storage, run.run_id, DagsterEventType.RUN_START) == 1
 
 
 @pytest.mark.compat
@@ -542,12 +546,7 @@ def test_an_asset_event_whose_index_mirror_is_locked_gets_its_mirror_and_asset_r
     assert not writer.is_alive() and errors == []
     records = sqlite_instance.get_records_for_run(run.run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
     assert len(records) == 1
-    with sqlite3.connect(storage.path_for_shard("index")) as index:
-        mirrored = index.execute(
-            "SELECT count(*) FROM event_logs WHERE run_id = ? AND dagster_event_type = ?",
-            (run.run_id, DagsterEventType.ASSET_MATERIALIZATION.value),
-        ).fetchone()[0]
-    assert mirrored == 1
+    assert index_mirrors(storage, run.run_id, DagsterEventType.ASSET_MATERIALIZATION) == 1
     latest = sqlite_instance.get_latest_materialization_event(asset_key)
     assert latest is not None and latest.run_id == run.run_id
 
