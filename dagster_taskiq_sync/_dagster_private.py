@@ -684,6 +684,10 @@ def install_step_worker_details() -> None:
 #   the mirror's id; 1.11 does not mirror them and stores the check row with no event id.
 
 
+# 1.13+: ``store_event`` writes an asset event's tags and asset row in one index transaction.
+_ONE_ASSET_TRANSACTION = _DAGSTER_MINOR >= (1, 13)
+
+
 def is_sql_event_storage(storage: Any) -> bool:
     from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 
@@ -754,6 +758,15 @@ def _finish_sqlite_mirror(storage: Any, event: Any) -> None:
         or event_type in EVENT_TYPE_TO_PIPELINE_RUN_STATUS
     )
     mirror_id = stored_event_id(storage, event, index=True) if mirrored else None
+    if event_type in ASSET_EVENTS and _ONE_ASSET_TRANSACTION:
+        # 1.13 commits the mirror, the tags and the asset row in one transaction: a mirror
+        # row means all three are there; no mirror row means none is.
+        if mirror_id is None:
+            with storage.index_transaction() as conn:
+                mirror_id = _inserted_id(conn.execute(storage.prepare_insert_event(event)))
+                storage._store_asset_event_tags(conn, [event], [mirror_id])
+                storage._store_asset_event(conn, event, mirror_id)
+        return
     if mirrored and mirror_id is None:
         with storage.index_connection() as conn:
             mirror_id = _inserted_id(conn.execute(storage.prepare_insert_event(event)))
@@ -766,10 +779,13 @@ def _finish_sqlite_mirror(storage: Any, event: Any) -> None:
 
 def _store_asset_rows(storage: Any, event: Any, event_id: int) -> None:
     """The asset row and the asset-event tags of stored event ``event_id``."""
-    if hasattr(storage, "_store_asset_event_tags"):  # 1.13: one transaction, all or nothing
-        with storage.index_transaction() as conn:
-            storage._store_asset_event_tags(conn, [event], [event_id])
-            storage._store_asset_event(conn, event, event_id)
+    if _ONE_ASSET_TRANSACTION:
+        # 1.13: tags and asset row commit together, so tags present means both are written
+        # (an event with no tags is rewritten harmlessly: the asset row is an upsert).
+        if not _has_asset_event_tags(storage, event_id):
+            with storage.index_transaction() as conn:
+                storage._store_asset_event_tags(conn, [event], [event_id])
+                storage._store_asset_event(conn, event, event_id)
         return
     # 1.11 / 1.12: the asset row is an upsert (safe to repeat); the tags are plain inserts, so
     # they are written only when the failed attempt wrote none.

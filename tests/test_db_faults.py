@@ -22,6 +22,7 @@ from dagster import AssetKey, AssetMaterialization, DagsterEventType, DagsterIns
 from dagster._core.events import DagsterEvent, StepMaterializationData
 from dagster._core.test_utils import create_run_for_test
 
+from dagster_taskiq_sync._dagster_private import finish_stored_event
 from dagster_taskiq_sync.db_retry import (
     describe_db_error,
     install_event_write_retry,
@@ -449,6 +450,14 @@ def index_mirrors(storage, run_id, event_type) -> int:
         ).fetchone()[0]
 
 
+def index_asset_tags(storage, asset_key) -> int:
+    """How many asset-event tag rows sqlite's index shard holds for ``asset_key``."""
+    with sqlite3.connect(storage.path_for_shard("index")) as index:
+        return index.execute(
+            "SELECT count(*) FROM asset_event_tags WHERE asset_key = ?", (asset_key.to_string(),)
+        ).fetchone()[0]
+
+
 def write_in_thread(fn):
     errors: list[BaseException] = []
 
@@ -534,7 +543,9 @@ def test_an_asset_event_whose_index_mirror_is_locked_gets_its_mirror_and_asset_r
     event = DagsterEvent(
         event_type_value=DagsterEventType.ASSET_MATERIALIZATION.value,
         job_name=run.job_name,
-        event_specific_data=StepMaterializationData(AssetMaterialization(asset_key=asset_key)),
+        event_specific_data=StepMaterializationData(
+            AssetMaterialization(asset_key=asset_key, tags={"dagster/data_version": "v1"})
+        ),
     )
     lock = HeldWriteLock(storage.path_for_shard("index"))
 
@@ -549,6 +560,12 @@ def test_an_asset_event_whose_index_mirror_is_locked_gets_its_mirror_and_asset_r
     assert index_mirrors(storage, run.run_id, DagsterEventType.ASSET_MATERIALIZATION) == 1
     latest = sqlite_instance.get_latest_materialization_event(asset_key)
     assert latest is not None and latest.run_id == run.run_id
+    assert index_asset_tags(storage, asset_key) == 1
+
+    # A second resume of the same write (its first attempt finished everything) adds nothing.
+    finish_stored_event(storage, records[0].event_log_entry, records[0].storage_id)
+    assert index_mirrors(storage, run.run_id, DagsterEventType.ASSET_MATERIALIZATION) == 1
+    assert index_asset_tags(storage, asset_key) == 1
 
 
 # -- a whole run through an outage ----------------------------------------------------------------
