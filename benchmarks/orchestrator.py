@@ -12,7 +12,7 @@ runs each in its own thread of this process, as concurrent runs of one code loca
 ``wall`` is then from the first start to the last end, and ``walls`` has each run's own time.
 The answer also has this process's CPU seconds over the runs (``cpu``: its own threads, and its
 reaped children: multiprocess_executor's step processes). For taskiq runs it includes the
-per-step latency breakdown (labels in ``bench.SEGMENTS``) and each step message's size.
+per-step latency breakdown (labels in ``bench_plan.SEGMENTS``) and each step message's size.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def instrument_taskiq() -> None:
     """Note when the sender has each step on SQS and when the orchestrator reads each step's
     result: the first and last links of a step's latency, which no event records. Uses the
     package's observer hooks (no monkeypatching)."""
-    from dagster_taskiq_sync.executor import observe_results
-    from dagster_taskiq_sync.sender import observe_sends
+    from dagster_taskiq_sync.orchestrator.executor import observe_results
+    from dagster_taskiq_sync.orchestrator.sender import observe_sends
 
     observe_sends(lambda item, at: _SENT_AT.__setitem__((item.run_id, item.step_key), at))
     observe_results(lambda run_id, step_key, at: _SEEN_AT.setdefault((run_id, step_key), at))

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dagster_taskiq_sync.local_endpoint import free_port
+from dagster_taskiq_sync.ops.local_endpoint import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

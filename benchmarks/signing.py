@@ -11,8 +11,8 @@ from __future__ import annotations
 import statistics
 import timeit
 
-from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
-from dagster_taskiq_sync.messages import Keyring, StepMessage, decode, encode
+from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
+from dagster_taskiq_sync.wire.messages import Keyring, StepMessage, decode, encode
 
 
 def _body(size_hint: int) -> bytes:

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dagster_taskiq_sync.local_endpoint import LocalEndpoint, aws_env, free_port  # noqa: E402
+from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint, aws_env, free_port  # noqa: E402
 
 JOB_FILE = ROOT / "examples" / "demo_repo.py"
 JOB_NAME = "fan_out_fan_in"
@@ -118,7 +118,7 @@ def _report(workdir: Path, env: dict[str, str], wall: float) -> int:
     os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
     from dagster import DagsterInstance, DagsterRunStatus
 
-    from dagster_taskiq_sync.run_report import step_reports
+    from dagster_taskiq_sync.storage.run_report import step_reports
 
     with DagsterInstance.get() as instance:
         runs = instance.get_runs(limit=1)

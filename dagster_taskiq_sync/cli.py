@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from .errors import ConfigError, TaskiqSyncError
-from .worker_config import load_executor_config, settings_from_yaml
+from dagster_taskiq_sync.config.worker_config import load_executor_config, settings_from_yaml
+from dagster_taskiq_sync.errors import ConfigError, TaskiqSyncError
 
 __all__ = ["load_executor_config", "main", "settings_from_yaml"]
 
@@ -167,8 +167,8 @@ def worker_start(
     log = logging.getLogger("dagster_taskiq_sync.worker")
     if app:
         log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)
-    from .worker import Worker
-    from .worker_config import WorkerConfig
+    from dagster_taskiq_sync.config.worker_config import WorkerConfig
+    from dagster_taskiq_sync.worker.worker import Worker
 
     try:
         config = WorkerConfig.from_yaml(
@@ -259,8 +259,8 @@ def _start_in_background(name, logfile) -> None:
 
 def _registry():
     """The worker registry in DAGSTER_HOME's instance (a ClickException saying how to set it)."""
-    from .instance import InstanceOptions, open_home_instance
-    from .registry import WorkerRegistry
+    from dagster_taskiq_sync.storage.instance import InstanceOptions, open_home_instance
+    from dagster_taskiq_sync.storage.registry import WorkerRegistry
 
     try:
         return WorkerRegistry(open_home_instance(InstanceOptions(pool_connections=False)))
@@ -281,7 +281,7 @@ def worker_list(config_yaml) -> None:
     Workers that stopped heartbeating (killed, node lost) show as `lost?`, and leave the list
     lost_worker_expiry seconds (default 3600) after their last heartbeat.
     """
-    from .settings import Settings
+    from dagster_taskiq_sync.wire.settings import Settings
 
     try:
         expiry = settings_from_yaml(config_yaml).lost_worker_expiry if config_yaml else Settings().lost_worker_expiry
@@ -372,9 +372,9 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
     Queues are encrypted at rest (SQS-managed keys, or --kms-key); the bucket gets default
     encryption and a lifecycle rule expiring offloaded payloads.
     """
-    from .admin import provision
-    from .bridge import Bridge
-    from .broker_client import translate_error
+    from dagster_taskiq_sync.ops.admin import provision
+    from dagster_taskiq_sync.wire.bridge import Bridge
+    from dagster_taskiq_sync.wire.broker_client import translate_error
 
     try:
         settings = settings_from_yaml(config_yaml)
@@ -418,7 +418,7 @@ def queues_stats(config_yaml, only, as_json, watch, target) -> None:
     """Per queue: visible / in-flight / delayed messages, dead-letter depth, live workers, free slots, replicas needed."""
     import time
 
-    from .bridge import Bridge
+    from dagster_taskiq_sync.wire.bridge import Bridge
 
     if watch is not None and not watch > 0:
         raise click.UsageError(f"--watch {watch:g} must be a positive number of seconds; pass e.g. --watch 5.")
@@ -447,8 +447,8 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
     import datetime
     import json
 
-    from .admin import add_workers, queue_depths
-    from .broker_client import translate_error
+    from dagster_taskiq_sync.ops.admin import add_workers, queue_depths
+    from dagster_taskiq_sync.wire.broker_client import translate_error
 
     notes = []
     workers = None
@@ -524,9 +524,9 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
 )
 def queues_redrive(name, config_yaml, max_messages) -> None:
     """Move the messages in queue NAME's dead-letter queue back to NAME (after the cause is fixed)."""
-    from .admin import redrive
-    from .bridge import Bridge
-    from .broker_client import translate_error
+    from dagster_taskiq_sync.ops.admin import redrive
+    from dagster_taskiq_sync.wire.bridge import Bridge
+    from dagster_taskiq_sync.wire.broker_client import translate_error
 
     if max_messages is not None and max_messages < 1:
         raise click.UsageError(
@@ -585,9 +585,9 @@ def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -
     """Print the least-privilege IAM policy (JSON) for the queues, dead-letter queues and S3 offload prefix a config names."""
     import json
 
-    from .admin import kms_key_for
-    from .bridge import Bridge
-    from .iam import ROLES, policy, resolve_resources
+    from dagster_taskiq_sync.ops.admin import kms_key_for
+    from dagster_taskiq_sync.ops.iam import ROLES, policy, resolve_resources
+    from dagster_taskiq_sync.wire.bridge import Bridge
 
     try:
         settings = settings_from_yaml(config_yaml)
@@ -606,7 +606,7 @@ def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -
 @main.command("celery-mapping")
 def celery_mapping() -> None:
     """Print the table of what each Celery setting does on SQS (Markdown)."""
-    from .celery_compat import mapping_table_markdown
+    from dagster_taskiq_sync.config.celery_compat import mapping_table_markdown
 
     click.echo(mapping_table_markdown())
 
@@ -615,7 +615,7 @@ def celery_mapping() -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=9324, show_default=True)
 def local_endpoint(port) -> None:
     """Serve a local SQS/S3 endpoint on 127.0.0.1:PORT (moto) until interrupted."""
-    from .local_endpoint import LocalEndpoint
+    from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint
 
     try:
         endpoint = LocalEndpoint(port).start()

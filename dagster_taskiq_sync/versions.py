@@ -1,6 +1,6 @@
 """The dagster and taskiq versions this release supports, checked when the package is imported.
 
-The executor relies on private Dagster step-delegation APIs (``_dagster_private.py``) whose shape
+The executor relies on private Dagster step-delegation APIs (``_dagster/``) whose shape
 changes between minors, so an unsupported minor would otherwise fail late and obscurely (an
 ``ImportError`` deep in Dagster, or a step erroring on a worker). The ranges equal
 ``install_requires`` in setup.cfg (``tests/test_versions.py`` checks it), and each supported
@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from importlib import metadata
 
-from .errors import UnsupportedVersionError
+from dagster_taskiq_sync.errors import UnsupportedVersionError
 
 # distribution -> (lowest supported "major.minor", first unsupported "major.minor")
 SUPPORTED: Mapping[str, tuple[str, str]] = {

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from dagster import DagsterInstance
 
-from dagster_taskiq_sync.local_endpoint import LocalEndpoint
+from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint
 
 from .helpers import CLI, WorkerProcess
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from dagster_taskiq_sync.local_endpoint import free_port
+from dagster_taskiq_sync.ops.local_endpoint import free_port
 
 APT_PACKAGE = "postgresql"
 DEFAULT_STOP_TIMEOUT = 60.0

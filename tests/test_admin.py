@@ -14,12 +14,12 @@ import pytest
 import yaml
 from dagster import DagsterInstance
 
-from dagster_taskiq_sync.admin import LIFECYCLE_RULE_ID, replicas_needed
-from dagster_taskiq_sync.bridge import Bridge
-from dagster_taskiq_sync.broker_client import BrokerClient
-from dagster_taskiq_sync.celery_compat import settings_from_executor_config
-from dagster_taskiq_sync.messages import RunMessage, TaskKind, encode
-from dagster_taskiq_sync.registry import WorkerRecord, WorkerRegistry
+from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
+from dagster_taskiq_sync.ops.admin import LIFECYCLE_RULE_ID, replicas_needed
+from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
+from dagster_taskiq_sync.wire.bridge import Bridge
+from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.messages import RunMessage, TaskKind, encode
 
 from .helpers import CLI, WorkerProcess, sqs_client, wait_for
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from dagster import DagsterEventType, DagsterUnmetExecutorRequirementsError, execute_job, reconstructable
 
-from dagster_taskiq_sync.local_endpoint import free_port
+from dagster_taskiq_sync.ops.local_endpoint import free_port
 
 from . import jobs
 from .helpers import CLI

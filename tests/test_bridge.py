@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dagster_taskiq_sync.bridge import Bridge, shared_bridge
 from dagster_taskiq_sync.errors import BridgeStoppedError
+from dagster_taskiq_sync.wire.bridge import Bridge, shared_bridge
 
 pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 

@@ -7,36 +7,42 @@ server preload that no longer imports costs ~0.7 s per step again, with nothing 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import pytest
 
-from dagster_taskiq_sync import _dagster_private
+from dagster_taskiq_sync._dagster import execution, names
 
 pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 
 
-@pytest.mark.parametrize("module", _dagster_private.PRELOAD_MODULES)
+@pytest.mark.parametrize("module", names.PRELOAD_MODULES)
 def test_every_fork_server_preload_imports(module):
     importlib.import_module(module)
 
 
-@pytest.mark.parametrize("name", _dagster_private.__all__)
+@pytest.mark.parametrize("name", names.__all__)
 def test_every_private_name_is_there(name):
-    assert getattr(_dagster_private, name) is not None
+    assert getattr(names, name) is not None
+
+
+def test_every_module_of_the_private_api_package_imports():
+    package = Path(names.__file__).parent
+    modules = sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    assert {"names", "kv", "sqlite", "execution", "child", "event_writes"} <= set(modules)
+    for module in modules:
+        importlib.import_module(f"dagster_taskiq_sync._dagster.{module}")
 
 
 def test_installers_change_nothing_until_called():
     from dagster._core.executor.step_delegating import step_delegating_executor as sde
 
     # Importing this package does not patch Dagster: other executors keep Dagster's own classes.
-    assert (
-        sde.ActiveExecution is _dagster_private.ActiveExecution
-        or sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
-    )
-    _dagster_private.install_step_sort_key()
+    assert sde.ActiveExecution is names.ActiveExecution or sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
+    execution.install_step_sort_key()
     assert sde.ActiveExecution.__name__ == "_TaskiqActiveExecution"
-    _dagster_private.install_step_sort_key()  # idempotent
-    assert sde.ActiveExecution.__mro__[1] is _dagster_private.ActiveExecution
+    execution.install_step_sort_key()  # idempotent
+    assert sde.ActiveExecution.__mro__[1] is names.ActiveExecution
 
 
 def _private_dagster_imports(path):
@@ -66,19 +72,15 @@ def _private_dagster_imports(path):
 _SHIPPED = ("dagster_taskiq_sync", "benchmarks", "examples", "deploy", "bin")
 
 
-def test_no_module_outside_the_private_api_module_imports_private_dagster():
-    from pathlib import Path
-
+def test_no_module_outside_the_private_api_package_imports_private_dagster():
     root = Path(__file__).resolve().parent.parent
-    own = root / "dagster_taskiq_sync" / "_dagster_private.py"
-    files = [p for top in _SHIPPED for p in (root / top).rglob("*.py") if p != own]
+    own = root / "dagster_taskiq_sync" / "_dagster"
+    files = [p for top in _SHIPPED for p in (root / top).rglob("*.py") if own not in p.parents]
     assert len(files) > 30, "the scan found too few files to be looking in the right place"
     offenders = [
         f"{p.relative_to(root)}:{line} imports {name}" for p in files for line, name in _private_dagster_imports(p)
     ]
-    assert offenders == [], "private Dagster names belong in dagster_taskiq_sync/_dagster_private.py: " + "; ".join(
-        offenders
-    )
+    assert offenders == [], "private Dagster names belong in dagster_taskiq_sync/_dagster/: " + "; ".join(offenders)
 
 
 def test_the_scan_sees_every_form_of_private_import(tmp_path):

@@ -22,14 +22,14 @@ from dagster import AssetKey, AssetMaterialization, DagsterEventType, DagsterIns
 from dagster._core.events import DagsterEvent, StepMaterializationData
 from dagster._core.test_utils import create_run_for_test
 
-from dagster_taskiq_sync._dagster_private import finish_stored_event
-from dagster_taskiq_sync.db_retry import (
+from dagster_taskiq_sync._dagster.event_writes import finish_stored_event
+from dagster_taskiq_sync.storage.db_retry import (
     describe_db_error,
     install_event_write_retry,
     is_transient_db_error,
     retry_transient,
 )
-from dagster_taskiq_sync.instance import InstanceOptions, pooled
+from dagster_taskiq_sync.storage.instance import InstanceOptions, pooled
 
 RETRY_LOG = "dagster_taskiq_sync.db_retry"
 
@@ -279,8 +279,8 @@ def test_a_runs_step_records_are_deleted_at_its_end_right_after_a_restart(pg, pg
     step, queued and probe records behind ("could not delete the step records of run ...: server
     closed the connection unexpectedly"): the delete is a statement of its own, on a pooled
     connection the restart had closed, and was not retried."""
-    from dagster_taskiq_sync._dagster_private import kv_scan
-    from dagster_taskiq_sync.liveness import KEY_PREFIX, QUEUED, RUNNING, LivenessStore, StepRecord
+    from dagster_taskiq_sync._dagster.kv import kv_scan
+    from dagster_taskiq_sync.storage.liveness import KEY_PREFIX, QUEUED, RUNNING, LivenessStore, StepRecord
 
     store = LivenessStore(pg_instance)
     handles = [f"run1-step{i}" for i in range(3)]

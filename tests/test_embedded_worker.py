@@ -10,7 +10,7 @@ import yaml
 from dagster import execute_job, reconstructable
 
 from dagster_taskiq_sync import Worker, WorkerConfig
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync.storage.run_report import step_reports
 
 from . import jobs
 from .helpers import CLI

@@ -7,7 +7,7 @@ import os
 import pytest
 from dagster import DagsterEventType, execute_job, reconstructable
 
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync.storage.run_report import step_reports
 
 from . import jobs
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 from dagster import DagsterEventType, RunsFilter, execute_job, reconstructable
 
-from dagster_taskiq_sync.celery_compat import settings_from_executor_config
+from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
 from dagster_taskiq_sync.errors import ConfigError
-from dagster_taskiq_sync.fair_share import LaunchPolicy, live_slots
-from dagster_taskiq_sync.registry import WorkerRecord
+from dagster_taskiq_sync.orchestrator.fair_share import LaunchPolicy, live_slots
+from dagster_taskiq_sync.storage.registry import WorkerRecord
 
 from . import fair_jobs, jobs
 from .helpers import BackgroundRun, WorkerProcess, wait_for

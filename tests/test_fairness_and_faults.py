@@ -22,7 +22,7 @@ import pytest
 import yaml
 from dagster import DagsterEventType, execute_job, reconstructable
 
-from dagster_taskiq_sync.liveness import KEY_PREFIX
+from dagster_taskiq_sync.storage.liveness import KEY_PREFIX
 
 from . import jobs
 from .helpers import CLI, BackgroundRun, WorkerProcess, marker_lines, queue_counts, wait_for

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from dagster_taskiq_sync.metrics import (
+from dagster_taskiq_sync.ops.metrics import (
     ORCHESTRATOR_METRICS,
     SQS_METRICS,
     WORKER_METRICS,
@@ -211,7 +211,7 @@ class Switch:
 
 @pytest.fixture
 def health():
-    from dagster_taskiq_sync.health_server import HealthServer
+    from dagster_taskiq_sync.ops.health_server import HealthServer
 
     metrics = WorkerMetrics()
     exercise(metrics)
@@ -247,7 +247,7 @@ def test_probes_answer_ok_then_503_with_the_reason_when_a_check_flips(health):
 
 
 def test_a_check_that_raises_answers_503_and_the_server_keeps_serving():
-    from dagster_taskiq_sync.health_server import HealthServer
+    from dagster_taskiq_sync.ops.health_server import HealthServer
 
     def broken() -> tuple[bool, str]:
         raise RuntimeError("bridge portal is gone")
@@ -267,7 +267,7 @@ def test_unknown_paths_are_404_and_head_works(health):
 
 def test_a_port_in_use_is_one_sentence_naming_the_flag_and_the_fix(health):
     from dagster_taskiq_sync.errors import ConfigError
-    from dagster_taskiq_sync.health_server import HealthServer
+    from dagster_taskiq_sync.ops.health_server import HealthServer
 
     server, _, _ = health
     with pytest.raises(ConfigError) as caught:
@@ -279,7 +279,7 @@ def test_a_port_in_use_is_one_sentence_naming_the_flag_and_the_fix(health):
 
 def test_a_host_that_is_not_this_machine_names_metrics_host():
     from dagster_taskiq_sync.errors import ConfigError
-    from dagster_taskiq_sync.health_server import HealthServer
+    from dagster_taskiq_sync.ops.health_server import HealthServer
 
     with pytest.raises(
         ConfigError, match=r"^--metrics-host '192\.0\.2\.1' is not an address of this machine; .*0\.0\.0\.0"
@@ -288,7 +288,7 @@ def test_a_host_that_is_not_this_machine_names_metrics_host():
 
 
 def test_stop_joins_the_thread_and_frees_the_port():
-    from dagster_taskiq_sync.health_server import HealthServer
+    from dagster_taskiq_sync.ops.health_server import HealthServer
 
     server = HealthServer(0, live=Switch(), ready=Switch(), metrics=WorkerMetrics()).start()
     port, thread = server.port, server._thread
@@ -369,7 +369,7 @@ def recorder():
 
 
 def ecs(recorder: Recorder, **options):
-    from dagster_taskiq_sync.scale_in import protector_from_flag
+    from dagster_taskiq_sync.ops.scale_in import protector_from_flag
 
     options.setdefault("idle_delay", 0)
     return protector_from_flag("ecs", env={"ECS_AGENT_URI": recorder.url + "/api/task-1"}, **options)
@@ -443,7 +443,7 @@ def test_agent_failures_never_reach_the_worker_and_are_logged_once_per_kind(reco
 
 
 def test_an_unreachable_agent_does_not_hold_up_stop():
-    from dagster_taskiq_sync.scale_in import ECSTaskProtection
+    from dagster_taskiq_sync.ops.scale_in import ECSTaskProtection
 
     closed = Recorder()
     closed.close()  # nothing listens on this port any more
@@ -456,7 +456,7 @@ def test_an_unreachable_agent_does_not_hold_up_stop():
 
 def test_ecs_without_the_agent_variable_is_one_sentence_naming_the_flag():
     from dagster_taskiq_sync.errors import ConfigError
-    from dagster_taskiq_sync.scale_in import protector_from_flag
+    from dagster_taskiq_sync.ops.scale_in import protector_from_flag
 
     with pytest.raises(ConfigError, match=r"^--scale-in-protection ecs needs ECS_AGENT_URI, .* drop the flag\.$"):
         protector_from_flag("ecs", env={})
@@ -474,13 +474,13 @@ def service_account(tmp_path):
 
 
 def k8s_env(service_account: Path, **extra) -> dict:
-    from dagster_taskiq_sync.scale_in import K8S_SERVICEACCOUNT_DIR_ENV
+    from dagster_taskiq_sync.ops.scale_in import K8S_SERVICEACCOUNT_DIR_ENV
 
     return {K8S_SERVICEACCOUNT_DIR_ENV: str(service_account), "POD_NAME": "worker-7d9f-abcde", **extra}
 
 
 def test_k8s_deletion_cost_is_patched_on_the_pod_with_the_service_account_token(recorder, service_account):
-    from dagster_taskiq_sync.scale_in import K8S_API_URL_ENV, protector_from_flag
+    from dagster_taskiq_sync.ops.scale_in import K8S_API_URL_ENV, protector_from_flag
 
     env = k8s_env(service_account, **{K8S_API_URL_ENV: recorder.url})
     protector = protector_from_flag("k8s", env=env, idle_delay=0).start()
@@ -514,7 +514,7 @@ def test_k8s_in_cluster_config_reaches_the_api_server_over_tls_verified_with_the
     (service_account / "ca.crt").write_bytes(Path(cert).read_bytes())
     api = Recorder(tls=(cert, key))
     try:
-        from dagster_taskiq_sync.scale_in import protector_from_flag
+        from dagster_taskiq_sync.ops.scale_in import protector_from_flag
 
         env = k8s_env(
             service_account,
@@ -534,7 +534,7 @@ def test_k8s_in_cluster_config_reaches_the_api_server_over_tls_verified_with_the
 
 
 def test_k8s_rbac_refusal_is_logged_with_the_api_servers_reason(recorder, service_account, caplog):
-    from dagster_taskiq_sync.scale_in import K8S_API_URL_ENV, protector_from_flag
+    from dagster_taskiq_sync.ops.scale_in import K8S_API_URL_ENV, protector_from_flag
 
     recorder.answer = (
         403,
@@ -575,7 +575,7 @@ def test_k8s_rbac_refusal_is_logged_with_the_api_servers_reason(recorder, servic
 )
 def test_k8s_outside_a_pod_is_one_sentence_naming_the_flag_and_what_is_missing(service_account, env, missing):
     from dagster_taskiq_sync.errors import ConfigError
-    from dagster_taskiq_sync.scale_in import protector_from_flag
+    from dagster_taskiq_sync.ops.scale_in import protector_from_flag
 
     if env.pop("NO_TOKEN", None):
         (service_account / "token").unlink()

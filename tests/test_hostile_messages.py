@@ -29,10 +29,10 @@ from dagster._core.instance.ref import InstanceRef
 from dagster._grpc.types import ExecuteRunArgs, ExecuteStepArgs
 from dagster._serdes import ConfigurableClassData, serialize_value
 
-from dagster_taskiq_sync._dagster_private import KnownExecutionState
-from dagster_taskiq_sync.broker import DEAD_LETTER_REASON_ATTRIBUTE
-from dagster_taskiq_sync.messages import Keyring, RunMessage, StepMessage, TaskKind, encode, step_handle_id
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync._dagster.names import KnownExecutionState
+from dagster_taskiq_sync.storage.run_report import step_reports
+from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE
+from dagster_taskiq_sync.wire.messages import Keyring, RunMessage, StepMessage, TaskKind, encode, step_handle_id
 
 from . import jobs
 from .helpers import CLI, WorkerProcess, queue_counts, sqs_client, wait_for
@@ -414,7 +414,7 @@ def test_unsigned_tampered_and_foreign_key_messages_are_refused_before_parsing(e
     log = signed.worker.log()
     assert "Traceback" not in log and signed.worker.proc.poll() is None
     # nothing in the instance was touched on their behalf: attempt 2 has no record
-    from dagster_taskiq_sync.liveness import LivenessStore
+    from dagster_taskiq_sync.storage.liveness import LivenessStore
 
     assert LivenessStore(instance).read([step_handle_id(run_id, "emit_one", 2)]) == {}
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.SUCCESS

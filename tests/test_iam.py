@@ -29,15 +29,16 @@ import pytest
 import yaml
 from botocore.exceptions import ClientError
 
-from dagster_taskiq_sync import iam
-from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
-from dagster_taskiq_sync.bridge import Bridge
-from dagster_taskiq_sync.broker import DEAD_LETTER_REASON_ATTRIBUTE, Delivery, Outgoing
-from dagster_taskiq_sync.broker_client import BrokerClient
-from dagster_taskiq_sync.celery_compat import settings_from_executor_config
-from dagster_taskiq_sync.credentials import RoleCredentials, refresh_windows
-from dagster_taskiq_sync.local_endpoint import LocalEndpoint
-from dagster_taskiq_sync.messages import (
+from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
+from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
+from dagster_taskiq_sync.ops import iam
+from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint
+from dagster_taskiq_sync.storage.run_report import step_reports
+from dagster_taskiq_sync.wire.aws import RoleCredentials, refresh_windows
+from dagster_taskiq_sync.wire.bridge import Bridge
+from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE, Delivery, Outgoing
+from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.messages import (
     MalformedMessage,
     RunMessage,
     StepMessage,
@@ -46,7 +47,6 @@ from dagster_taskiq_sync.messages import (
     decode_pointer,
     encode,
 )
-from dagster_taskiq_sync.run_report import step_reports
 
 from .helpers import CLI, WorkerProcess, wait_for
 
@@ -735,7 +735,7 @@ def test_a_job_runs_end_to_end_with_only_the_printed_policies(enforcing, worker_
 
 
 def test_sts_and_kms_use_boto_endpoints_when_the_broker_names_an_aws_sqs_host():
-    from dagster_taskiq_sync.credentials import for_service
+    from dagster_taskiq_sync.wire.aws import for_service
 
     aws = {"endpoint_url": "https://sqs.eu-west-1.amazonaws.com:443", "region_name": "eu-west-1"}
     assert for_service(aws) == {"endpoint_url": None, "region_name": "eu-west-1"}

@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
+from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
 from dagster_taskiq_sync.errors import ConfigError
-from dagster_taskiq_sync.messages import (
+from dagster_taskiq_sync.wire.messages import (
     MESSAGE_VERSION,
     SIGNATURE_ATTRIBUTE,
     Keyring,

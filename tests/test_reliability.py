@@ -20,7 +20,7 @@ import yaml
 from dagster import DagsterEventType, DagsterRunStatus
 from dagster._serdes import serialize_value
 
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync.storage.run_report import step_reports
 
 from . import jobs
 from .helpers import (
@@ -230,8 +230,8 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     from dagster import execute_job, reconstructable
     from dagster._core.code_pointer import FileCodePointer
 
-    from dagster_taskiq_sync._dagster_private import KnownExecutionState, serialize_value
-    from dagster_taskiq_sync.messages import StepMessage, encode
+    from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
+    from dagster_taskiq_sync.wire.messages import StepMessage, encode
 
     # Given a queue whose redrive policy moves a message to poison-dlq after 2 receives
     poison_yaml = tmp_path / "poison.yaml"

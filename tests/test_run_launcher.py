@@ -15,8 +15,8 @@ import yaml
 from dagster import DagsterInstance, DagsterRunStatus
 
 from dagster_taskiq_sync import TaskiqRunLauncher
-from dagster_taskiq_sync.launcher import TASK_ID_TAG
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync.orchestrator.launcher import TASK_ID_TAG
+from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .helpers import CLI, WorkerProcess, marker_lines, pid_alive, queue_counts, wait_for
 

@@ -15,14 +15,14 @@ from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.retries import RetryMode
 
 from dagster_taskiq_sync import taskiq_executor
-from dagster_taskiq_sync._dagster_private import (
+from dagster_taskiq_sync._dagster.child import (
     _PLAN_CACHE,
     _original_resolved_build,
-    _TaskiqActiveExecution,
     cached_create_execution_plan,
     cached_resolved_run_config,
 )
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync._dagster.execution import _TaskiqActiveExecution
+from dagster_taskiq_sync.storage.run_report import step_reports
 
 from . import jobs
 from .helpers import CLI, WorkerProcess

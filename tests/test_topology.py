@@ -31,8 +31,8 @@ import pytest
 import yaml
 from dagster import DagsterEventType, DagsterInstance
 
-from dagster_taskiq_sync.local_endpoint import free_port
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync.ops.local_endpoint import free_port
+from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .helpers import CLI, WorkerProcess, pid_alive, queue_counts, wait_for
 from .topology import GraphQL, Service, die_with_parent, environ, instance_yaml, listening_sockets

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from dagster import DagsterRunStatus, execute_job, reconstructable
 
-from dagster_taskiq_sync.run_report import step_reports
+from dagster_taskiq_sync.storage.run_report import step_reports
 
 from . import jobs
 from .helpers import CLI, WorkerProcess, queue_counts, wait_for

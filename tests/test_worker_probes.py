@@ -10,7 +10,7 @@ import urllib.request
 import yaml
 from dagster import execute_job, reconstructable
 
-from dagster_taskiq_sync.local_endpoint import free_port
+from dagster_taskiq_sync.ops.local_endpoint import free_port
 
 from . import jobs
 from .helpers import CLI, BackgroundRun, PausableProxy, WorkerProcess, marker_lines, queue_counts, wait_for

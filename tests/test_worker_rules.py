@@ -11,7 +11,10 @@ from types import SimpleNamespace
 import pytest
 from dagster import DagsterEventType, DagsterRunStatus
 
-from dagster_taskiq_sync.admission import (
+from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
+from dagster_taskiq_sync.wire.messages import RunMessage, StepMessage, TaskKind
+from dagster_taskiq_sync.wire.settings import Settings
+from dagster_taskiq_sync.worker.admission import (
     DROP_RULES,
     Outcome,
     already_started,
@@ -21,11 +24,8 @@ from dagster_taskiq_sync.admission import (
     run_is_over,
     run_missing,
 )
-from dagster_taskiq_sync.capacity import Capacity
-from dagster_taskiq_sync.liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
-from dagster_taskiq_sync.messages import RunMessage, StepMessage, TaskKind
-from dagster_taskiq_sync.request import RUN_INTERRUPT_GRACE, Request
-from dagster_taskiq_sync.settings import Settings
+from dagster_taskiq_sync.worker.capacity import Capacity
+from dagster_taskiq_sync.worker.request import RUN_INTERRUPT_GRACE, Request
 
 STEP = StepMessage("0b6f9c7e-6a43-4c1e-9d55-3c2f9a1d2b10", "emit_one", 1, "{}")
 RUN = RunMessage(TaskKind.RUN, STEP.run_id, "launch")
@@ -338,8 +338,8 @@ def test_backlogs_on_three_queues_are_taken_in_turns():
 def test_lost_workers_leave_the_registry_and_stale_records_are_swept(tmp_path):
     from dagster import DagsterInstance
 
-    from dagster_taskiq_sync.liveness import QUEUED, LivenessStore, StepRecord
-    from dagster_taskiq_sync.registry import WorkerRecord, WorkerRegistry
+    from dagster_taskiq_sync.storage.liveness import QUEUED, LivenessStore, StepRecord
+    from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
 
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with DagsterInstance.from_config(str(tmp_path)) as instance:
@@ -362,7 +362,7 @@ def test_only_one_of_two_deliveries_received_at_once_may_start_an_attempt(tmp_pa
     # "Attempted to mark step leaf_5 as complete that was not known to be in flight".
     from dagster import DagsterInstance
 
-    from dagster_taskiq_sync.liveness import LivenessStore
+    from dagster_taskiq_sync.storage.liveness import LivenessStore
 
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with DagsterInstance.from_config(str(tmp_path)) as instance:
@@ -397,7 +397,7 @@ def test_only_one_of_two_deliveries_received_at_once_may_start_an_attempt(tmp_pa
 def test_the_second_of_two_simultaneous_deliveries_is_dropped_as_a_duplicate(tmp_path):
     from dagster import DagsterInstance
 
-    from dagster_taskiq_sync.liveness import LivenessStore
+    from dagster_taskiq_sync.storage.liveness import LivenessStore
 
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with DagsterInstance.from_config(str(tmp_path)) as instance:

@@ -1,0 +1,82 @@
+"""Kept sqlite connections for long-lived processes (Dagster's sqlite storages use NullPool)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from dagster_taskiq_sync._dagster.names import SQLITE_BUSY_TIMEOUT_SECONDS
+
+# --- sqlite connections ---------------------------------------------------------------------------
+# Dagster's sqlite storages build a new SQLAlchemy engine, open a connection and dispose of it for
+# every query (NullPool): ~1 ms of CPU per query on top of the query itself (measured here: a
+# one-row insert 2.9 ms vs 1.3 ms with a kept connection, a count 1.2 ms vs 0.13 ms). A step writes
+# ~13 events and reads the run and its stats, and the orchestrator reads the event log every
+# 20 ms, so long-lived processes keep one engine (one open connection, more under concurrency) per
+# database file. Nothing else changes: each query is still its own transaction, so no lock is held
+# between queries; the event log's own lock still serializes its queries in the process.
+
+_SQLITE_ENGINES = 16  # per storage: run shards a long-lived step child may touch, least recent closed
+
+
+def keep_sqlite_connections(instance: Any) -> bool:
+    """Keep sqlite connections open in this process's ``instance`` (run and event log storages);
+    False when it has no plain sqlite storage. Must be called after any fork (step children)."""
+    import sqlalchemy as db
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+    from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+
+    def engine_for(engines: collections.OrderedDict, conn_string: str, **connect_args: Any) -> Any:
+        engine = engines.get(conn_string)
+        if engine is None:  # the busy timeouts Dagster's own engines use
+            engine = engines[conn_string] = db.create_engine(
+                conn_string,
+                pool_size=1,
+                max_overflow=8,
+                pool_timeout=60,
+                connect_args={**connect_args, "check_same_thread": False},
+            )
+            while len(engines) > _SQLITE_ENGINES:
+                engines.popitem(last=False)[1].dispose()
+        engines.move_to_end(conn_string)
+        return engine
+
+    kept = False
+    events = getattr(instance, "_event_storage", None)
+    if type(events) is SqliteEventLogStorage and not getattr(events, "_dagster_taskiq_sync_kept", False):
+        event_engines: collections.OrderedDict = collections.OrderedDict()
+
+        @contextlib.contextmanager
+        def _connect(shard: str) -> Iterator[Any]:
+            with events._db_lock:
+                engine = engine_for(
+                    event_engines, events.conn_string_for_shard(shard), timeout=SQLITE_BUSY_TIMEOUT_SECONDS
+                )
+                if shard not in events._initialized_dbs:
+                    events._initdb(engine)
+                    events._initialized_dbs.add(shard)
+                with engine.connect() as conn:
+                    with conn.begin():
+                        yield conn
+
+        events._connect = _connect  # type: ignore[method-assign]  # one connection per file, see above
+        events._dagster_taskiq_sync_kept = kept = True  # type: ignore[attr-defined]  # our marker
+    runs = getattr(instance, "_run_storage", None)
+    if type(runs) is SqliteRunStorage and not getattr(runs, "_dagster_taskiq_sync_kept", False):
+        run_engines: collections.OrderedDict = collections.OrderedDict()
+        lock = threading.Lock()
+
+        @contextlib.contextmanager
+        def connect() -> Iterator[Any]:
+            with lock:
+                engine = engine_for(run_engines, runs._conn_string)
+            with engine.connect() as conn:
+                with conn.begin():
+                    yield conn
+
+        runs.connect = connect  # type: ignore[method-assign]  # one engine per file, see above
+        runs._dagster_taskiq_sync_kept = kept = True  # type: ignore[attr-defined]  # our marker
+    return kept

@@ -1,0 +1,3 @@
+"""From the user's YAML and flags to settings: the executor's schema, the Celery mapping, a
+worker's frozen config.
+"""

@@ -1,0 +1,3 @@
+"""What operators use: queue admin, IAM policies, the local endpoint, metrics, the health server,
+and scale-in protection.
+"""

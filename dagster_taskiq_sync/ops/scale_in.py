@@ -1,0 +1,434 @@
+"""Scale-in protection: a worker holding steps asks its platform not to pick it for scale-in.
+
+``worker start --scale-in-protection ecs|k8s``. The worker calls :meth:`ScaleInProtector.set_busy`
+when it goes from idle to holding steps and back; a background thread turns that into calls to
+the platform, so the worker's threads never wait on HTTP:
+
+* ``ecs``: ECS task scale-in protection through the agent,
+  ``PUT $ECS_AGENT_URI/task-protection/v1/state`` with ``{"ProtectionEnabled": true,
+  "ExpiresInMinutes": N}`` while busy (renewed at half of N while it stays busy, so a step longer
+  than N stays protected) and ``{"ProtectionEnabled": false}`` when idle. The task role needs
+  ``ecs:UpdateTaskProtection``; the task must belong to an ECS service (agent 1.65+ or Fargate).
+* ``k8s``: the pod's ``controller.kubernetes.io/pod-deletion-cost`` annotation, set high while
+  busy and removed when idle, by a JSON merge patch on ``/api/v1/namespaces/NS/pods/NAME`` with the
+  pod's service-account token. When a ReplicaSet shrinks (KEDA/HPA scale-in), the controller
+  deletes pods with the lowest cost first, so idle pods go before busy ones. RBAC: the pod's
+  ServiceAccount needs ``patch`` on ``pods`` in its namespace (``deploy/kubernetes/rbac.yaml``).
+
+Policy:
+
+* busy is applied at once; idle only after ``idle_delay`` seconds of staying idle, so a worker
+  between two steps does not flap (Kubernetes asks not to update the annotation often, and a
+  protection cleared for a moment is all a scale-in needs). Rapid changes coalesce to the last;
+* on start the protection is cleared once, so a restarted container does not inherit its
+  predecessor's (the pod annotation outlives a container restart);
+* failures are retried with backoff (2 s doubling to 60 s), logged once per kind of failure, and
+  never raised into the worker; :meth:`stop` clears the protection, best effort, within its timeout.
+
+:func:`protector_from_flag` builds one from the flag and the environment, once, at worker start,
+and raises :class:`~dagster_taskiq_sync.errors.ConfigError` when the platform's variables are
+missing. For tests and ``kubectl proxy``, ``DAGSTER_TASKIQ_SYNC_K8S_API_URL`` replaces the
+in-cluster API server URL and ``DAGSTER_TASKIQ_SYNC_K8S_SERVICEACCOUNT_DIR`` the service-account
+directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+
+from dagster_taskiq_sync.errors import ConfigError
+
+log = logging.getLogger("dagster_taskiq_sync.scale_in")
+
+FLAG = "--scale-in-protection"
+KINDS = ("ecs", "k8s")
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+K8S_API_URL_ENV = "DAGSTER_TASKIQ_SYNC_K8S_API_URL"
+K8S_SERVICEACCOUNT_DIR_ENV = "DAGSTER_TASKIQ_SYNC_K8S_SERVICEACCOUNT_DIR"
+
+DEFAULT_IDLE_DELAY = 15.0  # seconds idle before protection is cleared
+DEFAULT_ECS_EXPIRES_MINUTES = 60  # ECS accepts 1..2880; the agent's default is 120
+DEFAULT_BUSY_COST = 10000  # any positive int32 ranks a busy pod after idle ones (default cost 0)
+HTTP_TIMEOUT = 5.0
+
+
+class ProtectionCallFailed(Exception):
+    """One call to the platform failed; ``kind`` groups failures for logging once."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class ScaleInProtector:
+    """No scale-in protection (the flag was not given): every method does nothing."""
+
+    name = "none"
+
+    def start(self) -> ScaleInProtector:
+        return self
+
+    def set_busy(self, busy: bool) -> None:
+        """The worker went from idle to holding steps (True) or back (False). Never blocks, never raises."""
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until the platform has the last state asked for."""
+        return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Clear the protection (best effort, within ``timeout``) and stop the background thread."""
+
+
+class _BackgroundProtector(ScaleInProtector):
+    """Applies the desired state from one daemon thread: debounce, coalesce, renew, retry."""
+
+    def __init__(
+        self,
+        *,
+        idle_delay: float = DEFAULT_IDLE_DELAY,
+        renew_interval: float | None = None,
+        retry_initial: float = 2.0,
+        retry_max: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.idle_delay = idle_delay
+        self.renew_interval = renew_interval
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._desired = False
+        self._applied: bool | None = None  # unknown until the first call succeeds
+        self._idle_since = clock()
+        self._renew_at: float | None = None
+        self._retry_at: float | None = None
+        self._backoff = retry_initial
+        self._stopping = False
+        self._logged: set[str] = set()
+        self._thread: threading.Thread | None = None
+
+    # --- what the worker calls -----------------------------------------------------------
+
+    def start(self) -> ScaleInProtector:
+        self._thread = threading.Thread(target=self._run, name=f"scale-in-protection:{self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def set_busy(self, busy: bool) -> None:
+        with self._cond:
+            busy = bool(busy)
+            if busy == self._desired or self._stopping:
+                return
+            self._desired = busy
+            if not busy:
+                self._idle_since = self._clock()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = self._clock() + timeout
+        with self._cond:
+            while self._applied != self._desired:
+                left = deadline - self._clock()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+            return True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._desired = False
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def applied(self) -> bool | None:
+        """What the platform was last told (None before the first successful call)."""
+        with self._cond:
+            return self._applied
+
+    # --- the platform call ---------------------------------------------------------------
+
+    def _apply(self, busy: bool) -> None:  # pragma: no cover - each platform overrides it
+        raise NotImplementedError
+
+    def _describe(self, busy: bool) -> str:
+        return "protect this worker" if busy else "clear this worker's protection"
+
+    # --- the background thread ------------------------------------------------------------
+
+    def _next_target(self) -> bool | None:
+        """Wait until there is something to send; None when the thread should end."""
+        with self._cond:
+            while True:
+                now = self._clock()
+                target = self._desired
+                if self._stopping and target == self._applied:
+                    return None
+                if target != self._applied:
+                    if self._retry_at is not None and now < self._retry_at and not self._stopping:
+                        self._cond.wait(self._retry_at - now)
+                        continue
+                    going_idle = not target and self._applied is not None and not self._stopping
+                    if going_idle and now < self._idle_since + self.idle_delay:
+                        # A worker between two steps is idle for a moment; only a lasting idle
+                        # clears the protection. A set_busy(True) meanwhile wakes us with nothing to do.
+                        self._cond.wait(self._idle_since + self.idle_delay - now)
+                        continue
+                    return target
+                if target and self._renew_at is not None:
+                    if now >= self._renew_at:
+                        return target
+                    self._cond.wait(self._renew_at - now)
+                    continue
+                self._cond.wait()
+
+    def _run(self) -> None:
+        while True:
+            target = self._next_target()
+            if target is None:
+                return
+            try:
+                self._apply(target)
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive any surprise
+                if not isinstance(exc, ProtectionCallFailed):
+                    exc = ProtectionCallFailed(type(exc).__name__, f"{type(exc).__name__}: {exc}")
+                self._failed(target, exc)
+                with self._cond:
+                    if self._stopping:
+                        return  # shutting down: one try is all the clear gets
+                    self._retry_at = self._clock() + self._backoff
+                    if self._renew_at is not None:  # a failed renewal waits like any retry
+                        self._renew_at = max(self._renew_at, self._retry_at)
+                    self._backoff = min(self._backoff * 2, self._retry_max)
+                continue
+            with self._cond:
+                if self._logged and "recovered" not in self._logged:
+                    self._logged.add("recovered")
+                    log.info("scale-in protection (%s): calls succeed again", self.name)
+                self._applied = target
+                self._retry_at = None
+                self._backoff = self._retry_initial
+                self._renew_at = self._clock() + self.renew_interval if target and self.renew_interval else None
+                self._cond.notify_all()
+            log.debug("scale-in protection (%s): %s", self.name, "on" if target else "off")
+
+    def _failed(self, target: bool, exc: ProtectionCallFailed) -> None:
+        if exc.kind in self._logged:
+            log.debug("scale-in protection (%s): could not %s: %s", self.name, self._describe(target), exc)
+            return
+        self._logged.add(exc.kind)
+        log.warning(
+            "scale-in protection (%s): could not %s: %s; retrying with backoff up to %g s "
+            "(this kind of failure is logged once)",
+            self.name,
+            self._describe(target),
+            exc,
+            self._retry_max,
+        )
+
+
+def _http(
+    method: str,
+    url: str,
+    body: dict,
+    content_type: str,
+    *,
+    timeout: float,
+    headers: Mapping[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> bytes:
+    """One HTTP call without proxies (the agent and the API server are reached directly, whatever
+    HTTP(S)_PROXY says); a failure becomes :class:`ProtectionCallFailed`."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Content-Type": content_type, "Accept": "application/json", **(headers or {})},
+    )
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read()[:2000].decode("utf8", "replace").strip()
+        try:  # the API server's Status object says why in "message"; the agent's error in "Message"
+            answer = json.loads(detail)
+            detail = answer.get("message") or answer.get("error", {}).get("Message") or detail
+        except (ValueError, AttributeError):
+            pass
+        detail = detail[:300]
+        raise ProtectionCallFailed(f"HTTP {exc.code}", f"{method} {url} answered HTTP {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise ProtectionCallFailed("unreachable", f"{method} {url} failed: {exc.reason}") from None
+    except TimeoutError:
+        raise ProtectionCallFailed("timeout", f"{method} {url} timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise ProtectionCallFailed(type(exc).__name__, f"{method} {url} failed: {exc}") from None
+
+
+class ECSTaskProtection(_BackgroundProtector):
+    """ECS task scale-in protection through the container agent (``$ECS_AGENT_URI``)."""
+
+    name = "ecs"
+
+    def __init__(
+        self,
+        agent_uri: str,
+        *,
+        expires_minutes: int = DEFAULT_ECS_EXPIRES_MINUTES,
+        timeout: float = HTTP_TIMEOUT,
+        **options,
+    ) -> None:
+        if not 1 <= expires_minutes <= 2880:
+            raise ConfigError(f"ECS task protection lasts 1 to 2880 minutes; {expires_minutes} is outside that.")
+        # Renew at half the expiry: a step that outlives the expiry stays protected.
+        options.setdefault("renew_interval", expires_minutes * 60 / 2)
+        super().__init__(**options)
+        self.url = agent_uri.rstrip("/") + "/task-protection/v1/state"
+        self.expires_minutes = expires_minutes
+        self.timeout = timeout
+
+    def _apply(self, busy: bool) -> None:
+        body: dict = {"ProtectionEnabled": busy}
+        if busy:
+            body["ExpiresInMinutes"] = self.expires_minutes
+        raw = _http("PUT", self.url, body, "application/json", timeout=self.timeout)
+        try:
+            answer = json.loads(raw or b"{}")
+        except ValueError:
+            answer = {}
+        # The agent answers 200 with {"protection": {...}}, or with a "failure" (e.g. TASK_NOT_VALID
+        # for a task outside a service) or an "error" (e.g. AccessDeniedException) object.
+        for key, code_field in (("failure", "Reason"), ("error", "Code")):
+            problem = answer.get(key) if isinstance(answer, dict) else None
+            if problem:
+                code = problem.get(code_field, "unknown") if isinstance(problem, dict) else str(problem)
+                raise ProtectionCallFailed(f"{key} {code}", f"the ECS agent answered {key}: {json.dumps(problem)}")
+
+
+class KubernetesDeletionCost(_BackgroundProtector):
+    """The pod's ``controller.kubernetes.io/pod-deletion-cost`` annotation, through the API server."""
+
+    name = "k8s"
+
+    def __init__(
+        self,
+        api_url: str,
+        namespace: str,
+        pod_name: str,
+        *,
+        token_path: str | None = None,
+        ca_path: str | None = None,
+        busy_cost: int = DEFAULT_BUSY_COST,
+        timeout: float = HTTP_TIMEOUT,
+        **options,
+    ) -> None:
+        super().__init__(**options)
+        self.url = f"{api_url.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{pod_name}"
+        self.token_path = token_path
+        self.busy_cost = busy_cost
+        self.timeout = timeout
+        self._context = ssl.create_default_context(cafile=ca_path) if api_url.startswith("https:") else None
+
+    def _apply(self, busy: bool) -> None:
+        # null removes the annotation: an idle pod is as cheap to delete as any other.
+        patch = {"metadata": {"annotations": {DELETION_COST_ANNOTATION: str(self.busy_cost) if busy else None}}}
+        headers = {}
+        if self.token_path:
+            # Re-read per call: projected service-account tokens are rotated by the kubelet.
+            try:
+                with open(self.token_path, encoding="utf8") as fh:
+                    headers["Authorization"] = "Bearer " + fh.read().strip()
+            except OSError as exc:
+                raise ProtectionCallFailed(
+                    "token", f"cannot read the service-account token {self.token_path}: {exc.strerror}"
+                ) from None
+        _http(
+            "PATCH",
+            self.url,
+            patch,
+            "application/merge-patch+json",
+            timeout=self.timeout,
+            headers=headers,
+            context=self._context,
+        )
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf8") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+def protector_from_flag(kind: str | None, env: Mapping[str, str] | None = None, **options) -> ScaleInProtector:
+    """The protector ``--scale-in-protection KIND`` asks for (not started), from the environment.
+
+    ``options`` go to the protector (``idle_delay``, ``expires_minutes``, ``busy_cost``, ``timeout``).
+    Raises :class:`ConfigError` naming the flag and what is missing.
+    """
+    if not kind:
+        return ScaleInProtector()
+    env = os.environ if env is None else env
+    if kind == "ecs":
+        agent_uri = env.get("ECS_AGENT_URI")
+        if not agent_uri:
+            raise ConfigError(
+                f"{FLAG} ecs needs ECS_AGENT_URI, which the ECS agent sets in task containers, and it is not set; "
+                "run the worker as a task of an ECS service (agent 1.65+ or Fargate) or drop the flag."
+            )
+        return ECSTaskProtection(agent_uri, **options)
+    if kind == "k8s":
+        sa_dir = env.get(K8S_SERVICEACCOUNT_DIR_ENV) or SERVICEACCOUNT_DIR
+        api_url = env.get(K8S_API_URL_ENV)
+        if not api_url:
+            host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+            if not (host and port):
+                raise ConfigError(
+                    f"{FLAG} k8s needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, which Kubernetes sets "
+                    "in every pod, and they are not set; run the worker in a pod or drop the flag."
+                )
+            api_url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+        token_file = os.path.join(sa_dir, "token")
+        # Without the in-cluster URL (e.g. through `kubectl proxy`, which authenticates for us)
+        # a missing token is fine.
+        token_path = token_file if os.path.exists(token_file) else None
+        if token_path is None and not env.get(K8S_API_URL_ENV):
+            raise ConfigError(
+                f"{FLAG} k8s needs the pod's service-account token at {token_file}, which is missing; "
+                "mount it (automountServiceAccountToken: true on the pod or its ServiceAccount)."
+            )
+        ca_path = os.path.join(sa_dir, "ca.crt")
+        namespace = env.get("POD_NAMESPACE") or _read(os.path.join(sa_dir, "namespace"))
+        if not namespace:
+            raise ConfigError(
+                f"{FLAG} k8s cannot tell the pod's namespace: POD_NAMESPACE is not set and "
+                f"{os.path.join(sa_dir, 'namespace')} is missing; set POD_NAMESPACE from the downward API "
+                "(fieldRef metadata.namespace)."
+            )
+        pod_name = env.get("POD_NAME") or env.get("HOSTNAME") or socket.gethostname()
+        return KubernetesDeletionCost(
+            api_url,
+            namespace,
+            pod_name,
+            token_path=token_path,
+            ca_path=ca_path if os.path.exists(ca_path) else None,
+            **options,
+        )
+    raise ConfigError(f"{FLAG} {kind!r} is not a platform this worker knows; use one of: {', '.join(KINDS)}.")

@@ -1,0 +1,414 @@
+"""The wire contract: what a message on a dagster-taskiq-sync queue is, built and checked here.
+
+A message is a TaskIQ JSON message (``task_id``, ``task_name``, ``labels``, ``labels_types``,
+``args``, ``kwargs``) whose task name says what it asks for (:class:`TaskKind`) and whose kwargs
+name a run, a step and an attempt, and nothing else: never a Dagster instance, a module, a file
+or a database. Workers use their own ``DAGSTER_HOME``; what a step needs beyond its identity
+comes from the run stored there. The one exception is the step's ``known_state`` (retry counts,
+ready outputs, dynamic mappings: the orchestrator's in-memory view that Dagster hands to every
+step worker), which is deserialized only as Dagster's ``KnownExecutionState`` and checked
+against the attempt it travels with.
+
+Optional signing (:class:`Keyring`): HMAC-SHA256 over the exact SQS message body, carried in a
+message attribute. A worker that holds keys rejects an unsigned, tampered or unknown-key message
+before it parses anything, and an S3 pointer in a signed body carries the payload's SHA-256, so
+the fetched payload is covered too. Keys rotate: senders sign with the current key; workers
+accept the current and the previous ones.
+
+:func:`decode` raises one exception type, :class:`MalformedMessage`, whose ``reason`` is a
+sentence for the worker's log and the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Union
+
+MESSAGE_VERSION = 2
+
+# dagster-celery's tags, so existing ops keep routing; the taskiq alias wins when both are set.
+QUEUE_TAGS = ("dagster-taskiq/queue", "dagster-celery/queue")
+STEP_PRIORITY_TAGS = ("dagster-taskiq/priority", "dagster-celery/priority")
+RUN_PRIORITY_TAGS = ("dagster-taskiq/run_priority", "dagster-celery/run_priority")
+
+SIGNATURE_ATTRIBUTE = "dts-signature"
+S3_POINTER_ATTRIBUTE = "s3_extended_message"  # taskiq-aio-sqs's name for an offloaded body
+MIN_KEY_CHARS = 32
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}$")
+_STEP_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\[\],:-]{0,1023}$")  # op names, graphs, dynamic keys
+_LAUNCH = re.compile(r"^(launch|resume-[0-9]{1,6})$")
+_S3_KEY = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
+_MAX_ATTEMPT = 100_000
+
+
+class TaskKind(str, Enum):
+    """What a message asks a worker to do; the value is the TaskIQ task name."""
+
+    STEP = "dagster_taskiq_sync.execute_step"  # taskiq_executor: one step attempt
+    RUN = "dagster_taskiq_sync.execute_run"  # TaskiqRunLauncher.launch_run
+    RESUME = "dagster_taskiq_sync.resume_run"  # TaskiqRunLauncher.resume_run
+
+
+class MalformedMessage(Exception):
+    """A message that can never run: its ``reason`` says why, in one sentence."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --- identities ---------------------------------------------------------------------------------
+
+
+def step_handle_id(run_id: str, step_key: str, attempt: int) -> str:
+    """Deterministic id of one step attempt: its message's task id, FIFO dedup id and the key
+    of its liveness record."""
+    digest = hashlib.sha256(f"{run_id}\0{step_key}\0{attempt}".encode()).hexdigest()
+    return f"{run_id[:8]}-{digest[:40]}"
+
+
+def run_handle_id(run_id: str, launch: str) -> str:
+    """Deterministic id of one launch ("launch", "resume-1", ...) of a whole run."""
+    return step_handle_id(run_id, f"<run:{launch}>", 0)
+
+
+# --- routing tags --------------------------------------------------------------------------------
+
+
+def queue_for_tags(tags: Mapping[str, str], default_queue: str) -> str:
+    """The Celery queue name a step or run goes to: its queue tag, else the default queue."""
+    for tag in QUEUE_TAGS:
+        if tags.get(tag):
+            return tags[tag]
+    return default_queue
+
+
+def int_tag(tags: Mapping[str, str], names: tuple[str, ...], default: int) -> int:
+    """A whole-number tag (priorities); a non-number is the user's to fix, by name."""
+    from dagster_taskiq_sync.errors import ConfigError
+
+    for name in names:
+        value = tags.get(name)
+        if value is not None:
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"tag {name}={value!r} must be a whole number; fix the tag.") from None
+    return default
+
+
+# --- the messages ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """Run one attempt of one step of a run (taskiq_executor)."""
+
+    run_id: str
+    step_key: str
+    attempt: int
+    known_state: str  # Dagster-serialized KnownExecutionState
+
+    kind = TaskKind.STEP
+
+    @property
+    def handle(self) -> str:
+        return step_handle_id(self.run_id, self.step_key, self.attempt)
+
+    @property
+    def label(self) -> str:
+        return f"step {self.step_key} (attempt {self.attempt}) of run {self.run_id}"
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "version": MESSAGE_VERSION,
+            "run_id": self.run_id,
+            "step_key": self.step_key,
+            "attempt": self.attempt,
+            "known_state": self.known_state,
+        }
+
+
+@dataclass(frozen=True)
+class RunMessage:
+    """Run (``TaskKind.RUN``) or resume (``TaskKind.RESUME``) a whole run (TaskiqRunLauncher)."""
+
+    kind: TaskKind
+    run_id: str
+    launch: str  # "launch", or "resume-N" for the Nth resume
+
+    @property
+    def handle(self) -> str:
+        return run_handle_id(self.run_id, self.launch)
+
+    @property
+    def label(self) -> str:
+        return f"run {self.run_id} ({self.launch})"
+
+    @property
+    def step_key(self) -> None:
+        return None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"version": MESSAGE_VERSION, "run_id": self.run_id, "launch": self.launch}
+
+
+Message = Union[StepMessage, RunMessage]
+
+
+def encode(message: Message, sqs_queue: str) -> bytes:
+    """The SQS body of ``message``: a TaskIQ JSON message (TaskIQ's own model and formatter)."""
+    from taskiq.message import TaskiqMessage
+
+    return (
+        TaskiqMessage(
+            task_id=message.handle,
+            task_name=message.kind.value,
+            labels={"queue": sqs_queue},
+            labels_types=None,
+            args=[],
+            kwargs=message.kwargs(),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+def decode(body: bytes) -> Message:
+    """The message in an SQS body (already verified and fetched); every field is checked."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage(f"the body is not JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage("the body is not a TaskIQ message (not a JSON object)")
+    task_name = data.get("task_name")
+    try:
+        kind = TaskKind(task_name)
+    except ValueError:
+        raise MalformedMessage(f"the message is for unknown task {_shown(task_name)}") from None
+    kwargs = data.get("kwargs")
+    if not isinstance(kwargs, dict):
+        raise MalformedMessage("the message has no kwargs object")
+    if data.get("args") not in ([], None):
+        raise MalformedMessage("the message has positional args; dagster-taskiq-sync messages have none")
+    version = kwargs.get("version")
+    if version != MESSAGE_VERSION or isinstance(version, bool):
+        raise MalformedMessage(
+            f"the message has version {_shown(version)}, and this worker reads version {MESSAGE_VERSION}; "
+            "run the same dagster-taskiq-sync version on orchestrators, launchers and workers"
+        )
+    message = _step(kwargs) if kind is TaskKind.STEP else _run(kind, kwargs)
+    if data.get("task_id") != message.handle:
+        raise MalformedMessage("the message's task_id does not match its run, step and attempt")
+    return message
+
+
+def queue_label(body: bytes) -> str | None:
+    """The SQS queue a sender addressed a body to (signed messages are checked against it)."""
+    try:
+        labels = json.loads(body).get("labels")
+        return labels.get("queue") if isinstance(labels, dict) else None
+    except (ValueError, AttributeError, RecursionError):
+        return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _expect_keys(kwargs: Mapping[str, Any], allowed: set[str]) -> None:
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise MalformedMessage(f"the message has fields this version does not define: {sorted(unknown)[:5]}")
+
+
+def _text(kwargs: Mapping[str, Any], name: str, pattern: re.Pattern[str]) -> str:
+    value = kwargs.get(name)
+    if not isinstance(value, str) or not pattern.match(value):
+        raise MalformedMessage(f"the message's {name} is missing or malformed: {_shown(value)}")
+    return value
+
+
+def _step(kwargs: Mapping[str, Any]) -> StepMessage:
+    _expect_keys(kwargs, {"version", "run_id", "step_key", "attempt", "known_state"})
+    run_id = _text(kwargs, "run_id", _RUN_ID)
+    step_key = _text(kwargs, "step_key", _STEP_KEY)
+    attempt = kwargs.get("attempt")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= _MAX_ATTEMPT:
+        raise MalformedMessage(f"the message's attempt is not a whole number from 1: {_shown(attempt)}")
+    known_state = kwargs.get("known_state")
+    if not isinstance(known_state, str):
+        raise MalformedMessage("the message's known_state is missing")
+    _check_known_state(known_state, step_key, attempt)
+    return StepMessage(run_id, step_key, attempt, known_state)
+
+
+def _check_known_state(text: str, step_key: str, attempt: int) -> None:
+    from dagster_taskiq_sync._dagster.names import KnownExecutionState, deserialize_value
+
+    try:
+        state = deserialize_value(text, KnownExecutionState)
+    except Exception as exc:  # noqa: BLE001 - serdes raises many types; all mean the same here
+        raise MalformedMessage(
+            f"the message's known_state is not a Dagster execution state ({type(exc).__name__})"
+        ) from None
+    previous = state.get_retry_state().get_attempt_count(step_key)
+    if previous + 1 != attempt:
+        raise MalformedMessage(
+            f"the message's attempt {attempt} disagrees with its known_state ({previous} earlier attempts)"
+        )
+
+
+def _run(kind: TaskKind, kwargs: Mapping[str, Any]) -> RunMessage:
+    _expect_keys(kwargs, {"version", "run_id", "launch"})
+    launch = _text(kwargs, "launch", _LAUNCH)
+    if (kind is TaskKind.RUN) != (launch == "launch"):
+        raise MalformedMessage(f"the message's launch {launch!r} does not fit task {kind.value}")
+    return RunMessage(kind, _text(kwargs, "run_id", _RUN_ID), launch)
+
+
+# --- S3 offload pointers ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S3Pointer:
+    """Where an offloaded body lives; only ever inside the configured bucket and prefix."""
+
+    bucket: str
+    key: str
+    size: int | None = None
+    sha256: str | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {"s3_bucket": self.bucket, "s3_key": self.key, "size": self.size, "sha256": self.sha256}
+        ).encode()
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def pointer_for(bucket: str, prefix: str, task_id: str, payload: bytes) -> S3Pointer:
+    key = "/".join(part for part in (prefix.strip("/"), f"{task_id}.json") if part)
+    return S3Pointer(bucket, key, len(payload), hashlib.sha256(payload).hexdigest())
+
+
+def decode_pointer(body: bytes, bucket: str | None, prefix: str, max_bytes: int) -> S3Pointer:
+    """The pointer in an SQS body, refused unless it names the configured bucket and prefix."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        raise MalformedMessage("the S3 pointer is not a JSON object")
+    where, key = data.get("s3_bucket"), data.get("s3_key")
+    if not bucket:
+        raise MalformedMessage(
+            "the message points at S3, and this worker has no offload bucket configured (execution.config.backend)"
+        )
+    if where != bucket:
+        raise MalformedMessage(f"the S3 pointer names bucket {_shown(where)}, not the configured {bucket!r}")
+    prefix = prefix.strip("/")
+    if (
+        not isinstance(key, str)
+        or len(key) > 1024
+        or ".." in key
+        or not _S3_KEY.match(key)
+        or (prefix and not key.startswith(prefix + "/"))
+    ):
+        raise MalformedMessage(f"the S3 pointer's key {_shown(key)} is not under the offload prefix {prefix!r}")
+    size, digest = data.get("size"), data.get("sha256")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise MalformedMessage("the S3 pointer's size is not a whole number")
+    if size is not None and size > max_bytes:
+        raise MalformedMessage(
+            f"the offloaded payload is {size} bytes, over the {max_bytes}-byte limit (execution.config.max_payload_mib)"
+        )
+    if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise MalformedMessage("the S3 pointer's sha256 is malformed")
+    return S3Pointer(bucket, key, size, digest)
+
+
+def check_payload(pointer: S3Pointer, payload: bytes, signed: bool) -> None:
+    """A fetched payload must be what the (signed) pointer says it is."""
+    if pointer.sha256 is not None and hashlib.sha256(payload).hexdigest() != pointer.sha256:
+        raise MalformedMessage(f"the payload at {pointer.url} does not match the SHA-256 in its message")
+    if signed and pointer.sha256 is None:
+        raise MalformedMessage("a signed message points at S3 without the payload's SHA-256")
+
+
+# --- signing ---------------------------------------------------------------------------------------
+
+
+class SignatureError(MalformedMessage):
+    """Unsigned, tampered or signed with a key this worker does not hold."""
+
+
+def key_id(key: bytes) -> str:
+    """A short public name for a key, so a worker knows which of its keys to check against."""
+    return hashlib.sha256(b"dagster-taskiq-sync/key-id\0" + key).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """Signing keys: senders sign with ``current``; receivers accept ``current`` and ``previous``."""
+
+    current: bytes | None = None
+    previous: tuple[bytes, ...] = ()
+
+    @classmethod
+    def from_secrets(cls, current: str | None, previous: tuple[str, ...] = (), setting: str = "signing_key") -> Keyring:
+        from dagster_taskiq_sync.errors import ConfigError
+
+        previous_setting = setting.replace("signing_key", "previous_signing_keys")
+        for name, secret in [(setting, current), *((previous_setting, p) for p in previous)]:
+            if secret is not None and len(secret.strip()) < MIN_KEY_CHARS:
+                raise ConfigError(
+                    f"{name} is {len(secret.strip())} characters; use a random secret of at least "
+                    f"{MIN_KEY_CHARS} characters (for example `openssl rand -hex 32`), from {{env: NAME}}."
+                )
+        return cls(current.strip().encode() if current else None, tuple(p.strip().encode() for p in previous if p))
+
+    @property
+    def verifies(self) -> bool:
+        """Whether a receiver with this keyring requires signed messages."""
+        return self.current is not None or bool(self.previous)
+
+    def _accepted(self) -> dict[str, bytes]:
+        keys = [k for k in (self.current, *self.previous) if k]
+        return {key_id(k): k for k in keys}
+
+    def sign(self, body: bytes) -> dict[str, str]:
+        """Message attributes carrying the signature of ``body`` ({} without a current key)."""
+        if self.current is None:
+            return {}
+        digest = hmac.new(self.current, body, hashlib.sha256).hexdigest()
+        return {SIGNATURE_ATTRIBUTE: f"v1:{key_id(self.current)}:{digest}"}
+
+    def verify(self, body: bytes, attributes: Mapping[str, str]) -> None:
+        """Raise :class:`SignatureError` unless ``body`` carries a valid signature by an accepted key."""
+        value = attributes.get(SIGNATURE_ATTRIBUTE)
+        if not value:
+            raise SignatureError("the message is not signed, and this worker requires signed messages")
+        parts = value.split(":")
+        if len(parts) != 3 or parts[0] != "v1":
+            raise SignatureError("the message's signature is malformed")
+        key = self._accepted().get(parts[1])
+        if key is None:
+            raise SignatureError(
+                f"the message is signed with key {_shown(parts[1][:12])}, which this worker "
+                "does not hold (rotate keys: add it to previous_signing_keys)"
+            )
+        expected = hmac.new(key, body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, parts[2]):
+            raise SignatureError("the message's signature does not match its body (tampered or wrong key)")

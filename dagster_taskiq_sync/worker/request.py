@@ -1,0 +1,527 @@
+"""One message's life in a worker, from receipt to settlement, in one object (celery's ``Request``).
+
+:meth:`Request.handle` runs the whole life and never raises:
+
+1. **open**: check the signature (before anything is parsed), fetch an offloaded payload (only
+   from the configured bucket and prefix, under a size cap, checked against its SHA-256), decode
+   the wire contract (``messages.decode``). Anything wrong: the message can never run.
+2. **admit**: read the message's run and its attempt's liveness record from the worker's own
+   instance, riding out database outages while the message stays held (infrastructure errors
+   never count a genuine step toward the dead-letter policy), then apply the drop rules
+   (``DROP_RULES``: small named predicates over plain data).
+3. **start / supervise**: hand it to a step child (or a run child), record it ``running``, wait for
+   it while honouring the time limit, cancel requests and shutdown, escalating a run's interrupt
+   to a kill after its grace period.
+4. **settle**: delete (it ran, or need not run), release (not run here), or dead-letter it (it can
+   never run: moved to the queue's dead-letter queue at once, and its step failed promptly by the
+   orchestrator, which reads the ``dead_lettered`` record).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from dagster import DagsterRunStatus
+
+from dagster_taskiq_sync.errors import TaskiqSyncError
+from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, StepRecord
+from dagster_taskiq_sync.wire.broker import Delivery
+from dagster_taskiq_sync.wire.messages import (
+    MalformedMessage,
+    Message,
+    RunMessage,
+    S3Pointer,
+    SignatureError,
+    StepMessage,
+    TaskKind,
+    check_payload,
+    decode,
+    decode_pointer,
+    queue_label,
+)
+from dagster_taskiq_sync.worker.admission import DROP_RULES, Outcome, Verdict, ran_to_its_end
+from dagster_taskiq_sync.worker.context import WorkerContext
+from dagster_taskiq_sync.worker.step_child import Pickup, StepTask
+from dagster_taskiq_sync.worker.step_runner import ChildHandle
+from dagster_taskiq_sync.worker.transient import is_transient
+
+log = logging.getLogger("dagster_taskiq_sync.worker")
+
+RUN_INTERRUPT_GRACE = 15.0  # seconds a terminated run gets to stop its steps before SIGKILL
+SUPERVISE_TICK = 0.5
+RETRY_BACKOFF_MAX = 30.0
+ERROR_VISIBILITY_MAX = 900  # seconds: a message that broke this worker's own code comes back slower each time
+
+
+class Stopping(Exception):
+    """The worker is stopping while this message waited on infrastructure: release it."""
+
+
+class Request:
+    """One received message, from :meth:`handle` to its settlement (see the module docstring)."""
+
+    def __init__(self, delivery: Delivery, worker: WorkerContext) -> None:
+        self.delivery = delivery
+        self.worker = worker
+        self.message: Message | None = None
+        self.pointer: S3Pointer | None = None
+        self.run: Any = None
+        self.child: ChildHandle | None = None
+        self.record: StepRecord | None = None
+        self.kill_reason: str | None = None
+        self._interrupted_at: float | None = None
+        self._started = 0.0
+        self._unreadable = "malformed"  # or "signature": why it could not be opened, for metrics
+
+    @property
+    def handle_id(self) -> str:
+        return self.message.handle if self.message else self.delivery.message_id
+
+    @property
+    def label(self) -> str:
+        return self.message.label if self.message else f"message {self.delivery.message_id}"
+
+    @property
+    def step_key(self) -> str:
+        if isinstance(self.message, StepMessage):
+            return self.message.step_key
+        return f"run {self.message.run_id}" if self.message else "?"
+
+    # --- the whole life ----------------------------------------------------------------------
+
+    def handle(self) -> Verdict:
+        verdict = Verdict(Outcome.RELEASE)
+        self.worker.metrics.step_received(self.delivery.queue)
+        try:
+            verdict = self.admit() or self.execute()
+        except Stopping:
+            verdict = Verdict(Outcome.RELEASE, "the worker is stopping")
+        except BaseException as exc:  # nothing in one message may take a worker thread down
+            if isinstance(exc, TaskiqSyncError):  # ours: one sentence says it all
+                log.error(
+                    "worker %s: %s from queue %s goes back to the queue: %s",
+                    self.worker.name,
+                    self.label,
+                    self.delivery.queue,
+                    exc,
+                )
+            else:
+                log.exception(
+                    "worker %s: unexpected error handling %s from queue %s",
+                    self.worker.name,
+                    self.label,
+                    self.delivery.queue,
+                )
+            backoff = min(ERROR_VISIBILITY_MAX, 15 * 2 ** min(self.delivery.receive_count, 6))
+            verdict = Verdict(Outcome.RELEASE, f"{type(exc).__name__}: {exc}", release_after=backoff)
+        finally:
+            verdict = self.settle(verdict)
+        return verdict
+
+    def admit(self) -> Verdict | None:
+        """None when the message should run now, else how to settle it."""
+        try:
+            self.message = self._open()
+        except MalformedMessage as exc:
+            self._unreadable = "signature" if isinstance(exc, SignatureError) else "malformed"
+            return Verdict(Outcome.DEAD_LETTER, exc.reason)
+        if self.worker.stopping.is_set():
+            return Verdict(Outcome.RELEASE, "the worker is stopping")
+        self.run, previous = self._retrying(f"reading run {self.message.run_id} from the instance", self._read_state)
+        for rule in DROP_RULES:
+            verdict = rule(self.message, self.run, previous, self.worker.settings.worker_lost_timeout)
+            if verdict is not None:
+                if verdict.lost and previous is not None:
+                    ended = self._retrying(f"reading the outcome of {self.message.label}", self._attempts_ended)
+                    verdict = ran_to_its_end(self.message, previous, ended) or verdict
+                return verdict
+        if self.worker.stopping.is_set():
+            return Verdict(Outcome.RELEASE, "the worker is stopping")
+        return self._claim()
+
+    def _claim(self) -> Verdict | None:
+        """Only one of two deliveries of one message received at once may start it (see
+        ``LivenessStore.claim``): the other is dropped like any duplicate."""
+        settings = self.worker.settings
+        stale_after = max(settings.worker_lost_timeout, 3 * settings.heartbeat_interval)
+        holder = self._retrying(
+            f"claiming {self.label}", lambda: self.worker.store.claim(self.handle_id, self.worker.name, stale_after)
+        )
+        if holder is None:
+            return None
+        return Verdict(
+            Outcome.DONE,
+            f"{self.label} already started on worker {holder} from another delivery of the same message "
+            "(SQS delivered it twice at once)",
+        )
+
+    def _open(self) -> Message:
+        delivery, worker = self.delivery, self.worker
+        keyring = worker.settings.keyring
+        signed = keyring.verifies
+        if signed:
+            keyring.verify(delivery.body, delivery.attributes)
+            label = queue_label(delivery.body) if not delivery.offloaded else None
+            if label is not None and label != worker.settings.sqs.queue_name(delivery.queue):
+                raise MalformedMessage(f"the message was signed for queue {label!r}, not this one")
+        body = delivery.body
+        if delivery.offloaded:
+            sqs = worker.settings.sqs
+            self.pointer = decode_pointer(body, sqs.s3_bucket, sqs.s3_prefix, sqs.max_payload_bytes)
+            pointer = self.pointer
+            body = self._retrying(
+                f"reading {pointer.url}", lambda: worker.client.fetch_payload(pointer, sqs.max_payload_bytes)
+            )
+            check_payload(pointer, body, signed)
+            worker.metrics.s3_offload_read(len(body))
+        message = decode(body)
+        if signed and delivery.offloaded and queue_label(body) != worker.settings.sqs.queue_name(delivery.queue):
+            raise MalformedMessage("the offloaded message was signed for another queue")
+        return message
+
+    def _read_state(self) -> tuple[Any, StepRecord | None]:
+        assert self.message is not None
+        run = self.worker.instance.get_run_by_id(self.message.run_id)
+        previous = self.worker.store.read([self.message.handle]).get(self.message.handle) if run else None
+        return run, previous
+
+    def _attempts_ended(self) -> int:
+        """How many attempts of the message's step have an outcome in the run's event log."""
+        from dagster import DagsterEventType
+
+        message = self.message
+        if not isinstance(message, StepMessage):
+            return 0
+        ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
+        return sum(
+            1
+            for entry in self.worker.instance.all_logs(message.run_id, of_type=ends)
+            if entry.step_key == message.step_key
+        )
+
+    def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Call ``fn``; ride out infrastructure errors with capped backoff while the message stays
+        held (its visibility keeps being extended), until the worker stops."""
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except MalformedMessage:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if self.worker.stopping.is_set():
+                    raise Stopping() from None
+                log.warning(
+                    "worker %s: %s for %s failed (%s: %s); retrying in %.1f s while holding the message",
+                    self.worker.name,
+                    what,
+                    self.label,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                self.worker.stopping.wait(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX)
+
+    # --- running it ----------------------------------------------------------------------------
+
+    def execute(self) -> Verdict:
+        try:
+            self._start()
+        except BaseException:
+            # Not started: give the claim back, so that the message's next delivery may start it.
+            try:
+                self.worker.store.unclaim(self.handle_id)
+            except Exception as exc:  # noqa: BLE001 - the start's own error is the one to raise
+                log.warning("worker %s: could not give back the claim on %s: %s", self.worker.name, self.label, exc)
+            raise
+        code = self._supervise()
+        return self._finish(code)
+
+    def _pickup(self) -> Pickup:
+        d, w, m = self.delivery, self.worker, self.message
+        assert m is not None
+        return Pickup(
+            worker=w.name,
+            host=w.host,
+            worker_pid=w.pid,
+            queue=d.queue,
+            message_id=d.message_id,
+            receive_count=d.receive_count,
+            received_at=d.received_at,
+            run_id=m.run_id,
+            step_key=getattr(m, "step_key", None),
+            attempt=getattr(m, "attempt", None),
+        )
+
+    def _start(self) -> None:
+        worker, message = self.worker, self.message
+        assert message is not None
+        self._started = worker.clock()
+        if isinstance(message, StepMessage):
+            self.child = worker.runner.start_step(
+                StepTask(message.run_id, message.step_key, message.attempt, message.known_state, self._pickup())
+            )
+        else:
+            self.child = worker.runner.start_run(
+                "run" if message.kind is TaskKind.RUN else "resume", message.run_id, self._pickup()
+            )
+        self.write_record(
+            StepRecord(
+                RUNNING,
+                queue=self.delivery.queue,
+                worker=worker.name,
+                host=worker.host,
+                worker_pid=worker.pid,
+                step_pid=self.child.pid,
+                message_id=self.delivery.message_id,
+                heartbeat_interval=worker.settings.heartbeat_interval,
+            )
+        )
+        worker.running.add(self)
+        log.info(
+            "worker %s: %s started (queue %s, pid %s)", worker.name, message.label, self.delivery.queue, self.child.pid
+        )
+        if isinstance(message, StepMessage):
+            sent = self.delivery.sent_at
+            worker.metrics.step_started(
+                self.delivery.queue, self.run.job_name, self.delivery.received_at - sent if sent else None
+            )
+
+    def _supervise(self) -> int:
+        assert self.child is not None and self.message is not None
+        limit = self.worker.settings.task_time_limit if self.message.kind is TaskKind.STEP else None
+        try:
+            while True:
+                code = self.child.wait(SUPERVISE_TICK)
+                if code is not None:
+                    return code
+                if self.worker.killing.is_set():
+                    self.kill("the worker is shutting down", force=True)
+                elif limit is not None and self.worker.clock() - self._started > limit:
+                    self.kill(f"task_time_limit of {limit:g} s exceeded", force=True)
+                elif self.kill_reason is not None:
+                    self.kill(self.kill_reason)  # escalates a run's interrupt after its grace
+        finally:
+            self.worker.running.remove(self)
+
+    def kill(self, why: str, force: bool = False) -> None:
+        """Stop the child: a step is killed at once; a run is interrupted (so Dagster stops its
+        steps and ends it CANCELED) and killed only if it is still there after its grace period."""
+        assert self.child is not None and self.message is not None
+        if self.kill_reason is None:
+            self.kill_reason = why
+            log.warning(
+                "worker %s: %s %s (pid %s): %s",
+                self.worker.name,
+                "killing" if self.message.kind is TaskKind.STEP else "stopping",
+                self.label,
+                self.child.pid,
+                why,
+            )
+        now = self.worker.clock()
+        if force or self.message.kind is TaskKind.STEP:
+            self.child.kill()
+        elif self._interrupted_at is None:
+            self._interrupted_at = now
+            self.child.interrupt()
+        elif now - self._interrupted_at > RUN_INTERRUPT_GRACE:
+            self.child.kill()
+
+    def heartbeat(self) -> None:
+        """Refresh the running record so the orchestrator can tell a live worker from a lost one."""
+        if self.kill_reason is None and self.record is not None:
+            self.write_record(replace(self.record, ts=time.time()))
+
+    def _finish(self, code: int) -> Verdict:
+        worker, message, child = self.worker, self.message, self.child
+        assert message is not None and child is not None
+        cannot_run = child.cannot_run_reason()
+        child.close()
+        reason = f"killed: {self.kill_reason}" if self.kill_reason else cannot_run
+        log.info(
+            "worker %s: %s finished in %.2f s (exit code %s%s)",
+            worker.name,
+            message.label,
+            worker.clock() - self._started,
+            code,
+            f", {reason}" if reason else "",
+        )
+        worker.count_done()
+        if isinstance(message, StepMessage):
+            count = (
+                worker.metrics.step_killed
+                if self.kill_reason
+                else worker.metrics.step_succeeded
+                if code == 0
+                else worker.metrics.step_failed
+            )
+            count(self.delivery.queue, self.run.job_name, worker.clock() - self._started)
+        if cannot_run and not self.kill_reason:
+            return Verdict(Outcome.DEAD_LETTER, cannot_run)
+        if message.kind is not TaskKind.STEP:
+            self._finish_run(code, reason)
+        elif code != 0 or reason:
+            # A step that ran to its end has its result in the event log, which is what the
+            # orchestrator reads; its "running" record already stops a redelivery from running it
+            # again. Only an abnormal end needs saying (one instance write per step fewer).
+            self._finish_record(code, reason)
+        return Verdict(Outcome.DONE)
+
+    def _finish_record(self, code: int | None, reason: str | None) -> None:
+        if self.record is not None:
+            self.write_record(replace(self.record, state=EXITED, ts=time.time(), exit_code=code, reason=reason))
+
+    def _finish_run(self, code: int, reason: str | None) -> None:
+        """A run child ended. Its launch record is kept while monitoring may still read it."""
+        instance, run_id = self.worker.instance, self.message.run_id if self.message else ""
+        try:
+            run = instance.get_run_by_id(run_id)
+            if self.kill_reason and run is not None and run.status == DagsterRunStatus.CANCELING:
+                # A run process stopped on a terminate normally ends its run CANCELED itself; if it
+                # was killed before it could, say so here rather than leave the run CANCELING.
+                instance.report_run_canceled(
+                    run, message=f"Run process stopped by worker {self.worker.name}: {self.kill_reason}."
+                )
+        except Exception as exc:  # noqa: BLE001 - a failed run update must not stop the message from settling
+            log.warning("worker %s: could not read or update run %s: %s", self.worker.name, run_id, exc)
+        self._finish_record(code, reason)
+
+    def write_record(self, record: StepRecord) -> None:
+        self.record = record
+        try:
+            self.worker.store.write(self.handle_id, record)
+        except Exception as exc:  # noqa: BLE001 - liveness must not take the step down
+            log.warning("worker %s: could not record liveness of %s: %s", self.worker.name, self.label, exc)
+
+    # --- settling ------------------------------------------------------------------------------------
+
+    def settle(self, verdict: Verdict) -> Verdict:
+        """Delete, release or dead-letter the message, and say so; never raises."""
+        try:
+            self._say(verdict)
+        except Exception as exc:  # noqa: BLE001 - a failed report (run log, metrics) must not keep the message
+            log.warning(
+                "worker %s: could not report the %s of %s in its run's log: %s: %s",
+                self.worker.name,
+                verdict.outcome.value,
+                self.label,
+                type(exc).__name__,
+                exc,
+            )
+        try:
+            if verdict.outcome is Outcome.DONE:
+                self.worker.acks.delete(self.delivery, self.pointer)
+            elif verdict.outcome is Outcome.RELEASE:
+                self._release(verdict)
+            else:
+                self._dead_letter(verdict)
+        except Exception as exc:  # noqa: BLE001 - settling must never raise; the message reappears after its visibility timeout
+            # Not fatal: the message reappears after its visibility timeout, and a step attempt
+            # that already ran is dropped then without running user code again.
+            log.warning(
+                "worker %s: could not settle %s (%s) on queue %s: %s: %s",
+                self.worker.name,
+                self.label,
+                verdict.outcome.value,
+                self.delivery.queue,
+                type(exc).__name__,
+                exc,
+            )
+        return verdict
+
+    def _say(self, verdict: Verdict) -> None:
+        d, name = self.delivery, self.worker.name
+        if verdict.outcome is Outcome.DEAD_LETTER:
+            log.error("worker %s: message %s on queue %s can never run: %s", name, d.message_id, d.queue, verdict.why)
+        elif verdict.outcome is Outcome.DONE and verdict.why:
+            log.warning(
+                "worker %s: dropping message %s (delivered %d times): %s; not running it",
+                name,
+                d.message_id,
+                d.receive_count,
+                verdict.why,
+            )
+            if " already " in verdict.why:
+                self.worker.metrics.step_dropped_duplicate(d.queue)
+            # A first delivery of a started attempt is a re-send (a resumed run), not SQS delivering
+            # twice; a lost one will never end by itself: say in the run's own log why it does not run.
+            if (
+                verdict.resent_started
+                and (d.receive_count == 1 or verdict.lost)
+                and self.run is not None
+                and isinstance(self.message, StepMessage)
+            ):
+                self._explain_resent_attempt(verdict.why)
+            if (
+                isinstance(self.message, RunMessage)
+                and self.run is not None
+                and self.run.status == DagsterRunStatus.CANCELING
+            ):
+                self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")
+        elif verdict.outcome is Outcome.RELEASE and verdict.why:
+            log.info("worker %s: releasing message %s back to queue %s (%s)", name, d.message_id, d.queue, verdict.why)
+
+    def _explain_resent_attempt(self, why: str) -> None:
+        """A resumed run re-sent a step attempt that already started: say in the run's own log why
+        it does not run again, instead of only in this worker's log."""
+        assert isinstance(self.message, StepMessage)
+        self.worker.instance.report_engine_event(
+            f"Step {self.message.step_key} is not run again: {why}. Dagster does not re-run a step attempt "
+            "that already started; its health check fails it (or retries it under its RetryPolicy).",
+            self.run,
+            step_key=self.message.step_key,
+        )
+
+    def _release(self, verdict: Verdict) -> None:
+        self.mark_final_delivery()
+        self.worker.client.change_visibility([self.delivery], verdict.release_after)
+
+    def mark_final_delivery(self) -> None:
+        """Before a message goes back unrun at its last allowed receive (maxReceiveCount), record
+        it: SQS's redrive policy dead-letters it on the next receive, and nobody else would say so."""
+        facts = self.worker.client.facts.get(self.delivery.queue)
+        if facts is None or not facts.max_receive_count or self.delivery.receive_count < facts.max_receive_count:
+            return
+        try:
+            if self.message is None:
+                self.message = self._open()
+            if self.run is None:
+                self.run = self.worker.instance.get_run_by_id(self.message.run_id)
+        except Exception as exc:  # noqa: BLE001 - unreadable or unverifiable: nothing to record on its behalf
+            log.debug("worker %s: not recording the final delivery of %s: %s", self.worker.name, self.label, exc)
+            return
+        if isinstance(self.message, StepMessage) and self.run is not None:
+            self.write_record(
+                StepRecord(
+                    FINAL_DELIVERY,
+                    queue=facts.dead_letter_name,
+                    worker=self.worker.name,
+                    message_id=self.delivery.message_id,
+                    reason=f"{self.delivery.receive_count} times (maxReceiveCount {facts.max_receive_count})",
+                )
+            )
+
+    def _dead_letter(self, verdict: Verdict) -> None:
+        dlq = self.worker.client.dead_letter(self.delivery, verdict.why)
+        reason = self._unreadable if self.message is None else "unknown_run" if self.run is None else "cannot_run"
+        self.worker.metrics.message_dead_lettered(self.delivery.queue, reason)
+        if self.message is None or self.run is None:
+            return  # unverified or run-less: nothing in the instance is touched on its behalf
+        where = f"to dead-letter queue {dlq!r}" if dlq else "and deleted it (the queue has no dead-letter queue)"
+        self.write_record(
+            StepRecord(
+                DEAD_LETTERED,
+                queue=self.delivery.queue,
+                worker=self.worker.name,
+                message_id=self.delivery.message_id,
+                cannot_run=True,
+                reason=f"{where}: {verdict.why}.",
+            )
+        )

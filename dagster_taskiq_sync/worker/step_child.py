@@ -1,0 +1,340 @@
+"""What runs inside a step child or a run child: the code on the far side of the fork.
+
+The worker's fork server imports this module (and Dagster, see ``_dagster.names.PRELOAD_MODULES``)
+once; step children forked from it run :func:`serve_steps`, run children :func:`run_run_in_child`.
+Everything a step needs comes from the worker's own instance (its reference is handed down by the
+worker, never read from a message): the run, its job's code origin, its run config and the retry
+mode its executor config implies. The message contributes only the run id, step key, attempt and
+the orchestrator's known state.
+
+A child tells its worker on a pipe when it could not run its message at all (``CANNOT_RUN``); the
+exit code is user code's (an op may call ``os._exit(3)``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dagster_taskiq_sync._dagster.child import (
+    install_cached_step_plans,
+    install_step_worker_details,
+    install_thread_log_mirror,
+    retry_mode_of_run,
+    step_worker_details,
+)
+from dagster_taskiq_sync._dagster.names import (
+    DagsterExecutionStepNotFoundError,
+    EngineEventData,
+    ExecuteStepArgs,
+    KnownExecutionState,
+    capture_interrupts,
+    deserialize_value,
+    execute_run_command_body,
+    execute_step_command_body,
+    recon_job_from_origin,
+    resume_run_command_body,
+    serializable_error_info_from_exc_info,
+)
+from dagster_taskiq_sync.storage.instance import InstanceOptions, instance_from_ref
+from dagster_taskiq_sync.storage.run_report import PICKED_UP_KEY
+
+WARM = "warm"  # a step child message asking it to load a run's job ahead of its steps
+
+# Why a child could not run its message at all (the key travels on the pipe).
+CANNOT_RUN = {
+    "run_not_found": "its run is not in the worker's Dagster instance",
+    "job_not_loadable": "its job could not be loaded on the worker",
+    "step_not_found": "its step is not in the run's execution plan",
+}
+
+
+@dataclass(frozen=True)
+class Pickup:
+    """Who took a message, for the run's log (STEP_WORKER_STARTED or an engine event)."""
+
+    worker: str
+    host: str
+    worker_pid: int
+    queue: str
+    message_id: str
+    receive_count: int
+    received_at: float
+    run_id: str
+    step_key: str | None = None
+    attempt: int | None = None
+
+    def text(self, verb: str, pid: int) -> str:
+        return f"{verb} by worker {self.worker} on {self.host} from queue {self.queue!r} (pid {pid})."
+
+    def metadata(self, pid: int) -> dict[str, str]:
+        fields = {k: v for k, v in asdict(self).items() if v is not None}
+        fields["received_at"] = f"{self.received_at:.6f}"
+        return {k: str(v) for k, v in fields.items()} | {"pid": str(pid), PICKED_UP_KEY: self.worker}
+
+
+@dataclass(frozen=True)
+class StepTask:
+    """One step attempt, as the worker hands it to a step child."""
+
+    run_id: str
+    step_key: str
+    attempt: int
+    known_state: str
+    pickup: Pickup
+
+
+class CannotRun(Exception):
+    """The message cannot run on this worker at all (reason: a CANNOT_RUN key)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def die_with_worker(worker_pid: int | None) -> None:
+    """SIGKILL this process when the worker that supervises it dies (e.g. ``kill -9``).
+
+    The fork server, not the worker, is the child's parent, and multiprocessing hands every child
+    the fork server's keep-alive pipe: a running step would keep the fork server, and itself,
+    alive as orphans. So the child watches the worker's pid itself (a pidfd where the kernel has
+    them, else a 1 s poll), and also takes the parent-death signal for the fork server.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if not worker_pid:
+        return
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(worker_pid)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(worker_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="watch-worker", daemon=True).start()
+
+
+def _open_instance(instance_ref: str, options: InstanceOptions) -> Any:
+    return instance_from_ref(deserialize_value(instance_ref), options)
+
+
+def _recon_job(run: Any) -> Any:
+    return recon_job_from_origin(run.job_code_origin).get_subset(
+        op_selection=run.resolved_op_selection,
+        asset_selection=run.asset_selection,
+        asset_check_selection=run.asset_check_selection,
+    )
+
+
+def _load_job_or_raise(instance: Any, run: Any, what: str, pickup: Pickup) -> Any:
+    try:
+        recon = _recon_job(run)
+        recon.get_definition()
+        return recon
+    except Exception:  # noqa: BLE001 - user code failing to import
+        error = serializable_error_info_from_exc_info(sys.exc_info())
+        instance.report_engine_event(
+            f"{what} cannot run on worker {pickup.worker}: its job could not be loaded "
+            f"({error.message.strip()}). Check that the worker has the job's code (same path or "
+            "package, `-i` modules) and its dependencies.",
+            run,
+            EngineEventData(error=error),
+            step_key=pickup.step_key,
+        )
+        print(f"{what}: the job could not be loaded: {error.message.strip()}", file=sys.stderr)
+        raise CannotRun("job_not_loadable") from None
+
+
+def _run_or_raise(instance: Any, run_id: str, what: str) -> Any:
+    run = instance.get_run_by_id(run_id)
+    if run is None or run.job_code_origin is None:
+        print(f"{what}: run {run_id} is not in the Dagster instance", file=sys.stderr)
+        raise CannotRun("run_not_found")
+    return run
+
+
+def run_run_in_child(
+    kind: str, run_id: str, pickup: Pickup, instance_ref: str, options: InstanceOptions, report: Any
+) -> None:
+    """Entry point of a run child (TaskiqRunLauncher): execute or resume a whole run.
+
+    The run process is Dagster's own run worker: with ``taskiq_executor`` it sends its steps to
+    the queues as any orchestrator does. SIGINT (a terminate) stops it the way Dagster's
+    ``api execute_run`` stops: steps are terminated and the run ends CANCELED.
+    """
+    die_with_worker(pickup.worker_pid)
+    os.setpgrp()  # a Ctrl-C in the worker's terminal is the worker's to handle, not the run's
+    with capture_interrupts():
+        instance = _open_instance(instance_ref, options)
+        try:
+            run = _run_or_raise(instance, run_id, "Run")
+            _load_job_or_raise(instance, run, "Run", pickup)
+            verb = "resumed" if kind == "resume" else "picked up"
+            instance.report_engine_event(
+                f"Run {pickup.text(verb, os.getpid())}", run, EngineEventData(metadata=pickup.metadata(os.getpid()))
+            )
+        except CannotRun as exc:
+            report.send(exc.reason)
+            report.close()
+            sys.exit(1)
+        body = execute_run_command_body if kind == "run" else resume_run_command_body
+        code = body(run_id, instance, lambda _event: None, set_exit_code_on_failure=True)
+    sys.exit(code)
+
+
+class _StepChildState:
+    """What a step child keeps between steps: its one instance and the runs it has looked at."""
+
+    def __init__(self, instance_ref: str, options: InstanceOptions) -> None:
+        self.instance_ref = instance_ref
+        self.options = options
+        self._instance: Any = None
+        self.retry_modes: dict[tuple[str, str], Any] = {}
+
+    @property
+    def instance(self) -> Any:
+        if self._instance is None:
+            self._instance = _open_instance(self.instance_ref, self.options)
+        return self._instance
+
+
+def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: InstanceOptions) -> None:
+    """Entry point of a step child: run the steps the worker sends, one at a time, until told to
+    stop (None) or the worker goes away.
+
+    A step writes its own events to the instance's event log (that is how the orchestrator learns
+    about them); the pipe only carries the outcome back, with this process's RSS so the worker
+    can apply --max-memory-per-child.
+    """
+    die_with_worker(worker_pid)
+    # A Ctrl-C in the worker's terminal is the worker's to handle: it decides whether running
+    # steps finish within the shutdown deadline or are killed.
+    os.setpgrp()
+    install_thread_log_mirror()
+    install_cached_step_plans()
+    install_step_worker_details()
+    state = _StepChildState(instance_ref, options)
+    profile_dir = os.environ.get("DAGSTER_TASKIQ_SYNC_PROFILE_DIR")
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if message is None:
+            return
+        if message[0] == WARM:
+            _warm(message[1], state)
+            continue
+        status, reason = _serve_one(message[1], state, profile_dir)
+        try:
+            conn.send((status, reason, _rss_kib()))
+        except (OSError, ValueError):
+            return
+        if status != "ok":  # whatever broke (or a job that would not load) may have left this process unusable
+            sys.exit(1)
+
+
+def _serve_one(task: StepTask, state: _StepChildState, profile_dir: str | None) -> tuple[str, str | None]:
+    try:
+        if profile_dir:
+            _profiled(profile_dir, task, state)
+        else:
+            _run_step(task, state)
+        return "ok", None
+    except CannotRun as exc:
+        return "cannot_run", exc.reason
+    except BaseException:  # noqa: BLE001 - anything outside the step's own error handling, SystemExit included
+        traceback.print_exc()
+        return "error", None
+
+
+def _rss_kib() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _profiled(profile_dir: str, task: StepTask, state: _StepChildState) -> None:
+    """Developer aid: one cProfile file per step, and the modules it imported late."""
+    import cProfile
+
+    preloaded = set(sys.modules)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        _run_step(task, state)
+    finally:
+        profiler.disable()
+        base = os.path.join(profile_dir, f"{task.step_key}-{os.getpid()}-{time.time():.3f}")
+        profiler.dump_stats(base + ".prof")
+        with open(base + ".imports", "w") as fh:  # what the fork server did not preload
+            fh.write("\n".join(sorted(set(sys.modules) - preloaded)))
+
+
+def _warm(run_id: str, state: _StepChildState) -> None:
+    """Load a run's job into this child's caches; failures are the step's to report."""
+    try:
+        run = state.instance.get_run_by_id(run_id)
+        if run is not None and run.job_code_origin is not None:
+            _retry_mode(state, run, _recon_job(run))
+    except Exception:  # noqa: BLE001 - the step that follows reports whatever this was
+        pass
+
+
+def _retry_mode(state: _StepChildState, run: Any, recon: Any) -> Any:
+    key = (run.run_id, run.job_name)
+    if key not in state.retry_modes:
+        state.retry_modes[key] = retry_mode_of_run(recon, run.run_config)
+        while len(state.retry_modes) > 64:
+            state.retry_modes.pop(next(iter(state.retry_modes)))
+    return state.retry_modes[key]
+
+
+def _run_step(task: StepTask, state: _StepChildState) -> None:
+    instance = state.instance
+    what = f"Step {task.step_key}"
+    run = _run_or_raise(instance, task.run_id, what)
+    recon = _load_job_or_raise(instance, run, what, task.pickup)
+    args = ExecuteStepArgs(
+        job_origin=run.job_code_origin,  # from the worker's own instance, never from the message
+        run_id=run.run_id,
+        step_keys_to_execute=[task.step_key],
+        instance_ref=None,
+        retry_mode=_retry_mode(state, run, recon),
+        known_state=deserialize_value(task.known_state, KnownExecutionState),
+        should_verify_step=True,  # a redelivered attempt that already started is never run twice
+        print_serialized_events=False,
+    )
+    token = step_worker_details.set((task.pickup.text("picked up", os.getpid()), task.pickup.metadata(os.getpid())))
+    try:
+        for _event in execute_step_command_body(args, instance, run):
+            pass  # events are already in the event log; nobody re-logs them
+    except DagsterExecutionStepNotFoundError:
+        raise CannotRun("step_not_found") from None
+    finally:
+        step_worker_details.reset(token)

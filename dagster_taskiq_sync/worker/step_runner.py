@@ -1,0 +1,301 @@
+"""Who starts step children, as the worker sees them: a pool of reusable processes forked from a
+pre-imported parent, and the handles the worker holds of them.
+
+A fresh ``dagster api execute_step`` interpreter costs about 2 s before user code runs. The worker
+instead starts one multiprocessing *fork server* that imports Dagster (and the modules named with
+``worker start -i``) once, and forks *step children* from it, like Celery's prefork pool: a step
+child runs one step at a time and is reused for the next one, keeping the Dagster instance and the
+loaded job between steps. A step never shares a process with another step running at the same
+time, so it can still be killed (the child is killed and a new one forked), a crash in user code
+cannot take the worker down, and its stdout/stderr are its own. ``--max-tasks-per-child`` and
+``--max-memory-per-child`` recycle children as in Celery; a child whose step could not run (its
+job would not load) or broke outside the step is never reused.
+
+Whole runs (TaskiqRunLauncher) get a fresh child each. The fork server is a child of the worker,
+and every child a child of the fork server: the whole tree stays under the ``worker start``
+process where supervisors can see and limit it. What runs inside the children is
+``step_child.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing
+import multiprocessing.connection as mp_connection
+import os
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext
+from typing import Any, Protocol
+
+from dagster_taskiq_sync._dagster.names import OPTIONAL_PRELOAD_MODULES, PRELOAD_MODULES
+from dagster_taskiq_sync.storage.instance import InstanceOptions
+from dagster_taskiq_sync.worker.step_child import CANNOT_RUN, WARM, Pickup, StepTask, run_run_in_child, serve_steps
+
+
+class ChildHandle(Protocol):
+    """What a worker thread holds of the process running its message."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    def wait(self, timeout: float) -> int | None:
+        """Exit code (0: ran to its end), or None if still running after ``timeout`` seconds."""
+
+    def kill(self) -> None: ...
+
+    def interrupt(self) -> None:
+        """Ask it to stop the way Dagster stops a run (SIGINT); steps are simply killed."""
+
+    def cannot_run_reason(self) -> str | None:
+        """Why the child could not run its message at all, if it said so."""
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class RunProcess:
+    """A run child (TaskiqRunLauncher)."""
+
+    process: Any  # multiprocessing.Process (forkserver context)
+    reports: Any = None  # read end of the child's "cannot run" pipe
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def wait(self, timeout: float) -> int | None:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        if self.process.exitcode is None:
+            self.process.kill()
+
+    def interrupt(self) -> None:
+        if self.process.exitcode is None and self.process.pid:
+            os.kill(self.process.pid, signal.SIGINT)
+
+    def cannot_run_reason(self) -> str | None:
+        try:
+            if self.reports is not None and self.reports.poll():
+                return CANNOT_RUN.get(self.reports.recv())
+        except (EOFError, OSError):
+            pass
+        return None
+
+    def close(self) -> None:
+        if self.reports is not None:
+            self.reports.close()
+        try:
+            self.process.close()
+        except ValueError:  # still running: the caller kills it first
+            pass
+
+
+@dataclass
+class StepChild:
+    """A reusable step child: reads tasks on its pipe, answers (status, reason, rss)."""
+
+    process: Any
+    conn: Any
+    steps_run: int = 0
+    rss_kib: int = 0
+    spent: bool = False  # never reuse: its last step could not run, or broke outside the step
+
+    def alive(self) -> bool:
+        return self.process.exitcode is None
+
+    def warm(self, run_id: str) -> None:
+        """Load a run's job ahead of its steps (no answer is sent)."""
+        try:
+            self.conn.send((WARM, run_id))
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        """Ask an idle child to exit; kill it if it does not within a second."""
+        try:
+            if self.alive():
+                self.conn.send(None)
+                self.process.join(1.0)
+            if self.alive():
+                self.process.kill()
+                self.process.join(1.0)
+        except (OSError, ValueError):
+            pass
+        try:
+            self.conn.close()
+            self.process.close()
+        except (OSError, ValueError):
+            pass
+
+
+class StepRunner:
+    """Hands steps to reusable step children, and starts run children, from a warm fork server.
+
+    ``instance_ref`` is the worker's own instance reference (serialized): every child opens that
+    instance, whatever a message says.
+    """
+
+    def __init__(
+        self,
+        instance_ref: str,
+        instance_options: InstanceOptions,
+        preload: Sequence[str] = (),
+        max_tasks_per_child: int | None = None,
+        max_memory_per_child: int | None = None,
+        on_recycle: Callable[[str], None] | None = None,
+    ) -> None:
+        self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")
+        optional = [m for m in OPTIONAL_PRELOAD_MODULES if importlib.util.find_spec(m) is not None]
+        self._ctx.set_forkserver_preload(
+            ["dagster_taskiq_sync.worker.step_child", *PRELOAD_MODULES, *optional, *preload]
+        )
+        self._instance_ref = instance_ref
+        self._instance_options = instance_options
+        self.max_tasks_per_child = max_tasks_per_child
+        self.max_memory_per_child = max_memory_per_child  # KiB, as Celery's option
+        self._on_recycle = on_recycle or (lambda reason: None)
+        self._idle: list[StepChild] = []
+        self._lock = threading.Lock()
+        self.children_started = 0
+        self._warmed_runs: dict[str, None] = {}  # runs whose job idle children loaded (bounded)
+
+    def warm(self, children: int) -> None:
+        """Start the fork server (importing Dagster in it) and ``children`` step children now,
+        rather than on the first step."""
+        started = [self._new_child() for _ in range(children)]
+        with self._lock:
+            self._idle.extend(started)
+
+    def start_step(self, task: StepTask) -> StepAttempt:
+        """Run one step in an idle step child.
+
+        The first step of a run seen by this worker also asks the other idle children to load the
+        run's job now, so its parallel steps do not each pay for that (~0.4 s) when they arrive.
+        """
+        with self._lock:
+            child = self._idle.pop() if self._idle else None
+            to_warm: list[StepChild] = []
+            if task.run_id not in self._warmed_runs:
+                self._warmed_runs[task.run_id] = None
+                while len(self._warmed_runs) > 64:
+                    self._warmed_runs.pop(next(iter(self._warmed_runs)))
+                to_warm = list(self._idle)
+        if child is None or not child.alive():
+            if child is not None:
+                child.close()
+            child = self._new_child()
+        attempt = StepAttempt(self, child, task)
+        for idle in to_warm:
+            idle.warm(task.run_id)
+        return attempt
+
+    def start_run(self, kind: str, run_id: str, pickup: Pickup) -> RunProcess:
+        """A fresh child for a whole run ("run") or a resumed one ("resume")."""
+        reports, report = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=run_run_in_child,
+            args=(kind, run_id, pickup, self._instance_ref, self._instance_options, report),
+            name=f"run:{run_id}",
+        )
+        process.start()
+        report.close()  # the child holds the write end now
+        return RunProcess(process, reports)
+
+    def _new_child(self) -> StepChild:
+        conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=serve_steps,
+            args=(child_conn, os.getpid(), self._instance_ref, self._instance_options),
+            name="taskiq-step-child",
+        )
+        process.start()
+        child_conn.close()
+        self.children_started += 1
+        return StepChild(process, conn)
+
+    def give_back(self, child: StepChild) -> None:
+        """A child whose step ended: back to the idle pool, unless it is spent."""
+        reason = None
+        if child.spent or not child.alive():
+            reason = "unusable"
+        elif self.max_tasks_per_child is not None and child.steps_run >= self.max_tasks_per_child:
+            reason = "max_tasks_per_child"
+        elif self.max_memory_per_child is not None and child.rss_kib > self.max_memory_per_child:
+            reason = "max_memory_per_child"
+        if reason is not None:
+            self._on_recycle(reason)
+            child.close()
+            return
+        with self._lock:
+            self._idle.append(child)
+
+    def close(self) -> None:
+        """Stop idle step children (busy ones are the worker's to stop first)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for child in idle:
+            child.close()
+
+
+class StepAttempt:
+    """One step running in a step child (a :class:`ChildHandle`).
+
+    ``wait`` gives 0 when the step ran to its end (its result is in the event log, success or
+    failure), 1 when the child could not run it or hit an error outside the step, or the child's
+    exit code if it died under the step (an op calling ``os._exit``, a kill).
+    """
+
+    def __init__(self, runner: StepRunner, child: StepChild, task: StepTask) -> None:
+        self._runner = runner
+        self.child = child
+        self._code: int | None = None
+        self._reason: str | None = None
+        child.conn.send(("step", task))
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.process.pid
+
+    def wait(self, timeout: float) -> int | None:
+        if self._code is not None:
+            return self._code
+        ready = mp_connection.wait([self.child.conn, self.child.process.sentinel], timeout)
+        if not ready:
+            return None
+        reply = None
+        if self.child.conn in ready:
+            try:
+                reply = self.child.conn.recv()
+            except (EOFError, OSError):
+                reply = None
+        if reply is not None:
+            status, self._reason, self.child.rss_kib = reply
+            self.child.steps_run += 1
+            self.child.spent = status != "ok"
+            self._code = 0 if status == "ok" else 1
+        else:  # died under the step
+            self.child.process.join(5)
+            code = self.child.process.exitcode
+            self._code = code if code is not None else -signal.SIGKILL
+        return self._code
+
+    def cannot_run_reason(self) -> str | None:
+        return CANNOT_RUN.get(self._reason) if self._reason else None
+
+    def kill(self) -> None:
+        if self.child.alive():
+            self.child.process.kill()
+
+    def interrupt(self) -> None:  # steps are killed, not interrupted
+        self.kill()
+
+    def close(self) -> None:
+        if self._code is None:  # abandoned mid-step: the child cannot be reused
+            self.kill()
+            self.wait(5)
+        self._runner.give_back(self.child)
