@@ -1,0 +1,69 @@
+"""What a bin/bench invocation can run: its contenders, workloads, storages and concurrency, and
+what it skips by default (and why)."""
+
+from __future__ import annotations
+
+from .jobs import Workload
+from .orchestrator import SEGMENTS as SEGMENT_NAMES
+
+CONTENDERS = ("taskiq", "celery", "multiprocess", "in_process")
+LABELS = {
+    "taskiq": "taskiq_executor (SQS)",
+    "celery": "dagster-celery (Redis)",
+    "multiprocess": "multiprocess_executor",
+    "in_process": "in_process_executor",
+}
+FULL_WORKLOADS = (
+    "chain-20",
+    "fanout-100",
+    "fanout-100-sleep",
+    "fanout-1000",
+    "chain-5",
+    "runs-10",
+    "backfill+interactive",
+)
+QUICK_WORKLOADS = ("chain-3", "fanout-4", "fanout-4-sleep", "fanout-20", "runs-3-chain-3", "backfill-small")
+BASELINES = ("celery", "in_process")  # every new figure is also shown as a ratio to these
+# multiprocess_executor starts a Python process per step (fanout-100: ~1.7 s of wall time per
+# step on the 2-core reference machine): a 1000-step run takes ~30 min. Measurements with more
+# steps than this skip it (--run-skipped runs them).
+MULTIPROCESS_MAX_STEPS = 200
+QUICK_MULTIPROCESS_MAX_STEPS = 8  # --quick: the three original smoke workloads only
+STORAGES = ("sqlite", "postgres")
+CONCURRENCY = 4
+# Labels of the links orchestrator.step_segments measures, in its order.
+SEGMENTS = tuple(
+    zip(
+        SEGMENT_NAMES,
+        (
+            "ready -> message sent (orchestrator)",
+            "sent -> received by a worker (SQS)",
+            "received -> STEP_WORKER_STARTED (worker, step child)",
+            "STEP_WORKER_STARTED -> STEP_START (Dagster step setup)",
+            "STEP_START -> STEP_SUCCESS (op + outputs)",
+            "STEP_SUCCESS -> seen by orchestrator (event log poll)",
+        ),
+        strict=True,
+    )
+)
+
+
+def skip_reason(contender: str, spec: Workload, quick: bool = False) -> str | None:
+    """Why ``contender`` does not run ``spec`` by default (printed in the report), or None."""
+    if contender == "multiprocess" and quick and spec.steps > QUICK_MULTIPROCESS_MAX_STEPS:
+        return (
+            f"{spec.steps} steps: --quick keeps multiprocess_executor (a process per step, ~1.7 s each) to "
+            f"measurements of at most {QUICK_MULTIPROCESS_MAX_STEPS} steps; `--run-skipped` runs it anyway"
+        )
+    if contender == "multiprocess" and spec.steps > MULTIPROCESS_MAX_STEPS:
+        return (
+            f"{spec.steps} steps: multiprocess_executor starts a process per step (fanout-100 took "
+            f"~1.7 s of wall time per step here), so ~{spec.steps * 1.7 / 60:.0f} min per measurement; "
+            "`--run-skipped` runs it anyway"
+        )
+    return None
+
+
+def log(message: str) -> None:
+    """The bench's progress lines (stdout, flushed: a long run shows where it is)."""
+    print(message, flush=True)
