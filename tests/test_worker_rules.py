@@ -16,7 +16,9 @@ from dagster_taskiq_sync.wire.messages import RunMessage, StepMessage, TaskKind
 from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.worker.admission import (
     DROP_RULES,
+    Drop,
     Outcome,
+    Verdict,
     already_started,
     could_not_run_before,
     ran_to_its_end,
@@ -60,7 +62,7 @@ def test_a_run_this_worker_does_not_have_can_never_run():
 def test_an_attempt_that_already_started_is_dropped_not_rerun(state):
     previous = StepRecord(state, worker="w1@h")
     name, verdict = first_verdict(STEP, run(DagsterRunStatus.STARTED), previous)
-    assert name == "already_started" and verdict.outcome is Outcome.DONE
+    assert name == "already_started" and verdict.outcome is Outcome.DONE and verdict.dropped is Drop.DUPLICATE
     assert "already " + ("started" if state == RUNNING else "ran") + " on worker w1@h" in verdict.why
 
 
@@ -74,7 +76,7 @@ def test_a_lost_attempt_whose_outcome_is_in_the_event_log_ran_to_its_end():
     previous = StepRecord(RUNNING, ts=time.time() - 120, worker="w1@h", heartbeat_interval=5)
     assert ran_to_its_end(STEP, previous, attempts_ended=0) is None  # no outcome: lost
     verdict = ran_to_its_end(STEP, previous, attempts_ended=1)
-    assert verdict.outcome is Outcome.DONE and not verdict.lost
+    assert verdict.outcome is Outcome.DONE and not verdict.lost and verdict.dropped is Drop.DUPLICATE
     assert "already started on worker w1@h and has ended (the run's event log has its outcome)" in verdict.why
     assert ran_to_its_end(RESUME, previous, attempts_ended=1) is None
 
@@ -168,6 +170,11 @@ def test_nothing_runs_for_a_run_that_is_over(status):
     for message in (STEP, RUN, RESUME):
         verdict = run_is_over(message, run(status), None, 30)
         assert verdict.outcome is Outcome.DONE and status.value in verdict.why
+        assert verdict.dropped is Drop.RUN_OVER  # counted as a drop, not as a duplicate
+
+
+def test_a_verdict_that_ran_the_message_is_no_drop():
+    assert Verdict(Outcome.DONE).dropped is None
 
 
 @pytest.mark.parametrize(

@@ -34,10 +34,18 @@ class Outcome(Enum):
     DEAD_LETTER = "dead_letter"  # it can never run: to the dead-letter queue at once
 
 
+class Drop(Enum):
+    """Why a DONE verdict did not run the message."""
+
+    DUPLICATE = "duplicate"  # its attempt already started or ran: SQS delivered it again, or a resume re-sent it
+    RUN_OVER = "run_over"  # its run finished or is being canceled
+
+
 @dataclass(frozen=True)
 class Verdict:
     outcome: Outcome
     why: str = ""
+    dropped: Drop | None = None  # set on DONE verdicts that did not run the message
     release_after: int = 0  # seconds before a released message is visible again
     resent_started: bool = False  # it names an attempt already running (a resumed run re-sends it)
     lost: bool = False  # dropped as an attempt whose worker stopped heartbeating while it ran
@@ -75,7 +83,7 @@ def already_started(message: Message, run: Any, previous: StepRecord | None, los
     lost = previous.state == RUNNING and previous.age() > stale
     if lost:
         why += f", which stopped heartbeating {previous.age():.0f} s ago (lost)"
-    return Verdict(Outcome.DONE, why, resent_started=previous.state == RUNNING, lost=lost)
+    return Verdict(Outcome.DONE, why, Drop.DUPLICATE, resent_started=previous.state == RUNNING, lost=lost)
 
 
 def ran_to_its_end(message: Message, previous: StepRecord, attempts_ended: int) -> Verdict | None:
@@ -90,13 +98,16 @@ def ran_to_its_end(message: Message, previous: StepRecord, attempts_ended: int) 
             Outcome.DONE,
             f"{message.label} already started on worker {previous.worker} and has "
             "ended (the run's event log has its outcome)",
+            Drop.DUPLICATE,
         )
     return None
 
 
 def run_is_over(message: Message, run: Any, previous: StepRecord | None, lost_timeout: float) -> Verdict | None:
     if run.status in STOP_STATUSES:
-        return Verdict(Outcome.DONE, f"run {message.run_id} is {run.status.value}, so {message.label} is not run")
+        return Verdict(
+            Outcome.DONE, f"run {message.run_id} is {run.status.value}, so {message.label} is not run", Drop.RUN_OVER
+        )
     return None
 
 

@@ -43,9 +43,9 @@ from dagster_taskiq_sync.wire.messages import (
     decode_pointer,
     queue_label,
 )
-from dagster_taskiq_sync.worker.admission import DROP_RULES, Outcome, Verdict, ran_to_its_end
+from dagster_taskiq_sync.worker.admission import DROP_RULES, Drop, Outcome, Verdict, ran_to_its_end
+from dagster_taskiq_sync.worker.child_pipe import Pickup, StepTask
 from dagster_taskiq_sync.worker.context import WorkerContext
-from dagster_taskiq_sync.worker.step_child import Pickup, StepTask
 from dagster_taskiq_sync.worker.step_runner import ChildHandle
 from dagster_taskiq_sync.worker.transient import is_transient
 
@@ -157,6 +157,7 @@ class Request:
             Outcome.DONE,
             f"{self.label} already started on worker {holder} from another delivery of the same message "
             "(SQS delivered it twice at once)",
+            Drop.DUPLICATE,
         )
 
     def _open(self) -> Message:
@@ -342,7 +343,8 @@ class Request:
     def _finish(self, code: int) -> Verdict:
         worker, message, child = self.worker, self.message, self.child
         assert message is not None and child is not None
-        cannot_run = child.cannot_run_reason()
+        cannot = child.cannot_run_reason()
+        cannot_run = cannot.sentence if cannot else None
         child.close()
         reason = f"killed: {self.kill_reason}" if self.kill_reason else cannot_run
         log.info(
@@ -406,6 +408,7 @@ class Request:
         """Delete, release or dead-letter the message, and say so; never raises."""
         try:
             self._say(verdict)
+            self._after_drop(verdict)
         except Exception as exc:  # noqa: BLE001 - a failed report (run log, metrics) must not keep the message
             log.warning(
                 "worker %s: could not report the %s of %s in its run's log: %s: %s",
@@ -448,8 +451,15 @@ class Request:
                 d.receive_count,
                 verdict.why,
             )
-            if " already " in verdict.why:
-                self.worker.metrics.step_dropped_duplicate(d.queue)
+        elif verdict.outcome is Outcome.RELEASE and verdict.why:
+            log.info("worker %s: releasing message %s back to queue %s (%s)", name, d.message_id, d.queue, verdict.why)
+
+    def _after_drop(self, verdict: Verdict) -> None:
+        """What a message that was not run still owes: its metric, the run's log, a canceled run."""
+        d = self.delivery
+        if verdict.dropped is Drop.DUPLICATE:
+            self.worker.metrics.step_dropped_duplicate(d.queue)
+        if verdict.dropped is not None:
             # A first delivery of a started attempt is a re-send (a resumed run), not SQS delivering
             # twice; a lost one will never end by itself: say in the run's own log why it does not run.
             if (
@@ -465,8 +475,6 @@ class Request:
                 and self.run.status == DagsterRunStatus.CANCELING
             ):
                 self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")
-        elif verdict.outcome is Outcome.RELEASE and verdict.why:
-            log.info("worker %s: releasing message %s back to queue %s (%s)", name, d.message_id, d.queue, verdict.why)
 
     def _explain_resent_attempt(self, why: str) -> None:
         """A resumed run re-sent a step attempt that already started: say in the run's own log why

@@ -7,8 +7,8 @@ worker, never read from a message): the run, its job's code origin, its run conf
 mode its executor config implies. The message contributes only the run id, step key, attempt and
 the orchestrator's known state.
 
-A child tells its worker on a pipe when it could not run its message at all (``CANNOT_RUN``); the
-exit code is user code's (an op may call ``os._exit(3)``).
+A child answers its worker on a pipe in the types of ``child_pipe`` (a step's :class:`StepDone`, a
+run child's :class:`CannotRunReason`); the exit code is user code's (an op may call ``os._exit(3)``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from dagster_taskiq_sync._dagster.child import (
@@ -45,58 +44,22 @@ from dagster_taskiq_sync._dagster.names import (
     serializable_error_info_from_exc_info,
 )
 from dagster_taskiq_sync.storage.instance import InstanceOptions, instance_from_ref
-from dagster_taskiq_sync.storage.run_report import PICKED_UP_KEY
-
-WARM = "warm"  # a step child message asking it to load a run's job ahead of its steps
-
-# Why a child could not run its message at all (the key travels on the pipe).
-CANNOT_RUN = {
-    "run_not_found": "its run is not in the worker's Dagster instance",
-    "job_not_loadable": "its job could not be loaded on the worker",
-    "step_not_found": "its step is not in the run's execution plan",
-}
-
-
-@dataclass(frozen=True)
-class Pickup:
-    """Who took a message, for the run's log (STEP_WORKER_STARTED or an engine event)."""
-
-    worker: str
-    host: str
-    worker_pid: int
-    queue: str
-    message_id: str
-    receive_count: int
-    received_at: float
-    run_id: str
-    step_key: str | None = None
-    attempt: int | None = None
-
-    def text(self, verb: str, pid: int) -> str:
-        return f"{verb} by worker {self.worker} on {self.host} from queue {self.queue!r} (pid {pid})."
-
-    def metadata(self, pid: int) -> dict[str, str]:
-        fields = {k: v for k, v in asdict(self).items() if v is not None}
-        fields["received_at"] = f"{self.received_at:.6f}"
-        return {k: str(v) for k, v in fields.items()} | {"pid": str(pid), PICKED_UP_KEY: self.worker}
-
-
-@dataclass(frozen=True)
-class StepTask:
-    """One step attempt, as the worker hands it to a step child."""
-
-    run_id: str
-    step_key: str
-    attempt: int
-    known_state: str
-    pickup: Pickup
+from dagster_taskiq_sync.worker.child_pipe import (
+    CannotRunReason,
+    ChildStatus,
+    Pickup,
+    RunStep,
+    StepDone,
+    StepTask,
+    Warm,
+)
 
 
 class CannotRun(Exception):
-    """The message cannot run on this worker at all (reason: a CANNOT_RUN key)."""
+    """The message cannot run on this worker at all."""
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: CannotRunReason) -> None:
+        super().__init__(reason.value)
         self.reason = reason
 
 
@@ -163,14 +126,14 @@ def _load_job_or_raise(instance: Any, run: Any, what: str, pickup: Pickup) -> An
             step_key=pickup.step_key,
         )
         print(f"{what}: the job could not be loaded: {error.message.strip()}", file=sys.stderr)
-        raise CannotRun("job_not_loadable") from None
+        raise CannotRun(CannotRunReason.JOB_NOT_LOADABLE) from None
 
 
 def _run_or_raise(instance: Any, run_id: str, what: str) -> Any:
     run = instance.get_run_by_id(run_id)
     if run is None or run.job_code_origin is None:
         print(f"{what}: run {run_id} is not in the Dagster instance", file=sys.stderr)
-        raise CannotRun("run_not_found")
+        raise CannotRun(CannotRunReason.RUN_NOT_FOUND)
     return run
 
 
@@ -195,7 +158,7 @@ def run_run_in_child(
                 f"Run {pickup.text(verb, os.getpid())}", run, EngineEventData(metadata=pickup.metadata(os.getpid()))
             )
         except CannotRun as exc:
-            report.send(exc.reason)
+            report.send_bytes(exc.reason.value.encode("ascii"))
             report.close()
             sys.exit(1)
         body = execute_run_command_body if kind == "run" else resume_run_command_body
@@ -221,7 +184,7 @@ class _StepChildState:
 
 def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: InstanceOptions) -> None:
     """Entry point of a step child: run the steps the worker sends, one at a time, until told to
-    stop (None) or the worker goes away.
+    to stop (``Stop``) or the worker goes away.
 
     A step writes its own events to the instance's event log (that is how the orchestrator learns
     about them); the pipe only carries the outcome back, with this process's RSS so the worker
@@ -241,32 +204,36 @@ def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: Instance
             message = conn.recv()
         except (EOFError, OSError, KeyboardInterrupt):
             return
-        if message is None:
-            return
-        if message[0] == WARM:
-            _warm(message[1], state)
+        if isinstance(message, Warm):
+            _warm(message.run_id, state)
             continue
-        status, reason = _serve_one(message[1], state, profile_dir)
+        if not isinstance(message, RunStep):  # Stop (or anything else): exit
+            return
+        status, reason = _serve_one(message.task, state, profile_dir)
         try:
-            conn.send((status, reason, _rss_kib()))
+            conn.send_bytes(StepDone(message.seq, status, reason, _rss_kib()).to_bytes())
         except (OSError, ValueError):
             return
-        if status != "ok":  # whatever broke (or a job that would not load) may have left this process unusable
+        if (
+            status is not ChildStatus.OK
+        ):  # whatever broke (or a job that would not load) may have left this process unusable
             sys.exit(1)
 
 
-def _serve_one(task: StepTask, state: _StepChildState, profile_dir: str | None) -> tuple[str, str | None]:
+def _serve_one(
+    task: StepTask, state: _StepChildState, profile_dir: str | None
+) -> tuple[ChildStatus, CannotRunReason | None]:
     try:
         if profile_dir:
             _profiled(profile_dir, task, state)
         else:
             _run_step(task, state)
-        return "ok", None
+        return ChildStatus.OK, None
     except CannotRun as exc:
-        return "cannot_run", exc.reason
+        return ChildStatus.CANNOT_RUN, exc.reason
     except BaseException:  # noqa: BLE001 - anything outside the step's own error handling, SystemExit included
         traceback.print_exc()
-        return "error", None
+        return ChildStatus.ERROR, None
 
 
 def _rss_kib() -> int:
@@ -335,6 +302,6 @@ def _run_step(task: StepTask, state: _StepChildState) -> None:
         for _event in execute_step_command_body(args, instance, run):
             pass  # events are already in the event log; nobody re-logs them
     except DagsterExecutionStepNotFoundError:
-        raise CannotRun("step_not_found") from None
+        raise CannotRun(CannotRunReason.STEP_NOT_FOUND) from None
     finally:
         step_worker_details.reset(token)

@@ -32,7 +32,20 @@ from typing import Any, Protocol
 
 from dagster_taskiq_sync._dagster.names import OPTIONAL_PRELOAD_MODULES, PRELOAD_MODULES
 from dagster_taskiq_sync.storage.instance import InstanceOptions
-from dagster_taskiq_sync.worker.step_child import CANNOT_RUN, WARM, Pickup, StepTask, run_run_in_child, serve_steps
+from dagster_taskiq_sync.worker.child_pipe import (
+    REPLY_MAX_BYTES,
+    BadReply,
+    CannotRunReason,
+    ChildStatus,
+    Pickup,
+    RunStep,
+    StepDone,
+    StepTask,
+    Stop,
+    Warm,
+    cannot_run_from_bytes,
+)
+from dagster_taskiq_sync.worker.step_child import run_run_in_child, serve_steps
 
 
 class ChildHandle(Protocol):
@@ -49,7 +62,7 @@ class ChildHandle(Protocol):
     def interrupt(self) -> None:
         """Ask it to stop the way Dagster stops a run (SIGINT); steps are simply killed."""
 
-    def cannot_run_reason(self) -> str | None:
+    def cannot_run_reason(self) -> CannotRunReason | None:
         """Why the child could not run its message at all, if it said so."""
 
     def close(self) -> None: ...
@@ -78,11 +91,11 @@ class RunProcess:
         if self.process.exitcode is None and self.process.pid:
             os.kill(self.process.pid, signal.SIGINT)
 
-    def cannot_run_reason(self) -> str | None:
+    def cannot_run_reason(self) -> CannotRunReason | None:
         try:
             if self.reports is not None and self.reports.poll():
-                return CANNOT_RUN.get(self.reports.recv())
-        except (EOFError, OSError):
+                return cannot_run_from_bytes(self.reports.recv_bytes(REPLY_MAX_BYTES))
+        except (EOFError, OSError, BadReply):  # a run child runs user code: its report is only a hint
             pass
         return None
 
@@ -97,7 +110,7 @@ class RunProcess:
 
 @dataclass
 class StepChild:
-    """A reusable step child: reads tasks on its pipe, answers (status, reason, rss)."""
+    """A reusable step child: reads ``RunStep``/``Warm``/``Stop`` on its pipe, answers ``StepDone``."""
 
     process: Any
     conn: Any
@@ -111,7 +124,7 @@ class StepChild:
     def warm(self, run_id: str) -> None:
         """Load a run's job ahead of its steps (no answer is sent)."""
         try:
-            self.conn.send((WARM, run_id))
+            self.conn.send(Warm(run_id))
         except (OSError, ValueError):
             pass
 
@@ -119,7 +132,7 @@ class StepChild:
         """Ask an idle child to exit; kill it if it does not within a second."""
         try:
             if self.alive():
-                self.conn.send(None)
+                self.conn.send(Stop())
                 self.process.join(1.0)
             if self.alive():
                 self.process.kill()
@@ -254,8 +267,9 @@ class StepAttempt:
         self._runner = runner
         self.child = child
         self._code: int | None = None
-        self._reason: str | None = None
-        child.conn.send(("step", task))
+        self._reason: CannotRunReason | None = None
+        self._seq = child.steps_run + 1
+        child.conn.send(RunStep(self._seq, task))
 
     @property
     def pid(self) -> int | None:
@@ -267,25 +281,38 @@ class StepAttempt:
         ready = mp_connection.wait([self.child.conn, self.child.process.sentinel], timeout)
         if not ready:
             return None
-        reply = None
-        if self.child.conn in ready:
-            try:
-                reply = self.child.conn.recv()
-            except (EOFError, OSError):
-                reply = None
-        if reply is not None:
-            status, self._reason, self.child.rss_kib = reply
+        reply = self._reply() if self.child.conn in ready else None
+        if isinstance(reply, StepDone):
+            self._reason, self.child.rss_kib = reply.reason, reply.rss_kib
             self.child.steps_run += 1
-            self.child.spent = status != "ok"
-            self._code = 0 if status == "ok" else 1
+            self.child.spent = reply.status is not ChildStatus.OK
+            self._code = 0 if reply.status is ChildStatus.OK else 1
+        elif isinstance(reply, BadReply):  # user code wrote on the pipe: this child is not trusted again
+            self.child.spent = True
+            self.kill()
+            self.child.process.join(5)
+            self._code = 1
         else:  # died under the step
             self.child.process.join(5)
             code = self.child.process.exitcode
             self._code = code if code is not None else -signal.SIGKILL
         return self._code
 
-    def cannot_run_reason(self) -> str | None:
-        return CANNOT_RUN.get(self._reason) if self._reason else None
+    def _reply(self) -> StepDone | BadReply | None:
+        """The child's answer to this step; None when the pipe closed (it died)."""
+        try:
+            data = self.child.conn.recv_bytes(REPLY_MAX_BYTES)
+        except EOFError:
+            return None
+        except OSError as exc:  # longer than any reply (recv_bytes refuses it), or the pipe broke
+            return BadReply(str(exc)) if self.child.alive() else None
+        try:
+            return StepDone.from_bytes(data, seq=self._seq)
+        except BadReply as exc:
+            return exc
+
+    def cannot_run_reason(self) -> CannotRunReason | None:
+        return self._reason
 
     def kill(self) -> None:
         if self.child.alive():
