@@ -1,7 +1,7 @@
 """The project's own small exception types.
 
 Vendor errors (botocore, aiobotocore, taskiq-aio-sqs) are translated into these at the edge
-(``broker.py``) so that what a user reads is one sentence naming the setting and the fix.
+(``wire/broker_client.py``, ``wire/aws.py``, ``ops/admin.py``) so that what a user reads is one sentence naming the setting and the fix.
 """
 
 

@@ -206,6 +206,13 @@ def test_a_step_sqs_dead_letters_after_its_last_receive_fails_the_run(endpoint, 
     wait_for(
         lambda: queue_counts(endpoint.url, "dl_redrive") == (0, 2), timeout=60, what="the worker to hold both steps"
     )
+    # (one of them running: on a loaded machine its step child may still be starting, and a step
+    # that has not started is released too, which is a different test)
+    wait_for(
+        lambda: any(marker_lines(markers, name) for name in ("sleeper_a", "sleeper_b")),
+        timeout=60,
+        what="one step to start",
+    )
     # When that worker stops: it releases the step it held at its last allowed receive
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(60) == 0

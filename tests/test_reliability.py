@@ -572,7 +572,8 @@ def test_interrupting_the_run_process_cancels_its_running_steps_by_id(
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: marker_lines(markers, "long_step"), what="the step to start")
+        # a fresh `dagster job execute` process, then a step child: allow for a loaded machine
+        wait_for(lambda: marker_lines(markers, "long_step"), timeout=90, what="the step to start")
         step_pid = int(marker_lines(markers, "long_step")[0].split()[1])
         proc.send_signal(signal.SIGINT)
         wait_for(lambda: not pid_alive(step_pid), timeout=10, what="the step to be killed")

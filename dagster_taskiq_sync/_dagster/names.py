@@ -1,11 +1,8 @@
 """The private Dagster names this package uses, re-exported, and the modules a step child preloads.
 
-A Dagster upgrade that moves one of these is fixed here and nowhere else. The tox matrix
-(dagster 1.11 / 1.12 / 1.13) imports this module first, and ``tests/test_dagster_private.py``
-imports every module name listed here on the pinned Dagster.
-
-Nothing here changes Dagster at import time: each behaviour change is an explicit installer
-(``install_*``) that the process which wants it calls once (the executor, or a step child).
+A Dagster upgrade that moves one of these is fixed here and nowhere else;
+``tests/test_dagster_private.py`` imports every name in ``__all__`` and every module in
+``PRELOAD_MODULES`` on each Dagster minor of the matrix.
 """
 
 from __future__ import annotations

@@ -79,7 +79,6 @@ class StepRecord:
     exit_code: int | None = None
     reason: str | None = None
     cannot_run: bool | None = None  # the message cannot run here at all (goes to the dead-letter queue)
-    final_receive: float | None = None  # wall clock of the delivery after which SQS dead-letters it
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None})

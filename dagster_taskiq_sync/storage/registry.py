@@ -48,10 +48,6 @@ class WorkerRecord:
     def age(self, now: float | None = None) -> float:
         return (now if now is not None else time.time()) - self.ts
 
-    @property
-    def free_slots(self) -> int:
-        return max(0, self.concurrency - len(self.running))
-
     def looks_alive(self, now: float | None = None) -> bool:
         # The one "lost" rule, with a short floor: the registry is refreshed every heartbeat.
         return self.state != "stopped" and lost_for(self.ts, self.heartbeat_interval, 5.0, now) is None

@@ -1,4 +1,4 @@
-"""Who talks to SQS and S3: the TaskIQ broker and its synchronous facade.
+"""Who talks to SQS and S3: the TaskIQ broker, on the process's event-loop thread.
 
 :class:`StepBroker` is taskiq-aio-sqs's ``SQSBroker`` (clients, queue URLs, TaskIQ's message
 format, taskiq-aio-sqs's S3-pointer convention) plus the explicit operations a thread-based
@@ -8,9 +8,8 @@ bounded fetch of offloaded payloads. ``SQSBroker.listen()`` is not used: it keep
 worker that polls. Receiving never touches S3: an offloaded payload is fetched (and checked) by
 the worker thread handling that one message, so a bad pointer only ever affects its own message.
 
-:class:`BrokerClient` is the only way synchronous code reaches it: every call goes through the
-process's :class:`~dagster_taskiq_sync.wire.bridge.Bridge` with a deadline, and botocore errors are
-translated here into this project's exceptions with a sentence the user can act on.
+Synchronous code never calls it directly: ``broker_client.BrokerClient`` runs each call on the
+process's event-loop thread (``bridge.Bridge``) with a deadline and translates its errors.
 """
 
 from __future__ import annotations

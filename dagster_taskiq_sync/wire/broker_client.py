@@ -9,7 +9,6 @@ taskiq-aio-sqs errors are translated here, at the edge, into this project's exce
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -162,14 +161,12 @@ class BrokerClient:
             raise result.error
         return result.offloaded_to
 
-    def receive(
-        self, queue: str, max_messages: int, wait_seconds: int, cancel: threading.Event | None = None
-    ) -> list[Delivery]:
+    def receive(self, queue: str, max_messages: int, wait_seconds: int) -> list[Delivery]:
         """Long-poll one queue.
 
-        ``cancel`` (shutdown) does not abandon a poll in flight: SQS may hand that poll a message
-        after we stopped listening, hiding it for a whole visibility timeout. The poll is allowed to
-        return (at most ``wait_seconds``); the caller releases what it got.
+        There is no way to abandon a poll in flight, on purpose: SQS may hand that poll a message
+        after we stopped listening, hiding it for a whole visibility timeout. A stopping worker lets
+        the poll return (at most ``wait_seconds``) and releases what it got.
         """
         what = f"receiving from queue {queue!r}"
         budget = wait_seconds + self.settings.connect_timeout * self.settings.max_attempts + 10

@@ -42,16 +42,6 @@ class Capacity:
         self._last_served: dict[str, int] = {}  # queue -> turn number of its last grant
         self._waiting: set[str] = set()
 
-    @property
-    def held(self) -> int:
-        with self._cond:
-            return self._held
-
-    @property
-    def free(self) -> int:
-        with self._cond:
-            return self.limit - self._held
-
     def acquire(self, queue: str, wanted: int, wait_seconds: int, timeout: float) -> Grant | None:
         """Wait up to ``timeout`` for room on behalf of ``queue``'s consumer; None if there was none."""
         deadline = self._clock() + timeout

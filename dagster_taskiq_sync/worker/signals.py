@@ -48,10 +48,6 @@ class SignalInbox:
         except OSError:  # the pipe is full: the list still has it
             pass
 
-    @property
-    def count(self) -> int:
-        return len(self._seen)
-
     def wait(self, timeout: float) -> list[int]:
         """Signals received since the last call, waiting up to ``timeout`` for one."""
         if len(self._seen) == self._read:

@@ -28,18 +28,18 @@ from __future__ import annotations
 import logging
 import os
 import queue as queue_mod
-import random
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dagster_taskiq_sync._dagster.names import serialize_value
 from dagster_taskiq_sync.config.worker_config import WorkerConfig
 from dagster_taskiq_sync.ops.health_server import HealthServer
 from dagster_taskiq_sync.ops.metrics import NullMetrics, WorkerMetrics
-from dagster_taskiq_sync.ops.scale_in import protector_from_flag
+from dagster_taskiq_sync.ops.scale_in import ScaleInProtector, protector_from_flag
 from dagster_taskiq_sync.storage.instance import InstanceOptions, open_home_instance, prepared
 from dagster_taskiq_sync.storage.liveness import LivenessStore
 from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
@@ -56,6 +56,19 @@ from dagster_taskiq_sync.worker.step_runner import StepRunner
 from dagster_taskiq_sync.worker.threads import Acker, ConsumerThread, GuardedThread, VisibilityThread, WorkerThread
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What a started worker is made of (built by ``Worker.start``, gone at ``stop``)."""
+
+    instance: Any
+    registry: WorkerRegistry
+    bridge: Bridge
+    client: BrokerClient
+    runner: StepRunner
+    acker: Acker
+    context: WorkerContext
 
 
 class Worker:
@@ -83,6 +96,17 @@ class Worker:
         self._threads: list[GuardedThread] = []
         self._started = False
         self.started_wall = time.time()
+        # Replaced by start(): the real metrics, protector and probes, and the started parts.
+        self.metrics: WorkerMetrics | NullMetrics = NullMetrics()
+        self.protector = ScaleInProtector()
+        self.health: HealthServer | None = None
+        self._parts: _Parts | None = None
+
+    @property
+    def parts(self) -> _Parts:
+        if self._parts is None:
+            raise RuntimeError(f"worker {self.name} is not started")
+        return self._parts
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -110,7 +134,6 @@ class Worker:
     def _start(self, settings: Any, config: WorkerConfig) -> None:
         options = InstanceOptions.from_env(outage_timeout=settings.database_outage_timeout)
         instance = prepared(self._instance, options) if self._instance is not None else open_home_instance(options)
-        self.instance = instance
         if not settings.keyring.verifies:
             log.warning(
                 "worker %s: no signing key is configured, so anyone who can send to its queues (%s) can "
@@ -118,16 +141,15 @@ class Worker:
                 self.name,
                 ", ".join(config.queues),
             )
-        self.registry = WorkerRegistry(instance)
-        self._bridge = Bridge(name="taskiq-bridge").start()
+        bridge = Bridge(name="taskiq-bridge").start()
         try:
-            self.client = BrokerClient(
-                settings.sqs, self._bridge, config.queues, keyring=settings.keyring, observe=self.metrics.sqs_call
+            client = BrokerClient(
+                settings.sqs, bridge, config.queues, keyring=settings.keyring, observe=self.metrics.sqs_call
             ).start()
         except BaseException:
-            self._bridge.stop()
+            bridge.stop()
             raise
-        self.runner = StepRunner(
+        runner = StepRunner(
             serialize_value(instance.get_ref()),
             options,
             preload=config.includes,
@@ -135,26 +157,12 @@ class Worker:
             max_memory_per_child=settings.max_memory_per_child,
             on_recycle=self.metrics.step_child_recycled,
         )
-        self.acker = Acker(self.client, self._on_death, self._settled)
-        self.context = WorkerContext(
-            name=self.name,
-            host=self.host,
-            pid=os.getpid(),
-            settings=settings,
-            client=self.client,
-            instance=instance,
-            store=LivenessStore(instance),
-            runner=self.runner,
-            acks=self.acker,
-            stopping=self.stopping,
-            killing=self.killing,
-            metrics=self.metrics,
-            clock=self._clock,
-            on_done=self._count_done,
-        )
+        acker = Acker(client, self._on_death, self._settled)
+        context = self._context_for(instance, client, runner, acker)
+        self._parts = _Parts(instance, WorkerRegistry(instance), bridge, client, runner, acker, context)
         self.metrics.track_slots(self._slots)
         self.protector.start()
-        self.runner.warm(children=config.concurrency)
+        self.parts.runner.warm(children=config.concurrency)
         self._threads = self._make_threads()
         for thread in self._threads:
             thread.start()
@@ -174,24 +182,43 @@ class Worker:
         if self.health is not None:
             log.info("worker %s: metrics and probes at %s/metrics, /livez, /readyz", self.name, self.health.url)
 
+    def _context_for(self, instance: Any, client: BrokerClient, runner: StepRunner, acker: Acker) -> WorkerContext:
+        """What each message's ``Request`` may use of this worker, and nothing else."""
+        return WorkerContext(
+            name=self.name,
+            host=self.host,
+            pid=os.getpid(),
+            settings=self.settings,
+            client=client,
+            instance=instance,
+            store=LivenessStore(instance),
+            runner=runner,
+            acks=acker,
+            stopping=self.stopping,
+            killing=self.killing,
+            metrics=self.metrics,
+            clock=self._clock,
+            on_done=self._count_done,
+        )
+
     def _make_threads(self) -> list[GuardedThread]:
         """Each thread gets exactly the collaborators it uses."""
         sqs, config = self.settings.sqs, self.config
         return [
-            self.acker,
+            self.parts.acker,
             VisibilityThread(
                 self.held,
-                self.client,
+                self.parts.client,
                 sqs.visibility_timeout,
                 self._on_death,
                 on_extended=self.metrics.visibility_extended,
             ),
-            LivenessThread(self.context, self.heartbeat_registry, self._check_terminate, self._on_death),
+            LivenessThread(self.parts.context, self.heartbeat_registry, self._check_terminate, self._on_death),
             *(WorkerThread(i, self._inbox, self._handle, self._on_death) for i in range(config.concurrency)),
             *(
                 ConsumerThread(
                     q,
-                    self.client,
+                    self.parts.client,
                     self.capacity,
                     self._hold,
                     self._release_now,
@@ -250,13 +277,13 @@ class Worker:
         deadline = self._clock() + timeout
         self.stopping.set()
         self.heartbeat_registry("stopping")
-        self.client.call_timeout = max(
-            1.0, min(self.client.call_timeout, 10.0)
+        self.parts.client.call_timeout = max(
+            1.0, min(self.parts.client.call_timeout, 10.0)
         )  # SQS may be gone: stay in the deadline
         self._release_waiting()
         workers = [t for t in self._threads if isinstance(t, WorkerThread)]
         consumers = [t for t in self._threads if isinstance(t, ConsumerThread)]
-        running = [r.label for r in self.context.running.list()]
+        running = [r.label for r in self.parts.context.running.list()]
         if running:
             log.info(
                 "worker %s: waiting up to %.0f s for %d running step(s): %s",
@@ -280,9 +307,9 @@ class Worker:
             thread.done.set()
         helpers = [t for t in self._threads if not isinstance(t, (WorkerThread, ConsumerThread))]
         self._join(helpers, self._clock() + 10, None)
-        self.client.stop()
-        self._bridge.stop()
-        self.runner.close()
+        self.parts.client.stop()
+        self.parts.bridge.stop()
+        self.parts.runner.close()
         self.heartbeat_registry("stopped")
         self.protector.stop()
         if self.health is not None:
@@ -305,7 +332,9 @@ class Worker:
         has started); their records say "killed: WHY", so the orchestrator fails or retries them."""
         self.stopping.set()
         self.killing.set()
-        for request in self.context.running.list():
+        if self._parts is None:  # nothing started, nothing runs
+            return
+        for request in self.parts.context.running.list():
             request.kill(why, force=True)
 
     def _on_death(self, why: str) -> None:
@@ -321,7 +350,7 @@ class Worker:
         dead = [t.name for t in self._threads if not t.is_alive() and not t.done.is_set()]
         if dead:
             return False, f"threads not running: {', '.join(dead)}"
-        if self._started and not self._bridge.responsive(timeout=2.0):
+        if self._started and self._parts is not None and not self._parts.bridge.responsive(timeout=2.0):
             return False, "the event-loop bridge does not answer"
         return True, "ok"
 
@@ -362,13 +391,13 @@ class Worker:
 
     def _slots(self) -> tuple[int, int, int]:
         """(busy slots, free slots, prefetched messages) for the metrics."""
-        busy = len(self.context.running.list())
+        busy = len(self.parts.context.running.list())
         with self._lock:
             held = len(self._held)
         return busy, max(0, self.config.concurrency - busy), max(0, held - busy)
 
     def _handle(self, delivery: Delivery) -> None:
-        verdict = Request(delivery, self.context).handle()
+        verdict = Request(delivery, self.parts.context).handle()
         if verdict.outcome is not Outcome.DONE:  # a delete settles through the acker
             self._settled(delivery)
 
@@ -380,9 +409,9 @@ class Worker:
                 delivery.message_id,
                 delivery.queue,
             )
-            Request(delivery, self.context).mark_final_delivery()
+            Request(delivery, self.parts.context).mark_final_delivery()
         try:
-            self.client.change_visibility(deliveries, 0)
+            self.parts.client.change_visibility(deliveries, 0)
         except Exception as exc:  # noqa: BLE001 - releasing is best effort; unreleased messages reappear after their visibility timeout
             log.warning("worker %s: could not release %d message(s): %s", self.name, len(deliveries), exc)
         self.capacity.release(len(deliveries))
@@ -408,11 +437,11 @@ class Worker:
 
     def heartbeat_registry(self, state: str = "running") -> None:
         """Refresh this worker's entry in the registry `worker list` and `queues stats` read."""
-        if not hasattr(self, "registry"):
+        if self._parts is None:
             return
-        running = self.context.running.list()
+        running = self.parts.context.running.list()
         try:
-            self.registry.record(
+            self.parts.registry.record(
                 WorkerRecord(
                     name=self.name,
                     host=self.host,
@@ -431,7 +460,7 @@ class Worker:
     def _check_terminate(self) -> None:
         if self.terminate_requested.is_set():
             return
-        if self.registry.terminate_requested(self.name, since=self.started_wall):
+        if self.parts.registry.terminate_requested(self.name, since=self.started_wall):
             log.info("worker %s: `dagster-taskiq-sync worker terminate` asked this worker to stop", self.name)
             self.terminate_requested.set()
 
@@ -440,7 +469,3 @@ def _signal_name(signum: int) -> str:
     import signal
 
     return signal.Signals(signum).name
-
-
-def jitter(seconds: float) -> float:
-    return seconds * (0.5 + random.random())
