@@ -149,3 +149,15 @@ def test_the_fork_servers_preload_imports_no_orchestrator_or_operator_module():
             todo += edges.get(module, ())
     heavy = sorted(m for m in seen if box(m) in {"orchestrator", "ops", "cli", "config"})
     assert heavy == [], f"the step child module pulls in {heavy}"
+
+
+def test_docs_architecture_names_every_module_of_every_box():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    missing = sorted(
+        m
+        for m in graph()
+        if box(m) not in ("__init__", "cli", "errors", "version", "versions")
+        and m.count(".") == 2
+        and f"`{m.rsplit('.', 1)[1]}`" not in text
+    )
+    assert missing == [], f"docs/architecture.md does not mention: {missing}"
