@@ -416,8 +416,6 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
 )
 def queues_stats(config_yaml, only, as_json, watch, target) -> None:
     """Per queue: visible / in-flight / delayed messages, dead-letter depth, live workers, free slots, replicas needed."""
-    import time
-
     from dagster_taskiq_sync.wire.bridge import Bridge
 
     if watch is not None and not watch > 0:
@@ -426,16 +424,19 @@ def queues_stats(config_yaml, only, as_json, watch, target) -> None:
         raise click.UsageError(
             f"--target-backlog-per-worker {target} must be a whole number of at least 1; pass e.g. 4."
         )
+    # With --watch, Ctrl-C / SIGTERM end the loop between rounds: a KeyboardInterrupt raised in the
+    # middle of a broker call could leave the bridge's loop waiting on a call it never settles.
+    stop = threading.Event()
+    if watch is not None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
     try:
         settings = settings_from_yaml(config_yaml)
         with Bridge() as bridge:
             while True:
                 failed = _print_stats(bridge, settings, only, as_json, target)
-                if watch is None:
+                if watch is None or stop.wait(watch):
                     break
-                time.sleep(watch)
-    except KeyboardInterrupt:
-        return
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
     if failed:
