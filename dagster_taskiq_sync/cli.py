@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import sys
-import threading
 from typing import Any
 
 import click
@@ -417,6 +415,7 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
 def queues_stats(config_yaml, only, as_json, watch, target) -> None:
     """Per queue: visible / in-flight / delayed messages, dead-letter depth, live workers, free slots, replicas needed."""
     from dagster_taskiq_sync.wire.bridge import Bridge
+    from dagster_taskiq_sync.worker.signals import SignalInbox
 
     if watch is not None and not watch > 0:
         raise click.UsageError(f"--watch {watch:g} must be a positive number of seconds; pass e.g. --watch 5.")
@@ -424,22 +423,24 @@ def queues_stats(config_yaml, only, as_json, watch, target) -> None:
         raise click.UsageError(
             f"--target-backlog-per-worker {target} must be a whole number of at least 1; pass e.g. 4."
         )
-    # With --watch, Ctrl-C / SIGTERM end the loop between rounds: a KeyboardInterrupt raised in the
-    # middle of a broker call could leave the bridge's loop waiting on a call it never settles.
-    stop = threading.Event()
-    if watch is not None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
+    # With --watch, Ctrl-C / SIGTERM end the loop between rounds (exit 0, as before): a
+    # KeyboardInterrupt raised in the middle of a broker call could leave the bridge's loop waiting
+    # on a call it never settles.
+    inbox = SignalInbox().install() if watch is not None else None
+    stopped = False
     try:
         settings = settings_from_yaml(config_yaml)
         with Bridge() as bridge:
             while True:
                 failed = _print_stats(bridge, settings, only, as_json, target)
-                if watch is None or stop.wait(watch):
+                if inbox is None or (stopped := bool(inbox.wait(watch))):
                     break
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
-    if failed:
+    finally:
+        if inbox is not None:
+            inbox.uninstall()
+    if failed and not stopped:
         sys.exit(1)
 
 
@@ -617,19 +618,19 @@ def celery_mapping() -> None:
 def local_endpoint(port) -> None:
     """Serve a local SQS/S3 endpoint on 127.0.0.1:PORT (moto) until interrupted."""
     from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint
+    from dagster_taskiq_sync.worker.signals import SignalInbox
 
     try:
         endpoint = LocalEndpoint(port).start()
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"local SQS/S3 endpoint at {endpoint.url} (broker: {endpoint.broker_url}); Ctrl-C stops it")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    inbox = SignalInbox().install()  # not an Event: Event.set in a handler can deadlock on its lock
     try:
-        while not stop.wait(1.0):
+        while not inbox.wait(1.0):
             pass
     finally:
+        inbox.uninstall()
         endpoint.stop()
 
 

@@ -333,7 +333,8 @@ def test_stats_of_a_missing_queue_names_it_and_exits_1(endpoint, tmp_path):
     assert "SQS queue 'no-such-queue-here' does not exist" in stats["error"] and "queues create" in stats["error"]
 
 
-def test_stats_watch_reprints_until_ctrl_c(endpoint, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_stats_watch_reprints_until_ctrl_c(endpoint, tmp_path, signum):
     queue = unique("watch")
     config = write_config(tmp_path, endpoint, config_source={"task_default_queue": queue})
     assert cli("queues", "create", "-y", config).returncode == 0
@@ -352,7 +353,7 @@ def test_stats_watch_reprints_until_ctrl_c(endpoint, tmp_path):
 
         wait_for(saw_the_new_message, timeout=30, what="a later print showing the new message")
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         code = proc.wait(20)
     assert code == 0, proc.stderr.read()
     assert first["queues"][0]["visible"] == 0
