@@ -218,9 +218,18 @@ def unserved():
 
 def _chatty(name: str):
     @op(name=name, tags={"dagster-celery/queue": "faults"})
-    def chatty() -> None:
+    def chatty(context) -> None:
         import sys
+        import tempfile
 
+        # both steps wait (at most 30 s) until both have started, so they overlap on the worker
+        # whatever the machine's load; a lone step gives up and the test's overlap check fails
+        barrier = Path(tempfile.gettempdir()) / f"chatty-{context.run_id}"
+        barrier.mkdir(exist_ok=True)
+        (barrier / name).touch()
+        deadline = time.monotonic() + 30
+        while len(list(barrier.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
         for i in range(40):
             print(f"{name} stdout {i}", flush=True)
             print(f"{name} stderr {i}", file=sys.stderr, flush=True)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -425,6 +428,7 @@ def test_step_payload_too_large_without_a_bucket_fails_naming_the_setting(endpoi
 def test_concurrent_steps_on_one_worker_get_their_own_compute_logs(endpoint, instance, faults_config, start_worker):
     worker = start_worker("chatty", "-c", "2")
     result = BackgroundRun(jobs.two_chatty, instance, {"execution": {"config": faults_config}}).wait(60)
+    shutil.rmtree(Path(tempfile.gettempdir()) / f"chatty-{result.run_id}", ignore_errors=True)
     assert result.success
     reports = step_reports(instance, result.run_id)
     assert {reports["chatty_a"].worker, reports["chatty_b"].worker} == {worker.full_name}
