@@ -58,10 +58,9 @@ def test_fan_out_fan_in_spreads_across_both_workers(workers, instance, executor_
     # cannot hold them all, so both must have run some.
     used = {reports[f"square_{i}"].worker for i in range(6)}
     assert used == {w.full_name for w in workers}
-    # The squares overlapped: the fan-out took far less than six sequential 0.4 s sleeps.
-    starts = [reports[f"square_{i}"].started for i in range(6)]
-    ends = [reports[f"square_{i}"].finished for i in range(6)]
-    assert max(ends) - min(starts) < 6 * 0.4
+    # The squares ran side by side: some two of them overlapped in time.
+    squares = [reports[f"square_{i}"] for i in range(6)]
+    assert any(a.started < b.finished and b.started < a.finished for a in squares for b in squares if a is not b)
 
 
 def test_failing_op_fails_the_run_with_its_message_and_skips_downstream(workers, instance, executor_config):
