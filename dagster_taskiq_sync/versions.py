@@ -3,7 +3,7 @@
 The executor relies on private Dagster step-delegation APIs (``_dagster/``) whose shape
 changes between minors, so an unsupported minor would otherwise fail late and obscurely (an
 ``ImportError`` deep in Dagster, or a step erroring on a worker). The ranges equal
-``install_requires`` in setup.cfg (``tests/test_versions.py`` checks it), and each supported
+``install_requires`` in setup.cfg (``tests/unit/test_versions.py`` checks it), and each supported
 minor is exercised by ``bin/matrix``.
 """
 

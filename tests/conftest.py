@@ -18,6 +18,24 @@ ROOT = Path(__file__).resolve().parent.parent
 
 pytest_plugins = ["tests.conftest_pg"]  # the session's throwaway PostgreSQL (fixture `postgres`)
 
+# Each test's tier is its directory, and the marker of the same name selects it (`-m unit`):
+# unit starts no process and no endpoint; e2e runs real CLI-started workers on the local endpoint;
+# faults kills workers or step children, stops endpoints or PostgreSQL.
+TIERS = ("unit", "e2e", "faults")
+# Session fixtures that start servers or workers, which a unit test may not ask for.
+PROCESS_FIXTURES = frozenset({"endpoint", "queues_created", "workers", "start_worker", "postgres", "pg_instance"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in tests/unit, tests/e2e or tests/faults")
+        item.add_marker(tier)
+        if tier == "unit" and PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            used = ", ".join(sorted(PROCESS_FIXTURES & set(item.fixturenames)))
+            raise pytest.UsageError(f"{item.nodeid} is a unit test but uses {used}: move it to tests/e2e")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def aws_credentials():

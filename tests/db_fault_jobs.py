@@ -1,4 +1,4 @@
-"""Jobs for tests/test_db_faults.py: slow enough that a database outage lands mid-run."""
+"""Jobs for tests/faults/test_db_faults.py: slow enough that a database outage lands mid-run."""
 
 import time
 

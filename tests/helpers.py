@@ -6,6 +6,7 @@ in their own processes, against the session's local SQS endpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import yaml
 
 from benchmarks.local_sqs import PausableProxy, queue_counts, sqs_client  # noqa: F401 - shared with the soak
 
@@ -141,3 +145,91 @@ def pid_alive(pid: int) -> bool:
 def marker_lines(marker_dir: Path, name: str) -> list[str]:
     path = marker_dir / f"{name}.log"
     return path.read_text().splitlines() if path.exists() else []
+
+
+class Recorder:
+    """A local HTTP(S) server standing in for the ECS agent or the Kubernetes API server: it records
+    every call and answers with ``self.answer`` (status, JSON body)."""
+
+    def __init__(self, tls: tuple[str, str] | None = None) -> None:
+        self.calls: list[dict] = []
+        self.answer: tuple[int, dict] = (200, {})
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                recorder.calls.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "headers": dict(self.headers),
+                        "body": json.loads(raw) if raw else None,
+                    }
+                )
+                status, body = recorder.answer
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_PUT = do_PATCH = do_GET = _record
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        scheme = "http"
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    def bodies(self) -> list:
+        return [call["body"] for call in self.calls]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(5)
+
+
+def make_config(
+    endpoint,
+    tmp_path,
+    default_queue: str,
+    *queues: str,
+    transport: dict | None = None,
+    max_receive_count: int = 5,
+    **native,
+) -> tuple[dict, object]:
+    config = {
+        "broker": endpoint.broker_url,
+        **native,
+        "config_source": {
+            "task_default_queue": default_queue,
+            "broker_transport_options": {"wait_time_seconds": 1, **(transport or {})},
+        },
+    }
+    path = tmp_path / f"{default_queue}.yaml"
+    path.write_text(yaml.safe_dump({"execution": {"config": config}}))
+    extra = [arg for q in queues for arg in ("-q", q)]
+    out = subprocess.run(
+        [CLI, "queues", "create", "-y", str(path), *extra, "--max-receive-count", str(max_receive_count)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return config, path

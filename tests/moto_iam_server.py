@@ -2,7 +2,7 @@
 
 Run as ``python -m tests.moto_iam_server -H HOST -p PORT`` (the arguments of ``moto.server``).
 moto 5 checks SQS calls against IAM policies, with two differences from AWS that would make a
-correct least-privilege policy fail (tests/test_iam.py):
+correct least-privilege policy fail (tests/e2e/test_iam.py):
 
 - ``GetQueueUrl`` is checked against resource ``*``: moto looks the queue up from ``QueueUrl``,
   which that call does not have. AWS checks it against the queue's ARN (from ``QueueName``).

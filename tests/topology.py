@@ -1,4 +1,4 @@
-"""Pieces of the production topology that tests/test_topology.py starts: server processes that stop
+"""Pieces of the production topology that tests/e2e/test_topology.py starts: server processes that stop
 by themselves, the webserver's GraphQL API, and the instance's dagster.yaml.
 
 Every process gets its own process group and SIGKILL when the thread that started it ends

@@ -1,4 +1,4 @@
-"""The code location of tests/test_topology.py, written as a production deployment writes it.
+"""The code location of tests/e2e/test_topology.py, written as a production deployment writes it.
 
 Steps go to SQS through ``taskiq_executor`` (its config comes with the run, as from the launchpad);
 outputs go to S3 through dagster-aws's ``S3PickleIOManager``. Nothing here names an endpoint: boto

@@ -106,7 +106,7 @@ class _TaskiqActiveExecution(ActiveExecution):
     # retry count and every dynamic mapping, built and validated (O(run size)) for each launch and
     # each health check. A step reads only its own retry count (attempt number, verify_step), the
     # ready outputs among its inputs' sources (StepExecutionContext.can_load) and the dynamic
-    # mappings its plan is resolved with (those of its dynamic ancestors). tests/test_step_children.py
+    # mappings its plan is resolved with (those of its dynamic ancestors). tests/e2e/test_step_children.py
     # checks that the plan a step child builds from this state equals the one from the full state.
 
     def known_state_for(self, step: Any) -> KnownExecutionState:

@@ -1,7 +1,7 @@
 """The private Dagster names this package uses, re-exported, and the modules a step child preloads.
 
 A Dagster upgrade that moves one of these is fixed here and nowhere else;
-``tests/test_dagster_private.py`` imports every name in ``__all__`` and every module in
+``tests/unit/test_dagster_private.py`` imports every name in ``__all__`` and every module in
 ``PRELOAD_MODULES`` on each Dagster minor of the matrix.
 """
 
@@ -95,7 +95,7 @@ __all__ = [
 # What a step needs beyond `import dagster`, imported once by the worker's fork server. Without
 # these a step spends ~0.7 s importing SQLAlchemy, alembic and Dagster's storages (measured with
 # DAGSTER_TASKIQ_SYNC_PROFILE_DIR). A rename in Dagster would silently cost that per step again:
-# tests/test_dagster_private.py imports each one on the pinned Dagster. dagster_postgres is
+# tests/unit/test_dagster_private.py imports each one on the pinned Dagster. dagster_postgres is
 # optional (skipped when not installed).
 PRELOAD_MODULES = (
     "dagster._core.storage.sqlite_storage",

@@ -2,7 +2,7 @@
 
 ``dagster-taskiq-sync iam-policy`` prints the policy a principal needs for the queues, dead-letter
 queues and S3 offload prefix a run config names. Each action below is here because a call in this
-package makes it (tests/test_iam.py proves, against a local endpoint enforcing IAM, that a principal
+package makes it (tests/e2e/test_iam.py proves, against a local endpoint enforcing IAM, that a principal
 holding exactly this policy can make every call its role makes, and that removing any one action
 breaks one of them):
 

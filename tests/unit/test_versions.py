@@ -13,7 +13,7 @@ from dagster_taskiq_sync.versions import SKIP_ENV, SUPPORTED, check_versions, un
 
 pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def lookup(**versions):

@@ -11,8 +11,8 @@ from dagster import DagsterEventType, DagsterUnmetExecutorRequirementsError, exe
 
 from dagster_taskiq_sync.ops.local_endpoint import free_port
 
-from . import jobs
-from .helpers import CLI
+from .. import jobs
+from ..helpers import CLI
 
 
 def failed_run_message(instance, executor_config, job_fn=jobs.diamond) -> tuple[str, float]:

@@ -14,10 +14,10 @@ from dagster import DagsterRunStatus, execute_job, reconstructable
 
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from . import jobs
-from .helpers import CLI, WorkerProcess, queue_counts, wait_for
+from .. import jobs
+from ..helpers import CLI, WorkerProcess, queue_counts, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(CLI).parent
 
 

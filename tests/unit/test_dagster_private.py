@@ -73,7 +73,7 @@ _SHIPPED = ("dagster_taskiq_sync", "benchmarks", "examples", "deploy", "bin")
 
 
 def test_no_module_outside_the_private_api_package_imports_private_dagster():
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     own = root / "dagster_taskiq_sync" / "_dagster"
     files = [p for top in _SHIPPED for p in (root / top).rglob("*.py") if own not in p.parents]
     assert len(files) > 30, "the scan found too few files to be looking in the right place"

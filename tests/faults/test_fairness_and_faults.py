@@ -24,41 +24,11 @@ from dagster import DagsterEventType, execute_job, reconstructable
 
 from dagster_taskiq_sync.storage.liveness import KEY_PREFIX
 
-from . import jobs
-from .helpers import CLI, BackgroundRun, WorkerProcess, marker_lines, queue_counts, wait_for
+from .. import jobs
+from ..helpers import CLI, BackgroundRun, WorkerProcess, make_config, marker_lines, queue_counts, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LONG_POLL = 20  # SQS's longest: a starved queue would wait forever, a fair one at most half of this
-
-
-def make_config(
-    endpoint,
-    tmp_path,
-    default_queue: str,
-    *queues: str,
-    transport: dict | None = None,
-    max_receive_count: int = 5,
-    **native,
-) -> tuple[dict, object]:
-    config = {
-        "broker": endpoint.broker_url,
-        **native,
-        "config_source": {
-            "task_default_queue": default_queue,
-            "broker_transport_options": {"wait_time_seconds": 1, **(transport or {})},
-        },
-    }
-    path = tmp_path / f"{default_queue}.yaml"
-    path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    extra = [arg for q in queues for arg in ("-q", q)]
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(path), *extra, "--max-receive-count", str(max_receive_count)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return config, path
 
 
 def queue_waits(instance, run_id) -> dict[str, float]:
@@ -157,7 +127,7 @@ def test_a_step_a_worker_dead_letters_fails_promptly_naming_queue_dlq_and_reason
     worker_env = {k: v for k, v in os.environ.items() if k != "DTS_TEST_ORCHESTRATOR"}
     worker = WorkerProcess(path, "dl-fast", tmp_path, ["-q", "dl_fast", "-c", "1"], env=worker_env).wait_ready()
     monkeypatch.setenv("DTS_TEST_ORCHESTRATOR", "1")
-    from . import orchestrator_only_jobs
+    from .. import orchestrator_only_jobs
 
     try:
         # When it runs

@@ -34,10 +34,10 @@ from dagster_taskiq_sync.storage.run_report import step_reports
 from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE
 from dagster_taskiq_sync.wire.messages import Keyring, RunMessage, StepMessage, TaskKind, encode, step_handle_id
 
-from . import jobs
-from .helpers import CLI, WorkerProcess, queue_counts, sqs_client, wait_for
+from .. import jobs
+from ..helpers import CLI, WorkerProcess, queue_counts, sqs_client, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "hostile"
 SIGNED = "signed"
 BUCKET = "hostile-payloads"

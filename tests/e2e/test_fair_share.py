@@ -14,9 +14,8 @@ from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.orchestrator.fair_share import LaunchPolicy, live_slots
 from dagster_taskiq_sync.storage.registry import WorkerRecord
 
-from . import fair_jobs, jobs
-from .helpers import BackgroundRun, WorkerProcess, wait_for
-from .test_fairness_and_faults import make_config
+from .. import fair_jobs, jobs
+from ..helpers import BackgroundRun, WorkerProcess, make_config, wait_for
 
 # --- the policy ---------------------------------------------------------------------------------
 

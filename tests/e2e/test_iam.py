@@ -48,9 +48,9 @@ from dagster_taskiq_sync.wire.messages import (
     encode,
 )
 
-from .helpers import CLI, WorkerProcess, wait_for
+from ..helpers import CLI, WorkerProcess, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "123456789012"  # moto's
 BUCKET, PREFIX = "iam-payloads", "offload"
 STEPS, RUNS = "steps", "runs"

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import inspect
 import json
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -32,7 +30,9 @@ from dagster_taskiq_sync.ops.metrics import (
     metrics_reference_markdown,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+from ..helpers import Recorder
+
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 
@@ -301,64 +301,6 @@ def test_stop_joins_the_thread_and_frees_the_port():
 
 
 # --- scale-in protection ---------------------------------------------------------------------
-
-
-class Recorder:
-    """A local HTTP(S) server standing in for the ECS agent or the Kubernetes API server: it records
-    every call and answers with ``self.answer`` (status, JSON body)."""
-
-    def __init__(self, tls: tuple[str, str] | None = None) -> None:
-        self.calls: list[dict] = []
-        self.answer: tuple[int, dict] = (200, {})
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _record(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                recorder.calls.append(
-                    {
-                        "method": self.command,
-                        "path": self.path,
-                        "headers": dict(self.headers),
-                        "body": json.loads(raw) if raw else None,
-                    }
-                )
-                status, body = recorder.answer
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_PUT = do_PATCH = do_GET = _record
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        scheme = "http"
-        if tls:
-            import ssl
-
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-            scheme = "https"
-        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
-        self.port = self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-
-    def bodies(self) -> list:
-        return [call["body"] for call in self.calls]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
 
 
 @pytest.fixture

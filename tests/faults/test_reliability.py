@@ -25,8 +25,8 @@ from dagster._serdes import serialize_value
 
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from . import jobs
-from .helpers import (
+from .. import jobs
+from ..helpers import (
     CLI,
     BackgroundRun,
     PausableProxy,
@@ -565,7 +565,7 @@ def test_interrupting_the_run_process_cancels_its_running_steps_by_id(
             "job",
             "execute",
             "-f",
-            os.path.join(os.path.dirname(__file__), "jobs.py"),
+            os.path.join(os.path.dirname(os.path.dirname(__file__)), "jobs.py"),
             "-j",
             "one_long",
             "-c",

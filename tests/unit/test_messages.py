@@ -1,7 +1,7 @@
 """The wire contract (messages.py): every field checked before use, signing, S3 pointers.
 
 Pure functions over bytes: these run in milliseconds, next to the end-to-end hostile-message tests
-(tests/test_hostile_messages.py) that throw the same garbage at real workers.
+(tests/e2e/test_hostile_messages.py) that throw the same garbage at real workers.
 """
 
 from __future__ import annotations

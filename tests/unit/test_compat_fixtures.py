@@ -12,7 +12,7 @@ from dagster_taskiq_sync.errors import ConfigError
 
 pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 
-FIXTURES = Path(__file__).resolve().parent.parent / "compat" / "celery_yaml"
+FIXTURES = Path(__file__).resolve().parents[2] / "compat" / "celery_yaml"
 CASES = sorted(p for p in FIXTURES.glob("*.yaml") if not p.name.endswith(".expected.yaml"))
 
 

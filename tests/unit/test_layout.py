@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "dagster_taskiq_sync"
 
 # box -> rank; a module imports only its own box or lower ranks. Peers (same rank) stay apart.

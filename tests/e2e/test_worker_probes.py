@@ -12,8 +12,8 @@ from dagster import execute_job, reconstructable
 
 from dagster_taskiq_sync.ops.local_endpoint import free_port
 
-from . import jobs
-from .helpers import CLI, BackgroundRun, PausableProxy, WorkerProcess, marker_lines, queue_counts, wait_for
+from .. import jobs
+from ..helpers import CLI, BackgroundRun, PausableProxy, Recorder, WorkerProcess, marker_lines, queue_counts, wait_for
 
 
 def get(url: str) -> tuple[int, str]:
@@ -147,7 +147,6 @@ def test_scale_in_protection_outside_its_platform_is_one_sentence(run_config_fil
 
 
 def test_a_busy_worker_is_protected_from_ecs_scale_in_and_released_when_it_stops(endpoint, instance, tmp_path):
-    from .test_fleet import Recorder
 
     config = {
         "broker": endpoint.broker_url,

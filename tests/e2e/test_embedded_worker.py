@@ -12,8 +12,8 @@ from dagster import execute_job, reconstructable
 from dagster_taskiq_sync import Worker, WorkerConfig
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from . import jobs
-from .helpers import CLI
+from .. import jobs
+from ..helpers import CLI
 
 
 def test_a_worker_embedded_in_this_process_runs_a_job(endpoint, instance, tmp_path):

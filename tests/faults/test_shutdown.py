@@ -10,7 +10,7 @@ import time
 
 import yaml
 
-from .helpers import CLI, PausableProxy, WorkerProcess
+from ..helpers import CLI, PausableProxy, WorkerProcess
 
 
 def test_a_burst_of_signals_while_the_worker_is_busy_logging_always_stops_it(run_config_file, queues_created, tmp_path):

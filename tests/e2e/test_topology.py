@@ -34,9 +34,9 @@ from dagster import DagsterEventType, DagsterInstance
 from dagster_taskiq_sync.ops.local_endpoint import free_port
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from .helpers import CLI, WorkerProcess, pid_alive, queue_counts, wait_for
-from .topology import GraphQL, Service, die_with_parent, environ, instance_yaml, listening_sockets
-from .topology_jobs import BUCKET, IO_PREFIX, PARTS
+from ..helpers import CLI, WorkerProcess, pid_alive, queue_counts, wait_for
+from ..topology import GraphQL, Service, die_with_parent, environ, instance_yaml, listening_sockets
+from ..topology_jobs import BUCKET, IO_PREFIX, PARTS
 
 pytest.importorskip("dagster_postgres", reason="dagster-postgres is not installed (pip install -e '.[test]')")
 pytest.importorskip("dagster_aws", reason="dagster-aws is not installed (pip install -e '.[test]')")
@@ -44,7 +44,7 @@ pytest.importorskip("dagster_webserver", reason="dagster-webserver is not instal
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 LOCATION = "topology"
 RUN_QUEUE = "topology-runs"

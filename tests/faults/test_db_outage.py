@@ -17,8 +17,8 @@ import pytest
 import yaml
 from dagster import DagsterInstance
 
-from . import jobs
-from .helpers import CLI, BackgroundRun, WorkerProcess, marker_lines, queue_counts, wait_for
+from .. import jobs
+from ..helpers import CLI, BackgroundRun, WorkerProcess, marker_lines, queue_counts, wait_for
 
 LEAVES = [f"counted_{i}" for i in range(10)]
 

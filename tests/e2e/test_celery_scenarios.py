@@ -14,8 +14,8 @@ import pytest
 import yaml
 from dagster import execute_job, reconstructable
 
-from . import celery_jobs as cj
-from .helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, wait_for
+from .. import celery_jobs as cj
+from ..helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, wait_for
 
 EAGER = {"config_source": {"task_always_eager": True}}
 

@@ -576,8 +576,8 @@ def test_an_in_process_run_rides_out_an_eight_second_stop_with_every_event_store
     # path a step child and the orchestrator take, without the queue.
     from dagster import execute_job, reconstructable
 
-    from .db_fault_jobs import SLOW_STEPS, slow_chain
-    from .helpers import wait_for
+    from ..db_fault_jobs import SLOW_STEPS, slow_chain
+    from ..helpers import wait_for
 
     install_event_write_retry(pg_instance, deadline_seconds=120, reads=True)
     outcome: dict = {}

@@ -17,10 +17,10 @@ import yaml
 from dagster import DagsterInstance
 from dagster._serdes import serialize_value
 
-from . import jobs
-from .helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, sqs_client, wait_for
+from .. import jobs
+from ..helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, sqs_client, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BROKER_SECRET = "broker-hunter2-SECRET"
 SENTINELS = {
     "pwd": "pwd-SENTINEL-1",

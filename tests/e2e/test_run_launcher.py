@@ -18,9 +18,9 @@ from dagster_taskiq_sync import TaskiqRunLauncher
 from dagster_taskiq_sync.orchestrator.launcher import TASK_ID_TAG
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from .helpers import CLI, WorkerProcess, marker_lines, pid_alive, queue_counts, wait_for
+from ..helpers import CLI, WorkerProcess, marker_lines, pid_alive, queue_counts, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 JOBS = str(ROOT / "tests" / "jobs.py")
 BIN = Path(CLI).parent
 

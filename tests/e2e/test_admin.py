@@ -21,7 +21,7 @@ from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
 from dagster_taskiq_sync.wire.messages import RunMessage, TaskKind, encode
 
-from .helpers import CLI, WorkerProcess, sqs_client, wait_for
+from ..helpers import CLI, WorkerProcess, sqs_client, wait_for
 
 
 def boto(service: str, endpoint):

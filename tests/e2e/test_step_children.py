@@ -24,8 +24,8 @@ from dagster_taskiq_sync._dagster.child import (
 from dagster_taskiq_sync._dagster.execution import _TaskiqActiveExecution
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from . import jobs
-from .helpers import CLI, WorkerProcess
+from .. import jobs
+from ..helpers import CLI, WorkerProcess
 
 
 def _plan_facts(plan):
@@ -114,7 +114,7 @@ def two_dynamic_fans():
 
 
 def _static_fan_in():
-    from . import jobs
+    from .. import jobs
 
     return jobs.fan_out_fan_in
 

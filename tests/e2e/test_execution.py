@@ -9,7 +9,7 @@ from dagster import DagsterEventType, execute_job, reconstructable
 
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from . import jobs
+from .. import jobs
 
 pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 

@@ -16,7 +16,7 @@ from dagster_taskiq_sync.wire.settings import kombu_queue_name, redact_url
 
 pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
