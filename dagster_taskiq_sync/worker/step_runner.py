@@ -15,17 +15,25 @@ Whole runs (TaskiqRunLauncher) get a fresh child each. The fork server is a chil
 and every child a child of the fork server: the whole tree stays under the ``worker start``
 process where supervisors can see and limit it. What runs inside the children is
 ``step_child.py``.
+
+Children start from this package's entry, never from the host's ``__main__``: multiprocessing
+would re-run the main script (or re-import the ``-m`` module) in every child, which in an embedding
+host runs its top-level code again there (a second ``Worker``, another Celery worker or web server
+when the host is a console script). :func:`_without_host_main` leaves the main module out of what
+multiprocessing sends a child this module starts; other code's children are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import multiprocessing
 import multiprocessing.connection as mp_connection
+import multiprocessing.spawn as mp_spawn
 import os
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
 from typing import Any, Protocol
@@ -46,6 +54,32 @@ from dagster_taskiq_sync.worker.child_pipe import (
     cannot_run_from_bytes,
 )
 from dagster_taskiq_sync.worker.step_child import run_run_in_child, serve_steps
+
+_MAIN_KEYS = ("init_main_from_path", "init_main_from_name")  # what makes a child re-run __main__
+_starting = threading.local()  # set while this thread starts a child of ours
+_host_preparation_data = mp_spawn.get_preparation_data
+
+
+def _preparation_data(name: str) -> dict[str, Any]:
+    """multiprocessing's data for a new child, minus the main module for children of ours."""
+    data = _host_preparation_data(name)
+    if getattr(_starting, "ours", False):
+        for key in _MAIN_KEYS:
+            data.pop(key, None)
+    return data
+
+
+mp_spawn.get_preparation_data = _preparation_data  # changes only what children of ours get
+
+
+@contextlib.contextmanager
+def _without_host_main() -> Iterator[None]:
+    """Start children in this block without re-running the host's ``__main__`` in them."""
+    _starting.ours = True
+    try:
+        yield
+    finally:
+        _starting.ours = False
 
 
 class ChildHandle(Protocol):
@@ -215,7 +249,8 @@ class StepRunner:
             args=(kind, run_id, pickup, self._instance_ref, self._instance_options, report),
             name=f"run:{run_id}",
         )
-        process.start()
+        with _without_host_main():
+            process.start()
         report.close()  # the child holds the write end now
         return RunProcess(process, reports)
 
@@ -226,7 +261,8 @@ class StepRunner:
             args=(child_conn, os.getpid(), self._instance_ref, self._instance_options),
             name="taskiq-step-child",
         )
-        process.start()
+        with _without_host_main():
+            process.start()
         child_conn.close()
         self.children_started += 1
         return StepChild(process, conn)

@@ -1,11 +1,17 @@
 """The worker as a library: built from the same config the CLI takes, started and stopped by the
-process that embeds it, with no signal handlers and no sys.exit."""
+process that embeds it, with no signal handlers and no sys.exit; and embedded in hosts whose main
+module must never run again in a step child (a plain script, a console-script host)."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import yaml
 from dagster import execute_job, reconstructable
 
@@ -13,21 +19,44 @@ from dagster_taskiq_sync import Worker, WorkerConfig
 from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .. import jobs
-from ..helpers import CLI
+from ..helpers import CLI, BackgroundRun
+
+ROOT = Path(__file__).resolve().parents[2]
+# what pip (distlib) writes for a console_scripts entry point such as `celery` or `gunicorn`
+CONSOLE_SCRIPT = """# -*- coding: utf-8 -*-
+import re
+import sys
+from tests.embed_host import main
+if __name__ == '__main__':
+    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])
+    sys.exit(main())
+"""
 
 
-def test_a_worker_embedded_in_this_process_runs_a_job(endpoint, instance, tmp_path):
+def queue_config(endpoint, path: Path, queue: str) -> dict:
     config = {
         "broker": endpoint.broker_url,
-        "config_source": {"task_default_queue": "embedded", "broker_transport_options": {"wait_time_seconds": 1}},
+        "config_source": {"task_default_queue": queue, "broker_transport_options": {"wait_time_seconds": 1}},
     }
-    path = tmp_path / "embedded.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
     out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    return config
+
+
+def readme_snippet() -> str:
+    """The README's "Embedding a worker" code block, as a user would paste it."""
+    section = (ROOT / "README.md").read_text().split("### Embedding a worker", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_a_worker_embedded_in_this_process_runs_a_job(endpoint, instance, tmp_path):
+    config = queue_config(endpoint, tmp_path / "embedded.yaml", "embedded")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    worker_config = WorkerConfig.from_yaml(str(path), queues=["embedded"], name="embedded", concurrency=2)
+    worker_config = WorkerConfig.from_yaml(
+        str(tmp_path / "embedded.yaml"), queues=["embedded"], name="embedded", concurrency=2
+    )
     with Worker(worker_config, instance=instance) as worker:
         assert worker.ready() == (True, "ok") and worker.live() == (True, "ok")
         assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # none installed
@@ -38,3 +67,39 @@ def test_a_worker_embedded_in_this_process_runs_a_job(endpoint, instance, tmp_pa
     # leaving the block stopped it in order (no sys.exit: we are still here)
     assert worker.steps_done == 4 and worker.ready() == (False, "draining")
     assert {r.worker for r in step_reports(instance, result.run_id).values()} == {worker.name}
+
+
+@pytest.mark.parametrize("host", ["plain script", "console script"])
+def test_step_children_never_rerun_the_hosts_main_module(endpoint, instance, tmp_path, host):
+    # Given a host process with a worker embedded, whose main module marks every time it runs
+    queue = "embed_script" if host == "plain script" else "embed_console"
+    config = queue_config(endpoint, tmp_path / "run_config.yaml", queue)
+    marks = tmp_path / "marks"
+    if host == "plain script":  # the README's snippet pasted into a script, no __main__ guard
+        script = readme_snippet().replace('queues=["dagster"]', f'queues=["{queue}"]')
+        assert f'queues=["{queue}"]' in script
+        script = 'import os\nopen(os.environ["HOST_MARKS"], "a").write(f"imported {os.getpid()}\\n")\n' + script
+        (tmp_path / "host.py").write_text(script)
+        argv = [sys.executable, str(tmp_path / "host.py")]
+        name, expected = "embedded", ["imported"]
+    else:
+        (tmp_path / "dagster-host").write_text(CONSOLE_SCRIPT)
+        argv = [sys.executable, str(tmp_path / "dagster-host"), str(tmp_path / "run_config.yaml"), queue]
+        name, expected = "console-host", ["imported", "main"]
+    env = {**os.environ, "HOST_MARKS": str(marks), "PYTHONPATH": str(ROOT)}
+    log = (tmp_path / "host.log").open("w")
+    host_proc = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # When a real job runs on it
+        result = BackgroundRun(jobs.diamond, instance, {"execution": {"config": config}}).wait(120)
+        assert result.success, (tmp_path / "host.log").read_text()
+        reports = step_reports(instance, result.run_id)
+        assert len(reports) == 4 and all(r.worker.startswith(name) for r in reports.values())
+    finally:
+        host_proc.send_signal(signal.SIGINT)
+        code = host_proc.wait(60)
+        log.close()
+    # Then the host stopped in order, and its main module ran once, in the host: no step child
+    # (nor the fork server) imported or ran it
+    assert code == 0, (tmp_path / "host.log").read_text()
+    assert marks.read_text().split("\n")[:-1] == [f"{what} {host_proc.pid}" for what in expected]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import sys
 
 import pytest
 
@@ -132,3 +133,30 @@ def test_worker_messages_are_plain_typed_values():
     pickup = Pickup("w", "host", 1, "q", "m", 1, 0.0, "run", "step", 1)
     message = RunStep(1, StepTask("run", "step", 1, "{}", pickup))
     assert pickle.loads(pickle.dumps(message)) == message
+
+
+def test_children_of_ours_are_never_told_to_rerun_the_hosts_main_module(monkeypatch):
+    import multiprocessing.spawn
+    import threading
+    import types
+
+    from dagster_taskiq_sync.worker import step_runner
+
+    host = types.ModuleType("__main__")
+    host.__file__ = "/srv/app/bin/celery"  # a console script, as run by its shebang
+    monkeypatch.setitem(sys.modules, "__main__", host)
+    # any other code's children still get the main module (multiprocessing's own behaviour)
+    assert multiprocessing.spawn.get_preparation_data("other")["init_main_from_path"] == host.__file__
+    seen = {}
+    with step_runner._without_host_main():
+        ours = multiprocessing.spawn.get_preparation_data("taskiq-step-child")
+        # a thread starting its own child at the same moment is not affected
+        other = threading.Thread(target=lambda: seen.update(multiprocessing.spawn.get_preparation_data("x")))
+        other.start()
+        other.join()
+    assert "init_main_from_path" not in ours and "init_main_from_name" not in ours
+    assert ours["sys_path"] and seen["init_main_from_path"] == host.__file__
+    host.__spec__ = types.SimpleNamespace(name="proj.__main__")  # `python -m proj`
+    with step_runner._without_host_main():
+        assert "init_main_from_name" not in multiprocessing.spawn.get_preparation_data("taskiq-step-child")
+    assert multiprocessing.spawn.get_preparation_data("other")["init_main_from_name"] == "proj.__main__"
