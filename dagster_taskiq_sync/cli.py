@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -62,6 +63,14 @@ def worker() -> None:
 )
 @click.option(
     "-l", "--loglevel", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="INFO", show_default=True
+)
+@click.option(
+    "--debug-logger",
+    "debug_loggers",
+    multiple=True,
+    metavar="NAME",
+    help="A library logger (botocore, aiobotocore, taskiq_aio_sqs, ...) that logs at --loglevel too (repeatable); "
+    "they stay at WARNING otherwise: botocore's DEBUG lines hold credentials.",
 )
 @click.option(
     "--shutdown-timeout",
@@ -126,6 +135,7 @@ def worker_start(
     concurrency,
     includes,
     loglevel,
+    debug_loggers,
     shutdown_timeout,
     heartbeat_interval,
     max_tasks_per_child,
@@ -155,13 +165,7 @@ def worker_start(
     if background:
         _start_in_background(name, logfile)
         return
-    logging.basicConfig(
-        level=getattr(logging, loglevel.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Instance setup chatter (alembic's plugin and migration context lines) is not worker news.
-    logging.getLogger("alembic").setLevel(max(logging.WARNING, getattr(logging, loglevel.upper())))
+    configure_logging(getattr(logging, loglevel.upper()), debug_loggers)
     log = logging.getLogger("dagster_taskiq_sync.worker")
     if app:
         log.warning("-A/--app %s is not needed: dagster-taskiq-sync workers have no Celery app; ignoring it.", app)
@@ -236,6 +240,23 @@ def parse_celery_args(args) -> dict[str, Any]:
                 raise ConfigError(f"{flag} {value!r} after '--' must be a whole number of at least 1.") from None
             found[key] = number
     return found
+
+
+# Libraries whose records below WARNING are protocol chatter and, at DEBUG, secrets: botocore logs
+# request headers, AssumeRole's secret key and every session token. They stay at WARNING whatever
+# --loglevel says unless named with --debug-logger.
+QUIET_LOGGERS = ("botocore", "aiobotocore", "boto3", "s3transfer", "urllib3", "aiohttp", "alembic", "asyncio")
+
+
+def configure_logging(level: int, debug_loggers: Sequence[str] = ()) -> None:
+    """The worker's log on stderr at ``level``; library loggers at WARNING or above unless named."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    named = set(debug_loggers)
+    for name in QUIET_LOGGERS:
+        if name not in named:
+            logging.getLogger(name).setLevel(max(logging.WARNING, level))
+    for name in named:
+        logging.getLogger(name).setLevel(level)
 
 
 def _start_in_background(name, logfile) -> None:

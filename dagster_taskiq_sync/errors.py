@@ -26,7 +26,17 @@ class EndpointUnreachableError(TaskiqSyncError):
 
 
 class BrokerError(TaskiqSyncError):
-    """SQS answered with an error we do not handle more specifically."""
+    """SQS or S3 answered with an error we do not handle more specifically.
+
+    ``code`` is AWS's error code (``SlowDown``, ``NoSuchKey``) and ``http_status`` the HTTP status
+    of the answer, when the error came from one: decisions (is it worth retrying?) read those,
+    never the message text, which can hold names an attacker chose (an S3 key, a queue name).
+    """
+
+    def __init__(self, message: str, *, code: str | None = None, http_status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
 
 
 class BridgeStoppedError(TaskiqSyncError):

@@ -12,18 +12,29 @@ The host defaults to 127.0.0.1 so a worker on a laptop or a shared host does not
 metrics to the network; in a container the probes and Prometheus come from outside the
 container's loopback, so containers pass ``--metrics-host 0.0.0.0``.
 
-The server is stdlib ``ThreadingHTTPServer`` (daemon request threads): prometheus_client's own
-server cannot add routes. A slow check holds only its own request thread.
+Anyone who can reach the port is a client, so the server's cost is bounded whatever clients do.
+One thread reads every connection without blocking (a ``selectors`` loop): a client has
+``request_timeout`` seconds and :data:`MAX_REQUEST_BYTES` to send its request line and headers, and
+at most ``max_connections`` are open at once (a new one closes the connection that has waited
+longest). Only a complete request reaches one of :data:`ANSWER_THREADS` answer threads, which run
+the check or render the metrics and write the reply with the same timeout, so idle or trickling
+connections cost a socket each, never a thread, and a slow check holds only its own answer
+thread. HTTP/1.0: one request per connection.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import selectors
 import socket
 import threading
+import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Protocol
 
 from dagster_taskiq_sync.errors import ConfigError
@@ -33,62 +44,23 @@ log = logging.getLogger("dagster_taskiq_sync.health_server")
 Check = Callable[[], "tuple[bool, str]"]
 DEFAULT_HOST = "127.0.0.1"
 PATHS = ("/metrics", "/livez", "/readyz")
+MAX_REQUEST_BYTES = 8192  # request line and headers; a probe or a scrape sends a few hundred
+ANSWER_THREADS = 4
+_TEXT = "text/plain; charset=utf-8"
 
 
 class Renderer(Protocol):
     def render(self, accept: str | None = None) -> tuple[bytes, str]: ...
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck request thread must not keep the worker process alive
+@dataclass
+class _Pending:
+    """A connection still sending its request."""
 
-    def __init__(self, address, handler, owner: HealthServer) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.owner = owner
-        super().__init__(address, handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    # HTTP/1.0 (http.server's default): one request per connection, so no idle keep-alive
-    # thread outlives a scrape.
-    server_version = "dagster-taskiq-sync"
-
-    def do_GET(self) -> None:
-        self._answer(send_body=True)
-
-    def do_HEAD(self) -> None:
-        self._answer(send_body=False)
-
-    def _answer(self, send_body: bool) -> None:
-        owner = self.server.owner
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            try:
-                body, content_type = owner.metrics.render(self.headers.get("Accept"))
-                status = 200
-            except Exception as exc:  # noqa: BLE001 - a broken collector must not kill the server
-                status, body, content_type = 500, f"metrics failed: {type(exc).__name__}: {exc}\n".encode(), _TEXT
-        elif path in ("/livez", "/readyz"):
-            ok, reason = owner.check(owner.live if path == "/livez" else owner.ready)
-            status, body, content_type = (200 if ok else 503), f"{'ok' if ok else reason}\n".encode(), _TEXT
-        else:
-            status, body, content_type = 404, f"not found; this server answers {', '.join(PATHS)}\n".encode(), _TEXT
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if send_body:
-            self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:
-        # Probes arrive every few seconds; they are not worker news.
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-_TEXT = "text/plain; charset=utf-8"
+    sock: socket.socket
+    peer: str
+    deadline: float
+    data: bytearray = field(default_factory=bytearray)
 
 
 class HealthServer:
@@ -110,21 +82,32 @@ class HealthServer:
         metrics: Renderer,
         port_flag: str = "--metrics-port",
         host_flag: str = "--metrics-host",
+        request_timeout: float = 5.0,
+        max_connections: int = 64,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.live = live
         self.ready = ready
         self.metrics = metrics
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
         self._flags = (port_flag, host_flag)
-        self._server: _Server | None = None
+        self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        self._answers: ThreadPoolExecutor | None = None
+        self._stopping = threading.Event()
+        self._wake_r: socket.socket | None = None  # wakes the loop for stop()
+        self._wake_w: socket.socket | None = None
+        self._pending: dict[socket.socket, _Pending] = {}
+        self._answering = 0  # connections handed to an answer thread (guarded by _lock)
+        self._lock = threading.Lock()
 
     @property
     def port(self) -> int:
-        if self._server is None:
+        if self._listener is None:
             return self.requested_port
-        return self._server.server_address[1]
+        return self._listener.getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -141,52 +124,203 @@ class HealthServer:
 
     def start(self) -> HealthServer:
         """Bind now (so a bad port or host fails worker start with one sentence), then serve."""
-        port_flag, host_flag = self._flags
-        try:
-            self._server = _Server((self.host, self.requested_port), _Handler, self)
-        except socket.gaierror:
-            raise ConfigError(
-                f"{host_flag} {self.host!r} is not a host name or address this machine can resolve; use 127.0.0.1, "
-                "or 0.0.0.0 to listen on every interface (as containers need)."
-            ) from None
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"{port_flag} {self.requested_port} is already in use on {self.host}; pick another port or stop "
-                    "the process that holds it (another worker on this host needs its own port)."
-                ) from None
-            if exc.errno == errno.EACCES:
-                raise ConfigError(
-                    f"{port_flag} {self.requested_port} needs privileges this process lacks; use a port above 1023."
-                ) from None
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError(
-                    f"{host_flag} {self.host!r} is not an address of this machine; use 127.0.0.1, or 0.0.0.0 to "
-                    "listen on every interface (as containers need)."
-                ) from None
-            raise ConfigError(
-                f"{port_flag} {self.requested_port} on {self.host} cannot be served: {exc.strerror}."
-            ) from None
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.25}, name="health-server", daemon=True
-        )
+        self._listener = self._bind()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._answers = ThreadPoolExecutor(ANSWER_THREADS, thread_name_prefix="health-answer")
+        self._thread = threading.Thread(target=self._serve, name="health-server", daemon=True)
         self._thread.start()
         log.info("metrics and health probes at %s (/metrics, /livez, /readyz)", self.url)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop serving, close the socket and join the thread."""
-        server, thread = self._server, self._thread
-        if server is None or thread is None:
+        """Stop serving, close every socket and join the thread."""
+        thread = self._thread
+        if thread is None:
             return
-        server.shutdown()  # returns once serve_forever has left its loop
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout)
+        self._stopping.set()
+        with contextlib.suppress(OSError, AttributeError):
+            self._wake_w.send(b"x")  # type: ignore[union-attr]
+        thread.join(timeout)
         self._thread = None
+        if self._answers is not None:
+            self._answers.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> HealthServer:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+    # --- binding --------------------------------------------------------------------------------
+
+    def _bind(self) -> socket.socket:
+        host_flag = self._flags[1]
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # restart while old sockets linger
+            sock.bind((self.host, self.requested_port))
+            sock.listen(128)
+            sock.setblocking(False)
+            return sock
+        except socket.gaierror:
+            sock.close()
+            raise ConfigError(
+                f"{host_flag} {self.host!r} is not a host name or address this machine can resolve; use 127.0.0.1, "
+                "or 0.0.0.0 to listen on every interface (as containers need)."
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(self._bind_error(exc)) from None
+
+    def _bind_error(self, exc: OSError) -> str:
+        port_flag, host_flag = self._flags
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"{port_flag} {self.requested_port} is already in use on {self.host}; pick another port or stop "
+                "the process that holds it (another worker on this host needs its own port)."
+            )
+        if exc.errno == errno.EACCES:
+            return f"{port_flag} {self.requested_port} needs privileges this process lacks; use a port above 1023."
+        if exc.errno == errno.EADDRNOTAVAIL:
+            return (
+                f"{host_flag} {self.host!r} is not an address of this machine; use 127.0.0.1, or 0.0.0.0 to "
+                "listen on every interface (as containers need)."
+            )
+        return f"{port_flag} {self.requested_port} on {self.host} cannot be served: {exc.strerror}."
+
+    # --- the reading loop -----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        assert self._listener is not None and self._wake_r is not None and self._wake_w is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self._listener, selectors.EVENT_READ)
+        selector.register(self._wake_r, selectors.EVENT_READ)
+        try:
+            while not self._stopping.is_set():
+                for key, _ in selector.select(timeout=self._next_timeout()):
+                    if key.fileobj is self._listener:
+                        self._accept(selector)
+                    elif key.fileobj is not self._wake_r:
+                        self._read(selector, key.fileobj)  # type: ignore[arg-type]
+                self._expire(selector)
+        except Exception:
+            log.exception("the health server's loop failed; /livez and /metrics no longer answer")
+        finally:
+            for pending in list(self._pending.values()):
+                self._drop(selector, pending)
+            selector.close()
+            self._listener.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _next_timeout(self) -> float | None:
+        if not self._pending:
+            return None
+        return max(0.0, min(p.deadline for p in self._pending.values()) - time.monotonic())
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        assert self._listener is not None
+        for _ in range(64):  # what the backlog holds now, without starving the reads
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and friends: the connection waits in the backlog
+                log.warning("health server cannot accept a connection: %s", exc.strerror)
+                return
+            with self._lock:
+                full = len(self._pending) + self._answering >= self.max_connections
+            if full:
+                if not self._pending:  # every slot is being answered: this one waits its turn
+                    sock.close()
+                    continue
+                self._drop(selector, min(self._pending.values(), key=lambda p: p.deadline))
+            sock.setblocking(False)
+            peer = address[0] if isinstance(address, tuple) else str(address)
+            self._pending[sock] = _Pending(sock, peer, time.monotonic() + self.request_timeout)
+            selector.register(sock, selectors.EVENT_READ)
+
+    def _read(self, selector: selectors.BaseSelector, sock: socket.socket) -> None:
+        pending = self._pending[sock]
+        try:
+            chunk = sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._drop(selector, pending)
+            return
+        pending.data += chunk
+        end = pending.data.find(b"\r\n\r\n")
+        if end < 0 and len(pending.data) <= MAX_REQUEST_BYTES:
+            return
+        selector.unregister(sock)
+        del self._pending[sock]
+        with self._lock:
+            self._answering += 1
+        head = bytes(pending.data[:end]) if 0 <= end <= MAX_REQUEST_BYTES else None
+        assert self._answers is not None
+        self._answers.submit(self._answer, pending, head)
+
+    def _expire(self, selector: selectors.BaseSelector) -> None:
+        now = time.monotonic()
+        for pending in [p for p in self._pending.values() if p.deadline <= now]:
+            self._drop(selector, pending)
+
+    def _drop(self, selector: selectors.BaseSelector, pending: _Pending) -> None:
+        self._pending.pop(pending.sock, None)
+        with contextlib.suppress(KeyError, ValueError):
+            selector.unregister(pending.sock)
+        pending.sock.close()
+
+    # --- answering (answer threads) -------------------------------------------------------------
+
+    def _answer(self, pending: _Pending, head: bytes | None) -> None:
+        sock = pending.sock
+        try:
+            sock.settimeout(self.request_timeout)
+            status, body, content_type, send_body = self._respond(head)
+            reason = HTTPStatus(status).phrase
+            headers = (
+                f"HTTP/1.0 {status} {reason}\r\nServer: dagster-taskiq-sync\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+            ).encode("latin-1")
+            sock.sendall(headers + body if send_body else headers)
+            log.debug("%s %s %d", pending.peer, (head or b"").split(b"\r\n", 1)[0][:200].decode("latin-1"), status)
+        except OSError:
+            pass  # the client went away or did not read its answer in time
+        except Exception:
+            log.exception("health server failed to answer %s", pending.peer)
+        finally:
+            sock.close()
+            with self._lock:
+                self._answering -= 1
+
+    def _respond(self, head: bytes | None) -> tuple[int, bytes, str, bool]:
+        """(status, body, content type, send the body) for one request head."""
+        if head is None:
+            return 431, f"request headers over {MAX_REQUEST_BYTES} bytes\n".encode(), _TEXT, True
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return 400, b"not an HTTP request line\n", _TEXT, True
+        method, target = parts[0], parts[1]
+        if method not in ("GET", "HEAD"):
+            return 405, b"this server answers GET and HEAD\n", _TEXT, True
+        send_body = method == "GET"
+        path = target.split("?", 1)[0]
+        if path == "/metrics":
+            accept = next(
+                (line.split(":", 1)[1].strip() for line in lines[1:] if line.lower().startswith("accept:")), None
+            )
+            try:
+                body, content_type = self.metrics.render(accept)
+            except Exception as exc:  # noqa: BLE001 - a broken collector must not kill the server
+                return 500, f"metrics failed: {type(exc).__name__}: {exc}\n".encode(), _TEXT, send_body
+            return 200, body, content_type, send_body
+        if path in ("/livez", "/readyz"):
+            ok, reason = self.check(self.live if path == "/livez" else self.ready)
+            return (200 if ok else 503), f"{'ok' if ok else reason}\n".encode(), _TEXT, send_body
+        return 404, f"not found; this server answers {', '.join(PATHS)}\n".encode(), _TEXT, send_body

@@ -238,6 +238,10 @@ def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue:
     if isinstance(exc, boto_exc.ClientError):
         return _client_error(exc, endpoint, what, queue_shown)
     if isinstance(exc, sqs_exc.TaskIQSQSError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, boto_exc.ClientError):
+            code, status = _error_code(cause)
+            return BrokerError(f"{what} failed: {exc}", code=code, http_status=status)
         return BrokerError(f"{what} failed: {exc}")
     if isinstance(exc, OSError) or type(exc).__module__.startswith("aiohttp"):
         return EndpointUnreachableError(
@@ -249,10 +253,17 @@ def translate_error(exc: BaseException, settings: SQSSettings, what: str, queue:
 
 def _client_error(exc: boto_exc.ClientError, endpoint: str, what: str, queue_shown: str | None) -> TaskiqSyncError:
     """An error SQS answered with, by its code: each one the user can act on gets its own sentence."""
-    code = exc.response.get("Error", {}).get("Code", "")
+    code, status = _error_code(exc)
     message = exc.response.get("Error", {}).get("Message", "")
     if "NonExistentQueue" in code or code == "QueueDoesNotExist":
         return QueueMissingError(f"SQS queue {queue_shown!r} does not exist at {endpoint}; {QUEUE_CREATE_HINT}.")
     if code in ("AccessDenied", "AccessDeniedException", "InvalidClientTokenId", "SignatureDoesNotMatch"):
         return ConfigError(f"SQS refused {what} ({code}: {message}); check the credentials and IAM permissions.")
-    return BrokerError(f"SQS failed {what} ({code}: {message}).")
+    return BrokerError(f"SQS failed {what} ({code}: {message}).", code=code, http_status=status)
+
+
+def _error_code(exc: boto_exc.ClientError) -> tuple[str, int | None]:
+    """AWS's error code and the answer's HTTP status, as botocore parsed them."""
+    code = exc.response.get("Error", {}).get("Code", "")
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return (code if isinstance(code, str) else ""), (status if isinstance(status, int) else None)

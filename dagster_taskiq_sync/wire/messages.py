@@ -26,7 +26,7 @@ import hmac
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
@@ -363,8 +363,13 @@ def key_id(key: bytes) -> str:
 class Keyring:
     """Signing keys: senders sign with ``current``; receivers accept ``current`` and ``previous``."""
 
-    current: bytes | None = None
-    previous: tuple[bytes, ...] = ()
+    current: bytes | None = field(default=None, repr=False)
+    previous: tuple[bytes, ...] = field(default=(), repr=False)
+
+    def __repr__(self) -> str:
+        # key ids only: error trackers capture locals (and their reprs) by default
+        current = key_id(self.current) if self.current else None
+        return f"Keyring(current={current}, previous={[key_id(k) for k in self.previous]})"
 
     @classmethod
     def from_secrets(cls, current: str | None, previous: tuple[str, ...] = (), setting: str = "signing_key") -> Keyring:
@@ -410,5 +415,5 @@ class Keyring:
                 "does not hold (rotate keys: add it to previous_signing_keys)"
             )
         expected = hmac.new(key, body, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, parts[2]):
+        if not parts[2].isascii() or not hmac.compare_digest(expected, parts[2]):
             raise SignatureError("the message's signature does not match its body (tampered or wrong key)")

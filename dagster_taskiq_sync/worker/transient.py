@@ -11,7 +11,25 @@ from __future__ import annotations
 from dagster_taskiq_sync.errors import BrokerError, EndpointUnreachableError
 from dagster_taskiq_sync.storage.db_retry import is_transient_db_error
 
-_TRANSIENT_BROKER_CODES = ("Throttl", "InternalError", "ServiceUnavailable", "RequestTimeout", "SlowDown")
+# AWS error codes of SQS and S3 that mean "busy or briefly down, ask again" (exact codes, never
+# parts of the message: its text can hold an S3 key or a name an attacker chose)
+TRANSIENT_AWS_CODES = frozenset(
+    {
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "KMS.ThrottlingException",
+    }
+)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -22,7 +40,9 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, (EndpointUnreachableError, ConnectionError, TimeoutError)):
             return True
-        if isinstance(current, BrokerError) and any(code in str(current) for code in _TRANSIENT_BROKER_CODES):
+        if isinstance(current, BrokerError) and (
+            current.code in TRANSIENT_AWS_CODES or (current.http_status or 0) >= 500
+        ):
             return True
         current = current.__cause__
     return is_transient_db_error(exc)

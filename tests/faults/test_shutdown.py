@@ -16,7 +16,23 @@ from ..helpers import CLI, PausableProxy, WorkerProcess
 def test_a_burst_of_signals_while_the_worker_is_busy_logging_always_stops_it(run_config_file, queues_created, tmp_path):
     # Given a worker logging everything (DEBUG: botocore, every poll), told to stop by a burst of
     # SIGTERMs and SIGINTs, some landing mid-write of a log line
-    worker = WorkerProcess(run_config_file, "burst", tmp_path, ["-c", "1", "-l", "DEBUG", "--shutdown-timeout", "5"])
+    worker = WorkerProcess(
+        run_config_file,
+        "burst",
+        tmp_path,
+        [
+            "-c",
+            "1",
+            "-l",
+            "DEBUG",
+            "--debug-logger",
+            "botocore",
+            "--debug-logger",
+            "aiobotocore",
+            "--shutdown-timeout",
+            "5",
+        ],
+    )
     worker.wait_ready()
     started = time.monotonic()
     for i in range(40):

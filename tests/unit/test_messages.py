@@ -206,3 +206,65 @@ def test_fetched_payloads_must_match_their_pointer():
 
 def test_message_version_is_the_one_documented():
     assert MESSAGE_VERSION == 2
+
+
+def test_transient_is_decided_by_the_aws_error_code_never_by_text_an_attacker_chose():
+    from botocore.exceptions import ClientError
+
+    from dagster_taskiq_sync.errors import BrokerError
+    from dagster_taskiq_sync.wire.broker_client import translate_error
+    from dagster_taskiq_sync.wire.settings import SQSSettings
+    from dagster_taskiq_sync.worker.transient import is_transient
+
+    settings = SQSSettings()
+
+    def answered(code: str, message: str, status: int) -> BaseException:
+        error = {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return translate_error(ClientError(error, "GetObject"), settings, "reading the offloaded payload", "q")
+
+    # an attacker's S3 key or message text naming a transient code is still the message's fault
+    named = answered("NoSuchKey", "steps/ServiceUnavailable-SlowDown-Throttling.json does not exist", 404)
+    assert isinstance(named, BrokerError) and named.code == "NoSuchKey" and not is_transient(named)
+    assert not is_transient(BrokerError("reading s3://b/steps/InternalError.json failed: ServiceUnavailable"))
+    # what S3 and SQS answer when busy is retried
+    assert is_transient(answered("SlowDown", "Please reduce your request rate.", 503))
+    assert is_transient(answered("RequestThrottled", "", 400))
+    assert is_transient(answered("WhateverNewCode", "", 500))  # any 5xx is the service's
+    assert not is_transient(answered("InvalidParameterValue", "ThrottlingException", 400))
+
+
+def test_keys_never_show_in_reprs_and_a_non_ascii_signature_is_a_bad_signature():
+    from dagster_taskiq_sync.wire.messages import SIGNATURE_ATTRIBUTE, Keyring, SignatureError, key_id
+    from dagster_taskiq_sync.wire.settings import Settings
+
+    secret, old = "k" * 40 + "-current", "o" * 40 + "-previous"
+    keyring = Keyring.from_secrets(secret, (old,))
+    for shown in (repr(keyring), repr(Settings(keyring=keyring)), str(Settings(keyring=keyring))):
+        assert secret not in shown and old not in shown and key_id(secret.encode()) in shown
+    # a signature that is not ASCII is refused as a bad signature (compare_digest would raise TypeError)
+    body = b'{"x": 1}'
+    prefix = keyring.sign(body)[SIGNATURE_ATTRIBUTE].rsplit(":", 1)[0]
+    with pytest.raises(SignatureError, match="does not match its body"):
+        keyring.verify(body, {SIGNATURE_ATTRIBUTE: prefix + ":" + "é" * 64})
+
+
+def test_debug_logging_keeps_the_aws_libraries_at_warning_unless_named(monkeypatch):
+    import logging
+
+    from dagster_taskiq_sync.cli import QUIET_LOGGERS, configure_logging
+
+    names = ("dagster_taskiq_sync", "dagster", *QUIET_LOGGERS)
+    saved = {name: logging.getLogger(name).level for name in names}
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # basicConfig configures afresh
+    monkeypatch.setattr(logging.getLogger(), "level", logging.WARNING)
+    try:
+        configure_logging(logging.DEBUG)
+        assert logging.getLogger("dagster_taskiq_sync.worker").isEnabledFor(logging.DEBUG)
+        for name in ("botocore.endpoint", "botocore.credentials", "aiobotocore.credentials", "urllib3"):
+            assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+        configure_logging(logging.DEBUG, ["botocore"])  # asked for by name
+        assert logging.getLogger("botocore.endpoint").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("aiobotocore").isEnabledFor(logging.INFO)
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
