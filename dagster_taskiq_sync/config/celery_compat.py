@@ -27,6 +27,9 @@ SUPPORTED_BROKERS = (
 # --- broker / backend URLs ------------------------------------------------------------------
 
 
+QUOTE_HINT = "(URL-quote '/', '?', '#' and '@' in a key or secret as %2F, %3F, %23, %40)"
+
+
 def parse_broker_url(url: str | None, *, is_secure: bool = False) -> dict[str, Any]:
     """SQSSettings fields for a Celery broker URL.
 
@@ -40,7 +43,9 @@ def parse_broker_url(url: str | None, *, is_secure: bool = False) -> dict[str, A
         parts = urlsplit(url.strip())
         port = parts.port  # raises ValueError on a non-numeric port
     except ValueError:
-        raise ConfigError(f"execution.config.broker {shown!r} is not a valid URL; use {SUPPORTED_BROKERS}.") from None
+        raise ConfigError(
+            f"execution.config.broker {shown!r} is not a valid URL; use {SUPPORTED_BROKERS} {QUOTE_HINT}."
+        ) from None
     scheme = parts.scheme.lower()
     if scheme != "sqs":
         what = f"scheme {scheme + '://'!r}" if scheme else "no scheme"
@@ -50,7 +55,8 @@ def parse_broker_url(url: str | None, *, is_secure: bool = False) -> dict[str, A
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ConfigError(
-            f"execution.config.broker {shown!r} has a path or query SQS does not use; use {SUPPORTED_BROKERS}."
+            f"execution.config.broker {shown!r} has a path or query SQS does not use; use {SUPPORTED_BROKERS} "
+            f"{QUOTE_HINT}."
         )
     fields: dict[str, Any] = {}
     if parts.username or parts.password:

@@ -13,7 +13,6 @@ import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from dagster_taskiq_sync.wire.messages import Keyring
 
@@ -34,15 +33,23 @@ def kombu_queue_name(celery_queue: str, prefix: str = "") -> str:
 
 
 def redact_url(url: str | None) -> str | None:
-    """``url`` with any password replaced by ``***`` (for logs, events and errors)."""
+    """``url`` with its secret replaced by ``***`` (for logs, events and errors).
+
+    By structure, not by a URL parser: everything between ``://`` and the last ``@`` is the user
+    part, whatever it holds (AWS secrets often contain an unquoted ``/``, which a parser takes for
+    the start of the path and would print whole). The access key id before the first ``:`` stays.
+    """
     if not url:
         return url
-    parts = urlsplit(url)
-    if parts.password is None:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at < 0:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    userinfo = rest[:at]
+    user = userinfo.split(":", 1)[0] + ":" if ":" in userinfo else ""
+    return f"{scheme}{sep}{user}***@{rest[at + 1 :]}"
 
 
 @dataclass(frozen=True)

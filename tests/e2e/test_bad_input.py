@@ -43,12 +43,15 @@ def failed_run_message(instance, executor_config, job_fn=jobs.diamond) -> tuple[
         ("sqs://127.0.0.1:notaport", "is not a valid URL"),
         ("sqs://127.0.0.1", "without a port"),
         ("sqs://key@127.0.0.1:9324", "access key without a secret"),
+        # an AWS secret with an unquoted '/': the run's failure event shows neither half of it
+        ("sqs://AKIAEXAMPLE:wJalrX/UtnFEMI@127.0.0.1:9324", "sqs://AKIAEXAMPLE:***@127.0.0.1:9324"),
     ],
 )
 def test_bad_broker_url_fails_the_run_naming_the_setting(instance, broker, expected):
     message, elapsed = failed_run_message(instance, {"broker": broker})
     assert "execution.config.broker" in message and expected in message
     assert "sqs://" in message  # says what to write instead
+    assert "wJalrX" not in message and "UtnFEMI" not in message
     assert elapsed < 15
 
 

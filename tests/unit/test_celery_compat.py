@@ -221,3 +221,17 @@ def test_celery_message_signing_requires_a_signing_key_and_is_never_silently_wea
     )
     signed.check_signing("sender")
     assert any("X.509 signing keys are not used" in note for note in signed.notes)
+
+
+@pytest.mark.parametrize(
+    "secret", ["wJalr/XUtnFEMI/K7MDENG", "wJalrXU?tnFEMIK7MDENG", "wJalrXU#tnFEMIK7MDENG", "a@b/c:d"]
+)
+def test_an_unquoted_secret_in_the_broker_url_never_shows_in_the_error(secret):
+    url = f"sqs://AKIAEXAMPLE:{secret}@127.0.0.1:9324"
+    assert redact_url(url) == "sqs://AKIAEXAMPLE:***@127.0.0.1:9324"
+    with pytest.raises(ConfigError) as caught:
+        parse_broker_url(url)
+    message = str(caught.value)
+    assert "AKIAEXAMPLE:***@127.0.0.1:9324" in message and "%2F" in message
+    for piece in (secret, *secret.replace("?", "/").replace("#", "/").replace("@", "/").split("/")):
+        assert len(piece) < 4 or piece not in message.replace("AKIAEXAMPLE", ""), piece
