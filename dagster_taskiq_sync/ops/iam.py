@@ -70,7 +70,7 @@ KMS_KEY_FORMS = "a key id (1234abcd-...), a key ARN (arn:aws:kms:REGION:ACCOUNT:
 def check_kms_key(value: str, setting: str = "--kms-key") -> str:
     """``value`` if it has the shape of a KMS key id, key ARN, alias or alias ARN."""
     value = (value or "").strip()
-    if not (_KEY_ID.match(value) or _ALIAS.match(value) or _KEY_ARN.match(value)):
+    if not (_KEY_ID.fullmatch(value) or _ALIAS.fullmatch(value) or _KEY_ARN.fullmatch(value)):
         raise ConfigError(f"{setting} {value!r} is not a KMS key; pass {KMS_KEY_FORMS}.")
     return value
 
@@ -93,7 +93,7 @@ def partition_of(region: str) -> str:
 
 
 def check_account_id(value: str) -> str:
-    if not _ACCOUNT.match(value or ""):
+    if not _ACCOUNT.fullmatch(value or ""):
         raise ConfigError(
             f"--account-id {value!r} is not an AWS account id; pass the 12 digits of the account that owns the queues."
         )
@@ -220,7 +220,7 @@ async def resolve_resources(
     owners: dict[str, str] = {}
     for celery_name, url in settings.predefined_queues.items():
         parts = url.rstrip("/").split("/")
-        if len(parts) >= 2 and _ACCOUNT.match(parts[-2]):
+        if len(parts) >= 2 and _ACCOUNT.fullmatch(parts[-2]):
             owners[settings.queue_name(celery_name)] = parts[-2]
     account = check_account_id(account_id) if account_id else None
     if account is None and not all(n in owners for n in names):

@@ -45,7 +45,7 @@ _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$")
 
 
 def check_role_arn(value: Any, path: str) -> str:
-    if not isinstance(value, str) or not _ROLE_ARN.match(value):
+    if not isinstance(value, str) or not _ROLE_ARN.fullmatch(value):
         raise ConfigError(f"{path} {value!r} is not an IAM role ARN; write arn:aws:iam::ACCOUNT_ID:role/ROLE_NAME.")
     return value
 

@@ -233,7 +233,7 @@ def _expect_keys(kwargs: Mapping[str, Any], allowed: set[str]) -> None:
 
 def _text(kwargs: Mapping[str, Any], name: str, pattern: re.Pattern[str]) -> str:
     value = kwargs.get(name)
-    if not isinstance(value, str) or not pattern.match(value):
+    if not isinstance(value, str) or not pattern.fullmatch(value):
         raise MalformedMessage(f"the message's {name} is missing or malformed: {_shown(value)}")
     return value
 
@@ -323,7 +323,7 @@ def decode_pointer(body: bytes, bucket: str | None, prefix: str, max_bytes: int)
         not isinstance(key, str)
         or len(key) > 1024
         or ".." in key
-        or not _S3_KEY.match(key)
+        or not _S3_KEY.fullmatch(key)
         or (prefix and not key.startswith(prefix + "/"))
     ):
         raise MalformedMessage(f"the S3 pointer's key {_shown(key)} is not under the offload prefix {prefix!r}")

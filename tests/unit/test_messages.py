@@ -82,6 +82,8 @@ def test_undecodable_bodies_are_malformed(body, reason):
         ("run_id", "x" * 300, "run_id is missing or malformed"),
         ("step_key", None, "step_key is missing or malformed"),
         ("step_key", "op; rm -rf /", "step_key is missing or malformed"),
+        ("step_key", "emit_one\n", "step_key is missing or malformed"),  # `$` alone would take it
+        ("run_id", "5f4e7a1c-aaaa-bbbb-cccc-0123456789ab\n", "run_id is missing or malformed"),
         ("attempt", "1", "attempt is not a whole number"),
         ("attempt", True, "attempt is not a whole number"),
         ("attempt", 0, "attempt is not a whole number"),
