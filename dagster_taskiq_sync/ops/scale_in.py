@@ -37,11 +37,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 
@@ -339,8 +341,11 @@ class KubernetesDeletionCost(_BackgroundProtector):
         **options,
     ) -> None:
         super().__init__(**options)
+        namespace, pod_name = (urllib.parse.quote(part, safe="") for part in (namespace, pod_name))
         self.url = f"{api_url.rstrip('/')}/api/v1/namespaces/{namespace}/pods/{pod_name}"
-        self.token_path = token_path
+        # The bearer token goes over TLS only: an http:// override is a local authenticating proxy
+        # (`kubectl proxy`), and a token sent there would cross the network in cleartext.
+        self.token_path = token_path if api_url.startswith("https:") else None
         self.busy_cost = busy_cost
         self.timeout = timeout
         self._context = ssl.create_default_context(cafile=ca_path) if api_url.startswith("https:") else None
@@ -369,6 +374,9 @@ class KubernetesDeletionCost(_BackgroundProtector):
         )
 
 
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # DNS-1123 subdomain
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding="utf8") as fh:
@@ -395,40 +403,50 @@ def protector_from_flag(kind: str | None, env: Mapping[str, str] | None = None, 
             )
         return ECSTaskProtection(agent_uri, **options)
     if kind == "k8s":
-        sa_dir = env.get(K8S_SERVICEACCOUNT_DIR_ENV) or SERVICEACCOUNT_DIR
-        api_url = env.get(K8S_API_URL_ENV)
-        if not api_url:
-            host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
-            if not (host and port):
-                raise ConfigError(
-                    f"{FLAG} k8s needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, which Kubernetes sets "
-                    "in every pod, and they are not set; run the worker in a pod or drop the flag."
-                )
-            api_url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-        token_file = os.path.join(sa_dir, "token")
-        # Without the in-cluster URL (e.g. through `kubectl proxy`, which authenticates for us)
-        # a missing token is fine.
-        token_path = token_file if os.path.exists(token_file) else None
-        if token_path is None and not env.get(K8S_API_URL_ENV):
-            raise ConfigError(
-                f"{FLAG} k8s needs the pod's service-account token at {token_file}, which is missing; "
-                "mount it (automountServiceAccountToken: true on the pod or its ServiceAccount)."
-            )
-        ca_path = os.path.join(sa_dir, "ca.crt")
-        namespace = env.get("POD_NAMESPACE") or _read(os.path.join(sa_dir, "namespace"))
-        if not namespace:
-            raise ConfigError(
-                f"{FLAG} k8s cannot tell the pod's namespace: POD_NAMESPACE is not set and "
-                f"{os.path.join(sa_dir, 'namespace')} is missing; set POD_NAMESPACE from the downward API "
-                "(fieldRef metadata.namespace)."
-            )
-        pod_name = env.get("POD_NAME") or env.get("HOSTNAME") or socket.gethostname()
-        return KubernetesDeletionCost(
-            api_url,
-            namespace,
-            pod_name,
-            token_path=token_path,
-            ca_path=ca_path if os.path.exists(ca_path) else None,
-            **options,
-        )
+        return _kubernetes_protector(env, **options)
     raise ConfigError(f"{FLAG} {kind!r} is not a platform this worker knows; use one of: {', '.join(KINDS)}.")
+
+
+def _kubernetes_protector(env: Mapping[str, str], **options) -> KubernetesDeletionCost:
+    sa_dir = env.get(K8S_SERVICEACCOUNT_DIR_ENV) or SERVICEACCOUNT_DIR
+    api_url = env.get(K8S_API_URL_ENV)
+    if not api_url:
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+        if not (host and port):
+            raise ConfigError(
+                f"{FLAG} k8s needs KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT, which Kubernetes sets "
+                "in every pod, and they are not set; run the worker in a pod or drop the flag."
+            )
+        api_url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    token_file = os.path.join(sa_dir, "token")
+    # Without the in-cluster URL (e.g. through `kubectl proxy`, which authenticates for us)
+    # a missing token is fine.
+    token_path = token_file if os.path.exists(token_file) else None
+    if token_path is None and not env.get(K8S_API_URL_ENV):
+        raise ConfigError(
+            f"{FLAG} k8s needs the pod's service-account token at {token_file}, which is missing; "
+            "mount it (automountServiceAccountToken: true on the pod or its ServiceAccount)."
+        )
+    ca_path = os.path.join(sa_dir, "ca.crt")
+    namespace = env.get("POD_NAMESPACE") or _read(os.path.join(sa_dir, "namespace"))
+    if not namespace:
+        raise ConfigError(
+            f"{FLAG} k8s cannot tell the pod's namespace: POD_NAMESPACE is not set and "
+            f"{os.path.join(sa_dir, 'namespace')} is missing; set POD_NAMESPACE from the downward API "
+            "(fieldRef metadata.namespace)."
+        )
+    pod_name = env.get("POD_NAME") or env.get("HOSTNAME") or socket.gethostname()
+    for what, value in (("POD_NAMESPACE", namespace), ("POD_NAME", pod_name)):
+        if not _K8S_NAME.fullmatch(value):
+            raise ConfigError(
+                f"{FLAG} k8s: {what} {value[:64]!r} is not a Kubernetes object name (lowercase letters, digits, "
+                "'-' and '.', at most 253); set it from the downward API (fieldRef metadata.name / namespace)."
+            )
+    return KubernetesDeletionCost(
+        api_url,
+        namespace,
+        pod_name,
+        token_path=token_path,
+        ca_path=ca_path if os.path.exists(ca_path) else None,
+        **options,
+    )

@@ -421,18 +421,24 @@ def k8s_env(service_account: Path, **extra) -> dict:
     return {K8S_SERVICEACCOUNT_DIR_ENV: str(service_account), "POD_NAME": "worker-7d9f-abcde", **extra}
 
 
-def test_k8s_deletion_cost_is_patched_on_the_pod_with_the_service_account_token(recorder, service_account):
+def test_k8s_deletion_cost_is_patched_on_the_pod_with_the_service_account_token(service_account):
     from dagster_taskiq_sync.ops.scale_in import K8S_API_URL_ENV, protector_from_flag
 
-    env = k8s_env(service_account, **{K8S_API_URL_ENV: recorder.url})
-    protector = protector_from_flag("k8s", env=env, idle_delay=0).start()
-    assert protector.flush(10)
-    protector.set_busy(True)
-    assert protector.flush(10)
-    (service_account / "token").write_text("token-2\n")  # the kubelet rotates projected tokens
-    protector.set_busy(False)
-    assert protector.flush(10)
-    protector.stop()
+    cert, key = self_signed_certificate(service_account, "127.0.0.1")
+    (service_account / "ca.crt").write_bytes(Path(cert).read_bytes())
+    recorder = Recorder(tls=(cert, key))
+    try:
+        env = k8s_env(service_account, **{K8S_API_URL_ENV: recorder.url})
+        protector = protector_from_flag("k8s", env=env, idle_delay=0).start()
+        assert protector.flush(10)
+        protector.set_busy(True)
+        assert protector.flush(10)
+        (service_account / "token").write_text("token-2\n")  # the kubelet rotates projected tokens
+        protector.set_busy(False)
+        assert protector.flush(10)
+        protector.stop()
+    finally:
+        recorder.close()
     assert {(c["method"], c["path"]) for c in recorder.calls} == {
         ("PATCH", "/api/v1/namespaces/workers/pods/worker-7d9f-abcde")
     }
@@ -448,6 +454,23 @@ def test_k8s_deletion_cost_is_patched_on_the_pod_with_the_service_account_token(
         {"metadata": {"annotations": {cost: "10000"}}},
         {"metadata": {"annotations": {cost: None}}},
     ]
+
+
+def test_k8s_over_plain_http_never_sends_the_token_and_names_are_checked(recorder, service_account):
+    # an http:// override is a local authenticating proxy (kubectl proxy): the token stays home
+    from dagster_taskiq_sync.errors import ConfigError
+    from dagster_taskiq_sync.ops.scale_in import K8S_API_URL_ENV, protector_from_flag
+
+    env = k8s_env(service_account, **{K8S_API_URL_ENV: recorder.url})
+    protector = protector_from_flag("k8s", env=env, idle_delay=0).start()
+    protector.set_busy(True)
+    assert protector.flush(10)
+    protector.stop()
+    assert recorder.calls and all("Authorization" not in c["headers"] for c in recorder.calls)
+    # a pod name that would steer the PATCH elsewhere is refused before any call
+    for bad in ("../../../api/v1/namespaces/kube-system/pods/etcd", "worker?dryRun=All", "Worker_1"):
+        with pytest.raises(ConfigError, match=r"POD_NAME .* is not a Kubernetes object name"):
+            protector_from_flag("k8s", env={**env, "POD_NAME": bad})
 
 
 def test_k8s_in_cluster_config_reaches_the_api_server_over_tls_verified_with_the_pod_ca(service_account):
