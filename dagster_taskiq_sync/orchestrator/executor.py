@@ -59,6 +59,30 @@ def observe_results(callback: Callable[[str, str, float], None]) -> None:
     _result_observers.append(callback)
 
 
+def literal_secrets(run_config: Any) -> list[str]:
+    """The signing-key settings of ``run_config``'s executor block written as literal strings
+    (rather than ``{env: NAME}``), by their config path."""
+    execution = run_config.get("execution") if isinstance(run_config, dict) else None
+    if not isinstance(execution, dict):
+        return []
+    blocks = [("execution.config", execution.get("config"))]
+    blocks += [
+        (f"execution.{name}.config", b.get("config"))
+        for name, b in execution.items()
+        if name != "config" and isinstance(b, dict)
+    ]
+    found = []
+    for path, block in blocks:
+        if not isinstance(block, dict):
+            continue
+        if isinstance(block.get("signing_key"), str):
+            found.append(f"{path}.signing_key")
+        previous = block.get("previous_signing_keys")
+        if isinstance(previous, list) and any(isinstance(p, str) for p in previous):
+            found.append(f"{path}.previous_signing_keys")
+    return found
+
+
 @executor(
     name="taskiq",
     config_schema=TASKIQ_CONFIG,
@@ -204,6 +228,11 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
     def execute(self, plan_context, execution_plan):  # Dagster's signature
         for note in self.settings.notes:
             plan_context.log.warning(note)
+        for setting in literal_secrets(plan_context.dagster_run.run_config):
+            plan_context.log.warning(
+                f"{setting} is written into the run config as a literal, so it is stored with the run and shown "
+                "to anyone who can see the run in Dagster's UI; give it as {env: NAME} and rotate this key."
+            )
         install_step_sort_key()
         run_priority = int_tag(plan_context.dagster_run.tags, RUN_PRIORITY_TAGS, 0)
         default_priority = self.settings.default_priority

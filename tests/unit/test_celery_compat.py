@@ -235,3 +235,15 @@ def test_an_unquoted_secret_in_the_broker_url_never_shows_in_the_error(secret):
     assert "AKIAEXAMPLE:***@127.0.0.1:9324" in message and "%2F" in message
     for piece in (secret, *secret.replace("?", "/").replace("#", "/").replace("@", "/").split("/")):
         assert len(piece) < 4 or piece not in message.replace("AKIAEXAMPLE", ""), piece
+
+
+def test_a_literal_signing_key_in_the_run_config_is_named_so_the_run_can_warn():
+    from dagster_taskiq_sync.orchestrator.executor import literal_secrets
+
+    env = {"env": "DTS_SIGNING_KEY"}
+    assert literal_secrets({"execution": {"config": {"signing_key": env, "previous_signing_keys": [env]}}}) == []
+    assert literal_secrets({"execution": {"config": {"signing_key": "k" * 40}}}) == ["execution.config.signing_key"]
+    assert literal_secrets({"execution": {"taskiq": {"config": {"previous_signing_keys": [env, "old" * 20]}}}}) == [
+        "execution.taskiq.config.previous_signing_keys"
+    ]
+    assert literal_secrets({}) == literal_secrets({"execution": "garbage"}) == []
