@@ -26,7 +26,14 @@ from taskiq_aio_sqs import SQSBroker, SQSQueue
 
 from dagster_taskiq_sync.errors import BrokerError, ConfigError, PayloadTooLargeError, TaskiqSyncError
 from dagster_taskiq_sync.wire.aws import client_kwargs
-from dagster_taskiq_sync.wire.messages import S3_POINTER_ATTRIBUTE, Keyring, MalformedMessage, S3Pointer, pointer_for
+from dagster_taskiq_sync.wire.messages import (
+    S3_POINTER_ATTRIBUTE,
+    SIGNATURE_ATTRIBUTE,
+    Keyring,
+    MalformedMessage,
+    S3Pointer,
+    pointer_for,
+)
 from dagster_taskiq_sync.wire.settings import SQSSettings
 
 log = logging.getLogger("dagster_taskiq_sync.broker")
@@ -357,8 +364,7 @@ class StepBroker(SQSBroker):
         the queue has none); returns the dead-letter queue's name, or None when it was deleted."""
         facts = self.facts[delivery.queue]
         if facts.dead_letter_url:
-            attributes = {k: {"DataType": "String", "StringValue": v} for k, v in delivery.attributes.items()}
-            attributes[DEAD_LETTER_REASON_ATTRIBUTE] = {"DataType": "String", "StringValue": reason[:1000]}
+            attributes = dead_letter_attributes(delivery.attributes, reason, len(delivery.body))
             kwargs: dict[str, Any] = {
                 "QueueUrl": facts.dead_letter_url,
                 "MessageBody": delivery.body.decode("utf-8", "replace"),
@@ -369,6 +375,36 @@ class StepBroker(SQSBroker):
             await self._sqs_client.send_message(**kwargs)
         await self._sqs_client.delete_message(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle)
         return facts.dead_letter_name
+
+
+SQS_MAX_ATTRIBUTES = 10
+SQS_MAX_MESSAGE_BYTES = 262_144  # the smallest a queue may be configured with of the 1 MiB maximum's
+_KEPT_FIRST = (SIGNATURE_ATTRIBUTE, S3_POINTER_ATTRIBUTE)  # what a redriven message needs to run again
+
+
+def dead_letter_attributes(original: Mapping[str, str], reason: str, body_bytes: int) -> dict[str, dict[str, str]]:
+    """The attributes of a message's dead-letter copy, within what SQS accepts: at most 10, none
+    empty, none reserved (``AWS.``/``Amazon.``), body and attributes within 256 KiB. The reason
+    comes first; the signature and S3 pointer next (a redriven message needs them); then the rest,
+    as room allows."""
+    reason_value = reason[:1000] or "no reason given"
+    chosen = {DEAD_LETTER_REASON_ATTRIBUTE: reason_value}
+    room = SQS_MAX_MESSAGE_BYTES - body_bytes - len(DEAD_LETTER_REASON_ATTRIBUTE) - len(reason_value) - 6
+    names = [n for n in _KEPT_FIRST if n in original] + sorted(n for n in original if n not in _KEPT_FIRST)
+    for name in names:
+        value = original[name]
+        size = len(name.encode()) + len(value.encode()) + 6  # + "String"
+        if (
+            len(chosen) >= SQS_MAX_ATTRIBUTES
+            or not value
+            or name == DEAD_LETTER_REASON_ATTRIBUTE
+            or name.lower().startswith(("aws.", "amazon."))
+            or size > room
+        ):
+            continue
+        chosen[name] = value
+        room -= size
+    return {name: {"DataType": "String", "StringValue": value} for name, value in chosen.items()}
 
 
 def _delivery(queue: str, url: str, raw: Mapping[str, Any], now: float) -> Delivery:

@@ -270,3 +270,21 @@ def test_debug_logging_keeps_the_aws_libraries_at_warning_unless_named(monkeypat
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+def test_a_dead_letter_copy_stays_within_what_sqs_accepts():
+    from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE, dead_letter_attributes
+    from dagster_taskiq_sync.wire.messages import S3_POINTER_ATTRIBUTE, SIGNATURE_ATTRIBUTE
+
+    # a hostile sender's message: 10 attributes (the most SQS takes), some Binary (read as ""),
+    # one reserved name, and our own two
+    original = {f"junk{i}": "x" for i in range(6)} | {"bin1": "", "bin2": "", "AWS.TraceHeader": "t"}
+    original |= {SIGNATURE_ATTRIBUTE: "v1:abc:def", S3_POINTER_ATTRIBUTE: "True"}
+    copy = dead_letter_attributes(original, "the message is not JSON", body_bytes=1000)
+    assert len(copy) <= 10 and all(a["StringValue"] for a in copy.values())
+    assert copy[DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"] == "the message is not JSON"
+    assert copy[SIGNATURE_ATTRIBUTE]["StringValue"] == "v1:abc:def" and S3_POINTER_ATTRIBUTE in copy
+    assert "AWS.TraceHeader" not in copy and "bin1" not in copy
+    # a body at the size limit keeps the reason and drops what does not fit
+    full = dead_letter_attributes({"big": "y" * 500}, "r" * 5000, body_bytes=262_144 - 1100)
+    assert set(full) == {DEAD_LETTER_REASON_ATTRIBUTE} and len(full[DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"]) == 1000
