@@ -117,12 +117,30 @@ class Resources:
     kms_key: str | None  # key ARN (None: no KMS)
 
 
+_SQS_NAME = re.compile(r"[A-Za-z0-9_-]{1,75}(\.fifo)?|[A-Za-z0-9_-]{1,80}")
+_WILDCARDS = ("*", "?")  # what IAM matches in a resource ARN
+
+
 def queue_arn(partition: str, region: str, account: str, name: str) -> str:
+    """The queue's ARN; a name SQS could not have (a wildcard, a '/') is refused: in an ARN it
+    would grant more queues than the configuration names."""
+    if not _SQS_NAME.fullmatch(name):
+        raise ConfigError(
+            f"SQS queue name {name[:100]!r} (from the configuration's queues or predefined_queues URLs) is not a "
+            "name SQS allows (letters, digits, '-', '_', optional '.fifo'); fix it, as iam-policy would otherwise "
+            "write it into an ARN."
+        )
     return f"arn:{partition}:sqs:{region}:{account}:{name}"
 
 
 def payload_objects_arn(partition: str, bucket: str, prefix: str) -> str:
     prefix = prefix.strip("/")
+    for what, value in (("bucket", bucket), ("prefix", prefix)):
+        if any(c in value for c in _WILDCARDS):
+            raise ConfigError(
+                f"execution.config.backend's {what} {value[:100]!r} holds '*' or '?', which IAM reads as a "
+                "wildcard: the policy would reach other objects; use a literal s3://BUCKET/PREFIX."
+            )
     return f"arn:{partition}:s3:::{bucket}/{prefix}/*" if prefix else f"arn:{partition}:s3:::{bucket}/*"
 
 
