@@ -281,11 +281,21 @@ def test_stats_json_counts_messages_dead_letters_workers_and_replicas(endpoint, 
     try:
         worker.wait_ready()
         with DagsterInstance.from_config(str(registry_home)) as instance:
-            WorkerRegistry(instance).record(
-                WorkerRecord(
-                    name="busy@host", host="host", pid=1, queues=[queue], concurrency=4, running=["a", "b", "c"]
-                )
+            registry = WorkerRegistry(instance)
+            busy = WorkerRecord(
+                name="busy@host", host="host", pid=1, queues=[queue], concurrency=4, running=["a", "b", "c"]
             )
+
+            def both_listed() -> bool:
+                # The registry's index is read-modify-write: a live worker re-adds itself on its next
+                # heartbeat, but this one-shot record can lose a race with the real worker's first
+                # one (seen in a loaded full run), so it is written until both are listed.
+                names = {w.name for w in registry.workers()}
+                if busy.name not in names:
+                    registry.record(busy)
+                return {busy.name, worker.full_name} <= names
+
+            wait_for(both_listed, timeout=60, what="both workers in the registry")
         env = os.environ | {"DAGSTER_HOME": str(registry_home)}
         out = cli("queues", "stats", "-y", config, "--json", env=env)
         assert out.returncode == 0, out.stderr
