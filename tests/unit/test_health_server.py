@@ -118,3 +118,15 @@ def test_stop_closes_open_connections_and_a_second_stop_is_harmless():
         pass
     hanging.close()
     srv.stop()
+
+
+def test_the_readme_states_the_limits_the_server_has():
+    import inspect
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    defaults = inspect.signature(HealthServer.__init__).parameters
+    timeout, cap = defaults["request_timeout"].default, defaults["max_connections"].default
+    assert f"a client has {timeout:g} s and {MAX_REQUEST_BYTES // 1024} KiB to send its request" in readme
+    assert f"at most {cap}\nconnections are open" in readme or f"at most {cap} connections are open" in readme
+    assert f"reaches one of {ANSWER_THREADS} answer threads" in readme
