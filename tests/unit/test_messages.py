@@ -287,4 +287,6 @@ def test_a_dead_letter_copy_stays_within_what_sqs_accepts():
     assert "AWS.TraceHeader" not in copy and "bin1" not in copy
     # a body at the size limit keeps the reason and drops what does not fit
     full = dead_letter_attributes({"big": "y" * 500}, "r" * 5000, body_bytes=262_144 - 1100)
-    assert set(full) == {DEAD_LETTER_REASON_ATTRIBUTE} and len(full[DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"]) == 1000
+    assert (
+        set(full) == {DEAD_LETTER_REASON_ATTRIBUTE} and len(full[DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"]) == 1000
+    )
