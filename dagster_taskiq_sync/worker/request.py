@@ -469,12 +469,17 @@ class Request:
                 and isinstance(self.message, StepMessage)
             ):
                 self._explain_resent_attempt(verdict.why)
+            # A launch dropped for a CANCELING run ends it only when no run child is running it:
+            # never started (RUN_OVER), or started on a worker since lost. A live duplicate's run
+            # child is still stopping its steps and reports the cancel itself.
             if (
                 isinstance(self.message, RunMessage)
                 and self.run is not None
                 and self.run.status == DagsterRunStatus.CANCELING
+                and (verdict.dropped is Drop.RUN_OVER or verdict.lost)
             ):
-                self.worker.instance.report_run_canceled(self.run, message="Run canceled before a worker started it.")
+                said = "before a worker started it" if verdict.dropped is Drop.RUN_OVER else f"({verdict.why})"
+                self.worker.instance.report_run_canceled(self.run, message=f"Run canceled {said}.")
 
     def _explain_resent_attempt(self, why: str) -> None:
         """A resumed run re-sent a step attempt that already started: say in the run's own log why

@@ -429,3 +429,42 @@ def test_the_second_of_two_simultaneous_deliveries_is_dropped_as_a_duplicate(tmp
             f"{STEP.label} already started on worker w1@h from another delivery of the same message "
             "(SQS delivered it twice at once)"
         )
+
+
+@pytest.mark.parametrize(
+    ("previous", "reported"),
+    [
+        (None, True),  # canceled before any worker started it: the drop ends the run
+        ("running, heartbeating", False),  # its run child is still stopping steps: it reports the cancel
+        ("running, lost", True),  # its worker was lost: nobody else will end it
+    ],
+)
+def test_a_dropped_launch_cancels_its_canceling_run_only_when_no_run_child_is_on_it(monkeypatch, previous, reported):
+    records = {
+        None: None,
+        "running, heartbeating": StepRecord(RUNNING, ts=time.time(), worker="w1@h", heartbeat_interval=2),
+        "running, lost": StepRecord(RUNNING, ts=time.time() - 30, worker="w1@h", heartbeat_interval=2),
+    }
+    canceled = []
+    worker = SimpleNamespace(
+        name="w2",
+        settings=Settings(worker_lost_timeout=10),
+        stopping=threading.Event(),
+        instance=SimpleNamespace(
+            get_run_by_id=lambda run_id: run(DagsterRunStatus.CANCELING),
+            report_run_canceled=lambda dagster_run, message: canceled.append(message),
+            report_engine_event=lambda *a, **k: None,
+        ),
+        store=SimpleNamespace(read=lambda handles: {RUN.handle: records[previous]} if records[previous] else {}),
+        acks=SimpleNamespace(delete=lambda delivery, pointer: None),
+        metrics=SimpleNamespace(step_dropped_duplicate=lambda queue: None),
+    )
+    request = Request(SimpleNamespace(queue="runs", message_id="m", receive_count=2), worker)
+    monkeypatch.setattr(request, "_open", lambda: RUN)
+    verdict = request.settle(request.admit())
+    assert verdict.outcome is Outcome.DONE and verdict.dropped is not None
+    assert len(canceled) == int(reported)
+    if previous is None:
+        assert canceled == ["Run canceled before a worker started it."]
+    elif reported:
+        assert canceled[0].startswith("Run canceled (") and "(lost)" in canceled[0]
