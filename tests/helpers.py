@@ -62,7 +62,7 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_ready(self, timeout: float = 60.0) -> WorkerProcess:
+    def wait_ready(self, timeout: float = 120.0) -> WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if " ready: " in self.log():
