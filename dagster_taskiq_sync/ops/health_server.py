@@ -16,10 +16,12 @@ Anyone who can reach the port is a client, so the server's cost is bounded whate
 One thread reads every connection without blocking (a ``selectors`` loop): a client has
 ``request_timeout`` seconds and :data:`MAX_REQUEST_BYTES` to send its request line and headers, and
 at most ``max_connections`` are open at once (a new one closes the connection that has waited
-longest). Only a complete request reaches one of :data:`ANSWER_THREADS` answer threads, which run
-the check or render the metrics and write the reply with the same timeout, so idle or trickling
-connections cost a socket each, never a thread, and a slow check holds only its own answer
-thread. HTTP/1.0: one request per connection.
+longest). Only a complete request reaches a thread, which runs the check or renders the metrics
+and writes the reply with the same timeout: probes (and every error answer) go to
+:data:`PROBE_THREADS` threads of their own, scrapes to :data:`ANSWER_THREADS` others, at most
+:data:`MAX_SCRAPES` at once (more get 503). A client that asks for ``/metrics`` and never reads
+the answer therefore holds a scrape thread for the timeout at most, never a probe's. Idle or
+trickling connections cost a socket each, never a thread. HTTP/1.0: one request per connection.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ Check = Callable[[], "tuple[bool, str]"]
 DEFAULT_HOST = "127.0.0.1"
 PATHS = ("/metrics", "/livez", "/readyz")
 MAX_REQUEST_BYTES = 8192  # request line and headers; a probe or a scrape sends a few hundred
-ANSWER_THREADS = 4
+ANSWER_THREADS = 4  # threads rendering /metrics
+PROBE_THREADS = 2  # threads answering /livez, /readyz and errors (each answer fits a socket buffer)
+MAX_SCRAPES = 16  # /metrics requests being answered or waiting for a thread; more get 503
 _TEXT = "text/plain; charset=utf-8"
 
 
@@ -96,11 +100,12 @@ class HealthServer:
         self._listener: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._answers: ThreadPoolExecutor | None = None
+        self._probes: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._wake_r: socket.socket | None = None  # wakes the loop for stop()
         self._wake_w: socket.socket | None = None
         self._pending: dict[socket.socket, _Pending] = {}
-        self._answering = 0  # connections handed to an answer thread (guarded by _lock)
+        self._scrapes = 0  # /metrics requests handed to a scrape thread (guarded by _lock)
         self._lock = threading.Lock()
 
     @property
@@ -126,7 +131,8 @@ class HealthServer:
         """Bind now (so a bad port or host fails worker start with one sentence), then serve."""
         self._listener = self._bind()
         self._wake_r, self._wake_w = socket.socketpair()
-        self._answers = ThreadPoolExecutor(ANSWER_THREADS, thread_name_prefix="health-answer")
+        self._answers = ThreadPoolExecutor(ANSWER_THREADS, thread_name_prefix="health-scrape")
+        self._probes = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="health-probe")
         self._thread = threading.Thread(target=self._serve, name="health-server", daemon=True)
         self._thread.start()
         log.info("metrics and health probes at %s (/metrics, /livez, /readyz)", self.url)
@@ -142,8 +148,9 @@ class HealthServer:
             self._wake_w.send(b"x")  # type: ignore[union-attr]
         thread.join(timeout)
         self._thread = None
-        if self._answers is not None:
-            self._answers.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._answers, self._probes):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> HealthServer:
         return self.start()
@@ -229,12 +236,7 @@ class HealthServer:
             except OSError as exc:  # EMFILE and friends: the connection waits in the backlog
                 log.warning("health server cannot accept a connection: %s", exc.strerror)
                 return
-            with self._lock:
-                full = len(self._pending) + self._answering >= self.max_connections
-            if full:
-                if not self._pending:  # every slot is being answered: this one waits its turn
-                    sock.close()
-                    continue
+            if len(self._pending) >= self.max_connections:  # the one that has waited longest goes
                 self._drop(selector, min(self._pending.values(), key=lambda p: p.deadline))
             sock.setblocking(False)
             peer = address[0] if isinstance(address, tuple) else str(address)
@@ -258,11 +260,19 @@ class HealthServer:
             return
         selector.unregister(sock)
         del self._pending[sock]
-        with self._lock:
-            self._answering += 1
         head = bytes(pending.data[:end]) if 0 <= end <= MAX_REQUEST_BYTES else None
-        assert self._answers is not None
-        self._answers.submit(self._answer, pending, head)
+        assert self._answers is not None and self._probes is not None
+        first_line = (head or b"").split(b"\r\n", 1)[0].split()
+        if len(first_line) == 3 and first_line[1].split(b"?", 1)[0] == b"/metrics":
+            with self._lock:
+                busy = self._scrapes >= MAX_SCRAPES
+                self._scrapes += not busy
+            if not busy:
+                self._answers.submit(self._answer, pending, head, scrape=True)
+                return
+            self._probes.submit(self._answer, pending, head, busy=True)
+            return
+        self._probes.submit(self._answer, pending, head)
 
     def _expire(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()
@@ -277,11 +287,19 @@ class HealthServer:
 
     # --- answering (answer threads) -------------------------------------------------------------
 
-    def _answer(self, pending: _Pending, head: bytes | None) -> None:
+    def _answer(self, pending: _Pending, head: bytes | None, scrape: bool = False, busy: bool = False) -> None:
         sock = pending.sock
         try:
             sock.settimeout(self.request_timeout)
-            status, body, content_type, send_body = self._respond(head)
+            if busy:
+                status, body, content_type, send_body = (
+                    503,
+                    f"{MAX_SCRAPES} scrapes in progress; retry\n".encode(),
+                    _TEXT,
+                    True,
+                )
+            else:
+                status, body, content_type, send_body = self._respond(head)
             reason = HTTPStatus(status).phrase
             headers = (
                 f"HTTP/1.0 {status} {reason}\r\nServer: dagster-taskiq-sync\r\nContent-Type: {content_type}\r\n"
@@ -295,8 +313,9 @@ class HealthServer:
             log.exception("health server failed to answer %s", pending.peer)
         finally:
             sock.close()
-            with self._lock:
-                self._answering -= 1
+            if scrape:
+                with self._lock:
+                    self._scrapes -= 1
 
     def _respond(self, head: bytes | None) -> tuple[int, bytes, str, bool]:
         """(status, body, content type, send the body) for one request head."""

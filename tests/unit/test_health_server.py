@@ -10,7 +10,13 @@ import urllib.request
 
 import pytest
 
-from dagster_taskiq_sync.ops.health_server import ANSWER_THREADS, MAX_REQUEST_BYTES, HealthServer
+from dagster_taskiq_sync.ops.health_server import (
+    ANSWER_THREADS,
+    MAX_REQUEST_BYTES,
+    MAX_SCRAPES,
+    PROBE_THREADS,
+    HealthServer,
+)
 
 
 class Metrics:
@@ -54,7 +60,7 @@ def test_idle_and_trickling_connections_cost_no_thread_and_the_probe_still_answe
             sock.sendall(b"GET /li")  # and never the rest
         # the probe is answered while 320 connections hang (32 may be open; the longest waiting go)
         assert livez(server) == 200
-        assert threading.active_count() <= threads_before + ANSWER_THREADS
+        assert threading.active_count() <= threads_before + ANSWER_THREADS + PROBE_THREADS
         # and each of them is closed by the server within its request timeout (1 s here)
         time.sleep(1.5)
         for sock in idle[-20:] + trickling:
@@ -86,7 +92,7 @@ def test_garbage_gets_a_status_and_a_sentence_and_the_server_keeps_serving(serve
     assert livez(server) == 200
 
 
-def test_a_client_that_does_not_read_its_answer_holds_one_answer_thread_for_the_timeout_at_most():
+def test_scrapers_that_never_read_do_not_delay_the_probe_and_extra_scrapes_get_503():
     class Big:
         def render(self, accept=None):
             return b"x" * 20_000_000, "text/plain"
@@ -95,13 +101,16 @@ def test_a_client_that_does_not_read_its_answer_holds_one_answer_thread_for_the_
         0, live=lambda: (True, "ok"), ready=lambda: (True, "ok"), metrics=Big(), request_timeout=1.0
     ) as srv:
         stuck = []
-        for _ in range(ANSWER_THREADS + 2):  # every answer thread blocked on a client that never reads
+        for _ in range(MAX_SCRAPES + 4):  # every scrape thread blocked on a client that never reads
             sock = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             stuck.append(sock)
         try:
-            assert livez(srv) == 200  # answered once the send timeouts (1 s) free the threads
+            # the probe has threads of its own: answered at once, not after the scrapes' timeouts
+            assert livez(srv) == 200
+            busy = raw(srv, b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert busy.startswith(b"HTTP/1.0 503") and b"scrapes in progress" in busy
         finally:
             for sock in stuck:
                 sock.close()
@@ -124,9 +133,10 @@ def test_the_readme_states_the_limits_the_server_has():
     import inspect
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = " ".join((Path(__file__).resolve().parents[2] / "README.md").read_text().split())
     defaults = inspect.signature(HealthServer.__init__).parameters
     timeout, cap = defaults["request_timeout"].default, defaults["max_connections"].default
     assert f"a client has {timeout:g} s and {MAX_REQUEST_BYTES // 1024} KiB to send its request" in readme
-    assert f"at most {cap}\nconnections are open" in readme or f"at most {cap} connections are open" in readme
-    assert f"reaches one of {ANSWER_THREADS} answer threads" in readme
+    assert f"at most {cap} connections are open" in readme
+    assert f"{PROBE_THREADS} probe threads" in readme and f"{ANSWER_THREADS} scrape threads" in readme
+    assert f"at most {MAX_SCRAPES} scrapes at once" in readme
