@@ -41,15 +41,30 @@ _SEEN_AT: dict[tuple[str, str], float] = {}
 _SENT_AT: dict[tuple[str, str], float] = {}
 
 
+class _StepMarks(logging.Handler):
+    """Keeps the sent_at / seen_at marks the package's sender and executor put on their DEBUG
+    records, and passes every other record at WARNING or above on to stderr as before."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        key = (getattr(record, "run_id", None), getattr(record, "step_key", None))
+        if hasattr(record, "sent_at"):
+            _SENT_AT[key] = record.sent_at
+        elif hasattr(record, "seen_at"):
+            _SEEN_AT.setdefault(key, record.seen_at)
+        elif record.levelno >= logging.WARNING:
+            sys.stderr.write(self.format(record) + "\n")
+
+
 def instrument_taskiq() -> None:
     """Note when the sender has each step on SQS and when the orchestrator reads each step's
-    result: the first and last links of a step's latency, which no event records. Uses the
-    package's observer hooks (no monkeypatching)."""
-    from dagster_taskiq_sync.orchestrator.executor import observe_results
-    from dagster_taskiq_sync.orchestrator.sender import observe_sends
-
-    observe_sends(lambda item, at: _SENT_AT.__setitem__((item.run_id, item.step_key), at))
-    observe_results(lambda run_id, step_key, at: _SEEN_AT.setdefault((run_id, step_key), at))
+    result: the first and last links of a step's latency, which no event records. Both are DEBUG
+    records of the package's own loggers (no hooks, no monkeypatching)."""
+    handler = _StepMarks()
+    for name in ("dagster_taskiq_sync.sender", "dagster_taskiq_sync.executor"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(handler)
+        logger.propagate = False  # the DEBUG records stay here; the handler prints warnings itself
 
 
 def step_segments(instance, run_id: str, payload_bytes: list[int] | None = None) -> dict[str, list[float]]:

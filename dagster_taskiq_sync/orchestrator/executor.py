@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from dagster import DagsterRunStatus, executor, multiple_process_executor_requirements
@@ -49,14 +48,6 @@ from dagster_taskiq_sync.wire.settings import Settings
 
 log = logging.getLogger("dagster_taskiq_sync.executor")
 STATUS_CHECK_INTERVAL = 0.5  # seconds between run-status reads while steps are in flight
-
-_result_observers: list[Callable[[str, str, float], None]] = []
-
-
-def observe_results(callback: Callable[[str, str, float], None]) -> None:
-    """Call ``callback(run_id, step_key, wall_time)`` when the orchestrator reads a step's
-    success or failure from the event log (``bin/bench`` measures that link with it)."""
-    _result_observers.append(callback)
 
 
 def literal_secrets(run_config: Any) -> list[str]:
@@ -220,9 +211,14 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         for event in events:
             if event.is_step_success or event.is_step_failure or event.is_step_up_for_retry:
                 self._taskiq_handler.step_finished(event.step_key)
-                if _result_observers and not event.is_step_up_for_retry:
-                    for observer in _result_observers:
-                        observer(run_id, event.step_key, now)
+                if not event.is_step_up_for_retry and log.isEnabledFor(logging.DEBUG):
+                    # bin/bench reads seen_at: when the orchestrator learned of the step's end.
+                    log.debug(
+                        "run %s: read the result of step %s",
+                        run_id,
+                        event.step_key,
+                        extra={"run_id": run_id, "step_key": event.step_key, "seen_at": now},
+                    )
         return events
 
     def execute(self, plan_context, execution_plan):  # Dagster's signature

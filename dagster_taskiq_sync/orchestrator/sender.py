@@ -11,8 +11,9 @@ after the sends. A send that still fails after ``broker_outage_timeout`` is rais
 :meth:`StepSender.raise_errors`, which the executor calls on every loop iteration: the run fails
 as it would have had the send been inline.
 
-:func:`observe_sends` registers a process-wide callback told when each step is on its queue
-(``bin/bench`` measures the orchestrator's share of a step's latency with it).
+At DEBUG, the ``dagster_taskiq_sync.sender`` logger records each step once it is on its queue, with
+``run_id``, ``step_key``, ``queue`` and ``sent_at`` (wall time) on the record (``bin/bench`` reads
+them to measure the orchestrator's share of a step's latency); off, that costs one level check.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +35,6 @@ SEND_CONCURRENCY = 4  # batches in flight at once when many steps become ready t
 # Announced steps that have not arrived after this long are not waited for any more (a launch
 # that raised): what is pending goes out.
 EXPECT_TIMEOUT = 0.25
-
-_observers: list[Callable[[PendingSend, float], None]] = []
-
-
-def observe_sends(callback: Callable[[PendingSend, float], None]) -> None:
-    """Call ``callback(item, wall_time)`` in the sender thread once each step is on its queue."""
-    _observers.append(callback)
 
 
 @dataclass(frozen=True)
@@ -195,8 +188,15 @@ class StepSender:
                 self.sent_task_ids.append(item.task_id)
                 if result.offloaded_to:
                     self._offloaded.append((item, result.offloaded_to))
-            for observer in _observers:
-                observer(item, now)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "step %s (attempt %d) of run %s is on queue %s",
+                    item.step_key,
+                    item.attempt,
+                    item.run_id,
+                    item.queue,
+                    extra={"run_id": item.run_id, "step_key": item.step_key, "queue": item.queue, "sent_at": now},
+                )
         return sent
 
     def _fail(self, items: list[PendingSend], exc: TaskiqSyncError) -> None:
