@@ -9,7 +9,7 @@ dead-letter queue. Database errors are classified by ``db_retry.is_transient_db_
 from __future__ import annotations
 
 from dagster_taskiq_sync.errors import BrokerError, EndpointUnreachableError
-from dagster_taskiq_sync.storage.db_retry import is_transient_db_error
+from dagster_taskiq_sync.storage.db_errors import is_transient_db_error
 
 # AWS error codes of SQS and S3 that mean "busy or briefly down, ask again" (exact codes, never
 # parts of the message: its text can hold an S3 key or a name an attacker chose)

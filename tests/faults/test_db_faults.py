@@ -23,12 +23,8 @@ from dagster._core.events import DagsterEvent, StepMaterializationData
 from dagster._core.test_utils import create_run_for_test
 
 from dagster_taskiq_sync._dagster.event_writes import finish_stored_event
-from dagster_taskiq_sync.storage.db_retry import (
-    describe_db_error,
-    install_event_write_retry,
-    is_transient_db_error,
-    retry_transient,
-)
+from dagster_taskiq_sync.storage.db_errors import describe_db_error, is_transient_db_error
+from dagster_taskiq_sync.storage.db_retry import install_event_write_retry, retry_transient
 from dagster_taskiq_sync.storage.instance import InstanceOptions, pooled
 
 RETRY_LOG = "dagster_taskiq_sync.db_retry"
