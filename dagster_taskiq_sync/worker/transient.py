@@ -3,7 +3,7 @@
 A worker handling a message talks to the Dagster instance's database, S3 and SQS. When one of
 them is briefly unavailable the message is still good: it must be retried with backoff, and must
 never count toward the queue's dead-letter policy. Only a message that can never run goes to the
-dead-letter queue. Database errors are classified by ``db_retry.is_transient_db_error``.
+dead-letter queue. Database errors are classified by ``db_errors.is_transient_db_error``.
 """
 
 from __future__ import annotations
