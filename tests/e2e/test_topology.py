@@ -265,9 +265,14 @@ def test_run_submitted_through_graphql_succeeds_on_both_workers_with_outputs_and
         for r in events(instance, run_id, DagsterEventType.LOGS_CAPTURED)
     }
     assert sorted(k for keys in captured.values() for k in keys) == sorted(steps)
-    logs = s3_keys(topology.endpoint, f"{LOG_PREFIX}/storage/{run_id}/compute_logs/")
-    for file_key in captured:
-        assert {f"{LOG_PREFIX}/storage/{run_id}/compute_logs/{file_key}.{ext}" for ext in ("out", "err")} <= logs
+    # S3ComputeLogManager uploads a step's files as its capture ends, which can come after the
+    # step's success event (a loaded run saw the last .err land after the run's SUCCESS).
+    wanted = {f"{LOG_PREFIX}/storage/{run_id}/compute_logs/{key}.{ext}" for key in captured for ext in ("out", "err")}
+    wait_for(
+        lambda: wanted <= s3_keys(topology.endpoint, f"{LOG_PREFIX}/storage/{run_id}/compute_logs/"),
+        timeout=30,
+        what=f"every step's compute logs in S3: {sorted(wanted)}",
+    )
     # and the webserver (no file of the workers) shows them from there.
     [part_1] = [key for key, keys in captured.items() if keys == ["part_1"]]
     shown = gql.captured_logs([run_id, "compute_logs", part_1])
