@@ -101,8 +101,46 @@ def launcher_instance(launcher_home):
         yield instance
 
 
+class SharedRunner:
+    """The module's run worker (queue runs) for the tests that do not kill it: started once, and
+    stopped before a test starts run workers of its own, so that those are the only ones on the
+    queue."""
+
+    def __init__(self, launcher_home: Path, log_dir: Path) -> None:
+        self.home, self.log_dir, self.worker = launcher_home, log_dir, None
+
+    def get(self) -> WorkerProcess:
+        if self.worker is None:
+            self.worker = WorkerProcess(
+                self.home / "runs.yaml",
+                "runner",
+                self.log_dir,
+                ["-q", "runs", "-c", "2", "--heartbeat-interval", "0.5"],
+                env=os.environ | {"DAGSTER_HOME": str(self.home)},
+            ).wait_ready()
+        return self.worker
+
+    def stop(self) -> None:
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            assert worker.stop() == 0, worker.log()
+
+
+@pytest.fixture(scope="module")
+def shared_runner(launcher_home, tmp_path_factory):
+    shared = SharedRunner(launcher_home, tmp_path_factory.mktemp("runner"))
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture
-def run_worker(launcher_home, tmp_path):
+def runner(shared_runner) -> WorkerProcess:
+    return shared_runner.get()
+
+
+@pytest.fixture
+def run_worker(launcher_home, tmp_path, shared_runner):
+    shared_runner.stop()  # the test's own run workers are the only ones on queue runs
     started = []
 
     def start(name: str) -> WorkerProcess:
@@ -173,8 +211,8 @@ def messages(instance, run_id) -> str:
 
 
 @pytest.mark.compat
-def test_launched_run_succeeds_on_a_worker(launcher_home, launcher_instance, run_worker):
-    worker = run_worker("runner")
+def test_launched_run_succeeds_on_a_worker(launcher_home, launcher_instance, runner):
+    worker = runner
     run_id = launch(launcher_home, launcher_instance, "launched_ok")
     run = wait_finished(launcher_instance, run_id)
 
@@ -192,8 +230,7 @@ def test_launched_run_succeeds_on_a_worker(launcher_home, launcher_instance, run
     assert run.tags[TASK_ID_TAG]
 
 
-def test_launched_run_that_raises_fails_with_the_error(launcher_home, launcher_instance, run_worker):
-    run_worker("runner")
+def test_launched_run_that_raises_fails_with_the_error(launcher_home, launcher_instance, runner):
     run_id = launch(launcher_home, launcher_instance, "launched_raises")
     run = wait_finished(launcher_instance, run_id)
     assert run.status == DagsterRunStatus.FAILURE
@@ -206,8 +243,7 @@ def test_launched_run_that_raises_fails_with_the_error(launcher_home, launcher_i
 
 
 @pytest.mark.slow
-def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, launcher_instance, run_worker):
-    run_worker("runner")
+def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, launcher_instance, runner):
     run_id = launch(launcher_home, launcher_instance, "launched_exits_hard")
     launcher = launcher_instance.run_launcher
     wait_for(
@@ -223,10 +259,8 @@ def test_run_process_exiting_hard_is_failed_by_run_monitoring(launcher_home, lau
     assert "exit code 3" in messages(launcher_instance, run_id)
 
 
-def test_terminate_stops_the_run_process_and_the_run_ends_canceled(
-    launcher_home, launcher_instance, run_worker, tmp_path
-):
-    worker = run_worker("runner")
+def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home, launcher_instance, runner, tmp_path):
+    worker = runner
     markers = tmp_path / "m"
     markers.mkdir()
     run_id = launch(
@@ -254,10 +288,9 @@ def test_terminate_stops_the_run_process_and_the_run_ends_canceled(
 @pytest.mark.slow
 @pytest.mark.compat
 def test_run_with_taskiq_executor_fans_its_steps_out_to_workers(
-    launcher_home, launcher_instance, run_worker, step_worker, executor_config
+    launcher_home, launcher_instance, runner, step_worker, executor_config
 ):
     # The launched run orchestrates; its steps go to queue `launched-steps`, served by another worker.
-    run_worker("runner")
     run_id = launch(
         launcher_home, launcher_instance, "diamond", {"execution": {"config": steps_config(executor_config)}}
     )
