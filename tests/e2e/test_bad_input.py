@@ -96,6 +96,8 @@ def run_cli(*args, timeout=30):
 
 
 def test_worker_with_missing_queue_exits_with_one_sentence(endpoint, queues_created, tmp_path):
+    # The real console script's error path; the flag and config-file checks are unit tests
+    # (tests/unit/test_cli_validation.py, click's runner).
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({"execution": {"config": {"broker": endpoint.broker_url}}}))
     out, elapsed = run_cli("worker", "start", "-y", config, "-q", "nobody-made-this")
@@ -103,45 +105,3 @@ def test_worker_with_missing_queue_exits_with_one_sentence(endpoint, queues_crea
     assert "SQS queue 'nobody-made-this' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert elapsed < 20
-
-
-@pytest.mark.parametrize(
-    "content, expected",
-    [
-        ("execution: [1, 2", "is not valid YAML"),
-        ("execution:\n  config:\n    broker: 'amqp://x'\n", "scheme 'amqp://'"),
-        ("execution:\n  config:\n    brokr: 'sqs://'\n", "the execution config is invalid"),
-        (
-            "execution:\n  config:\n    config_source:\n      worker_prefetch_multiplier: lots\n",
-            "worker_prefetch_multiplier must be a whole number",
-        ),
-        (
-            "execution:\n  config:\n    config_source:\n      worker_max_tasks_per_child: 0\n",
-            "worker_max_tasks_per_child",
-        ),
-        (
-            "execution:\n  config:\n    config_source:\n      worker_max_memory_per_child: lots\n",
-            "worker_max_memory_per_child must be a whole number",
-        ),
-    ],
-)
-def test_worker_rejects_bad_config_yaml(tmp_path, content, expected):
-    config = tmp_path / "cfg.yaml"
-    config.write_text(content)
-    out, _ = run_cli("worker", "start", "-y", config)
-    assert out.returncode == 1
-    assert expected in out.stderr
-    assert "Traceback" not in out.stderr
-
-
-def test_worker_rejects_missing_config_file_and_bad_flags(tmp_path):
-    out, _ = run_cli("worker", "start", "-y", tmp_path / "nope.yaml")
-    assert out.returncode == 1 and "cannot be read" in out.stderr
-    out, _ = run_cli("worker", "start", "-c", "0")
-    assert out.returncode == 2 and "--concurrency" in out.stderr
-    out, _ = run_cli("worker", "start", "--max-tasks-per-child", "0")
-    assert out.returncode == 2 and "--max-tasks-per-child" in out.stderr
-    out, _ = run_cli("worker", "start", "--", "--max-memory-per-child", "lots")
-    assert out.returncode == 2 and "--max-memory-per-child 'lots' after '--' must be a whole number" in out.stderr
-    out, _ = run_cli("worker", "start", "-i", "no_such_module_xyz")
-    assert out.returncode == 1 and "'no_such_module_xyz' cannot be imported" in out.stderr

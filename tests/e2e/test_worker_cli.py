@@ -218,12 +218,6 @@ def test_worker_list_and_terminate_work_on_sqs(run_config_file, queues_created, 
                 worker.stop()
 
 
-def test_worker_list_without_dagster_home_says_what_to_set(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
-    out = subprocess.run([CLI, "worker", "list"], capture_output=True, text=True, timeout=60, env=env)
-    assert out.returncode == 1 and "set DAGSTER_HOME" in out.stderr
-
-
 def test_background_worker_runs_detached_and_logs_to_its_file(run_config_file, queues_created, tmp_path):
     log = tmp_path / "bg.log"
     out = subprocess.run(

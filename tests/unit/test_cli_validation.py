@@ -1,0 +1,100 @@
+"""The command line's validation paths, through click's runner in this process: a bad flag or a
+bad config file ends the command with one sentence (exit 2 for a flag click refuses, 1 for a
+setting) before anything starts. No worker may start here: ``Worker.run_until_stopped`` fails the
+test if a case gets that far. The real console script is smoke-tested in tests/e2e/test_bad_input.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from click.testing import CliRunner
+
+from dagster_taskiq_sync import cli
+from dagster_taskiq_sync.worker.worker import Worker
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    def must_not_start(self, *args, **kwargs):
+        raise AssertionError("the worker started: this input should have been refused first")
+
+    monkeypatch.setattr(Worker, "run_until_stopped", must_not_start)
+    # `worker start` sets library loggers' levels; keep this process's as they were.
+    saved = {name: logging.getLogger(name).level for name in (*cli.QUIET_LOGGERS, "")}
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
+    except TypeError:
+        runner = CliRunner()  # click >= 8.2 always keeps them apart
+
+    def run(*args, env=None):
+        result = runner.invoke(cli.main, [str(a) for a in args], env=env, catch_exceptions=False)
+        return result.exit_code, result.stderr
+
+    yield run
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("execution: [1, 2", "is not valid YAML"),
+        ("execution:\n  config:\n    broker: 'amqp://x'\n", "scheme 'amqp://'"),
+        ("execution:\n  config:\n    brokr: 'sqs://'\n", "the execution config is invalid"),
+        (
+            "execution:\n  config:\n    config_source:\n      worker_prefetch_multiplier: lots\n",
+            "worker_prefetch_multiplier must be a whole number",
+        ),
+        (
+            "execution:\n  config:\n    config_source:\n      worker_max_tasks_per_child: 0\n",
+            "worker_max_tasks_per_child",
+        ),
+        (
+            "execution:\n  config:\n    config_source:\n      worker_max_memory_per_child: lots\n",
+            "worker_max_memory_per_child must be a whole number",
+        ),
+    ],
+)
+def test_worker_start_refuses_a_bad_config_yaml_in_one_sentence(run_cli, tmp_path, content, expected):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(content)
+    code, stderr = run_cli("worker", "start", "-y", config)
+    assert code == 1
+    assert expected in one_error_line(stderr)
+
+
+@pytest.mark.parametrize(
+    "args, code, expected",
+    [
+        (["-y", "{tmp}/nope.yaml"], 1, "cannot be read"),
+        (["-c", "0"], 2, "--concurrency"),
+        (["--max-tasks-per-child", "0"], 2, "--max-tasks-per-child"),
+        (
+            ["--", "--max-memory-per-child", "lots"],
+            2,
+            "--max-memory-per-child 'lots' after '--' must be a whole number",
+        ),
+        (["--", "--autoscale", "4,2"], 2, "--autoscale"),
+        (["-i", "no_such_module_xyz"], 1, "'no_such_module_xyz' cannot be imported"),
+        (["--metrics-port", "-1"], 2, "--metrics-port"),
+    ],
+    ids=["missing-file", "concurrency-0", "max-tasks-0", "celery-memory-garbage", "celery-unknown", "include", "port"],
+)
+def test_worker_start_refuses_bad_flags_in_one_sentence(run_cli, tmp_path, args, code, expected):
+    got, stderr = run_cli("worker", "start", *(a.format(tmp=tmp_path) for a in args))
+    assert got == code, stderr
+    assert expected in one_error_line(stderr)
+
+
+def test_worker_list_without_dagster_home_says_what_to_set(run_cli):
+    code, stderr = run_cli("worker", "list", env={"DAGSTER_HOME": None})
+    assert code == 1 and "set DAGSTER_HOME" in one_error_line(stderr)
