@@ -84,7 +84,7 @@ def executor_config(endpoint) -> dict:
     """A dagster-celery style executor block pointing at the local endpoint."""
     return {
         "broker": endpoint.broker_url,
-        "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 5}},
+        "config_source": {"broker_transport_options": {"region": "us-east-1", "wait_time_seconds": 1}},
     }
 
 

@@ -160,9 +160,10 @@ def test_idle_worker_stops_promptly_on_sigint(run_config_file, queues_created, t
     started = time.monotonic()
     worker.proc.send_signal(2)
     assert worker.proc.wait(20) == 0
-    # Its last long poll (5 s here) is allowed to return, so nothing it might take is hidden for a
-    # visibility timeout: an idle worker stops within one long poll, not within shutdown-timeout.
-    assert time.monotonic() - started < 5 + 5
+    # Its last long poll (1 s here) is allowed to return, so nothing it might take is hidden for a
+    # visibility timeout: an idle worker stops within one long poll (plus a margin for a loaded
+    # machine), not within --shutdown-timeout (60 s).
+    assert time.monotonic() - started < 1 + 10
     log = worker.log()
     assert "stopped after running 0 step(s)" in log
     assert " botocore" not in log and " aiobotocore" not in log and "Authorization" not in log
