@@ -1,5 +1,6 @@
 """Dagster behaviour a step child installs: thread-based compute log mirroring, cached
-execution plans, and the worker details in Dagster's STEP_WORKER_STARTED event."""
+execution plans, the worker details in Dagster's STEP_WORKER_STARTED event, and the soft time
+limit as Dagster's own interrupt."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import contextlib
 import contextvars
 import json
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 from dagster._cli import api as _cli_api
 from dagster._core.definitions.reconstruct import ReconstructableJob
+from dagster._core.errors import DagsterExecutionInterruptedError
 from dagster._core.events import DagsterEvent
 from dagster._core.execution import compute_logs as _compute_logs
 from dagster._core.execution.plan.plan import ExecutionPlan
@@ -21,6 +24,7 @@ from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.plan.step import ExecutionStep
 from dagster._core.execution.retries import RetryMode
 from dagster._core.system_config.objects import ResolvedRunConfig
+from dagster._utils.interrupts import pop_captured_interrupt
 
 # --- compute log mirroring in step children -------------------------------------------------------
 # Dagster's local compute log manager captures a step's stdout/stderr into files and mirrors them
@@ -193,3 +197,57 @@ def _step_worker_started(log_manager, job_name, message, metadata, step_key):
 def install_step_worker_details() -> None:
     """Install the richer STEP_WORKER_STARTED event in this process (step children only)."""
     DagsterEvent.step_worker_started = staticmethod(_step_worker_started)  # type: ignore[method-assign]  # no hook
+
+
+# --- soft time limits -------------------------------------------------------------------------------
+# Celery's soft time limit: billiard sends the pool process SIGUSR1 and the task gets
+# SoftTimeLimitExceeded. Here the worker sends the step child that signal, and the op gets Dagster's
+# own interrupt: the handler calls whatever SIGINT handler Dagster has installed at that moment.
+# Inside an op (or an IO manager) Dagster's handler raises DagsterExecutionInterruptedError, which
+# the op may clean up after, and which Dagster turns into the step's failure, or a retry under its
+# RetryPolicy; the handler raises it as SoftTimeLimitExceeded (a subclass, so Dagster handles it the
+# same), carrying the sentence that names the limit. Between Dagster's interrupt checkpoints its
+# handler only records the interrupt, and before Dagster runs the step (the job still loading) there
+# is nothing to interrupt yet: the child takes it back and tries again a moment later, so the
+# interrupt lands in the op and says why.
+
+SOFT_LIMIT_RETRY_SECONDS = 0.1
+_armed: dict[str, str | None] = {"sentence": None}  # set while a step with a soft limit runs
+
+
+class SoftTimeLimitExceeded(DagsterExecutionInterruptedError):
+    """The step ran past its soft time limit (Celery's name); an interrupt to Dagster."""
+
+
+def _on_soft_limit(signum: int, frame: Any) -> None:
+    sentence = _armed["sentence"]
+    if sentence is None:
+        return  # a late signal: no step with a soft limit runs here now
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        if callable(handler):
+            handler(signal.SIGINT, frame)
+    except DagsterExecutionInterruptedError:
+        _armed["sentence"] = None
+        raise SoftTimeLimitExceeded(sentence) from None
+    except KeyboardInterrupt:  # Python's own handler: Dagster is not running the step yet
+        pass
+    pop_captured_interrupt()  # Dagster only recorded it: raise it ourselves at the next try
+    retry = threading.Timer(SOFT_LIMIT_RETRY_SECONDS, os.kill, (os.getpid(), signum))
+    retry.daemon = True
+    retry.start()
+
+
+def install_soft_time_limit(signum: int) -> None:
+    """Take ``signum`` as the worker's "soft time limit reached" in this process (step children only)."""
+    signal.signal(signum, _on_soft_limit)
+
+
+@contextlib.contextmanager
+def soft_time_limit(sentence: str | None) -> Iterator[None]:
+    """While this block runs a step, the soft-limit signal interrupts it with ``sentence``."""
+    _armed["sentence"] = sentence
+    try:
+        yield
+    finally:
+        _armed["sentence"] = None

@@ -18,6 +18,7 @@ from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.wire.aws import check_role_arn, check_token_seconds
 from dagster_taskiq_sync.wire.messages import Keyring
 from dagster_taskiq_sync.wire.settings import DEFAULT_QUEUE, Settings, SQSSettings, redact_url
+from dagster_taskiq_sync.wire.time_limits import HARD_TAG, SOFT_TAG, check_run_limits
 
 SUPPORTED_BROKERS = (
     "'sqs://' (AWS defaults), 'sqs://host:port' (an endpoint such as a local one) or 'sqs://key:secret@host:port'"
@@ -313,7 +314,7 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     ),
     "task_time_limit": (
         MAPPED,
-        "Seconds after which a running step's process is killed.",
+        f"Hard limit: seconds after which a running step's process is killed; op tag `{HARD_TAG}` overrides it.",
         _set("task_time_limit", _positive),
     ),
     "task_acks_late": (
@@ -348,7 +349,13 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     "result_serializer": (NO_EFFECT, "Results go through the Dagster event log.", None),
     "accept_content": (NO_EFFECT, "Messages are always JSON.", None),
     "result_expires": (NO_EFFECT, "Results go through the Dagster event log.", None),
-    "task_soft_time_limit": (NO_EFFECT, "Only the hard task_time_limit is enforced.", None),
+    "task_soft_time_limit": (
+        MAPPED,
+        "Soft limit: seconds after which a running step is interrupted (the op gets Dagster's "
+        f"DagsterExecutionInterruptedError and may clean up); must be below task_time_limit; op tag `{SOFT_TAG}` "
+        "overrides it.",
+        _set("task_soft_time_limit", _positive),
+    ),
     "worker_max_tasks_per_child": (
         MAPPED,
         "Steps a step child runs before it is replaced by a fresh one (default: no limit, as Celery).",
@@ -452,6 +459,7 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     )
     settings = Settings(sqs=sqs, include=tuple(config.get("include") or ()))
     settings = _apply_table(settings, config_source, "execution.config.config_source", CONFIG_SOURCE_TABLE)
+    check_run_limits(settings.task_time_limit, settings.task_soft_time_limit, "execution.config.config_source")
     for key, convert in NATIVE_KEYS.items():
         if config.get(key) is not None:
             settings = replace(settings, **{key: convert(config[key], f"execution.config.{key}")})

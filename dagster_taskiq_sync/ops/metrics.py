@@ -37,6 +37,8 @@ SEND_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 
 # Why a worker moved a message that can never run to the dead-letter queue.
 DEAD_LETTER_REASONS = ("malformed", "signature", "unknown_run", "cannot_run", "other")
+# Which of a step's time limits stopped it (wire/time_limits.py).
+TIME_LIMIT_KINDS = ("soft", "hard")
 # Why a step child was replaced by a fresh one.
 RECYCLE_REASONS = ("max_tasks_per_child", "max_memory_per_child", "unusable", "other")
 
@@ -78,7 +80,14 @@ WORKER_METRICS = (
         "worker_steps_killed",
         "counter",
         _QUEUE,
-        "Steps killed by the worker (cancel request, run over, task_time_limit, shutdown deadline).",
+        "Steps killed by the worker (cancel request, run over, hard time limit, shutdown deadline).",
+    ),
+    MetricSpec(
+        "worker_steps_time_limited",
+        "counter",
+        ("queue", "limit"),
+        "Steps stopped by a time limit: limit=soft (interrupted; the op may clean up), limit=hard (killed); "
+        "from an op tag dagster-taskiq/(soft_)time_limit or task_(soft_)time_limit.",
     ),
     MetricSpec(
         "worker_steps_dropped_duplicate",
@@ -232,7 +241,10 @@ class NullMetrics:
         """A step process ended with a non-zero exit code, or without reporting a result."""
 
     def step_killed(self, queue: str, job: str, seconds: float) -> None:
-        """The worker killed a step (cancel, run over, task_time_limit, shutdown deadline)."""
+        """The worker killed a step (cancel, run over, hard time limit, shutdown deadline)."""
+
+    def step_time_limited(self, queue: str, limit: str) -> None:
+        """A step's time limit fired; ``limit`` is one of :data:`TIME_LIMIT_KINDS`."""
 
     def step_dropped_duplicate(self, queue: str) -> None:
         """A message for an attempt that already started or ran was dropped without running it."""
@@ -292,6 +304,9 @@ class WorkerMetrics(NullMetrics):
 
     def step_killed(self, queue: str, job: str, seconds: float) -> None:
         self._ended("worker_steps_killed", queue, job, seconds)
+
+    def step_time_limited(self, queue: str, limit: str) -> None:
+        self._m["worker_steps_time_limited"].labels(queue, _bounded(limit, TIME_LIMIT_KINDS)).inc()
 
     def step_dropped_duplicate(self, queue: str) -> None:
         self._m["worker_steps_dropped_duplicate"].labels(queue).inc()

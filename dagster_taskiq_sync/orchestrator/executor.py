@@ -45,6 +45,7 @@ from dagster_taskiq_sync.wire.messages import (
     queue_for_tags,
 )
 from dagster_taskiq_sync.wire.settings import Settings
+from dagster_taskiq_sync.wire.time_limits import limits_for_step
 
 log = logging.getLogger("dagster_taskiq_sync.executor")
 STATUS_CHECK_INTERVAL = 0.5  # seconds between run-status reads while steps are in flight
@@ -254,6 +255,7 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             try:
                 if self._config_error is not None:
                     raise self._config_error
+                self._check_time_limits(execution_plan)  # before anything is sent
                 stack.enter_context(
                     self._taskiq_handler.connected(plan_context.instance, plan_context.run_id, sorted(queues))
                 )
@@ -272,6 +274,16 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                 run_interrupted.reset(interrupt_token)
                 step_launch_policy.reset(policy_token)
                 self._taskiq_handler.finish(plan_context.instance, plan_context.run_id)
+
+    def _check_time_limits(self, execution_plan: Any) -> None:
+        """Every step's time-limit tags, read now: a bad one fails the run naming the tag and the op."""
+        for step in execution_plan.steps:
+            limits_for_step(
+                str(step.node_handle),
+                step.tags or {},
+                self.settings.task_time_limit,
+                self.settings.task_soft_time_limit,
+            )
 
     def _warn_on_priorities(self, plan_context: Any, execution_plan: Any, run_priority: int) -> None:
         with_celery = [s.key for s in execution_plan.steps if any(t in s.tags for t in STEP_PRIORITY_TAGS)]

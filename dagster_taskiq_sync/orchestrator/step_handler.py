@@ -44,6 +44,7 @@ from dagster_taskiq_sync.wire.messages import (
     queue_for_tags,
 )
 from dagster_taskiq_sync.wire.settings import Settings
+from dagster_taskiq_sync.wire.time_limits import limits_for_step
 
 log = logging.getLogger("dagster_taskiq_sync.executor")
 # A step process that exited is given this long for its last events to be read before the
@@ -177,9 +178,11 @@ class TaskiqStepHandler(StepHandler):
         step_key, attempt, task_id, queue = self._identity(step_handler_context)
         self._in_flight[step_key] = task_id
         sqs_queue = self.settings.sqs.queue_name(queue)
-        message = StepMessage(args.run_id, step_key, attempt, serialize_value(args.known_state))
-        body = encode(message, sqs_queue)
         tags = step_handler_context.step_tags[step_key]
+        # Every step's tags were checked when the run started (TaskiqExecutor._check_time_limits).
+        limits = limits_for_step(step_key, tags, self.settings.task_time_limit, self.settings.task_soft_time_limit)
+        message = StepMessage(args.run_id, step_key, attempt, serialize_value(args.known_state), limits)
+        body = encode(message, sqs_queue)
         sender.put(
             PendingSend(
                 run_id=args.run_id,

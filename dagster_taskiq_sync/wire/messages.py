@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Union
 
+from dagster_taskiq_sync.wire.time_limits import HARD_FIELD, SOFT_FIELD, StepLimits
+
 MESSAGE_VERSION = 2
 
 # dagster-celery's tags, so existing ops keep routing; the taskiq alias wins when both are set.
@@ -115,6 +117,7 @@ class StepMessage:
     step_key: str
     attempt: int
     known_state: str  # Dagster-serialized KnownExecutionState
+    limits: StepLimits = field(default_factory=StepLimits)  # from the op's tags and the run's config (time_limits.py)
 
     kind = TaskKind.STEP
 
@@ -133,6 +136,7 @@ class StepMessage:
             "step_key": self.step_key,
             "attempt": self.attempt,
             "known_state": self.known_state,
+            **self.limits.to_kwargs(),  # only when set: a message without limits reads as before
         }
 
 
@@ -239,7 +243,7 @@ def _text(kwargs: Mapping[str, Any], name: str, pattern: re.Pattern[str]) -> str
 
 
 def _step(kwargs: Mapping[str, Any]) -> StepMessage:
-    _expect_keys(kwargs, {"version", "run_id", "step_key", "attempt", "known_state"})
+    _expect_keys(kwargs, {"version", "run_id", "step_key", "attempt", "known_state", HARD_FIELD, SOFT_FIELD})
     run_id = _text(kwargs, "run_id", _RUN_ID)
     step_key = _text(kwargs, "step_key", _STEP_KEY)
     attempt = kwargs.get("attempt")
@@ -249,7 +253,11 @@ def _step(kwargs: Mapping[str, Any]) -> StepMessage:
     if not isinstance(known_state, str):
         raise MalformedMessage("the message's known_state is missing")
     _check_known_state(known_state, step_key, attempt)
-    return StepMessage(run_id, step_key, attempt, known_state)
+    try:
+        limits = StepLimits.from_kwargs(kwargs)
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from None
+    return StepMessage(run_id, step_key, attempt, known_state, limits)
 
 
 def _check_known_state(text: str, step_key: str, attempt: int) -> None:

@@ -102,6 +102,7 @@ class Settings:
     prefetch_multiplier: int = 1  # worker_prefetch_multiplier (dagster-celery's default)
     worker_concurrency: int | None = None  # worker_concurrency; -c wins
     task_time_limit: float | None = None  # hard kill of a step after this many seconds
+    task_soft_time_limit: float | None = None  # interrupt a step (the op may clean up) after this many seconds
     max_tasks_per_child: int | None = None  # worker_max_tasks_per_child: recycle a step child after N steps
     max_memory_per_child: int | None = None  # worker_max_memory_per_child (KiB): recycle above this RSS
     default_priority: int = 5  # task_default_priority: a step's priority without a priority tag

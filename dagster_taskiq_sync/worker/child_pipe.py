@@ -11,12 +11,15 @@ the pipe (a reply to another step, a longer message, bytes that do not parse) is
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import asdict, dataclass
 from enum import Enum
 
 from dagster_taskiq_sync.storage.run_report import PICKED_UP_KEY
 
 REPLY_MAX_BYTES = 512  # a StepDone is ~80 bytes; recv_bytes refuses (and breaks the pipe on) longer
+# The worker's "soft time limit" signal to a step child: billiard's (Celery's prefork pool) choice.
+SOFT_LIMIT_SIGNAL = signal.SIGUSR1
 
 
 class CannotRunReason(Enum):
@@ -74,6 +77,7 @@ class StepTask:
     attempt: int
     known_state: str
     pickup: Pickup
+    soft_limit: str | None = None  # what the op's interrupt says if the soft time limit fires
 
 
 # --- worker -> step child ----------------------------------------------------------------------

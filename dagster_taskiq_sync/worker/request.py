@@ -43,6 +43,7 @@ from dagster_taskiq_sync.wire.messages import (
     decode_pointer,
     queue_label,
 )
+from dagster_taskiq_sync.wire.time_limits import HARD, SOFT, StepLimits
 from dagster_taskiq_sync.worker.admission import DROP_RULES, Drop, Outcome, Verdict, ran_to_its_end
 from dagster_taskiq_sync.worker.child_pipe import Pickup, StepTask
 from dagster_taskiq_sync.worker.context import WorkerContext
@@ -73,6 +74,8 @@ class Request:
         self.child: ChildHandle | None = None
         self.record: StepRecord | None = None
         self.kill_reason: str | None = None
+        self.limits = StepLimits()  # the step's time limits: its message's, else the worker's config
+        self._soft_sent = False
         self._interrupted_at: float | None = None
         self._started = 0.0
         self._unreadable = "malformed"  # or "signature": why it could not be opened, for metrics
@@ -266,8 +269,18 @@ class Request:
         assert message is not None
         self._started = worker.clock()
         if isinstance(message, StepMessage):
+            settings = worker.settings
+            self.limits = message.limits.with_defaults(settings.task_time_limit, settings.task_soft_time_limit)
+            soft = self.limits.soft
             self.child = worker.runner.start_step(
-                StepTask(message.run_id, message.step_key, message.attempt, message.known_state, self._pickup())
+                StepTask(
+                    message.run_id,
+                    message.step_key,
+                    message.attempt,
+                    message.known_state,
+                    self._pickup(),
+                    soft.interrupted(message.step_key) if soft else None,
+                )
             )
         else:
             self.child = worker.runner.start_run(
@@ -297,20 +310,44 @@ class Request:
 
     def _supervise(self) -> int:
         assert self.child is not None and self.message is not None
-        limit = self.worker.settings.task_time_limit if self.message.kind is TaskKind.STEP else None
+        hard, soft = self.limits.hard, self.limits.soft
         try:
             while True:
-                code = self.child.wait(SUPERVISE_TICK)
+                code = self.child.wait(self._tick())
                 if code is not None:
                     return code
+                elapsed = self.worker.clock() - self._started
                 if self.worker.killing.is_set():
                     self.kill("the worker is shutting down", force=True)
-                elif limit is not None and self.worker.clock() - self._started > limit:
-                    self.kill(f"task_time_limit of {limit:g} s exceeded", force=True)
+                elif hard is not None and elapsed > hard.seconds:
+                    if self.kill_reason is None:
+                        self.worker.metrics.step_time_limited(self.delivery.queue, HARD)
+                    self.kill(hard.killed(), force=True)
+                elif soft is not None and elapsed > soft.seconds and not self._soft_sent:
+                    self._soft_interrupt()
                 elif self.kill_reason is not None:
                     self.kill(self.kill_reason)  # escalates a run's interrupt after its grace
         finally:
             self.worker.running.remove(self)
+
+    def _tick(self) -> float:
+        """How long to wait for the child: a tick, or until a time limit falls due."""
+        return self.limits.next_due(self.worker.clock() - self._started, self._soft_sent, SUPERVISE_TICK)
+
+    def _soft_interrupt(self) -> None:
+        """The soft limit: Dagster's interrupt inside the op, which may clean up; the hard limit
+        (if any) still kills it if it does not stop."""
+        assert self.child is not None and self.limits.soft is not None
+        self._soft_sent = True
+        log.warning(
+            "worker %s: interrupting %s (pid %s): %s",
+            self.worker.name,
+            self.label,
+            self.child.pid,
+            self.limits.soft.interrupted(self.step_key),
+        )
+        self.worker.metrics.step_time_limited(self.delivery.queue, SOFT)
+        self.child.soft_interrupt()
 
     def kill(self, why: str, force: bool = False) -> None:
         """Stop the child: a step is killed at once; a run is interrupted (so Dagster stops its
@@ -347,6 +384,10 @@ class Request:
         cannot_run = cannot.sentence if cannot else None
         child.close()
         reason = f"killed: {self.kill_reason}" if self.kill_reason else cannot_run
+        if reason is None and self._soft_sent and code != 0 and self.limits.soft is not None:
+            # The step's failure event (if Dagster wrote one) names the limit; should it have ended
+            # without one, the orchestrator's health check names it with this reason.
+            reason = f"interrupted: {self.limits.soft.killed()}"
         log.info(
             "worker %s: %s finished in %.2f s (exit code %s%s)",
             worker.name,

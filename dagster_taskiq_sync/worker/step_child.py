@@ -25,9 +25,11 @@ from typing import Any
 
 from dagster_taskiq_sync._dagster.child import (
     install_cached_step_plans,
+    install_soft_time_limit,
     install_step_worker_details,
     install_thread_log_mirror,
     retry_mode_of_run,
+    soft_time_limit,
     step_worker_details,
 )
 from dagster_taskiq_sync._dagster.names import (
@@ -45,6 +47,7 @@ from dagster_taskiq_sync._dagster.names import (
 )
 from dagster_taskiq_sync.storage.instance import InstanceOptions, instance_from_ref
 from dagster_taskiq_sync.worker.child_pipe import (
+    SOFT_LIMIT_SIGNAL,
     CannotRunReason,
     ChildStatus,
     Pickup,
@@ -197,6 +200,7 @@ def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: Instance
     install_thread_log_mirror()
     install_cached_step_plans()
     install_step_worker_details()
+    install_soft_time_limit(SOFT_LIMIT_SIGNAL)
     state = _StepChildState(instance_ref, options)
     profile_dir = os.environ.get("DAGSTER_TASKIQ_SYNC_PROFILE_DIR")
     while True:
@@ -224,10 +228,11 @@ def _serve_one(
     task: StepTask, state: _StepChildState, profile_dir: str | None
 ) -> tuple[ChildStatus, CannotRunReason | None]:
     try:
-        if profile_dir:
-            _profiled(profile_dir, task, state)
-        else:
-            _run_step(task, state)
+        with soft_time_limit(task.soft_limit):
+            if profile_dir:
+                _profiled(profile_dir, task, state)
+            else:
+                _run_step(task, state)
         return ChildStatus.OK, None
     except CannotRun as exc:
         return ChildStatus.CANNOT_RUN, exc.reason

@@ -42,6 +42,7 @@ from dagster_taskiq_sync._dagster.names import OPTIONAL_PRELOAD_MODULES, PRELOAD
 from dagster_taskiq_sync.storage.instance import InstanceOptions
 from dagster_taskiq_sync.worker.child_pipe import (
     REPLY_MAX_BYTES,
+    SOFT_LIMIT_SIGNAL,
     BadReply,
     CannotRunReason,
     ChildStatus,
@@ -96,6 +97,9 @@ class ChildHandle(Protocol):
     def interrupt(self) -> None:
         """Ask it to stop the way Dagster stops a run (SIGINT); steps are simply killed."""
 
+    def soft_interrupt(self) -> None:
+        """A step's soft time limit: Dagster's interrupt inside the op, which may clean up."""
+
     def cannot_run_reason(self) -> CannotRunReason | None:
         """Why the child could not run its message at all, if it said so."""
 
@@ -124,6 +128,9 @@ class RunProcess:
     def interrupt(self) -> None:
         if self.process.exitcode is None and self.process.pid:
             os.kill(self.process.pid, signal.SIGINT)
+
+    def soft_interrupt(self) -> None:  # runs have no time limit; the same as a terminate
+        self.interrupt()
 
     def cannot_run_reason(self) -> CannotRunReason | None:
         try:
@@ -321,7 +328,7 @@ class StepAttempt:
         if isinstance(reply, StepDone):
             self._reason, self.child.rss_kib = reply.reason, reply.rss_kib
             self.child.steps_run += 1
-            self.child.spent = reply.status is not ChildStatus.OK
+            self.child.spent = self.child.spent or reply.status is not ChildStatus.OK
             self._code = 0 if reply.status is ChildStatus.OK else 1
         elif isinstance(reply, BadReply):  # user code wrote on the pipe: this child is not trusted again
             self.child.spent = True
@@ -356,6 +363,15 @@ class StepAttempt:
 
     def interrupt(self) -> None:  # steps are killed, not interrupted
         self.kill()
+
+    def soft_interrupt(self) -> None:
+        """Celery's soft time limit: the child raises Dagster's interrupt in the op (``step_child``).
+        The child is not reused afterwards, so that a late signal never reaches its next step."""
+        self.child.spent = True
+        pid = self.child.process.pid
+        if self.child.alive() and pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, SOFT_LIMIT_SIGNAL)
 
     def close(self) -> None:
         if self._code is None:  # abandoned mid-step: the child cannot be reused

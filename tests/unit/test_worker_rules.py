@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from dagster import DagsterEventType, DagsterRunStatus
 
+from dagster_taskiq_sync.ops.metrics import NullMetrics
 from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
 from dagster_taskiq_sync.wire.messages import RunMessage, StepMessage, TaskKind
 from dagster_taskiq_sync.wire.settings import Settings
@@ -242,9 +243,12 @@ def request_with(message, child, clock, **settings):
         clock=clock,
         killing=threading.Event(),
         running=SimpleNamespace(add=lambda r: None, remove=lambda r: None),
+        metrics=NullMetrics(),
     )
     request = Request(SimpleNamespace(queue="q", message_id="m", receive_count=1), worker)
     request.message, request.child, request._started = message, child, clock()
+    if isinstance(message, StepMessage):  # what Request._start resolves
+        request.limits = message.limits.with_defaults(worker.settings.task_time_limit, None)
     return request
 
 
@@ -253,7 +257,8 @@ def test_a_step_over_its_time_limit_is_killed():
     child = FakeChild(clock)
     request = request_with(STEP, child, clock, task_time_limit=3.0)
     assert request._supervise() == -9
-    assert child.killed and request.kill_reason == "task_time_limit of 3 s exceeded"
+    assert child.killed
+    assert request.kill_reason == "exceeded its hard time limit of 3 s, set by task_time_limit in the worker's config"
     assert clock.now - 1000.0 <= 3.0 + 1.0  # killed within a tick of the limit
 
 
