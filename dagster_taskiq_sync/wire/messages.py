@@ -2,8 +2,8 @@
 
 A message is a TaskIQ JSON message (``task_id``, ``task_name``, ``labels``, ``labels_types``,
 ``args``, ``kwargs``) whose task name says what it asks for (:class:`TaskKind`) and whose kwargs
-name a run, a step and an attempt, and nothing else: never a Dagster instance, a module, a file
-or a database. Workers use their own ``DAGSTER_HOME``; what a step needs beyond its identity
+name a run, a step and an attempt (plus the step's time limits, two checked numbers:
+``time_limits.py``), and nothing else: never a Dagster instance, a module, a file or a database. Workers use their own ``DAGSTER_HOME``; what a step needs beyond its identity
 comes from the run stored there. The one exception is the step's ``known_state`` (retry counts,
 ready outputs, dynamic mappings: the orchestrator's in-memory view that Dagster hands to every
 step worker), which is deserialized only as Dagster's ``KnownExecutionState`` and checked
