@@ -4,7 +4,9 @@ and what the worker's supervision does with them (injected clock, no processes).
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -229,3 +231,63 @@ def test_a_step_without_limits_uses_the_workers_task_time_limit():
     assert request._supervise() == -9
     assert request.kill_reason == "exceeded its hard time limit of 3 s, set by task_time_limit in the worker's config"
     assert request.child.soft_at is None and counted(metrics, SOFT) is None and counted(metrics, HARD) == 1.0
+
+
+# --- the step child's side: the soft-limit signal becomes Dagster's interrupt ---------------------------------
+
+
+@pytest.fixture
+def soft_limit_signal():
+    """This process as a step child: the soft-limit handler installed, the old one back afterwards."""
+    import signal
+
+    from dagster_taskiq_sync._dagster.child import install_soft_time_limit
+    from dagster_taskiq_sync.worker.child_pipe import SOFT_LIMIT_SIGNAL
+
+    previous = signal.getsignal(SOFT_LIMIT_SIGNAL)
+    install_soft_time_limit(SOFT_LIMIT_SIGNAL)
+    yield lambda: os.kill(os.getpid(), SOFT_LIMIT_SIGNAL)
+    signal.signal(SOFT_LIMIT_SIGNAL, previous)
+
+
+SENTENCE = (
+    "Step slow exceeded its soft time limit of 1 s, set by op tag dagster-taskiq/soft_time_limit, and was interrupted."
+)
+
+
+def test_in_an_op_the_soft_limit_is_dagsters_interrupt_saying_which_limit(soft_limit_signal):
+    from dagster import DagsterExecutionInterruptedError, raise_execution_interrupts
+
+    from dagster_taskiq_sync._dagster.child import soft_time_limit
+    from dagster_taskiq_sync._dagster.names import capture_interrupts
+
+    with soft_time_limit(SENTENCE), capture_interrupts():
+        with pytest.raises(DagsterExecutionInterruptedError) as info:
+            with raise_execution_interrupts():  # what Dagster enters around an op's body
+                soft_limit_signal()
+                time.sleep(5)
+    assert type(info.value).__name__ == "SoftTimeLimitExceeded" and str(info.value) == SENTENCE
+
+
+def test_between_dagsters_checkpoints_the_interrupt_waits_for_the_next_one(soft_limit_signal):
+    from dagster import DagsterExecutionInterruptedError, raise_execution_interrupts
+
+    from dagster_taskiq_sync._dagster.child import soft_time_limit
+    from dagster_taskiq_sync._dagster.names import capture_interrupts
+
+    with soft_time_limit(SENTENCE), capture_interrupts():
+        soft_limit_signal()  # Dagster's framework code runs here: nothing is raised ...
+        with pytest.raises(DagsterExecutionInterruptedError) as info:
+            with raise_execution_interrupts():  # ... until the op runs, and then with the sentence
+                time.sleep(5)
+    assert str(info.value) == SENTENCE
+
+
+def test_a_signal_with_no_step_running_is_ignored(soft_limit_signal):
+    from dagster_taskiq_sync._dagster.child import soft_time_limit
+
+    threads = threading.active_count()
+    with soft_time_limit(None):  # a step without a soft limit
+        soft_limit_signal()
+    soft_limit_signal()  # between steps (a late signal)
+    assert threading.active_count() == threads  # nothing raised, and no retry scheduled for later
