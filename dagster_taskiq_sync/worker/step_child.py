@@ -24,6 +24,7 @@ import traceback
 from typing import Any
 
 from dagster_taskiq_sync._dagster.child import (
+    SoftTimeLimitExceeded,
     install_cached_step_plans,
     install_soft_time_limit,
     install_step_worker_details,
@@ -236,6 +237,9 @@ def _serve_one(
         return ChildStatus.OK, None
     except CannotRun as exc:
         return ChildStatus.CANNOT_RUN, exc.reason
+    except SoftTimeLimitExceeded as exc:  # the step's failure (in the event log) says it; no traceback
+        print(exc, file=sys.stderr)
+        return ChildStatus.ERROR, None
     except BaseException:  # noqa: BLE001 - anything outside the step's own error handling, SystemExit included
         traceback.print_exc()
         return ChildStatus.ERROR, None
