@@ -33,6 +33,7 @@ def error_text(error) -> str:
     return "\n".join(parts)
 
 
+@pytest.mark.compat  # the soft limit rides on Dagster's private interrupt handling: every env runs it
 def test_a_soft_limit_interrupts_the_op_which_cleans_up(workers, instance, executor_config, tmp_path):
     # Given an op tagged dagster-taskiq/soft_time_limit=1 that sleeps and cleans up when interrupted
     with run(jobs.soft_limited, instance, executor_config, tmp_path, "cleans_up") as result:

@@ -29,6 +29,8 @@ from dagster_taskiq_sync.wire.time_limits import (
 )
 from dagster_taskiq_sync.worker.request import Request
 
+pytestmark = pytest.mark.compat  # the soft limit rides on Dagster's private interrupt handling
+
 RUN_ID = "0b6f9c7e-6a43-4c1e-9d55-3c2f9a1d2b10"
 STATE = serialize_value(KnownExecutionState())
 
