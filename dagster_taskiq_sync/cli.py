@@ -470,7 +470,7 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
     import datetime
     import json
 
-    from dagster_taskiq_sync.ops.admin import add_workers, queue_depths
+    from dagster_taskiq_sync.ops.admin import add_workers, queue_depths, size_text
     from dagster_taskiq_sync.wire.broker_client import translate_error
 
     notes = []
@@ -504,7 +504,7 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
     if as_json:
         click.echo(json.dumps({"time": now, "queues": [s.as_dict() for s in stats], "notes": notes}))
         return any(s.error for s in stats)
-    header = f"{'QUEUE':<20} {'VISIBLE':>7} {'IN FLIGHT':>9} {'DELAYED':>7}  {'DEAD-LETTER':<24} {'WORKERS':>7} {'FREE':>5} {'TARGET':>6} {'REPLICAS':>8}"
+    header = f"{'QUEUE':<20} {'VISIBLE':>7} {'IN FLIGHT':>9} {'DELAYED':>7} {'MAX MSG':>8}  {'DEAD-LETTER':<24} {'WORKERS':>7} {'FREE':>5} {'TARGET':>6} {'REPLICAS':>8}"
     click.echo(f"{now}  {settings.sqs.describe_endpoint()}")
     click.echo(header)
     for s in stats:
@@ -520,7 +520,8 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
         live = "?" if s.workers is None else str(len(s.workers))
         free = "?" if s.free_slots is None else str(s.free_slots)
         click.echo(
-            f"{s.queue:<20} {s.visible:>7} {s.in_flight:>9} {s.delayed:>7}  {dlq:<24} {live:>7} {free:>5} "
+            f"{s.queue:<20} {s.visible:>7} {s.in_flight:>9} {s.delayed:>7} {size_text(s.max_message_size):>8}  "
+            f"{dlq:<24} {live:>7} {free:>5} "
             f"{s.target_backlog_per_worker:>6} {s.replicas_needed:>8}"
         )
     click.echo(

@@ -18,7 +18,7 @@ from botocore import exceptions as boto_exc
 from dagster_taskiq_sync.errors import BrokerError, ConfigError, QueueMissingError
 from dagster_taskiq_sync.ops.iam import KMS_KEY_FORMS, check_kms_key, dead_letter_name, is_aws_managed_alias
 from dagster_taskiq_sync.wire.aws import client_kwargs, for_service
-from dagster_taskiq_sync.wire.broker import QUEUE_CREATE_HINT
+from dagster_taskiq_sync.wire.broker import QUEUE_CREATE_HINT, SQS_LARGEST_MESSAGE, SQS_MIN_DEFAULT_SIZE
 from dagster_taskiq_sync.wire.settings import SQSSettings
 
 DEFAULT_PAYLOAD_EXPIRY_DAYS = 7
@@ -171,12 +171,16 @@ async def provision(
             for queue in dict.fromkeys([settings.default_queue, *queues]):
                 name = settings.queue_name(queue)
                 fifo = name.endswith(".fifo")
-                attributes = {"VisibilityTimeout": str(settings.visibility_timeout), **sse}
+                # 1 MiB inline (SQS's maximum since August 2025; a queue created before keeps 256 KiB
+                # until this sets it): only larger payloads go through S3. sqs-creation-attributes may
+                # ask for less; the dead-letter queue always gets 1 MiB, so any message's copy fits.
+                size = {"MaximumMessageSize": str(SQS_LARGEST_MESSAGE)}
+                attributes = {"VisibilityTimeout": str(settings.visibility_timeout), **size, **sse}
                 if fifo:
                     attributes["FifoQueue"] = "true"
                 if max_receive_count:
                     dlq_name = dead_letter_name(name)
-                    dlq_attrs = {**sse, **({"FifoQueue": "true"} if fifo else {})}
+                    dlq_attrs = {**size, **sse, **({"FifoQueue": "true"} if fifo else {})}
                     dlq_url, note = await _ensure_queue(sqs, dlq_name, dlq_attrs, {}, keep_kms=not key)
                     dlq_arn = (await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"]))[
                         "Attributes"
@@ -293,6 +297,7 @@ class QueueStats:
     visible: int = 0
     in_flight: int = 0
     delayed: int = 0
+    max_message_size: int | None = None  # bytes the queue accepts inline (MaximumMessageSize); larger goes through S3
     dead_letter_queue: str | None = None
     dead_letter_depth: int | None = None
     dead_letter_error: str | None = None
@@ -311,6 +316,16 @@ class QueueStats:
         out["free_slots"] = self.free_slots
         out["live_workers"] = None if self.workers is None else len(self.workers)
         return out
+
+
+def size_text(size: int | None) -> str:
+    """A message size as `queues stats` shows it: 1 MiB, 256 KiB, 1000 B."""
+    if size is None:
+        return "?"
+    for unit, factor in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor} {unit}"
+    return f"{size} B"
 
 
 def replicas_needed(visible: int, in_flight: int, target: int) -> int:
@@ -338,6 +353,7 @@ async def queue_depths(settings: SQSSettings, queues: Sequence[str]) -> list[Que
             stats.visible = int(attrs.get("ApproximateNumberOfMessages", 0))
             stats.in_flight = int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
             stats.delayed = int(attrs.get("ApproximateNumberOfMessagesDelayed", 0))
+            stats.max_message_size = int(attrs.get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE))
             target_arn = _dead_letter_arn(attrs)
             if target_arn is None:
                 continue

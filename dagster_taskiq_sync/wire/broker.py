@@ -39,6 +39,7 @@ from dagster_taskiq_sync.wire.settings import SQSSettings
 log = logging.getLogger("dagster_taskiq_sync.broker")
 
 SQS_MIN_DEFAULT_SIZE = 262_144  # what a queue accepts when it does not say (the old SQS default)
+SQS_LARGEST_MESSAGE = 1_048_576  # the most SQS lets a queue accept (since August 2025); `queues create` sets it
 ATTRIBUTE_ALLOWANCE = 1024  # SQS counts message attributes against the size limit too
 BATCH_ENTRIES = 10  # SendMessageBatch / DeleteMessageBatch / ChangeMessageVisibilityBatch maximum
 QUEUE_CREATE_HINT = "create it with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml` (or name its URL in broker_transport_options.predefined_queues)"
@@ -364,7 +365,12 @@ class StepBroker(SQSBroker):
         the queue has none); returns the dead-letter queue's name, or None when it was deleted."""
         facts = self.facts[delivery.queue]
         if facts.dead_letter_url:
-            attributes = dead_letter_attributes(delivery.attributes, reason, len(delivery.body))
+            # The copy fits where the original did: `queues create` gives a queue and its dead-letter
+            # queue the same limit. Measured against 256 KiB instead, a 900 KB inline message's copy
+            # would lose its signature and could never be redriven.
+            attributes = dead_letter_attributes(
+                delivery.attributes, reason, len(delivery.body), limit=facts.max_message_size
+            )
             kwargs: dict[str, Any] = {
                 "QueueUrl": facts.dead_letter_url,
                 "MessageBody": delivery.body.decode("utf-8", "replace"),
@@ -378,18 +384,20 @@ class StepBroker(SQSBroker):
 
 
 SQS_MAX_ATTRIBUTES = 10
-SQS_MAX_MESSAGE_BYTES = 262_144  # the smallest a queue may be configured with of the 1 MiB maximum's
 _KEPT_FIRST = (SIGNATURE_ATTRIBUTE, S3_POINTER_ATTRIBUTE)  # what a redriven message needs to run again
 
 
-def dead_letter_attributes(original: Mapping[str, str], reason: str, body_bytes: int) -> dict[str, dict[str, str]]:
+def dead_letter_attributes(
+    original: Mapping[str, str], reason: str, body_bytes: int, limit: int = SQS_MIN_DEFAULT_SIZE
+) -> dict[str, dict[str, str]]:
     """The attributes of a message's dead-letter copy, within what SQS accepts: at most 10, none
-    empty, none reserved (``AWS.``/``Amazon.``), body and attributes within 256 KiB. The reason
+    empty, none reserved (``AWS.``/``Amazon.``), body and attributes within ``limit`` bytes (the
+    queue's MaximumMessageSize, at least 256 KiB). The reason
     comes first; the signature and S3 pointer next (a redriven message needs them); then the rest,
     as room allows."""
     reason_value = reason[:1000] or "no reason given"
     chosen = {DEAD_LETTER_REASON_ATTRIBUTE: reason_value}
-    room = SQS_MAX_MESSAGE_BYTES - body_bytes - len(DEAD_LETTER_REASON_ATTRIBUTE) - len(reason_value) - 6
+    room = max(limit, SQS_MIN_DEFAULT_SIZE) - body_bytes - len(DEAD_LETTER_REASON_ATTRIBUTE) - len(reason_value) - 6
     names = [n for n in _KEPT_FIRST if n in original] + sorted(n for n in original if n not in _KEPT_FIRST)
     for name in names:
         value = original[name]

@@ -224,6 +224,39 @@ def test_offloaded_payloads_are_written_with_server_side_encryption(endpoint, tm
         assert head["ServerSideEncryption"] == "AES256"
 
 
+def test_create_brings_queues_to_1_mib_messages_and_stats_shows_each_queues_limit(endpoint, tmp_path):
+    # Given a queue and its dead-letter queue created with SQS's old 256 KiB default
+    queue = unique("size")
+    sqs = boto("sqs", endpoint)
+    for name in (queue, f"{queue}-dlq"):
+        sqs.create_queue(QueueName=name, Attributes={"MaximumMessageSize": "262144"})
+    small = unique("small")  # and a queue whose config asks for less
+    config = write_config(tmp_path, endpoint, config_source={"task_default_queue": queue})
+    config_small = write_config(
+        tmp_path,
+        endpoint,
+        config_source={"task_default_queue": small},
+        transport={"sqs-creation-attributes": {"MaximumMessageSize": "262144"}},
+    )
+    # When the queues are created
+    out = cli("queues", "create", "-y", config)
+    assert out.returncode == 0, out.stderr
+    assert cli("queues", "create", "-y", config_small).returncode == 0
+    # Then both accept 1 MiB inline (the report says what changed), and a config's own size wins
+    assert "MaximumMessageSize 262144 -> 1048576" in out.stdout
+    assert attributes(endpoint, queue)["MaximumMessageSize"] == "1048576"
+    assert attributes(endpoint, f"{queue}-dlq")["MaximumMessageSize"] == "1048576"
+    assert attributes(endpoint, small)["MaximumMessageSize"] == "262144"
+    assert attributes(endpoint, f"{small}-dlq")["MaximumMessageSize"] == "1048576"
+    # and `queues stats` shows each queue's limit
+    out = cli("queues", "stats", "-y", config, "-q", queue, "-q", small, "--json")
+    assert out.returncode == 0, out.stderr
+    sizes = {q["queue"]: q["max_message_size"] for q in json.loads(out.stdout)["queues"]}
+    assert sizes == {queue: 1_048_576, small: 262_144}
+    out = cli("queues", "stats", "-y", config, "-q", small)
+    assert next(line for line in out.stdout.splitlines() if line.startswith(small)).split()[4:6] == ["256", "KiB"]
+
+
 # --- queues stats ----------------------------------------------------------------------------
 
 
@@ -326,7 +359,7 @@ def test_stats_table_without_dagster_home_says_workers_are_unknown(endpoint, tmp
     out = cli("queues", "stats", "-y", config, "--target-backlog-per-worker", "2", env=env)
     assert out.returncode == 0, out.stderr
     row = next(line for line in out.stdout.splitlines() if line.startswith(queue))
-    assert row.split() == [queue, "5", "0", "0", f"{queue}-dlq:", "1", "?", "?", "2", "3"]
+    assert row.split() == [queue, "5", "0", "0", "1", "MiB", f"{queue}-dlq:", "1", "?", "?", "2", "3"]
     assert "replicas = ceil((visible + in flight) / target)" in out.stdout
     assert "DAGSTER_HOME is not set, so live workers and free slots are unknown" in out.stdout
     # Without --target-backlog-per-worker the target is worker_concurrency x prefetch

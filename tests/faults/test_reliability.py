@@ -330,8 +330,11 @@ def big_config(endpoint, tmp_path_factory) -> dict:
     out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "bucket dagster-payloads" in out.stdout
-    # big1m keeps SQS's default size (1 MiB). Workers read offloaded payloads only from the bucket
+    # big1m was created with SQS's old 256 KiB default (as queues made before August 2025 were);
+    # `queues create` brings it to 1 MiB. Workers read offloaded payloads only from the bucket
     # their own config names, so this worker (with the bucket) serves both queues.
+    sqs = boto3.client("sqs", endpoint_url=endpoint.url, region_name="us-east-1")
+    sqs.create_queue(QueueName="big1m", Attributes={"MaximumMessageSize": "262144"})
     path_1m = path.parent / "big1m.yaml"
     path_1m.write_text(
         yaml.safe_dump(
@@ -350,6 +353,7 @@ def big_config(endpoint, tmp_path_factory) -> dict:
     )
     out = subprocess.run([CLI, "queues", "create", "-y", str(path_1m)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+    assert "MaximumMessageSize 262144 -> 1048576" in out.stdout
     worker = WorkerProcess(
         path, "big", tmp_path_factory.mktemp("bigw"), ["-q", "big", "-q", "big1m", "-c", "2"]
     ).wait_ready()
@@ -390,7 +394,7 @@ def wide_run(instance, config, count, tmp_path):
 @pytest.mark.parametrize(
     "queue, queue_bytes, count",
     [("big", 262_144, 28), ("big1m", 1_048_576, 110)],  # ~10 KB mapping keys: ~280 KB, ~1.1 MB
-    ids=["256KiB-queue", "default-1MiB-queue"],
+    ids=["256KiB-queue", "1MiB-queue"],
 )
 def test_step_payload_larger_than_the_queue_accepts_goes_through_s3(
     endpoint, instance, big_config, tmp_path, queue, queue_bytes, count
@@ -413,6 +417,27 @@ def test_step_payload_larger_than_the_queue_accepts_goes_through_s3(
         what="the offloaded payload to be deleted",
     )
     wait_queue_empty(endpoint, queue)
+
+
+def test_step_payload_over_256KiB_goes_inline_on_a_queue_made_by_queues_create(
+    endpoint, instance, big_config, tmp_path
+):
+    # Given big1m, which `queues create` brought to 1 MiB, and no S3 bucket in the run's config
+    config = {
+        **big_config,
+        "backend": "rpc://",
+        "config_source": {**big_config["config_source"], "task_default_queue": "big1m"},
+    }
+    # When a step's message is ~500 KB (over the old 256 KiB, under 1 MiB)
+    result = wide_run(instance, config, 50, tmp_path).wait(120)
+    # Then it went inline (with no bucket there is nowhere else) and the step ran
+    assert result.success
+    assert 262_144 < int(sent_payload(instance, result.run_id, "sum_wide")["payload_bytes"]) < 1_048_576 - 1024
+    assert offloaded_to(instance, result.run_id, "sum_wide") is None
+    assert [r.step_key for r in events(instance, result.run_id, DagsterEventType.STEP_SUCCESS)] == [
+        "emit_wide",
+        "sum_wide",
+    ]
 
 
 def test_step_payload_too_large_without_a_bucket_fails_naming_the_setting(endpoint, instance, big_config, tmp_path):

@@ -290,3 +290,15 @@ def test_a_dead_letter_copy_stays_within_what_sqs_accepts():
     assert (
         set(full) == {DEAD_LETTER_REASON_ATTRIBUTE} and len(full[DEAD_LETTER_REASON_ATTRIBUTE]["StringValue"]) == 1000
     )
+
+
+def test_a_dead_letter_copy_of_a_large_inline_message_keeps_its_signature_on_a_1_mib_queue():
+    from dagster_taskiq_sync.wire.broker import dead_letter_attributes
+    from dagster_taskiq_sync.wire.messages import SIGNATURE_ATTRIBUTE
+
+    # a 900 KB message, inline on a queue that accepts 1 MiB: its copy must stay redrivable
+    original = {SIGNATURE_ATTRIBUTE: "v1:abc:def"}
+    copy = dead_letter_attributes(original, "no such run", body_bytes=900_000, limit=1_048_576)
+    assert copy[SIGNATURE_ATTRIBUTE]["StringValue"] == "v1:abc:def"
+    # measured against 256 KiB (a queue that says no more) there is no room for it
+    assert SIGNATURE_ATTRIBUTE not in dead_letter_attributes(original, "no such run", body_bytes=262_100)
