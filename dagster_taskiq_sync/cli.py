@@ -366,7 +366,7 @@ def queues() -> None:
     "--queue",
     "extra",
     multiple=True,
-    help="Also create this queue (repeatable), e.g. one named by a dagster-celery/queue tag.",
+    help="Also create this queue (repeatable), e.g. one named by a dagster-celery/queue tag (the config's default and routed queues are always created).",
 )
 @click.option(
     "--max-receive-count",
@@ -400,8 +400,10 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
         with Bridge() as bridge:
             try:
                 create = functools.partial(provision, kms_key=kms_key, payload_expiry_days=payload_expiry_days)
+                # Every pool's queue of the routing table (execution.config.routes), then -q's.
+                queues = [*settings.routes.queues, *extra]
                 report = bridge.call(
-                    create, settings.sqs, extra, None if no_dead_letter else max_receive_count, timeout=60
+                    create, settings.sqs, queues, None if no_dead_letter else max_receive_count, timeout=60
                 )
             except TaskiqSyncError:
                 raise
@@ -420,7 +422,7 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
     "--queue",
     "only",
     multiple=True,
-    help="Queue to show (repeatable). Default: the config's task_default_queue and every queue a live worker consumes.",
+    help="Queue to show (repeatable). Default: the config's task_default_queue, its routed queues (execution.config.routes) and every queue a live worker consumes.",
 )
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (one document per line with --watch) instead of a table."
@@ -486,7 +488,11 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
             notes.append(
                 f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); live workers are unknown."
             )
-    names = list(only) or [settings.sqs.default_queue, *(q for w in workers or () if w.looks_alive() for q in w.queues)]
+    names = list(only) or [
+        settings.sqs.default_queue,
+        *settings.routes.queues,
+        *(q for w in workers or () if w.looks_alive() for q in w.queues),
+    ]
     try:
         stats = bridge.call(queue_depths, settings.sqs, list(dict.fromkeys(names)), timeout=60)
     except TaskiqSyncError:
@@ -620,7 +626,7 @@ def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -
             resolve_resources, account_id=account_id, kms_key=key, dead_letter=not no_dead_letter
         )
         with Bridge() as bridge:
-            resources = bridge.call(resolve, settings.sqs, list(extra), timeout=60)
+            resources = bridge.call(resolve, settings.sqs, [*settings.routes.queues, *extra], timeout=60)
         document = policy(roles, resources) if roles else {role: policy([role], resources) for role in ROLES}
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None

@@ -129,6 +129,42 @@ def routed():
     on_legacy_queue()
 
 
+# Sized pools (execution.config.routes): the size tags of dagster-aws's ECS executor and dagster-k8s.
+@op(tags={"ecs/memory": "16384"})
+def big_by_ecs_tag() -> int:
+    return os.getpid()
+
+
+@op(tags={"dagster-k8s/config": {"container_config": {"resources": {"limits": {"cpu": "4", "memory": "16Gi"}}}}})
+def big_by_k8s_tag() -> int:
+    return os.getpid()
+
+
+@op(tags={"ecs/memory": "16384", "dagster-celery/queue": "dagster"})
+def big_but_pinned() -> int:
+    return os.getpid()
+
+
+@op(tags={"ecs/memory": "512"})
+def small_by_ecs_tag() -> int:
+    return os.getpid()
+
+
+@op(tags={"ecs/memory": "262144"})
+def larger_than_every_pool() -> int:
+    return os.getpid()
+
+
+@job(executor_def=taskiq_executor)
+def sized():
+    big_by_ecs_tag()
+    big_by_k8s_tag()
+    big_but_pinned()
+    small_by_ecs_tag()
+    add_one(emit_one())
+    larger_than_every_pool()
+
+
 def _slow_on_drain(i: int):
     @op(name=f"slow_{i}", tags={"dagster-celery/queue": "drain"})
     def slow() -> int:

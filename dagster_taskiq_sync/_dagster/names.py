@@ -17,6 +17,7 @@ from dagster._config import post_process_config, validate_config
 from dagster._core.errors import DagsterExecutionInterruptedError, DagsterExecutionStepNotFoundError
 from dagster._core.events import DagsterEvent, EngineEventData
 from dagster._core.execution.plan.active import ActiveExecution
+from dagster._core.execution.plan.objects import StepFailureData
 from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.execution.retries import RetryMode, get_retries_config
 from dagster._core.execution.tags import get_tag_concurrency_limits_config
@@ -32,7 +33,7 @@ from dagster._grpc.types import ExecuteStepArgs
 from dagster._record import copy as _copy_record
 from dagster._record import is_record as _is_record
 from dagster._serdes import ConfigurableClass, ConfigurableClassData, deserialize_value, serialize_value
-from dagster._utils.error import serializable_error_info_from_exc_info
+from dagster._utils.error import SerializableErrorInfo, serializable_error_info_from_exc_info
 from dagster._utils.hosted_user_process import recon_job_from_origin
 from dagster._utils.interrupts import capture_interrupts
 from dagster.version import __version__ as _dagster_version
@@ -72,7 +73,9 @@ __all__ = [
     "ResumeRunContext",
     "RetryMode",
     "RunLauncher",
+    "SerializableErrorInfo",
     "StepDelegatingExecutor",
+    "StepFailureData",
     "StepHandler",
     "StepHandlerContext",
     "WorkerStatus",

@@ -17,6 +17,7 @@ from urllib.parse import unquote, urlsplit
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.wire.aws import check_role_arn, check_token_seconds
 from dagster_taskiq_sync.wire.messages import Keyring
+from dagster_taskiq_sync.wire.routing import parse_routes
 from dagster_taskiq_sync.wire.settings import DEFAULT_QUEUE, Settings, SQSSettings, redact_url
 from dagster_taskiq_sync.wire.time_limits import HARD_TAG, SOFT_TAG, check_run_limits
 
@@ -432,6 +433,7 @@ NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "lost_worker_expiry": _positive,
     "steps_in_flight_per_slot": _per_slot,
     "min_steps_in_flight": lambda v, p: _int(v, p, 1, 100_000),
+    "routes": parse_routes,
 }
 
 

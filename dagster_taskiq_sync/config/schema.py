@@ -90,6 +90,14 @@ TASKIQ_CONFIG: dict[str, _AnyType] = {
         description="The per-queue cap on a run's steps in flight never goes below this, also with no "
         "live worker (default 4).",
     ),
+    # --- sized pools (see README "Sized pools") ---
+    "routes": Field(
+        Any,
+        is_required=False,
+        description="Worker pools by step size, tried in order: a list of {queue, when, max}, e.g. "
+        "[{queue: big, when: {ecs/memory: '>= 8192', k8s/memory: '>= 8Gi'}, max: {ecs/memory: 30720}}]. "
+        "Reads the ecs/cpu, ecs/memory and dagster-k8s/config tags; a dagster-celery/queue tag wins.",
+    ),
     # --- message signing and limits (see README "Security model") ---
     "signing_key": Field(
         Noneable(StringSource),

@@ -42,7 +42,6 @@ from dagster_taskiq_sync.wire.messages import (
     RUN_PRIORITY_TAGS,
     STEP_PRIORITY_TAGS,
     int_tag,
-    queue_for_tags,
 )
 from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.wire.time_limits import limits_for_step
@@ -239,13 +238,16 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         )
         self._canceled = False
         interrupt_token = run_interrupted.set(lambda: self._canceled)
-        queues = {queue_for_tags(step.tags, self.settings.sqs.default_queue) for step in execution_plan.steps}
+        handler = self._taskiq_handler
+        decisions = [handler.decision(step.key, step.tags) for step in execution_plan.steps]
+        queues = {d.queue for d in decisions if d.refused is None} or {self.settings.sqs.default_queue}
         self._queues, self._caps_said = sorted(queues), set()
         self._policy = LaunchPolicy(
             self.settings.sqs.default_queue,
             self.settings.steps_in_flight_per_slot,
             self.settings.min_steps_in_flight,
             on_launching=self._taskiq_handler.expect_launches,
+            route=self._taskiq_handler.queue_of,
         )
         policy_token = step_launch_policy.set(self._policy)
         # The loop below reads the event log every step_poll_interval: on PostgreSQL, one

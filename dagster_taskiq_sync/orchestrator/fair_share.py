@@ -65,8 +65,11 @@ class LaunchPolicy:
         floor: int,
         on_launching: Callable[[int], None] = lambda n: None,
         per_iteration: int | None = LAUNCHES_PER_ITERATION,
+        route: Callable[[str, Mapping[str, Any]], str] | None = None,
     ) -> None:
         self.default_queue = default_queue
+        # (step key, tags) -> queue: the executor's routing (queue tags, then execution.config.routes)
+        self.route = route or (lambda _key, tags: queue_for_tags(tags, default_queue))
         self.per_slot = per_slot
         self.floor = floor
         self.per_iteration = per_iteration
@@ -83,7 +86,7 @@ class LaunchPolicy:
     def queue_of(self, step: Any) -> str:
         queue = self._queues.get(step.key)
         if queue is None:
-            queue = self._queues[step.key] = queue_for_tags(step.tags, self.default_queue)
+            queue = self._queues[step.key] = self.route(step.key, step.tags)
         return queue
 
     def refresh(self, queues: Iterable[str], slots: Mapping[str, int]) -> dict[str, int]:

@@ -74,6 +74,12 @@ class StepSender:
             self._expected += count
             self._last_put = time.monotonic()
 
+    def withdraw(self) -> None:
+        """An announced step will not be put (no pool takes it): send the others without waiting for it."""
+        with self._cond:
+            self._expected = max(0, self._expected - 1)
+            self._cond.notify_all()
+
     def put(self, item: PendingSend) -> None:
         with self._cond:
             self._pending.append(item)

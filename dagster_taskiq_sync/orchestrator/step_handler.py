@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from dagster_taskiq_sync._dagster.names import (
     CheckStepHealthResult,
     DagsterEvent,
     EngineEventData,
+    SerializableErrorInfo,
+    StepFailureData,
     StepHandler,
     StepHandlerContext,
     check,
@@ -41,8 +43,8 @@ from dagster_taskiq_sync.wire.messages import (
     StepMessage,
     encode,
     int_tag,
-    queue_for_tags,
 )
+from dagster_taskiq_sync.wire.routing import Decision
 from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.wire.time_limits import limits_for_step
 
@@ -79,6 +81,8 @@ class TaskiqStepHandler(StepHandler):
         self._round: dict[str, StepRecord] = {}  # the current health-check round's records
         self._round_handles: set[str] = set()
         self._round_at = -1e9
+        self._decisions: dict[str, Decision] = {}  # step key -> its queue (routing.py), decided once
+        self._routes_said: set[str] = set()  # steps whose route is in the run's log
 
     @property
     def name(self) -> str:
@@ -156,6 +160,19 @@ class TaskiqStepHandler(StepHandler):
             )
         self._database_back_at = time.time()
 
+    def decision(self, step_key: str, tags: Any) -> Decision:
+        """Where ``step_key`` goes: its queue tag, else the first route (execution.config.routes) it
+        fits, else the default queue; or refused when it is larger than every pool it matches."""
+        found = self._decisions.get(step_key)
+        if found is None:
+            found = self._decisions[step_key] = self.settings.routes.decide(
+                step_key, tags, self.settings.sqs.default_queue
+            )
+        return found
+
+    def queue_of(self, step_key: str, tags: Any) -> str:
+        return self.decision(step_key, tags).queue
+
     def _identity(self, ctx: StepHandlerContext) -> tuple[str, int, str, str]:
         """(step key, attempt, step handle id, Celery queue name) of the step in ``ctx``."""
         args = ctx.execute_step_args
@@ -168,7 +185,7 @@ class TaskiqStepHandler(StepHandler):
             step_key,
             attempt,
             message.handle,
-            queue_for_tags(ctx.step_tags[step_key], self.settings.sqs.default_queue),
+            self.queue_of(step_key, ctx.step_tags[step_key]),
         )
 
     def launch_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
@@ -176,6 +193,9 @@ class TaskiqStepHandler(StepHandler):
         launched = time.monotonic()
         args = step_handler_context.execute_step_args
         step_key, attempt, task_id, queue = self._identity(step_handler_context)
+        routed = yield from self._say_route(step_handler_context, step_key)
+        if not routed:
+            return
         self._in_flight[step_key] = task_id
         sqs_queue = self.settings.sqs.queue_name(queue)
         tags = step_handler_context.step_tags[step_key]
@@ -206,6 +226,25 @@ class TaskiqStepHandler(StepHandler):
                 "launch_ms": f"{(time.monotonic() - launched) * 1000:.1f}",
             },
         )
+
+    def _say_route(self, ctx: StepHandlerContext, step_key: str) -> Generator[DagsterEvent, None, bool]:
+        """Fail a step no pool takes (it would wait forever); say once where a route sent a step.
+        Returns (as the generator's value) whether the step may be sent."""
+        decision = self.decision(step_key, ctx.step_tags[step_key])
+        if decision.refused is not None:
+            if self.sender is not None:
+                self.sender.withdraw()
+            error = SerializableErrorInfo(message=decision.refused, stack=[], cls_name=None)
+            yield DagsterEvent.step_failure_event(ctx.get_step_context(step_key), StepFailureData(error, None))
+            return False
+        if decision.reason is not None and step_key not in self._routes_said:
+            self._routes_said.add(step_key)
+            yield DagsterEvent.engine_event(
+                ctx.get_step_context(step_key),
+                f"step {step_key} -> queue {decision.queue}: {decision.reason}",
+                EngineEventData(metadata={"queue": decision.queue, "route": decision.route or ""}),
+            )
+        return True
 
     def report_sends(self, instance: Any, run_id: str, raise_errors: bool = True) -> None:
         """Raise a send that failed for good; log where offloaded payloads went. Called by the

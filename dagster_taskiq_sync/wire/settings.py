@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dagster_taskiq_sync.wire.messages import Keyring
+from dagster_taskiq_sync.wire.routing import RouteTable
 
 DEFAULT_QUEUE = "dagster"  # dagster-celery's task_default_queue
 
@@ -118,6 +119,8 @@ class Settings:
     # --- fair sharing between runs (fair_share.py) ---
     steps_in_flight_per_slot: float | None = 2.0  # a run's cap per queue: this x live slots (None: no cap)
     min_steps_in_flight: int = 4  # the cap never goes below this (a run with no live worker still sends)
+    # --- sized pools (routing.py): steps to queues by their ecs/* and dagster-k8s/config size tags ---
+    routes: RouteTable = field(default_factory=RouteTable)
     # --- reliability (worker side) ---
     heartbeat_interval: float = 5.0  # liveness record refresh while a step runs
     cancel_poll_interval: float = 1.0  # how often a worker looks for cancel requests
