@@ -105,3 +105,13 @@ def test_worker_with_missing_queue_exits_with_one_sentence(endpoint, queues_crea
     assert "SQS queue 'nobody-made-this' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
     assert elapsed < 20
+
+
+def test_a_bad_routing_table_fails_the_run_with_one_sentence(instance, endpoint):
+    # (worker start -y and queues create -y refuse it too: tests/unit/test_cli_validation.py)
+    routes = [{"queue": "big", "when": {"ecs/memory": ">= 8Gi"}}]  # ecs/memory counts MiB, as the ECS tag
+    expected = (
+        "execution.config.routes[0].when.ecs/memory is '>= 8Gi': '8Gi' is not MiB, e.g. 8192 or '8 GB'; fix the value."
+    )
+    message, _ = failed_run_message(instance, {"broker": endpoint.broker_url, "routes": routes})
+    assert expected in message

@@ -3,6 +3,7 @@ their pool's workers (execution.config.routes)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import yaml
@@ -32,6 +33,18 @@ def test_routed_steps_run_only_on_their_pools_workers(endpoint, instance, execut
     out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "queue big -> SQS big" in out.stdout and "dead-letter queue big-dlq" in out.stdout
+    # (which `queues stats` shows and `iam-policy` covers without being told)
+    out = subprocess.run(
+        [CLI, "queues", "stats", "-y", str(path), "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert [q["queue"] for q in json.loads(out.stdout)["queues"]][:2] == ["dagster", "big"], out.stdout
+    out = subprocess.run(
+        [CLI, "iam-policy", "-y", str(path), "--role", "worker", "--account-id", "123456789012"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "arn:aws:sqs:us-east-1:123456789012:big" in out.stdout, out.stderr
     # and a pool of its own on `big`, beside the shared pool on the default queue
     big = WorkerProcess(path, "bigpool", tmp_path, ["-q", "big", "-c", "2"]).wait_ready()
     try:

@@ -612,15 +612,53 @@ def load_all(path: Path) -> list:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
 
 
-def k8s_objects() -> dict[str, dict]:
-    """Every Kubernetes object the kustomization lists, by kind (one of each in this kit)."""
+# One worker pool per queue: the default queue's, and one per routed queue of the run config's
+# execution.config.routes (sized pools). On Kubernetes a pool's own objects carry its queue in a
+# label; on ECS each pool is a task definition (and a scaling policy with the same file suffix).
+POOLS = ("dagster", "dagster-big")
+POOL_LABEL = "dagster-taskiq-sync/queue"
+POOL_KINDS = ("Deployment", "PodDisruptionBudget", "ScaledObject")
+WORKER_ALLOWANCE = 2 * 2**30  # memory a pod or task needs beyond its steps: the worker and its fork server
+
+
+def k8s_docs() -> list[dict]:
     kustomization = load_all(DEPLOY / "kustomization.yaml")[0]
+    return [doc for resource in kustomization["resources"] for doc in load_all(DEPLOY / resource)]
+
+
+def k8s_objects(pool: str = "dagster") -> dict[str, dict]:
+    """The Kubernetes objects one pool works with, by kind: the shared ones (service account, RBAC,
+    KEDA's authentication) and the pool's own Deployment, disruption budget and scaler."""
     found: dict[str, dict] = {}
-    for resource in kustomization["resources"]:
-        for doc in load_all(DEPLOY / resource):
-            assert doc["kind"] not in found, f"two {doc['kind']} objects; this test expects one of each"
-            found[doc["kind"]] = doc
+    for doc in k8s_docs():
+        if doc["kind"] in POOL_KINDS and doc["metadata"].get("labels", {}).get(POOL_LABEL) != pool:
+            continue
+        assert doc["kind"] not in found, f"two {doc['kind']} objects for pool {pool}"
+        found[doc["kind"]] = doc
     return found
+
+
+def k8s_pools() -> list[str]:
+    return [doc["metadata"]["labels"][POOL_LABEL] for doc in k8s_docs() if doc["kind"] == "Deployment"]
+
+
+def ecs_task_definitions() -> dict[str, Path]:
+    """Pool (the `-q` its command consumes) -> its task definition file."""
+    found: dict[str, Path] = {}
+    for path in sorted((DEPLOY / "ecs").glob("task-definition*.json")):
+        pool = options(load_all(path)[0]["containerDefinitions"][0]["command"])["-q"]
+        assert pool not in found, f"two task definitions for pool {pool}"
+        found[pool] = path
+    return found
+
+
+def ecs_task(pool: str = "dagster") -> dict:
+    return load_all(ecs_task_definitions()[pool])[0]
+
+
+def ecs_scaling_policy(pool: str = "dagster") -> dict:
+    path = ecs_task_definitions()[pool]
+    return load_all(path.with_name(path.name.replace("task-definition", "scaling-policy")))[0]
 
 
 def dockerfile() -> dict[str, list]:
@@ -636,27 +674,27 @@ def dockerfile() -> dict[str, list]:
     return instructions
 
 
-def worker_container() -> dict:
-    return k8s_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+def worker_container(pool: str = "dagster") -> dict:
+    return k8s_objects(pool)["Deployment"]["spec"]["template"]["spec"]["containers"][0]
 
 
-def ecs_container() -> dict:
-    return load_all(DEPLOY / "ecs" / "task-definition.json")[0]["containerDefinitions"][0]
+def ecs_container(pool: str = "dagster") -> dict:
+    return ecs_task(pool)["containerDefinitions"][0]
 
 
 def invocations() -> dict[str, list[str]]:
     """The `worker start` arguments each piece of the kit runs the worker with."""
     entrypoint = dockerfile()["ENTRYPOINT"][-1]
     assert entrypoint[-3:] == WORKER_START, entrypoint
-    container = worker_container()
-    assert "command" not in container, "the Deployment keeps the image's ENTRYPOINT (worker start)"
-    ecs = ecs_container()
-    assert "entryPoint" not in ecs, "the task definition keeps the image's ENTRYPOINT (worker start)"
-    return {
-        "Dockerfile CMD": dockerfile()["CMD"][-1],
-        "Deployment args": container["args"],
-        "ECS command": ecs["command"],
-    }
+    found = {"Dockerfile CMD": dockerfile()["CMD"][-1]}
+    for pool in POOLS:
+        container = worker_container(pool)
+        assert "command" not in container, "the Deployment keeps the image's ENTRYPOINT (worker start)"
+        ecs = ecs_container(pool)
+        assert "entryPoint" not in ecs, "the task definition keeps the image's ENTRYPOINT (worker start)"
+        found[f"Deployment args ({pool})"] = container["args"]
+        found[f"ECS command ({pool})"] = ecs["command"]
+    return found
 
 
 def options(args: list[str]) -> dict[str, str]:
@@ -701,12 +739,13 @@ def messages_per_worker(args: list[str]) -> int:
     return concurrency * prefetch
 
 
-def test_every_manifest_in_deploy_parses():
+@pytest.mark.parametrize("pool", POOLS)
+def test_every_manifest_in_deploy_parses(pool):
     paths = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
     assert len(paths) >= 8
     for path in paths:
         assert load_all(path), path
-    assert set(k8s_objects()) == {
+    assert set(k8s_objects(pool)) == {
         "ServiceAccount",
         "Role",
         "RoleBinding",
@@ -729,8 +768,9 @@ def test_the_image_runs_worker_start_as_a_non_root_user_and_stops_with_sigterm()
     assert instructions["EXPOSE"] == [metrics_port]
 
 
-def test_probes_are_livez_and_readyz_on_the_metrics_port_the_worker_listens_on():
-    container = worker_container()
+@pytest.mark.parametrize("pool", POOLS)
+def test_probes_are_livez_and_readyz_on_the_metrics_port_the_worker_listens_on(pool):
+    container = worker_container(pool)
     opts = options(container["args"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
 
@@ -745,50 +785,53 @@ def test_probes_are_livez_and_readyz_on_the_metrics_port_the_worker_listens_on()
         assert probe_port(container[probe]) == int(opts["--metrics-port"]), probe
     # The kubelet and Prometheus come from outside the container's loopback.
     assert opts["--metrics-host"] == "0.0.0.0"
-    annotations = k8s_objects()["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    annotations = k8s_objects(pool)["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == opts["--metrics-port"]
 
-    ecs = ecs_container()
+    ecs = ecs_container(pool)
     ecs_opts = options(ecs["command"])
     assert ecs_opts["--metrics-host"] == "0.0.0.0"
     assert f"http://127.0.0.1:{ecs_opts['--metrics-port']}/livez" in " ".join(ecs["healthCheck"]["command"])
     assert [p["containerPort"] for p in ecs["portMappings"]] == [int(ecs_opts["--metrics-port"])]
 
 
-def test_the_platforms_wait_longer_than_the_worker_drains():
-    pod = k8s_objects()["Deployment"]["spec"]["template"]["spec"]
-    shutdown = float(options(worker_container()["args"])["--shutdown-timeout"])
+@pytest.mark.parametrize("pool", POOLS)
+def test_the_platforms_wait_longer_than_the_worker_drains(pool):
+    pod = k8s_objects(pool)["Deployment"]["spec"]["template"]["spec"]
+    shutdown = float(options(worker_container(pool)["args"])["--shutdown-timeout"])
     assert pod["terminationGracePeriodSeconds"] >= shutdown + GRACE_MARGIN
 
-    ecs = ecs_container()
+    ecs = ecs_container(pool)
     ecs_shutdown = float(options(ecs["command"])["--shutdown-timeout"])
     assert ecs["stopTimeout"] >= ecs_shutdown + GRACE_MARGIN
     assert ecs["stopTimeout"] <= FARGATE_MAX_STOP_TIMEOUT  # Fargate refuses more
 
 
-def test_keda_scales_on_concurrency_times_prefetch_of_the_queue_the_workers_consume():
-    args = worker_container()["args"]
+@pytest.mark.parametrize("pool", POOLS)
+def test_keda_scales_on_concurrency_times_prefetch_of_the_queue_the_workers_consume(pool):
+    args = worker_container(pool)["args"]
     settings = settings_of(args)
-    (trigger,) = k8s_objects()["ScaledObject"]["spec"]["triggers"]
+    (trigger,) = k8s_objects(pool)["ScaledObject"]["spec"]["triggers"]
     assert trigger["type"] == "aws-sqs-queue"
     metadata = trigger["metadata"]
     assert int(metadata["queueLength"]) == messages_per_worker(args)
     assert metadata["scaleOnInFlight"] == "true"  # busy workers count: see keda.yaml
     assert metadata["queueURL"].rsplit("/", 1)[-1] == settings.sqs.queue_name(options(args)["-q"])
     assert metadata["awsRegion"] == settings.sqs.region
-    assert trigger["authenticationRef"]["name"] == k8s_objects()["TriggerAuthentication"]["metadata"]["name"]
-    assert k8s_objects()["TriggerAuthentication"]["spec"]["podIdentity"]["provider"] == "aws"
+    assert trigger["authenticationRef"]["name"] == k8s_objects(pool)["TriggerAuthentication"]["metadata"]["name"]
+    assert k8s_objects(pool)["TriggerAuthentication"]["spec"]["podIdentity"]["provider"] == "aws"
     assert (
-        k8s_objects()["ScaledObject"]["spec"]["scaleTargetRef"]["name"]
-        == k8s_objects()["Deployment"]["metadata"]["name"]
+        k8s_objects(pool)["ScaledObject"]["spec"]["scaleTargetRef"]["name"]
+        == k8s_objects(pool)["Deployment"]["metadata"]["name"]
     )
-    assert "replicas" not in k8s_objects()["Deployment"]["spec"]  # KEDA owns the count
+    assert "replicas" not in k8s_objects(pool)["Deployment"]["spec"]  # KEDA owns the count
 
 
-def test_ecs_target_tracking_is_messages_per_task_at_concurrency_times_prefetch():
-    args = ecs_container()["command"]
+@pytest.mark.parametrize("pool", POOLS)
+def test_ecs_target_tracking_is_messages_per_task_at_concurrency_times_prefetch(pool):
+    args = ecs_container(pool)["command"]
     settings = settings_of(args)
-    policy = load_all(DEPLOY / "ecs" / "scaling-policy.json")[0]
+    policy = ecs_scaling_policy(pool)
     assert policy["TargetValue"] == messages_per_worker(args)
     metrics = {m["Id"]: m for m in policy["CustomizedMetricSpecification"]["Metrics"]}
     (result,) = [m for m in metrics.values() if m["ReturnData"]]
@@ -803,13 +846,14 @@ def test_ecs_target_tracking_is_messages_per_task_at_concurrency_times_prefetch(
         assert metric["Dimensions"] == [{"Name": "QueueName", "Value": queue}]
     tasks = metrics["tasks"]["MetricStat"]["Metric"]
     assert (tasks["Namespace"], tasks["MetricName"]) == ("ECS/ContainerInsights", "RunningTaskCount")
-    family = load_all(DEPLOY / "ecs" / "task-definition.json")[0]["family"]
+    family = ecs_task(pool)["family"]
     assert {"Name": "ServiceName", "Value": family} in tasks["Dimensions"]  # the service is named after it
 
 
-def test_each_platform_asks_for_its_own_scale_in_protection_with_what_it_needs():
-    objects = k8s_objects()
-    container = worker_container()
+@pytest.mark.parametrize("pool", POOLS)
+def test_each_platform_asks_for_its_own_scale_in_protection_with_what_it_needs(pool):
+    objects = k8s_objects(pool)
+    container = worker_container(pool)
     assert options(container["args"])["--scale-in-protection"] == "k8s"
     env = {e["name"]: e for e in container["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
@@ -823,16 +867,17 @@ def test_each_platform_asks_for_its_own_scale_in_protection_with_what_it_needs()
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account, "namespace": objects["ServiceAccount"]["metadata"]["namespace"]}
     ]
-    assert options(ecs_container()["command"])["--scale-in-protection"] == "ecs"
+    assert options(ecs_container(pool)["command"])["--scale-in-protection"] == "ecs"
 
 
-def test_workers_get_a_dagster_home_with_a_postgres_instance_and_the_run_config():
+@pytest.mark.parametrize("pool", POOLS)
+def test_workers_get_a_dagster_home_with_a_postgres_instance_and_the_run_config(pool):
     kustomization = load_all(DEPLOY / "kustomization.yaml")[0]
     (generated,) = kustomization["configMapGenerator"]
-    container = worker_container()
+    container = worker_container(pool)
     home = {e["name"]: e.get("value") for e in container["env"]}["DAGSTER_HOME"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
-    volumes = {v["name"]: v for v in k8s_objects()["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    volumes = {v["name"]: v for v in k8s_objects(pool)["Deployment"]["spec"]["template"]["spec"]["volumes"]}
     assert volumes[mounts["/config"]["name"]]["configMap"]["name"] == generated["name"]
     instance = mounts[f"{home}/dagster.yaml"]
     assert instance["subPath"] == "dagster.yaml" and instance["name"] == mounts["/config"]["name"]
@@ -842,7 +887,7 @@ def test_workers_get_a_dagster_home_with_a_postgres_instance_and_the_run_config(
         assert run_config.exists() and f"config/{run_config.name}" in generated["files"]
     assert "config/dagster.yaml" in generated["files"]
 
-    assert {e["name"]: e["value"] for e in ecs_container()["environment"]}["DAGSTER_HOME"] == home
+    assert {e["name"]: e["value"] for e in ecs_container(pool)["environment"]}["DAGSTER_HOME"] == home
     assert dockerfile()["ENV"][0].split("DAGSTER_HOME=")[1].split()[0] == home
 
     from dagster._core.instance.config import dagster_instance_config
@@ -851,14 +896,45 @@ def test_workers_get_a_dagster_home_with_a_postgres_instance_and_the_run_config(
     assert config["storage"]["postgres"]["postgres_db"]["scheme"] == "postgresql+psycopg2"  # SQLAlchemy 2.1 trap
 
 
-def test_the_disruption_budget_covers_the_workers_and_lets_unready_ones_go():
-    objects = k8s_objects()
+@pytest.mark.parametrize("pool", POOLS)
+def test_the_disruption_budget_covers_the_workers_and_lets_unready_ones_go(pool):
+    objects = k8s_objects(pool)
     pdb = objects["PodDisruptionBudget"]["spec"]
     assert (
         pdb["selector"]["matchLabels"].items()
         <= objects["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
     )
     assert pdb["maxUnavailable"] == 1 and pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_one_worker_pool_per_routed_queue_sized_for_its_routes_max():
+    from dagster_taskiq_sync.wire.routing import k8s_quantity
+
+    settings = settings_of(worker_container()["args"])
+    # the default queue's pool and one per queue of execution.config.routes, on both platforms
+    assert list(POOLS) == [settings.sqs.default_queue, *settings.routes.queues]
+    assert sorted(k8s_pools()) == sorted(ecs_task_definitions()) == sorted(POOLS)
+    for pool in POOLS:
+        for args in (worker_container(pool)["args"], ecs_container(pool)["command"]):
+            assert [args[i + 1] for i, a in enumerate(args) if a == "-q"] == [pool]  # its queue only
+        # each disruption budget counts only its own pool's pods
+        selector = k8s_objects(pool)["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items()
+        for other in POOLS:
+            labels = k8s_objects(other)["Deployment"]["spec"]["template"]["metadata"]["labels"].items()
+            assert (selector <= labels) == (other == pool), (pool, other)
+    for route in settings.routes.routes:
+        # a pool's pod / task holds -c steps of the route's largest size, plus the worker
+        most = {bound.key: bound.threshold for bound in route.max}
+        container = worker_container(route.queue)
+        steps = int(options(container["args"])["-c"])
+        limits = container["resources"]["limits"]
+        assert container["resources"]["requests"] == limits  # placed only where every step fits
+        assert k8s_quantity(limits["memory"]) >= steps * most["memory"] + WORKER_ALLOWANCE, route.queue
+        assert k8s_quantity(limits["cpu"]) >= steps * most["cpu"], route.queue
+        task = ecs_task(route.queue)
+        assert int(options(ecs_container(route.queue)["command"])["-c"]) == steps
+        assert int(task["memory"]) * 2**20 >= steps * most["memory"] + WORKER_ALLOWANCE, route.queue
+        assert int(task["cpu"]) / 1024 >= steps * most["cpu"], route.queue
 
 
 def cli_flags() -> set[str]:

@@ -98,3 +98,14 @@ def test_worker_start_refuses_bad_flags_in_one_sentence(run_cli, tmp_path, args,
 def test_worker_list_without_dagster_home_says_what_to_set(run_cli):
     code, stderr = run_cli("worker", "list", env={"DAGSTER_HOME": None})
     assert code == 1 and "set DAGSTER_HOME" in one_error_line(stderr)
+
+
+def test_a_bad_routing_table_stops_worker_start_and_queues_create_in_one_sentence(run_cli, tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("execution:\n  config:\n    routes:\n      - queue: big\n        when: {ecs/memory: '>= 8Gi'}\n")
+    expected = (
+        "execution.config.routes[0].when.ecs/memory is '>= 8Gi': '8Gi' is not MiB, e.g. 8192 or '8 GB'; fix the value."
+    )
+    for command in (("worker", "start"), ("queues", "create")):
+        code, stderr = run_cli(*command, "-y", config)
+        assert code == 1 and expected in one_error_line(stderr), stderr
