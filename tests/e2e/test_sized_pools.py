@@ -4,15 +4,16 @@ their pool's workers (execution.config.routes)."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import yaml
+from click.testing import CliRunner
 from dagster import DagsterEventType, execute_job, reconstructable
 
+from dagster_taskiq_sync import cli
 from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .. import jobs
-from ..helpers import CLI, WorkerProcess
+from ..helpers import WorkerProcess
 
 ROUTES = [
     {
@@ -29,22 +30,17 @@ def test_routed_steps_run_only_on_their_pools_workers(endpoint, instance, execut
     config = {**executor_config, "config_source": {"broker_transport_options": transport}, "routes": ROUTES}
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    # and the queues `queues create` makes from it: the routed one too
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "queue big -> SQS big" in out.stdout and "dead-letter queue big-dlq" in out.stdout
+    # and the queues `queues create` makes from it: the routed one too (the commands run in this
+    # process, through click's runner: the console script's start-up is not what is tested here)
+    out = CliRunner().invoke(cli.main, ["queues", "create", "-y", str(path)], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert "queue big -> SQS big" in out.output and "dead-letter queue big-dlq" in out.output
     # (which `queues stats` shows and `iam-policy` covers without being told)
-    out = subprocess.run(
-        [CLI, "queues", "stats", "-y", str(path), "--json"], capture_output=True, text=True, timeout=60
-    )
-    assert [q["queue"] for q in json.loads(out.stdout)["queues"]][:2] == ["dagster", "big"], out.stdout
-    out = subprocess.run(
-        [CLI, "iam-policy", "-y", str(path), "--role", "worker", "--account-id", "123456789012"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert "arn:aws:sqs:us-east-1:123456789012:big" in out.stdout, out.stderr
+    out = CliRunner().invoke(cli.main, ["queues", "stats", "-y", str(path), "--json"], catch_exceptions=False)
+    assert [q["queue"] for q in json.loads(out.stdout)["queues"]][:2] == ["dagster", "big"], out.output
+    policy = ["iam-policy", "-y", str(path), "--role", "worker", "--account-id", "123456789012"]
+    out = CliRunner().invoke(cli.main, policy, catch_exceptions=False)
+    assert "arn:aws:sqs:us-east-1:123456789012:big" in out.output, out.output
     # and a pool of its own on `big`, beside the shared pool on the default queue
     big = WorkerProcess(path, "bigpool", tmp_path, ["-q", "big", "-c", "2"]).wait_ready()
     try:
