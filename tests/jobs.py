@@ -3,6 +3,7 @@
 import hashlib
 import os
 import pickle
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,6 +21,17 @@ from dagster import (
 )
 
 from dagster_taskiq_sync import taskiq_executor
+
+
+@op
+def exit_code_of_a_subprocess() -> int:
+    """What a step sees of a subprocess exiting 3 (0 if a host's ignored SIGCHLD reached the step)."""
+    return subprocess.run(["sh", "-c", "exit 3"], check=False).returncode
+
+
+@job(executor_def=taskiq_executor)
+def runs_a_subprocess():
+    exit_code_of_a_subprocess()
 
 
 @op

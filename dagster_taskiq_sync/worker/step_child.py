@@ -102,6 +102,18 @@ def die_with_worker(worker_pid: int | None) -> None:
     threading.Thread(target=watch, name="watch-worker", daemon=True).start()
 
 
+def leave_host_signals() -> None:
+    """Take this child out of the host's signal world: its own process group (a Ctrl-C or a
+    signal to the host's group is the worker's to handle), and the default SIGCHLD.
+
+    A host that ignores SIGCHLD (``SIG_IGN`` survives the fork server's exec, and the fork server
+    restores it in each child) would otherwise make every subprocess a step starts look as if it
+    exited 0: the kernel reaps it, and ``subprocess`` reports 0 when there is nothing to wait for.
+    """
+    os.setpgrp()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
 def _open_instance(instance_ref: str, options: InstanceOptions) -> Any:
     return instance_from_ref(deserialize_value(instance_ref), options)
 
@@ -151,7 +163,7 @@ def run_run_in_child(
     ``api execute_run`` stops: steps are terminated and the run ends CANCELED.
     """
     die_with_worker(pickup.worker_pid)
-    os.setpgrp()  # a Ctrl-C in the worker's terminal is the worker's to handle, not the run's
+    leave_host_signals()  # a Ctrl-C in the worker's terminal is the worker's to handle, not the run's
     with capture_interrupts():
         instance = _open_instance(instance_ref, options)
         try:
@@ -197,7 +209,7 @@ def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: Instance
     die_with_worker(worker_pid)
     # A Ctrl-C in the worker's terminal is the worker's to handle: it decides whether running
     # steps finish within the shutdown deadline or are killed.
-    os.setpgrp()
+    leave_host_signals()
     install_thread_log_mirror()
     install_cached_step_plans()
     install_step_worker_details()

@@ -95,6 +95,7 @@ class Worker:
         self.capacity = Capacity(config.concurrency * self.settings.prefetch_multiplier, clock=clock)
         self._threads: list[GuardedThread] = []
         self._started = False
+        self._owner_pid = os.getpid()  # the process that started it: a fork's copy must not stop it
         self.started_wall = time.time()
         # Replaced by start(): the real metrics, protector and probes, and the started parts.
         self.metrics: WorkerMetrics | NullMetrics = NullMetrics()
@@ -112,6 +113,7 @@ class Worker:
 
     def start(self) -> Worker:
         settings, config = self.settings, self.config
+        self._owner_pid = os.getpid()
         # Probes first (a Kubernetes startup probe may already ask while step children warm up);
         # a port in use or a platform without scale-in protection fails here, before anything else.
         self.metrics = WorkerMetrics() if config.metrics_port else NullMetrics()
@@ -270,7 +272,7 @@ class Worker:
 
     def stop(self, timeout: float | None = None, second_signal: Callable[[], list[int]] | None = None) -> None:
         """Ordered shutdown under one deadline (see the module docstring); idempotent."""
-        if not self._started:
+        if not self._started or self._forked_copy("stop"):
             return
         self._started = False
         timeout = self.config.shutdown_timeout if timeout is None else timeout
@@ -330,12 +332,23 @@ class Worker:
     def kill_running(self, why: str) -> None:
         """Second SIGTERM or deadline: kill running steps. Their messages are deleted (the attempt
         has started); their records say "killed: WHY", so the orchestrator fails or retries them."""
+        if self._forked_copy("kill_running"):
+            return
         self.stopping.set()
         self.killing.set()
         if self._parts is None:  # nothing started, nothing runs
             return
         for request in self.parts.context.running.list():
             request.kill(why, force=True)
+
+    def _forked_copy(self, what: str) -> bool:
+        """In a fork of the host, this object is a copy with none of the worker's threads, yet with
+        its step children's pipes and pids: a stop from there hangs on the event loop that is not
+        there, and a kill would kill the parent's running steps."""
+        if os.getpid() == self._owner_pid:
+            return False
+        log.warning("worker %s: %s() ignored in pid %d, a fork of its process", self.name, what, os.getpid())
+        return True
 
     def _on_death(self, why: str) -> None:
         if not self.stopping.is_set() and self.fatal is None:

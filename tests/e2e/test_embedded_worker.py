@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,28 +45,84 @@ def queue_config(endpoint, path: Path, queue: str) -> dict:
     return config
 
 
+def exit_status(pid: int, timeout: float) -> int:
+    """The wait status of child ``pid``; a child still running after ``timeout`` is killed and fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child {pid} did not exit within {timeout} s")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process under ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, todo = set(), [pid]
+    while todo:
+        parent = todo.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def readme_snippet() -> str:
     """The README's "Embedding a worker" code block, as a user would paste it."""
     section = (ROOT / "README.md").read_text().split("### Embedding a worker", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_a_worker_embedded_in_this_process_runs_a_job(endpoint, instance, tmp_path):
+def test_a_worker_embedded_in_a_host_that_forks_and_ignores_sigchld_runs_a_job(endpoint, instance, tmp_path):
     config = queue_config(endpoint, tmp_path / "embedded.yaml", "embedded")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     worker_config = WorkerConfig.from_yaml(
         str(tmp_path / "embedded.yaml"), queues=["embedded"], name="embedded", concurrency=2
     )
-    with Worker(worker_config, instance=instance) as worker:
-        assert worker.ready() == (True, "ok") and worker.live() == (True, "ok")
-        assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # none installed
-        with execute_job(
-            reconstructable(jobs.diamond), instance=instance, run_config={"execution": {"config": config}}
-        ) as result:
-            assert result.success
+    # a host that ignores SIGCHLD (SIG_IGN is inherited through exec and fork)
+    host_sigchld = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        with Worker(worker_config, instance=instance) as worker:
+            assert worker.ready() == (True, "ok") and worker.live() == (True, "ok")
+            assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # none installed
+            # a fork of the host that stops its copy of the worker leaves the worker and its step children alone
+            children = descendants(os.getpid())
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # to wait for the fork ourselves
+            fork = os.fork()
+            if fork == 0:
+                try:
+                    worker.kill_running("a fork")
+                    worker.stop(timeout=1)
+                finally:
+                    os._exit(0)
+            assert exit_status(fork, timeout=20) == 0
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+            assert descendants(os.getpid()) == children and worker.ready() == (True, "ok")
+            with execute_job(
+                reconstructable(jobs.diamond), instance=instance, run_config={"execution": {"config": config}}
+            ) as result:
+                assert result.success
+            # a step still sees its subprocesses' exit codes (the kernel would reap them under SIG_IGN)
+            with execute_job(
+                reconstructable(jobs.runs_a_subprocess), instance=instance, run_config={"execution": {"config": config}}
+            ) as seen:
+                assert seen.success and seen.output_for_node("exit_code_of_a_subprocess") == 3
+    finally:
+        signal.signal(signal.SIGCHLD, host_sigchld)
     # leaving the block stopped it in order (no sys.exit: we are still here)
-    assert worker.steps_done == 4 and worker.ready() == (False, "draining")
+    assert worker.steps_done == 5 and worker.ready() == (False, "draining")
     assert {r.worker for r in step_reports(instance, result.run_id).values()} == {worker.name}
 
 
