@@ -29,6 +29,7 @@ RANKS = {
     "orchestrator": 5,
     "worker": 5,
     "cli": 6,
+    "integrations": 6,
     "__init__": 7,
 }
 # Top-level modules a box may share (each box imports the error types and the version).
@@ -161,3 +162,26 @@ def test_docs_architecture_names_every_module_of_every_box():
         and f"`{m.rsplit('.', 1)[1]}`" not in text
     )
     assert missing == [], f"docs/architecture.md does not mention: {missing}"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports, wherever the import statement is."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_only_the_celery_integration_imports_celery_and_nothing_imports_the_integrations():
+    # Celery is an optional extra: importing the package, the CLI or a worker must not need it.
+    importers = sorted(str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py") if {"celery", "kombu"} & imports_of(p))
+    assert importers == ["dagster_taskiq_sync/integrations/celery.py"]
+    users = sorted(
+        s
+        for s, targets in graph().items()
+        if box(s) != "integrations" and any(box(t) == "integrations" for t in targets)
+    )
+    assert users == []
