@@ -750,6 +750,8 @@ def test_every_manifest_in_deploy_parses(pool):
         "ServiceAccount",
         "Role",
         "RoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
         "Deployment",
         "PodDisruptionBudget",
         "TriggerAuthentication",
