@@ -1,6 +1,7 @@
 """Celery settings -> SQS settings.
 
-The one place that knows what a dagster-celery YAML block means here. Every option is either
+The one place that knows what a dagster-celery YAML block means here (its broker and backend
+URLs are parsed in ``celery_urls``). Every option is either
 *mapped*, *accepted with a warning* saying why it has no effect on SQS, or *refused* with an
 error naming the setting and the fix. Nothing is silently ignored. The README's mapping table
 is generated from :data:`CONFIG_SOURCE_TABLE` and :data:`TRANSPORT_OPTIONS_TABLE`
@@ -12,96 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+from dagster_taskiq_sync.config.celery_urls import parse_backend_url, parse_broker_url
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.wire.aws import check_role_arn, check_token_seconds
 from dagster_taskiq_sync.wire.messages import Keyring
 from dagster_taskiq_sync.wire.routing import parse_routes
-from dagster_taskiq_sync.wire.settings import DEFAULT_QUEUE, Settings, SQSSettings, redact_url
+from dagster_taskiq_sync.wire.settings import DEFAULT_QUEUE, Settings, SQSSettings
 from dagster_taskiq_sync.wire.time_limits import HARD_TAG, SOFT_TAG, check_run_limits
-
-SUPPORTED_BROKERS = (
-    "'sqs://' (AWS defaults), 'sqs://host:port' (an endpoint such as a local one) or 'sqs://key:secret@host:port'"
-)
-
-
-# --- broker / backend URLs ------------------------------------------------------------------
-
-
-QUOTE_HINT = "(URL-quote '/', '?', '#' and '@' in a key or secret as %2F, %3F, %23, %40)"
-
-
-def parse_broker_url(url: str | None, *, is_secure: bool = False) -> dict[str, Any]:
-    """SQSSettings fields for a Celery broker URL.
-
-    ``sqs://`` keeps boto's own resolution; ``sqs://host:port`` is an HTTP endpoint
-    (``is_secure`` makes it HTTPS); ``sqs://key:secret@...`` carries URL-quoted credentials.
-    """
-    if url is None or url.strip() == "":
-        return {}
-    shown = redact_url(url)
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port  # raises ValueError on a non-numeric port
-    except ValueError:
-        raise ConfigError(
-            f"execution.config.broker {shown!r} is not a valid URL; use {SUPPORTED_BROKERS} {QUOTE_HINT}."
-        ) from None
-    scheme = parts.scheme.lower()
-    if scheme != "sqs":
-        what = f"scheme {scheme + '://'!r}" if scheme else "no scheme"
-        raise ConfigError(
-            f"execution.config.broker {shown!r} has {what}, which taskiq_executor does not "
-            f"support (it runs on SQS only); use {SUPPORTED_BROKERS}."
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ConfigError(
-            f"execution.config.broker {shown!r} has a path or query SQS does not use; use {SUPPORTED_BROKERS} "
-            f"{QUOTE_HINT}."
-        )
-    fields: dict[str, Any] = {}
-    if parts.username or parts.password:
-        if not (parts.username and parts.password):
-            raise ConfigError(
-                f"execution.config.broker {shown!r} has an access key without a secret (or a "
-                "secret without a key); write both as sqs://KEY:SECRET@ (URL-quoted)."
-            )
-        fields["access_key_id"] = unquote(parts.username)
-        fields["secret_access_key"] = unquote(parts.password)
-    host = parts.hostname
-    if host:
-        if port is None:
-            raise ConfigError(
-                f"execution.config.broker {shown!r} names host {host!r} without a port; "
-                "write sqs://HOST:PORT (for example sqs://127.0.0.1:9324)."
-            )
-        scheme = "https" if is_secure else "http"
-        fields["endpoint_url"] = f"{scheme}://{host}:{port}"
-    elif port is not None:
-        raise ConfigError(f"execution.config.broker {shown!r} has a port but no host; write sqs://HOST:PORT.")
-    return fields
-
-
-def parse_backend_url(url: str | None) -> dict[str, Any]:
-    """SQSSettings fields for a Celery result backend URL.
-
-    ``rpc://`` (Celery's default) needs nothing but the queue: step results and events go
-    through the Dagster instance's event log, so it maps to that. ``s3://bucket/prefix``
-    names the bucket that payloads larger than the queue accepts are offloaded to.
-    """
-    if url is None or url.strip() in ("", "rpc://", "rpc"):
-        return {}
-    shown = redact_url(url)
-    parts = urlsplit(url.strip())
-    if parts.scheme == "s3" and parts.netloc:
-        return {"s3_bucket": parts.netloc, "s3_prefix": parts.path.strip("/")}
-    raise ConfigError(
-        f"execution.config.backend {shown!r} is not supported: step results travel through "
-        "the Dagster instance's event log; use 'rpc://' (the default, no extra service) or "
-        "'s3://BUCKET/PREFIX' to offload large payloads to S3."
-    )
-
 
 # --- config_source tables -------------------------------------------------------------------
 # Each entry: key -> (action, explanation, handler). action is "mapped", "no effect" or

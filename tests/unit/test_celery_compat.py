@@ -6,11 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dagster_taskiq_sync.config.celery_compat import (
-    mapping_table_markdown,
-    parse_broker_url,
-    settings_from_executor_config,
-)
+from dagster_taskiq_sync.config.celery_compat import mapping_table_markdown, settings_from_executor_config
+from dagster_taskiq_sync.config.celery_urls import parse_broker_url
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.wire.settings import kombu_queue_name, redact_url
 
