@@ -68,18 +68,19 @@ _QUEUE_JOB = ("queue", "job")
 
 WORKER_METRICS = (
     MetricSpec("worker_steps_received", "counter", _QUEUE, "Step messages taken from SQS."),
-    MetricSpec("worker_steps_started", "counter", _QUEUE, "Steps whose process was started."),
-    MetricSpec("worker_steps_succeeded", "counter", _QUEUE, "Steps whose process ended with exit code 0."),
+    MetricSpec("worker_steps_started", "counter", _QUEUE_JOB, "Steps whose process was started."),
+    MetricSpec("worker_steps_succeeded", "counter", _QUEUE_JOB, "Steps that ran to their end and succeeded."),
     MetricSpec(
         "worker_steps_failed",
         "counter",
-        _QUEUE,
-        "Steps whose process ended with a non-zero exit code or without reporting a result.",
+        _QUEUE_JOB,
+        "Steps that failed: the step failed or is up for retry (its error is in the run's event log), or its "
+        "process ended with a non-zero exit code or without reporting a result.",
     ),
     MetricSpec(
         "worker_steps_killed",
         "counter",
-        _QUEUE,
+        _QUEUE_JOB,
         "Steps killed by the worker (cancel request, run over, hard time limit, shutdown deadline).",
     ),
     MetricSpec(
@@ -119,6 +120,12 @@ WORKER_METRICS = (
     MetricSpec("worker_busy_slots", "gauge", (), "Steps (or launched runs) running now."),
     MetricSpec("worker_free_slots", "gauge", (), "Slots (-c) not running anything."),
     MetricSpec("worker_prefetched_messages", "gauge", (), "Messages held but not started yet."),
+    MetricSpec(
+        "worker_ready",
+        "gauge",
+        (),
+        "1 while /readyz answers ok; 0 while starting, draining after SIGTERM or with SQS unreachable.",
+    ),
     MetricSpec(
         "worker_visibility_extensions",
         "counter",
@@ -269,6 +276,9 @@ class NullMetrics:
         """Read ``(busy, free, prefetched)`` from ``snapshot()`` at every scrape (it must be cheap and
         never raise)."""
 
+    def track_readiness(self, check: Callable[[], tuple[bool, str]]) -> None:
+        """Read ``check()`` (the worker's /readyz check: cheap, never blocks) at every scrape."""
+
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """Exposition for a scrape: (body, content type)."""
         return b"", "text/plain; version=0.0.4; charset=utf-8"
@@ -288,12 +298,12 @@ class WorkerMetrics(NullMetrics):
         self._m["worker_steps_received"].labels(queue).inc()
 
     def step_started(self, queue: str, job: str, waited: float | None = None) -> None:
-        self._m["worker_steps_started"].labels(queue).inc()
+        self._m["worker_steps_started"].labels(queue, job).inc()
         if waited is not None:
             self._m["worker_step_queue_wait_seconds"].labels(queue, job).observe(max(0.0, waited))
 
     def _ended(self, counter: str, queue: str, job: str, seconds: float) -> None:
-        self._m[counter].labels(queue).inc()
+        self._m[counter].labels(queue, job).inc()
         self._m["worker_step_duration_seconds"].labels(queue, job).observe(max(0.0, seconds))
 
     def step_succeeded(self, queue: str, job: str, seconds: float) -> None:
@@ -333,6 +343,15 @@ class WorkerMetrics(NullMetrics):
     def track_slots(self, snapshot: Callable[[], tuple[int, int, int]]) -> None:
         for index, name in enumerate(("worker_busy_slots", "worker_free_slots", "worker_prefetched_messages")):
             self._m[name].set_function(lambda i=index: snapshot()[i])
+
+    def track_readiness(self, check: Callable[[], tuple[bool, str]]) -> None:
+        def ready() -> float:
+            try:
+                return 1.0 if check()[0] else 0.0
+            except Exception:  # noqa: BLE001 - as /readyz: a check that raises means not ready
+                return 0.0
+
+        self._m["worker_ready"].set_function(ready)
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         return self._r.render(accept)

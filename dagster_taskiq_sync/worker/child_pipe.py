@@ -39,7 +39,8 @@ class CannotRunReason(Enum):
 
 
 class ChildStatus(Enum):
-    OK = "ok"  # the step ran to its end: its result (success or failure) is in the event log
+    OK = "ok"  # the step ran to its end and succeeded: its result is in the event log
+    FAILED = "failed"  # it ran to its end and failed (or is up for retry): that is in the event log; child reused
     CANNOT_RUN = "cannot_run"  # see the reason; the child is not reused
     ERROR = "error"  # something broke outside the step's own error handling; the child is not reused
 

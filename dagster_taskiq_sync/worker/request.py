@@ -382,6 +382,7 @@ class Request:
         assert message is not None and child is not None
         cannot = child.cannot_run_reason()
         cannot_run = cannot.sentence if cannot else None
+        step_failed = child.step_failed()
         child.close()
         reason = f"killed: {self.kill_reason}" if self.kill_reason else cannot_run
         if reason is None and self._soft_sent and code != 0 and self.limits.soft is not None:
@@ -402,7 +403,7 @@ class Request:
                 worker.metrics.step_killed
                 if self.kill_reason
                 else worker.metrics.step_succeeded
-                if code == 0
+                if code == 0 and not step_failed
                 else worker.metrics.step_failed
             )
             count(self.delivery.queue, self.run.job_name, worker.clock() - self._started)

@@ -231,10 +231,8 @@ def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: Instance
             conn.send_bytes(StepDone(message.seq, status, reason, _rss_kib()).to_bytes())
         except (OSError, ValueError):
             return
-        if (
-            status is not ChildStatus.OK
-        ):  # whatever broke (or a job that would not load) may have left this process unusable
-            sys.exit(1)
+        if status not in (ChildStatus.OK, ChildStatus.FAILED):
+            sys.exit(1)  # whatever broke (or a job that would not load) may have left this process unusable
 
 
 def _serve_one(
@@ -242,11 +240,8 @@ def _serve_one(
 ) -> tuple[ChildStatus, CannotRunReason | None]:
     try:
         with soft_time_limit(task.soft_limit):
-            if profile_dir:
-                _profiled(profile_dir, task, state)
-            else:
-                _run_step(task, state)
-        return ChildStatus.OK, None
+            failed = _profiled(profile_dir, task, state) if profile_dir else _run_step(task, state)
+        return (ChildStatus.FAILED if failed else ChildStatus.OK), None
     except CannotRun as exc:
         return ChildStatus.CANNOT_RUN, exc.reason
     except SoftTimeLimitExceeded as exc:  # the step's failure (in the event log) says it; no traceback
@@ -267,7 +262,7 @@ def _rss_kib() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _profiled(profile_dir: str, task: StepTask, state: _StepChildState) -> None:
+def _profiled(profile_dir: str, task: StepTask, state: _StepChildState) -> bool:
     """Developer aid: one cProfile file per step, and the modules it imported late."""
     import cProfile
 
@@ -275,7 +270,7 @@ def _profiled(profile_dir: str, task: StepTask, state: _StepChildState) -> None:
     profiler = cProfile.Profile()
     profiler.enable()
     try:
-        _run_step(task, state)
+        return _run_step(task, state)
     finally:
         profiler.disable()
         base = os.path.join(profile_dir, f"{task.step_key}-{os.getpid()}-{time.time():.3f}")
@@ -303,7 +298,8 @@ def _retry_mode(state: _StepChildState, run: Any, recon: Any) -> Any:
     return state.retry_modes[key]
 
 
-def _run_step(task: StepTask, state: _StepChildState) -> None:
+def _run_step(task: StepTask, state: _StepChildState) -> bool:
+    """Run one step attempt; True when it failed (STEP_FAILURE, or STEP_UP_FOR_RETRY)."""
     instance = state.instance
     what = f"Step {task.step_key}"
     run = _run_or_raise(instance, task.run_id, what)
@@ -319,10 +315,13 @@ def _run_step(task: StepTask, state: _StepChildState) -> None:
         print_serialized_events=False,
     )
     token = step_worker_details.set((task.pickup.text("picked up", os.getpid()), task.pickup.metadata(os.getpid())))
+    failed = False
     try:
-        for _event in execute_step_command_body(args, instance, run):
-            pass  # events are already in the event log; nobody re-logs them
+        for event in execute_step_command_body(args, instance, run):
+            # Events are already in the event log (nobody re-logs them); the outcome is for metrics.
+            failed = failed or event.is_step_failure or event.is_step_up_for_retry
     except DagsterExecutionStepNotFoundError:
         raise CannotRun(CannotRunReason.STEP_NOT_FOUND) from None
     finally:
         step_worker_details.reset(token)
+    return failed

@@ -103,6 +103,9 @@ class ChildHandle(Protocol):
     def cannot_run_reason(self) -> CannotRunReason | None:
         """Why the child could not run its message at all, if it said so."""
 
+    def step_failed(self) -> bool:
+        """The step ran to its end and failed, or is up for retry (exit code 0: the failure is in the event log)."""
+
     def close(self) -> None: ...
 
 
@@ -139,6 +142,9 @@ class RunProcess:
         except (EOFError, OSError, BadReply):  # a run child runs user code: its report is only a hint
             pass
         return None
+
+    def step_failed(self) -> bool:
+        return False  # a run child's outcome is its exit code
 
     def close(self) -> None:
         if self.reports is not None:
@@ -311,6 +317,7 @@ class StepAttempt:
         self.child = child
         self._code: int | None = None
         self._reason: CannotRunReason | None = None
+        self._failed = False
         self._seq = child.steps_run + 1
         child.conn.send(RunStep(self._seq, task))
 
@@ -328,8 +335,10 @@ class StepAttempt:
         if isinstance(reply, StepDone):
             self._reason, self.child.rss_kib = reply.reason, reply.rss_kib
             self.child.steps_run += 1
-            self.child.spent = self.child.spent or reply.status is not ChildStatus.OK
-            self._code = 0 if reply.status is ChildStatus.OK else 1
+            ran = reply.status in (ChildStatus.OK, ChildStatus.FAILED)
+            self.child.spent = self.child.spent or not ran
+            self._failed = reply.status is ChildStatus.FAILED
+            self._code = 0 if ran else 1
         elif isinstance(reply, BadReply):  # user code wrote on the pipe: this child is not trusted again
             self.child.spent = True
             self.kill()
@@ -356,6 +365,9 @@ class StepAttempt:
 
     def cannot_run_reason(self) -> CannotRunReason | None:
         return self._reason
+
+    def step_failed(self) -> bool:
+        return self._failed
 
     def kill(self) -> None:
         if self.child.alive():

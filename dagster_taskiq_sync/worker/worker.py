@@ -117,6 +117,7 @@ class Worker:
         # Probes first (a Kubernetes startup probe may already ask while step children warm up);
         # a port in use or a platform without scale-in protection fails here, before anything else.
         self.metrics = WorkerMetrics() if config.metrics_port else NullMetrics()
+        self.metrics.track_readiness(self.ready)
         self.protector = protector_from_flag(config.scale_in_protection)
         self.health = (
             HealthServer(

@@ -62,6 +62,7 @@ def exercise(metrics: NullMetrics) -> None:
     metrics.sqs_call("DeleteMessage", 0.01, error="AWS.SimpleQueueService.NonExistentQueue")
     metrics.step_child_recycled("max_tasks")
     metrics.track_slots(lambda: (2, 2, 1))
+    metrics.track_readiness(lambda: (False, "draining"))
 
 
 def families(text: str) -> dict:
@@ -103,7 +104,9 @@ def test_exposed_values_are_what_the_worker_reported():
         for f in families(metrics.render()[0].decode()).values()
         for s in f.samples
     }
-    assert samples[("dagster_taskiq_worker_steps_killed_total", (("queue", "dagster"),))] == 1
+    assert samples[("dagster_taskiq_worker_steps_killed_total", (("job", "etl"), ("queue", "dagster")))] == 1
+    assert samples[("dagster_taskiq_worker_steps_failed_total", (("job", "etl"), ("queue", "dagster")))] == 1
+    assert samples[("dagster_taskiq_worker_ready", ())] == 0  # exercise()'s readiness check says draining
     assert samples[("dagster_taskiq_worker_busy_slots", ())] == 2
     assert samples[("dagster_taskiq_worker_free_slots", ())] == 2
     assert samples[("dagster_taskiq_worker_prefetched_messages", ())] == 1
@@ -128,6 +131,23 @@ def test_exposed_values_are_what_the_worker_reported():
         if s.name == "dagster_taskiq_worker_step_duration_seconds_bucket"
     }
     assert {"0.05", "3600.0", "+Inf"} <= les
+
+
+def test_the_ready_gauge_is_read_from_the_readiness_check_at_each_scrape():
+    metrics = WorkerMetrics()
+    state = {"ready": True}
+
+    def check() -> tuple[bool, str]:
+        if state["ready"] is None:
+            raise RuntimeError("broken check")
+        return bool(state["ready"]), "ok" if state["ready"] else "SQS unreachable for queue dagster"
+
+    metrics.track_readiness(check)
+    seen = []
+    for value in (True, False, None, True):
+        state["ready"] = value
+        seen.append(families(metrics.render()[0].decode())["dagster_taskiq_worker_ready"].samples[0].value)
+    assert seen == [1, 0, 0, 1]  # a check that raises is not ready, as /readyz
 
 
 def test_labels_from_open_ended_input_stay_bounded():

@@ -33,6 +33,7 @@ pytestmark = pytest.mark.compat
 def test_a_step_done_survives_the_pipe_encoding():
     for done in (
         StepDone(3, ChildStatus.OK, None, 81234),
+        StepDone(4, ChildStatus.FAILED, None, 81234),
         StepDone(1, ChildStatus.CANNOT_RUN, CannotRunReason.JOB_NOT_LOADABLE, 0),
         StepDone(7, ChildStatus.ERROR, None, 5),
     ):
@@ -124,6 +125,18 @@ def test_the_genuine_reply_is_read_and_the_child_stays_usable():
     try:
         assert attempt.wait(10) == 0
         assert not child.spent and child.alive() and child.rss_kib == 42 and child.steps_run == 1
+    finally:
+        child.process.kill()
+        child.process.join(5)
+
+
+def test_a_step_that_failed_in_user_code_ends_normally_and_its_child_stays_usable():
+    # Its failure is in the event log (the run handles it); the worker only counts it as failed.
+    attempt, child = _attempt_with_a_child_that_replies(StepDone(1, ChildStatus.FAILED, None, 42).to_bytes())
+    try:
+        assert attempt.wait(10) == 0
+        assert attempt.step_failed()
+        assert not child.spent and child.alive() and child.steps_run == 1
     finally:
         child.process.kill()
         child.process.join(5)

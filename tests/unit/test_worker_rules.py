@@ -224,6 +224,9 @@ class FakeChild:
     def cannot_run_reason(self):
         return None
 
+    def step_failed(self):
+        return False
+
     def close(self):
         pass
 
