@@ -435,8 +435,29 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
     metavar="N",
     help="Messages one worker should hold (default: its concurrency x worker_prefetch_multiplier); replicas needed = ceil((visible + in flight) / N).",
 )
-def queues_stats(config_yaml, only, as_json, watch, target) -> None:
+@click.option(
+    "--serve",
+    "serve_port",
+    type=click.IntRange(1, 65535),
+    metavar="PORT",
+    help="Serve these numbers as Prometheus metrics on PORT (/metrics, /livez, /readyz) until Ctrl-C, instead of printing them.",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address --serve binds to; 0.0.0.0 in a container, so Prometheus reaches it.",
+)
+@click.option(
+    "--cache-seconds",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="With --serve: read SQS at most once per this many seconds; scrapes in between get the last reading.",
+)
+def queues_stats(config_yaml, only, as_json, watch, target, serve_port, host, cache_seconds) -> None:
     """Per queue: visible / in-flight / delayed messages, dead-letter depth, live workers, free slots, replicas needed."""
+    from dagster_taskiq_sync.ops.stats import RegistryReader
     from dagster_taskiq_sync.wire.bridge import Bridge
     from dagster_taskiq_sync.worker.signals import SignalInbox
 
@@ -446,70 +467,74 @@ def queues_stats(config_yaml, only, as_json, watch, target) -> None:
         raise click.UsageError(
             f"--target-backlog-per-worker {target} must be a whole number of at least 1; pass e.g. 4."
         )
+    if serve_port is not None:
+        if watch is not None or as_json:
+            raise click.UsageError("--serve serves metrics instead of printing; drop --watch and --json.")
+        _serve_stats(config_yaml, only, target, serve_port, host, cache_seconds)
+        return
     # With --watch, Ctrl-C / SIGTERM end the loop between rounds (exit 0, as before): a
     # KeyboardInterrupt raised in the middle of a broker call could leave the bridge's loop waiting
     # on a call it never settles.
     inbox = SignalInbox().install() if watch is not None else None
     stopped = False
+    registry = RegistryReader()
     try:
         settings = settings_from_yaml(config_yaml)
         with Bridge() as bridge:
             while True:
-                failed = _print_stats(bridge, settings, only, as_json, target)
+                failed = _print_stats(bridge, settings, only, as_json, target, registry)
                 if inbox is None or (stopped := bool(inbox.wait(watch))):
                     break
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
+        registry.close()
         if inbox is not None:
             inbox.uninstall()
     if failed and not stopped:
         sys.exit(1)
 
 
-def _print_stats(bridge, settings, only, as_json, target) -> bool:
+def _serve_stats(config_yaml, only, target, port, host, cache_seconds) -> None:
+    """`queues stats --serve`: a Prometheus exporter of the queues' numbers until a signal."""
+    from dagster_taskiq_sync.ops.queue_exporter import QueueExporter
+    from dagster_taskiq_sync.worker.signals import SignalInbox
+
+    if not cache_seconds >= 1:
+        raise click.UsageError(
+            f"--cache-seconds {cache_seconds:g} must be at least 1, so scrapes cannot hammer SQS; pass e.g. 10."
+        )
+    configure_logging(logging.INFO)
+    try:
+        settings = settings_from_yaml(config_yaml)
+        exporter = QueueExporter(settings, port, host, only=only, target=target, cache_seconds=cache_seconds).start()
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"queue metrics at {exporter.url}/metrics (SQS {settings.sqs.describe_endpoint()} read at most every "
+        f"{cache_seconds:g} s); Ctrl-C stops it",
+    )
+    inbox = SignalInbox().install()  # not an Event: Event.set in a handler can deadlock on its lock
+    try:
+        while not inbox.wait(1.0):
+            pass
+    finally:
+        inbox.uninstall()
+        exporter.stop()
+
+
+def _print_stats(bridge, settings, only, as_json, target, registry) -> bool:
     """One round of `queues stats`; returns True when a queue could not be read."""
-    import datetime
     import json
 
-    from dagster_taskiq_sync.ops.admin import add_workers, queue_depths, size_text
-    from dagster_taskiq_sync.wire.broker_client import translate_error
+    from dagster_taskiq_sync.ops.admin import size_text
+    from dagster_taskiq_sync.ops.stats import gather
 
-    notes = []
-    workers = None
-    if not os.environ.get("DAGSTER_HOME", "").strip():  # _registry() raises for this; say it plainly
-        notes.append(
-            "DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance."
-        )
-    else:
-        try:
-            workers = _registry().workers()
-        except Exception as exc:  # noqa: BLE001 - SQS numbers are still worth printing
-            notes.append(
-                f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); live workers are unknown."
-            )
-    names = list(only) or [
-        settings.sqs.default_queue,
-        *settings.routes.queues,
-        *(q for w in workers or () if w.looks_alive() for q in w.queues),
-    ]
-    try:
-        stats = bridge.call(queue_depths, settings.sqs, list(dict.fromkeys(names)), timeout=60)
-    except TaskiqSyncError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the registry is optional for stats; say why it could not be read
-        raise translate_error(exc, settings.sqs, "reading queue attributes", None) from None
-    add_workers(
-        stats,
-        workers,
-        prefetch_multiplier=settings.prefetch_multiplier,
-        config_concurrency=settings.worker_concurrency,
-        target=target,
-    )
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    report = gather(bridge, settings, only, target=target, registry=registry)
+    stats, notes, now = report.queues, report.notes, report.time
     if as_json:
-        click.echo(json.dumps({"time": now, "queues": [s.as_dict() for s in stats], "notes": notes}))
-        return any(s.error for s in stats)
+        click.echo(json.dumps(report.as_dict()))
+        return report.failed
     header = f"{'QUEUE':<20} {'VISIBLE':>7} {'IN FLIGHT':>9} {'DELAYED':>7} {'MAX MSG':>8}  {'DEAD-LETTER':<24} {'WORKERS':>7} {'FREE':>5} {'TARGET':>6} {'REPLICAS':>8}"
     click.echo(f"{now}  {settings.sqs.describe_endpoint()}")
     click.echo(header)
@@ -539,7 +564,7 @@ def _print_stats(bridge, settings, only, as_json, target) -> bool:
             click.echo(f"note: {s.dead_letter_error}")
     for note in notes:
         click.echo(f"note: {note}")
-    return any(s.error for s in stats)
+    return report.failed
 
 
 @queues.command("redrive")

@@ -233,3 +233,53 @@ def make_config(
     )
     assert out.returncode == 0, out.stderr
     return config, path
+
+
+class Exporter:
+    """One `queues stats --serve` process; its output goes to a file (a pipe nobody reads could fill up)."""
+
+    def __init__(self, config: Path, port: int, *args: str, env: dict | None = None) -> None:
+        self.log_path = config.parent / f"exporter-{port}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [CLI, "queues", "stats", "-y", str(config), "--serve", str(port), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env or os.environ.copy(),
+            )
+        wait_for(self._serving, timeout=60, what="the exporter to serve")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _serving(self) -> bool:
+        assert self.proc.poll() is None, self.log()
+        return "queue metrics at http://127.0.0.1:" in self.log()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[int, str]:
+    """(status, body) of a GET on a loopback server, ignoring any proxy settings."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric_samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text format as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

@@ -184,6 +184,68 @@ ORCHESTRATOR_METRICS = (
     ),
 )
 
+# What `queues stats --serve` exports (ops/queue_exporter.py): SQS's numbers and the worker
+# registry's, per queue, read from outside the workers (a queue nobody consumes has no worker to
+# report it). SQS has no age of the oldest message in its API (ApproximateAgeOfOldestMessage is a
+# CloudWatch metric); worker_step_queue_wait_seconds is the wait of the messages that did start.
+QUEUE_METRICS = (
+    MetricSpec(
+        "queue_messages_visible", "gauge", _QUEUE, "Messages waiting to be received (SQS ApproximateNumberOfMessages)."
+    ),
+    MetricSpec(
+        "queue_messages_in_flight",
+        "gauge",
+        _QUEUE,
+        "Messages received and held by workers, not yet deleted (SQS ApproximateNumberOfMessagesNotVisible).",
+    ),
+    MetricSpec(
+        "queue_messages_delayed",
+        "gauge",
+        _QUEUE,
+        "Messages not receivable yet (SQS ApproximateNumberOfMessagesDelayed).",
+    ),
+    MetricSpec(
+        "queue_dead_letter_messages",
+        "gauge",
+        ("queue", "dead_letter_queue"),
+        "Messages in the queue's dead-letter queue (its RedrivePolicy target); no series without one.",
+    ),
+    MetricSpec(
+        "queue_live_workers",
+        "gauge",
+        _QUEUE,
+        "Live workers consuming the queue (worker registry); no series when the registry cannot be read.",
+    ),
+    MetricSpec(
+        "queue_worker_slots", "gauge", _QUEUE, "Summed concurrency (-c) of the live workers consuming the queue."
+    ),
+    MetricSpec(
+        "queue_free_slots",
+        "gauge",
+        _QUEUE,
+        "Slots of those workers not running anything (0 for a stopping worker).",
+    ),
+    MetricSpec(
+        "queue_replicas_needed",
+        "gauge",
+        _QUEUE,
+        "ceil((visible + in flight) / target backlog per worker), as queues stats and KEDA's aws-sqs-queue scaler.",
+    ),
+    MetricSpec(
+        "queue_readable",
+        "gauge",
+        _QUEUE,
+        "1 when the last reading of the queue succeeded; 0 when it failed (missing queue, refused, SQS unreachable).",
+    ),
+    MetricSpec(
+        "queue_stats_age_seconds",
+        "gauge",
+        (),
+        "Seconds since the numbers served were read from SQS (readings are cached; see --cache-seconds).",
+    ),
+    MetricSpec("queue_stats_read_seconds", "gauge", (), "Seconds the last reading of SQS and the registry took."),
+)
+
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
@@ -424,6 +486,7 @@ def metrics_reference_markdown() -> str:
         ("worker", WORKER_METRICS),
         ("worker and orchestrator", SQS_METRICS),
         ("orchestrator", ORCHESTRATOR_METRICS),
+        ("queues (`queues stats --serve`)", QUEUE_METRICS),
     ):
         lines.append(f"| **{title}** | | | |")
         for spec in specs:

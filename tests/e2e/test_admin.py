@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -16,12 +17,13 @@ from dagster import DagsterInstance
 
 from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
 from dagster_taskiq_sync.ops.admin import LIFECYCLE_RULE_ID, replicas_needed
+from dagster_taskiq_sync.ops.local_endpoint import free_port
 from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
 from dagster_taskiq_sync.wire.messages import RunMessage, TaskKind, encode
 
-from ..helpers import CLI, WorkerProcess, sqs_client, wait_for
+from ..helpers import CLI, Exporter, WorkerProcess, http_get, metric_samples, sqs_client, wait_for
 
 
 def boto(service: str, endpoint):
@@ -413,6 +415,40 @@ def test_stats_watch_reprints_until_ctrl_c(endpoint, tmp_path, signum):
 def test_stats_refuses_garbage(endpoint, tmp_path, args, expected):
     out = cli("queues", "stats", "-y", write_config(tmp_path, endpoint), *args)
     assert out.returncode == 2 and expected in out.stderr, out.stderr
+
+
+def test_serve_exports_the_queues_numbers_and_scrapes_within_the_cache_period_share_a_reading(endpoint, tmp_path):
+    queue = f"served-{uuid.uuid4().hex[:6]}"
+    config = Path(write_config(tmp_path, endpoint, config_source={"task_default_queue": queue}))
+    sqs = sqs_client(endpoint.url)  # the queues as `queues create` makes them, without a second CLI start
+    dlq_url = sqs.create_queue(QueueName=f"{queue}-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    redrive = json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"})
+    sqs.create_queue(QueueName=queue, Attributes={"RedrivePolicy": redrive})
+    fill_queue(endpoint, queue, visible=3, in_flight=1, delayed=0, dead=1)
+    port = free_port()
+    exporter = Exporter(config, port, "--cache-seconds", "30")
+    try:
+        status, text = http_get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200
+        found = metric_samples(text)
+        q = (("queue", queue),)
+        assert found[("dagster_taskiq_queue_messages_visible", q)] == 3
+        assert found[("dagster_taskiq_queue_messages_in_flight", q)] == 1
+        assert found[("dagster_taskiq_queue_dead_letter_messages", (("dead_letter_queue", f"{queue}-dlq"), *q))] == 1
+        # the session's DAGSTER_HOME: a readable registry in which no worker consumes this queue
+        assert found[("dagster_taskiq_queue_live_workers", q)] == found[("dagster_taskiq_queue_free_slots", q)] == 0
+        assert found[("dagster_taskiq_queue_replicas_needed", q)] == 4  # ceil((3 + 1) / (1 x 1))
+        assert found[("dagster_taskiq_queue_readable", q)] == 1
+        # Within --cache-seconds a scrape gets the same reading: SQS is not read again
+        sqs.send_message(QueueUrl=sqs.get_queue_url(QueueName=queue)["QueueUrl"], MessageBody="d")
+        again = metric_samples(http_get(f"http://127.0.0.1:{port}/metrics")[1])
+        assert again[("dagster_taskiq_queue_messages_visible", q)] == 3
+        read = "dagster_taskiq_queue_stats_read_seconds", ()
+        assert again[read] == found[read]
+        assert http_get(f"http://127.0.0.1:{port}/readyz") == (200, "ok\n")
+    finally:
+        assert exporter.stop() == 0, exporter.log()
 
 
 # --- queues redrive ---------------------------------------------------------------------------
