@@ -126,6 +126,17 @@ def retries():
     after_flaky(flaky())
 
 
+@op(retry_policy=RetryPolicy(max_retries=2, delay=1.5))
+def fails_every_attempt(x: int) -> int:
+    raise RuntimeError(f"fails on purpose, every attempt ({x})")
+
+
+@job(executor_def=taskiq_executor)
+def failing_retried():
+    """Two steps that succeed, then one that fails three times, 1.5 s apart (tests/e2e/test_monitoring.py)."""
+    fails_every_attempt(add_one(emit_one()))
+
+
 @job(executor_def=taskiq_executor, resource_defs={"io_manager": mem_io_manager})
 def in_memory_outputs():
     add_one(emit_one())
@@ -454,6 +465,7 @@ defs = Definitions(
         diamond,
         fan_out_fan_in,
         failing,
+        failing_retried,
         retries,
         in_memory_outputs,
         routed,
