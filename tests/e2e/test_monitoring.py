@@ -167,15 +167,15 @@ def test_a_real_prometheus_has_series_for_every_dashboard_query_and_alert(endpoi
     lonely = WorkerProcess(
         path, f"mon-b-{tag}", tmp_path, ["-q", doomed, "-c", "1", "--metrics-port", str(ports[1])], env=env
     )
-    exporter = Exporter(path, ports[2], "-q", main, "-q", orphan, "-q", doomed, "--cache-seconds", "1", env=env)
-    prometheus = None
+    exporter = prometheus = None
     try:
-        busy.wait_ready()
-        lonely.wait_ready()
+        exporter = Exporter(path, ports[2], "-q", main, "-q", orphan, "-q", doomed, "--cache-seconds", "1", env=env)
         targets = [f"127.0.0.1:{port}" for port in ports]
         prometheus = Prometheus(
             prometheus_config(targets[:2], targets[2], tmp_path / "prometheus.yml"), tmp_path / "tsdb"
         )
+        busy.wait_ready()
+        lonely.wait_ready()
         # When a message that can never run comes, a message waits where no worker listens, a queue
         # disappears under its worker, and a job runs whose last step fails three times
         sqs = sqs_client(endpoint.url)
@@ -216,6 +216,7 @@ def test_a_real_prometheus_has_series_for_every_dashboard_query_and_alert(endpoi
     finally:
         if prometheus is not None:
             prometheus.stop()
-        assert exporter.stop() == 0, exporter.log()
+        exported = exporter.stop() if exporter is not None else 0
         codes = [busy.stop(), lonely.stop()]
+    assert exported == 0, exporter.log() if exporter else ""
     assert codes == [0, 0], [busy.log(), lonely.log()]
