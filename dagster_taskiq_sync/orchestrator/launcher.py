@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 from dagster import Field, Noneable, Permissive, StringSource
@@ -44,6 +45,7 @@ from dagster_taskiq_sync.wire.bridge import shared_bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
 from dagster_taskiq_sync.wire.messages import RUN_PRIORITY_TAGS, RunMessage, TaskKind, encode, queue_for_tags
 from dagster_taskiq_sync.wire.settings import DEFAULT_QUEUE
+from dagster_taskiq_sync.wire.tracing import JOB_NAME, LAUNCH, QUEUE, RUN_ID, active
 
 TASK_ID_TAG = "dagster-taskiq/task_id"  # the id of the run's latest launch (as dagster-celery/task_id)
 
@@ -142,7 +144,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         LivenessStore(self._instance).write_queued({handle: StepRecord(QUEUED, queue=queue)})
         self._instance.add_run_tags(run.run_id, {TASK_ID_TAG: handle})
         launch = message.launch
-        with self._client(queue) as client:
+        with self._send_span(run, message, queue) as message, self._client(queue) as client:
             offloaded = client.send(
                 queue=queue,
                 task_id=handle,
@@ -158,6 +160,24 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             EngineEventData(metadata={"task_id": handle, "queue": queue, "payload": offloaded or "in the message"}),
             cls=self.__class__,
         )
+
+    @contextlib.contextmanager
+    def _send_span(self, run: Any, message: RunMessage, queue: str) -> Iterator[RunMessage]:
+        """With tracing on, the run's send span (root of the run's trace), its context in the message."""
+        tracing = active()
+        if tracing is None:
+            yield message
+            return
+        attributes = {RUN_ID: run.run_id, JOB_NAME: run.job_name, QUEUE: queue, LAUNCH: message.launch}
+        span = tracing.start(f"send run {run.run_id}", attributes=attributes, kind="PRODUCER")
+        try:
+            yield replace(message, trace=tracing.context_of(span))
+        except BaseException as exc:
+            span.record_exception(exc)
+            tracing.fail(span, f"the run could not be sent: {type(exc).__name__}")
+            raise
+        finally:
+            span.end()
 
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run

@@ -14,6 +14,10 @@ as it would have had the send been inline.
 At DEBUG, the ``dagster_taskiq_sync.sender`` logger records each step once it is on its queue, with
 ``run_id``, ``step_key``, ``queue`` and ``sent_at`` (wall time) on the record (``bin/bench`` reads
 them to measure the orchestrator's share of a step's latency); off, that costs one level check.
+
+With OpenTelemetry tracing on (``wire/tracing``), each step's ``send`` span starts when Dagster
+launches it (its context goes into the message) and ends when the step is on its queue, or with
+an error status when it could not be sent.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dagster_taskiq_sync.errors import TaskiqSyncError
 from dagster_taskiq_sync.storage.liveness import QUEUED, LivenessStore, StepRecord
 from dagster_taskiq_sync.wire.broker import BATCH_ENTRIES, Outgoing, SendResult
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.messages import StepMessage
+from dagster_taskiq_sync.wire.tracing import ATTEMPT, JOB_NAME, QUEUE, RETRY, RUN_ID, SQS_QUEUE, STEP_KEY, Tracing
 
 log = logging.getLogger("dagster_taskiq_sync.sender")
 SEND_CONCURRENCY = 4  # batches in flight at once when many steps become ready together
@@ -46,6 +52,30 @@ class PendingSend:
     queue: str  # Celery queue name
     priority: int
     body: bytes
+    span: Any = None  # the step's OpenTelemetry send span, when tracing is on
+
+
+def send_span(
+    tracing: Tracing, message: StepMessage, queue: str, sqs_queue: str, job_name: str
+) -> tuple[StepMessage, Any]:
+    """Start the step's send span; the message, carrying its context, and the span."""
+    span = tracing.start(
+        f"send {message.step_key}",
+        attributes={
+            RUN_ID: message.run_id,
+            JOB_NAME: job_name,
+            STEP_KEY: message.step_key,
+            ATTEMPT: message.attempt,
+            RETRY: message.attempt > 1,
+            QUEUE: queue,
+            SQS_QUEUE: sqs_queue,
+            "messaging.system": "aws_sqs",
+        },
+        kind="PRODUCER",
+    )
+    if message.attempt > 1:
+        span.add_event("retry", {ATTEMPT: message.attempt})
+    return replace(message, trace=tracing.context_of(span)), span
 
 
 class StepSender:
@@ -190,6 +220,8 @@ class StepSender:
                 self._fail([item], result.error)
                 continue
             sent.append(item)
+            if item.span is not None:
+                item.span.end()
             with self._cond:
                 self.sent_task_ids.append(item.task_id)
                 if result.offloaded_to:
@@ -210,5 +242,16 @@ class StepSender:
             type(exc)(f"step {item.step_key} (attempt {item.attempt}) of run {item.run_id} could not be sent: {exc}")
             for item in items
         ]
+        for item, error in zip(items, errors, strict=True):
+            if item.span is not None:
+                item.span.record_exception(error)
+                item.span.set_status(_error_status(str(error)))
+                item.span.end()
         with self._cond:
             self._errors.extend(errors)
+
+
+def _error_status(description: str) -> Any:
+    from opentelemetry.trace import Status, StatusCode
+
+    return Status(StatusCode.ERROR, description)

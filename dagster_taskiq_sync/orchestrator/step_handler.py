@@ -25,7 +25,7 @@ from dagster_taskiq_sync._dagster.names import (
     check,
     serialize_value,
 )
-from dagster_taskiq_sync.orchestrator.sender import PendingSend, StepSender
+from dagster_taskiq_sync.orchestrator.sender import PendingSend, StepSender, send_span
 from dagster_taskiq_sync.storage.liveness import (
     DEAD_LETTERED,
     EXITED,
@@ -47,6 +47,7 @@ from dagster_taskiq_sync.wire.messages import (
 from dagster_taskiq_sync.wire.routing import Decision
 from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.wire.time_limits import limits_for_step
+from dagster_taskiq_sync.wire.tracing import FLUSH_SECONDS, active
 
 log = logging.getLogger("dagster_taskiq_sync.executor")
 # A step process that exited is given this long for its last events to be read before the
@@ -101,6 +102,8 @@ class TaskiqStepHandler(StepHandler):
                 sender.close(timeout=self.settings.broker_outage_timeout + 5)
                 self.sender = None
                 client.stop()
+                if (tracing := active()) is not None:  # a run process may exit right after its run
+                    tracing.flush(FLUSH_SECONDS)
 
     def expect_launches(self, count: int) -> None:
         """Dagster is about to launch ``count`` steps: the sender sends them together."""
@@ -202,6 +205,9 @@ class TaskiqStepHandler(StepHandler):
         # Every step's tags were checked when the run started (TaskiqExecutor._check_time_limits).
         limits = limits_for_step(step_key, tags, self.settings.task_time_limit, self.settings.task_soft_time_limit)
         message = StepMessage(args.run_id, step_key, attempt, serialize_value(args.known_state), limits)
+        span = None
+        if (tracing := active()) is not None:
+            message, span = send_span(tracing, message, queue, sqs_queue, step_handler_context.dagster_run.job_name)
         body = encode(message, sqs_queue)
         sender.put(
             PendingSend(
@@ -213,6 +219,7 @@ class TaskiqStepHandler(StepHandler):
                 priority=int_tag(tags, STEP_PRIORITY_TAGS, self.settings.default_priority)
                 + int_tag(step_handler_context.dagster_run.tags, RUN_PRIORITY_TAGS, 0),
                 body=body,
+                span=span,
             )
         )
         yield DagsterEvent.step_worker_starting(

@@ -26,11 +26,12 @@ import hmac
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Union
 
 from dagster_taskiq_sync.wire.time_limits import HARD_FIELD, SOFT_FIELD, StepLimits
+from dagster_taskiq_sync.wire.tracing import TraceContext, trace_context
 
 MESSAGE_VERSION = 2
 
@@ -118,6 +119,7 @@ class StepMessage:
     attempt: int
     known_state: str  # Dagster-serialized KnownExecutionState
     limits: StepLimits = field(default_factory=StepLimits)  # from the op's tags and the run's config (time_limits.py)
+    trace: TraceContext | None = field(default=None, compare=False)  # W3C, in the labels (wire/tracing)
 
     kind = TaskKind.STEP
 
@@ -147,6 +149,7 @@ class RunMessage:
     kind: TaskKind
     run_id: str
     launch: str  # "launch", or "resume-N" for the Nth resume
+    trace: TraceContext | None = field(default=None, compare=False)  # W3C, in the labels (wire/tracing)
 
     @property
     def handle(self) -> str:
@@ -175,7 +178,7 @@ def encode(message: Message, sqs_queue: str) -> bytes:
         TaskiqMessage(
             task_id=message.handle,
             task_name=message.kind.value,
-            labels={"queue": sqs_queue},
+            labels={"queue": sqs_queue, **(message.trace.labels() if message.trace else {})},
             labels_types=None,
             args=[],
             kwargs=message.kwargs(),
@@ -212,7 +215,8 @@ def decode(body: bytes) -> Message:
     message = _step(kwargs) if kind is TaskKind.STEP else _run(kind, kwargs)
     if data.get("task_id") != message.handle:
         raise MalformedMessage("the message's task_id does not match its run, step and attempt")
-    return message
+    trace = trace_context(data.get("labels"))  # advisory: a malformed one is ignored, never fatal
+    return replace(message, trace=trace) if trace else message
 
 
 def queue_label(body: bytes) -> str | None:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 
 from dagster_taskiq_sync.storage.run_report import PICKED_UP_KEY
+from dagster_taskiq_sync.wire.tracing import TraceContext
 
 REPLY_MAX_BYTES = 512  # a StepDone is ~80 bytes; recv_bytes refuses (and breaks the pipe on) longer
 # The worker's "soft time limit" signal to a step child: billiard's (Celery's prefork pool) choice.
@@ -79,6 +80,7 @@ class StepTask:
     known_state: str
     pickup: Pickup
     soft_limit: str | None = None  # what the op's interrupt says if the soft time limit fires
+    trace: TraceContext | None = None  # W3C, checked on construction; the step's run span's parent
 
 
 # --- worker -> step child ----------------------------------------------------------------------

@@ -48,6 +48,7 @@ from dagster_taskiq_sync.worker.admission import DROP_RULES, Drop, Outcome, Verd
 from dagster_taskiq_sync.worker.child_pipe import Pickup, StepTask
 from dagster_taskiq_sync.worker.context import WorkerContext
 from dagster_taskiq_sync.worker.step_runner import ChildHandle
+from dagster_taskiq_sync.worker.traces import RequestSpans
 from dagster_taskiq_sync.worker.transient import is_transient
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
@@ -99,8 +100,12 @@ class Request:
     def handle(self) -> Verdict:
         verdict = Verdict(Outcome.RELEASE)
         self.worker.metrics.step_received(self.delivery.queue)
+        spans = RequestSpans.begin()  # None unless OpenTelemetry tracing is on
         try:
-            verdict = self.admit() or self.execute()
+            admitted = self.admit()  # None: it runs
+            if spans is not None:
+                spans.admitted(self, admitted)
+            verdict = admitted or self.execute()
         except Stopping:
             verdict = Verdict(Outcome.RELEASE, "the worker is stopping")
         except BaseException as exc:  # nothing in one message may take a worker thread down
@@ -122,7 +127,7 @@ class Request:
             backoff = min(ERROR_VISIBILITY_MAX, 15 * 2 ** min(self.delivery.receive_count, 6))
             verdict = Verdict(Outcome.RELEASE, f"{type(exc).__name__}: {exc}", release_after=backoff)
         finally:
-            verdict = self.settle(verdict)
+            verdict = self.settle(verdict) if spans is None else spans.settle(self, verdict)
         return verdict
 
     def admit(self) -> Verdict | None:
@@ -280,11 +285,12 @@ class Request:
                     message.known_state,
                     self._pickup(),
                     soft.interrupted(message.step_key) if soft else None,
+                    message.trace,
                 )
             )
         else:
             self.child = worker.runner.start_run(
-                "run" if message.kind is TaskKind.RUN else "resume", message.run_id, self._pickup()
+                "run" if message.kind is TaskKind.RUN else "resume", message.run_id, self._pickup(), message.trace
             )
         self.write_record(
             StepRecord(

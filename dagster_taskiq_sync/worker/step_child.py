@@ -47,6 +47,7 @@ from dagster_taskiq_sync._dagster.names import (
     serializable_error_info_from_exc_info,
 )
 from dagster_taskiq_sync.storage.instance import InstanceOptions, instance_from_ref
+from dagster_taskiq_sync.wire.tracing import JOB_NAME, TraceContext, activate_in_child
 from dagster_taskiq_sync.worker.child_pipe import (
     SOFT_LIMIT_SIGNAL,
     CannotRunReason,
@@ -57,6 +58,7 @@ from dagster_taskiq_sync.worker.child_pipe import (
     StepTask,
     Warm,
 )
+from dagster_taskiq_sync.worker.traces import ChildSpans
 
 
 class CannotRun(Exception):
@@ -154,7 +156,13 @@ def _run_or_raise(instance: Any, run_id: str, what: str) -> Any:
 
 
 def run_run_in_child(
-    kind: str, run_id: str, pickup: Pickup, instance_ref: str, options: InstanceOptions, report: Any
+    kind: str,
+    run_id: str,
+    pickup: Pickup,
+    instance_ref: str,
+    options: InstanceOptions,
+    report: Any,
+    trace: TraceContext | None = None,
 ) -> None:
     """Entry point of a run child (TaskiqRunLauncher): execute or resume a whole run.
 
@@ -178,7 +186,16 @@ def run_run_in_child(
             report.close()
             sys.exit(1)
         body = execute_run_command_body if kind == "run" else resume_run_command_body
-        code = body(run_id, instance, lambda _event: None, set_exit_code_on_failure=True)
+        tracing = activate_in_child()  # after the fork: this process's own exporter
+        spans = ChildSpans(tracing) if tracing is not None else None
+        span = spans.start(trace, pickup) if spans is not None else None
+        if spans is None or span is None:
+            code = body(run_id, instance, lambda _event: None, set_exit_code_on_failure=True)
+        else:
+            span.set_attribute(JOB_NAME, run.job_name)
+            with spans.tracing.current(span):  # the run's step sends nest under its run span
+                code = body(run_id, instance, lambda _event: None, set_exit_code_on_failure=True)
+            spans.end(span, f"the run process exited with code {code}" if code else None)
     sys.exit(code)
 
 
@@ -190,6 +207,8 @@ class _StepChildState:
         self.options = options
         self._instance: Any = None
         self.retry_modes: dict[tuple[str, str], Any] = {}
+        tracing = activate_in_child()  # after the fork: this process's own exporter
+        self.spans = ChildSpans(tracing) if tracing is not None else None
 
     @property
     def instance(self) -> Any:
@@ -238,9 +257,25 @@ def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: Instance
 def _serve_one(
     task: StepTask, state: _StepChildState, profile_dir: str | None
 ) -> tuple[ChildStatus, CannotRunReason | None]:
+    span = state.spans.start(task.trace, task.pickup) if state.spans is not None else None
+    if span is None:
+        return _serve_untraced(task, state, profile_dir, None)
+    assert state.spans is not None
+    with state.spans.tracing.current(span):  # user code's own spans nest under the step's run span
+        status, reason = _serve_untraced(task, state, profile_dir, span)
+    # A step that failed in its own code (FAILED) has its error status from its failure event already.
+    ok = status in (ChildStatus.OK, ChildStatus.FAILED)
+    error = None if ok else reason.sentence if reason else "the step child broke outside the step"
+    state.spans.end(span, error)  # exported (bounded) before the child answers its worker
+    return status, reason
+
+
+def _serve_untraced(
+    task: StepTask, state: _StepChildState, profile_dir: str | None, span: Any
+) -> tuple[ChildStatus, CannotRunReason | None]:
     try:
         with soft_time_limit(task.soft_limit):
-            failed = _profiled(profile_dir, task, state) if profile_dir else _run_step(task, state)
+            failed = _profiled(profile_dir, task, state) if profile_dir else _run_step(task, state, span)
         return (ChildStatus.FAILED if failed else ChildStatus.OK), None
     except CannotRun as exc:
         return ChildStatus.CANNOT_RUN, exc.reason
@@ -298,11 +333,13 @@ def _retry_mode(state: _StepChildState, run: Any, recon: Any) -> Any:
     return state.retry_modes[key]
 
 
-def _run_step(task: StepTask, state: _StepChildState) -> bool:
+def _run_step(task: StepTask, state: _StepChildState, span: Any = None) -> bool:
     """Run one step attempt; True when it failed (STEP_FAILURE, or STEP_UP_FOR_RETRY)."""
     instance = state.instance
     what = f"Step {task.step_key}"
     run = _run_or_raise(instance, task.run_id, what)
+    if span is not None:
+        span.set_attribute(JOB_NAME, run.job_name)
     recon = _load_job_or_raise(instance, run, what, task.pickup)
     args = ExecuteStepArgs(
         job_origin=run.job_code_origin,  # from the worker's own instance, never from the message
@@ -320,6 +357,8 @@ def _run_step(task: StepTask, state: _StepChildState) -> bool:
         for event in execute_step_command_body(args, instance, run):
             # Events are already in the event log (nobody re-logs them); the outcome is for metrics.
             failed = failed or event.is_step_failure or event.is_step_up_for_retry
+            if span is not None:
+                state.spans.note(span, event)  # type: ignore[union-attr]  # a span comes with spans
     except DagsterExecutionStepNotFoundError:
         raise CannotRun(CannotRunReason.STEP_NOT_FOUND) from None
     finally:

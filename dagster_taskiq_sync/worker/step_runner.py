@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from dagster_taskiq_sync._dagster.names import OPTIONAL_PRELOAD_MODULES, PRELOAD_MODULES
 from dagster_taskiq_sync.storage.instance import InstanceOptions
+from dagster_taskiq_sync.wire.tracing import TraceContext, preload_modules
 from dagster_taskiq_sync.worker.child_pipe import (
     REPLY_MAX_BYTES,
     SOFT_LIMIT_SIGNAL,
@@ -212,7 +213,13 @@ class StepRunner:
         self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")
         optional = [m for m in OPTIONAL_PRELOAD_MODULES if importlib.util.find_spec(m) is not None]
         self._ctx.set_forkserver_preload(
-            ["dagster_taskiq_sync.worker.step_child", *PRELOAD_MODULES, *optional, *preload]
+            [
+                "dagster_taskiq_sync.worker.step_child",
+                *PRELOAD_MODULES,
+                *optional,
+                *preload_modules(os.environ),
+                *preload,
+            ]
         )
         self._instance_ref = instance_ref
         self._instance_options = instance_options
@@ -254,12 +261,12 @@ class StepRunner:
             idle.warm(task.run_id)
         return attempt
 
-    def start_run(self, kind: str, run_id: str, pickup: Pickup) -> RunProcess:
+    def start_run(self, kind: str, run_id: str, pickup: Pickup, trace: TraceContext | None = None) -> RunProcess:
         """A fresh child for a whole run ("run") or a resumed one ("resume")."""
         reports, report = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=run_run_in_child,
-            args=(kind, run_id, pickup, self._instance_ref, self._instance_options, report),
+            args=(kind, run_id, pickup, self._instance_ref, self._instance_options, report, trace),
             name=f"run:{run_id}",
         )
         with _without_host_main():

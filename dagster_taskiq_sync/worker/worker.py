@@ -46,6 +46,7 @@ from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker import Delivery
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.tracing import FLUSH_SECONDS, active
 from dagster_taskiq_sync.worker.admission import Outcome
 from dagster_taskiq_sync.worker.capacity import Capacity
 from dagster_taskiq_sync.worker.context import WorkerContext
@@ -166,6 +167,8 @@ class Worker:
         self.metrics.track_slots(self._slots)
         self.protector.start()
         self.parts.runner.warm(children=config.concurrency)
+        if active() is not None:  # set up now rather than on the first message; off, nothing is imported
+            log.info("worker %s: OpenTelemetry traces on (OTEL_* environment variables)", self.name)
         self._threads = self._make_threads()
         for thread in self._threads:
             thread.start()
@@ -313,6 +316,8 @@ class Worker:
         self.parts.client.stop()
         self.parts.bridge.stop()
         self.parts.runner.close()
+        if (tracing := active()) is not None:  # the last settle spans, before an embedding host moves on
+            tracing.flush(FLUSH_SECONDS)
         self.heartbeat_registry("stopped")
         self.protector.stop()
         if self.health is not None:

@@ -1,0 +1,242 @@
+"""OpenTelemetry traces end to end: a run's steps traced from the orchestrator's send through SQS
+to a CLI-started worker and its step child, exported over OTLP/HTTP to a collector on loopback.
+
+The collector is a small ``http.server`` that decodes ``ExportTraceServiceRequest`` bodies with
+``opentelemetry-proto``; the worker and the orchestrator (this process) are configured only by
+OpenTelemetry's standard environment variables.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from dagster import execute_job, reconstructable
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
+from dagster_taskiq_sync.wire import tracing
+from dagster_taskiq_sync.wire.messages import StepMessage, encode
+from dagster_taskiq_sync.wire.tracing import TraceContext
+
+from .. import otel_jobs
+from ..helpers import WorkerProcess, make_config, sqs_client, wait_for
+
+QUEUE = "otel"
+STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+
+
+@dataclass
+class Span:
+    service: str
+    name: str
+    trace_id: str
+    span_id: str
+    parent: str
+    attributes: dict
+    status: int
+    events: list[str] = field(default_factory=list)
+
+
+def _attributes(pairs) -> dict:
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in pairs}
+
+
+class Collector:
+    """An OTLP/HTTP trace receiver on 127.0.0.1 that keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        lock = threading.Lock()
+        spans = self.spans
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                got = [
+                    Span(
+                        service=_attributes(rs.resource.attributes).get("service.name", ""),
+                        name=s.name,
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent=s.parent_span_id.hex(),
+                        attributes=_attributes(s.attributes),
+                        status=s.status.code,
+                        events=[e.name for e in s.events],
+                    )
+                    for rs in request.resource_spans
+                    for ss in rs.scope_spans
+                    for s in ss.spans
+                ]
+                with lock:
+                    spans.extend(got)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def trace(self, trace_id: str) -> list[Span]:
+        return [s for s in list(self.spans) if s.trace_id == trace_id]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def otel_env(collector: Collector, service: str) -> dict[str, str]:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+        "OTEL_SERVICE_NAME": service,
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans leave the worker quickly, not after 5 s
+    }
+
+
+@pytest.fixture(scope="module")
+def traced(endpoint, tmp_path_factory):
+    """A collector and one worker on its own queue, both with tracing on by environment only."""
+    tmp = tmp_path_factory.mktemp("otel")
+    collector = Collector()
+    config, path = make_config(endpoint, tmp, QUEUE)
+    env = {**os.environ, **otel_env(collector, "otel-worker")}
+    worker = WorkerProcess(path, "otel", tmp, ["-q", QUEUE, "-c", "1"], env=env).wait_ready()
+    try:
+        yield collector, config, worker, tmp, endpoint
+    finally:
+        code = worker.stop()
+        collector.close()
+        assert code == 0, worker.log()
+
+
+@pytest.fixture
+def orchestrator_traced(traced, monkeypatch):
+    """This process (the run's orchestrator) traces too, by the same environment variables."""
+    collector = traced[0]
+    for name, value in otel_env(collector, "otel-orchestrator").items():
+        monkeypatch.setenv(name, value)
+    tracing.shutdown()  # decide again, now with the variables set
+    yield
+    tracing.shutdown()
+
+
+def _step_trace(collector: Collector, step_key: str, attempt: int) -> list[Span]:
+    """The spans of one step attempt's trace, once all six (with the user's span) arrived."""
+    sends = [
+        s
+        for s in list(collector.spans)
+        if s.name == f"send {step_key}" and s.attributes.get("dagster.step_attempt") == attempt
+    ]
+    if len(sends) != 1:
+        return []
+    spans = collector.trace(sends[0].trace_id)
+    want = 6 if step_key == "flaky_traced" else 5
+    return spans if len(spans) >= want else []
+
+
+def test_a_runs_steps_form_one_trace_per_step_attempt_with_the_right_parents(traced, orchestrator_traced, instance):
+    collector, config, worker, tmp, _endpoint = traced
+    result = execute_job(
+        reconstructable(otel_jobs.traced_retry),
+        instance=instance,
+        run_config={
+            "execution": {"config": config},
+            "ops": {"flaky_traced": {"config": {"counter_file": str(tmp / "counter")}}},
+        },
+        raise_on_error=False,
+    )
+    assert result.success
+    attempts = [("flaky_traced", 1), ("flaky_traced", 2), ("after_traced", 1)]
+    traces = {
+        (key, n): wait_for(lambda key=key, n=n: _step_trace(collector, key, n), timeout=30, what=f"{key} #{n} spans")
+        for key, n in attempts
+    }
+    assert len({spans[0].trace_id for spans in traces.values()}) == 3  # one tree per step attempt
+
+    for (step_key, attempt), spans in traces.items():
+        by_name = {s.name: s for s in spans}
+        send = by_name[f"send {step_key}"]
+        assert send.parent == "" and send.service == "otel-orchestrator"  # the root, in the orchestrator
+        worker_side = [f"queue wait {step_key}", f"admit {step_key}", f"run {step_key}", f"settle {step_key}"]
+        for name in worker_side:  # each one a child of the send span, recorded by the worker's processes
+            assert by_name[name].parent == send.span_id, name
+            assert by_name[name].service == "otel-worker", name
+            assert (
+                by_name[name].attributes
+                | {
+                    "dagster.run_id": result.run_id,
+                    "dagster.step_key": step_key,
+                    "dagster.step_attempt": attempt,
+                    "dagster.step_retry": attempt > 1,
+                    "dagster_taskiq_sync.queue": QUEUE,
+                    "dagster_taskiq_sync.worker": worker.full_name,
+                }
+                == by_name[name].attributes
+            ), name
+        assert send.attributes["dagster.job_name"] == by_name[f"run {step_key}"].attributes["dagster.job_name"]
+        assert send.attributes["dagster.job_name"] == "traced_retry"
+        assert by_name[f"settle {step_key}"].attributes["dagster_taskiq_sync.outcome"] == "done"
+        assert len(spans) == len(worker_side) + 1 + (step_key == "flaky_traced")  # nothing else in the trace
+        if step_key == "flaky_traced":  # the user's own span nests under the step's run span
+            assert by_name["user work"].parent == by_name[f"run {step_key}"].span_id
+            assert by_name["user work"].attributes["attempt_seen"] == attempt
+
+    first, retry = traces[("flaky_traced", 1)], traces[("flaky_traced", 2)]
+    first_run = next(s for s in first if s.name == "run flaky_traced")
+    assert first_run.attributes["dagster.step_outcome"] == "up_for_retry"
+    assert first_run.status == STATUS_ERROR and "up_for_retry" in first_run.events
+    retry_run = next(s for s in retry if s.name == "run flaky_traced")
+    retry_send = next(s for s in retry if s.name == "send flaky_traced")
+    assert retry_run.attributes["dagster.step_outcome"] == "success" and retry_run.status != STATUS_ERROR
+    assert "retry" in retry_run.events and "retry" in retry_send.events
+    assert retry_send.attributes["dagster.step_retry"] is True
+
+
+def test_a_dead_lettered_step_says_so_on_its_settle_span(traced):
+    # Given a step message whose run the worker's instance does not have, sent with trace context
+    collector, _config, _worker, _tmp, endpoint = traced
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    message = StepMessage(
+        "nosuchrun-otel",
+        "flaky_traced",
+        1,
+        serialize_value(KnownExecutionState()),
+        trace=TraceContext(f"00-{trace_id}-{span_id}-01"),
+    )
+    sqs = sqs_client(endpoint.url)
+    sqs.send_message(
+        QueueUrl=sqs.get_queue_url(QueueName=QUEUE)["QueueUrl"], MessageBody=encode(message, QUEUE).decode()
+    )
+
+    # Then its settle span, under the sender's span, says it was dead-lettered and why
+    def settle():
+        return next((s for s in collector.trace(trace_id) if s.name == "settle flaky_traced"), None)
+
+    span = wait_for(settle, timeout=30, what="the dead-lettered message's settle span")
+    assert span.parent == span_id
+    assert span.attributes["dagster_taskiq_sync.outcome"] == "dead_letter"
+    assert "is not in this worker's Dagster instance" in span.attributes["dagster_taskiq_sync.reason"]
+    assert span.status == STATUS_ERROR and "dead_lettered" in span.events
+    admit = next(s for s in collector.trace(trace_id) if s.name == "admit flaky_traced")
+    assert admit.attributes["dagster_taskiq_sync.outcome"] == "dead_letter"
+    assert not [s for s in collector.trace(trace_id) if s.name.startswith("run ")]  # user code never ran
