@@ -153,7 +153,7 @@ class ChildSpans:
         """The run span of a step (or a whole run), or None when its message was not traced."""
         if trace is None:
             return None
-        what = pickup.step_key if pickup.step_key is not None else f"run {pickup.run_id}"
+        what = pickup.step_key if pickup.step_key is not None else pickup.run_id
         span = self.tracing.start(f"run {what}", trace, step_attributes(pickup), kind="CONSUMER")
         if pickup.attempt is not None and pickup.attempt > 1:
             span.add_event("retry", {ATTEMPT: pickup.attempt})

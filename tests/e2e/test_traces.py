@@ -11,12 +11,15 @@ from __future__ import annotations
 import gzip
 import os
 import secrets
+import subprocess
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
-from dagster import execute_job, reconstructable
+import yaml
+from dagster import DagsterInstance, execute_job, reconstructable
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -28,10 +31,23 @@ from dagster_taskiq_sync.wire.messages import StepMessage, encode
 from dagster_taskiq_sync.wire.tracing import TraceContext
 
 from .. import otel_jobs
-from ..helpers import WorkerProcess, make_config, sqs_client, wait_for
+from ..helpers import CLI, WorkerProcess, make_config, sqs_client, wait_for
 
 QUEUE = "otel"
+RUNS = "otel-runs"
+ROOT = Path(__file__).resolve().parents[2]
 STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+
+
+@dataclass
+class Traced:
+    collector: Collector
+    config: dict
+    worker: WorkerProcess
+    tmp: Path
+    endpoint: object
+    instance: DagsterInstance
+    home: Path
 
 
 @dataclass
@@ -115,14 +131,28 @@ def otel_env(collector: Collector, service: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def traced(endpoint, tmp_path_factory):
-    """A collector and one worker on its own queue, both with tracing on by environment only."""
+    """A collector and one worker (steps on queue otel, runs on otel-runs), on its own DAGSTER_HOME
+    whose run launcher is TaskiqRunLauncher; tracing on by environment variables only."""
     tmp = tmp_path_factory.mktemp("otel")
     collector = Collector()
-    config, path = make_config(endpoint, tmp, QUEUE)
-    env = {**os.environ, **otel_env(collector, "otel-worker")}
-    worker = WorkerProcess(path, "otel", tmp, ["-q", QUEUE, "-c", "1"], env=env).wait_ready()
+    config, path = make_config(endpoint, tmp, QUEUE, QUEUE, RUNS)
+    home = tmp / "home"
+    home.mkdir()
+    launcher = {"broker": endpoint.broker_url, "default_queue": RUNS, "config_source": config["config_source"]}
+    (home / "dagster.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "telemetry": {"enabled": False},
+                "run_launcher": {"module": "dagster_taskiq_sync", "class": "TaskiqRunLauncher", "config": launcher},
+                "run_coordinator": {"module": "dagster.core.run_coordinator", "class": "DefaultRunCoordinator"},
+            }
+        )
+    )
+    env = {**os.environ, **otel_env(collector, "otel-worker"), "DAGSTER_HOME": str(home)}
+    worker = WorkerProcess(path, "otel", tmp, ["-q", QUEUE, "-q", RUNS, "-c", "2"], env=env).wait_ready()
     try:
-        yield collector, config, worker, tmp, endpoint
+        with DagsterInstance.from_config(str(home)) as instance:
+            yield Traced(collector, config, worker, tmp, endpoint, instance, home)
     finally:
         code = worker.stop()
         collector.close()
@@ -132,7 +162,7 @@ def traced(endpoint, tmp_path_factory):
 @pytest.fixture
 def orchestrator_traced(traced, monkeypatch):
     """This process (the run's orchestrator) traces too, by the same environment variables."""
-    collector = traced[0]
+    collector = traced.collector
     for name, value in otel_env(collector, "otel-orchestrator").items():
         monkeypatch.setenv(name, value)
     tracing.shutdown()  # decide again, now with the variables set
@@ -140,12 +170,14 @@ def orchestrator_traced(traced, monkeypatch):
     tracing.shutdown()
 
 
-def _step_trace(collector: Collector, step_key: str, attempt: int) -> list[Span]:
-    """The spans of one step attempt's trace, once all six (with the user's span) arrived."""
+def _step_trace(collector: Collector, run_id: str, step_key: str, attempt: int) -> list[Span]:
+    """The spans of one step attempt's trace, once all of them (with the user's span) arrived."""
     sends = [
         s
         for s in list(collector.spans)
-        if s.name == f"send {step_key}" and s.attributes.get("dagster.step_attempt") == attempt
+        if s.name == f"send {step_key}"
+        and s.attributes.get("dagster.run_id") == run_id
+        and s.attributes.get("dagster.step_attempt") == attempt
     ]
     if len(sends) != 1:
         return []
@@ -154,8 +186,14 @@ def _step_trace(collector: Collector, step_key: str, attempt: int) -> list[Span]
     return spans if len(spans) >= want else []
 
 
-def test_a_runs_steps_form_one_trace_per_step_attempt_with_the_right_parents(traced, orchestrator_traced, instance):
-    collector, config, worker, tmp, _endpoint = traced
+def test_a_runs_steps_form_one_trace_per_step_attempt_with_the_right_parents(traced, orchestrator_traced):
+    collector, config, worker, tmp, instance = (
+        traced.collector,
+        traced.config,
+        traced.worker,
+        traced.tmp,
+        traced.instance,
+    )
     result = execute_job(
         reconstructable(otel_jobs.traced_retry),
         instance=instance,
@@ -168,7 +206,9 @@ def test_a_runs_steps_form_one_trace_per_step_attempt_with_the_right_parents(tra
     assert result.success
     attempts = [("flaky_traced", 1), ("flaky_traced", 2), ("after_traced", 1)]
     traces = {
-        (key, n): wait_for(lambda key=key, n=n: _step_trace(collector, key, n), timeout=30, what=f"{key} #{n} spans")
+        (key, n): wait_for(
+            lambda key=key, n=n: _step_trace(collector, result.run_id, key, n), timeout=30, what=f"{key} #{n} spans"
+        )
         for key, n in attempts
     }
     assert len({spans[0].trace_id for spans in traces.values()}) == 3  # one tree per step attempt
@@ -214,7 +254,7 @@ def test_a_runs_steps_form_one_trace_per_step_attempt_with_the_right_parents(tra
 
 def test_a_dead_lettered_step_says_so_on_its_settle_span(traced):
     # Given a step message whose run the worker's instance does not have, sent with trace context
-    collector, _config, _worker, _tmp, endpoint = traced
+    collector, endpoint = traced.collector, traced.endpoint
     trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
     message = StepMessage(
         "nosuchrun-otel",
@@ -240,3 +280,58 @@ def test_a_dead_lettered_step_says_so_on_its_settle_span(traced):
     admit = next(s for s in collector.trace(trace_id) if s.name == "admit flaky_traced")
     assert admit.attributes["dagster_taskiq_sync.outcome"] == "dead_letter"
     assert not [s for s in collector.trace(trace_id) if s.name.startswith("run ")]  # user code never ran
+
+
+def test_a_launched_runs_trace_holds_its_steps_under_the_run_child(traced, tmp_path):
+    # Given a run launched by TaskiqRunLauncher from `dagster job launch`, itself tracing
+    collector, instance = traced.collector, traced.instance
+    counter = tmp_path / "counter"
+    counter.write_text("1")  # flaky_traced succeeds at once: two steps, one attempt each
+    run_config = tmp_path / "run.yaml"
+    run_config.write_text(
+        yaml.safe_dump(
+            {
+                "execution": {"config": traced.config},
+                "ops": {"flaky_traced": {"config": {"counter_file": str(counter)}}},
+            }
+        )
+    )
+    env = {**os.environ, **otel_env(collector, "otel-launcher"), "DAGSTER_HOME": str(traced.home)}
+    dagster = str(Path(CLI).parent / "dagster")
+    jobs_file = str(ROOT / "tests" / "otel_jobs.py")
+    out = subprocess.run(
+        [dagster, "job", "launch", "-f", jobs_file, "-j", "traced_retry", "-c", str(run_config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_id = instance.get_runs(limit=1)[0].run_id
+    wait_for(lambda: (r := instance.get_run_by_id(run_id)) and r.is_finished, timeout=90, what="the launched run")
+    assert instance.get_run_by_id(run_id).is_success
+
+    # Then one trace: the launcher's send is its root; the run child's run span holds the steps' sends
+    def whole_trace():
+        roots = [s for s in list(collector.spans) if s.name == f"send run {run_id}"]
+        spans = collector.trace(roots[0].trace_id) if roots else []
+        return spans if len(spans) >= 16 else None  # 5 for the run, 5 per step, the user's span
+
+    spans = wait_for(whole_trace, timeout=30, what="the launched run's spans")
+    by_name = {s.name: s for s in spans}
+    send = by_name[f"send run {run_id}"]
+    assert send.parent == "" and send.service == "otel-launcher"
+    assert send.attributes["dagster.job_name"] == "traced_retry"
+    assert send.attributes["dagster_taskiq_sync.launch"] == "launch"
+    run_span = by_name[f"run {run_id}"]
+    for name in (f"queue wait run {run_id}", f"admit run {run_id}", f"run {run_id}", f"settle run {run_id}"):
+        assert by_name[name].parent == send.span_id and by_name[name].service == "otel-worker", name
+        assert by_name[name].attributes["dagster.run_id"] == run_id, name
+    for step_key in ("flaky_traced", "after_traced"):
+        step_send = by_name[f"send {step_key}"]
+        assert step_send.parent == run_span.span_id  # sent from inside the run child's run span
+        assert step_send.service == "otel-worker"  # the run child runs the orchestrator
+        assert by_name[f"run {step_key}"].parent == step_send.span_id
+    assert by_name["user work"].parent == by_name["run flaky_traced"].span_id
+    assert len(spans) == 16
