@@ -198,7 +198,7 @@ def _set_up(env: Mapping[str, str], global_provider: bool) -> Tracing | None:
     try:
         return _build(env, global_provider)
     except Exception as exc:  # noqa: BLE001 - a tracing setup problem must never stop steps from running
-        log.warning("OpenTelemetry tracing is off: its setup failed (%s: %s).", type(exc).__name__, exc)
+        log.warning("OpenTelemetry tracing is off: %s.", exc if isinstance(exc, ImportError) else repr(exc))
         return None
 
 
@@ -230,10 +230,15 @@ def _exporters(env: Mapping[str, str]) -> list[Any]:
         if name == "otlp":
             protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
             if protocol.strip().lower() == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # optional: opentelemetry-exporter-otlp-proto-grpc
-                    OTLPSpanExporter as GrpcExporter,
-                )
-
+                try:
+                    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # optional: not in [otel]
+                        OTLPSpanExporter as GrpcExporter,
+                    )
+                except ImportError:
+                    raise ImportError(
+                        "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc; "
+                        "pip install it, or use http/protobuf (the [otel] extra's)"
+                    ) from None
                 exporters.append(GrpcExporter())
             else:
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

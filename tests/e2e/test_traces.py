@@ -12,6 +12,7 @@ import gzip
 import os
 import secrets
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -335,3 +336,25 @@ def test_a_launched_runs_trace_holds_its_steps_under_the_run_child(traced, tmp_p
         assert by_name[f"run {step_key}"].parent == step_send.span_id
     assert by_name["user work"].parent == by_name["run flaky_traced"].span_id
     assert len(spans) == 16
+
+
+def test_with_tracing_off_no_opentelemetry_module_is_imported():
+    # Given the worker's, the step child's and the orchestrator's modules, and no OTEL_* variables
+    code = """
+import sys
+from dagster_taskiq_sync.orchestrator import executor, launcher, step_handler
+from dagster_taskiq_sync.worker import worker, step_child, request
+from dagster_taskiq_sync.worker.traces import RequestSpans
+from dagster_taskiq_sync.wire import tracing
+from dagster_taskiq_sync.wire.messages import StepMessage, decode, encode
+from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
+# When a step passes the checks a traced step would take
+assert tracing.active() is None and RequestSpans.begin() is None
+decode(encode(StepMessage("r", "s", 1, serialize_value(KnownExecutionState())), "q"))
+print(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    # Then nothing of OpenTelemetry was imported
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

@@ -206,3 +206,78 @@ def test_a_step_child_waits_less_for_its_exporter_after_a_flush_timed_out():
     for _ in range(4):
         spans.end(_Span())
     assert fake.budgets == [tracing.FLUSH_SECONDS, SHORT_FLUSH_SECONDS, SHORT_FLUSH_SECONDS, tracing.FLUSH_SECONDS]
+
+
+def test_the_exporters_opentelemetrys_variables_name(caplog):
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    assert [type(e) for e in tracing._exporters({})] == [OTLPSpanExporter]  # OTLP over HTTP by default
+    both = tracing._exporters({"OTEL_TRACES_EXPORTER": "otlp,console"})
+    assert [type(e) for e in both] == [OTLPSpanExporter, ConsoleSpanExporter]
+    with caplog.at_level(logging.WARNING, logger="dagster_taskiq_sync.tracing"):
+        assert tracing._exporters({"OTEL_TRACES_EXPORTER": "zipkin"}) == []
+    assert "OTEL_TRACES_EXPORTER names 'zipkin'" in caplog.text
+
+
+def test_grpc_without_its_exporter_turns_tracing_off_saying_what_to_install(monkeypatch, caplog):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_grpc(name, *args, **kwargs):
+        if name.startswith("opentelemetry.exporter.otlp.proto.grpc"):
+            raise ModuleNotFoundError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_grpc)
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    with caplog.at_level(logging.WARNING, logger="dagster_taskiq_sync.tracing"):
+        assert tracing._set_up(env, global_provider=False) is None
+    assert "OTEL_EXPORTER_OTLP_PROTOCOL=grpc needs opentelemetry-exporter-otlp-proto-grpc" in caplog.text
+
+
+def test_a_hosts_own_tracer_provider_is_used_not_replaced(monkeypatch):
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    host = TracerProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: host)
+    built = tracing._build({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, global_provider=True)
+    assert built.provider is host and not built.owned
+
+
+def test_our_provider_names_the_service_unless_the_user_did(monkeypatch):
+    from opentelemetry import trace
+
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: trace.ProxyTracerProvider())
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    ours = tracing._build({"OTEL_TRACES_EXPORTER": "console"}, global_provider=False)
+    assert ours.provider.resource.attributes["service.name"] == "dagster-taskiq-sync"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "etl-workers")
+    theirs = tracing._build({"OTEL_TRACES_EXPORTER": "console"}, global_provider=False)
+    assert theirs.provider.resource.attributes["service.name"] == "etl-workers"
+    for built in (ours, theirs):
+        built.provider.shutdown()
+
+
+def test_a_worker_records_no_span_for_a_message_its_sender_did_not_trace():
+    from types import SimpleNamespace
+
+    from dagster_taskiq_sync.worker.admission import Outcome, Verdict
+    from dagster_taskiq_sync.worker.traces import RequestSpans
+
+    class NoSpans:
+        def start(self, *args, **kwargs):
+            raise AssertionError("a span was started for an untraced message")
+
+        span_between = start
+
+    message = StepMessage("run-1", "op_a", 1, "{}")
+    request = SimpleNamespace(message=message, run=None, label="step", settle=lambda verdict: verdict)
+    spans = RequestSpans(NoSpans())  # type: ignore[arg-type]
+    spans._admitted(request, None)
+    spans._settled(request, Verdict(Outcome.DONE), 0)
+    unread = SimpleNamespace(message=None, run=None, label="message m", settle=lambda verdict: verdict)
+    spans._admitted(unread, Verdict(Outcome.DEAD_LETTER, "not JSON"))  # unreadable: nobody's trace
