@@ -76,10 +76,6 @@ class TraceContext:
     def labels(self) -> dict[str, str]:
         return {TRACEPARENT: self.traceparent, **({TRACESTATE: self.tracestate} if self.tracestate else {})}
 
-    @property
-    def sampled(self) -> bool:
-        return bool(int(self.traceparent[-2:], 16) & 1)
-
 
 def trace_context(labels: Any) -> TraceContext | None:
     """The trace context in an untrusted message's labels; None when absent or not W3C's."""
