@@ -170,7 +170,7 @@ def _forget_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_after_fork)
 
 
-def shutdown(timeout: float = 5.0) -> None:
+def shutdown(timeout: float = FLUSH_SECONDS) -> None:
     """Flush and stop this process's own provider (tests; an embedding host's clean exit)."""
     global _current
     with _lock:
@@ -210,7 +210,9 @@ def _build(env: Mapping[str, str], global_provider: bool) -> Tracing:
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
+    # A child flushes its spans itself, bounded, before it answers; at its exit the SDK's own
+    # shutdown would wait out an unreachable collector's retries (OTEL_EXPORTER_OTLP_TIMEOUT).
+    provider = TracerProvider(resource=resource, shutdown_on_exit=not global_provider)
     for exporter in _exporters(env):
         provider.add_span_processor(BatchSpanProcessor(exporter))
     if global_provider:
@@ -260,6 +262,9 @@ class Tracing:
 
         self.provider = provider
         self.owned = owned
+        self._flush_lock = threading.Lock()
+        self._flushing: threading.Thread | None = None
+        self._flushed = False
         self.tracer = provider.get_tracer(INSTRUMENTATION, __version__)
         self._trace = trace
         self._w3c = TraceContextTextMapPropagator()  # the wire is W3C whatever OTEL_PROPAGATORS says
@@ -305,9 +310,23 @@ class Tracing:
         span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, description))
 
     def flush(self, timeout: float) -> bool:
-        """Export what is pending, waiting at most ``timeout`` seconds; False if that was not enough."""
+        """Export what is pending, waiting at most ``timeout`` seconds; False if that was not enough.
+
+        The SDK's batch processor exports a flush in the calling thread whatever timeout it is
+        given, retrying an unreachable collector for up to ``OTEL_EXPORTER_OTLP_TIMEOUT`` (10 s), so
+        the flush runs in a thread of its own and this waits for it only ``timeout`` seconds. A
+        flush still running from last time is waited for instead of starting another."""
+        with self._flush_lock:
+            flushing = self._flushing
+            if flushing is None or not flushing.is_alive():
+                flushing = self._flushing = threading.Thread(target=self._flush_now, name="otel-flush", daemon=True)
+                self._flushed = False
+                flushing.start()
+        flushing.join(timeout)
+        return not flushing.is_alive() and self._flushed
+
+    def _flush_now(self) -> None:
         try:
-            return bool(self.provider.force_flush(int(timeout * 1000)))
+            self._flushed = bool(self.provider.force_flush())
         except Exception as exc:  # noqa: BLE001 - a collector problem must not fail a step
             log.debug("OpenTelemetry flush failed: %s: %s", type(exc).__name__, exc)
-            return False

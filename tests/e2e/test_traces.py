@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -358,3 +359,36 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry"))
     # Then nothing of OpenTelemetry was imported
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow  # its own worker for ~20 s of CI; the step child's flush bound has a unit test
+def test_a_collector_that_is_down_costs_steps_nothing_but_their_spans(endpoint, instance, tmp_path, monkeypatch):
+    # Given a worker and an orchestrator (this process) tracing to an OTLP endpoint where nothing listens
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    config, path = make_config(endpoint, tmp_path, "otel-down")
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": dead}
+    worker = WorkerProcess(path, "otel-down", tmp_path, ["-q", "otel-down", "-c", "1"], env=env).wait_ready()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", dead)
+    tracing.shutdown()
+    try:
+        # When a run's steps (traced: the step child exports before answering) run on it
+        counter = tmp_path / "counter"
+        counter.write_text("1")
+        result = execute_job(
+            reconstructable(otel_jobs.traced_retry),
+            instance=instance,
+            run_config={
+                "execution": {"config": config},
+                "ops": {"flaky_traced": {"config": {"counter_file": str(counter)}}},
+            },
+            raise_on_error=False,
+        )
+    finally:
+        tracing.shutdown()
+        code = worker.stop()
+    # Then the run succeeds and the worker stops cleanly; only the spans are lost
+    assert result.success
+    assert code == 0, worker.log()
+    assert "Traceback" not in worker.log()

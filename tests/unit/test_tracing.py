@@ -281,3 +281,29 @@ def test_a_worker_records_no_span_for_a_message_its_sender_did_not_trace():
     spans._settled(request, Verdict(Outcome.DONE), 0)
     unread = SimpleNamespace(message=None, run=None, label="message m", settle=lambda verdict: verdict)
     spans._admitted(unread, Verdict(Outcome.DEAD_LETTER, "not JSON"))  # unreadable: nobody's trace
+
+
+def test_a_flush_waits_for_a_stuck_exporter_only_as_long_as_it_was_told():
+    import threading
+
+    class StuckProvider:
+        """An SDK provider whose export hangs (a collector that does not answer) until released."""
+
+        def __init__(self):
+            self.release, self.calls = threading.Event(), 0
+
+        def get_tracer(self, *args):
+            return None
+
+        def force_flush(self, timeout_millis=None):  # the SDK ignores the timeout: so must we
+            self.calls += 1
+            self.release.wait()
+            return True
+
+    provider = StuckProvider()
+    traced = tracing.Tracing(provider, owned=True)
+    assert traced.flush(0.01) is False  # gave up waiting; the export goes on in its own thread
+    assert traced.flush(0.01) is False
+    assert provider.calls == 1  # the second flush waited on the first rather than stacking another
+    provider.release.set()
+    assert traced.flush(5) is True
