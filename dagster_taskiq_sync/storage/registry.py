@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from dagster_taskiq_sync.storage.liveness import KEY_PREFIX, lost_for
@@ -39,7 +39,10 @@ class WorkerRecord:
     pid: int
     queues: list[str]
     concurrency: int
-    running: list[str] = field(default_factory=list)
+    running: list[str] = field(default_factory=list)  # step keys ("run ID" for a whole run)
+    # The same steps in full: {"run_id", "step_key" (None: a whole run), "attempt", "queue",
+    # "since" (wall clock)}. Written by a worker, read by the dashboard as untrusted text.
+    steps: list[dict[str, Any]] = field(default_factory=list)
     state: str = "running"  # running | stopping | stopped
     heartbeat_interval: float = 5.0
     signing_required: bool = False
@@ -61,6 +64,8 @@ class WorkerRecord:
             record = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
             if not isinstance(record.name, str) or not isinstance(record.queues, list):
                 return None
+            if not isinstance(record.steps, list) or not all(isinstance(s, dict) for s in record.steps):
+                return replace(record, steps=[])
             return record
         except (ValueError, TypeError):
             return None

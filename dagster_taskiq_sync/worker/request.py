@@ -79,6 +79,7 @@ class Request:
         self._soft_sent = False
         self._interrupted_at: float | None = None
         self._started = 0.0
+        self._started_wall = 0.0  # time.time() at start: what `worker list` and the dashboard show
         self._unreadable = "malformed"  # or "signature": why it could not be opened, for metrics
 
     @property
@@ -94,6 +95,17 @@ class Request:
         if isinstance(self.message, StepMessage):
             return self.message.step_key
         return f"run {self.message.run_id}" if self.message else "?"
+
+    def registry_entry(self) -> dict[str, Any]:
+        """This running step as the worker registry records it (step_key None: a whole run)."""
+        message = self.message
+        return {
+            "run_id": message.run_id if message else None,
+            "step_key": message.step_key if isinstance(message, StepMessage) else None,
+            "attempt": message.attempt if isinstance(message, StepMessage) else None,
+            "queue": self.delivery.queue,
+            "since": self._started_wall,
+        }
 
     # --- the whole life ----------------------------------------------------------------------
 
@@ -273,6 +285,7 @@ class Request:
         worker, message = self.worker, self.message
         assert message is not None
         self._started = worker.clock()
+        self._started_wall = time.time()
         if isinstance(message, StepMessage):
             settings = worker.settings
             self.limits = message.limits.with_defaults(settings.task_time_limit, settings.task_soft_time_limit)

@@ -468,6 +468,7 @@ class Worker:
                     queues=list(self.config.queues),
                     concurrency=self.config.concurrency,
                     running=[r.step_key for r in running],
+                    steps=[r.registry_entry() for r in running],
                     state="stopping" if self.stopping.is_set() and state == "running" else state,
                     heartbeat_interval=self.settings.heartbeat_interval,
                     signing_required=self.settings.keyring.verifies,
