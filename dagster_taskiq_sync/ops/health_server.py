@@ -22,6 +22,11 @@ and writes the reply with the same timeout: probes (and every error answer) go t
 :data:`MAX_SCRAPES` at once (more get 503). A client that asks for ``/metrics`` and never reads
 the answer therefore holds a scrape thread for the timeout at most, never a probe's. Idle or
 trickling connections cost a socket each, never a thread. HTTP/1.0: one request per connection.
+
+The operator page (``dashboard.py``) is this server with its own answers: subclasses set
+:attr:`HealthServer.SCRAPE_PATHS` (what the bounded scrape threads answer), ``MAX_BODY_BYTES`` (a
+POST's form is read, within that bound, before a thread sees the request), ``EXTRA_HEADERS`` and
+override ``_respond``.
 """
 
 from __future__ import annotations
@@ -75,6 +80,11 @@ class HealthServer:
     reason. ``metrics`` is anything with ``render(accept) -> (body, content_type)`` (a
     :class:`~dagster_taskiq_sync.ops.metrics.WorkerMetrics`). Port 0 picks a free port (see ``.port``).
     """
+
+    SCRAPE_PATHS: tuple[bytes, ...] = (b"/metrics",)  # answered by the scrape threads, MAX_SCRAPES at once
+    MAX_BODY_BYTES = 0  # request bodies are not read (probes and scrapes send none)
+    EXTRA_HEADERS = ""  # added to every answer ("Name: value\r\n" lines)
+    WHAT = "metrics and health probes at %s (/metrics, /livez, /readyz)"
 
     def __init__(
         self,
@@ -135,7 +145,7 @@ class HealthServer:
         self._probes = ThreadPoolExecutor(PROBE_THREADS, thread_name_prefix="health-probe")
         self._thread = threading.Thread(target=self._serve, name="health-server", daemon=True)
         self._thread.start()
-        log.info("metrics and health probes at %s (/metrics, /livez, /readyz)", self.url)
+        log.info(self.WHAT, self.url)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -258,21 +268,33 @@ class HealthServer:
         end = pending.data.find(b"\r\n\r\n")
         if end < 0 and len(pending.data) <= MAX_REQUEST_BYTES:
             return
+        body_bytes = self._body_bytes(bytes(pending.data[:end])) if 0 <= end <= MAX_REQUEST_BYTES else 0
+        if len(pending.data) < end + 4 + body_bytes:
+            return  # the rest of a body within MAX_BODY_BYTES, under the same deadline
         selector.unregister(sock)
         del self._pending[sock]
         head = bytes(pending.data[:end]) if 0 <= end <= MAX_REQUEST_BYTES else None
+        body = bytes(pending.data[end + 4 : end + 4 + body_bytes])
         assert self._answers is not None and self._probes is not None
         first_line = (head or b"").split(b"\r\n", 1)[0].split()
-        if len(first_line) == 3 and first_line[1].split(b"?", 1)[0] == b"/metrics":
+        if len(first_line) == 3 and first_line[1].split(b"?", 1)[0] in self.SCRAPE_PATHS:
             with self._lock:
                 busy = self._scrapes >= MAX_SCRAPES
                 self._scrapes += not busy
             if not busy:
-                self._answers.submit(self._answer, pending, head, scrape=True)
+                self._answers.submit(self._answer, pending, head, body, scrape=True)
                 return
-            self._probes.submit(self._answer, pending, head, busy=True)
+            self._probes.submit(self._answer, pending, head, body, busy=True)
             return
-        self._probes.submit(self._answer, pending, head)
+        self._probes.submit(self._answer, pending, head, body)
+
+    def _body_bytes(self, head: bytes) -> int:
+        """Bytes of body to read after ``head``: its Content-Length when within MAX_BODY_BYTES, else 0
+        (``_respond`` refuses a larger one from the header alone)."""
+        if not self.MAX_BODY_BYTES:
+            return 0
+        length = content_length(head)
+        return length if 0 < length <= self.MAX_BODY_BYTES else 0
 
     def _expire(self, selector: selectors.BaseSelector) -> None:
         now = time.monotonic()
@@ -287,25 +309,28 @@ class HealthServer:
 
     # --- answering (answer threads) -------------------------------------------------------------
 
-    def _answer(self, pending: _Pending, head: bytes | None, scrape: bool = False, busy: bool = False) -> None:
+    def _answer(
+        self, pending: _Pending, head: bytes | None, body: bytes = b"", scrape: bool = False, busy: bool = False
+    ) -> None:
         sock = pending.sock
         try:
             sock.settimeout(self.request_timeout)
             if busy:
-                status, body, content_type, send_body = (
+                status, answer, content_type, send_body = (
                     503,
                     f"{MAX_SCRAPES} scrapes in progress; retry\n".encode(),
                     _TEXT,
                     True,
                 )
             else:
-                status, body, content_type, send_body = self._respond(head)
+                status, answer, content_type, send_body = self._respond(head, body)
             reason = HTTPStatus(status).phrase
             headers = (
                 f"HTTP/1.0 {status} {reason}\r\nServer: dagster-taskiq-sync\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+                f"Content-Length: {len(answer)}\r\nCache-Control: no-store\r\n{self.EXTRA_HEADERS}"
+                "Connection: close\r\n\r\n"
             ).encode("latin-1")
-            sock.sendall(headers + body if send_body else headers)
+            sock.sendall(headers + answer if send_body else headers)
             log.debug("%s %s %d", pending.peer, (head or b"").split(b"\r\n", 1)[0][:200].decode("latin-1"), status)
         except OSError:
             pass  # the client went away or did not read its answer in time
@@ -317,8 +342,8 @@ class HealthServer:
                 with self._lock:
                     self._scrapes -= 1
 
-    def _respond(self, head: bytes | None) -> tuple[int, bytes, str, bool]:
-        """(status, body, content type, send the body) for one request head."""
+    def _respond(self, head: bytes | None, body: bytes = b"") -> tuple[int, bytes, str, bool]:
+        """(status, body, content type, send the body) for one request head (and its body, if read)."""
         if head is None:
             return 431, f"request headers over {MAX_REQUEST_BYTES} bytes\n".encode(), _TEXT, True
         lines = head.decode("latin-1").split("\r\n")
@@ -343,3 +368,13 @@ class HealthServer:
             ok, reason = self.check(self.live if path == "/livez" else self.ready)
             return (200 if ok else 503), f"{'ok' if ok else reason}\n".encode(), _TEXT, send_body
         return 404, f"not found; this server answers {', '.join(PATHS)}\n".encode(), _TEXT, send_body
+
+
+def content_length(head: bytes) -> int:
+    """The Content-Length a request head declares: 0 when it has none, -1 when it is not a number."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            text = value.strip()
+            return int(text) if text.isdigit() and len(text) < 12 else -1
+    return 0
