@@ -687,5 +687,84 @@ def local_endpoint(port) -> None:
         endpoint.stop()
 
 
+@main.command("dashboard")
+@click.option("-y", "--config-yaml", type=click.Path(dir_okay=False), help="Run-config YAML with the executor block.")
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind; 0.0.0.0 exposes the page to the network."
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8787, show_default=True, help="Port (0: any free one).")
+@click.option(
+    "--refresh",
+    type=click.FloatRange(1, 3600),
+    default=5.0,
+    show_default=True,
+    help="Seconds between reads of SQS and the registry (and page reloads).",
+)
+@click.option(
+    "--dagster-url", help="The Dagster UI (e.g. http://localhost:3000): run ids link to its /runs/RUN_ID page."
+)
+@click.option(
+    "-q",
+    "--queue",
+    "only",
+    multiple=True,
+    help="Queue to show (repeatable). Default: the config's task_default_queue and every queue a live worker consumes.",
+)
+@click.option(
+    "--allow-redrive",
+    is_flag=True,
+    help="Offer a redrive action per dead-letter queue; needs a token (--redrive-token-file or DAGSTER_TASKIQ_SYNC_DASHBOARD_TOKEN).",
+)
+@click.option(
+    "--redrive-token-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the token a redrive must be submitted with (at least 16 characters).",
+)
+def dashboard(config_yaml, host, port, refresh, dagster_url, only, allow_redrive, redrive_token_file) -> None:
+    """Serve the operator page: queues, live workers and their running steps, recent dead letters.
+
+    Read-only unless --allow-redrive is given (POST with the token, from the page's own origin).
+    Needs DAGSTER_HOME for the workers (the registry lives in the instance).
+    """
+    from dagster_taskiq_sync.ops import dashboard as board
+    from dagster_taskiq_sync.wire.bridge import Bridge
+    from dagster_taskiq_sync.worker.signals import SignalInbox
+
+    configure_logging(logging.INFO)
+    try:
+        settings = settings_from_yaml(config_yaml)
+        options = board.DashboardOptions.from_flags(
+            allow_redrive=allow_redrive,
+            token_file=redrive_token_file,
+            dagster_url=dagster_url,
+            host=host,
+            port=port,
+            refresh=refresh,
+            queues=tuple(only),
+        )
+    except TaskiqSyncError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not allow_redrive and os.environ.get(board.TOKEN_ENV):
+        click.echo(f"note: {board.TOKEN_ENV} is set but --allow-redrive is not, so the page stays read-only.")
+    inbox = SignalInbox().install()
+    try:
+        with Bridge() as bridge:
+            try:
+                server = board.start(settings, options, bridge)
+            except TaskiqSyncError as exc:
+                raise click.ClickException(str(exc)) from None
+            mode = "redrive allowed with the token" if allow_redrive else "read-only"
+            click.echo(f"dashboard at {server.url}/ ({mode}); Ctrl-C stops it")
+            sys.stdout.flush()  # a supervisor or a test reads the URL (with --port 0, the port) from this line
+            try:
+                while not inbox.wait(1.0):
+                    pass
+            finally:
+                server.stop()
+                server.collector.stop()
+    finally:
+        inbox.uninstall()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -460,6 +460,27 @@ def fan_100():
         _on_queue(f"leaf_{i}", None)()
 
 
+# --- a step the test holds open: the dashboard shows it running until the test releases it ---
+
+
+class GateConfig(Config):
+    gate_dir: str
+
+
+@op
+def waits_for_release(config: GateConfig) -> None:
+    gate = Path(config.gate_dir)
+    (gate / "started").touch()
+    deadline = time.monotonic() + 120  # a test that dies before releasing it does not leave it forever
+    while not (gate / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@job(executor_def=taskiq_executor)
+def gated():
+    waits_for_release()
+
+
 defs = Definitions(
     jobs=[
         diamond,
@@ -488,5 +509,6 @@ defs = Definitions(
         fan_100,
         two_sleepers,
         counted_fanout,
+        gated,
     ]
 )
