@@ -204,6 +204,13 @@ def test_peeking_takes_no_dead_letter_and_a_read_only_page_refuses_a_redrive(pag
     wait_for(lambda: state(page)["taken_at"] >= first + 2, timeout=30, what="two more collector rounds")
     shown = [d for d in state(page)["dead_letters"] if d["queue"] == hostile_dlq]
     assert len(shown) == 3 and all(d["reason"] == HOSTILE_REASON for d in shown)
+    row = next(q for q in state(page)["queues"] if q["queue"] == hostile_dlq)
+    client = sqs_client(endpoint.url)
+    attrs = client.get_queue_attributes(
+        QueueUrl=client.get_queue_url(QueueName=hostile_dlq)["QueueUrl"], AttributeNames=["All"]
+    )
+    assert row["max_message_size"] == int(attrs["Attributes"]["MaximumMessageSize"])
+    assert row["dead_letter_depth"] == 3
     # Then every message is still there and visible (none held back by a peek)
     assert queue_counts(endpoint.url, f"{hostile_dlq}-dlq") == (3, 0)
     # When a same-origin POST asks a read-only dashboard to redrive, with any token
@@ -215,7 +222,6 @@ def test_peeking_takes_no_dead_letter_and_a_read_only_page_refuses_a_redrive(pag
     assert queue_counts(endpoint.url, f"{hostile_dlq}-dlq") == (3, 0)
     assert queue_counts(endpoint.url, hostile_dlq) == (0, 0)
     # When the dead-letter queue gets a redrive policy of its own (a receive would count toward it)
-    client = sqs_client(endpoint.url)
     dlq_url = client.get_queue_url(QueueName=f"{hostile_dlq}-dlq")["QueueUrl"]
     target = client.get_queue_attributes(
         QueueUrl=client.get_queue_url(QueueName="dagster-dlq")["QueueUrl"], AttributeNames=["QueueArn"]

@@ -204,6 +204,16 @@ def test_only_a_same_origin_post_with_the_token_redrives(serve):
     assert redriver.calls == [("jobs", REDRIVE_LIMIT), ("jobs", 5)]
 
 
+def test_host_names_a_browser_may_use():
+    def known(bind: str, host: str) -> bool:
+        return DashboardServer(DashboardOptions(host=bind, port=0), FakeCollector())._known_host(host)  # not started
+
+    assert known("127.0.0.1", "127.0.0.1:8787") and known("127.0.0.1", "localhost:9000") and known("::1", "[::1]:8787")
+    assert not known("127.0.0.1", "evil.example:8787") and not known("127.0.0.1", "")
+    assert known("10.1.2.3", "10.1.2.3:8787") and not known("10.1.2.3", "dashboard.evil.example")
+    assert known("0.0.0.0", "any.name.example:8787")  # a wildcard bind cannot know its names
+
+
 def test_without_the_flag_nothing_redrives(serve):
     server, _ = serve(token=None)
     origin = f"http://127.0.0.1:{server.port}"
