@@ -256,3 +256,34 @@ def test_the_commands_defaults_are_the_dashboards():
     flags = {p.name: p.default for p in dashboard.params}
     defaults = DashboardOptions()
     assert (flags["host"], flags["port"], flags["refresh"]) == (defaults.host, defaults.port, defaults.refresh)
+
+
+def test_what_a_worker_records_of_a_step_and_of_a_whole_run_and_what_the_page_makes_of_it():
+    from types import SimpleNamespace
+
+    from dagster_taskiq_sync.ops.dashboard_page import running_steps
+    from dagster_taskiq_sync.wire.messages import RunMessage, StepMessage, TaskKind
+    from dagster_taskiq_sync.worker.request import Request
+
+    step, whole = (Request(SimpleNamespace(queue="q", message_id="m"), SimpleNamespace()) for _ in range(2))
+    step.message = StepMessage("run-1", "emit_one", 2, "{}")
+    whole.message = RunMessage(TaskKind.RUN, "run-2", "launch")
+    entries = [step.registry_entry(), whole.registry_entry()]
+    assert [(e["run_id"], e["step_key"], e["attempt"], e["queue"]) for e in entries] == [
+        ("run-1", "emit_one", 2, "q"),
+        ("run-2", None, None, "q"),
+    ]
+    worker = WorkerRecord("w@h", "h", 1, ["q"], 2, running=["emit_one", "run run-2"], steps=entries, ts=time.time())
+    page = render_page(Snapshot(time.time(), "e", workers=[worker]), PageOptions(dagster_url="http://ui"))
+    assert "emit_one" in page and "whole run" in page and 'href="http://ui/runs/run-2"' in page
+    # a record from a worker that predates `steps` still shows its step keys
+    older = WorkerRecord.from_json(
+        '{"name": "old@h", "host": "h", "pid": 1, "queues": ["q"], "concurrency": 1, "running": ["a_step"]}'
+    )
+    assert older is not None and [s["step_key"] for s in running_steps(older)] == ["a_step"]
+    assert (
+        WorkerRecord.from_json(
+            '{"name": "x", "queues": [], "host": "h", "pid": 1, "concurrency": 1, "steps": "junk"}'
+        ).steps
+        == []
+    )
