@@ -241,6 +241,7 @@ class DashboardServer(HealthServer):
         "Referrer-Policy: same-origin\r\n"
     )
     WHAT = "dashboard at %s"
+    PORT_HINT = " (another dashboard?)"
 
     def __init__(self, options: DashboardOptions, collector: Collector, redriver: Redriver | None = None) -> None:
         super().__init__(
@@ -437,13 +438,15 @@ def make_redriver(settings: Settings, bridge: Bridge) -> Redriver:
 
 
 def start(settings: Settings, options: DashboardOptions, bridge: Bridge, registry: Any = None) -> DashboardServer:
-    """Collect a first snapshot, then serve; ``server.stop()`` and ``server.collector.stop()`` end it."""
-    collector = Collector(settings, options, bridge, registry).start()
+    """Bind (a taken port fails at once), collect a first snapshot, then keep collecting; the page
+    says "collecting the first snapshot" until then. ``server.stop()`` and ``server.collector.stop()`` end it."""
+    collector = Collector(settings, options, bridge, registry)
     redriver = make_redriver(settings, bridge) if options.redrive_token is not None else None
     server = DashboardServer(options, collector, redriver)
+    server.start()
     try:
-        server.start()
+        collector.start()
     except BaseException:
-        collector.stop()
+        server.stop()
         raise
     return server

@@ -85,6 +85,7 @@ class HealthServer:
     MAX_BODY_BYTES = 0  # request bodies are not read (probes and scrapes send none)
     EXTRA_HEADERS = ""  # added to every answer ("Name: value\r\n" lines)
     WHAT = "metrics and health probes at %s (/metrics, /livez, /readyz)"
+    PORT_HINT = " (another worker on this host needs its own port)"  # after "stop the process that holds it"
 
     def __init__(
         self,
@@ -195,7 +196,7 @@ class HealthServer:
         if exc.errno == errno.EADDRINUSE:
             return (
                 f"{port_flag} {self.requested_port} is already in use on {self.host}; pick another port or stop "
-                "the process that holds it (another worker on this host needs its own port)."
+                f"the process that holds it{self.PORT_HINT}."
             )
         if exc.errno == errno.EACCES:
             return f"{port_flag} {self.requested_port} needs privileges this process lacks; use a port above 1023."
