@@ -761,7 +761,6 @@ def dashboard(config_yaml, host, port, refresh, dagster_url, only, allow_redrive
                     pass
             finally:
                 server.stop()
-                server.collector.stop()
     finally:
         inbox.uninstall()
 

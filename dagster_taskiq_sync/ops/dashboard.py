@@ -143,6 +143,7 @@ class Collector:
         self.options = options
         self.bridge = bridge
         self._registry = registry  # a WorkerRegistry; opened from DAGSTER_HOME on first use when None
+        self._instance: Any = None  # the instance this collector opened (disposed by stop)
         self._lock = threading.Lock()
         self._latest = Snapshot(time.time(), settings.sqs.describe_endpoint(), error="collecting the first snapshot")
         self._stop = threading.Event()
@@ -164,6 +165,9 @@ class Collector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
+        instance, self._instance = self._instance, None
+        if instance is not None:
+            instance.dispose()
 
     def alive(self) -> tuple[bool, str]:
         ok = self._thread is not None and self._thread.is_alive()
@@ -217,7 +221,8 @@ class Collector:
             from dagster_taskiq_sync.storage.registry import WorkerRegistry
 
             try:
-                self._registry = WorkerRegistry(open_home_instance(InstanceOptions(pool_connections=False)))
+                self._instance = open_home_instance(InstanceOptions(pool_connections=False))
+                self._registry = WorkerRegistry(self._instance)
             except TaskiqSyncError as exc:
                 notes.append(f"the worker registry cannot be read: {exc}")
                 return None
@@ -261,6 +266,11 @@ class DashboardServer(HealthServer):
         # Names a browser may use for this server; None: any (bound to every interface, the
         # token and the same-origin check still guard the POST).
         self.host_names = None if wildcard else LOOPBACK_NAMES | {options.host.strip("[]").lower()}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop serving, then stop collecting."""
+        super().stop(timeout)
+        self.collector.stop()
 
     def _respond(self, head: bytes | None, body: bytes = b"") -> Answer:
         if head is None:
@@ -439,7 +449,7 @@ def make_redriver(settings: Settings, bridge: Bridge) -> Redriver:
 
 def start(settings: Settings, options: DashboardOptions, bridge: Bridge, registry: Any = None) -> DashboardServer:
     """Bind (a taken port fails at once), collect a first snapshot, then keep collecting; the page
-    says "collecting the first snapshot" until then. ``server.stop()`` and ``server.collector.stop()`` end it."""
+    says "collecting the first snapshot" until then. ``server.stop()`` ends both."""
     collector = Collector(settings, options, bridge, registry)
     redriver = make_redriver(settings, bridge) if options.redrive_token is not None else None
     server = DashboardServer(options, collector, redriver)

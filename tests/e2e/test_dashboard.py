@@ -289,4 +289,3 @@ def test_redrive_needs_the_flag_the_token_a_post_and_the_pages_own_origin(endpoi
             assert server.collector.rounds == 1
         finally:
             server.stop()
-            server.collector.stop()

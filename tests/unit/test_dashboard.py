@@ -131,6 +131,9 @@ class FakeCollector:
     def alive(self):
         return True, "ok"
 
+    def stop(self):
+        self.stopped = True
+
 
 class Redriver:
     def __init__(self) -> None:
