@@ -727,6 +727,7 @@ def dashboard(config_yaml, host, port, refresh, dagster_url, only, allow_redrive
     Needs DAGSTER_HOME for the workers (the registry lives in the instance).
     """
     from dagster_taskiq_sync.ops import dashboard as board
+    from dagster_taskiq_sync.ops.dashboard_guard import TOKEN_ENV
     from dagster_taskiq_sync.wire.bridge import Bridge
     from dagster_taskiq_sync.worker.signals import SignalInbox
 
@@ -744,8 +745,8 @@ def dashboard(config_yaml, host, port, refresh, dagster_url, only, allow_redrive
         )
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None
-    if not allow_redrive and os.environ.get(board.TOKEN_ENV):
-        click.echo(f"note: {board.TOKEN_ENV} is set but --allow-redrive is not, so the page stays read-only.")
+    if not allow_redrive and os.environ.get(TOKEN_ENV):
+        click.echo(f"note: {TOKEN_ENV} is set but --allow-redrive is not, so the page stays read-only.")
     inbox = SignalInbox().install()
     try:
         with Bridge() as bridge:

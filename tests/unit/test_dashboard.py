@@ -12,15 +12,8 @@ import pytest
 
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.ops.admin import QueueStats, RedriveResult, WorkerSlots
-from dagster_taskiq_sync.ops.dashboard import (
-    MIN_TOKEN_CHARS,
-    REDRIVE_LIMIT,
-    TOKEN_ENV,
-    DashboardOptions,
-    DashboardServer,
-    load_token,
-    token_matches,
-)
+from dagster_taskiq_sync.ops.dashboard import REDRIVE_LIMIT, DashboardOptions, DashboardServer
+from dagster_taskiq_sync.ops.dashboard_guard import MIN_TOKEN_CHARS, TOKEN_ENV, load_token, token_matches
 from dagster_taskiq_sync.ops.dashboard_page import PageOptions, Snapshot, render_page, render_redrive_form
 from dagster_taskiq_sync.ops.dead_letters import DeadLetter
 from dagster_taskiq_sync.storage.registry import WorkerRecord
