@@ -731,7 +731,6 @@ def dashboard(config_yaml, host, port, refresh, dagster_url, only, allow_redrive
     from dagster_taskiq_sync.wire.bridge import Bridge
     from dagster_taskiq_sync.worker.signals import SignalInbox
 
-    configure_logging(logging.INFO)
     try:
         settings = settings_from_yaml(config_yaml)
         options = board.DashboardOptions.from_flags(
@@ -747,6 +746,7 @@ def dashboard(config_yaml, host, port, refresh, dagster_url, only, allow_redrive
         raise click.ClickException(str(exc)) from None
     if not allow_redrive and os.environ.get(TOKEN_ENV):
         click.echo(f"note: {TOKEN_ENV} is set but --allow-redrive is not, so the page stays read-only.")
+    configure_logging(logging.INFO)
     inbox = SignalInbox().install()
     try:
         with Bridge() as bridge:

@@ -283,3 +283,39 @@ def test_what_a_worker_records_of_a_step_and_of_a_whole_run_and_what_the_page_ma
         ).steps
         == []
     )
+
+
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (
+            ["--allow-redrive"],
+            {},
+            "Error: --allow-redrive needs a token and DAGSTER_TASKIQ_SYNC_DASHBOARD_TOKEN gives none",
+        ),
+        (["--allow-redrive"], {TOKEN_ENV: "short"}, "has 5 characters; use at least 16"),
+        (["--redrive-token-file", "TOKEN_FILE"], {}, "is given without --allow-redrive"),
+        (["--dagster-url", "localhost:3000"], {}, "is not the Dagster UI's address"),
+        (["--refresh", "0"], {}, "Invalid value for '--refresh'"),
+    ],
+)
+def test_the_command_refuses_bad_flags_with_one_sentence_before_serving(args, env, expected, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from dagster_taskiq_sync import cli
+    from dagster_taskiq_sync.ops import dashboard
+
+    def must_not_serve(*a, **k):
+        raise AssertionError("the dashboard started: this input should have been refused first")
+
+    monkeypatch.setattr(dashboard, "start", must_not_serve)
+    (tmp_path / "token").write_text(TOKEN)
+    args = [str(tmp_path / "token") if a == "TOKEN_FILE" else a for a in args]
+    env = {TOKEN_ENV: None, **env}  # None: unset in the runner
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2 mixes stderr into stdout by default
+    except TypeError:
+        runner = CliRunner()
+    result = runner.invoke(cli.main, ["dashboard", *args], env=env, catch_exceptions=False)
+    assert result.exit_code in (1, 2) and expected in result.stderr, result.stderr
+    assert TOKEN not in result.stderr and "short" not in result.stderr.replace("characters", "")
