@@ -4,14 +4,18 @@ peeks that take nothing away, and a redrive only with the flag, the token and th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -289,3 +293,121 @@ def test_redrive_needs_the_flag_the_token_a_post_and_the_pages_own_origin(endpoi
             assert server.collector.rounds == 1
         finally:
             server.stop()
+
+
+class Browser:
+    """A headless chromium driven over the DevTools protocol (aiohttp's websocket client), for
+    what --dump-dom cannot do: fill in a form and submit it, as an operator's browser would."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        profile = tmp_path / "cdp-profile"
+        command = [need_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
+        command += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
+        command += ["--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        wait_for(lambda: port_file.exists() and port_file.read_text().count("\n") >= 1, timeout=60, what="chromium")
+        port = port_file.read_text().split()[0]
+        targets = wait_for(
+            lambda: [t for t in json.loads(get(f"http://127.0.0.1:{port}/json/list")[1]) if t["type"] == "page"]
+        )
+        self.ws_url = targets[0]["webSocketDebuggerUrl"]
+
+    def run(self, steps) -> list:
+        """Evaluate each (expression, wait_until) in the page; a step waits until its result is truthy."""
+        import aiohttp
+
+        async def drive() -> list:
+            results, ids = [], iter(range(1, 10_000))
+            async with aiohttp.ClientSession() as session, session.ws_connect(self.ws_url, max_msg_size=0) as ws:
+
+                async def call(method: str, **params):
+                    call_id = next(ids)
+                    await ws.send_json({"id": call_id, "method": method, "params": params})
+                    while True:
+                        answer = await ws.receive_json(timeout=30)
+                        if answer.get("id") == call_id:
+                            return answer.get("result", {})
+
+                for expression, until in steps:
+                    deadline = time.monotonic() + 30
+                    while True:
+                        value = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+                        value = value.get("result", {}).get("value")
+                        if until is None or (isinstance(value, str) and until in value) or time.monotonic() > deadline:
+                            break
+                        await asyncio.sleep(0.1)
+                    results.append(value)
+            return results
+
+        return asyncio.run(drive())
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def test_a_real_browser_redrives_through_the_form_and_another_sites_form_is_refused(endpoint, tmp_path):
+    queue = f"form-{uuid.uuid4().hex[:6]}"
+    _, config = make_config(endpoint, tmp_path, queue)
+    client = sqs_client(endpoint.url)
+    dlq_url = client.get_queue_url(QueueName=f"{queue}-dlq")["QueueUrl"]
+    client.send_message(QueueUrl=dlq_url, MessageBody="dead")
+    token = "t0ken-" + uuid.uuid4().hex
+    options = board.DashboardOptions(port=0, refresh=60, redrive_token=token, queues=(queue,))
+    with Bridge() as bridge:
+        server = board.start(settings_from_yaml(str(config)), options, bridge)
+        # Another site, on another port of the same host, whose page posts the dashboard's form (it
+        # even knows the token: the same-origin check alone must stop it)
+        evil_page = (
+            f'<form method="post" action="{server.url}/redrive"><input name="queue" value="{queue}">'
+            f'<input name="token" value="{token}"></form>'
+        ).encode()
+
+        class Evil(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.end_headers()
+                self.wfile.write(evil_page)
+
+            def log_message(self, *args):
+                pass
+
+        evil = ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        browser = Browser(tmp_path)
+        try:
+            submit = "document.querySelector('form').submit(); 'sent'"
+            body = "document.readyState == 'complete' ? document.body.innerText : ''"
+            # When the other site's page submits its form in the operator's browser
+            go_evil = f"location.href = 'http://127.0.0.1:{evil.server_address[1]}/'; 'go'"
+            refused = browser.run(
+                [
+                    (go_evil, None),
+                    ("document.forms.length ? 'ready' : ''", "ready"),
+                    (submit, None),
+                    (body, "Cross-origin"),
+                ]
+            )[-1]
+            # Then the dashboard refuses it and nothing moved
+            assert "Cross-origin request" in refused
+            assert queue_counts(endpoint.url, f"{queue}-dlq") == (1, 0)
+            # When the operator opens the page, follows "redrive…", types the token and submits
+            steps = [
+                (f"location.href = '{server.url}/'; 'go'", None),
+                ("document.querySelector('a[href^=\"/redrive\"]') ? 'ready' : ''", "ready"),
+                ("document.querySelector('a[href^=\"/redrive\"]').click(); 'clicked'", None),
+                ("document.querySelector('input[name=token]') ? 'ready' : ''", "ready"),
+                (f"document.querySelector('input[name=token]').value = '{token}'; 'typed'", None),
+                (submit, None),
+                (body, "Moved"),
+            ]
+            moved = browser.run(steps)[-1]
+        finally:
+            browser.close()
+            evil.shutdown()
+            server.stop()
+    # Then the browser's own request passes the same-origin check and the message is back
+    assert "Moved 1 message(s)" in moved, moved
+    assert queue_counts(endpoint.url, f"{queue}-dlq") == (0, 0) and queue_counts(endpoint.url, queue) == (1, 0)
