@@ -252,49 +252,6 @@ def test_peeking_takes_no_dead_letter_and_a_read_only_page_refuses_a_redrive(pag
     assert queue_counts(endpoint.url, f"{hostile_dlq}-dlq") == (3, 0)
 
 
-def test_redrive_needs_the_flag_the_token_a_post_and_the_pages_own_origin(endpoint, tmp_path):
-    queue = f"redrive-{uuid.uuid4().hex[:6]}"
-    _, config = make_config(endpoint, tmp_path, queue)
-    client = sqs_client(endpoint.url)
-    dlq_url = client.get_queue_url(QueueName=f"{queue}-dlq")["QueueUrl"]
-    for i in range(2):
-        client.send_message(QueueUrl=dlq_url, MessageBody=f"dead {i}")
-    token = "t0ken-" + uuid.uuid4().hex
-    options = board.DashboardOptions(port=0, refresh=60, redrive_token=token, queues=(queue,))
-    with Bridge() as bridge:
-        server = board.start(settings_from_yaml(str(config)), options, bridge)
-        try:
-            url, origin = server.url + "/", server.url
-
-            def untouched() -> bool:
-                return queue_counts(endpoint.url, f"{queue}-dlq") == (2, 0) and queue_counts(endpoint.url, queue) == (
-                    0,
-                    0,
-                )
-
-            # GET shows a form and changes nothing, even with the token in the query
-            status, form = get(url + f"redrive?queue={queue}&token={token}")
-            assert status == 200 and 'method="post"' in form and token not in form
-            assert untouched()
-            # A POST without a token, or with a wrong one, is refused
-            assert post(url + "redrive", {"queue": queue}, Origin=origin)[0] == 403
-            assert post(url + "redrive", {"queue": queue, "token": token[:-1] + "x"}, Origin=origin)[0] == 403
-            # A cross-origin POST (another site's form), or one with neither Origin nor Referer, is refused
-            status, body = post(url + "redrive", {"queue": queue, "token": token}, Origin="http://evil.example")
-            assert status == 403 and "Cross-origin" in body
-            assert post(url + "redrive", {"queue": queue, "token": token}, Referer="http://evil.example/x")[0] == 403
-            assert post(url + "redrive", {"queue": queue, "token": token})[0] == 403
-            assert untouched()
-            # The page's own form, with the token, moves them back
-            status, body = post(url + "redrive", {"queue": queue, "token": token}, Origin=origin)
-            assert status == 200 and "Moved 2 message(s)" in body, body
-            assert queue_counts(endpoint.url, f"{queue}-dlq") == (0, 0) and queue_counts(endpoint.url, queue) == (2, 0)
-            # Requests never made the dashboard read SQS: only its own collector does, once per refresh (60 s here)
-            assert server.collector.rounds == 1
-        finally:
-            server.stop()
-
-
 class Browser:
     """A headless chromium driven over the DevTools protocol (aiohttp's websocket client), for
     what --dump-dom cannot do: fill in a form and submit it, as an operator's browser would."""
@@ -347,67 +304,93 @@ class Browser:
         self.proc.wait(30)
 
 
-def test_a_real_browser_redrives_through_the_form_and_another_sites_form_is_refused(endpoint, tmp_path):
-    queue = f"form-{uuid.uuid4().hex[:6]}"
-    _, config = make_config(endpoint, tmp_path, queue)
-    client = sqs_client(endpoint.url)
-    dlq_url = client.get_queue_url(QueueName=f"{queue}-dlq")["QueueUrl"]
-    client.send_message(QueueUrl=dlq_url, MessageBody="dead")
-    token = "t0ken-" + uuid.uuid4().hex
-    options = board.DashboardOptions(port=0, refresh=60, redrive_token=token, queues=(queue,))
-    with Bridge() as bridge:
-        server = board.start(settings_from_yaml(str(config)), options, bridge)
-        # Another site, on another port of the same host, whose page posts the dashboard's form (it
-        # even knows the token: the same-origin check alone must stop it)
-        evil_page = (
-            f'<form method="post" action="{server.url}/redrive"><input name="queue" value="{queue}">'
-            f'<input name="token" value="{token}"></form>'
-        ).encode()
+class OtherSite:
+    """Another site on another port of this host, serving one page (a CSRF attacker's)."""
 
-        class Evil(BaseHTTPRequestHandler):
+    def __init__(self, page: bytes) -> None:
+        class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
                 self.end_headers()
-                self.wfile.write(evil_page)
+                self.wfile.write(page)
 
             def log_message(self, *args):
                 pass
 
-        evil = ThreadingHTTPServer(("127.0.0.1", 0), Evil)
-        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+SUBMIT = "document.querySelector('form').submit(); 'sent'"
+BODY = "document.readyState == 'complete' ? document.body.innerText : ''"
+
+
+def test_redrive_needs_the_token_a_post_and_the_pages_own_origin_also_in_a_real_browser(endpoint, tmp_path):
+    queue = f"redrive-{uuid.uuid4().hex[:6]}"
+    _, config = make_config(endpoint, tmp_path, queue)
+    client = sqs_client(endpoint.url)
+    dlq_url = client.get_queue_url(QueueName=f"{queue}-dlq")["QueueUrl"]
+    for i in range(2):
+        client.send_message(QueueUrl=dlq_url, MessageBody=f"dead {i}")
+    token = "t0ken-" + uuid.uuid4().hex
+    options = board.DashboardOptions(port=0, refresh=60, redrive_token=token, queues=(queue,))
+
+    def untouched() -> bool:
+        return queue_counts(endpoint.url, f"{queue}-dlq") == (2, 0) and queue_counts(endpoint.url, queue) == (0, 0)
+
+    with Bridge() as bridge:
+        server = board.start(settings_from_yaml(str(config)), options, bridge)
+        url, origin = server.url + "/", server.url
+        # Another site's page that posts the dashboard's form; it even knows the token, so the
+        # same-origin check alone must stop it
+        other = OtherSite(
+            f'<form method="post" action="{url}redrive"><input name="queue" value="{queue}">'
+            f'<input name="token" value="{token}"></form>'.encode()
+        )
         browser = Browser(tmp_path)
         try:
-            submit = "document.querySelector('form').submit(); 'sent'"
-            body = "document.readyState == 'complete' ? document.body.innerText : ''"
+            # GET shows a form and changes nothing, even with the token in the query
+            status, form = get(url + f"redrive?queue={queue}&token={token}")
+            assert status == 200 and 'method="post"' in form and token not in form
+            # A POST without a token, with a wrong one, from another origin or from no origin: refused
+            assert post(url + "redrive", {"queue": queue}, Origin=origin)[0] == 403
+            assert post(url + "redrive", {"queue": queue, "token": token[:-1] + "x"}, Origin=origin)[0] == 403
+            status, body = post(url + "redrive", {"queue": queue, "token": token}, Origin="http://evil.example")
+            assert status == 403 and "Cross-origin" in body
+            assert post(url + "redrive", {"queue": queue, "token": token}, Referer="http://evil.example/x")[0] == 403
+            assert post(url + "redrive", {"queue": queue, "token": token})[0] == 403
+            assert untouched()
             # When the other site's page submits its form in the operator's browser
-            go_evil = f"location.href = 'http://127.0.0.1:{evil.server_address[1]}/'; 'go'"
-            refused = browser.run(
+            steps = [(f"location.href = '{other.url}'; 'go'", None), ("document.forms.length ? 'ready' : ''", "ready")]
+            refused = browser.run([*steps, (SUBMIT, None), (BODY, "Cross-origin")])[-1]
+            # Then the dashboard refuses it and nothing moved
+            assert "Cross-origin request" in refused, refused
+            assert untouched()
+            # When the operator opens the page, follows "redrive…", types the token and submits
+            link = "document.querySelector('a[href^=\"/redrive\"]')"
+            moved = browser.run(
                 [
-                    (go_evil, None),
-                    ("document.forms.length ? 'ready' : ''", "ready"),
-                    (submit, None),
-                    (body, "Cross-origin"),
+                    (f"location.href = '{url}'; 'go'", None),
+                    (f"{link} ? 'ready' : ''", "ready"),
+                    (f"{link}.click(); 'clicked'", None),
+                    ("document.querySelector('input[name=token]') ? 'ready' : ''", "ready"),
+                    (f"document.querySelector('input[name=token]').value = '{token}'; 'typed'", None),
+                    (SUBMIT, None),
+                    (BODY, "Moved"),
                 ]
             )[-1]
-            # Then the dashboard refuses it and nothing moved
-            assert "Cross-origin request" in refused
-            assert queue_counts(endpoint.url, f"{queue}-dlq") == (1, 0)
-            # When the operator opens the page, follows "redrive…", types the token and submits
-            steps = [
-                (f"location.href = '{server.url}/'; 'go'", None),
-                ("document.querySelector('a[href^=\"/redrive\"]') ? 'ready' : ''", "ready"),
-                ("document.querySelector('a[href^=\"/redrive\"]').click(); 'clicked'", None),
-                ("document.querySelector('input[name=token]') ? 'ready' : ''", "ready"),
-                (f"document.querySelector('input[name=token]').value = '{token}'; 'typed'", None),
-                (submit, None),
-                (body, "Moved"),
-            ]
-            moved = browser.run(steps)[-1]
+            # Requests never made the dashboard read SQS: only its collector does, once per refresh (60 s here)
+            assert server.collector.rounds == 1
         finally:
             browser.close()
-            evil.shutdown()
+            other.close()
             server.stop()
-    # Then the browser's own request passes the same-origin check and the message is back
-    assert "Moved 1 message(s)" in moved, moved
-    assert queue_counts(endpoint.url, f"{queue}-dlq") == (0, 0) and queue_counts(endpoint.url, queue) == (1, 0)
+    # Then the browser's own request passes the same-origin check and the messages are back
+    assert "Moved 2 message(s)" in moved, moved
+    assert queue_counts(endpoint.url, f"{queue}-dlq") == (0, 0) and queue_counts(endpoint.url, queue) == (2, 0)
