@@ -216,10 +216,10 @@ def _dead_letters(letters: Sequence[DeadLetter], options: PageOptions) -> str:
         rows.append(
             f"<tr><td>{esc(d.queue)}<br><span class='dim'>{esc(d.dead_letter_queue)}</span></td>"
             f"<td class='t'>{_clock(d.sent_at)}</td><td>{esc(d.what)}{excerpt}</td><td>{run_link(d.run_id, options)}</td>"
-            f"<td>{esc(d.reason)}</td><td class='n'>{d.receive_count}</td><td><code>{esc(d.message_id)}</code></td></tr>"
+            f"<td>{esc(d.reason)}</td><td><code>{esc(d.message_id)}</code></td></tr>"
         )
     head = "<tr><th>queue</th><th>dead-lettered</th><th>message</th><th>run</th><th>reason</th>"
-    head += "<th>receives</th><th>message id</th></tr>"
+    head += "<th>message id</th></tr>"
     return f'<table id="dead-letters">{head}{"".join(rows)}</table>'
 
 
