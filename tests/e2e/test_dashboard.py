@@ -28,7 +28,7 @@ from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE
 from dagster_taskiq_sync.wire.messages import StepMessage, encode
 
-from ..helpers import CLI, BackgroundRun, make_config, queue_counts, sqs_client, wait_for
+from ..helpers import CLI, BackgroundRun, queue_counts, sqs_client, wait_for
 from ..jobs import gated
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -106,14 +106,20 @@ def state(url: str) -> dict:
     return json.loads(get(url + "state.json")[1])
 
 
+def queue_with_dead_letters(endpoint, queue: str) -> str:
+    """``queue`` and ``queue``-dlq with a redrive policy, as `queues create` makes them (without a CLI start)."""
+    client = sqs_client(endpoint.url)
+    dlq = client.create_queue(QueueName=f"{queue}-dlq")["QueueUrl"]
+    arn = client.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    policy = json.dumps({"deadLetterTargetArn": arn, "maxReceiveCount": "5"})
+    client.create_queue(QueueName=queue, Attributes={"RedrivePolicy": policy})
+    return queue
+
+
 @pytest.fixture(scope="module")
-def hostile_dlq(endpoint, run_config_file):
+def hostile_dlq(endpoint):
     """A queue whose dead-letter queue holds three forged dead letters with HTML in their reason and body."""
-    queue = f"dash-{uuid.uuid4().hex[:6]}"
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(run_config_file), "-q", queue], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
+    queue = queue_with_dead_letters(endpoint, f"dash-{uuid.uuid4().hex[:6]}")
     client = sqs_client(endpoint.url)
     url = client.get_queue_url(QueueName=f"{queue}-dlq")["QueueUrl"]
     for i in range(3):
@@ -331,9 +337,11 @@ SUBMIT = "document.querySelector('form').submit(); 'sent'"
 BODY = "document.readyState == 'complete' ? document.body.innerText : ''"
 
 
-def test_redrive_needs_the_token_a_post_and_the_pages_own_origin_also_in_a_real_browser(endpoint, tmp_path):
+def test_redrive_needs_the_token_a_post_and_the_pages_own_origin_also_in_a_real_browser(
+    endpoint, run_config_file, tmp_path
+):
     queue = f"redrive-{uuid.uuid4().hex[:6]}"
-    _, config = make_config(endpoint, tmp_path, queue)
+    queue_with_dead_letters(endpoint, queue)
     client = sqs_client(endpoint.url)
     dlq_url = client.get_queue_url(QueueName=f"{queue}-dlq")["QueueUrl"]
     for i in range(2):
@@ -345,7 +353,7 @@ def test_redrive_needs_the_token_a_post_and_the_pages_own_origin_also_in_a_real_
         return queue_counts(endpoint.url, f"{queue}-dlq") == (2, 0) and queue_counts(endpoint.url, queue) == (0, 0)
 
     with Bridge() as bridge:
-        server = board.start(settings_from_yaml(str(config)), options, bridge)
+        server = board.start(settings_from_yaml(str(run_config_file)), options, bridge)
         url, origin = server.url + "/", server.url
         # Another site's page that posts the dashboard's form; it even knows the token, so the
         # same-origin check alone must stop it
