@@ -1,9 +1,9 @@
 """Who serves the operator page: ``dagster-taskiq-sync dashboard``, the Flower of SQS.
 
-One collector thread reads, every ``--refresh`` seconds, what ``queues stats`` reads (queue
-attributes through ``admin.queue_depths``, live workers from the registry in DAGSTER_HOME's
-instance, ``admin.add_workers``) and peeks the dead-letter queues (``dead_letters.peek``, which
-never takes a message out). Requests render that snapshot: however many clients ask, SQS and the
+One collector thread reads, every ``--refresh`` seconds, what ``queues stats`` and its exporter
+read (``stats.gather``: queue attributes, live workers from the registry in DAGSTER_HOME's
+instance, kept open) and peeks the dead-letter queues (``dead_letters.peek``, which never takes a
+message out). Requests render that snapshot: however many clients ask, SQS and the
 database see one round per refresh. The server is the probe port's (``health_server``): bounded
 in connections, bytes, threads and time, bound to 127.0.0.1 unless ``--host`` says otherwise.
 
@@ -32,7 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dagster_taskiq_sync.errors import ConfigError, TaskiqSyncError
-from dagster_taskiq_sync.ops.admin import QueueStats, RedriveResult, add_workers, queue_depths, redrive
+from dagster_taskiq_sync.ops.admin import QueueStats, RedriveResult, redrive
 from dagster_taskiq_sync.ops.dashboard_guard import Request, load_token, token_matches
 from dagster_taskiq_sync.ops.dashboard_page import (
     CSP,
@@ -44,6 +44,8 @@ from dagster_taskiq_sync.ops.dashboard_page import (
 )
 from dagster_taskiq_sync.ops.dead_letters import peek
 from dagster_taskiq_sync.ops.health_server import MAX_REQUEST_BYTES, HealthServer, content_length
+from dagster_taskiq_sync.ops.stats import RegistryReader, gather
+from dagster_taskiq_sync.storage.registry import WorkerRecord
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import translate_error
 from dagster_taskiq_sync.wire.settings import Settings
@@ -97,12 +99,13 @@ class DashboardOptions:
 class Collector:
     """Collects a :class:`Snapshot` every ``refresh`` seconds on its own thread (see the module docstring)."""
 
-    def __init__(self, settings: Settings, options: DashboardOptions, bridge: Bridge, registry: Any = None) -> None:
+    def __init__(
+        self, settings: Settings, options: DashboardOptions, bridge: Bridge, registry: RegistryReader | None = None
+    ) -> None:
         self.settings = settings
         self.options = options
         self.bridge = bridge
-        self._registry = registry  # a WorkerRegistry; opened from DAGSTER_HOME on first use when None
-        self._instance: Any = None  # the instance this collector opened (disposed by stop)
+        self._registry = registry or RegistryReader()  # DAGSTER_HOME's instance, opened once and kept
         self._lock = threading.Lock()
         self._latest = Snapshot(time.time(), settings.sqs.describe_endpoint(), error="collecting the first snapshot")
         self._stop = threading.Event()
@@ -124,9 +127,7 @@ class Collector:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(10)
-        instance, self._instance = self._instance, None
-        if instance is not None:
-            instance.dispose()
+        self._registry.close()
 
     def alive(self) -> tuple[bool, str]:
         ok = self._thread is not None and self._thread.is_alive()
@@ -148,48 +149,27 @@ class Collector:
         return snapshot
 
     def collect(self) -> Snapshot:
-        sqs = self.settings.sqs
-        snapshot = Snapshot(time.time(), sqs.describe_endpoint())
-        snapshot.workers = self._workers(snapshot.notes)
-        live = [w for w in snapshot.workers or () if w.looks_alive(snapshot.taken_at)]
-        names = list(self.options.queues) or [sqs.default_queue, *(q for w in live for q in w.queues)]
+        """One round: what `queues stats` reads (``stats.gather``), then a peek at the dead letters."""
+        sqs, taken = self.settings.sqs, time.time()
         try:
-            snapshot.queues = self.bridge.call(queue_depths, sqs, list(dict.fromkeys(names)), timeout=60)
-            add_workers(
-                snapshot.queues,
-                snapshot.workers,
-                prefetch_multiplier=self.settings.prefetch_multiplier,
-                config_concurrency=self.settings.worker_concurrency,
-                target=None,
-            )
-            peeked = self.bridge.call(peek, sqs, snapshot.queues, timeout=60)
-        except Exception as exc:  # noqa: BLE001 - shown as one sentence on the page
-            snapshot.error = str(translate_error(exc, sqs, "reading queue attributes", None))
-            return snapshot
-        snapshot.dead_letters, snapshot.notes = peeked.letters, snapshot.notes + peeked.notes
-        return snapshot
+            report = gather(self.bridge, self.settings, self.options.queues, registry=self._registry, timeout=60)
+            peeked = self.bridge.call(peek, sqs, report.queues, timeout=60)
+        except Exception as exc:  # noqa: BLE001 - shown as one sentence on the page, with the workers still listed
+            workers, notes = self._registry.read()
+            error = str(translate_error(exc, sqs, "reading queue attributes", None))
+            return Snapshot(taken, sqs.describe_endpoint(), workers=_not_stopped(workers), notes=notes, error=error)
+        return Snapshot(
+            taken,
+            report.endpoint,
+            report.queues,
+            _not_stopped(report.workers),
+            peeked.letters,
+            report.notes + peeked.notes,
+        )
 
-    def _workers(self, notes: list[str]) -> list[Any] | None:
-        if self._registry is None:
-            if not os.environ.get("DAGSTER_HOME", "").strip():
-                notes.append(
-                    "DAGSTER_HOME is not set, so live workers are unknown; set it to the deployment's instance."
-                )
-                return None
-            from dagster_taskiq_sync.storage.instance import InstanceOptions, open_home_instance
-            from dagster_taskiq_sync.storage.registry import WorkerRegistry
 
-            try:
-                self._instance = open_home_instance(InstanceOptions(pool_connections=False))
-                self._registry = WorkerRegistry(self._instance)
-            except TaskiqSyncError as exc:
-                notes.append(f"the worker registry cannot be read: {exc}")
-                return None
-        try:
-            return [w for w in self._registry.workers() if w.state != "stopped"]
-        except Exception as exc:  # noqa: BLE001 - queue numbers are still worth showing
-            notes.append(f"the worker registry in DAGSTER_HOME's instance cannot be read ({exc}); workers are unknown.")
-            return None
+def _not_stopped(workers: list[WorkerRecord] | None) -> list[WorkerRecord] | None:
+    return None if workers is None else [w for w in workers if w.state != "stopped"]
 
 
 Redriver = Callable[[str, int], RedriveResult]
@@ -358,7 +338,9 @@ def make_redriver(settings: Settings, bridge: Bridge) -> Redriver:
     return run
 
 
-def start(settings: Settings, options: DashboardOptions, bridge: Bridge, registry: Any = None) -> DashboardServer:
+def start(
+    settings: Settings, options: DashboardOptions, bridge: Bridge, registry: RegistryReader | None = None
+) -> DashboardServer:
     """Bind (a taken port fails at once), collect a first snapshot, then keep collecting; the page
     says "collecting the first snapshot" until then. ``server.stop()`` ends both."""
     collector = Collector(settings, options, bridge, registry)
