@@ -708,7 +708,7 @@ def local_endpoint(port) -> None:
     "--queue",
     "only",
     multiple=True,
-    help="Queue to show (repeatable). Default: the config's task_default_queue and every queue a live worker consumes.",
+    help="Queue to show (repeatable). Default: the config's task_default_queue, its routed queues (execution.config.routes) and every queue a live worker consumes.",
 )
 @click.option(
     "--allow-redrive",

@@ -68,7 +68,7 @@ class DashboardOptions:
     port: int = DEFAULT_PORT
     refresh: float = 5.0
     dagster_url: str | None = None
-    queues: tuple[str, ...] = ()  # empty: the default queue and every queue a live worker consumes
+    queues: tuple[str, ...] = ()  # empty: as `queues stats` (default, routed and live workers' queues)
     redrive_token: str | None = None  # set only with --allow-redrive
 
     @property
