@@ -36,7 +36,7 @@ SQS_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 
 SEND_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 # Why a worker moved a message that can never run to the dead-letter queue.
-DEAD_LETTER_REASONS = ("malformed", "signature", "unknown_run", "cannot_run", "other")
+DEAD_LETTER_REASONS = ("malformed", "signature", "unknown_run", "never_sent", "cannot_run", "other")
 # Which of a step's time limits stopped it (wire/time_limits.py).
 TIME_LIMIT_KINDS = ("soft", "hard")
 # Why a step child was replaced by a fresh one.

@@ -7,7 +7,8 @@ process's one event-loop thread. Dagster launches the steps of one loop iteratio
 (each writes an event first), so the executor says how many are coming (:meth:`StepSender.expect`)
 and the sender waits for them, or for a full batch of ten, before sending: one call for the
 iteration's steps instead of one per step. Their ``queued`` liveness records are written in one batch
-after the sends. A send that still fails after ``broker_outage_timeout`` is raised by
+before the sends: a worker runs only an attempt a sender recorded (``admission.never_sent``), so a
+queue writer cannot start an attempt the orchestrator never sent. A send that still fails after ``broker_outage_timeout`` is raised by
 :meth:`StepSender.raise_errors`, which the executor calls on every loop iteration: the run fails
 as it would have had the send been inline.
 
@@ -93,7 +94,7 @@ class StepSender:
         self._closing = False
         self._errors: list[TaskiqSyncError] = []
         self._offloaded: list[tuple[PendingSend, str]] = []
-        self.sent_task_ids: list[str] = []  # every step attempt this run sent (its records are forgotten at the end)
+        self.sent_task_ids: list[str] = []  # every step attempt recorded as sent (its records are forgotten at the end)
         self._pool = concurrent.futures.ThreadPoolExecutor(SEND_CONCURRENCY, thread_name_prefix="taskiq-send")
         self._thread = threading.Thread(target=self._run, name="taskiq-step-sender", daemon=True)
         self._thread.start()
@@ -184,7 +185,19 @@ class StepSender:
                     self._cond.notify_all()
 
     def _send(self, batch: list[PendingSend]) -> None:
-        sent: list[PendingSend] = []
+        try:  # before the sends: a worker that receives a step before its record would refuse it
+            self._store.write_queued({item.task_id: StepRecord(QUEUED, queue=item.queue) for item in batch})
+        except Exception as exc:  # noqa: BLE001 - the instance rode out what it could (db_retry); the steps fail
+            self._fail(
+                batch,
+                TaskiqSyncError(
+                    f"its queued record could not be written to the Dagster instance ({type(exc).__name__}: {exc}), "
+                    "and workers run only steps whose sending is recorded there"
+                ),
+            )
+            return
+        with self._cond:
+            self.sent_task_ids.extend(item.task_id for item in batch)
         for priority in sorted({item.priority for item in batch}, reverse=True):
             group = [item for item in batch if item.priority == priority]
             by_queue: dict[str, list[PendingSend]] = {}
@@ -200,31 +213,23 @@ class StepSender:
                 except TaskiqSyncError as exc:
                     self._fail(chunk, exc)
                     continue
-                sent.extend(self._settle(chunk, results))
-        if sent:
-            try:
-                self._store.write_queued({item.task_id: StepRecord(QUEUED, queue=item.queue) for item in sent})
-            except Exception as exc:  # noqa: BLE001 - the steps are sent; only queued-age warnings suffer
-                log.warning("could not record %d queued step(s): %s", len(sent), exc)
+                self._settle(chunk, results)
 
     def _send_chunk(self, chunk: list[PendingSend]) -> list[SendResult]:
         return self._client.send_many(
             [Outgoing(item.queue, item.task_id, item.body) for item in chunk], retry_for=self._retry_for
         )
 
-    def _settle(self, chunk: list[PendingSend], results: list[SendResult]) -> list[PendingSend]:
-        sent = []
+    def _settle(self, chunk: list[PendingSend], results: list[SendResult]) -> None:
         now = time.time()
         for item, result in zip(chunk, results, strict=True):
             if result.error is not None:
                 self._fail([item], result.error)
                 continue
-            sent.append(item)
             if item.span is not None:
                 item.span.end()
-            with self._cond:
-                self.sent_task_ids.append(item.task_id)
-                if result.offloaded_to:
+            if result.offloaded_to:
+                with self._cond:
                     self._offloaded.append((item, result.offloaded_to))
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
@@ -235,7 +240,6 @@ class StepSender:
                     item.queue,
                     extra={"run_id": item.run_id, "step_key": item.step_key, "queue": item.queue, "sent_at": now},
                 )
-        return sent
 
     def _fail(self, items: list[PendingSend], exc: TaskiqSyncError) -> None:
         errors = [

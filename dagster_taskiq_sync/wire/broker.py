@@ -26,14 +26,8 @@ from taskiq_aio_sqs import SQSBroker, SQSQueue
 
 from dagster_taskiq_sync.errors import BrokerError, ConfigError, PayloadTooLargeError, TaskiqSyncError
 from dagster_taskiq_sync.wire.aws import client_kwargs
-from dagster_taskiq_sync.wire.messages import (
-    S3_POINTER_ATTRIBUTE,
-    SIGNATURE_ATTRIBUTE,
-    Keyring,
-    MalformedMessage,
-    S3Pointer,
-    pointer_for,
-)
+from dagster_taskiq_sync.wire.messages import S3_POINTER_ATTRIBUTE, SIGNATURE_ATTRIBUTE, Keyring, MalformedMessage
+from dagster_taskiq_sync.wire.payloads import S3Pointer, pointer_for
 from dagster_taskiq_sync.wire.settings import SQSSettings
 
 log = logging.getLogger("dagster_taskiq_sync.broker")
@@ -115,7 +109,7 @@ class StepBroker(SQSBroker):
             region_name=settings.region,  # type: ignore[arg-type]  # None means boto's own resolution
             aws_access_key_id=settings.access_key_id,
             aws_secret_access_key=settings.secret_access_key,
-            use_task_id_for_deduplication=True,
+            use_task_id_for_deduplication=False,  # send_many sets a keyed or random id (Keyring.dedup_id)
             wait_time_seconds=settings.wait_time_seconds,
             visibility_timeout=settings.visibility_timeout,
             s3_extended_bucket_name=settings.s3_bucket,
@@ -250,7 +244,9 @@ class StepBroker(SQSBroker):
             entry["MessageAttributes"] = {k: {"DataType": "String", "StringValue": v} for k, v in attributes.items()}
         if sqs_name.endswith(".fifo"):  # one group per step attempt: FIFO order never serializes a run
             entry["MessageGroupId"] = item.task_id
-            entry["MessageDeduplicationId"] = item.task_id
+            # Not the task id: anyone could send junk under it first and SQS would drop this
+            # message for five minutes. A retry of this entry below reuses it.
+            entry["MessageDeduplicationId"] = self.keyring.dedup_id(item.task_id)
         return entry, offloaded
 
     async def _send_chunk(self, url: str, entries: list[dict[str, Any]]) -> dict[int, str]:

@@ -33,7 +33,8 @@ from dagster_taskiq_sync.wire.broker import (
     SendResult,
     StepBroker,
 )
-from dagster_taskiq_sync.wire.messages import Keyring, MalformedMessage, S3Pointer
+from dagster_taskiq_sync.wire.messages import Keyring, MalformedMessage
+from dagster_taskiq_sync.wire.payloads import S3Pointer
 from dagster_taskiq_sync.wire.settings import SQSSettings
 
 log = logging.getLogger("dagster_taskiq_sync.broker")

@@ -12,8 +12,9 @@ against the attempt it travels with.
 Optional signing (:class:`Keyring`): HMAC-SHA256 over the exact SQS message body, carried in a
 message attribute. A worker that holds keys rejects an unsigned, tampered or unknown-key message
 before it parses anything, and an S3 pointer in a signed body carries the payload's SHA-256, so
-the fetched payload is covered too. Keys rotate: senders sign with the current key; workers
-accept the current and the previous ones.
+the fetched payload is covered too (S3 pointers are ``payloads.py``'s). Keys rotate: senders sign
+with the current key; workers accept the current and the previous ones. On FIFO queues the
+deduplication id is keyed too (:meth:`Keyring.dedup_id`).
 
 :func:`decode` raises one exception type, :class:`MalformedMessage`, whose ``reason`` is a
 sentence for the worker's log and the dead-letter queue.
@@ -25,6 +26,7 @@ import hashlib
 import hmac
 import json
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -47,8 +49,14 @@ MIN_KEY_CHARS = 32
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,254}$")
 _STEP_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\[\],:-]{0,1023}$")  # op names, graphs, dynamic keys
 _LAUNCH = re.compile(r"^(launch|resume-[0-9]{1,6})$")
-_S3_KEY = re.compile(r"^[A-Za-z0-9_.=-]+(/[A-Za-z0-9_.=-]+)*$")
 _MAX_ATTEMPT = 100_000
+# A parsed JSON value costs up to ~70 bytes however few bytes it takes on the wire (`{},` is three:
+# a 64 MiB payload of them used to take 1.5 GiB to parse). A body's values are counted before it is
+# parsed and refused over max(MIN_VALUE_LIMIT, VALUES_PER_MIB per MiB of max_payload_mib): 1,048,576 at
+# the default 64 MiB, at most a ~70 MiB parse. A genuine message has about one value per 13 bytes: a
+# million is the fan-in after a ~50,000-way fan-out; a larger one needs a larger max_payload_mib.
+MIN_VALUE_LIMIT = 1 << 20
+VALUES_PER_MIB = 16_384
 
 
 class TaskKind(str, Enum):
@@ -188,8 +196,28 @@ def encode(message: Message, sqs_queue: str) -> bytes:
     )
 
 
-def decode(body: bytes) -> Message:
-    """The message in an SQS body (already verified and fetched); every field is checked."""
+def max_values(max_payload_bytes: int) -> int:
+    """The most JSON values a worker parses in one message, for its ``max_payload_mib``."""
+    return max(MIN_VALUE_LIMIT, max_payload_bytes // (1024 * 1024) * VALUES_PER_MIB)
+
+
+def count_values(body: bytes) -> int:
+    """An upper bound on the JSON values in ``body`` (objects, arrays, and the items and members
+    they hold), counted without parsing it; nested JSON in a string (``known_state``) counts too."""
+    return sum(body.count(c) for c in (b"{", b"[", b",", b":"))
+
+
+def decode(body: bytes, value_limit: int | None = None) -> Message:
+    """The message in an SQS body (already verified and fetched); every field is checked. With
+    ``value_limit``, a body holding more JSON values than that is refused before it is parsed, so
+    parsing it stays bounded in memory."""
+    if value_limit is not None:
+        values = count_values(body)
+        if values > value_limit:
+            raise MalformedMessage(
+                f"the message holds up to {values} JSON values, over the {value_limit} a worker parses "
+                f"({VALUES_PER_MIB} per MiB of execution.config.max_payload_mib; raise it for a larger fan-out)"
+            )
     try:
         data = json.loads(body)
     except (ValueError, RecursionError) as exc:
@@ -200,7 +228,7 @@ def decode(body: bytes) -> Message:
     try:
         kind = TaskKind(task_name)
     except ValueError:
-        raise MalformedMessage(f"the message is for unknown task {_shown(task_name)}") from None
+        raise MalformedMessage(f"the message is for unknown task {shown(task_name)}") from None
     kwargs = data.get("kwargs")
     if not isinstance(kwargs, dict):
         raise MalformedMessage("the message has no kwargs object")
@@ -209,7 +237,7 @@ def decode(body: bytes) -> Message:
     version = kwargs.get("version")
     if version != MESSAGE_VERSION or isinstance(version, bool):
         raise MalformedMessage(
-            f"the message has version {_shown(version)}, and this worker reads version {MESSAGE_VERSION}; "
+            f"the message has version {shown(version)}, and this worker reads version {MESSAGE_VERSION}; "
             "run the same dagster-taskiq-sync version on orchestrators, launchers and workers"
         )
     message = _step(kwargs) if kind is TaskKind.STEP else _run(kind, kwargs)
@@ -228,7 +256,7 @@ def queue_label(body: bytes) -> str | None:
         return None
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -242,7 +270,7 @@ def _expect_keys(kwargs: Mapping[str, Any], allowed: set[str]) -> None:
 def _text(kwargs: Mapping[str, Any], name: str, pattern: re.Pattern[str]) -> str:
     value = kwargs.get(name)
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise MalformedMessage(f"the message's {name} is missing or malformed: {_shown(value)}")
+        raise MalformedMessage(f"the message's {name} is missing or malformed: {shown(value)}")
     return value
 
 
@@ -250,9 +278,7 @@ def _step(kwargs: Mapping[str, Any]) -> StepMessage:
     _expect_keys(kwargs, {"version", "run_id", "step_key", "attempt", "known_state", HARD_FIELD, SOFT_FIELD})
     run_id = _text(kwargs, "run_id", _RUN_ID)
     step_key = _text(kwargs, "step_key", _STEP_KEY)
-    attempt = kwargs.get("attempt")
-    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= _MAX_ATTEMPT:
-        raise MalformedMessage(f"the message's attempt is not a whole number from 1: {_shown(attempt)}")
+    attempt = _attempt(kwargs)
     known_state = kwargs.get("known_state")
     if not isinstance(known_state, str):
         raise MalformedMessage("the message's known_state is missing")
@@ -262,6 +288,13 @@ def _step(kwargs: Mapping[str, Any]) -> StepMessage:
     except ValueError as exc:
         raise MalformedMessage(str(exc)) from None
     return StepMessage(run_id, step_key, attempt, known_state, limits)
+
+
+def _attempt(kwargs: Mapping[str, Any]) -> int:
+    attempt = kwargs.get("attempt")
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or not 1 <= attempt <= _MAX_ATTEMPT:
+        raise MalformedMessage(f"the message's attempt is not a whole number from 1: {shown(attempt)}")
+    return attempt
 
 
 def _check_known_state(text: str, step_key: str, attempt: int) -> None:
@@ -288,75 +321,29 @@ def _run(kind: TaskKind, kwargs: Mapping[str, Any]) -> RunMessage:
     return RunMessage(kind, _text(kwargs, "run_id", _RUN_ID), launch)
 
 
-# --- S3 offload pointers ---------------------------------------------------------------------------
+# --- identities in S3 pointers ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class S3Pointer:
-    """Where an offloaded body lives; only ever inside the configured bucket and prefix."""
-
-    bucket: str
-    key: str
-    size: int | None = None
-    sha256: str | None = None
-
-    def encode(self) -> bytes:
-        return json.dumps(
-            {"s3_bucket": self.bucket, "s3_key": self.key, "size": self.size, "sha256": self.sha256}
-        ).encode()
-
-    @property
-    def url(self) -> str:
-        return f"s3://{self.bucket}/{self.key}"
+def identity_dict(message: Message) -> dict[str, Any]:
+    """The JSON of a message's identity (what an S3 pointer names)."""
+    names: dict[str, Any] = {"task_name": message.kind.value, "run_id": message.run_id}
+    if isinstance(message, StepMessage):
+        names.update(step_key=message.step_key, attempt=message.attempt)
+    else:
+        names["launch"] = message.launch
+    return names
 
 
-def pointer_for(bucket: str, prefix: str, task_id: str, payload: bytes) -> S3Pointer:
-    key = "/".join(part for part in (prefix.strip("/"), f"{task_id}.json") if part)
-    return S3Pointer(bucket, key, len(payload), hashlib.sha256(payload).hexdigest())
-
-
-def decode_pointer(body: bytes, bucket: str | None, prefix: str, max_bytes: int) -> S3Pointer:
-    """The pointer in an SQS body, refused unless it names the configured bucket and prefix."""
+def identity(data: Mapping[str, Any]) -> Message:
+    """The message that ``identity_dict`` describes (a step's without its known_state: it is only
+    ever a name, never run); every field is checked as in :func:`decode`."""
     try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        data = None
-    if not isinstance(data, dict):
-        raise MalformedMessage("the S3 pointer is not a JSON object")
-    where, key = data.get("s3_bucket"), data.get("s3_key")
-    if not bucket:
-        raise MalformedMessage(
-            "the message points at S3, and this worker has no offload bucket configured (execution.config.backend)"
-        )
-    if where != bucket:
-        raise MalformedMessage(f"the S3 pointer names bucket {_shown(where)}, not the configured {bucket!r}")
-    prefix = prefix.strip("/")
-    if (
-        not isinstance(key, str)
-        or len(key) > 1024
-        or ".." in key
-        or not _S3_KEY.fullmatch(key)
-        or (prefix and not key.startswith(prefix + "/"))
-    ):
-        raise MalformedMessage(f"the S3 pointer's key {_shown(key)} is not under the offload prefix {prefix!r}")
-    size, digest = data.get("size"), data.get("sha256")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise MalformedMessage("the S3 pointer's size is not a whole number")
-    if size is not None and size > max_bytes:
-        raise MalformedMessage(
-            f"the offloaded payload is {size} bytes, over the {max_bytes}-byte limit (execution.config.max_payload_mib)"
-        )
-    if digest is not None and (not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest)):
-        raise MalformedMessage("the S3 pointer's sha256 is malformed")
-    return S3Pointer(bucket, key, size, digest)
-
-
-def check_payload(pointer: S3Pointer, payload: bytes, signed: bool) -> None:
-    """A fetched payload must be what the (signed) pointer says it is."""
-    if pointer.sha256 is not None and hashlib.sha256(payload).hexdigest() != pointer.sha256:
-        raise MalformedMessage(f"the payload at {pointer.url} does not match the SHA-256 in its message")
-    if signed and pointer.sha256 is None:
-        raise MalformedMessage("a signed message points at S3 without the payload's SHA-256")
+        kind = TaskKind(data.get("task_name"))
+    except ValueError:
+        raise MalformedMessage(f"the S3 pointer names unknown task {shown(data.get('task_name'))}") from None
+    if kind is not TaskKind.STEP:
+        return _run(kind, {"version": MESSAGE_VERSION, "run_id": data.get("run_id"), "launch": data.get("launch")})
+    return StepMessage(_text(data, "run_id", _RUN_ID), _text(data, "step_key", _STEP_KEY), _attempt(data), "")
 
 
 # --- signing ---------------------------------------------------------------------------------------
@@ -412,6 +399,15 @@ class Keyring:
         digest = hmac.new(self.current, body, hashlib.sha256).hexdigest()
         return {SIGNATURE_ATTRIBUTE: f"v1:{key_id(self.current)}:{digest}"}
 
+    def dedup_id(self, task_id: str) -> str:
+        """A FIFO queue's MessageDeduplicationId for a message: keyed with the current signing key,
+        else random. Never the task id itself: whoever can send to the queue could compute that
+        and send junk under it first, and SQS would drop the real message for five minutes. A
+        duplicate that gets through is dropped by the worker's claim on the attempt."""
+        if self.current is None:
+            return uuid.uuid4().hex
+        return hmac.new(self.current, b"fifo-dedup\0" + task_id.encode(), hashlib.sha256).hexdigest()
+
     def verify(self, body: bytes, attributes: Mapping[str, str]) -> None:
         """Raise :class:`SignatureError` unless ``body`` carries a valid signature by an accepted key."""
         value = attributes.get(SIGNATURE_ATTRIBUTE)
@@ -423,7 +419,7 @@ class Keyring:
         key = self._accepted().get(parts[1])
         if key is None:
             raise SignatureError(
-                f"the message is signed with key {_shown(parts[1][:12])}, which this worker "
+                f"the message is signed with key {shown(parts[1][:12])}, which this worker "
                 "does not hold (rotate keys: add it to previous_signing_keys)"
             )
         expected = hmac.new(key, body, hashlib.sha256).hexdigest()

@@ -9,6 +9,10 @@ instance has it, the attempt's liveness record), tried in order by ``request.Req
   code never runs twice. A started attempt whose record went stale is called lost unless the run's
   event log has its outcome (``ran_to_its_end``, read only then).
 * ``run_is_over``: its run finished or is being canceled: nobody waits for it (drop).
+* ``never_sent``: no sender recorded sending this attempt or launch (the orchestrator and the run
+  launcher write its ``queued`` record before they send it): a forged or stale message, e.g. an
+  attempt 2 of a step that ended, or a resume of a run nobody resumed (dead-letter, with no record
+  written on its behalf, so that it cannot spoil the real message if one is ever sent).
 * ``run_cannot_take_it``: its run is in a state no genuine sender sends this kind in (dead-letter).
 """
 
@@ -49,6 +53,7 @@ class Verdict:
     release_after: int = 0  # seconds before a released message is visible again
     resent_started: bool = False  # it names an attempt already running (a resumed run re-sends it)
     lost: bool = False  # dropped as an attempt whose worker stopped heartbeating while it ran
+    unrecorded: bool = False  # dead-lettered without writing a record for its attempt (never sent)
 
 
 # --- drop rules: (message, its run, its attempt's record, lost timeout) -> Verdict or None ---------------
@@ -111,6 +116,17 @@ def run_is_over(message: Message, run: Any, previous: StepRecord | None, lost_ti
     return None
 
 
+def never_sent(message: Message, run: Any, previous: StepRecord | None, lost_timeout: float) -> Verdict | None:
+    if previous is None:
+        return Verdict(
+            Outcome.DEAD_LETTER,
+            f"no orchestrator or run launcher of this instance sent {message.label} (it has no queued record): "
+            "a forged or stale message",
+            unrecorded=True,
+        )
+    return None
+
+
 def run_cannot_take_it(message: Message, run: Any, previous: StepRecord | None, lost_timeout: float) -> Verdict | None:
     allowed = {
         TaskKind.STEP: (DagsterRunStatus.STARTED,),
@@ -126,4 +142,4 @@ def run_cannot_take_it(message: Message, run: Any, previous: StepRecord | None, 
     return None
 
 
-DROP_RULES = (run_missing, could_not_run_before, already_started, run_is_over, run_cannot_take_it)
+DROP_RULES = (run_missing, could_not_run_before, already_started, run_is_over, never_sent, run_cannot_take_it)

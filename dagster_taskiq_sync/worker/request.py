@@ -34,15 +34,14 @@ from dagster_taskiq_sync.wire.messages import (
     MalformedMessage,
     Message,
     RunMessage,
-    S3Pointer,
     SignatureError,
     StepMessage,
     TaskKind,
-    check_payload,
     decode,
-    decode_pointer,
+    max_values,
     queue_label,
 )
+from dagster_taskiq_sync.wire.payloads import S3Pointer, check_payload, decode_pointer
 from dagster_taskiq_sync.wire.time_limits import HARD, SOFT, StepLimits
 from dagster_taskiq_sync.worker.admission import DROP_RULES, Drop, Outcome, Verdict, ran_to_its_end
 from dagster_taskiq_sync.worker.child_pipe import Pickup, StepTask
@@ -148,9 +147,19 @@ class Request:
             self.message = self._open()
         except MalformedMessage as exc:
             self._unreadable = "signature" if isinstance(exc, SignatureError) else "malformed"
-            return Verdict(Outcome.DEAD_LETTER, exc.reason)
+            return self._unopened(exc)
         if self.worker.stopping.is_set():
             return Verdict(Outcome.RELEASE, "the worker is stopping")
+        verdict = self._apply_rules()
+        if verdict is not None:
+            return verdict
+        if self.worker.stopping.is_set():
+            return Verdict(Outcome.RELEASE, "the worker is stopping")
+        return self._claim()
+
+    def _apply_rules(self) -> Verdict | None:
+        """Read the message's run and attempt record, then the first drop rule that applies."""
+        assert self.message is not None
         self.run, previous = self._retrying(f"reading run {self.message.run_id} from the instance", self._read_state)
         for rule in DROP_RULES:
             verdict = rule(self.message, self.run, previous, self.worker.settings.worker_lost_timeout)
@@ -159,9 +168,25 @@ class Request:
                     ended = self._retrying(f"reading the outcome of {self.message.label}", self._attempts_ended)
                     verdict = ran_to_its_end(self.message, previous, ended) or verdict
                 return verdict
-        if self.worker.stopping.is_set():
-            return Verdict(Outcome.RELEASE, "the worker is stopping")
-        return self._claim()
+        return None
+
+    def _unopened(self, exc: MalformedMessage) -> Verdict:
+        """A message that cannot be opened can never run. When its S3 pointer was read and names
+        its step (the payload is gone, altered, or not a message), that step is failed promptly:
+        the dead-letter record is written for it, but only where a whole message for that attempt
+        would be admitted (the drop rules, then the claim), so an unsigned pointer can do no more
+        to a run than an unsigned message can."""
+        dead = Verdict(Outcome.DEAD_LETTER, exc.reason)
+        named = self.pointer.names if self.pointer is not None else None
+        if named is None:
+            return dead
+        self.message = named
+        verdict = self._apply_rules() or self._claim()
+        if verdict is None:
+            return dead
+        if verdict.outcome is Outcome.DEAD_LETTER:  # say both: what is wrong with it, and with its step
+            return replace(verdict, why=f"{exc.reason}; and {verdict.why}")
+        return verdict
 
     def _claim(self) -> Verdict | None:
         """Only one of two deliveries of one message received at once may start it (see
@@ -199,7 +224,9 @@ class Request:
             )
             check_payload(pointer, body, signed)
             worker.metrics.s3_offload_read(len(body))
-        message = decode(body)
+        message = decode(body, max_values(worker.settings.sqs.max_payload_bytes))
+        if self.pointer is not None and self.pointer.names is not None and self.pointer.names.handle != message.handle:
+            raise MalformedMessage(f"the payload at {self.pointer.url} is not the message its pointer names")
         if signed and delivery.offloaded and queue_label(body) != worker.settings.sqs.queue_name(delivery.queue):
             raise MalformedMessage("the offloaded message was signed for another queue")
         return message
@@ -584,10 +611,18 @@ class Request:
 
     def _dead_letter(self, verdict: Verdict) -> None:
         dlq = self.worker.client.dead_letter(self.delivery, verdict.why)
-        reason = self._unreadable if self.message is None else "unknown_run" if self.run is None else "cannot_run"
+        reason = (
+            self._unreadable
+            if self.message is None
+            else "unknown_run"
+            if self.run is None
+            else "never_sent"
+            if verdict.unrecorded
+            else "cannot_run"
+        )
         self.worker.metrics.message_dead_lettered(self.delivery.queue, reason)
-        if self.message is None or self.run is None:
-            return  # unverified or run-less: nothing in the instance is touched on its behalf
+        if self.message is None or self.run is None or verdict.unrecorded:
+            return  # unverified, run-less or never sent: nothing in the instance is touched on its behalf
         where = f"to dead-letter queue {dlq!r}" if dlq else "and deleted it (the queue has no dead-letter queue)"
         self.write_record(
             StepRecord(

@@ -21,13 +21,13 @@ from dagster_taskiq_sync.wire.messages import (
     SignatureError,
     StepMessage,
     TaskKind,
-    check_payload,
+    count_values,
     decode,
-    decode_pointer,
     encode,
-    pointer_for,
+    max_values,
     queue_for_tags,
 )
+from dagster_taskiq_sync.wire.payloads import check_payload, decode_pointer, pointer_for
 
 pytestmark = pytest.mark.compat  # the tier bin/matrix runs on every env
 
@@ -204,6 +204,65 @@ def test_fetched_payloads_must_match_their_pointer():
     check_payload(unhashed, b"anything", signed=False)  # taskiq-aio-sqs's own pointers, unsigned
     with pytest.raises(MalformedMessage, match="without the payload's SHA-256"):
         check_payload(unhashed, b"anything", signed=True)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [StepMessage(RUN_ID, "fan_in", 3, STATE), RunMessage(TaskKind.RESUME, RUN_ID, "resume-2")],
+    ids=["step", "resume"],
+)
+def test_a_pointer_names_the_message_of_its_payload(message):
+    # Given the payload a sender offloads (issue 19 row 3: a payload that is gone must still fail its step)
+    payload = encode(message, "dagster")
+    pointer = pointer_for("payloads", "steps", message.handle, payload)
+    # Then its pointer names the run, step and attempt (or launch), without the known_state
+    assert pointer.names is not None and pointer.names.handle == message.handle
+    assert "known_state" not in pointer.encode().decode()
+    assert decode_pointer(pointer.encode(), "payloads", "steps", 1 << 20) == pointer
+    # and a pointer whose names are not its key's, or are malformed, is refused
+    data = json.loads(pointer.encode())
+    other = {**data, "names": {**data["names"], "run_id": "another-run"}}
+    bad = {**data, "names": {**data["names"], "run_id": "../x"}}
+    for body, reason in [(other, "is not the payload of"), (bad, "run_id is missing or malformed")]:
+        with pytest.raises(MalformedMessage, match=reason):
+            decode_pointer(json.dumps(body).encode(), "payloads", "steps", 1 << 20)
+    # a body that is not one of ours names nothing (taskiq-aio-sqs's own pointers name nothing either)
+    assert pointer_for("payloads", "steps", "abc", b"[1, 2]").names is None
+
+
+def test_json_values_are_counted_before_a_body_is_parsed():
+    # Given the payload of issue 19 row 11 (`{}` items: ~25x their size once parsed), 8 MiB of it
+    import tracemalloc
+
+    hostile = b'{"task_name": "dagster_taskiq_sync.execute_step", "kwargs": {"pad": [' + b"{}," * (8 << 18) + b"{}]}}"
+    limit = max_values(64 << 20)
+    assert limit == 1 << 20 and max_values(128 << 20) == 2 << 20  # 16,384 per MiB of max_payload_mib
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            MalformedMessage, match=f"holds up to {count_values(hostile)} JSON values, over the {limit}"
+        ):
+            decode(hostile, limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # refused without parsing: not even a copy of the body (was ~200 MiB for 8 MiB)
+    # and a genuine fan-in after a 10,000-way fan-out is well within the default limit
+    keys = [f"key_{i}" for i in range(10_000)]
+    state = KnownExecutionState(dynamic_mappings={"fan_out": {"result": keys}})
+    genuine = encode(StepMessage(RUN_ID, "fan_in", 1, serialize_value(state)), "dagster")
+    assert decode(genuine, limit).step_key == "fan_in" and count_values(genuine) < limit // 50
+
+
+def test_fifo_deduplication_ids_are_keyed_or_random_never_the_task_id():
+    # Issue 19 row 7: junk sent first under a deterministic id would make SQS drop the real message
+    task_id = StepMessage(RUN_ID, "emit_one", 1, STATE).handle
+    signed, other = Keyring.from_secrets(KEY), Keyring.from_secrets(OLD_KEY)
+    assert signed.dedup_id(task_id) == signed.dedup_id(task_id)  # a sender's own retry is still deduplicated
+    assert signed.dedup_id(task_id) not in (task_id, other.dedup_id(task_id))
+    assert len(signed.dedup_id(task_id)) <= 128  # SQS's limit
+    unsigned = Keyring()
+    assert len({unsigned.dedup_id(task_id) for _ in range(3)} | {task_id}) == 4  # random without a key
 
 
 def test_message_version_is_the_one_documented():

@@ -12,7 +12,7 @@ import pytest
 from dagster import DagsterEventType, DagsterRunStatus
 
 from dagster_taskiq_sync.ops.metrics import NullMetrics
-from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, RUNNING, StepRecord
+from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, QUEUED, RUNNING, StepRecord
 from dagster_taskiq_sync.wire.messages import RunMessage, StepMessage, TaskKind
 from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.worker.admission import (
@@ -50,8 +50,25 @@ def first_verdict(message, the_run, previous=None, lost_timeout=30.0):
 # --- drop rules ------------------------------------------------------------------------------------------
 
 
-def test_a_step_of_a_started_run_with_no_record_runs():
-    assert first_verdict(STEP, run(DagsterRunStatus.STARTED)) == (None, None)
+def test_a_step_of_a_started_run_that_its_orchestrator_sent_runs():
+    assert first_verdict(STEP, run(DagsterRunStatus.STARTED), StepRecord(QUEUED, queue="q")) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        STEP,  # a step the orchestrator has not sent (yet)
+        StepMessage(STEP.run_id, "emit_one", 2, "{}"),  # attempt 2 of a step that ended (issue 19 row 6)
+        RESUME,  # a resume of a run nobody resumed (issue 19 row 6)
+    ],
+    ids=["unsent-step", "attempt-2-of-a-finished-step", "forged-resume"],
+)
+def test_what_no_sender_recorded_sending_is_dead_lettered_without_a_record(message):
+    # Given a STARTED run and no queued record for the message's attempt or launch
+    name, verdict = first_verdict(message, run(DagsterRunStatus.STARTED))
+    # Then it never runs, and nothing is written for it (so a real message sent later still runs)
+    assert name == "never_sent" and verdict.outcome is Outcome.DEAD_LETTER and verdict.unrecorded
+    assert f"no orchestrator or run launcher of this instance sent {message.label}" in verdict.why
 
 
 def test_a_run_this_worker_does_not_have_can_never_run():
@@ -430,7 +447,8 @@ def test_the_second_of_two_simultaneous_deliveries_is_dropped_as_a_duplicate(tmp
             req._open = lambda: STEP
             return req
 
-        assert request("w1@h").admit() is None  # no record: it runs
+        store.write_queued({STEP.handle: StepRecord(QUEUED, queue="q")})  # the orchestrator sent it
+        assert request("w1@h").admit() is None  # no worker's record: it runs
         verdict = request("w2@h").admit()  # the same message, before w1 wrote its running record
         assert verdict.outcome is Outcome.DONE
         assert verdict.why == (
