@@ -426,6 +426,23 @@ def test_only_one_of_two_deliveries_received_at_once_may_start_an_attempt(tmp_pa
         assert store.claim("attempt-2", "w4@h", stale_after=60) is None
 
 
+def test_a_sent_attempt_still_queued_after_record_expiry_reads_as_never_sent(tmp_path):
+    # The README's caveat: a queued record nobody updated for record_expiry is swept like any other
+    from dagster import DagsterInstance
+
+    from dagster_taskiq_sync.storage.liveness import LivenessStore
+
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with DagsterInstance.from_config(str(tmp_path)) as instance:
+        store = LivenessStore(instance)
+        store.write_queued({STEP.handle: StepRecord(QUEUED, ts=time.time() - 90_000, queue="q")})
+        previous = store.read([STEP.handle]).get(STEP.handle)
+        assert first_verdict(STEP, run(DagsterRunStatus.STARTED), previous) == (None, None)
+        store.sweep(expiry=86_400)
+        previous = store.read([STEP.handle]).get(STEP.handle)
+        assert first_verdict(STEP, run(DagsterRunStatus.STARTED), previous)[0] == "never_sent"
+
+
 def test_the_second_of_two_simultaneous_deliveries_is_dropped_as_a_duplicate(tmp_path):
     from dagster import DagsterInstance
 
