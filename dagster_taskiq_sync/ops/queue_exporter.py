@@ -3,7 +3,7 @@
 A worker's own metrics cannot say how many messages wait on a queue nobody consumes, or how deep
 a dead-letter queue is, so this small exporter reads them from outside: the numbers of `queues
 stats` (:func:`~dagster_taskiq_sync.ops.stats.gather`), as the gauges of
-:data:`~dagster_taskiq_sync.ops.metrics.QUEUE_METRICS`, in its own ``CollectorRegistry``, on the
+:data:`~dagster_taskiq_sync.ops.metric_specs.QUEUE_METRICS`, in its own ``CollectorRegistry``, on the
 probe server of the workers (:class:`~dagster_taskiq_sync.ops.health_server.HealthServer`: bounded
 threads, connections and time per client).
 
@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from dagster_taskiq_sync.ops.health_server import DEFAULT_HOST, HealthServer
-from dagster_taskiq_sync.ops.metrics import QUEUE_METRICS, MetricSpec
+from dagster_taskiq_sync.ops.metric_specs import QUEUE_METRICS, MetricSpec
 from dagster_taskiq_sync.ops.stats import RegistryReader, StatsReport, gather
 from dagster_taskiq_sync.wire.bridge import Bridge
 

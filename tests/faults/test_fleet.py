@@ -19,16 +19,13 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from dagster_taskiq_sync.ops.metrics import (
+from dagster_taskiq_sync.ops.metric_specs import (
     ORCHESTRATOR_METRICS,
     SQS_METRICS,
     WORKER_METRICS,
-    NullMetrics,
-    NullOrchestratorMetrics,
-    OrchestratorMetrics,
-    WorkerMetrics,
     metrics_reference_markdown,
 )
+from dagster_taskiq_sync.ops.metrics import NullMetrics, NullOrchestratorMetrics, OrchestratorMetrics, WorkerMetrics
 
 from ..helpers import Recorder
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from dagster_taskiq_sync.ops.metrics import ORCHESTRATOR_METRICS, QUEUE_METRICS, SQS_METRICS, WORKER_METRICS
+from dagster_taskiq_sync.ops.metric_specs import ORCHESTRATOR_METRICS, QUEUE_METRICS, SQS_METRICS, WORKER_METRICS
 
 MONITORING = Path(__file__).resolve().parents[2] / "deploy" / "monitoring"
 METRIC_NAME = re.compile(r"\bdagster_taskiq_[a-z_]+\b")
