@@ -34,7 +34,7 @@ def tool(name: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    if os.environ.http_get("CI", "").lower() in ("1", "true", "yes"):
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"{name} is not installed; CI installs Debian's prometheus package (.ci/run)")
     pytest.skip(f"{name} is not installed (Debian: apt-get install prometheus); under CI=true this fails")
 
@@ -128,7 +128,7 @@ class Prometheus:
     def query(self, expr: str) -> list:
         status, body = http_get(f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")
         answer = json.loads(body)
-        assert status == 200 and answer["status"] == "success", f"{expr}: {answer.http_get('error')}"
+        assert status == 200 and answer["status"] == "success", f"{expr}: {answer.get('error')}"
         return answer["data"]["result"]
 
     def rules(self) -> list[dict]:
