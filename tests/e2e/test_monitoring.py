@@ -26,7 +26,7 @@ from dagster_taskiq_sync.ops.local_endpoint import free_port
 
 from .. import jobs
 from ..helpers import Exporter, WorkerProcess, http_get, make_config, metric_samples, sqs_client, wait_for
-from ..unit.test_monitoring_kit import MONITORING, alert_rules, dashboard_queries
+from ..unit.test_monitoring_kit import MONITORING, alert_rules, dashboard, dashboard_queries
 
 
 def tool(name: str) -> str:
@@ -131,6 +131,13 @@ class Prometheus:
         assert status == 200 and answer["status"] == "success", f"{expr}: {answer.get('error')}"
         return answer["data"]["result"]
 
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list:
+        args = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": step})
+        status, body = http_get(f"{self.url}/api/v1/query_range?{args}")
+        answer = json.loads(body)
+        assert status == 200 and answer["status"] == "success", f"{expr}: {answer.get('error')}"
+        return answer["data"]["result"]
+
     def rules(self) -> list[dict]:
         return [r for g in json.loads(http_get(self.url + "/api/v1/rules")[1])["data"]["groups"] for r in g["rules"]]
 
@@ -174,6 +181,7 @@ def test_a_real_prometheus_has_series_for_every_dashboard_query_and_alert(endpoi
         prometheus = Prometheus(
             prometheus_config(targets[:2], targets[2], tmp_path / "prometheus.yml"), tmp_path / "tsdb"
         )
+        began = time.time()
         busy.wait_ready()
         lonely.wait_ready()
         # When a message that can never run comes, a message waits where no worker listens, a queue
@@ -213,6 +221,13 @@ def test_a_real_prometheus_has_series_for_every_dashboard_query_and_alert(endpoi
         by_job = (("job", "failing_retried"), ("queue", main))
         assert scraped[("dagster_taskiq_worker_steps_failed_total", by_job)] == 3
         assert scraped[("dagster_taskiq_worker_steps_succeeded_total", by_job)] == 2
+        if os.environ.get("MONITORING_PICTURE"):  # how docs/monitoring-dashboard.png is made
+            from .. import monitoring_picture
+
+            kit, ended = dashboard(), time.time()
+            panels = monitoring_picture.fetch(kit, prometheus.query_range, promql, began, ended, step=1)
+            title = f"{kit['title']}: deploy/monitoring/dashboard.json on a real run (tests/e2e/test_monitoring.py)"
+            monitoring_picture.render(title, panels, ended - began, Path(os.environ["MONITORING_PICTURE"]))
     finally:
         if prometheus is not None:
             prometheus.stop()
