@@ -241,7 +241,7 @@ def test_the_readme_states_the_dashboards_limits_and_defaults():
         hostile_snapshot(), defaults.page
     )
     assert f"[--port {defaults.port}] [--host {defaults.host}]" in readme
-    assert f"(up to {PEEK_PER_QUEUE} per queue)" in readme
+    assert f"up to {PEEK_PER_QUEUE} dead letters per queue" in readme
     assert f"at least {MIN_TOKEN_CHARS} characters" in readme and f"at most {REDRIVE_LIMIT} per click" in readme
     assert f"`{TOKEN_ENV}`" in readme
 
