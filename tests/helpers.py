@@ -105,6 +105,8 @@ class BackgroundRun:
         self.instance = instance
         self.result = None
         self.error: BaseException | None = None
+        # Runs that exist before this one: run_id() must not answer with an earlier test's run.
+        self._before = {r.run_id for r in instance.get_runs()}
 
         def target():
             try:
@@ -126,7 +128,14 @@ class BackgroundRun:
         return self.result
 
     def run_id(self) -> str:
-        return wait_for(lambda: self.instance.get_runs(limit=1)[0].run_id if self.instance.get_runs(limit=1) else None)
+        """The id of the run this started (not the instance's latest run, which may be another test's
+        until this one is created)."""
+
+        def started() -> str | None:
+            new = [r.run_id for r in self.instance.get_runs(limit=5) if r.run_id not in self._before]
+            return new[0] if new else None
+
+        return wait_for(started, what="the background run to be created")
 
 
 def pid_alive(pid: int) -> bool:

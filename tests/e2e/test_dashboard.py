@@ -174,15 +174,19 @@ def test_the_page_shows_a_running_step_linked_to_dagster_and_hostile_dead_letter
     try:
         run_id = run.run_id()
 
-        def step_and_ghost_shown():
-            doc = state(page)
-            steps = [s for w in doc["workers"] or () for s in w["steps"]]
-            running = any(s["run_id"] == run_id and s["step_key"] == "waits_for_release" for s in steps)
-            return running and any(d["run_id"] == ghost_run for d in doc["dead_letters"])
+        last: dict = {}
 
-        wait_for(
-            step_and_ghost_shown, timeout=90, interval=0.2, what="the running step and the dead letter in /state.json"
-        )
+        def step_and_ghost_shown():
+            last.update(state(page))
+            steps = [s for w in last["workers"] or () for s in w["steps"]]
+            running = any(s["run_id"] == run_id and s["step_key"] == "waits_for_release" for s in steps)
+            return running and any(d["run_id"] == ghost_run for d in last["dead_letters"])
+
+        try:
+            wait_for(step_and_ghost_shown, timeout=90, interval=0.2, what="the running step and the dead letter")
+        except AssertionError as exc:  # say what the page showed instead
+            shown = {k: last.get(k) for k in ("workers", "dead_letters", "notes", "queues")}
+            raise AssertionError(f"{exc}; run {run_id}, ghost {ghost_run}; /state.json had {shown}") from None
         # When a real browser loads the page
         dom = chromium(tmp_path, "--dump-dom", page).stdout
         chromium(tmp_path, f"--screenshot={tmp_path / 'dashboard.png'}", "--window-size=1200,900", page)
