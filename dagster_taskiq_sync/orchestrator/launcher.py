@@ -140,14 +140,14 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     def _send(self, run: Any, message: RunMessage) -> None:
         queue = queue_for_tags(run.tags, self.settings.sqs.default_queue)
-        handle = message.handle
-        LivenessStore(self._instance).write_queued({handle: StepRecord(QUEUED, queue=queue)})
-        self._instance.add_run_tags(run.run_id, {TASK_ID_TAG: handle})
+        task_id = message.task_id
+        LivenessStore(self._instance).write_queued({task_id: StepRecord(QUEUED, queue=queue)})
+        self._instance.add_run_tags(run.run_id, {TASK_ID_TAG: task_id})
         launch = message.launch
         with self._send_span(run, message, queue) as message, self._client(queue) as client:
             offloaded = client.send(
                 queue=queue,
-                task_id=handle,
+                task_id=task_id,
                 body=encode(message, self.settings.sqs.queue_name(queue)),
                 retry_for=self.settings.broker_outage_timeout,
             )
@@ -157,7 +157,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
             + (f"; SQS has no message priority, so run priority {priority} does not reorder it" if priority else "")
             + ".",
             run,
-            EngineEventData(metadata={"task_id": handle, "queue": queue, "payload": offloaded or "in the message"}),
+            EngineEventData(metadata={"task_id": task_id, "queue": queue, "payload": offloaded or "in the message"}),
             cls=self.__class__,
         )
 
@@ -199,25 +199,25 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         if run is None or run.is_finished:
             return False
         self._instance.report_run_canceling(run)
-        handle = run.tags.get(TASK_ID_TAG)
-        if handle:
-            LivenessStore(self._instance).request_cancel(handle, "the run was terminated")
+        task_id = run.tags.get(TASK_ID_TAG)
+        if task_id:
+            LivenessStore(self._instance).request_cancel(task_id, "the run was terminated")
         return True
 
     # --- health -------------------------------------------------------------------------------
 
     def _record(self, run) -> tuple[str | None, StepRecord | None]:
-        handle = run.tags.get(TASK_ID_TAG)
-        if not handle:
+        task_id = run.tags.get(TASK_ID_TAG)
+        if not task_id:
             return None, None
-        return handle, LivenessStore(self._instance).read([handle]).get(handle)
+        return task_id, LivenessStore(self._instance).read([task_id]).get(task_id)
 
     @property
     def supports_check_run_worker_health(self) -> bool:
         return True
 
     def check_run_worker_health(self, run) -> CheckRunHealthResult:
-        _handle, record = self._record(run)
+        _task_id, record = self._record(run)
         if record is None:
             return CheckRunHealthResult(WorkerStatus.UNKNOWN, "no launch of this run was recorded by TaskiqRunLauncher")
         if record.state == QUEUED:
@@ -244,12 +244,12 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         )
 
     def get_run_worker_debug_info(self, run, include_container_logs: bool | None = True) -> str | None:
-        handle, record = self._record(run)
+        task_id, record = self._record(run)
         if record is None:
             return None
         age = time.time() - record.ts
         return (
-            f"task id {handle}: {record.state} on worker {record.worker} (host {record.host}, worker pid "
+            f"task id {task_id}: {record.state} on worker {record.worker} (host {record.host}, worker pid "
             f"{record.worker_pid}, run process pid {record.step_pid}), queue {record.queue}, message id "
             f"{record.message_id}, last update {age:.0f} s ago"
             + (f", exit code {record.exit_code}" if record.exit_code is not None else "")

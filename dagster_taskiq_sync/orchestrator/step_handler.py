@@ -78,9 +78,9 @@ class TaskiqStepHandler(StepHandler):
         self._database_back_at = 0.0  # wall clock: heartbeats older than an outage do not mean "lost"
         self._run_id = ""
         self._next_probe = 0.0
-        self._in_flight: dict[str, str] = {}  # step key -> step handle id of its attempt in flight
+        self._in_flight: dict[str, str] = {}  # step key -> step task id of its attempt in flight
         self._round: dict[str, StepRecord] = {}  # the current health-check round's records
-        self._round_handles: set[str] = set()
+        self._round_task_ids: set[str] = set()
         self._round_at = -1e9
         self._decisions: dict[str, Decision] = {}  # step key -> its queue (routing.py), decided once
         self._routes_said: set[str] = set()  # steps whose route is in the run's log
@@ -115,16 +115,16 @@ class TaskiqStepHandler(StepHandler):
         if step_key is not None:
             self._in_flight.pop(step_key, None)
 
-    def _round_records(self, instance: Any, handle: str) -> dict[str, StepRecord]:
+    def _round_records(self, instance: Any, task_id: str) -> dict[str, StepRecord]:
         """The liveness records of every step in flight, read once per health-check round."""
         now = time.monotonic()
-        if handle in self._round_handles and now - self._round_at < ROUND_SECONDS:
+        if task_id in self._round_task_ids and now - self._round_at < ROUND_SECONDS:
             return self._round
-        handles = set(self._in_flight.values()) | {handle}
-        records = LivenessStore(instance).read(handles)
+        task_ids = set(self._in_flight.values()) | {task_id}
+        records = LivenessStore(instance).read(task_ids)
         if time.monotonic() - now > DB_SLOW_SECONDS:
             self.database_was_down()
-        self._round, self._round_handles, self._round_at = records, handles, time.monotonic()
+        self._round, self._round_task_ids, self._round_at = records, task_ids, time.monotonic()
         return records
 
     def finish(self, instance: Any, run_id: str) -> None:
@@ -177,7 +177,7 @@ class TaskiqStepHandler(StepHandler):
         return self.decision(step_key, tags).queue
 
     def _identity(self, ctx: StepHandlerContext) -> tuple[str, int, str, str]:
-        """(step key, attempt, step handle id, Celery queue name) of the step in ``ctx``."""
+        """(step key, attempt, step task id, Celery queue name) of the step in ``ctx``."""
         args = ctx.execute_step_args
         keys = args.step_keys_to_execute
         check.invariant(keys is not None and len(keys) == 1, "TaskiqStepHandler launches one step at a time")
@@ -187,7 +187,7 @@ class TaskiqStepHandler(StepHandler):
         return (
             step_key,
             attempt,
-            message.handle,
+            message.task_id,
             self.queue_of(step_key, ctx.step_tags[step_key]),
         )
 
@@ -274,13 +274,13 @@ class TaskiqStepHandler(StepHandler):
                 )
 
     def check_step_health(self, step_handler_context: StepHandlerContext) -> CheckStepHealthResult:
-        step_key, _attempt, handle, queue = self._identity(step_handler_context)
+        step_key, _attempt, task_id, queue = self._identity(step_handler_context)
         self._probe_writes(step_handler_context.instance)
-        self._in_flight.setdefault(step_key, handle)  # a resumed run's step from before
-        record = self._round_records(step_handler_context.instance, handle).get(handle)
+        self._in_flight.setdefault(step_key, task_id)  # a resumed run's step from before
+        record = self._round_records(step_handler_context.instance, task_id).get(task_id)
         now = time.time()
         if record is None or record.state in (QUEUED, FINAL_DELIVERY):
-            return self._queued_health(step_handler_context, step_key, handle, queue, record, now)
+            return self._queued_health(step_handler_context, step_key, task_id, queue, record, now)
         if record.state == RUNNING:
             lost = record.lost_for(self.settings.worker_lost_timeout, now)
             # After a database outage, workers get a full worker_lost_timeout to heartbeat again.
@@ -305,7 +305,7 @@ class TaskiqStepHandler(StepHandler):
         return CheckStepHealthResult.healthy()
 
     def _queued_health(
-        self, ctx: StepHandlerContext, step_key: str, handle: str, queue: str, record: StepRecord | None, now: float
+        self, ctx: StepHandlerContext, step_key: str, task_id: str, queue: str, record: StepRecord | None, now: float
     ) -> CheckStepHealthResult:
         settings = self.settings
         sqs_queue = settings.sqs.queue_name(queue)
@@ -327,8 +327,8 @@ class TaskiqStepHandler(StepHandler):
                 f"(queued_step_timeout is {settings.queued_step_timeout:g} s): no live worker "
                 f"consumes it; start one with `dagster-taskiq-sync worker start -q {queue}`."
             )
-        if waited > settings.queued_step_warning and handle not in self._warned_queued:
-            self._warned_queued.add(handle)
+        if waited > settings.queued_step_warning and task_id not in self._warned_queued:
+            self._warned_queued.add(task_id)
             DagsterEvent.engine_event(
                 ctx.get_step_context(step_key),
                 f"Step {step_key} is still queued on SQS queue {sqs_queue!r} after {waited:.0f} s: "
@@ -339,10 +339,10 @@ class TaskiqStepHandler(StepHandler):
         return CheckStepHealthResult.healthy()
 
     def terminate_step(self, step_handler_context: StepHandlerContext) -> Iterator[DagsterEvent]:
-        step_key, attempt, handle, _ = self._identity(step_handler_context)
-        LivenessStore(step_handler_context.instance).request_cancel(handle, "the run was terminated")
+        step_key, attempt, task_id, _ = self._identity(step_handler_context)
+        LivenessStore(step_handler_context.instance).request_cancel(task_id, "the run was terminated")
         yield DagsterEvent.engine_event(
             step_handler_context.get_step_context(step_key),
             f"Asked the worker running step {step_key} (attempt {attempt}) to stop it.",
-            EngineEventData(metadata={"task_id": handle}),
+            EngineEventData(metadata={"task_id": task_id}),
         )

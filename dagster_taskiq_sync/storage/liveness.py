@@ -1,7 +1,7 @@
 """Step liveness and cancellation, shared by orchestrator and workers through the Dagster instance.
 
 Nothing is held in orchestrator memory: each step attempt (and each launch of a whole run) has a
-deterministic id (``messages.step_handle_id``) and its record lives in the instance's key-value
+deterministic id (``messages.step_task_id``) and its record lives in the instance's key-value
 store, which every process of a deployment already shares (sqlite on one machine, PostgreSQL
 across machines). The default ``rpc://`` backend therefore needs no extra service.
 
@@ -36,20 +36,20 @@ DEAD_LETTERED = "dead_lettered"
 FINAL_DELIVERY = "final_delivery"
 
 
-def step_record_key(handle_id: str) -> str:
-    return f"{KEY_PREFIX}/step/{handle_id}"
+def step_record_key(task_id: str) -> str:
+    return f"{KEY_PREFIX}/step/{task_id}"
 
 
-def queued_key(handle_id: str) -> str:
-    return f"{KEY_PREFIX}/queued/{handle_id}"
+def queued_key(task_id: str) -> str:
+    return f"{KEY_PREFIX}/queued/{task_id}"
 
 
-def cancel_key(handle_id: str) -> str:
-    return f"{KEY_PREFIX}/cancel/{handle_id}"
+def cancel_key(task_id: str) -> str:
+    return f"{KEY_PREFIX}/cancel/{task_id}"
 
 
-def claim_key(handle_id: str) -> str:
-    return f"{KEY_PREFIX}/claim/{handle_id}"
+def claim_key(task_id: str) -> str:
+    return f"{KEY_PREFIX}/claim/{task_id}"
 
 
 def probe_key(run_id: str) -> str:
@@ -106,10 +106,10 @@ class LivenessStore:
     def __init__(self, instance) -> None:
         self._storage = instance.run_storage
 
-    def write(self, handle_id: str, record: StepRecord) -> None:
+    def write(self, task_id: str, record: StepRecord) -> None:
         # One key per call: Dagster's set_cursor_values drops new keys of a batch that also
         # updates existing ones.
-        self._storage.set_cursor_values({step_record_key(handle_id): record.to_json()})
+        self._storage.set_cursor_values({step_record_key(task_id): record.to_json()})
 
     def write_queued(self, records: Mapping[str, StepRecord]) -> None:
         """``queued`` records of many step attempts, in as few writes as Dagster allows."""
@@ -123,7 +123,7 @@ class LivenessStore:
         for key in existing:  # one per call, as in write()
             self._storage.set_cursor_values({key: keys[key]})
 
-    def claim(self, handle_id: str, worker: str, stale_after: float) -> str | None:
+    def claim(self, task_id: str, worker: str, stale_after: float) -> str | None:
         """Claim the right to start this attempt; None when claimed, else who holds it.
 
         SQS may hand one message to two receivers at once (at-least-once delivery); both would find
@@ -132,7 +132,7 @@ class LivenessStore:
         between the claim and the start) is taken over."""
         from dagster_taskiq_sync._dagster.kv import kv_insert_new
 
-        key = claim_key(handle_id)
+        key = claim_key(task_id)
         value = json.dumps({"worker": worker, "ts": time.time()})
         if kv_insert_new(self._storage, key, value):
             return None
@@ -146,18 +146,18 @@ class LivenessStore:
             return None
         return str(holder.get("worker") or "another worker")
 
-    def unclaim(self, handle_id: str) -> None:
+    def unclaim(self, task_id: str) -> None:
         """Give a claim back (the attempt could not be started here)."""
         from dagster_taskiq_sync._dagster.kv import kv_delete
 
-        kv_delete(self._storage, [claim_key(handle_id)])
+        kv_delete(self._storage, [claim_key(task_id)])
 
-    def read(self, handle_ids: Iterable[str]) -> dict[str, StepRecord]:
+    def read(self, task_ids: Iterable[str]) -> dict[str, StepRecord]:
         """The latest record of each step attempt: the worker's, else the orchestrator's ``queued``."""
         ids = {}
-        for handle in handle_ids:
-            ids[step_record_key(handle)] = handle
-            ids[queued_key(handle)] = handle
+        for task_id in task_ids:
+            ids[step_record_key(task_id)] = task_id
+            ids[queued_key(task_id)] = task_id
         if not ids:
             return {}
         keys = list(ids)
@@ -169,16 +169,16 @@ class LivenessStore:
             record = StepRecord.from_json(text)
             if record is None:
                 continue
-            handle = ids[key]
-            if record.state != QUEUED or handle not in records:
-                records[handle] = record
+            task_id = ids[key]
+            if record.state != QUEUED or task_id not in records:
+                records[task_id] = record
         return records
 
-    def request_cancel(self, handle_id: str, reason: str) -> None:
-        self._storage.set_cursor_values({cancel_key(handle_id): json.dumps({"reason": reason, "ts": time.time()})})
+    def request_cancel(self, task_id: str, reason: str) -> None:
+        self._storage.set_cursor_values({cancel_key(task_id): json.dumps({"reason": reason, "ts": time.time()})})
 
-    def cancel_requests(self, handle_ids: Iterable[str]) -> Mapping[str, str]:
-        ids = {cancel_key(h): h for h in handle_ids}
+    def cancel_requests(self, task_ids: Iterable[str]) -> Mapping[str, str]:
+        ids = {cancel_key(h): h for h in task_ids}
         if not ids:
             return {}
         requests = {}
@@ -191,7 +191,7 @@ class LivenessStore:
                 requests[ids[key]] = reason
         return requests
 
-    def forget(self, handle_ids: Iterable[str], run_id: str | None = None, outage_timeout: float = 0.0) -> int:
+    def forget(self, task_ids: Iterable[str], run_id: str | None = None, outage_timeout: float = 0.0) -> int:
         """Delete the records of these step attempts (their run's execution is over). Cancel
         requests stay until the sweep: a terminated run's workers may not have read them yet.
 
@@ -203,7 +203,7 @@ class LivenessStore:
         from dagster_taskiq_sync.storage.db_retry import retry_transient
 
         keys = [
-            key for handle in handle_ids for key in (step_record_key(handle), queued_key(handle), claim_key(handle))
+            key for task_id in task_ids for key in (step_record_key(task_id), queued_key(task_id), claim_key(task_id))
         ]
         if run_id:
             keys.append(probe_key(run_id))

@@ -78,16 +78,16 @@ class MalformedMessage(Exception):
 # --- identities ---------------------------------------------------------------------------------
 
 
-def step_handle_id(run_id: str, step_key: str, attempt: int) -> str:
+def step_task_id(run_id: str, step_key: str, attempt: int) -> str:
     """Deterministic id of one step attempt: its message's task id, FIFO dedup id and the key
     of its liveness record."""
     digest = hashlib.sha256(f"{run_id}\0{step_key}\0{attempt}".encode()).hexdigest()
     return f"{run_id[:8]}-{digest[:40]}"
 
 
-def run_handle_id(run_id: str, launch: str) -> str:
+def run_task_id(run_id: str, launch: str) -> str:
     """Deterministic id of one launch ("launch", "resume-1", ...) of a whole run."""
-    return step_handle_id(run_id, f"<run:{launch}>", 0)
+    return step_task_id(run_id, f"<run:{launch}>", 0)
 
 
 # --- routing tags --------------------------------------------------------------------------------
@@ -132,8 +132,8 @@ class StepMessage:
     kind = TaskKind.STEP
 
     @property
-    def handle(self) -> str:
-        return step_handle_id(self.run_id, self.step_key, self.attempt)
+    def task_id(self) -> str:
+        return step_task_id(self.run_id, self.step_key, self.attempt)
 
     @property
     def label(self) -> str:
@@ -160,8 +160,8 @@ class RunMessage:
     trace: TraceContext | None = field(default=None, compare=False)  # W3C, in the labels (wire/tracing)
 
     @property
-    def handle(self) -> str:
-        return run_handle_id(self.run_id, self.launch)
+    def task_id(self) -> str:
+        return run_task_id(self.run_id, self.launch)
 
     @property
     def label(self) -> str:
@@ -184,7 +184,7 @@ def encode(message: Message, sqs_queue: str) -> bytes:
 
     return (
         TaskiqMessage(
-            task_id=message.handle,
+            task_id=message.task_id,
             task_name=message.kind.value,
             labels={"queue": sqs_queue, **(message.trace.labels() if message.trace else {})},
             labels_types=None,
@@ -241,7 +241,7 @@ def decode(body: bytes, value_limit: int | None = None) -> Message:
             "run the same dagster-taskiq-sync version on orchestrators, launchers and workers"
         )
     message = _step(kwargs) if kind is TaskKind.STEP else _run(kind, kwargs)
-    if data.get("task_id") != message.handle:
+    if data.get("task_id") != message.task_id:
         raise MalformedMessage("the message's task_id does not match its run, step and attempt")
     trace = trace_context(data.get("labels"))  # advisory: a malformed one is ignored, never fatal
     return replace(message, trace=trace) if trace else message

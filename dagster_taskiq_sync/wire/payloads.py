@@ -56,7 +56,7 @@ def _identity_in(payload: bytes, task_id: str) -> Message | None:
         names = identity({"task_name": data["task_name"], **data["kwargs"]})
     except (ValueError, KeyError, TypeError, MalformedMessage):
         return None
-    return names if names.handle == task_id else None
+    return names if names.task_id == task_id else None
 
 
 def decode_pointer(body: bytes, bucket: str | None, prefix: str, max_bytes: int) -> S3Pointer:
@@ -102,7 +102,7 @@ def _named(names: Any, key: str) -> Message | None:
     if not isinstance(names, dict):
         raise MalformedMessage("the S3 pointer's names are not a JSON object")
     message = identity(names)
-    if key.rsplit("/", 1)[-1] != f"{message.handle}.json":
+    if key.rsplit("/", 1)[-1] != f"{message.task_id}.json":
         raise MalformedMessage(f"the S3 pointer's key {shown(key)} is not the payload of {message.label}")
     return message
 

@@ -70,7 +70,7 @@ class LivenessThread(GuardedThread):
 
     def _stop_canceled(self, requests: list[RunningStep]) -> None:
         context = self._context
-        cancels = context.store.cancel_requests(r.handle_id for r in requests)
+        cancels = context.store.cancel_requests(r.task_id for r in requests)
         statuses: dict[str, DagsterRunStatus | None] = {}
         for request in requests:
             if request.message is None:
@@ -83,8 +83,8 @@ class LivenessThread(GuardedThread):
             # A run process itself ends its run SUCCESS/FAILURE before exiting: only a cancel stops
             # it. A step has nobody waiting for it once its run is over.
             stop = STOP_STATUSES if request.message.kind is TaskKind.STEP else CANCEL_STATUSES
-            if request.handle_id in cancels:
-                request.kill(f"cancel requested: {cancels[request.handle_id]}")
+            if request.task_id in cancels:
+                request.kill(f"cancel requested: {cancels[request.task_id]}")
             elif status in stop:
                 request.kill(f"run {run_id} is {status.value}")  # type: ignore[union-attr]  # in stop: not None
 

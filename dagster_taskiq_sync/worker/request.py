@@ -82,8 +82,8 @@ class Request:
         self._unreadable = "malformed"  # or "signature": why it could not be opened, for metrics
 
     @property
-    def handle_id(self) -> str:
-        return self.message.handle if self.message else self.delivery.message_id
+    def task_id(self) -> str:
+        return self.message.task_id if self.message else self.delivery.message_id
 
     @property
     def label(self) -> str:
@@ -194,7 +194,7 @@ class Request:
         settings = self.worker.settings
         stale_after = max(settings.worker_lost_timeout, 3 * settings.heartbeat_interval)
         holder = self._retrying(
-            f"claiming {self.label}", lambda: self.worker.store.claim(self.handle_id, self.worker.name, stale_after)
+            f"claiming {self.label}", lambda: self.worker.store.claim(self.task_id, self.worker.name, stale_after)
         )
         if holder is None:
             return None
@@ -225,7 +225,11 @@ class Request:
             check_payload(pointer, body, signed)
             worker.metrics.s3_offload_read(len(body))
         message = decode(body, max_values(worker.settings.sqs.max_payload_bytes))
-        if self.pointer is not None and self.pointer.names is not None and self.pointer.names.handle != message.handle:
+        if (
+            self.pointer is not None
+            and self.pointer.names is not None
+            and self.pointer.names.task_id != message.task_id
+        ):
             raise MalformedMessage(f"the payload at {self.pointer.url} is not the message its pointer names")
         if signed and delivery.offloaded and queue_label(body) != worker.settings.sqs.queue_name(delivery.queue):
             raise MalformedMessage("the offloaded message was signed for another queue")
@@ -234,7 +238,7 @@ class Request:
     def _read_state(self) -> tuple[Any, StepRecord | None]:
         assert self.message is not None
         run = self.worker.instance.get_run_by_id(self.message.run_id)
-        previous = self.worker.store.read([self.message.handle]).get(self.message.handle) if run else None
+        previous = self.worker.store.read([self.message.task_id]).get(self.message.task_id) if run else None
         return run, previous
 
     def _attempts_ended(self) -> int:
@@ -285,7 +289,7 @@ class Request:
         except BaseException:
             # Not started: give the claim back, so that the message's next delivery may start it.
             try:
-                self.worker.store.unclaim(self.handle_id)
+                self.worker.store.unclaim(self.task_id)
             except Exception as exc:  # noqa: BLE001 - the start's own error is the one to raise
                 log.warning("worker %s: could not give back the claim on %s: %s", self.worker.name, self.label, exc)
             raise
@@ -486,7 +490,7 @@ class Request:
     def write_record(self, record: StepRecord) -> None:
         self.record = record
         try:
-            self.worker.store.write(self.handle_id, record)
+            self.worker.store.write(self.task_id, record)
         except Exception as exc:  # noqa: BLE001 - liveness must not take the step down
             log.warning("worker %s: could not record liveness of %s: %s", self.worker.name, self.label, exc)
 

@@ -217,9 +217,9 @@ def test_offloaded_payloads_are_written_with_server_side_encryption(endpoint, tm
     with Bridge() as bridge, BrokerClient(settings.sqs, bridge, [queue]) as client:
         # a real message: with its attribute allowance it is more than the queue's 1024 bytes
         message = RunMessage(TaskKind.RUN, str(uuid.uuid4()), "launch")
-        url = client.send(queue=queue, task_id=message.handle, body=encode(message, queue))
-    assert url == f"s3://{bucket}/offload/{message.handle}.json"
-    head = boto("s3", endpoint).head_object(Bucket=bucket, Key=f"offload/{message.handle}.json")
+        url = client.send(queue=queue, task_id=message.task_id, body=encode(message, queue))
+    assert url == f"s3://{bucket}/offload/{message.task_id}.json"
+    head = boto("s3", endpoint).head_object(Bucket=bucket, Key=f"offload/{message.task_id}.json")
     if with_kms:
         assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", key)
     else:

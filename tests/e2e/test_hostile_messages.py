@@ -43,7 +43,7 @@ from dagster_taskiq_sync._dagster.names import KnownExecutionState
 from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, QUEUED, RUNNING, LivenessStore, StepRecord
 from dagster_taskiq_sync.storage.run_report import step_reports
 from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE
-from dagster_taskiq_sync.wire.messages import Keyring, RunMessage, StepMessage, TaskKind, encode, step_handle_id
+from dagster_taskiq_sync.wire.messages import Keyring, RunMessage, StepMessage, TaskKind, encode, step_task_id
 
 from .. import jobs
 from ..helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, sqs_client, wait_for
@@ -404,7 +404,7 @@ def _pointer_to(message) -> dict:
         if isinstance(message, StepMessage)
         else {"launch": message.launch}
     )
-    key = f"steps/{message.handle}.json"
+    key = f"steps/{message.task_id}.json"
     return {
         "s3_bucket": BUCKET,
         "s3_key": key,
@@ -424,28 +424,28 @@ CORPUS = [
         lambda v: encode(RunMessage(TaskKind.RESUME, v.started, "resume-1"), QUEUE),
         "dead_letter",
         lambda v: f"no orchestrator or run launcher of this instance sent run {v.started} (resume-1)",
-        record=lambda v: (RunMessage(TaskKind.RESUME, v.started, "resume-1").handle, None),
+        record=lambda v: (RunMessage(TaskKind.RESUME, v.started, "resume-1").task_id, None),
     ),
     Hostile(
         "row 6: a forged launch of a STARTED run",
         lambda v: encode(RunMessage(TaskKind.RUN, v.started, "launch"), QUEUE),
         "dead_letter",
         lambda v: f"no orchestrator or run launcher of this instance sent run {v.started} (launch)",
-        record=lambda v: (RunMessage(TaskKind.RUN, v.started, "launch").handle, None),
+        record=lambda v: (RunMessage(TaskKind.RUN, v.started, "launch").task_id, None),
     ),
     Hostile(
         "row 6: a forged attempt 2 of a step that ended (re-ran user code, failed the run)",
         lambda v: encode(_step(v.started, "emit_one", 2), QUEUE),
         "dead_letter",
         lambda v: f"sent step emit_one (attempt 2) of run {v.started}",
-        record=lambda v: (_step(v.started, "emit_one", 2).handle, None),
+        record=lambda v: (_step(v.started, "emit_one", 2).task_id, None),
     ),
     Hostile(
         "row 6: attempt 1 of a step its orchestrator has not sent yet",
         lambda v: encode(_step(v.started, "combine"), QUEUE),
         "dead_letter",
         lambda v: f"sent step combine (attempt 1) of run {v.started}",
-        record=lambda v: (_step(v.started, "combine").handle, None),
+        record=lambda v: (_step(v.started, "combine").task_id, None),
     ),
     Hostile(
         "row 3: a pointer for a sent attempt whose payload was deleted fails that step",
@@ -453,7 +453,7 @@ CORPUS = [
         "dead_letter",
         "cannot be read (NoSuchKey)",
         pointer=True,
-        record=lambda v: (_step(v.started, "emit_one").handle, DEAD_LETTERED),
+        record=lambda v: (_step(v.started, "emit_one").task_id, DEAD_LETTERED),
     ),
     Hostile(
         "row 3: a pointer for a sent attempt whose payload was overwritten fails that step",
@@ -462,7 +462,7 @@ CORPUS = [
         "does not match the SHA-256 in its message",
         objects=lambda v: {_pointer_to(_step(v.started, "times_ten"))["s3_key"]: b'{"overwritten": true}'},
         pointer=True,
-        record=lambda v: (_step(v.started, "times_ten").handle, DEAD_LETTERED),
+        record=lambda v: (_step(v.started, "times_ten").task_id, DEAD_LETTERED),
     ),
     Hostile(
         "row 3: an unsigned pointer naming a running attempt cannot fail it (dropped as a duplicate)",
@@ -470,7 +470,7 @@ CORPUS = [
         "drop",
         lambda v: f"step add_one (attempt 1) of run {v.started} already started on worker elsewhere@h",
         pointer=True,
-        record=lambda v: (_step(v.started, "add_one").handle, RUNNING),
+        record=lambda v: (_step(v.started, "add_one").task_id, RUNNING),
     ),
     Hostile(
         "row 3: an unsigned pointer naming an attempt nobody sent writes nothing",
@@ -478,7 +478,7 @@ CORPUS = [
         "dead_letter",
         "cannot be read (NoSuchKey); and no orchestrator or run launcher of this instance sent",
         pointer=True,
-        record=lambda v: (_step(v.started, "emit_one", 3).handle, None),
+        record=lambda v: (_step(v.started, "emit_one", 3).task_id, None),
     ),
     Hostile(
         "row 3: a pointer naming a step of a finished run is dropped",
@@ -486,7 +486,7 @@ CORPUS = [
         "drop",
         lambda v: f"run {v.finished} is SUCCESS",
         pointer=True,
-        record=lambda v: (_step(v.finished, "combine").handle, None),
+        record=lambda v: (_step(v.finished, "combine").task_id, None),
     ),
     Hostile(
         "row 3: a pointer whose names are not its key's",
@@ -523,8 +523,8 @@ def _outcome_differs(attack: Hostile, victims: Victims, dead: dict, log: str, se
         if body in dead or f"dropping message {message_id}" not in log or says not in log:
             return f"expected dropped with {says!r}, got {dead.get(body, 'no drop in the worker log')!r}"
     if attack.record is not None:
-        handle, state = attack.record(victims)
-        record = store.read([handle]).get(handle)
+        task_id, state = attack.record(victims)
+        record = store.read([task_id]).get(task_id)
         if (None if record is None or record.state == QUEUED else record.state) != state:
             return f"expected the attempt's record to be {state}, got {record}"
     return None
@@ -541,9 +541,9 @@ def test_the_hostile_corpus_gets_its_expected_outcome_each(endpoint, instance, h
     instance.add_run(finished._replace(run_id=victims.started, status=DagsterRunStatus.STARTED))
     store = LivenessStore(instance)
     store.write_queued(
-        {_step(victims.started, k).handle: StepRecord(QUEUED, queue=QUEUE) for k in ("emit_one", "times_ten")}
+        {_step(victims.started, k).task_id: StepRecord(QUEUED, queue=QUEUE) for k in ("emit_one", "times_ten")}
     )
-    add_one = _step(victims.started, "add_one").handle
+    add_one = _step(victims.started, "add_one").task_id
     store.write(add_one, StepRecord(RUNNING, worker="elsewhere@h", heartbeat_interval=60))
     s3 = boto3.client("s3", endpoint_url=endpoint.url, region_name="us-east-1")
     client = sqs_client(endpoint.url)
@@ -698,7 +698,7 @@ def test_unsigned_tampered_and_foreign_key_messages_are_refused_before_parsing(e
     log = signed.worker.log()
     assert "Traceback" not in log and signed.worker.proc.poll() is None
     # nothing in the instance was touched on their behalf: attempt 2 has no record
-    assert LivenessStore(instance).read([step_handle_id(run_id, "emit_one", 2)]) == {}
+    assert LivenessStore(instance).read([step_task_id(run_id, "emit_one", 2)]) == {}
     assert instance.get_run_by_id(run_id).status == DagsterRunStatus.SUCCESS
 
 
@@ -720,7 +720,7 @@ def test_fifo_junk_sent_ahead_under_a_step_deduplication_id_does_not_drop_the_re
     run_id = str(uuid.uuid4())
     client = sqs_client(endpoint.url)
     url = client.get_queue_url(QueueName=SIGNED_FIFO)["QueueUrl"]
-    junk = {"MessageGroupId": "junk", "MessageDeduplicationId": step_handle_id(run_id, "emit_one", 1)}
+    junk = {"MessageGroupId": "junk", "MessageDeduplicationId": step_task_id(run_id, "emit_one", 1)}
     client.send_message(QueueUrl=url, MessageBody="junk", **junk)
     # When the run sends its first step there, signed, before any worker consumes the queue (moto
     # remembers a deduplication id only while its message is in the queue; SQS for 5 minutes after)

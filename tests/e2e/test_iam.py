@@ -223,7 +223,7 @@ def exercise_sender(enforcing: Enforcing, creds: Creds, role: str = "orchestrato
     settings = sqs_settings(enforcing, creds, queue)
 
     def outgoing(message) -> Outgoing:
-        return Outgoing(queue, message.handle, encode(message, settings.queue_name(queue)))
+        return Outgoing(queue, message.task_id, encode(message, settings.queue_name(queue)))
 
     with Bridge() as bridge:
         client = BrokerClient(settings, bridge, [queue], dead_letters=False)  # as executor.py and launcher.py make it
@@ -288,12 +288,12 @@ def seed_worker_messages(enforcing: Enforcing, queue: str) -> Seeded:
     settings = sqs_settings(enforcing, enforcing.admin, queue)
     plain, big = step_message(), step_message(big=True)
     bodies = [encode(plain, queue), encode(big, queue), json.dumps({"not": "a step", "id": uuid.uuid4().hex}).encode()]
-    ids = [plain.handle, big.handle, f"poison-{uuid.uuid4().hex}"]
+    ids = [plain.task_id, big.task_id, f"poison-{uuid.uuid4().hex}"]
     with Bridge() as bridge, BrokerClient(settings, bridge, [queue]) as client:
         results = client.send_many([Outgoing(queue, i, b) for i, b in zip(ids, bodies, strict=True)])
     assert [r.error for r in results] == [None] * 3, results
     assert [bool(r.offloaded_to) for r in results] == [False, True, False], results
-    return Seeded(bodies[0], bodies[1], f"{PREFIX}/{big.handle}.json", bodies[2])
+    return Seeded(bodies[0], bodies[1], f"{PREFIX}/{big.task_id}.json", bodies[2])
 
 
 def payload_exists(enforcing: Enforcing, key: str) -> bool:

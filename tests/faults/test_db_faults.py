@@ -279,16 +279,16 @@ def test_a_runs_step_records_are_deleted_at_its_end_right_after_a_restart(pg, pg
     from dagster_taskiq_sync.storage.liveness import KEY_PREFIX, QUEUED, RUNNING, LivenessStore, StepRecord
 
     store = LivenessStore(pg_instance)
-    handles = [f"run1-step{i}" for i in range(3)]
-    for handle in handles:
-        store.write(handle, StepRecord(RUNNING))
-    store.write_queued({handle: StepRecord(QUEUED) for handle in handles})
+    task_ids = [f"run1-step{i}" for i in range(3)]
+    for task_id in task_ids:
+        store.write(task_id, StepRecord(RUNNING))
+    store.write_queued({task_id: StepRecord(QUEUED) for task_id in task_ids})
     store.probe("run-1")
     assert len(kv_scan(pg_instance.run_storage, f"{KEY_PREFIX}/", 100)) == 7  # a connection is now pooled
 
     pg.restart()
 
-    assert store.forget(handles, run_id="run-1", outage_timeout=60) == 7
+    assert store.forget(task_ids, run_id="run-1", outage_timeout=60) == 7
     assert kv_scan(pg_instance.run_storage, f"{KEY_PREFIX}/", 100) == []
 
 

@@ -235,7 +235,7 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
 
     from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
     from dagster_taskiq_sync.storage.liveness import QUEUED, LivenessStore, StepRecord
-    from dagster_taskiq_sync.wire.messages import StepMessage, encode, step_handle_id
+    from dagster_taskiq_sync.wire.messages import StepMessage, encode, step_task_id
 
     # Given a queue whose redrive policy moves a message to poison-dlq after 2 receives
     poison_yaml = tmp_path / "poison.yaml"
@@ -275,7 +275,7 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
     )
     instance.add_run(unloadable)
     # its step recorded as sent, as its orchestrator records it before sending (workers refuse what was never sent)
-    LivenessStore(instance).write_queued({step_handle_id(unloadable.run_id, "emit_one", 1): StepRecord(QUEUED)})
+    LivenessStore(instance).write_queued({step_task_id(unloadable.run_id, "emit_one", 1): StepRecord(QUEUED)})
     state = serialize_value(KnownExecutionState())
     for run_id in (str(uuid.uuid4()), unloadable.run_id):
         client.send_message(

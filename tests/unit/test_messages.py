@@ -214,9 +214,9 @@ def test_fetched_payloads_must_match_their_pointer():
 def test_a_pointer_names_the_message_of_its_payload(message):
     # Given the payload a sender offloads (issue 19 row 3: a payload that is gone must still fail its step)
     payload = encode(message, "dagster")
-    pointer = pointer_for("payloads", "steps", message.handle, payload)
+    pointer = pointer_for("payloads", "steps", message.task_id, payload)
     # Then its pointer names the run, step and attempt (or launch), without the known_state
-    assert pointer.names is not None and pointer.names.handle == message.handle
+    assert pointer.names is not None and pointer.names.task_id == message.task_id
     assert "known_state" not in pointer.encode().decode()
     assert decode_pointer(pointer.encode(), "payloads", "steps", 1 << 20) == pointer
     # and a pointer whose names are not its key's, or are malformed, is refused
@@ -256,7 +256,7 @@ def test_json_values_are_counted_before_a_body_is_parsed():
 
 def test_fifo_deduplication_ids_are_keyed_or_random_never_the_task_id():
     # Issue 19 row 7: junk sent first under a deterministic id would make SQS drop the real message
-    task_id = StepMessage(RUN_ID, "emit_one", 1, STATE).handle
+    task_id = StepMessage(RUN_ID, "emit_one", 1, STATE).task_id
     signed, other = Keyring.from_secrets(KEY), Keyring.from_secrets(OLD_KEY)
     assert signed.dedup_id(task_id) == signed.dedup_id(task_id)  # a sender's own retry is still deduplicated
     assert signed.dedup_id(task_id) not in (task_id, other.dedup_id(task_id))

@@ -116,7 +116,7 @@ def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypa
         settings=Settings(worker_lost_timeout=10),
         stopping=threading.Event(),
         instance=SimpleNamespace(get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED), all_logs=all_logs),
-        store=SimpleNamespace(read=lambda handles: {STEP.handle: previous}),
+        store=SimpleNamespace(read=lambda task_ids: {STEP.task_id: previous}),
     )
     request = Request(SimpleNamespace(queue="q", message_id="m", receive_count=2), worker)
     monkeypatch.setattr(request, "_open", lambda: STEP)
@@ -150,7 +150,7 @@ def test_a_lost_run_launch_is_dropped_and_deleted_and_only_steps_are_explained_i
             get_run_by_id=lambda run_id: run(DagsterRunStatus.STARTED),
             report_engine_event=lambda *a, **k: events.append(a),
         ),
-        store=SimpleNamespace(read=lambda handles: {RUN.handle: previous}),
+        store=SimpleNamespace(read=lambda task_ids: {RUN.task_id: previous}),
         acks=SimpleNamespace(delete=lambda delivery, pointer: deleted.append(delivery)),
         metrics=SimpleNamespace(step_dropped_duplicate=lambda queue: None),
     )
@@ -167,7 +167,7 @@ def test_a_lost_run_launch_is_dropped_and_deleted_and_only_steps_are_explained_i
 
     worker.instance.report_engine_event = broken
     worker.instance.all_logs = lambda run_id, of_type=None: []
-    worker.store.read = lambda handles: {STEP.handle: previous}
+    worker.store.read = lambda task_ids: {STEP.task_id: previous}
     step_request = Request(delivery, worker)
     monkeypatch.setattr(step_request, "_open", lambda: STEP)
     assert step_request.settle(step_request.admit()).lost
@@ -399,22 +399,22 @@ def test_only_one_of_two_deliveries_received_at_once_may_start_an_attempt(tmp_pa
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         store = LivenessStore(instance)
-        handles = [f"attempt-{i}" for i in range(20)]
-        results: dict[str, list] = {h: [] for h in handles}
+        task_ids = [f"attempt-{i}" for i in range(20)]
+        results: dict[str, list] = {h: [] for h in task_ids}
         barrier = threading.Barrier(2)
 
         def deliver(worker: str) -> None:
-            for handle in handles:
+            for task_id in task_ids:
                 barrier.wait()
-                results[handle].append(store.claim(handle, worker, stale_after=60))
+                results[task_id].append(store.claim(task_id, worker, stale_after=60))
 
         threads = [threading.Thread(target=deliver, args=(name,)) for name in ("w1@h", "w2@h")]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(30)
-        for handle, got in results.items():
-            assert sorted(got, key=str) in ([None, "w1@h"], [None, "w2@h"]), (handle, got)
+        for task_id, got in results.items():
+            assert sorted(got, key=str) in ([None, "w1@h"], [None, "w2@h"]), (task_id, got)
 
         # a claim given back (the start failed) or abandoned (its worker died before starting) is taken
         store.unclaim("attempt-0")
@@ -422,7 +422,7 @@ def test_only_one_of_two_deliveries_received_at_once_may_start_an_attempt(tmp_pa
         assert store.claim("attempt-1", "w3@h", stale_after=60) in ("w1@h", "w2@h")
         assert store.claim("attempt-1", "w3@h", stale_after=-1) is None
         # and the run's end deletes the claims with its records
-        store.forget(handles, run_id="r")
+        store.forget(task_ids, run_id="r")
         assert store.claim("attempt-2", "w4@h", stale_after=60) is None
 
 
@@ -435,11 +435,11 @@ def test_a_sent_attempt_still_queued_after_record_expiry_reads_as_never_sent(tmp
     (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with DagsterInstance.from_config(str(tmp_path)) as instance:
         store = LivenessStore(instance)
-        store.write_queued({STEP.handle: StepRecord(QUEUED, ts=time.time() - 90_000, queue="q")})
-        previous = store.read([STEP.handle]).get(STEP.handle)
+        store.write_queued({STEP.task_id: StepRecord(QUEUED, ts=time.time() - 90_000, queue="q")})
+        previous = store.read([STEP.task_id]).get(STEP.task_id)
         assert first_verdict(STEP, run(DagsterRunStatus.STARTED), previous) == (None, None)
         store.sweep(expiry=86_400)
-        previous = store.read([STEP.handle]).get(STEP.handle)
+        previous = store.read([STEP.task_id]).get(STEP.task_id)
         assert first_verdict(STEP, run(DagsterRunStatus.STARTED), previous)[0] == "never_sent"
 
 
@@ -464,7 +464,7 @@ def test_the_second_of_two_simultaneous_deliveries_is_dropped_as_a_duplicate(tmp
             req._open = lambda: STEP
             return req
 
-        store.write_queued({STEP.handle: StepRecord(QUEUED, queue="q")})  # the orchestrator sent it
+        store.write_queued({STEP.task_id: StepRecord(QUEUED, queue="q")})  # the orchestrator sent it
         assert request("w1@h").admit() is None  # no worker's record: it runs
         verdict = request("w2@h").admit()  # the same message, before w1 wrote its running record
         assert verdict.outcome is Outcome.DONE
@@ -498,7 +498,7 @@ def test_a_dropped_launch_cancels_its_canceling_run_only_when_no_run_child_is_on
             report_run_canceled=lambda dagster_run, message: canceled.append(message),
             report_engine_event=lambda *a, **k: None,
         ),
-        store=SimpleNamespace(read=lambda handles: {RUN.handle: records[previous]} if records[previous] else {}),
+        store=SimpleNamespace(read=lambda task_ids: {RUN.task_id: records[previous]} if records[previous] else {}),
         acks=SimpleNamespace(delete=lambda delivery, pointer: None),
         metrics=SimpleNamespace(step_dropped_duplicate=lambda queue: None),
     )
