@@ -186,7 +186,7 @@ def _print_stats(bridge, settings, only, as_json, target, registry) -> bool:
     """One round of `queues stats`; returns True when a queue could not be read."""
     import json
 
-    from dagster_taskiq_sync.ops.admin import size_text
+    from dagster_taskiq_sync.ops.queue_depths import size_text
     from dagster_taskiq_sync.ops.stats import gather
 
     report = gather(bridge, settings, only, target=target, registry=registry)
@@ -238,7 +238,7 @@ def _print_stats(bridge, settings, only, as_json, target, registry) -> bool:
 )
 def queues_redrive(name, config_yaml, max_messages) -> None:
     """Move the messages in queue NAME's dead-letter queue back to NAME (after the cause is fixed)."""
-    from dagster_taskiq_sync.ops.admin import redrive
+    from dagster_taskiq_sync.ops.redrive import redrive
     from dagster_taskiq_sync.wire.bridge import Bridge
     from dagster_taskiq_sync.wire.broker_client import translate_error
 

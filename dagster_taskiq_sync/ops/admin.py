@@ -1,24 +1,24 @@
-"""Who administers the queues: `queues create`, `queues stats` and `queues redrive`.
+"""Who creates the queues: `queues create` (queues, dead-letter queues, encryption, the payload
+bucket's encryption and expiry), and how the operator modules read an AWS error.
 
 Everything here is run by an operator from the CLI, never by the executor or the workers, whose
-IAM policies (``iam.py``) therefore need none of these calls.
+IAM policies (``iam.py``) therefore need none of these calls. Reading the queues' depths is
+``queue_depths``; moving dead letters back is ``redrive``.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiobotocore.session import get_session
 from botocore import exceptions as boto_exc
 
-from dagster_taskiq_sync.errors import BrokerError, ConfigError, QueueMissingError
+from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.ops.iam import KMS_KEY_FORMS, check_kms_key, dead_letter_name, is_aws_managed_alias
 from dagster_taskiq_sync.wire.aws import client_kwargs, for_service
-from dagster_taskiq_sync.wire.broker import QUEUE_CREATE_HINT, SQS_LARGEST_MESSAGE, SQS_MIN_DEFAULT_SIZE
+from dagster_taskiq_sync.wire.broker import SQS_LARGEST_MESSAGE
 from dagster_taskiq_sync.wire.settings import SQSSettings
 
 DEFAULT_PAYLOAD_EXPIRY_DAYS = 7
@@ -26,11 +26,13 @@ LIFECYCLE_RULE_ID = "dagster-taskiq-sync-payload-expiry"
 SSE_ATTRIBUTES = ("KmsMasterKeyId", "SqsManagedSseEnabled", "KmsDataKeyReusePeriodSeconds")
 
 
-def _code(exc: boto_exc.ClientError) -> str:
+def error_code(exc: boto_exc.ClientError) -> str:
+    """The error code SQS, S3 or KMS answered with ("" when it gave none)."""
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _message(exc: boto_exc.ClientError) -> str:
+def error_message(exc: boto_exc.ClientError) -> str:
+    """The sentence SQS, S3 or KMS answered with ("" when it gave none)."""
     return str(exc.response.get("Error", {}).get("Message", ""))
 
 
@@ -60,10 +62,10 @@ async def _check_key_usable(session: Any, settings: SQSSettings, key: str) -> st
         async with session.create_client("kms", **for_service(client_kwargs(settings, session))) as kms:
             meta = (await kms.describe_key(KeyId=key))["KeyMetadata"]
     except boto_exc.ClientError as exc:
-        if _code(exc) in ("AccessDenied", "AccessDeniedException"):
+        if error_code(exc) in ("AccessDenied", "AccessDeniedException"):
             return f"KMS key {key}: not checked (no kms:DescribeKey permission)"
         raise ConfigError(
-            f"--kms-key {key!r} is not usable at {settings.describe_endpoint()} ({_code(exc)}: {_message(exc)}); "
+            f"--kms-key {key!r} is not usable at {settings.describe_endpoint()} ({error_code(exc)}: {error_message(exc)}); "
             f"pass an existing key as {KMS_KEY_FORMS}."
         ) from None
     state, spec = meta.get("KeyState", "Enabled"), meta.get("KeySpec", "SYMMETRIC_DEFAULT")
@@ -80,7 +82,7 @@ async def _check_key_usable(session: Any, settings: SQSSettings, key: str) -> st
 
 def _kms_rejected(exc: boto_exc.ClientError, key: str | None, service: str) -> ConfigError | None:
     """A ConfigError when the endpoint refused the KMS key (None for any other error)."""
-    code, message = _code(exc), _message(exc)
+    code, message = error_code(exc), error_message(exc)
     if key and (code.startswith("KMS") or "kms" in message.lower() or "KmsMasterKeyId" in message):
         return ConfigError(
             f"{service} rejected --kms-key {key!r} ({code}: {message}); pass an existing, enabled key as {KMS_KEY_FORMS}."
@@ -114,7 +116,7 @@ async def _ensure_queue(
     try:
         return (await sqs.create_queue(**kwargs))["QueueUrl"], ""
     except boto_exc.ClientError as exc:
-        if "QueueAlreadyExists" not in _code(exc):
+        if "QueueAlreadyExists" not in error_code(exc):
             raise
     # It exists with other attributes: bring them to what this config asks for.
     url = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
@@ -230,7 +232,7 @@ async def _bucket_encryption(s3: Any, bucket: str, key: str | None) -> str:
         rules = (await s3.get_bucket_encryption(Bucket=bucket))["ServerSideEncryptionConfiguration"]["Rules"]
         current = rules[0]["ApplyServerSideEncryptionByDefault"] if rules else {}
     except boto_exc.ClientError as exc:
-        if "ServerSideEncryptionConfigurationNotFound" not in _code(exc):
+        if "ServerSideEncryptionConfigurationNotFound" not in error_code(exc):
             raise
         current = {}
     if key:
@@ -262,7 +264,7 @@ async def _payload_expiry(s3: Any, settings: SQSSettings, days: int) -> str:
     try:
         rules = (await s3.get_bucket_lifecycle_configuration(Bucket=bucket)).get("Rules", [])
     except boto_exc.ClientError as exc:
-        if "NoSuchLifecycleConfiguration" not in _code(exc):
+        if "NoSuchLifecycleConfiguration" not in error_code(exc):
             raise
         rules = []
     ours = {"ID": LIFECYCLE_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": prefix}, "Expiration": {"Days": days}}
@@ -272,277 +274,3 @@ async def _payload_expiry(s3: Any, settings: SQSSettings, days: int) -> str:
         f"s3://{bucket}/{prefix}" if prefix else f"the whole bucket {bucket} (no prefix in execution.config.backend)"
     )
     return f"bucket {bucket}: offloaded payloads under {where} expire after {days} day(s)"
-
-
-# --- queues stats ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class WorkerSlots:
-    name: str
-    state: str
-    concurrency: int
-    running: int
-    free: int
-
-
-@dataclass
-class QueueStats:
-    """One queue's depth, dead-letter depth, consumers and the replicas its backlog calls for."""
-
-    queue: str  # Celery name
-    sqs_name: str
-    url: str | None = None
-    error: str | None = None  # the queue cannot be read (missing, refused)
-    visible: int = 0
-    in_flight: int = 0
-    delayed: int = 0
-    max_message_size: int | None = None  # bytes the queue accepts inline (MaximumMessageSize); larger goes through S3
-    dead_letter_queue: str | None = None
-    dead_letter_depth: int | None = None
-    dead_letter_error: str | None = None
-    workers: list[WorkerSlots] | None = None  # None: no registry (DAGSTER_HOME not set)
-    target_backlog_per_worker: int = 1
-    target_source: str = ""
-    replicas_needed: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def free_slots(self) -> int | None:
-        return None if self.workers is None else sum(w.free for w in self.workers)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["free_slots"] = self.free_slots
-        out["live_workers"] = None if self.workers is None else len(self.workers)
-        return out
-
-
-def size_text(size: int | None) -> str:
-    """A message size as `queues stats` shows it: 1 MiB, 256 KiB, 1000 B."""
-    if size is None:
-        return "?"
-    for unit, factor in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor} {unit}"
-    return f"{size} B"
-
-
-def replicas_needed(visible: int, in_flight: int, target: int) -> int:
-    """Workers needed so that each holds at most ``target`` messages: ceil((visible + in_flight) / target)."""
-    return math.ceil((visible + in_flight) / max(1, target))
-
-
-async def queue_depths(settings: SQSSettings, queues: Sequence[str]) -> list[QueueStats]:
-    """Visible / in flight / delayed messages of each queue and the depth of its dead-letter queue."""
-    session = get_session()
-    found: list[QueueStats] = []
-    async with session.create_client("sqs", **client_kwargs(settings, session)) as sqs:
-        for queue in dict.fromkeys(queues):
-            stats = QueueStats(queue=queue, sqs_name=settings.queue_name(queue))
-            found.append(stats)
-            try:
-                stats.url = (
-                    settings.predefined_queues.get(queue)
-                    or (await sqs.get_queue_url(QueueName=stats.sqs_name))["QueueUrl"]
-                )
-                attrs = (await sqs.get_queue_attributes(QueueUrl=stats.url, AttributeNames=["All"]))["Attributes"]
-            except boto_exc.ClientError as exc:
-                stats.error = _queue_error(exc, stats.sqs_name, settings)
-                continue
-            stats.visible = int(attrs.get("ApproximateNumberOfMessages", 0))
-            stats.in_flight = int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
-            stats.delayed = int(attrs.get("ApproximateNumberOfMessagesDelayed", 0))
-            stats.max_message_size = int(attrs.get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE))
-            target_arn = _dead_letter_arn(attrs)
-            if target_arn is None:
-                continue
-            stats.dead_letter_queue = target_arn.rsplit(":", 1)[-1]
-            try:
-                dlq_url = await _url_for_arn(sqs, target_arn)
-                dlq = await sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessages"])
-                stats.dead_letter_depth = int(dlq["Attributes"].get("ApproximateNumberOfMessages", 0))
-            except boto_exc.ClientError as exc:
-                stats.dead_letter_error = _queue_error(exc, stats.dead_letter_queue, settings)
-    return found
-
-
-def add_workers(
-    stats: Sequence[QueueStats],
-    workers: Sequence[Any] | None,
-    *,
-    prefetch_multiplier: int,
-    config_concurrency: int | None,
-    target: int | None,
-) -> None:
-    """Fill in each queue's live workers, free slots and replicas needed.
-
-    ``workers`` are registry records (None when there is no registry). The target backlog per
-    worker is ``target`` if given, else a worker's concurrency x prefetch: the most messages one
-    worker holds, so a backlog above it waits for a worker. The concurrency is the smallest of the
-    live workers' on that queue, else the config's worker_concurrency, else 1.
-    """
-    for item in stats:
-        live = None
-        if workers is not None:
-            live = [
-                WorkerSlots(
-                    name=w.name,
-                    state=w.state,
-                    concurrency=w.concurrency,
-                    running=len(w.running),
-                    # A stopping worker takes no new messages.
-                    free=max(0, w.concurrency - len(w.running)) if w.state == "running" else 0,
-                )
-                for w in workers
-                if item.queue in w.queues and w.looks_alive()
-            ]
-        item.workers = live
-        if target:
-            item.target_backlog_per_worker, item.target_source = target, "--target-backlog-per-worker"
-        else:
-            if live:
-                concurrency, source = min(w.concurrency for w in live), "smallest live worker's"
-            elif config_concurrency:
-                concurrency, source = config_concurrency, "worker_concurrency"
-            else:
-                concurrency, source = 1, "no live worker or worker_concurrency"
-            item.target_backlog_per_worker = concurrency * prefetch_multiplier
-            item.target_source = f"concurrency {concurrency} ({source}) x prefetch {prefetch_multiplier}"
-        item.replicas_needed = replicas_needed(item.visible, item.in_flight, item.target_backlog_per_worker)
-
-
-def _dead_letter_arn(attrs: Mapping[str, str]) -> str | None:
-    raw = attrs.get("RedrivePolicy")
-    if not raw:
-        return None
-    try:
-        return str(json.loads(raw)["deadLetterTargetArn"])
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
-async def _url_for_arn(sqs: Any, arn: str) -> str:
-    parts = arn.split(":")
-    return (await sqs.get_queue_url(QueueName=parts[5], QueueOwnerAWSAccountId=parts[4]))["QueueUrl"]
-
-
-def _queue_error(exc: boto_exc.ClientError, name: str, settings: SQSSettings) -> str:
-    code = _code(exc)
-    if "NonExistentQueue" in code or code == "QueueDoesNotExist":
-        return f"SQS queue {name!r} does not exist at {settings.describe_endpoint()}; {QUEUE_CREATE_HINT}"
-    return f"reading SQS queue {name!r} failed ({code}: {_message(exc)})"
-
-
-# --- queues redrive --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RedriveResult:
-    queue: str
-    dead_letter_queue: str
-    moved: int
-    failed: int
-    left: int  # messages still in the dead-letter queue (approximate)
-
-
-def _sendable_attributes(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    """Message attributes as SendMessage takes them (receive adds empty list fields)."""
-    out = {}
-    for name, value in attributes.items():
-        kept = {k: value[k] for k in ("DataType", "StringValue", "BinaryValue") if k in value}
-        if "DataType" in kept:
-            out[name] = kept
-    return out
-
-
-async def redrive(
-    settings: SQSSettings, queue: str, max_messages: int | None = None, *, visibility: int = 60
-) -> RedriveResult:
-    """Move messages from ``queue``'s dead-letter queue back to ``queue``.
-
-    SQS's StartMessageMoveTask would do this server-side, but the local endpoint (moto) does not
-    implement it, so this receives from the dead-letter queue, sends each message to the source
-    queue with its body and message attributes (FIFO: its group id, and a deduplication id derived
-    from the dead-letter message's id), and deletes it from the dead-letter queue only once the
-    send succeeded: a crash in between leaves a duplicate, which workers drop as already run,
-    never a loss. Without ``max_messages`` it moves what the dead-letter queue held when it started.
-    """
-    sqs_name = settings.queue_name(queue)
-    session = get_session()
-    async with session.create_client("sqs", **client_kwargs(settings, session)) as sqs:
-        try:
-            url = settings.predefined_queues.get(queue) or (await sqs.get_queue_url(QueueName=sqs_name))["QueueUrl"]
-            attrs = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["RedrivePolicy"])).get(
-                "Attributes", {}
-            )
-        except boto_exc.ClientError as exc:
-            if "NonExistentQueue" in _code(exc) or _code(exc) == "QueueDoesNotExist":
-                raise QueueMissingError(
-                    f"SQS queue {sqs_name!r} does not exist at {settings.describe_endpoint()}; check the queue name "
-                    "(`dagster-taskiq-sync queues stats` lists the config's queues) and the run config's queue_name_prefix."
-                ) from None
-            raise
-        target_arn = _dead_letter_arn(attrs)
-        if target_arn is None:
-            raise ConfigError(
-                f"SQS queue {sqs_name!r} has no dead-letter queue (no RedrivePolicy), so there is nothing to redrive; "
-                f"give it one with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml -q {queue}` (without --no-dead-letter)."
-            )
-        dlq_name = target_arn.rsplit(":", 1)[-1]
-        try:
-            dlq_url = await _url_for_arn(sqs, target_arn)
-        except boto_exc.ClientError:
-            raise QueueMissingError(
-                f"the dead-letter queue {dlq_name!r} of SQS queue {sqs_name!r} does not exist; "
-                f"recreate it with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml -q {queue}`."
-            ) from None
-        depth = await _depth(sqs, dlq_url)
-        limit = depth if max_messages is None else max_messages
-        fifo = sqs_name.endswith(".fifo")
-        moved = failed = 0
-        while moved + failed < limit:
-            received = (
-                await sqs.receive_message(
-                    QueueUrl=dlq_url,
-                    MaxNumberOfMessages=max(1, min(10, limit - moved - failed)),
-                    WaitTimeSeconds=1,
-                    VisibilityTimeout=visibility,
-                    MessageAttributeNames=["All"],
-                    MessageSystemAttributeNames=["MessageGroupId"],
-                )
-            ).get("Messages", [])
-            if not received:
-                break
-            entries = []
-            for i, message in enumerate(received):
-                entry: dict[str, Any] = {"Id": str(i), "MessageBody": message["Body"]}
-                attributes = _sendable_attributes(message.get("MessageAttributes", {}))
-                if attributes:
-                    entry["MessageAttributes"] = attributes
-                if fifo:
-                    entry["MessageGroupId"] = message.get("Attributes", {}).get("MessageGroupId", "redrive")
-                    # The original id would be deduplicated (and dropped) within SQS's 5-minute window.
-                    entry["MessageDeduplicationId"] = f"redrive-{message['MessageId']}"[:128]
-                entries.append(entry)
-            answer = await sqs.send_message_batch(QueueUrl=url, Entries=entries)
-            sent = [received[int(ok["Id"])] for ok in answer.get("Successful", [])]
-            failed += len(answer.get("Failed", []))
-            if sent:
-                await sqs.delete_message_batch(
-                    QueueUrl=dlq_url,
-                    Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(sent)],
-                )
-            moved += len(sent)
-        left = await _depth(sqs, dlq_url)
-    if failed:
-        raise BrokerError(
-            f"moved {moved} message(s) from {dlq_name!r} back to {sqs_name!r}, but SQS refused {failed}; they stay "
-            f"in {dlq_name!r} (visible again after {visibility} s): run `dagster-taskiq-sync queues redrive {queue}` again."
-        )
-    return RedriveResult(queue=sqs_name, dead_letter_queue=dlq_name, moved=moved, failed=failed, left=left)
-
-
-async def _depth(sqs: Any, url: str) -> int:
-    attrs = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["ApproximateNumberOfMessages"]))["Attributes"]
-    return int(attrs.get("ApproximateNumberOfMessages", 0))

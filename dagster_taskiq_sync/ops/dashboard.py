@@ -32,7 +32,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dagster_taskiq_sync.errors import ConfigError, TaskiqSyncError
-from dagster_taskiq_sync.ops.admin import QueueStats, RedriveResult, redrive
 from dagster_taskiq_sync.ops.dashboard_guard import Request, load_token, token_matches
 from dagster_taskiq_sync.ops.dashboard_page import (
     CSP,
@@ -44,6 +43,8 @@ from dagster_taskiq_sync.ops.dashboard_page import (
 )
 from dagster_taskiq_sync.ops.dead_letters import peek
 from dagster_taskiq_sync.ops.health_server import MAX_REQUEST_BYTES, HealthServer, content_length
+from dagster_taskiq_sync.ops.queue_depths import QueueStats
+from dagster_taskiq_sync.ops.redrive import RedriveResult, redrive
 from dagster_taskiq_sync.ops.stats import RegistryReader, gather
 from dagster_taskiq_sync.storage.registry import WorkerRecord
 from dagster_taskiq_sync.wire.bridge import Bridge

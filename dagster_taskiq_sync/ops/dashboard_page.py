@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from dagster_taskiq_sync.ops.admin import QueueStats
 from dagster_taskiq_sync.ops.dead_letters import DeadLetter
+from dagster_taskiq_sync.ops.queue_depths import QueueStats
 from dagster_taskiq_sync.storage.registry import WorkerRecord
 
 CSS = """

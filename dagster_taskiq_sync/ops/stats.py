@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagster_taskiq_sync.errors import TaskiqSyncError
-from dagster_taskiq_sync.ops.admin import QueueStats, add_workers, queue_depths
+from dagster_taskiq_sync.ops.queue_depths import QueueStats, add_workers, queue_depths
 from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import translate_error

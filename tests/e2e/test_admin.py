@@ -16,8 +16,9 @@ import yaml
 from dagster import DagsterInstance
 
 from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
-from dagster_taskiq_sync.ops.admin import LIFECYCLE_RULE_ID, replicas_needed
+from dagster_taskiq_sync.ops.admin import LIFECYCLE_RULE_ID
 from dagster_taskiq_sync.ops.local_endpoint import free_port
+from dagster_taskiq_sync.ops.queue_depths import replicas_needed
 from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient

@@ -11,11 +11,12 @@ from urllib.parse import urlencode
 import pytest
 
 from dagster_taskiq_sync.errors import ConfigError
-from dagster_taskiq_sync.ops.admin import QueueStats, RedriveResult, WorkerSlots
 from dagster_taskiq_sync.ops.dashboard import REDRIVE_LIMIT, DashboardOptions, DashboardServer
 from dagster_taskiq_sync.ops.dashboard_guard import MIN_TOKEN_CHARS, TOKEN_ENV, load_token, token_matches
 from dagster_taskiq_sync.ops.dashboard_page import PageOptions, Snapshot, render_page, render_redrive_form
 from dagster_taskiq_sync.ops.dead_letters import DeadLetter
+from dagster_taskiq_sync.ops.queue_depths import QueueStats, WorkerSlots
+from dagster_taskiq_sync.ops.redrive import RedriveResult
 from dagster_taskiq_sync.storage.registry import WorkerRecord
 
 EVIL = "<img src=x onerror=alert(1)>\"'&"

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dagster_taskiq_sync.ops.admin import QueueStats, WorkerSlots
 from dagster_taskiq_sync.ops.metric_specs import QUEUE_METRICS
+from dagster_taskiq_sync.ops.queue_depths import QueueStats, WorkerSlots
 from dagster_taskiq_sync.ops.queue_exporter import QueueStatsCollector
 from dagster_taskiq_sync.ops.stats import StatsReport
 
