@@ -32,44 +32,24 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from dagster_taskiq_sync._dagster.names import serialize_value
 from dagster_taskiq_sync.config.worker_config import WorkerConfig
 from dagster_taskiq_sync.ops.health_server import HealthServer
 from dagster_taskiq_sync.ops.metrics import NullMetrics, WorkerMetrics
 from dagster_taskiq_sync.ops.scale_in import ScaleInProtector, protector_from_flag
-from dagster_taskiq_sync.storage.instance import InstanceOptions, open_home_instance, prepared
-from dagster_taskiq_sync.storage.liveness import LivenessStore
-from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
-from dagster_taskiq_sync.wire.bridge import Bridge
+from dagster_taskiq_sync.storage.registry import WorkerRecord
 from dagster_taskiq_sync.wire.broker import Delivery
-from dagster_taskiq_sync.wire.broker_client import BrokerClient
 from dagster_taskiq_sync.wire.tracing import FLUSH_SECONDS, active
 from dagster_taskiq_sync.worker.admission import Outcome
 from dagster_taskiq_sync.worker.capacity import Capacity
-from dagster_taskiq_sync.worker.context import WorkerContext
 from dagster_taskiq_sync.worker.liveness_thread import LivenessThread
+from dagster_taskiq_sync.worker.parts import Parts, WorkerHooks, open_parts
 from dagster_taskiq_sync.worker.request import Request
 from dagster_taskiq_sync.worker.signals import SignalInbox
-from dagster_taskiq_sync.worker.step_runner import StepRunner
-from dagster_taskiq_sync.worker.threads import Acker, ConsumerThread, GuardedThread, VisibilityThread, WorkerThread
+from dagster_taskiq_sync.worker.threads import ConsumerThread, GuardedThread, VisibilityThread, WorkerThread
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
-
-
-@dataclass(frozen=True)
-class _Parts:
-    """What a started worker is made of (built by ``Worker.start``, gone at ``stop``)."""
-
-    instance: Any
-    registry: WorkerRegistry
-    bridge: Bridge
-    client: BrokerClient
-    runner: StepRunner
-    acker: Acker
-    context: WorkerContext
 
 
 class Worker:
@@ -102,10 +82,10 @@ class Worker:
         self.metrics: WorkerMetrics | NullMetrics = NullMetrics()
         self.protector = ScaleInProtector()
         self.health: HealthServer | None = None
-        self._parts: _Parts | None = None
+        self._parts: Parts | None = None
 
     @property
-    def parts(self) -> _Parts:
+    def parts(self) -> Parts:
         if self._parts is None:
             raise RuntimeError(f"worker {self.name} is not started")
         return self._parts
@@ -136,34 +116,10 @@ class Worker:
         return self
 
     def _start(self, settings: Any, config: WorkerConfig) -> None:
-        options = InstanceOptions.from_env(outage_timeout=settings.database_outage_timeout)
-        instance = prepared(self._instance, options) if self._instance is not None else open_home_instance(options)
-        if not settings.keyring.verifies:
-            log.warning(
-                "worker %s: no signing key is configured, so anyone who can send to its queues (%s) can "
-                "run steps of existing runs; set execution.config.signing_key (README: Security model).",
-                self.name,
-                ", ".join(config.queues),
-            )
-        bridge = Bridge(name="taskiq-bridge").start()
-        try:
-            client = BrokerClient(
-                settings.sqs, bridge, config.queues, keyring=settings.keyring, observe=self.metrics.sqs_call
-            ).start()
-        except BaseException:
-            bridge.stop()
-            raise
-        runner = StepRunner(
-            serialize_value(instance.get_ref()),
-            options,
-            preload=config.includes,
-            max_tasks_per_child=settings.max_tasks_per_child,
-            max_memory_per_child=settings.max_memory_per_child,
-            on_recycle=self.metrics.step_child_recycled,
+        hooks = WorkerHooks(
+            self.host, self.stopping, self.killing, self._clock, self._on_death, self._settled, self._count_done
         )
-        acker = Acker(client, self._on_death, self._settled)
-        context = self._context_for(instance, client, runner, acker)
-        self._parts = _Parts(instance, WorkerRegistry(instance), bridge, client, runner, acker, context)
+        self._parts = open_parts(config, self._instance, self.metrics, hooks)
         self.metrics.track_slots(self._slots)
         self.protector.start()
         self.parts.runner.warm(children=config.concurrency)
@@ -187,25 +143,6 @@ class Worker:
         )
         if self.health is not None:
             log.info("worker %s: metrics and probes at %s/metrics, /livez, /readyz", self.name, self.health.url)
-
-    def _context_for(self, instance: Any, client: BrokerClient, runner: StepRunner, acker: Acker) -> WorkerContext:
-        """What each message's ``Request`` may use of this worker, and nothing else."""
-        return WorkerContext(
-            name=self.name,
-            host=self.host,
-            pid=os.getpid(),
-            settings=self.settings,
-            client=client,
-            instance=instance,
-            store=LivenessStore(instance),
-            runner=runner,
-            acks=acker,
-            stopping=self.stopping,
-            killing=self.killing,
-            metrics=self.metrics,
-            clock=self._clock,
-            on_done=self._count_done,
-        )
 
     def _make_threads(self) -> list[GuardedThread]:
         """Each thread gets exactly the collaborators it uses."""
