@@ -24,7 +24,7 @@ from types import SimpleNamespace
 
 from dagster_taskiq_sync._dagster.names import KnownExecutionState, serialize_value
 from dagster_taskiq_sync.wire import tracing
-from dagster_taskiq_sync.wire.broker import Delivery
+from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.wire.messages import StepMessage, decode, encode
 
 

@@ -27,7 +27,7 @@ from botocore import exceptions as boto_exc
 
 from dagster_taskiq_sync.ops.queue_depths import QueueStats
 from dagster_taskiq_sync.wire.aws import client_kwargs
-from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE
+from dagster_taskiq_sync.wire.deliveries import DEAD_LETTER_REASON_ATTRIBUTE
 from dagster_taskiq_sync.wire.messages import S3_POINTER_ATTRIBUTE, MalformedMessage, StepMessage, decode
 from dagster_taskiq_sync.wire.settings import SQSSettings
 

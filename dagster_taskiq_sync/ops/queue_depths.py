@@ -18,7 +18,8 @@ from botocore import exceptions as boto_exc
 
 from dagster_taskiq_sync.ops.admin import error_code, error_message
 from dagster_taskiq_sync.wire.aws import client_kwargs
-from dagster_taskiq_sync.wire.broker import QUEUE_CREATE_HINT, SQS_MIN_DEFAULT_SIZE
+from dagster_taskiq_sync.wire.broker import QUEUE_CREATE_HINT
+from dagster_taskiq_sync.wire.deliveries import SQS_MIN_DEFAULT_SIZE
 from dagster_taskiq_sync.wire.settings import SQSSettings
 
 

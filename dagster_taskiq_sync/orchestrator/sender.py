@@ -32,8 +32,9 @@ from typing import Any
 
 from dagster_taskiq_sync.errors import TaskiqSyncError
 from dagster_taskiq_sync.storage.liveness import QUEUED, LivenessStore, StepRecord
-from dagster_taskiq_sync.wire.broker import BATCH_ENTRIES, Outgoing, SendResult
+from dagster_taskiq_sync.wire.broker import BATCH_ENTRIES
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.deliveries import Outgoing, SendResult
 from dagster_taskiq_sync.wire.messages import StepMessage
 from dagster_taskiq_sync.wire.tracing import ATTEMPT, JOB_NAME, QUEUE, RETRY, RUN_ID, SQS_QUEUE, STEP_KEY, Tracing
 

@@ -15,7 +15,6 @@ process's event-loop thread (``bridge.Bridge``) with a deadline and translates i
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,65 +25,27 @@ from taskiq_aio_sqs import SQSBroker, SQSQueue
 
 from dagster_taskiq_sync.errors import BrokerError, ConfigError, PayloadTooLargeError, TaskiqSyncError
 from dagster_taskiq_sync.wire.aws import client_kwargs
-from dagster_taskiq_sync.wire.messages import S3_POINTER_ATTRIBUTE, SIGNATURE_ATTRIBUTE, Keyring, MalformedMessage
+from dagster_taskiq_sync.wire.deliveries import (
+    SQS_MIN_DEFAULT_SIZE,
+    Delivery,
+    Outgoing,
+    QueueFacts,
+    SendResult,
+    dead_letter_attributes,
+    delivery_from_sqs,
+    redrive_policy,
+)
+from dagster_taskiq_sync.wire.messages import S3_POINTER_ATTRIBUTE, Keyring, MalformedMessage
 from dagster_taskiq_sync.wire.payloads import S3Pointer, pointer_for
 from dagster_taskiq_sync.wire.settings import SQSSettings
 
 log = logging.getLogger("dagster_taskiq_sync.broker")
 
-SQS_MIN_DEFAULT_SIZE = 262_144  # what a queue accepts when it does not say (the old SQS default)
 SQS_LARGEST_MESSAGE = 1_048_576  # the most SQS lets a queue accept (since August 2025); `queues create` sets it
 ATTRIBUTE_ALLOWANCE = 1024  # SQS counts message attributes against the size limit too
 BATCH_ENTRIES = 10  # SendMessageBatch / DeleteMessageBatch / ChangeMessageVisibilityBatch maximum
 QUEUE_CREATE_HINT = "create it with `dagster-taskiq-sync queues create -y RUN_CONFIG.yaml` (or name its URL in broker_transport_options.predefined_queues)"
-DEAD_LETTER_REASON_ATTRIBUTE = "dts-dead-letter-reason"
 CallObserver = Callable[[str, float, "str | None"], None]  # (SQS/S3 action, seconds, error class or None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-    """One received SQS message, held by a worker until it is deleted, released or dead-lettered."""
-
-    queue: str  # Celery queue name, as the user wrote it
-    queue_url: str
-    receipt_handle: str
-    message_id: str
-    receive_count: int
-    body: bytes  # the SQS body: a TaskIQ message, or a pointer to one in S3
-    attributes: Mapping[str, str]  # string message attributes (signature, S3 pointer flag)
-    received_at: float = 0.0  # wall clock: when this worker received it
-    sent_at: float | None = None  # wall clock: when the sender sent it (SQS SentTimestamp)
-
-    @property
-    def offloaded(self) -> bool:
-        return S3_POINTER_ATTRIBUTE in self.attributes
-
-
-@dataclasses.dataclass(frozen=True)
-class Outgoing:
-    """One message to send: its Celery queue, task id (FIFO group and dedup id) and TaskIQ body."""
-
-    queue: str
-    task_id: str
-    body: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class SendResult:
-    task_id: str
-    offloaded_to: str | None = None  # the S3 URL of a payload too large for the queue
-    error: TaskiqSyncError | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class QueueFacts:
-    """What a worker or sender learns about a queue once, at start."""
-
-    url: str
-    max_message_size: int = SQS_MIN_DEFAULT_SIZE
-    dead_letter_url: str | None = None
-    dead_letter_name: str | None = None
-    max_receive_count: int | None = None
 
 
 class StepBroker(SQSBroker):
@@ -139,7 +100,7 @@ class StepBroker(SQSBroker):
             )
             attributes = answer.get("Attributes", {})
             facts = QueueFacts(url, int(attributes.get("MaximumMessageSize", SQS_MIN_DEFAULT_SIZE)))
-            policy = _redrive_policy(attributes.get("RedrivePolicy"))
+            policy = redrive_policy(attributes.get("RedrivePolicy"))
             if policy is not None and not self.dead_letters:
                 facts = dataclasses.replace(facts, max_receive_count=policy[2])
             elif policy is not None:
@@ -275,7 +236,7 @@ class StepBroker(SQSBroker):
             AttributeNames=["ApproximateReceiveCount", "SentTimestamp"],
         )
         now = time.time()
-        return [_delivery(queue, url, raw, now) for raw in result.get("Messages", [])]
+        return [delivery_from_sqs(queue, url, raw, now) for raw in result.get("Messages", [])]
 
     async def fetch_payload(self, pointer: S3Pointer, max_bytes: int) -> bytes:
         """An offloaded body, read only up to ``max_bytes``; MalformedMessage if it is not there
@@ -377,71 +338,6 @@ class StepBroker(SQSBroker):
             await self._sqs_client.send_message(**kwargs)
         await self._sqs_client.delete_message(QueueUrl=delivery.queue_url, ReceiptHandle=delivery.receipt_handle)
         return facts.dead_letter_name
-
-
-SQS_MAX_ATTRIBUTES = 10
-_KEPT_FIRST = (SIGNATURE_ATTRIBUTE, S3_POINTER_ATTRIBUTE)  # what a redriven message needs to run again
-
-
-def dead_letter_attributes(
-    original: Mapping[str, str], reason: str, body_bytes: int, limit: int = SQS_MIN_DEFAULT_SIZE
-) -> dict[str, dict[str, str]]:
-    """The attributes of a message's dead-letter copy, within what SQS accepts: at most 10, none
-    empty, none reserved (``AWS.``/``Amazon.``), body and attributes within ``limit`` bytes (the
-    queue's MaximumMessageSize, at least 256 KiB). The reason
-    comes first; the signature and S3 pointer next (a redriven message needs them); then the rest,
-    as room allows."""
-    reason_value = reason[:1000] or "no reason given"
-    chosen = {DEAD_LETTER_REASON_ATTRIBUTE: reason_value}
-    room = max(limit, SQS_MIN_DEFAULT_SIZE) - body_bytes - len(DEAD_LETTER_REASON_ATTRIBUTE) - len(reason_value) - 6
-    names = [n for n in _KEPT_FIRST if n in original] + sorted(n for n in original if n not in _KEPT_FIRST)
-    for name in names:
-        value = original[name]
-        size = len(name.encode()) + len(value.encode()) + 6  # + "String"
-        if (
-            len(chosen) >= SQS_MAX_ATTRIBUTES
-            or not value
-            or name == DEAD_LETTER_REASON_ATTRIBUTE
-            or name.lower().startswith(("aws.", "amazon."))
-            or size > room
-        ):
-            continue
-        chosen[name] = value
-        room -= size
-    return {name: {"DataType": "String", "StringValue": value} for name, value in chosen.items()}
-
-
-def _delivery(queue: str, url: str, raw: Mapping[str, Any], now: float) -> Delivery:
-    attributes = {
-        name: str(value.get("StringValue", ""))
-        for name, value in raw.get("MessageAttributes", {}).items()
-        if isinstance(value, Mapping)
-    }
-    sent = raw.get("Attributes", {}).get("SentTimestamp")
-    return Delivery(
-        queue=queue,
-        queue_url=url,
-        receipt_handle=raw["ReceiptHandle"],
-        message_id=raw.get("MessageId", ""),
-        receive_count=int(raw.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
-        body=raw.get("Body", "").encode("utf-8"),
-        attributes=attributes,
-        received_at=now,
-        sent_at=int(sent) / 1000 if sent and str(sent).isdigit() else None,
-    )
-
-
-def _redrive_policy(text: str | None) -> tuple[str, str | None, int | None] | None:
-    """(dead-letter queue name, its account, maxReceiveCount) from a RedrivePolicy attribute."""
-    if not text:
-        return None
-    try:
-        policy = json.loads(text)
-        arn = str(policy["deadLetterTargetArn"]).split(":")
-        receives = policy.get("maxReceiveCount")
-        return arn[5], arn[4] or None, int(receives) if receives is not None else None
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
 
 
 def _single(entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,15 +24,8 @@ from dagster_taskiq_sync.errors import (
     TaskiqSyncError,
 )
 from dagster_taskiq_sync.wire.bridge import Bridge
-from dagster_taskiq_sync.wire.broker import (
-    QUEUE_CREATE_HINT,
-    CallObserver,
-    Delivery,
-    Outgoing,
-    QueueFacts,
-    SendResult,
-    StepBroker,
-)
+from dagster_taskiq_sync.wire.broker import QUEUE_CREATE_HINT, CallObserver, StepBroker
+from dagster_taskiq_sync.wire.deliveries import Delivery, Outgoing, QueueFacts, SendResult
 from dagster_taskiq_sync.wire.messages import Keyring, MalformedMessage
 from dagster_taskiq_sync.wire.payloads import S3Pointer
 from dagster_taskiq_sync.wire.settings import SQSSettings

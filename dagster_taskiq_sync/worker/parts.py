@@ -19,8 +19,8 @@ from dagster_taskiq_sync.storage.instance import InstanceOptions, open_home_inst
 from dagster_taskiq_sync.storage.liveness import LivenessStore
 from dagster_taskiq_sync.storage.registry import WorkerRegistry
 from dagster_taskiq_sync.wire.bridge import Bridge
-from dagster_taskiq_sync.wire.broker import Delivery
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.worker.context import WorkerContext
 from dagster_taskiq_sync.worker.step_runner import StepRunner
 from dagster_taskiq_sync.worker.threads import Acker

@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from dagster_taskiq_sync.storage.liveness import StepRecord
-from dagster_taskiq_sync.wire.broker import Delivery
+from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.wire.messages import (
     MalformedMessage,
     Message,

@@ -25,8 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dagster_taskiq_sync.errors import TaskiqSyncError
-from dagster_taskiq_sync.wire.broker import Delivery
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.wire.payloads import S3Pointer
 from dagster_taskiq_sync.worker.capacity import Capacity
 

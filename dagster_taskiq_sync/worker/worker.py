@@ -39,7 +39,7 @@ from dagster_taskiq_sync.ops.health_server import HealthServer
 from dagster_taskiq_sync.ops.metrics import NullMetrics, WorkerMetrics
 from dagster_taskiq_sync.ops.scale_in import ScaleInProtector, protector_from_flag
 from dagster_taskiq_sync.storage.registry import WorkerRecord
-from dagster_taskiq_sync.wire.broker import Delivery
+from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.wire.tracing import FLUSH_SECONDS, active
 from dagster_taskiq_sync.worker.admission import Outcome
 from dagster_taskiq_sync.worker.capacity import Capacity

@@ -25,7 +25,7 @@ from dagster_taskiq_sync._dagster.names import KnownExecutionState
 from dagster_taskiq_sync.config.worker_config import settings_from_yaml
 from dagster_taskiq_sync.ops import dashboard as board
 from dagster_taskiq_sync.wire.bridge import Bridge
-from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE
+from dagster_taskiq_sync.wire.deliveries import DEAD_LETTER_REASON_ATTRIBUTE
 from dagster_taskiq_sync.wire.messages import StepMessage, encode
 
 from ..helpers import CLI, BackgroundRun, queue_counts, sqs_client, wait_for

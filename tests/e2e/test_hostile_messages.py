@@ -42,7 +42,7 @@ from dagster._serdes import ConfigurableClassData, serialize_value
 from dagster_taskiq_sync._dagster.names import KnownExecutionState
 from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, QUEUED, RUNNING, LivenessStore, StepRecord
 from dagster_taskiq_sync.storage.run_report import step_reports
-from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE
+from dagster_taskiq_sync.wire.deliveries import DEAD_LETTER_REASON_ATTRIBUTE
 from dagster_taskiq_sync.wire.messages import Keyring, RunMessage, StepMessage, TaskKind, encode, step_task_id
 
 from .. import jobs

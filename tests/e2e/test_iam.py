@@ -36,8 +36,8 @@ from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint
 from dagster_taskiq_sync.storage.run_report import step_reports
 from dagster_taskiq_sync.wire.aws import RoleCredentials, refresh_windows
 from dagster_taskiq_sync.wire.bridge import Bridge
-from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE, Delivery, Outgoing
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.deliveries import DEAD_LETTER_REASON_ATTRIBUTE, Delivery, Outgoing
 from dagster_taskiq_sync.wire.messages import MalformedMessage, RunMessage, StepMessage, TaskKind, encode
 from dagster_taskiq_sync.wire.payloads import check_payload, decode_pointer
 

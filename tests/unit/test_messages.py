@@ -332,7 +332,7 @@ def test_debug_logging_keeps_the_aws_libraries_at_warning_unless_named(monkeypat
 
 
 def test_a_dead_letter_copy_stays_within_what_sqs_accepts():
-    from dagster_taskiq_sync.wire.broker import DEAD_LETTER_REASON_ATTRIBUTE, dead_letter_attributes
+    from dagster_taskiq_sync.wire.deliveries import DEAD_LETTER_REASON_ATTRIBUTE, dead_letter_attributes
     from dagster_taskiq_sync.wire.messages import S3_POINTER_ATTRIBUTE, SIGNATURE_ATTRIBUTE
 
     # a hostile sender's message: 10 attributes (the most SQS takes), some Binary (read as ""),
@@ -352,7 +352,7 @@ def test_a_dead_letter_copy_stays_within_what_sqs_accepts():
 
 
 def test_a_dead_letter_copy_of_a_large_inline_message_keeps_its_signature_on_a_1_mib_queue():
-    from dagster_taskiq_sync.wire.broker import dead_letter_attributes
+    from dagster_taskiq_sync.wire.deliveries import dead_letter_attributes
     from dagster_taskiq_sync.wire.messages import SIGNATURE_ATTRIBUTE
 
     # a 900 KB message, inline on a queue that accepts 1 MiB: its copy must stay redrivable
