@@ -37,7 +37,8 @@ from typing import Any
 from dagster_taskiq_sync.config.worker_config import WorkerConfig
 from dagster_taskiq_sync.ops.health_server import HealthServer
 from dagster_taskiq_sync.ops.metrics import NullMetrics, WorkerMetrics
-from dagster_taskiq_sync.ops.scale_in import ScaleInProtector, protector_from_flag
+from dagster_taskiq_sync.ops.protection import ScaleInProtector
+from dagster_taskiq_sync.ops.scale_in import protector_from_flag
 from dagster_taskiq_sync.storage.registry import WorkerRecord
 from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.wire.tracing import FLUSH_SECONDS, active
