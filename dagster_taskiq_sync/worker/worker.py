@@ -1,10 +1,10 @@
 """Who polls SQS and supervises steps: the sync, thread-based worker, usable from the CLI or embedded.
 
 In the mould of dramatiq's worker: one consumer thread per queue, ``concurrency`` worker threads,
-a visibility extender, an acker and a liveness thread (``worker_threads.py``); what happens to one
-message lives in ``request.py``. The worker itself holds what they share: the capacity (prefetch
-counts running plus waiting messages, shared fairly by its queues), the held messages, and the
-ordered shutdown under one deadline:
+a visibility extender, an acker and a liveness thread (``threads.py``); what happens to one
+message lives in ``request.py``, what a started worker is made of in ``parts.py``. The worker
+itself holds what they share: the capacity (prefetch counts running plus waiting messages,
+shared fairly by its queues), the held messages, and the ordered shutdown under one deadline:
 
 1. stop taking work; release received-but-unstarted messages at once (visibility 0);
 2. let running steps finish until the deadline, then kill what is left;
