@@ -10,6 +10,7 @@ is generated from :data:`CONFIG_SOURCE_TABLE` and :data:`TRANSPORT_OPTIONS_TABLE
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -356,6 +357,20 @@ NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
 }
 
 
+def secret(value: Any, path: str) -> str | None:
+    """A secret setting's value: a string as written, or ``{env: NAME}`` read from this process's
+    environment now (see ``schema.SecretSource``)."""
+    if value is None or isinstance(value, str):
+        return value
+    name = value.get("env") if isinstance(value, Mapping) and len(value) == 1 else None
+    if not isinstance(name, str):
+        raise ConfigError(f"{path} must be a secret: a string, or {{env: NAME}}.")
+    found = os.environ.get(name)
+    if found is None:
+        raise ConfigError(f"{path} is {{env: {name}}}, which is not set in this process's environment; set {name}.")
+    return found
+
+
 def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     """Validate a dagster-celery style executor config block and build Settings from it.
 
@@ -388,14 +403,11 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
         mib = _int(config["max_payload_mib"], "execution.config.max_payload_mib", 1, 2048)
         settings = settings.with_sqs(max_payload_bytes=mib * 1024 * 1024)
     previous = config.get("previous_signing_keys") or ()
-    if not isinstance(previous, (list, tuple)) or not all(isinstance(k, str) for k in previous):
+    if not isinstance(previous, (list, tuple)):
         raise ConfigError("execution.config.previous_signing_keys must be a list of secrets ({env: NAME} each).")
-    settings = replace(
-        settings,
-        keyring=Keyring.from_secrets(
-            config.get("signing_key"), tuple(previous), setting="execution.config.signing_key"
-        ),
-    )
+    current = secret(config.get("signing_key"), "execution.config.signing_key")
+    older = tuple(secret(k, f"execution.config.previous_signing_keys[{i}]") or "" for i, k in enumerate(previous))
+    settings = replace(settings, keyring=Keyring.from_secrets(current, older, setting="execution.config.signing_key"))
     if not settings.sqs.default_queue:
         settings = settings.with_sqs(default_queue=DEFAULT_QUEUE)
     return settings

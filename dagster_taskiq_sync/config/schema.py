@@ -8,9 +8,16 @@ from __future__ import annotations
 
 from typing import Any as _AnyType
 
-from dagster import Any, Field, Noneable, Permissive, StringSource
+from dagster import Any, Field, Noneable, Permissive, ScalarUnion, Selector, StringSource
 
 from dagster_taskiq_sync._dagster.names import get_retries_config, get_tag_concurrency_limits_config
+
+# A secret written as StringSource is (a string, or {env: NAME}), except that Dagster leaves {env: NAME}
+# as it is: the executor and the run launcher read the variable when they are built
+# (celery_compat.secret). Dagster checks a run's whole config in every step child too, and step
+# children run without the signing-key variables (worker/key_guard.py): StringSource would fail
+# there on the unset variable, and must never succeed by finding the key.
+SecretSource = ScalarUnion(scalar_type=str, non_scalar_schema=Selector({"env": str}))
 
 TASKIQ_CONFIG: dict[str, _AnyType] = {
     # --- the celery_executor schema, unchanged (dagster-celery 0.29) ---
@@ -100,13 +107,13 @@ TASKIQ_CONFIG: dict[str, _AnyType] = {
     ),
     # --- message signing and limits (see README "Security model") ---
     "signing_key": Field(
-        Noneable(StringSource),
+        Noneable(SecretSource),
         is_required=False,
         description="Secret that signs every message (HMAC-SHA256); give it as {env: NAME}. Workers "
         "holding a key reject unsigned or forged messages.",
     ),
     "previous_signing_keys": Field(
-        [StringSource],
+        [SecretSource],
         is_required=False,
         description="Keys workers still accept while a new signing_key rolls out (key rotation).",
     ),

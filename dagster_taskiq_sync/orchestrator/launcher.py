@@ -40,6 +40,7 @@ from dagster_taskiq_sync._dagster.names import (
     check,
 )
 from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
+from dagster_taskiq_sync.config.schema import SecretSource
 from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, QUEUED, RUNNING, LivenessStore, StepRecord
 from dagster_taskiq_sync.wire.bridge import shared_bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
@@ -113,12 +114,12 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 "reported FAILED to run monitoring (default 30).",
             ),
             "signing_key": Field(
-                Noneable(StringSource),
+                Noneable(SecretSource),
                 is_required=False,
                 description="Secret that signs launch messages ({env: NAME}); as for taskiq_executor.",
             ),
             "previous_signing_keys": Field(
-                [StringSource], is_required=False, description="Keys workers still accept during a rotation."
+                [SecretSource], is_required=False, description="Keys workers still accept during a rotation."
             ),
         }
 
