@@ -94,6 +94,12 @@ def worker() -> None:
     help="File holding message signing keys, one per line (first: current); adds to the config's signing_key (repeatable).",
 )
 @click.option(
+    "--step-user",
+    metavar="USER",
+    help="Run the children that run steps (and launched runs) as this user, name or uid (Celery's --uid, "
+    "for the user code only); the worker must run as root. They then cannot read its signing key.",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(1, 65535),
     help="Serve Prometheus /metrics and the /livez (restart me) and /readyz (send me work) probes on this port.",
@@ -131,6 +137,7 @@ def worker_start(
     max_tasks_per_child,
     max_memory_per_child,
     signing_key_files,
+    step_user,
     metrics_port,
     metrics_host,
     scale_in_protection,
@@ -178,6 +185,7 @@ def worker_start(
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             scale_in_protection=scale_in_protection,
+            step_user=step_user,
         )
         for note in config.settings.notes:
             log.warning(note)

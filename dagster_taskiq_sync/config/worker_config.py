@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dagster_taskiq_sync.errors import ConfigError
@@ -50,13 +50,16 @@ def load_executor_config(config_yaml: str | None) -> Mapping[str, Any]:
 
 def settings_from_yaml(config_yaml: str | None) -> Settings:
     """Validate the block against taskiq_executor's schema (env sources resolved), then map it."""
+    return _settings_from_block(load_executor_config(config_yaml), config_yaml)
+
+
+def _settings_from_block(block: Mapping[str, Any], config_yaml: str | None) -> Settings:
     from dagster import Field
 
     from dagster_taskiq_sync._dagster.names import post_process_config, validate_config
     from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
     from dagster_taskiq_sync.config.schema import TASKIQ_CONFIG
 
-    block = load_executor_config(config_yaml)
     config_type = Field(TASKIQ_CONFIG).config_type  # taskiq_executor's own schema
     result = validate_config(config_type, block)
     if not result.success:
@@ -67,6 +70,23 @@ def settings_from_yaml(config_yaml: str | None) -> Settings:
         problems = "; ".join(e.message for e in processed.errors or ())
         raise ConfigError(f"--config-yaml {config_yaml!r}: {problems}")
     return settings_from_executor_config(processed.value)
+
+
+def key_environment(
+    block: Mapping[str, Any], keyring: Keyring, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment variables the worker's signing keys are in: those its config names
+    (``signing_key: {env: NAME}``, ``previous_signing_keys``) and any other holding one of its keys
+    (the same key under another name for runs' configs, or a key also given in a file)."""
+    environ = os.environ if environ is None else environ
+    named = [block.get("signing_key"), *(block.get("previous_signing_keys") or ())]
+    names = {v["env"] for v in named if isinstance(v, Mapping) and isinstance(v.get("env"), str)}
+    keys = {k for k in (keyring.current, *keyring.previous) if k}
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in names or (keys and value.strip().encode(errors="replace") in keys)
+    }
 
 
 def read_key_files(paths: Iterable[str]) -> list[str]:
@@ -100,6 +120,10 @@ class WorkerConfig:
     metrics_port: int | None = None  # /metrics, /livez, /readyz (None: not served)
     metrics_host: str = "127.0.0.1"  # containers need 0.0.0.0 for probes and scrapes
     scale_in_protection: str | None = None  # "ecs" or "k8s": protect a busy worker from scale-in
+    step_user: str | None = None  # user (name or uid) the children run as; the worker must be root
+    # The variables the signing keys came from: never in a step child's environment; handed to run
+    # children, which sign their steps' messages (worker/key_guard.py).
+    key_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_yaml(
@@ -119,9 +143,11 @@ class WorkerConfig:
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
         scale_in_protection: str | None = None,
+        step_user: str | None = None,
     ) -> WorkerConfig:
         """The same configuration ``worker start`` builds from ``-y`` and its flags."""
-        settings = settings_from_yaml(config_yaml)
+        block = load_executor_config(config_yaml)
+        settings = _settings_from_block(block, config_yaml)
         changes: dict[str, Any] = {
             "heartbeat_interval": heartbeat_interval,
             "prefetch_multiplier": prefetch_multiplier,
@@ -156,4 +182,6 @@ class WorkerConfig:
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             scale_in_protection=scale_in_protection,
+            step_user=step_user,
+            key_env=key_environment(block, settings.keyring),
         )

@@ -22,6 +22,7 @@ from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
 from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.worker.context import WorkerContext
+from dagster_taskiq_sync.worker.key_guard import StepUser, guard_worker
 from dagster_taskiq_sync.worker.step_runner import StepRunner
 from dagster_taskiq_sync.worker.threads import Acker
 
@@ -54,12 +55,19 @@ class WorkerHooks:
     on_done: Callable[[], None]
 
 
-def open_parts(config: WorkerConfig, instance: Any, metrics: WorkerMetrics | NullMetrics, hooks: WorkerHooks) -> Parts:
+def open_parts(
+    config: WorkerConfig,
+    instance: Any,
+    metrics: WorkerMetrics | NullMetrics,
+    hooks: WorkerHooks,
+    step_user: StepUser | None = None,
+) -> Parts:
     """Open the worker's instance (``instance`` when embedded with one, else DAGSTER_HOME's), bridge,
     client, step runner and acker (a client that cannot start stops the bridge it was given)."""
     settings = config.settings
     options = InstanceOptions.from_env(outage_timeout=settings.database_outage_timeout)
     instance = prepared(instance, options) if instance is not None else open_home_instance(options)
+    guard_worker(config.name, settings.keyring.verifies, step_user, config.key_env)
     if not settings.keyring.verifies:
         log.warning(
             "worker %s: no signing key is configured, so anyone who can send to its queues (%s) can "
@@ -82,6 +90,8 @@ def open_parts(config: WorkerConfig, instance: Any, metrics: WorkerMetrics | Nul
         max_tasks_per_child=settings.max_tasks_per_child,
         max_memory_per_child=settings.max_memory_per_child,
         on_recycle=metrics.step_child_recycled,
+        key_env=config.key_env,
+        step_user=step_user,
     )
     acker = Acker(client, hooks.on_death, hooks.on_settled)
     # What each message's ``Request`` may use of this worker, and nothing else.

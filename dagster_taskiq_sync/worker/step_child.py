@@ -58,7 +58,10 @@ from dagster_taskiq_sync.worker.child_pipe import (
     StepTask,
     Warm,
 )
+from dagster_taskiq_sync.worker.key_guard import StepUser, set_dumpable, take_key_environment
 from dagster_taskiq_sync.worker.traces import ChildSpans
+
+TASKIQ_EXECUTOR = "taskiq"  # taskiq_executor's name (orchestrator/executor.py), the one that signs messages
 
 
 class CannotRun(Exception):
@@ -98,6 +101,8 @@ def die_with_worker(worker_pid: int | None) -> None:
                     os.kill(worker_pid, 0)
                 except ProcessLookupError:
                     break
+                except PermissionError:  # alive, and another user's (the child runs as --step-user)
+                    pass
                 time.sleep(1.0)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -163,6 +168,7 @@ def run_run_in_child(
     options: InstanceOptions,
     report: Any,
     trace: TraceContext | None = None,
+    step_user: StepUser | None = None,
 ) -> None:
     """Entry point of a run child (TaskiqRunLauncher): execute or resume a whole run.
 
@@ -170,13 +176,18 @@ def run_run_in_child(
     the queues as any orchestrator does. SIGINT (a terminate) stops it the way Dagster's
     ``api execute_run`` stops: steps are terminated and the run ends CANCELED.
     """
-    die_with_worker(pickup.worker_pid)
+    if step_user is not None:
+        step_user.become()
+    set_dumpable(False)  # it may hold the signing keys: other processes of its user cannot read them
+    die_with_worker(pickup.worker_pid)  # after become(): a change of user clears the parent-death signal
     leave_host_signals()  # a Ctrl-C in the worker's terminal is the worker's to handle, not the run's
     with capture_interrupts():
         instance = _open_instance(instance_ref, options)
         try:
             run = _run_or_raise(instance, run_id, "Run")
-            _load_job_or_raise(instance, run, "Run", pickup)
+            recon = _load_job_or_raise(instance, run, "Run", pickup)
+            if recon.get_definition().executor_def.name == TASKIQ_EXECUTOR:
+                take_key_environment(report)  # it signs its steps' messages; no other run needs the keys
             verb = "resumed" if kind == "resume" else "picked up"
             instance.report_engine_event(
                 f"Run {pickup.text(verb, os.getpid())}", run, EngineEventData(metadata=pickup.metadata(os.getpid()))
@@ -217,7 +228,9 @@ class _StepChildState:
         return self._instance
 
 
-def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: InstanceOptions) -> None:
+def serve_steps(
+    conn: Any, worker_pid: int, instance_ref: str, options: InstanceOptions, step_user: StepUser | None = None
+) -> None:
     """Entry point of a step child: run the steps the worker sends, one at a time, until told to
     to stop (``Stop``) or the worker goes away.
 
@@ -225,7 +238,10 @@ def serve_steps(conn: Any, worker_pid: int, instance_ref: str, options: Instance
     about them); the pipe only carries the outcome back, with this process's RSS so the worker
     can apply --max-memory-per-child.
     """
-    die_with_worker(worker_pid)
+    if step_user is not None:
+        step_user.become()
+        set_dumpable(True)  # a change of user made it undumpable; it holds no secret, so an ordinary process
+    die_with_worker(worker_pid)  # after become(): a change of user clears the parent-death signal
     # A Ctrl-C in the worker's terminal is the worker's to handle: it decides whether running
     # steps finish within the shutdown deadline or are killed.
     leave_host_signals()

@@ -11,6 +11,9 @@ cannot take the worker down, and its stdout/stderr are its own. ``--max-tasks-pe
 ``--max-memory-per-child`` recycle children as in Celery; a child whose step could not run (its
 job would not load) or broke outside the step is never reused.
 
+The fork server starts without the worker's signing-key variables, and with ``--step-user`` the
+children drop to that user (``key_guard.py``); a run child gets the variables on its pipe.
+
 Whole runs (TaskiqRunLauncher) get a fresh child each. The fork server is a child of the worker,
 and every child a child of the fork server: the whole tree stays under the ``worker start``
 process where supervisors can see and limit it. What runs inside the children is
@@ -33,7 +36,7 @@ import multiprocessing.spawn as mp_spawn
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
 from typing import Any, Protocol
@@ -54,6 +57,12 @@ from dagster_taskiq_sync.worker.child_pipe import (
     Stop,
     Warm,
     cannot_run_from_bytes,
+)
+from dagster_taskiq_sync.worker.key_guard import (
+    StepUser,
+    encode_key_environment,
+    scrub_environment_of_spawned,
+    send_key_environment,
 )
 from dagster_taskiq_sync.worker.step_child import run_run_in_child, serve_steps
 
@@ -198,7 +207,9 @@ class StepRunner:
     """Hands steps to reusable step children, and starts run children, from a warm fork server.
 
     ``instance_ref`` is the worker's own instance reference (serialized): every child opens that
-    instance, whatever a message says.
+    instance, whatever a message says. ``key_env`` holds the variables the worker's signing keys
+    came from: the fork server starts without them, and run children get them on their pipe.
+    ``step_user``: the user every child runs as (the worker is root).
     """
 
     def __init__(
@@ -209,7 +220,12 @@ class StepRunner:
         max_tasks_per_child: int | None = None,
         max_memory_per_child: int | None = None,
         on_recycle: Callable[[str], None] | None = None,
+        key_env: Mapping[str, str] | None = None,
+        step_user: StepUser | None = None,
     ) -> None:
+        self._key_env = encode_key_environment(key_env or {})
+        self._step_user = step_user
+        scrub_environment_of_spawned(key_env or {})  # before the fork server starts
         self._ctx: ForkServerContext = multiprocessing.get_context("forkserver")
         optional = [m for m in OPTIONAL_PRELOAD_MODULES if importlib.util.find_spec(m) is not None]
         self._ctx.set_forkserver_preload(
@@ -263,22 +279,25 @@ class StepRunner:
 
     def start_run(self, kind: str, run_id: str, pickup: Pickup, trace: TraceContext | None = None) -> RunProcess:
         """A fresh child for a whole run ("run") or a resumed one ("resume")."""
-        reports, report = self._ctx.Pipe(duplex=False)
+        reports, report = self._ctx.Pipe(duplex=True)  # keys to the child, a "cannot run" back
         process = self._ctx.Process(
             target=run_run_in_child,
-            args=(kind, run_id, pickup, self._instance_ref, self._instance_options, report, trace),
+            args=(kind, run_id, pickup, self._instance_ref, self._instance_options, report, trace, self._step_user),
             name=f"run:{run_id}",
         )
         with _without_host_main():
             process.start()
-        report.close()  # the child holds the write end now
+        report.close()  # the child holds its end now
+        # Waits in the pipe until the child reads it: after it made itself non-dumpable, and only
+        # if its run signs messages (taskiq_executor).
+        send_key_environment(reports, self._key_env)
         return RunProcess(process, reports)
 
     def _new_child(self) -> StepChild:
         conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=serve_steps,
-            args=(child_conn, os.getpid(), self._instance_ref, self._instance_options),
+            args=(child_conn, os.getpid(), self._instance_ref, self._instance_options, self._step_user),
             name="taskiq-step-child",
         )
         with _without_host_main():

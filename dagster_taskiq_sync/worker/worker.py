@@ -44,6 +44,7 @@ from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.wire.tracing import FLUSH_SECONDS, active
 from dagster_taskiq_sync.worker.admission import Outcome
 from dagster_taskiq_sync.worker.capacity import Capacity
+from dagster_taskiq_sync.worker.key_guard import StepUser
 from dagster_taskiq_sync.worker.liveness_thread import LivenessThread
 from dagster_taskiq_sync.worker.parts import Parts, WorkerHooks, open_parts
 from dagster_taskiq_sync.worker.request import Request
@@ -84,6 +85,9 @@ class Worker:
         self.protector = ScaleInProtector()
         self.health: HealthServer | None = None
         self._parts: Parts | None = None
+        self.step_user = (
+            StepUser.lookup(config.step_user) if config.step_user else None
+        )  # checked before anything starts
 
     @property
     def parts(self) -> Parts:
@@ -120,7 +124,7 @@ class Worker:
         hooks = WorkerHooks(
             self.host, self.stopping, self.killing, self._clock, self._on_death, self._settled, self._count_done
         )
-        self._parts = open_parts(config, self._instance, self.metrics, hooks)
+        self._parts = open_parts(config, self._instance, self.metrics, hooks, self.step_user)
         self.metrics.track_slots(self._slots)
         self.protector.start()
         self.parts.runner.warm(children=config.concurrency)
