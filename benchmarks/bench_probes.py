@@ -19,7 +19,10 @@ class MemorySampler(threading.Thread):
 
     Reading PSS walks every page table of the tree: at 20 reads a second the bench itself took
     ~15% of a core during a 6-minute fanout-1000, competing with the contenders on 2 cores; 5 a
-    second still sees every step (each takes several hundred ms in a fan-out)."""
+    second still sees every step (each takes several hundred ms in a fan-out).
+
+    A worker is not dumpable (README: Security model): reading its PSS takes root with
+    CAP_SYS_PTRACE, and a sampler that could not read it says so rather than undercount."""
 
     def __init__(self, pid: int, interval: float = 0.2) -> None:
         super().__init__(daemon=True)
@@ -29,6 +32,7 @@ class MemorySampler(threading.Thread):
         self.interval = interval
         self.peak_rss = 0
         self.peak_tree_pss = 0
+        self.unreadable: set[int] = set()  # pids whose PSS the kernel refused
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -41,8 +45,10 @@ class MemorySampler(threading.Thread):
                 for proc in [self.proc, *self.proc.children(recursive=True)]:
                     try:
                         total += proc.memory_full_info().pss
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    except psutil.NoSuchProcess:
                         pass
+                    except psutil.AccessDenied:
+                        self.unreadable.add(proc.pid)
                 self.peak_tree_pss = max(self.peak_tree_pss, total)
             except psutil.NoSuchProcess:
                 return
@@ -51,6 +57,11 @@ class MemorySampler(threading.Thread):
     def stop(self) -> tuple[int, int]:
         self.done.set()
         self.join(5)
+        if self.proc.pid in self.unreadable:
+            raise RuntimeError(
+                f"the PSS of worker pid {self.proc.pid} could not be read (workers are not dumpable); "
+                "run the benchmark as root."
+            )
         return self.peak_rss, self.peak_tree_pss
 
 
