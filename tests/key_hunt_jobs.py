@@ -116,11 +116,22 @@ def hunt_for_keys(config: Hunt) -> dict:
         except OSError:
             continue
     hunter.routes["any other process's environ"] = f"found in pids {found_in}" if found_in else "clean"
+    # The fork server's other children: idle step children, and on a worker serving launched runs the
+    # run child orchestrating this very run (alive while its step runs)
+    siblings = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and int(pid) != os.getpid() and _ppid(int(pid)) == fork_server:
+                status = _read(f"/proc/{pid}/status").decode()
+                siblings.append(int(next(x for x in status.splitlines() if x.startswith("Uid:")).split()[1]))
+        except (OSError, ValueError):
+            continue
     caps = next(line for line in _read("/proc/self/status").decode().splitlines() if line.startswith("CapEff:"))
     return {
         "uid": os.getuid(),
         "cap_sys_ptrace": bool(int(caps.split()[1], 16) & (1 << 19)),
         "worker_pid": worker,
+        "sibling_uids": siblings,
         "files": _named_files(cmdline),
         "routes": hunter.routes,
     }

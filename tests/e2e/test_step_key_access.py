@@ -195,7 +195,9 @@ def test_a_steps_code_finds_no_signing_key_by_any_route(endpoint, hunt_home, tmp
     for found, worker in ((found_a, worker_a), (found_b, worker_b)):
         assert found["worker_pid"] == worker.pid
         assert str(key_file) in found["files"] and str(config) in found["files"]
+    # and A's children, the run child orchestrating run A among them, run as nobody
     assert found_a["uid"] == pwd.getpwnam(NOBODY).pw_uid
+    assert set(found_a["sibling_uids"]) == {found_a["uid"]}, found_a
     assert found_b["uid"] == 0 and not found_b["cap_sys_ptrace"]
     # and on A (another user) every route is closed or clean
     routes_a = found_a["routes"]
