@@ -1,15 +1,17 @@
 """A step's own code cannot get its worker's signing key (issue 19, row 1).
 
-One job (``tests/key_hunt_jobs.py``) whose op tries every route to the keys: its environment, its own
+One job (``tests/key_hunt_jobs.py``), launched once per worker, whose op tries every route to the keys: its environment, its own
 memory, the fork server's and the worker's environment and memory, the files the worker's command
 line names (``-y``, ``--signing-key-file``), every other process's environment. It runs on two
 workers that require signed messages, each holding a current key from an environment variable and a
 previous one from a root-only (0600) key file:
 
-- worker A runs as root with ``--step-user nobody``; it also serves the launched runs, whose run
-  children (as nobody) get the keys on their pipe and sign their steps' messages;
+- worker A runs as root with ``--step-user nobody``; it also serves its launched run, whose run
+  child (as nobody) gets the keys on its pipe and signs its steps' messages (this test needs the
+  checkout readable by nobody, and says so when it is not);
 - worker B runs as root without ``CAP_SYS_PTRACE`` (what root is in a default Docker container) and
-  without a step user: the same uid as its step children, which the non-dumpable worker keeps out.
+  without a step user: the same uid as its step children, which the non-dumpable worker keeps out
+  of its memory and environment; it runs wherever the suite runs as root.
 """
 
 from __future__ import annotations
@@ -69,10 +71,7 @@ def _unreadable_by_nobody() -> list[str]:
 def hunt_home(endpoint, monkeypatch):
     """A DAGSTER_HOME the step user can write (sqlite, one event log file), launching runs on hunt-runs."""
     if os.geteuid() != 0:
-        pytest.skip("runs workers as root with step children as nobody (CI runs as root)")
-    unreadable = _unreadable_by_nobody()
-    if unreadable:
-        pytest.skip(f"user {NOBODY} cannot read {unreadable[0]}, which its step children import")
+        pytest.skip("runs workers as root, with step children as nobody or without CAP_SYS_PTRACE (CI runs as root)")
     monkeypatch.setenv(KEY_VAR, KEY)  # this process launches the runs, signed
     home = Path(tempfile.mkdtemp(prefix="keyhunt-home-"))
     transport = {"region": "us-east-1", "wait_time_seconds": 1}
@@ -121,7 +120,7 @@ def _executor_config(endpoint, queue: str) -> dict:
     }
 
 
-def _launch(instance, endpoint, queue: str) -> str:
+def _launch(instance, endpoint, queue: str, run_queue: str) -> str:
     hunt = {
         "prefix": PREFIX,
         "length": len(KEY),
@@ -132,6 +131,7 @@ def _launch(instance, endpoint, queue: str) -> str:
         job_def=recon.get_definition(),
         run_config={"execution": {"config": _executor_config(endpoint, queue)}, "ops": {"hunt": {"config": hunt}}},
         job_code_origin=recon.get_python_origin(),
+        tags={"dagster-celery/queue": run_queue},
     )
     instance.launch_run(run.run_id, workspace=None)
     return run.run_id
@@ -148,12 +148,15 @@ def _report(instance, run_id: str) -> dict:
     return report
 
 
-def test_a_steps_code_finds_no_signing_key_by_any_route(endpoint, hunt_home, tmp_path):
-    home, instance = hunt_home
+@pytest.fixture
+def hunt(endpoint, hunt_home, tmp_path):
+    """The queues, a root-only key file, and what both workers are started with."""
+    instance = hunt_home[1]
     config = tmp_path / "hunt.yaml"
     config.write_text(yaml.safe_dump({"execution": {"config": _executor_config(endpoint, "hunt-a")}}))
+    queues = ["hunt-runs", "hunt-runs-b", "hunt-a", "hunt-b"]
     out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(config), "-q", "hunt-runs", "-q", "hunt-a", "-q", "hunt-b"],
+        [CLI, "queues", "create", "-y", str(config), *(a for q in queues for a in ("-q", q))],
         capture_output=True,
         text=True,
         timeout=60,
@@ -164,56 +167,83 @@ def test_a_steps_code_finds_no_signing_key_by_any_route(endpoint, hunt_home, tmp
     key_file = key_dir / "previous.key"
     key_file.write_text(f"{OLD_KEY}\n")
     key_file.chmod(0o600)  # root's
-    env = os.environ | {"DAGSTER_HOME": str(home), KEY_VAR: KEY}
+    # PYTHONPATH: -i names this checkout's tests package, which is not installed
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = os.environ | {"DAGSTER_HOME": str(hunt_home[0]), KEY_VAR: KEY, "PYTHONPATH": path}
     # -i: the fork server imports them, so a step child need not (the job's module; and where the
     # interpreter's standard library is unreadable by nobody, as under /root here, what the children
     # import on first use: the instance's schema files are read through importlib.readers)
     preload = "tests.key_hunt_jobs,importlib.readers,importlib.resources.readers,importlib.resources._itertools"
     common = ["--signing-key-file", str(key_file), "-i", preload]
-    # Given worker A (root, steps and runs as nobody) and worker B (root without CAP_SYS_PTRACE, no step user)
-    worker_a = WorkerProcess(
+    return instance, config, key_file, env, common
+
+
+def _hunted(endpoint, instance, worker: WorkerProcess, queue: str, run_queue: str) -> dict:
+    try:
+        worker.wait_ready()
+        found = _report(instance, _launch(instance, endpoint, queue, run_queue))
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log()
+    # the run child signed its steps' messages (the run succeeded on a worker that requires
+    # signatures), and the op hunted where it should (its worker, the key file, the YAML)
+    assert found["worker_pid"] == worker.pid
+    return found
+
+
+def test_a_step_user_closes_every_route_to_the_signing_key(endpoint, hunt, tmp_path):
+    instance, config, key_file, env, common = hunt
+    unreadable = _unreadable_by_nobody()
+    if unreadable:
+        pytest.skip(f"user {NOBODY} cannot read {unreadable[0]}, which its step children import")
+    # Given worker A: root, its step children and run children as nobody
+    worker = WorkerProcess(
         config,
         "hunt-a",
         tmp_path,
         ["-q", "hunt-runs", "-q", "hunt-a", "-c", "3", "--step-user", NOBODY, *common],
         env=env,
     )
-    worker_b = WorkerProcess(
-        config, "hunt-b", tmp_path, ["-q", "hunt-b", "-c", "1", *common], env=env, preexec_fn=_without_ptrace_capability
+    # When a launched run's step hunts for the keys
+    found = _hunted(endpoint, instance, worker, "hunt-a", "hunt-runs")
+    assert str(key_file) in found["files"] and str(config) in found["files"]
+    # Then its children, the run child orchestrating the run among them, run as nobody
+    assert found["uid"] == pwd.getpwnam(NOBODY).pw_uid
+    assert set(found["sibling_uids"]) == {found["uid"]}, found
+    # and every route is closed or clean
+    routes = found["routes"]
+    assert not [route for route, what in routes.items() if what.startswith("found")], routes
+    assert routes["os.environ"] == routes["own memory"] == "clean", routes
+    assert routes["worker environ"].startswith("denied") and routes["worker memory"].startswith("denied")
+    assert routes[f"file {key_file}"].startswith("denied"), routes
+    # and the worker did not warn that its steps could read the key
+    assert "runs as root without --step-user" not in worker.log()
+
+
+def test_a_same_uid_step_finds_the_key_only_in_the_key_file(endpoint, hunt, tmp_path):
+    instance, config, key_file, env, common = hunt
+    # Given worker B: root without CAP_SYS_PTRACE (as in Docker), no step user: children share its uid
+    worker = WorkerProcess(
+        config,
+        "hunt-b",
+        tmp_path,
+        ["-q", "hunt-runs-b", "-q", "hunt-b", "-c", "2", *common],
+        env=env,
+        preexec_fn=_without_ptrace_capability,
     )
-    try:
-        worker_a.wait_ready()
-        worker_b.wait_ready()
-        # When a launched run's step hunts for the keys on each worker
-        run_a, run_b = _launch(instance, endpoint, "hunt-a"), _launch(instance, endpoint, "hunt-b")
-        found_a, found_b = _report(instance, run_a), _report(instance, run_b)
-    finally:
-        codes = [worker_a.stop(), worker_b.stop()]
-    assert codes == [0, 0], worker_a.log() + worker_b.log()
-    # Then the run children (as nobody) signed their steps' messages: both runs succeeded on workers
-    # that require signatures; and each op hunted where it should (its worker, the key file)
-    for found, worker in ((found_a, worker_a), (found_b, worker_b)):
-        assert found["worker_pid"] == worker.pid
-        assert str(key_file) in found["files"] and str(config) in found["files"]
-    # and A's children, the run child orchestrating run A among them, run as nobody
-    assert found_a["uid"] == pwd.getpwnam(NOBODY).pw_uid
-    assert set(found_a["sibling_uids"]) == {found_a["uid"]}, found_a
-    assert found_b["uid"] == 0 and not found_b["cap_sys_ptrace"]
-    # and on A (another user) every route is closed or clean
-    routes_a = found_a["routes"]
-    assert not [route for route, what in routes_a.items() if what.startswith("found")], routes_a
-    assert routes_a["os.environ"] == routes_a["own memory"] == "clean", routes_a
-    assert routes_a["worker environ"].startswith("denied") and routes_a["worker memory"].startswith("denied")
-    assert routes_a[f"file {key_file}"].startswith("denied"), routes_a
-    # and on B (the same uid) the key is in no environment or memory; only the key file root may
-    # read is readable, as the README's Security model says (use --step-user, or give the key by variable)
-    routes_b = found_b["routes"]
-    assert {route for route, what in routes_b.items() if what.startswith("found")} == {f"file {key_file}"}, routes_b
-    assert routes_b["os.environ"] == routes_b["own memory"] == routes_b["fork server environ"] == "clean", routes_b
-    assert routes_b["worker memory"].startswith("denied"), routes_b  # not dumpable
+    # When a launched run's step hunts for the keys
+    found = _hunted(endpoint, instance, worker, "hunt-b", "hunt-runs-b")
+    assert str(key_file) in found["files"] and str(config) in found["files"]
+    assert found["uid"] == 0 and not found["cap_sys_ptrace"]
+    # Then the key is in no environment or memory; only the key file root may read is readable, as
+    # the README's Security model says (use --step-user, or give the key by variable)
+    routes = found["routes"]
+    assert {route for route, what in routes.items() if what.startswith("found")} == {f"file {key_file}"}, routes
+    assert routes["os.environ"] == routes["own memory"] == routes["fork server environ"] == "clean", routes
+    assert routes["worker memory"].startswith("denied"), routes  # not dumpable
     # (Linux lets root without CAP_SYS_PTRACE read a non-dumpable root process's environ: the worker
     # overwrote the key's value there, so the route is open and clean)
-    assert routes_b["worker environ"] == "clean", routes_b
-    # and B said so when it started; A, whose steps run as another user, did not
-    warning = "runs as root without --step-user, so a step's code can read its signing key"
-    assert warning in worker_b.log() and warning not in worker_a.log()
+    assert routes["worker environ"] == "clean", routes
+    # and the worker said so when it started
+    assert "runs as root without --step-user, so a step's code can read its signing key" in worker.log()
