@@ -13,10 +13,12 @@ from typing import Any
 
 import yaml
 
-from .bench_plan import CONCURRENCY, log
+from .bench_plan import CLI_WORKER, CONCURRENCY, EMBEDDED, log
 from .bench_probes import RequestCounter, RunProbes
 from .jobs import workload_spec
 from .services import BIN, ROOT, ServiceError, Services, _die_with_parent, postgres_server, redis_server, wait_until
+
+QUEUES = {CLI_WORKER: "bench", EMBEDDED: "bench_embedded"}  # each worker is named after its queue
 
 
 class Orchestrator:
@@ -101,7 +103,7 @@ class Fleet:
     # -- brokers --
 
     def start_brokers(self) -> None:
-        if "taskiq" in self.opts.contenders:
+        if CLI_WORKER in self.opts.contenders or EMBEDDED in self.opts.contenders:
             self._start_sqs()
         if "celery" in self.opts.contenders:
             self._start_redis()
@@ -110,21 +112,26 @@ class Fleet:
         from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint
 
         self.endpoint = LocalEndpoint(log_path=str(self.workdir / "sqs-endpoint.log")).start()
-        self.broker_pids["taskiq"] = self.endpoint._proc.pid
-        self.run_config["taskiq"] = self._taskiq_config(self.endpoint.port)
-        self._write_config("taskiq")  # direct: queue creation is not counted
-        self._cli(BIN / "dagster-taskiq-sync", "queues", "create", "-y", self.workdir / "taskiq.yaml")
         log(f"local SQS endpoint {self.endpoint.url}")
-        worker_config = self.run_config["taskiq"]
+        embedded = (f"{EMBEDDED}_orchestrator", f"{EMBEDDED}_worker") if EMBEDDED in self.opts.contenders else ()
+        sides = dict.fromkeys((*RequestCounter.SIDES, *embedded), self.endpoint.port)
         if self.opts.count_requests:
-            self.counter = RequestCounter(self.services, self.endpoint.port)
-            self.run_config["taskiq"] = self._taskiq_config(self.counter.ports["orchestrator"])
-            worker_config = self._taskiq_config(self.counter.ports["worker"])
-            log(
-                f"SQS request counter: orchestrator -> 127.0.0.1:{self.counter.ports['orchestrator']}, "
-                f"worker -> 127.0.0.1:{self.counter.ports['worker']}"
-            )
-        (self.workdir / "taskiq-worker.yaml").write_text(yaml.safe_dump(worker_config))
+            # The embedded worker goes through the proxy too (same path as the CLI worker's), on
+            # ports of its own whose counts are not reported.
+            self.counter = RequestCounter(self.services, self.endpoint.port, embedded)
+            sides = self.counter.ports
+            log("SQS request counter: " + ", ".join(f"{side} -> 127.0.0.1:{port}" for side, port in sides.items()))
+        for contender in (c for c in (CLI_WORKER, EMBEDDED) if c in self.opts.contenders):
+            # Each worker its own queue (both are up while either contender runs), same settings.
+            prefix = "" if contender == CLI_WORKER else f"{EMBEDDED}_"
+            queue = QUEUES[contender]
+            self.broker_pids[contender] = self.endpoint._proc.pid
+            self.run_config[contender] = self._taskiq_config(self.endpoint.port, queue)
+            self._write_config(contender)  # direct: queue creation is not counted
+            self._cli(BIN / "dagster-taskiq-sync", "queues", "create", "-y", self.workdir / f"{contender}.yaml")
+            self.run_config[contender] = self._taskiq_config(sides[f"{prefix}orchestrator"], queue)
+            worker_config = self._taskiq_config(sides[f"{prefix}worker"], queue)
+            (self.workdir / f"{contender}-worker.yaml").write_text(yaml.safe_dump(worker_config))
 
     def _start_redis(self) -> None:
         redis = redis_server(self.services)
@@ -142,14 +149,14 @@ class Fleet:
         log(f"redis {redis}")
 
     @staticmethod
-    def _taskiq_config(port: int) -> dict[str, Any]:
+    def _taskiq_config(port: int, queue: str) -> dict[str, Any]:
         return {
             "execution": {
                 "config": {
                     "broker": f"sqs://127.0.0.1:{port}",
                     "config_source": {
                         "broker_transport_options": {"region": "us-east-1"},
-                        "task_default_queue": "bench",
+                        "task_default_queue": queue,
                     },
                 }
             }
@@ -183,8 +190,10 @@ class Fleet:
     def start_workers(self, home: Path) -> list:
         env = self.env | {"DAGSTER_HOME": str(home)}
         started = []
-        if "taskiq" in self.opts.contenders:
+        if CLI_WORKER in self.opts.contenders:
             started.append(self._start_taskiq_worker(home, env))
+        if EMBEDDED in self.opts.contenders:
+            started.append(self._start_embedded_host(home, env))
         if "celery" in self.opts.contenders:
             started.append(self._start_celery_worker(home, env))
         return started
@@ -201,7 +210,7 @@ class Fleet:
                 "-c",
                 str(CONCURRENCY),
                 "-n",
-                "bench",
+                QUEUES[CLI_WORKER],
                 "-i",
                 "benchmarks.jobs",
             ],
@@ -209,6 +218,19 @@ class Fleet:
         )
         wait_until(lambda: " ready: " in log_path.read_text(errors="replace"), proc, "taskiq worker", log_path)
         self.worker_pids["taskiq"] = proc.pid
+        return proc
+
+    def _start_embedded_host(self, home: Path, env: dict[str, str]) -> subprocess.Popen:
+        """benchmarks/embedded_host.py: a plain Python process (the pid the probes read: the
+        worker's threads, its fork server and step children are that process and its tree)."""
+        config = self.workdir / f"{EMBEDDED}-worker.yaml"
+        proc, log_path = self.services.spawn(
+            f"{EMBEDDED}-host-{home.name}",
+            [sys.executable, "-m", "benchmarks.embedded_host", config, QUEUES[EMBEDDED], CONCURRENCY, QUEUES[EMBEDDED]],
+            env=env,
+        )
+        wait_until(lambda: "host ready: " in log_path.read_text(errors="replace"), proc, "embedded worker", log_path)
+        self.worker_pids[EMBEDDED] = proc.pid
         return proc
 
     def _start_celery_worker(self, home: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -255,7 +277,7 @@ class Fleet:
         return RunProbes(
             self.worker_pids.get(contender),
             self.broker_pids.get(contender),
-            self.counter if contender == "taskiq" else None,
+            self.counter if contender == CLI_WORKER else None,  # the embedded worker's are not reported
             self.redis_port if contender == "celery" else None,
         )
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from .jobs import Workload
 from .orchestrator import SEGMENTS as SEGMENT_NAMES
 
-CONTENDERS = ("taskiq", "celery", "multiprocess", "in_process")
+CONTENDERS = ("taskiq", "taskiq_embedded", "celery", "multiprocess", "in_process")
 LABELS = {
     "taskiq": "taskiq_executor (SQS)",
+    "taskiq_embedded": "taskiq_executor (SQS), embedded worker",
     "celery": "dagster-celery (Redis)",
     "multiprocess": "multiprocess_executor",
     "in_process": "in_process_executor",
@@ -24,6 +25,10 @@ FULL_WORKLOADS = (
 )
 QUICK_WORKLOADS = ("chain-3", "fanout-4", "fanout-4-sleep", "fanout-20", "runs-3-chain-3", "backfill-small")
 BASELINES = ("celery", "in_process")  # every new figure is also shown as a ratio to these
+# The same executor and worker settings as "taskiq", its worker embedded in a plain host process
+# (benchmarks/embedded_host.py) instead of `worker start`: reported as a ratio to "taskiq".
+EMBEDDED, CLI_WORKER = "taskiq_embedded", "taskiq"
+EMBEDDED_TARGET = 1.1  # embedded / CLI worker, summed over the workloads both ran
 # multiprocess_executor starts a Python process per step (fanout-100: ~1.7 s of wall time per
 # step on the 2-core reference machine): a 1000-step run takes ~30 min. Measurements with more
 # steps than this skip it (--run-skipped runs them).

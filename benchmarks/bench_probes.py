@@ -95,13 +95,14 @@ def tree_cpu(pid: int | None) -> float:
 
 class RequestCounter:
     """benchmarks/request_counter.py in its own process (so the bench's own threads never slow
-    the endpoint down): one proxy port for the taskiq orchestrator, one for its worker."""
+    the endpoint down): one proxy port for the taskiq orchestrator, one for its worker; ``more``
+    sides get ports whose requests are forwarded but not reported by :meth:`counts`."""
 
     SIDES = ("orchestrator", "worker")
 
-    def __init__(self, services: Services, target_port: int) -> None:
+    def __init__(self, services: Services, target_port: int, more: tuple[str, ...] = ()) -> None:
         log = open(services.workdir / "request-counter.log", "ab")
-        command = [sys.executable, "-m", "benchmarks.request_counter", str(target_port), *self.SIDES]
+        command = [sys.executable, "-m", "benchmarks.request_counter", str(target_port), *self.SIDES, *more]
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -125,9 +126,11 @@ class RequestCounter:
         return json.loads(line)
 
     def counts(self) -> dict[str, dict[str, int]]:
+        """Requests so far of the taskiq contender's sides (``SIDES``), by side and operation."""
         self.proc.stdin.write("counts\n")
         self.proc.stdin.flush()
-        return self._read()
+        counts = self._read()
+        return {side: counts.get(side, {}) for side in self.SIDES}
 
 
 def redis_commands(port: int) -> dict[str, dict[str, int]]:

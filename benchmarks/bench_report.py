@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .bench_plan import BASELINES, CONCURRENCY, LABELS, SEGMENTS, log
+from .bench_plan import BASELINES, CLI_WORKER, CONCURRENCY, EMBEDDED, LABELS, SEGMENTS, log
 from .bench_results import Results, versions
 from .jobs import job_steps, workload_spec
 
@@ -51,14 +51,20 @@ class Report:
         return lines
 
     def _walls(self, storage: str) -> list[str]:
+        # (numerator, denominator, column title) of the ratio columns
+        ratios = [(CLI_WORKER, other, f"taskiq / {other}") for other in ("celery", "multiprocess", "in_process")]
+        if EMBEDDED in self.opts.contenders:
+            ratios.append((EMBEDDED, CLI_WORKER, "embedded / CLI worker"))
         lines = [
             "",
             f"### {storage}",
             "",
             "| workload | "
             + " | ".join(LABELS[c] for c in self.opts.contenders)
-            + " | taskiq / celery | taskiq / multiprocess | taskiq / in_process |",
-            "|---|" + "---:|" * (len(self.opts.contenders) + 3),
+            + " | "
+            + " | ".join(title for _, _, title in ratios)
+            + " |",
+            "|---|" + "---:|" * (len(self.opts.contenders) + len(ratios)),
         ]
         for workload in self.opts.workloads:
             cells = []
@@ -66,8 +72,8 @@ class Report:
                 m = self.results.measurements.get((storage, workload, contender))
                 skipped = "skipped" if (workload, contender) in self.results.skipped else "-"
                 cells.append(f"{m.median:.2f} ({min(m.walls):.2f}-{max(m.walls):.2f})" if m else skipped)
-            for other in ("celery", "multiprocess", "in_process"):
-                r = self.results.ratio(storage, workload, "taskiq", other)
+            for a, b, _ in ratios:
+                r = self.results.ratio(storage, workload, a, b)
                 cells.append(f"{r:.2f}x" if r is not None else "-")
             lines.append(f"| {workload} | " + " | ".join(cells) + " |")
         return lines
@@ -92,6 +98,16 @@ class Report:
                 f"| {row['storage']} | {row['what']} | {row['value']:.2f} | <= {row['target']:g} | "
                 f"{'yes' if row['met'] else 'NO'} |"
             )
+        if any(self.results.embedded_ratio(s) for s in self.opts.storages):
+            repeats = sorted({len(m.walls) for m in self.results.measurements.values() if m.contender == EMBEDDED})
+            lines += [
+                "",
+                f"Embedded worker / CLI worker: {LABELS[EMBEDDED]} (benchmarks/embedded_host.py: `Worker` and "
+                "`WorkerConfig` in a plain Python process) against `dagster-taskiq-sync worker start`, same "
+                "settings, each on a queue of its own, interleaved; the sum of the medians of every workload "
+                f"both ran, {'-'.join(map(str, repeats))} run(s) each"
+                + (" (one run each: a smoke figure, within noise only roughly)." if repeats == [1] else "."),
+            ]
         return lines
 
     def _segments(self) -> list[str]:

@@ -53,7 +53,7 @@ class Runner:
             for contender in self.opts.contenders:
                 for job in self.warm_up_jobs(contender):
                     wall = self.run_once(orchestrators[contender], storage, job, record=False)
-                    log(f"  warm-up {job:<22} {contender:<13} {wall:7.2f} s")
+                    log(f"  warm-up {job:<22} {contender:<15} {wall:7.2f} s")
             log(f"== {storage}: {self.opts.repeats} repeat(s), contenders interleaved ==")
             for repeat in range(self.opts.repeats):
                 self._round(orchestrators, storage, repeat)
@@ -68,7 +68,7 @@ class Runner:
                     continue
                 memory = workload.startswith("fanout") and not workload.endswith("sleep")
                 wall = self.run_once(orchestrators[contender], storage, workload, sample_memory=memory)
-                log(f"  #{repeat + 1} {workload:<22} {contender:<13} {wall:7.2f} s")
+                log(f"  #{repeat + 1} {workload:<22} {contender:<15} {wall:7.2f} s")
                 self.results.save_progress(self.workdir)
 
     def warm_up_jobs(self, contender: str) -> list[str]:

@@ -77,7 +77,7 @@ def workload_spec(name: str) -> Workload:
 
 
 def executor_def(name: str):
-    if name == "taskiq":
+    if name in ("taskiq", "taskiq_embedded"):  # the same executor; only the worker's host differs
         from dagster_taskiq_sync import taskiq_executor
 
         return taskiq_executor
@@ -89,7 +89,7 @@ def executor_def(name: str):
         return multiprocess_executor
     if name == "in_process":
         return in_process_executor
-    raise ValueError(f"unknown executor {name!r}; use taskiq, celery, multiprocess or in_process")
+    raise ValueError(f"unknown executor {name!r}; use taskiq, taskiq_embedded, celery, multiprocess or in_process")
 
 
 def parse_workload(workload: str) -> tuple[str, int, bool]:

@@ -254,7 +254,7 @@ def main() -> int:
 
     from dagster import DagsterInstance
 
-    if contender == "taskiq":
+    if contender.startswith("taskiq"):  # both taskiq contenders' orchestrators do the same work
         instrument_taskiq()
     instance = DagsterInstance.from_config(home)
     no_logging_reconfiguration(instance)
