@@ -221,15 +221,37 @@ def test_worker_terminate_drains_the_celery_worker_and_a_cold_shutdown_then_kill
         # and then gets a cold shutdown (SIGQUIT)
         worker.proc.send_signal(signal.SIGQUIT)
         # Then the step is killed at once, its run fails saying why, and nothing is left on the queue
-        worker.proc.wait(30)  # its exit code is Celery's to choose
-        assert not pid_alive(step["pid"])
-        result = run.wait(60)
-        assert not result.success
-        [failure] = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
-        assert "killed: cold shutdown of the Celery worker" in failure.dagster_event.step_failure_data.error.message
-        assert queue_counts(endpoint.url, QUEUE) == (0, 0)
+        assert_killed_by_cold_shutdown(endpoint, instance, worker, step, run)
     finally:
         worker.close()
+
+
+def test_a_cold_shutdown_kills_the_running_step_at_once(endpoint, instance, proj, tmp_path):
+    # Given a step running in a Celery worker
+    worker = CeleryWorker(proj["home"], "quit")
+    try:
+        worker.wait_ready()
+        run = meeting_run(instance, proj, tmp_path, "never")
+        wait_for(lambda: steps_run(tmp_path), timeout=60, what="the step to start")
+        [step] = steps_run(tmp_path)
+        # When Celery gets a cold shutdown (SIGQUIT) with no warm one before it
+        worker.proc.send_signal(signal.SIGQUIT)
+        # Then the step is killed at once (not after the 60 s shutdown_timeout), its run fails
+        # saying why, and nothing is left on the queue
+        assert_killed_by_cold_shutdown(endpoint, instance, worker, step, run)
+        assert "Cold shutdown" in worker.log()
+    finally:
+        worker.close()
+
+
+def assert_killed_by_cold_shutdown(endpoint, instance, worker: CeleryWorker, step: dict, run: BackgroundRun) -> None:
+    worker.proc.wait(30)  # well within the 60 s a warm shutdown would give the step; the code is Celery's
+    assert not pid_alive(step["pid"])
+    result = run.wait(60)
+    assert not result.success
+    [failure] = [e for e in instance.all_logs(result.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
+    assert "killed: cold shutdown of the Celery worker" in failure.dagster_event.step_failure_data.error.message
+    assert queue_counts(endpoint.url, QUEUE) == (0, 0)
 
 
 def test_a_queue_that_does_not_exist_stops_the_celery_worker_at_start_saying_which(proj, redis_url, tmp_path):
