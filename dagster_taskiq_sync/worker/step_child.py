@@ -14,6 +14,7 @@ run child's :class:`CannotRunReason`); the exit code is user code's (an op may c
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import select
 import signal
@@ -160,6 +161,15 @@ def _run_or_raise(instance: Any, run_id: str, what: str) -> Any:
     return run
 
 
+def share_fork_server_memory() -> None:
+    """First thing in a child: keep the fork server's objects out of this process's garbage
+    collections. Without it the child's first full collection writes to every object it inherited
+    (Dagster and everything preloaded), so the kernel copies those pages into each child: with 4
+    step children the worker's tree took ~560 MiB PSS instead of ~400 (bin/bench's memory table).
+    Inherited objects are still freed by reference counting; only cycles among them stay."""
+    gc.freeze()
+
+
 def run_run_in_child(
     kind: str,
     run_id: str,
@@ -176,6 +186,7 @@ def run_run_in_child(
     the queues as any orchestrator does. SIGINT (a terminate) stops it the way Dagster's
     ``api execute_run`` stops: steps are terminated and the run ends CANCELED.
     """
+    share_fork_server_memory()
     if step_user is not None:
         step_user.become()
     set_dumpable(False)  # it may hold the signing keys: other processes of its user cannot read them
@@ -238,6 +249,7 @@ def serve_steps(
     about them); the pipe only carries the outcome back, with this process's RSS so the worker
     can apply --max-memory-per-child.
     """
+    share_fork_server_memory()
     if step_user is not None:
         step_user.become()
         set_dumpable(True)  # a change of user made it undumpable; it holds no secret, so an ordinary process
