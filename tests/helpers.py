@@ -99,7 +99,7 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str
 class BackgroundRun:
     """execute_job in a thread, so a test can inject faults while the run is in flight."""
 
-    def __init__(self, job_fn, instance, run_config: dict):
+    def __init__(self, job_fn, instance, run_config: dict, tags: dict[str, str] | None = None):
         from dagster import execute_job, reconstructable
 
         self.instance = instance
@@ -111,7 +111,7 @@ class BackgroundRun:
         def target():
             try:
                 self.result = execute_job(
-                    reconstructable(job_fn), instance=instance, run_config=run_config, raise_on_error=False
+                    reconstructable(job_fn), instance=instance, run_config=run_config, raise_on_error=False, tags=tags
                 )
             except BaseException as exc:
                 self.error = exc

@@ -115,6 +115,12 @@ def worker() -> None:
     type=click.Choice(["ecs", "k8s"]),
     help="While it holds steps, protect this worker from scale-in: ECS task scale-in protection, or a high Kubernetes pod-deletion-cost.",
 )
+@click.option(
+    "--interactive-slots",
+    type=click.IntRange(0, 16),
+    default=None,
+    help="With execution.config.lanes: slots beyond -c that only interactive steps use while bulk-lane steps fill the worker (default 1; 0 where two steps must never share the machine, e.g. a sized pool).",
+)
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
 @click.option(
@@ -141,6 +147,7 @@ def worker_start(
     metrics_port,
     metrics_host,
     scale_in_protection,
+    interactive_slots,
     app,
     background,
     logfile,
@@ -186,6 +193,7 @@ def worker_start(
             metrics_host=metrics_host,
             scale_in_protection=scale_in_protection,
             step_user=step_user,
+            interactive_slots=interactive_slots,
         )
         for note in config.settings.notes:
             log.warning(note)

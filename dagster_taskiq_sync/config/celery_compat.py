@@ -354,6 +354,8 @@ NATIVE_KEYS: dict[str, Callable[[Any, str], Any]] = {
     "steps_in_flight_per_slot": _per_slot,
     "min_steps_in_flight": lambda v, p: _int(v, p, 1, 100_000),
     "routes": parse_routes,
+    "lanes": _bool,
+    "message_group_tag": _str,
 }
 
 

@@ -97,6 +97,20 @@ TASKIQ_CONFIG: dict[str, _AnyType] = {
         description="The per-queue cap on a run's steps in flight never goes below this, also with no "
         "live worker (default 4).",
     ),
+    # --- lanes (see README "Lanes") ---
+    "lanes": Field(
+        Noneable(bool),
+        is_required=False,
+        description="Give every standard queue Q a bulk lane, Q-bulk: steps of backfill runs (and of runs "
+        "tagged dagster-taskiq/lane: bulk or of negative run priority) go there, and workers serve Q first, "
+        "so interactive runs do not wait behind a backfill (default false).",
+    ),
+    "message_group_tag": Field(
+        Noneable(str),
+        is_required=False,
+        description="Run tag whose value is the MessageGroupId of the run's messages on standard queues "
+        "(SQS fair queues: one group's backlog does not delay the others'); default: the run id.",
+    ),
     # --- sized pools (see README "Sized pools") ---
     "routes": Field(
         Any,

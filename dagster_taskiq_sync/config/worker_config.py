@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagster_taskiq_sync.errors import ConfigError
+from dagster_taskiq_sync.wire.lanes import INTERACTIVE_RESERVE, is_bulk_lane, with_lanes
 from dagster_taskiq_sync.wire.messages import Keyring
 from dagster_taskiq_sync.wire.settings import Settings
 
@@ -107,6 +108,13 @@ def read_key_files(paths: Iterable[str]) -> list[str]:
     return keys
 
 
+def worker_queues(settings: Settings, queues: Sequence[str]) -> tuple[str, ...]:
+    """The queues a worker consumes: ``-q`` (or the default queue), and with ``lanes`` each one's
+    bulk lane after it (``wire/lanes.py``)."""
+    named = tuple(dict.fromkeys(queues)) or (settings.sqs.default_queue,)
+    return tuple(with_lanes(named, settings.sqs.queue_name)) if settings.lanes else named
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything a worker needs, validated."""
@@ -124,6 +132,7 @@ class WorkerConfig:
     # The variables the signing keys came from: never in a step child's environment; handed to run
     # children, which sign their steps' messages (worker/key_guard.py).
     key_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    interactive_slots: int = 0  # with lanes: slots beyond concurrency for interactive steps (lanes.py)
 
     @classmethod
     def from_yaml(
@@ -144,6 +153,7 @@ class WorkerConfig:
         metrics_host: str = "127.0.0.1",
         scale_in_protection: str | None = None,
         step_user: str | None = None,
+        interactive_slots: int | None = None,
     ) -> WorkerConfig:
         """The same configuration ``worker start`` builds from ``-y`` and its flags."""
         block = load_executor_config(config_yaml)
@@ -172,10 +182,11 @@ class WorkerConfig:
                 raise ConfigError(
                     f"-i/--includes {module!r} cannot be imported ({exc}); fix the module name or PYTHONPATH."
                 ) from None
+        consumed = worker_queues(settings, queues)
         return cls(
             settings=settings,
             name=f"{name or 'dagster-' + uuid.uuid4().hex[:6]}@{socket.gethostname()}",
-            queues=tuple(dict.fromkeys(queues)) or (settings.sqs.default_queue,),
+            queues=consumed,
             concurrency=concurrency or settings.worker_concurrency or os.cpu_count() or 1,
             shutdown_timeout=shutdown_timeout,
             includes=modules,
@@ -184,4 +195,10 @@ class WorkerConfig:
             scale_in_protection=scale_in_protection,
             step_user=step_user,
             key_env=key_environment(block, settings.keyring),
+            # Only a worker that consumes a bulk lane has an interactive lane to keep room for.
+            interactive_slots=(
+                (INTERACTIVE_RESERVE if interactive_slots is None else interactive_slots)
+                if any(is_bulk_lane(q) for q in consumed) and settings.lanes
+                else 0
+            ),
         )

@@ -20,6 +20,7 @@ from dagster_taskiq_sync.ops.queue_depths import QueueStats, add_workers, queue_
 from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import translate_error
+from dagster_taskiq_sync.wire.lanes import with_lanes
 
 NO_HOME_NOTE = (
     "DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance."
@@ -107,11 +108,15 @@ def gather(
     finally:
         if registry is None:
             reader.close()
-    names = list(only) or [
-        settings.sqs.default_queue,
-        *settings.routes.queues,
-        *(q for w in workers or () if w.looks_alive() for q in w.queues),
-    ]
+    names = (
+        with_lanes(only, settings.sqs.queue_name)
+        if only and settings.lanes
+        else list(only)
+        or [
+            *settings.config_queues(),
+            *(q for w in workers or () if w.looks_alive() for q in w.queues),
+        ]
+    )
     try:
         stats = bridge.call(queue_depths, settings.sqs, list(dict.fromkeys(names)), timeout=timeout)
     except TaskiqSyncError:

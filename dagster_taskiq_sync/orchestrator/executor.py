@@ -38,6 +38,7 @@ from dagster_taskiq_sync.orchestrator.fair_share import LaunchPolicy, live_slots
 from dagster_taskiq_sync.orchestrator.step_handler import DB_SLOW_SECONDS, TaskiqStepHandler
 from dagster_taskiq_sync.storage.instance import InstanceOptions, prepared
 from dagster_taskiq_sync.storage.registry import WorkerRegistry
+from dagster_taskiq_sync.wire.lanes import BULK, lane_queue, message_group, run_lane
 from dagster_taskiq_sync.wire.messages import (
     RUN_PRIORITY_TAGS,
     STEP_PRIORITY_TAGS,
@@ -239,6 +240,13 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         self._canceled = False
         interrupt_token = run_interrupted.set(lambda: self._canceled)
         handler = self._taskiq_handler
+        try:
+            self._choose_lane(plan_context, execution_plan, run_priority)
+        except TaskiqSyncError as exc:
+            plan_context.log.error(str(exc))
+            step_sort_key.reset(sort_token)
+            run_interrupted.reset(interrupt_token)
+            raise
         decisions = [handler.decision(step.key, step.tags) for step in execution_plan.steps]
         queues = {d.queue for d in decisions if d.refused is None} or {self.settings.sqs.default_queue}
         self._queues, self._caps_said = sorted(queues), set()
@@ -287,22 +295,48 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                 self.settings.task_soft_time_limit,
             )
 
+    def _choose_lane(self, plan_context: Any, execution_plan: Any, run_priority: int) -> None:
+        """The run's fair-queue group, and for a bulk run (lanes.run_lane) the bulk lane of each of
+        its queues that a live worker consumes; the others keep their queue (an old worker knows no
+        lane: nothing is sent where nobody would take it)."""
+        run = plan_context.dagster_run
+        handler = self._taskiq_handler
+        handler.group = message_group(run.run_id, run.tags, self.settings.message_group_tag)
+        if not self.settings.lanes:
+            return
+        lane, why = run_lane(run.tags, run_priority)
+        if lane != BULK:
+            return
+        queues = {handler.queue_of(step.key, step.tags) for step in execution_plan.steps}
+        try:
+            slots = live_slots(WorkerRegistry(plan_context.instance).workers())
+        except Exception as exc:  # noqa: BLE001 - no registry: no lane (the queue itself always works)
+            log.warning("run %s: could not read the worker registry for its lanes: %s", run.run_id, exc)
+            slots = {}
+        sqs = self.settings.sqs
+        for queue in sorted(queues):
+            bulk = lane_queue(queue, sqs.queue_name(queue))
+            if bulk is None:
+                continue
+            if slots.get(bulk):
+                handler.lanes[queue] = bulk
+                plan_context.log.info(
+                    f"This run's steps for SQS queue {sqs.queue_name(queue)!r} go to its bulk lane "
+                    f"{sqs.queue_name(bulk)!r} because {why}: interactive runs' steps are served first."
+                )
+            else:
+                plan_context.log.info(
+                    f"This run is bulk ({why}) but no live worker consumes {sqs.queue_name(bulk)!r}, so its "
+                    f"steps stay on {sqs.queue_name(queue)!r} (workers consume lanes with execution.config.lanes)."
+                )
+
     def _warn_on_priorities(self, plan_context: Any, execution_plan: Any, run_priority: int) -> None:
-        with_celery = [s.key for s in execution_plan.steps if any(t in s.tags for t in STEP_PRIORITY_TAGS)]
-        if with_celery or run_priority:
+        with_priority = [s.key for s in execution_plan.steps if any(t in s.tags for t in STEP_PRIORITY_TAGS)]
+        if with_priority or run_priority:
             plan_context.log.warning(
-                "dagster-celery/priority and dagster-celery/run_priority: SQS has no message priority; "
-                "ready steps are sent in priority order (higher first), as dagster-celery's orchestrator "
-                "does, but a step already in the queue is not overtaken by a later, higher one."
-            )
-        misused = [
-            s.key
-            for s in execution_plan.steps
-            if s.tags.get("dagster/priority") is not None and not any(t in s.tags for t in STEP_PRIORITY_TAGS)
-        ]
-        if misused:
-            plan_context.log.warning(
-                'The following steps do not have "dagster-celery/priority" set but do have '
-                f'"dagster/priority" set, which taskiq_executor does not use: [{", ".join(misused)}]. '
-                'Set "dagster-celery/priority" instead.'
+                "Step and run priorities (dagster-taskiq/, dagster-celery/ and dagster/priority tags): SQS has no "
+                "message priority; ready steps are sent in priority order (higher first), as dagster-celery's "
+                "orchestrator does, but a step already in the queue is not overtaken by a later, higher one. "
+                "With execution.config.lanes, runs of negative priority go to the bulk lane and are served after "
+                "the others."
             )

@@ -44,6 +44,7 @@ from dagster_taskiq_sync.config.schema import SecretSource
 from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, QUEUED, RUNNING, LivenessStore, StepRecord
 from dagster_taskiq_sync.wire.bridge import shared_bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.lanes import message_group
 from dagster_taskiq_sync.wire.messages import RUN_PRIORITY_TAGS, RunMessage, TaskKind, encode, queue_for_tags
 from dagster_taskiq_sync.wire.settings import DEFAULT_QUEUE
 from dagster_taskiq_sync.wire.tracing import JOB_NAME, LAUNCH, QUEUE, RUN_ID, active
@@ -151,6 +152,7 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 task_id=task_id,
                 body=encode(message, self.settings.sqs.queue_name(queue)),
                 retry_for=self.settings.broker_outage_timeout,
+                group=message_group(run.run_id, run.tags, self.settings.message_group_tag),
             )
         priority = next((run.tags[t] for t in RUN_PRIORITY_TAGS if run.tags.get(t)), None)
         self._instance.report_engine_event(

@@ -55,6 +55,7 @@ class PendingSend:
     priority: int
     body: bytes
     span: Any = None  # the step's OpenTelemetry send span, when tracing is on
+    group: str | None = None  # its MessageGroupId on a standard queue (lanes.message_group)
 
 
 def send_span(
@@ -218,7 +219,7 @@ class StepSender:
 
     def _send_chunk(self, chunk: list[PendingSend]) -> list[SendResult]:
         return self._client.send_many(
-            [Outgoing(item.queue, item.task_id, item.body) for item in chunk], retry_for=self._retry_for
+            [Outgoing(item.queue, item.task_id, item.body, item.group) for item in chunk], retry_for=self._retry_for
         )
 
     def _settle(self, chunk: list[PendingSend], results: list[SendResult]) -> None:

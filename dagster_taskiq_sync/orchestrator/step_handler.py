@@ -9,6 +9,7 @@ step attempt's liveness record (``storage/liveness.py``), never held in memory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Generator, Iterator
@@ -84,6 +85,8 @@ class TaskiqStepHandler(StepHandler):
         self._round_at = -1e9
         self._decisions: dict[str, Decision] = {}  # step key -> its queue (routing.py), decided once
         self._routes_said: set[str] = set()  # steps whose route is in the run's log
+        self.lanes: dict[str, str] = {}  # queue -> its bulk lane, for a bulk run whose lane a live worker consumes
+        self.group: str | None = None  # the run's fair-queue MessageGroupId (lanes.message_group)
 
     @property
     def name(self) -> str:
@@ -171,7 +174,8 @@ class TaskiqStepHandler(StepHandler):
             found = self._decisions[step_key] = self.settings.routes.decide(
                 step_key, tags, self.settings.sqs.default_queue
             )
-        return found
+        lane = self.lanes.get(found.queue)
+        return dataclasses.replace(found, queue=lane) if lane and found.refused is None else found
 
     def queue_of(self, step_key: str, tags: Any) -> str:
         return self.decision(step_key, tags).queue
@@ -220,6 +224,7 @@ class TaskiqStepHandler(StepHandler):
                 + int_tag(step_handler_context.dagster_run.tags, RUN_PRIORITY_TAGS, 0),
                 body=body,
                 span=span,
+                group=self.group,
             )
         )
         yield DagsterEvent.step_worker_starting(

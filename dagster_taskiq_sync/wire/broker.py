@@ -208,6 +208,8 @@ class StepBroker(SQSBroker):
             # Not the task id: anyone could send junk under it first and SQS would drop this
             # message for five minutes. A retry of this entry below reuses it.
             entry["MessageDeduplicationId"] = self.keyring.dedup_id(item.task_id)
+        elif item.group:  # SQS fair queues: this group's backlog does not delay other groups' messages
+            entry["MessageGroupId"] = item.group
         return entry, offloaded
 
     async def _send_chunk(self, url: str, entries: list[dict[str, Any]]) -> dict[int, str]:

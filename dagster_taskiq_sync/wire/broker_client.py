@@ -148,9 +148,11 @@ class BrokerClient:
                 self.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    def send(self, *, queue: str, task_id: str, body: bytes, retry_for: float = 0.0) -> str | None:
+    def send(
+        self, *, queue: str, task_id: str, body: bytes, retry_for: float = 0.0, group: str | None = None
+    ) -> str | None:
         """Send one message (raising its error); returns the S3 URL its payload went to, if any."""
-        [result] = self.send_many([Outgoing(queue, task_id, body)], retry_for=retry_for)
+        [result] = self.send_many([Outgoing(queue, task_id, body, group)], retry_for=retry_for)
         if result.error is not None:
             raise result.error
         return result.offloaded_to

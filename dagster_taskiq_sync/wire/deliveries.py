@@ -39,11 +39,13 @@ class Delivery:
 
 @dataclasses.dataclass(frozen=True)
 class Outgoing:
-    """One message to send: its Celery queue, task id (FIFO group and dedup id) and TaskIQ body."""
+    """One message to send: its Celery queue, task id (FIFO group and dedup id) and TaskIQ body;
+    on a standard queue, ``group`` is its fair-queue MessageGroupId (``lanes.message_group``)."""
 
     queue: str
     task_id: str
     body: bytes
+    group: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

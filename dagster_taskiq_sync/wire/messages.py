@@ -39,8 +39,10 @@ MESSAGE_VERSION = 2
 
 # dagster-celery's tags, so existing ops keep routing; the taskiq alias wins when both are set.
 QUEUE_TAGS = ("dagster-taskiq/queue", "dagster-celery/queue")
-STEP_PRIORITY_TAGS = ("dagster-taskiq/priority", "dagster-celery/priority")
-RUN_PRIORITY_TAGS = ("dagster-taskiq/run_priority", "dagster-celery/run_priority")
+# The first one set wins; Dagster's own dagster/priority (on an op, or on a run, where Dagster's run
+# queue reads it) counts too.
+STEP_PRIORITY_TAGS = ("dagster-taskiq/priority", "dagster-celery/priority", "dagster/priority")
+RUN_PRIORITY_TAGS = ("dagster-taskiq/run_priority", "dagster-celery/run_priority", "dagster/priority")
 
 SIGNATURE_ATTRIBUTE = "dts-signature"
 S3_POINTER_ATTRIBUTE = "s3_extended_message"  # taskiq-aio-sqs's name for an offloaded body

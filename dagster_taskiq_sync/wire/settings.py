@@ -10,10 +10,11 @@ the credential chain) when a client is created.
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dagster_taskiq_sync.wire.lanes import with_lanes
 from dagster_taskiq_sync.wire.messages import Keyring
 from dagster_taskiq_sync.wire.routing import RouteTable
 
@@ -119,6 +120,9 @@ class Settings:
     # --- fair sharing between runs (fair_share.py) ---
     steps_in_flight_per_slot: float | None = 2.0  # a run's cap per queue: this x live slots (None: no cap)
     min_steps_in_flight: int = 4  # the cap never goes below this (a run with no live worker still sends)
+    # --- lanes (lanes.py): bulk runs' steps on each queue's -bulk lane; fair-queue groups ---
+    lanes: bool = False  # queues create makes Q-bulk, workers consume it, bulk runs' steps go there
+    message_group_tag: str | None = None  # run tag whose value is a message's MessageGroupId (None: run id)
     # --- sized pools (routing.py): steps to queues by their ecs/* and dagster-k8s/config size tags ---
     routes: RouteTable = field(default_factory=RouteTable)
     # --- reliability (worker side) ---
@@ -145,6 +149,12 @@ class Settings:
                 "32 characters, the same for orchestrators, launchers and workers (workers may also take "
                 "--signing-key-file), or remove those keys to send unsigned messages."
             )
+
+    def config_queues(self, extra: Iterable[str] = ()) -> list[str]:
+        """The queues this config names: the default queue, each route's pool, ``extra``, and with
+        ``lanes`` each one's bulk lane (what ``queues create``, ``queues stats`` and ``iam-policy`` cover)."""
+        named = list(dict.fromkeys([self.sqs.default_queue, *self.routes.queues, *extra]))
+        return with_lanes(named, self.sqs.queue_name) if self.lanes else named
 
     def with_sqs(self, **changes: Any) -> Settings:
         return replace(self, sqs=replace(self.sqs, **changes))

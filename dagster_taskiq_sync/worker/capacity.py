@@ -10,6 +10,13 @@ several wait, each gets an equal share of the free slots (at least one). A consu
 room while others still wait polls for a shorter time (its long poll divided among them), so an
 idle queue's long poll never holds the only slot for a whole ``wait_time_seconds`` while another
 queue has work: with ``-c 1`` on two queues, a step on either starts within one long poll.
+
+With lanes (``wire/lanes.py``), a worker's queues are of two lanes: bulk (the ``-bulk`` lane
+queues) and interactive (the others). Each lane may hold up to ``limit`` messages, and both
+together ``limit + reserve``: while the worker is full of a backfill's steps, the interactive
+lane still has ``reserve`` (one) slot to long-poll and run in, so an interactive step never
+waits for a bulk step to end; and when both lanes wait for room, the interactive lane is served
+first. With ``reserve`` 0 (no lanes) the lanes share ``limit`` as any queues do.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -31,12 +38,21 @@ class Grant:
 
 
 class Capacity:
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limit: int,
+        clock: Callable[[], float] = time.monotonic,
+        bulk: Iterable[str] = (),
+        reserve: int = 0,
+    ) -> None:
         if limit < 1:
             raise ValueError("a worker must be able to hold at least one message")
         self.limit = limit
+        self.bulk = frozenset(bulk)  # the bulk lane's queues
+        self.reserve = reserve  # slots beyond limit, for the lane the other one fills
         self._clock = clock
         self._held = 0
+        self._held_bulk = 0
         self._cond = threading.Condition()
         self._turns = itertools.count(1)
         self._last_served: dict[str, int] = {}  # queue -> turn number of its last grant
@@ -59,25 +75,38 @@ class Capacity:
             finally:
                 self._waiting.discard(queue)
 
+    def free(self, queue: str) -> int:
+        """Messages ``queue``'s consumer may take now: its lane's room, within the worker's."""
+        in_lane = self._held_bulk if queue in self.bulk else self._held - self._held_bulk
+        return min(self.limit - in_lane, self.limit + self.reserve - self._held)
+
     def _grant(self, queue: str, wanted: int, wait_seconds: int) -> Grant | None:
-        free = self.limit - self._held
+        free = self.free(queue)
         if free <= 0:
             return None
-        contenders = sorted(self._waiting, key=lambda q: (self._last_served.get(q, 0), q))
+        # Among the queues that may take a message now (a full lane waits), the interactive lane
+        # first, then the queue served longest ago.
+        able = [q for q in self._waiting if self.free(q) > 0]
+        contenders = sorted(able, key=lambda q: (q in self.bulk, self._last_served.get(q, 0), q))
         if queue not in contenders[:free]:
             return None  # another queue's turn first
         share = max(1, free // len(contenders))
         count = max(1, min(wanted, share))
         self._held += count
+        if queue in self.bulk:
+            self._held_bulk += count
         self._last_served[queue] = next(self._turns)
-        others_waiting = len(contenders) - 1
-        if others_waiting and self.limit - self._held < others_waiting:
+        others = [q for q in contenders if q != queue]
+        if others and min(self.free(q) for q in others) < len(others):
             # Others still wait for room this poll may hold: poll for a fraction of the time.
-            wait_seconds = max(1, math.ceil(wait_seconds / (1 + others_waiting))) if wait_seconds else 0
+            wait_seconds = max(1, math.ceil(wait_seconds / (1 + len(others)))) if wait_seconds else 0
         return Grant(count, wait_seconds)
 
-    def release(self, count: int = 1) -> None:
+    def release(self, count: int = 1, queue: str = "") -> None:
+        """``count`` messages from ``queue`` are settled (or were never received)."""
         if count > 0:
             with self._cond:
                 self._held = max(0, self._held - count)
+                if queue in self.bulk:
+                    self._held_bulk = max(0, self._held_bulk - count)
                 self._cond.notify_all()

@@ -28,6 +28,7 @@ from dagster import DagsterRunStatus
 
 from dagster_taskiq_sync.errors import TaskiqSyncError
 from dagster_taskiq_sync.storage.liveness import DEAD_LETTERED, EXITED, FINAL_DELIVERY, RUNNING, StepRecord
+from dagster_taskiq_sync.wire.lanes import is_bulk_lane
 from dagster_taskiq_sync.wire.messages import (
     RunMessage,
     StepMessage,
@@ -135,7 +136,8 @@ class Request(Received):
                     self._pickup(),
                     soft.interrupted(message.step_key) if soft else None,
                     message.trace,
-                )
+                ),
+                bulk=settings.lanes and is_bulk_lane(self.delivery.queue),
             )
         else:
             self.child = worker.runner.start_run(

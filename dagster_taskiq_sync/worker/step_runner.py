@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import multiprocessing
 import multiprocessing.connection as mp_connection
 import multiprocessing.spawn as mp_spawn
@@ -66,6 +67,8 @@ from dagster_taskiq_sync.worker.key_guard import (
 )
 from dagster_taskiq_sync.worker.step_child import run_run_in_child, serve_steps
 
+log = logging.getLogger("dagster_taskiq_sync.worker")
+BULK_NICENESS = 10  # nice(1)'s default: a bulk step's child gets about a tenth of a contended core
 _MAIN_KEYS = ("init_main_from_path", "init_main_from_name")  # what makes a child re-run __main__
 _starting = threading.local()  # set while this thread starts a child of ours
 _host_preparation_data = mp_spawn.get_preparation_data
@@ -174,6 +177,7 @@ class StepChild:
     steps_run: int = 0
     rss_kib: int = 0
     spent: bool = False  # never reuse: its last step could not run, or broke outside the step
+    niced: bool = False  # runs at the bulk lane's lower CPU priority (for good: niceness only goes up)
 
     def alive(self) -> bool:
         return self.process.exitcode is None
@@ -246,22 +250,29 @@ class StepRunner:
         self._lock = threading.Lock()
         self.children_started = 0
         self._warmed_runs: dict[str, None] = {}  # runs whose job idle children loaded (bounded)
+        self.max_idle = 0  # idle children kept (warm's count): more are stopped as they come back
+        self._nice_refused = False
 
     def warm(self, children: int) -> None:
         """Start the fork server (importing Dagster in it) and ``children`` step children now,
         rather than on the first step."""
         started = [self._new_child() for _ in range(children)]
         with self._lock:
+            self.max_idle = max(self.max_idle, children)
             self._idle.extend(started)
 
-    def start_step(self, task: StepTask) -> StepAttempt:
-        """Run one step in an idle step child.
+    def start_step(self, task: StepTask, bulk: bool = False) -> StepAttempt:
+        """Run one step in an idle step child; a ``bulk`` lane step in one at a lower CPU priority.
 
         The first step of a run seen by this worker also asks the other idle children to load the
         run's job now, so its parallel steps do not each pay for that (~0.4 s) when they arrive.
+        An interactive step never gets a niced child (a new one is forked if all idle ones are).
         """
         with self._lock:
-            child = self._idle.pop() if self._idle else None
+            fitting = [c for c in self._idle if c.niced == bulk] or ([] if not bulk else self._idle)
+            child = fitting[-1] if fitting else None
+            if child is not None:
+                self._idle.remove(child)
             to_warm: list[StepChild] = []
             if task.run_id not in self._warmed_runs:
                 self._warmed_runs[task.run_id] = None
@@ -272,6 +283,8 @@ class StepRunner:
             if child is not None:
                 child.close()
             child = self._new_child()
+        if bulk and not child.niced:
+            self._lower_priority(child)
         attempt = StepAttempt(self, child, task)
         for idle in to_warm:
             idle.warm(task.run_id)
@@ -320,7 +333,22 @@ class StepRunner:
             child.close()
             return
         with self._lock:
-            self._idle.append(child)
+            if len(self._idle) < max(1, self.max_idle):
+                self._idle.append(child)
+                return
+        child.close()  # more idle children than slots: forked for an interactive step while all were niced
+
+    def _lower_priority(self, child: StepChild) -> None:
+        """Bulk steps yield the cores to interactive ones (and to the worker itself): the child's
+        niceness goes up by BULK_NICENESS, once; it cannot come back down without privileges."""
+        child.niced = True
+        pid = child.process.pid
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + BULK_NICENESS))
+        except OSError as exc:
+            if not self._nice_refused:
+                self._nice_refused = True
+                log.warning("could not lower the CPU priority of bulk-lane step children: %s", exc)
 
     def close(self) -> None:
         """Stop idle step children (busy ones are the worker's to stop first)."""

@@ -91,7 +91,7 @@ class ConsumerThread(GuardedThread):
             try:
                 deliveries = self._client.receive(self.queue, grant.count, grant.wait_seconds)
             except TaskiqSyncError as exc:
-                self._capacity.release(grant.count)
+                self._capacity.release(grant.count, self.queue)
                 self._on_outage(self.queue, True)
                 log.warning("receiving from queue %s failed: %s; retrying in %.1f s", self.queue, exc, backoff)
                 self.done.wait(backoff)
@@ -99,7 +99,7 @@ class ConsumerThread(GuardedThread):
                 continue
             self._on_outage(self.queue, False)
             backoff = 0.5
-            self._capacity.release(grant.count - len(deliveries))
+            self._capacity.release(grant.count - len(deliveries), self.queue)
             if self.done.is_set() and deliveries:
                 # The worker stopped while this poll was in flight: SQS handed it these after we
                 # stopped listening. Release them now, not after a whole visibility timeout.

@@ -41,6 +41,7 @@ from dagster_taskiq_sync.ops.protection import ScaleInProtector
 from dagster_taskiq_sync.ops.scale_in import protector_from_flag
 from dagster_taskiq_sync.storage.registry import WorkerRecord
 from dagster_taskiq_sync.wire.deliveries import Delivery
+from dagster_taskiq_sync.wire.lanes import is_bulk_lane
 from dagster_taskiq_sync.wire.tracing import FLUSH_SECONDS, active
 from dagster_taskiq_sync.worker.admission import Outcome
 from dagster_taskiq_sync.worker.capacity import Capacity
@@ -75,7 +76,15 @@ class Worker:
         self._held: dict[str, Delivery] = {}  # receipt handle -> delivery: extended by the visibility thread
         self._inbox: queue_mod.Queue[Delivery] = queue_mod.Queue()
         self._outage: dict[str, bool] = {}
-        self.capacity = Capacity(config.concurrency * self.settings.prefetch_multiplier, clock=clock)
+        bulk = [q for q in config.queues if self.settings.lanes and is_bulk_lane(q)]
+        self.capacity = Capacity(
+            config.concurrency * self.settings.prefetch_multiplier,
+            clock=clock,
+            bulk=bulk,
+            reserve=config.interactive_slots if bulk else 0,
+        )
+        # One worker thread per slot, and one more for the interactive lane's reserve slot.
+        self.threads_count = config.concurrency + self.capacity.reserve
         self._threads: list[GuardedThread] = []
         self._started = False
         self._owner_pid = os.getpid()  # the process that started it: a fork's copy must not stop it
@@ -127,7 +136,7 @@ class Worker:
         self._parts = open_parts(config, self._instance, self.metrics, hooks, self.step_user)
         self.metrics.track_slots(self._slots)
         self.protector.start()
-        self.parts.runner.warm(children=config.concurrency)
+        self.parts.runner.warm(children=self.threads_count)
         if active() is not None:  # set up now rather than on the first message; off, nothing is imported
             log.info("worker %s: OpenTelemetry traces on (OTEL_* environment variables)", self.name)
         self._threads = self._make_threads()
@@ -162,7 +171,7 @@ class Worker:
                 on_extended=self.metrics.visibility_extended,
             ),
             LivenessThread(self.parts.context, self.heartbeat_registry, self._check_terminate, self._on_death),
-            *(WorkerThread(i, self._inbox, self._handle, self._on_death) for i in range(config.concurrency)),
+            *(WorkerThread(i, self._inbox, self._handle, self._on_death) for i in range(self.threads_count)),
             *(
                 ConsumerThread(
                     q,
@@ -346,7 +355,7 @@ class Worker:
         with self._lock:
             self._held.pop(delivery.receipt_handle, None)
             busy = bool(self._held)
-        self.capacity.release(1)
+        self.capacity.release(1, delivery.queue)
         if not busy:
             self.protector.set_busy(False)
 
@@ -375,7 +384,8 @@ class Worker:
             self.parts.client.change_visibility(deliveries, 0)
         except Exception as exc:  # noqa: BLE001 - releasing is best effort; unreleased messages reappear after their visibility timeout
             log.warning("worker %s: could not release %d message(s): %s", self.name, len(deliveries), exc)
-        self.capacity.release(len(deliveries))
+        for delivery in deliveries:
+            self.capacity.release(1, delivery.queue)
 
     def _release_waiting(self) -> None:
         waiting = []

@@ -1,0 +1,79 @@
+"""Lanes: which runs' steps may wait behind a backlog, and the fair-queue group a step is sent in.
+
+Every standard queue ``Q`` may have a **bulk lane**, the queue ``Q-bulk``: with ``lanes: true`` in
+the executor config, ``queues create`` makes it, workers consuming ``Q`` also consume it, and the
+steps of bulk runs go there instead of to ``Q``. A run is bulk when its ``dagster-taskiq/lane`` tag
+says ``bulk``, or, without that tag, when it is part of a backfill (Dagster's backfill daemon tags
+its runs ``dagster/backfill``) or its run priority is below zero (``dagster/priority``, as
+Dagster's run queue reads it, or ``dagster-celery/run_priority``). Every other run is
+interactive and keeps ``Q``. A worker gives the interactive lane its room first and one slot
+more while it runs bulk steps, and runs bulk steps' processes at a lower CPU priority
+(``worker/capacity.py``, ``worker/step_runner.py``): an interactive step never waits behind a
+backfill's messages, for a slot, or for the cores.
+
+The lane queue is used only while a live worker consumes it (the worker registry says so), so an
+orchestrator never sends to a lane that only old workers would have to drain (rolling upgrade):
+the steps then stay on ``Q``. FIFO queues have no lane.
+
+**Fair queues.** Every step message on a standard queue carries a ``MessageGroupId``: the run id,
+or the value of the run tag ``message_group_tag`` names (a code location, a team). On AWS, SQS fair
+queues then keep one group's backlog from delaying the others' messages (dwell time).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+BULK, INTERACTIVE = "bulk", "interactive"
+LANE_TAG = "dagster-taskiq/lane"  # "bulk" or "interactive": wins over the rules below
+BACKFILL_TAG = "dagster/backfill"  # Dagster's backfill daemon puts it on every run it launches
+LANE_SUFFIX = "-bulk"
+INTERACTIVE_RESERVE = 1  # slots a worker busy with bulk steps keeps for the interactive lane
+GROUP_ID_LIMIT = 128  # SQS's limit on a MessageGroupId
+_NOT_IN_GROUP_ID = re.compile(r"[^!-~]")  # SQS takes printable ASCII without spaces
+
+
+def lane_queue(queue: str, sqs_name: str) -> str | None:
+    """The Celery name of ``queue``'s bulk lane (None for a FIFO queue, which has none)."""
+    if sqs_name.endswith(".fifo") or queue.endswith(LANE_SUFFIX):
+        return None
+    return queue + LANE_SUFFIX
+
+
+def is_bulk_lane(queue: str) -> bool:
+    return queue.endswith(LANE_SUFFIX)
+
+
+def with_lanes(queues: Iterable[str], sqs_name: Callable[[str], str]) -> list[str]:
+    """``queues`` and each one's bulk lane (what ``queues create`` makes and a worker consumes)."""
+    out: list[str] = []
+    for queue in queues:
+        out.append(queue)
+        lane = lane_queue(queue, sqs_name(queue))
+        if lane is not None:
+            out.append(lane)
+    return list(dict.fromkeys(out))
+
+
+def run_lane(run_tags: Mapping[str, str], run_priority: int) -> tuple[str, str]:
+    """(lane, why) of a run: its lane tag, else bulk for backfills and negative run priorities."""
+    from dagster_taskiq_sync.errors import ConfigError
+
+    told = run_tags.get(LANE_TAG)
+    if told is not None:
+        if told not in (BULK, INTERACTIVE):
+            raise ConfigError(f"tag {LANE_TAG}={told!r} must be {BULK!r} or {INTERACTIVE!r}; fix the run's tag.")
+        return told, f"its {LANE_TAG} tag"
+    if run_tags.get(BACKFILL_TAG):
+        return BULK, f"it is part of backfill {run_tags[BACKFILL_TAG]} ({BACKFILL_TAG})"
+    if run_priority < 0:
+        return BULK, f"its run priority is {run_priority}"
+    return INTERACTIVE, "it is neither a backfill nor of negative run priority"
+
+
+def message_group(run_id: str, run_tags: Mapping[str, str], tag: str | None) -> str:
+    """The fair-queue group of a run's messages: the value of run tag ``tag``, else the run id."""
+    value = run_tags.get(tag) if tag else None
+    group = _NOT_IN_GROUP_ID.sub("_", value) if value else run_id
+    return group[:GROUP_ID_LIMIT]

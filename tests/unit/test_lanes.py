@@ -1,0 +1,125 @@
+"""Lanes: which runs are bulk, the fair-queue group of a message, and how a worker's room is shared
+between the interactive and the bulk lane (``wire/lanes.py``, ``worker/capacity.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
+from dagster_taskiq_sync.errors import ConfigError
+from dagster_taskiq_sync.wire.lanes import (
+    BULK,
+    INTERACTIVE,
+    lane_queue,
+    message_group,
+    run_lane,
+    with_lanes,
+)
+from dagster_taskiq_sync.wire.messages import RUN_PRIORITY_TAGS, STEP_PRIORITY_TAGS, int_tag
+from dagster_taskiq_sync.worker.capacity import Capacity
+
+# --- which lane a run takes ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tags, priority, lane",
+    [
+        ({}, 0, INTERACTIVE),
+        ({"dagster/backfill": "abc"}, 0, BULK),  # what Dagster's backfill daemon puts on its runs
+        ({}, -1, BULK),  # negative run priority: Dagster's run queue serves it last, and so do workers
+        ({"dagster-taskiq/lane": "interactive"}, -5, INTERACTIVE),  # the explicit tag wins
+        ({"dagster-taskiq/lane": "interactive", "dagster/backfill": "abc"}, 0, INTERACTIVE),
+        ({"dagster-taskiq/lane": "bulk"}, 10, BULK),
+    ],
+)
+def test_a_run_is_bulk_when_tagged_so_or_part_of_a_backfill_or_of_negative_priority(tags, priority, lane):
+    assert run_lane(tags, priority)[0] == lane
+
+
+def test_a_bad_lane_tag_is_one_sentence_naming_the_tag():
+    with pytest.raises(ConfigError, match=r"tag dagster-taskiq/lane='fast' must be 'bulk' or 'interactive'"):
+        run_lane({"dagster-taskiq/lane": "fast"}, 0)
+
+
+def test_dagster_priority_counts_as_run_and_step_priority_after_the_executors_own_tags():
+    assert int_tag({"dagster/priority": "-3"}, RUN_PRIORITY_TAGS, 0) == -3
+    assert int_tag({"dagster/priority": "-3", "dagster-celery/run_priority": "2"}, RUN_PRIORITY_TAGS, 0) == 2
+    assert int_tag({"dagster/priority": "7"}, STEP_PRIORITY_TAGS, 5) == 7
+    assert int_tag({"dagster/priority": "7", "dagster-celery/priority": "1"}, STEP_PRIORITY_TAGS, 5) == 1
+
+
+# --- lane queues and what names them ------------------------------------------------------------
+
+
+def test_every_standard_queue_has_a_bulk_lane_and_fifo_queues_have_none():
+    assert lane_queue("dagster", "dagster") == "dagster-bulk"
+    assert lane_queue("jobs.fifo", "jobs.fifo") is None
+    assert lane_queue("dagster-bulk", "dagster-bulk") is None  # a lane has no lane
+    assert with_lanes(["dagster", "big", "jobs.fifo"], lambda q: q) == [
+        "dagster",
+        "dagster-bulk",
+        "big",
+        "big-bulk",
+        "jobs.fifo",
+    ]
+
+
+def test_queues_create_stats_and_iam_cover_the_lanes_only_when_lanes_are_on():
+    routes = [{"queue": "big", "when": {"ecs/memory": ">= 8192"}}]
+    off = settings_from_executor_config({"routes": routes})
+    on = settings_from_executor_config({"routes": routes, "lanes": True})
+    assert off.config_queues(["extra"]) == ["dagster", "big", "extra"]
+    assert on.config_queues(["extra"]) == ["dagster", "dagster-bulk", "big", "big-bulk", "extra", "extra-bulk"]
+
+
+def test_lane_settings_are_checked_by_name():
+    with pytest.raises(ConfigError, match="execution.config.lanes must be true or false"):
+        settings_from_executor_config({"lanes": "sometimes"})
+    with pytest.raises(ConfigError, match="execution.config.message_group_tag must be a non-empty string"):
+        settings_from_executor_config({"message_group_tag": ""})
+
+
+# --- fair-queue groups --------------------------------------------------------------------------
+
+
+def test_a_runs_messages_are_grouped_by_run_id_or_by_the_named_tag():
+    tags = {"dagster/code_location": "team a/etl", "team": "x" * 300}
+    assert message_group("run-1", tags, None) == "run-1"
+    assert message_group("run-1", tags, "missing") == "run-1"
+    # SQS takes printable ASCII without spaces, up to 128 characters
+    assert message_group("run-1", tags, "dagster/code_location") == "team_a/etl"
+    assert message_group("run-1", tags, "team") == "x" * 128
+
+
+# --- a worker's room between lanes --------------------------------------------------------------
+
+
+def test_a_worker_full_of_bulk_steps_still_takes_an_interactive_one():
+    # Given -c 2 with a bulk lane and one interactive slot, both bulk slots busy
+    capacity = Capacity(2, bulk={"q-bulk"}, reserve=1)
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0).count == 2
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0) is None  # the bulk lane never has more than -c
+    # When an interactive message comes, then there is room for it (and no more)
+    assert capacity.acquire("q", 10, 10, timeout=0).count == 1
+    assert capacity.acquire("q", 10, 10, timeout=0) is None
+    # And when a bulk step ends, its slot goes back to the bulk lane
+    capacity.release(1, "q-bulk")
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0).count == 1
+
+
+def test_the_interactive_lane_is_served_first_and_takes_at_most_c_itself():
+    capacity = Capacity(2, bulk={"q-bulk"}, reserve=1)
+    capacity._waiting.add("q-bulk")  # the bulk consumer waits for room too
+    grant = capacity.acquire("q", 10, 10, timeout=0)
+    assert grant is not None and grant.count == 1  # first, and half of the free room each
+    assert capacity.acquire("q", 10, 10, timeout=0).count == 1
+    assert capacity.acquire("q", 10, 10, timeout=0) is None  # -c of one lane
+    capacity._waiting.discard("q-bulk")
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0).count == 1  # the reserve, the other way round
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0) is None
+
+
+def test_without_a_reserve_the_lanes_share_the_limit_as_any_queues_do():
+    capacity = Capacity(2)
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0).count == 2
+    assert capacity.acquire("q", 10, 10, timeout=0) is None
