@@ -154,6 +154,8 @@ class Fleet:
             "execution": {
                 "config": {
                     "broker": f"sqs://127.0.0.1:{port}",
+                    # Backfill runs' steps on the bulk lane (bench-bulk): interactive runs first.
+                    "lanes": True,
                     "config_source": {
                         "broker_transport_options": {"region": "us-east-1"},
                         "task_default_queue": queue,

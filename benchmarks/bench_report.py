@@ -196,9 +196,13 @@ class Report:
             "",
             "### Interactive run during a backfill",
             "",
-            "backfill-N+chain-M: a fanout-N run starts; once its root step is done and 5% of its branches "
-            "have started, a chain-M run starts on the same queue (same orchestrating process, its own "
-            "thread). Solo times are the fanout-N and chain-M rows of the table above. " + self._ratio_note(),
+            "backfill-N+chain-M: a fanout-N run starts, tagged `dagster/backfill` as Dagster's backfill "
+            "daemon tags the runs it launches; once its root step is done and 5% of its branches have "
+            "started, a chain-M run starts on the same queue, in a second orchestrating process of the "
+            "contender's (warmed by one untimed run of the chain): every Dagster run has its own run worker process, "
+            "so the two runs' orchestration does not share a GIL, for every contender alike. taskiq_executor "
+            "runs with `lanes: true` (the backfill's steps on the bulk lane). Solo times are the fanout-N "
+            "and chain-M rows of the table above. " + self._ratio_note(),
             "",
             "| storage | workload | contender | "
             + " | ".join(f[0] for f in figures)

@@ -132,3 +132,58 @@ def test_a_step_message_on_a_standard_queue_carries_its_group(endpoint):
     # Then each carries its MessageGroupId (moto keeps it; SQS fair queues use it)
     got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"])
     assert sorted(m["Attributes"].get("MessageGroupId") for m in got["Messages"]) == ["run-a", "run-b", "run-b"]
+
+
+FAUXQS = "fauxqs@1.9.2"
+SERVE_FAUXQS = """
+import { buildApp } from "fauxqs";
+const app = buildApp({ logger: false });
+console.log(await app.listen({ port: 0, host: "127.0.0.1" }));
+"""
+
+
+def _send_two_groups_and_receive(sqs) -> list[tuple[str, str | None]]:
+    url = sqs.create_queue(QueueName="groups-check")["QueueUrl"]
+    entries = [{"Id": f"a{i}", "MessageBody": f"A{i}", "MessageGroupId": "run-a"} for i in range(3)]
+    sqs.send_message_batch(QueueUrl=url, Entries=entries)
+    sqs.send_message(QueueUrl=url, MessageBody="B0", MessageGroupId="run-b")
+    got = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, MessageSystemAttributeNames=["All"])
+    return [(m["Body"], m.get("Attributes", {}).get("MessageGroupId")) for m in got["Messages"]]
+
+
+def test_what_moto_and_fauxqs_do_with_a_message_group_on_a_standard_queue(endpoint, tmp_path):
+    """The README's sentence on the local endpoints: both accept the id on a standard queue and
+    deliver in send order (no fairness to measure); moto keeps the id, fauxqs drops it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    assert _send_two_groups_and_receive(sqs_client(endpoint.url)) == [
+        ("A0", "run-a"),
+        ("A1", "run-a"),
+        ("A2", "run-a"),
+        ("B0", "run-b"),
+    ]
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if npm is None or node is None:
+        import pytest
+
+        pytest.skip("fauxqs needs node and npm (apt-get install nodejs npm); moto was checked")
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dagster-taskiq-sync" / FAUXQS
+    if not (cache / "node_modules" / "fauxqs").is_dir():  # ~20 s once, then cached
+        subprocess.run([npm, "install", "--prefix", str(cache), FAUXQS], check=True, capture_output=True, timeout=300)
+    script = cache / "serve.mjs"
+    script.write_text(SERVE_FAUXQS)
+    server = subprocess.Popen([node, str(script)], stdout=subprocess.PIPE, text=True, cwd=cache)
+    try:
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        import boto3
+
+        sqs = boto3.client(
+            "sqs", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+        )
+        assert _send_two_groups_and_receive(sqs) == [("A0", None), ("A1", None), ("A2", None), ("B0", None)]
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -123,3 +123,17 @@ def test_without_a_reserve_the_lanes_share_the_limit_as_any_queues_do():
     capacity = Capacity(2)
     assert capacity.acquire("q-bulk", 10, 10, timeout=0).count == 2
     assert capacity.acquire("q", 10, 10, timeout=0) is None
+
+
+def test_a_worker_consumes_each_queues_lane_and_keeps_an_interactive_slot_only_with_lanes(tmp_path):
+    import yaml
+
+    from dagster_taskiq_sync.config.worker_config import WorkerConfig
+
+    path = tmp_path / "lanes.yaml"
+    path.write_text(yaml.safe_dump({"execution": {"config": {"lanes": True}}}))
+    on = WorkerConfig.from_yaml(str(path), queues=["dagster", "jobs.fifo"], concurrency=2)
+    assert (on.queues, on.interactive_slots) == (("dagster", "dagster-bulk", "jobs.fifo"), 1)
+    assert WorkerConfig.from_yaml(str(path), concurrency=2, interactive_slots=0).interactive_slots == 0
+    off = WorkerConfig.from_yaml(None, queues=["dagster"], concurrency=2, interactive_slots=3)
+    assert (off.queues, off.interactive_slots) == (("dagster",), 0)  # no lane: nothing to keep room for
