@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from dagster_taskiq_sync.config.worker_config import worker_queues
 from dagster_taskiq_sync.ops.metric_specs import (
     ORCHESTRATOR_METRICS,
     SQS_METRICS,
@@ -616,6 +617,7 @@ KIT_FLAGS = {
     "--metrics-port",
     "--metrics-host",
     "--scale-in-protection",
+    "--interactive-slots",
 }
 WORKER_START = ["dagster-taskiq-sync", "worker", "start"]
 GRACE_MARGIN = 10  # seconds between --shutdown-timeout and the platform's SIGKILL, at least
@@ -831,14 +833,20 @@ def test_the_platforms_wait_longer_than_the_worker_drains(pool):
 def test_keda_scales_on_concurrency_times_prefetch_of_the_queue_the_workers_consume(pool):
     args = worker_container(pool)["args"]
     settings = settings_of(args)
-    (trigger,) = k8s_objects(pool)["ScaledObject"]["spec"]["triggers"]
-    assert trigger["type"] == "aws-sqs-queue"
-    metadata = trigger["metadata"]
-    assert int(metadata["queueLength"]) == messages_per_worker(args)
-    assert metadata["scaleOnInFlight"] == "true"  # busy workers count: see keda.yaml
-    assert metadata["queueURL"].rsplit("/", 1)[-1] == settings.sqs.queue_name(options(args)["-q"])
-    assert metadata["awsRegion"] == settings.sqs.region
-    assert trigger["authenticationRef"]["name"] == k8s_objects(pool)["TriggerAuthentication"]["metadata"]["name"]
+    triggers = k8s_objects(pool)["ScaledObject"]["spec"]["triggers"]
+    # one trigger per queue the pool's workers consume: its queue and, with lanes, its bulk lane
+    consumed = worker_queues(settings, [options(args)["-q"]])
+    assert [t["metadata"]["queueURL"].rsplit("/", 1)[-1] for t in triggers] == [
+        settings.sqs.queue_name(q) for q in consumed
+    ]
+    assert settings.lanes and len(consumed) == 2  # the kit runs with lanes
+    for trigger in triggers:
+        assert trigger["type"] == "aws-sqs-queue"
+        metadata = trigger["metadata"]
+        assert int(metadata["queueLength"]) == messages_per_worker(args)
+        assert metadata["scaleOnInFlight"] == "true"  # busy workers count: see keda.yaml
+        assert metadata["awsRegion"] == settings.sqs.region
+        assert trigger["authenticationRef"]["name"] == k8s_objects(pool)["TriggerAuthentication"]["metadata"]["name"]
     assert k8s_objects(pool)["TriggerAuthentication"]["spec"]["podIdentity"]["provider"] == "aws"
     assert (
         k8s_objects(pool)["ScaledObject"]["spec"]["scaleTargetRef"]["name"]
@@ -855,15 +863,17 @@ def test_ecs_target_tracking_is_messages_per_task_at_concurrency_times_prefetch(
     assert policy["TargetValue"] == messages_per_worker(args)
     metrics = {m["Id"]: m for m in policy["CustomizedMetricSpecification"]["Metrics"]}
     (result,) = [m for m in metrics.values() if m["ReturnData"]]
-    assert result["Expression"] == "(visible + in_flight) / tasks"
-    queue = settings.sqs.queue_name(options(args)["-q"])
-    for metric_id, name in (
-        ("visible", "ApproximateNumberOfMessagesVisible"),
-        ("in_flight", "ApproximateNumberOfMessagesNotVisible"),
-    ):
-        metric = metrics[metric_id]["MetricStat"]["Metric"]
-        assert (metric["Namespace"], metric["MetricName"]) == ("AWS/SQS", name)
-        assert metric["Dimensions"] == [{"Name": "QueueName", "Value": queue}]
+    # the backlog of every queue the pool's workers consume: its queue and its bulk lane
+    assert result["Expression"] == "(visible + in_flight + bulk_visible + bulk_in_flight) / tasks"
+    queue, lane = (settings.sqs.queue_name(q) for q in worker_queues(settings, [options(args)["-q"]]))
+    for prefix, sqs_name in (("", queue), ("bulk_", lane)):
+        for metric_id, name in (
+            ("visible", "ApproximateNumberOfMessagesVisible"),
+            ("in_flight", "ApproximateNumberOfMessagesNotVisible"),
+        ):
+            metric = metrics[prefix + metric_id]["MetricStat"]["Metric"]
+            assert (metric["Namespace"], metric["MetricName"]) == ("AWS/SQS", name)
+            assert metric["Dimensions"] == [{"Name": "QueueName", "Value": sqs_name}]
     tasks = metrics["tasks"]["MetricStat"]["Metric"]
     assert (tasks["Namespace"], tasks["MetricName"]) == ("ECS/ContainerInsights", "RunningTaskCount")
     family = ecs_task(pool)["family"]
@@ -951,6 +961,9 @@ def test_one_worker_pool_per_routed_queue_sized_for_its_routes_max():
         assert container["resources"]["requests"] == limits  # placed only where every step fits
         assert k8s_quantity(limits["memory"]) >= steps * most["memory"] + WORKER_ALLOWANCE, route.queue
         assert k8s_quantity(limits["cpu"]) >= steps * most["cpu"], route.queue
+        # and never a step more: no interactive slot beyond -c (lanes)
+        assert options(container["args"])["--interactive-slots"] == "0"
+        assert options(ecs_container(route.queue)["command"])["--interactive-slots"] == "0"
         task = ecs_task(route.queue)
         assert int(options(ecs_container(route.queue)["command"])["-c"]) == steps
         assert int(task["memory"]) * 2**20 >= steps * most["memory"] + WORKER_ALLOWANCE, route.queue
