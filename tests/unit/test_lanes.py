@@ -137,3 +137,18 @@ def test_a_worker_consumes_each_queues_lane_and_keeps_an_interactive_slot_only_w
     assert WorkerConfig.from_yaml(str(path), concurrency=2, interactive_slots=0).interactive_slots == 0
     off = WorkerConfig.from_yaml(None, queues=["dagster"], concurrency=2, interactive_slots=3)
     assert (off.queues, off.interactive_slots) == (("dagster",), 0)  # no lane: nothing to keep room for
+
+
+def test_iam_policy_grants_the_lanes_of_a_config_with_lanes(tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from dagster_taskiq_sync.cli import main
+
+    path = tmp_path / "lanes.yaml"
+    config = {"broker": "sqs://", "lanes": True, "config_source": {"broker_transport_options": {"region": "us-east-1"}}}
+    path.write_text(yaml.safe_dump({"execution": {"config": config}}))
+    out = CliRunner().invoke(main, ["iam-policy", "-y", str(path), "--account-id", "123456789012", "--role", "worker"])
+    assert out.exit_code == 0, out.output
+    assert "arn:aws:sqs:us-east-1:123456789012:dagster-bulk" in out.output
+    assert "arn:aws:sqs:us-east-1:123456789012:dagster-bulk-dlq" in out.output
