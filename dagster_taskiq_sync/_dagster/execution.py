@@ -6,9 +6,13 @@ from __future__ import annotations
 import collections
 import contextvars
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
+from dagster import DagsterEventType
 from dagster._check import CheckError
+from dagster._core.event_api import EventLogCursor
 from dagster._core.execution.plan.active import ActiveExecution
 from dagster._core.execution.plan.state import KnownExecutionState
 from dagster._core.executor.step_delegating import (
@@ -33,12 +37,18 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
     every launch and every health check, O(run size) each, O(n^2) per run.
     """
 
+    late_commits: LateCommits | None = None  # set where event ids are handed out before commit
+
     def on_poll(self, instance: Any, run_id: str) -> None:
         """Called before every read of the event log; subclasses override it."""
 
     def _pop_events(self, instance, run_id, seen_storage_ids):  # Dagster's signature
         self.on_poll(instance, run_id)
-        return super()._pop_events(instance, run_id, seen_storage_ids)
+        events = super()._pop_events(instance, run_id, seen_storage_ids)
+        if self.late_commits is not None and self._event_cursor:
+            read_up_to = EventLogCursor.parse(self._event_cursor).storage_id()
+            events = [*events, *self.late_commits.check(instance, run_id, read_up_to, seen_storage_ids)]
+        return events
 
     def _get_step_handler_context(self, plan_context, steps, active_execution):  # Dagster's signature
         known_state_for = getattr(active_execution, "known_state_for", None)
@@ -60,6 +70,84 @@ class PollingStepDelegatingExecutor(StepDelegatingExecutor):
             ),
             dagster_run=plan_context.dagster_run,
         )
+
+
+# --- events committed out of order -----------------------------------------------------------------
+# Dagster's loop reads a run's events after the storage id it last read. PostgreSQL hands out an
+# insert's id before the insert commits, so two events written at once (steps running side by side,
+# the orchestrator's own engine events) can commit in the other order: a read between the two
+# commits sees id 101 and moves its cursor past 100, which is then never read (seen in a bench
+# under load: a step's STEP_SUCCESS skipped, the step failed 30 s later as "worker lost"). Reading
+# at once on every change (storage/event_watch.py) makes such reads likelier. Every CHECK_SECONDS
+# the events that drive Dagster's plan are read again from where the cursor was two checks before,
+# and those not seen yet are handed to the loop.
+
+LATE_CHECK_SECONDS = 1.0
+_PLAN_EVENT_TYPES = {
+    DagsterEventType.STEP_SUCCESS,
+    DagsterEventType.STEP_FAILURE,
+    DagsterEventType.STEP_UP_FOR_RETRY,
+    DagsterEventType.STEP_OUTPUT,
+    DagsterEventType.RESOURCE_INIT_FAILURE,
+}
+
+
+class LateCommits:
+    """Finds a run's plan events whose commit came after later events had been read (see above)."""
+
+    def __init__(self, every: float = LATE_CHECK_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self._every = every
+        self._clock = clock
+        self._next = clock() + every
+        self._marks: collections.deque[int] = collections.deque([0, 0], maxlen=2)  # cursor at the last two checks
+        self.found = 0  # events this found: each was read late, never lost
+
+    def check(self, instance: Any, run_id: str, read_up_to: int, seen: set[int]) -> list[Any]:
+        if self._clock() < self._next:
+            return []
+        self._next = self._clock() + self._every
+        since = self._marks[0]
+        self._marks.append(read_up_to)
+        late = []
+        cursor = EventLogCursor.from_storage_id(since).to_string()
+        while True:
+            conn = instance.get_records_for_run(run_id, cursor, of_type=_PLAN_EVENT_TYPES, limit=1000)
+            for record in conn.records:
+                if record.storage_id <= read_up_to and record.storage_id not in seen:
+                    seen.add(record.storage_id)
+                    if record.event_log_entry.dagster_event is not None:
+                        late.append(record.event_log_entry.dagster_event)
+            if not conn.has_more:
+                break
+            cursor = conn.cursor
+        self.found += len(late)
+        return late
+
+
+# --- the loop's wait --------------------------------------------------------------------------------
+# Dagster's loop ends every iteration with time.sleep(sleep_seconds). taskiq_executor waits on its
+# run's bell instead (storage/event_watch.py): as long, or less when the run's events changed. The
+# step-delegating module gets a stand-in for its ``time`` whose sleep does that in threads where
+# taskiq_executor set ``loop_wait``; everywhere else it is time.sleep.
+
+loop_wait: contextvars.ContextVar[Callable[[float], Any] | None] = contextvars.ContextVar(
+    "dagster_taskiq_sync_loop_wait", default=None
+)
+
+
+class _LoopTime:
+    """The step-delegating module's ``time`` (it uses only ``time.sleep``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        wait = loop_wait.get()
+        if wait is None:
+            time.sleep(seconds)
+        else:
+            wait(seconds)
 
 
 # --- step submission order and run cancellation -----------------------------------------------------
@@ -218,8 +306,10 @@ class _TaskiqActiveExecution(ActiveExecution):
 
 
 def install_step_sort_key() -> None:
-    """Let taskiq_executor order ready steps by priority and stop canceled runs through Dagster's
-    interrupt path (idempotent; other executors unchanged)."""
+    """Let taskiq_executor order ready steps by priority, stop canceled runs through Dagster's
+    interrupt path and wait on its run's bell between reads (idempotent; other executors unchanged)."""
     with _install_lock:
         if _sde_module.ActiveExecution is ActiveExecution:
             _sde_module.ActiveExecution = _TaskiqActiveExecution  # type: ignore[misc]  # Dagster has no hook for it
+        if _sde_module.time is time:
+            _sde_module.time = _LoopTime()  # type: ignore[assignment]  # Dagster has no hook for its wait

@@ -80,3 +80,14 @@ def keep_sqlite_connections(instance: Any) -> bool:
         runs.connect = connect  # type: ignore[method-assign]  # one engine per file, see above
         runs._dagster_taskiq_sync_kept = kept = True  # type: ignore[attr-defined]  # our marker
     return kept
+
+
+def run_event_log_path(instance: Any, run_id: str) -> str | None:
+    """The file of ``run_id``'s event log when ``instance`` keeps one sqlite file per run (Dagster's
+    default sqlite event log storage); None for any other storage."""
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
+
+    events = getattr(instance, "_event_storage", None)
+    if type(events) is not SqliteEventLogStorage:
+        return None
+    return events.path_for_shard(run_id)

@@ -19,8 +19,10 @@ from typing import Any
 from dagster import DagsterRunStatus, executor, multiple_process_executor_requirements
 
 from dagster_taskiq_sync._dagster.execution import (
+    LateCommits,
     PollingStepDelegatingExecutor,
     install_step_sort_key,
+    loop_wait,
     run_interrupted,
     step_launch_policy,
     step_sort_key,
@@ -31,11 +33,13 @@ from dagster_taskiq_sync._dagster.names import (
     RetryMode,
     check,
 )
+from dagster_taskiq_sync._dagster.sqlite import run_event_log_path
 from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
 from dagster_taskiq_sync.config.schema import TASKIQ_CONFIG
 from dagster_taskiq_sync.errors import ConfigError, TaskiqSyncError
 from dagster_taskiq_sync.orchestrator.fair_share import LaunchPolicy, live_slots
 from dagster_taskiq_sync.orchestrator.step_handler import DB_SLOW_SECONDS, TaskiqStepHandler
+from dagster_taskiq_sync.storage.event_watch import RunBell, run_bell
 from dagster_taskiq_sync.storage.instance import InstanceOptions, prepared
 from dagster_taskiq_sync.storage.registry import WorkerRegistry
 from dagster_taskiq_sync.wire.lanes import BULK, lane_queue, message_group, run_lane
@@ -143,6 +147,7 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
         self._queues: list[str] = []
         self._next_cap_refresh = 0.0
         self._caps_said: set[str] = set()
+        self._bell: RunBell | None = None
 
     def _refresh_caps(self, instance: Any, run_id: str) -> None:
         """Per-queue caps on this run's steps in flight, from the live workers' slots (fair_share.py)."""
@@ -205,6 +210,8 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
 
     def _pop_events(self, instance, run_id, seen_storage_ids):  # Dagster's signature
         started = time.monotonic()
+        if self._bell is not None:
+            self._bell.clear()  # before the read: a change during it rings again
         events = super()._pop_events(instance, run_id, seen_storage_ids)
         if time.monotonic() - started > DB_SLOW_SECONDS:
             self._taskiq_handler.database_was_down()
@@ -258,10 +265,19 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
             route=self._taskiq_handler.queue_of,
         )
         policy_token = step_launch_policy.set(self._policy)
-        # The loop below reads the event log every step_poll_interval: on PostgreSQL, one
-        # connection for the run rather than one per read, and reads that ride out a restart.
-        prepared(plan_context.instance, InstanceOptions.from_env(outage_timeout=self.settings.database_outage_timeout))
+        # The loop below reads the event log whenever the run's events change, and at least every
+        # step_poll_interval: on PostgreSQL, one connection for the run rather than one per read,
+        # and reads that ride out a restart.
+        instance = prepared(
+            plan_context.instance, InstanceOptions.from_env(outage_timeout=self.settings.database_outage_timeout)
+        )
+        # sqlite commits a run's events in the order of their ids; other databases may not.
+        self.late_commits = None if run_event_log_path(instance, plan_context.run_id) else LateCommits()
         with contextlib.ExitStack() as stack:
+            self._bell = stack.enter_context(run_bell(instance, plan_context.run_id))
+            wait_token = loop_wait.set(self._bell.wait if self._bell is not None else None)
+            stack.callback(loop_wait.reset, wait_token)
+            stack.callback(setattr, self, "_bell", None)
             try:
                 if self._config_error is not None:
                     raise self._config_error

@@ -25,7 +25,10 @@ from dagster._core.test_utils import create_run_for_test
 from dagster_taskiq_sync._dagster.event_writes import finish_stored_event
 from dagster_taskiq_sync.storage.db_errors import describe_db_error, is_transient_db_error
 from dagster_taskiq_sync.storage.db_retry import install_event_write_retry, retry_transient
+from dagster_taskiq_sync.storage.event_watch import run_bell
 from dagster_taskiq_sync.storage.instance import InstanceOptions, pooled
+
+from ..helpers import wait_for
 
 RETRY_LOG = "dagster_taskiq_sync.db_retry"
 
@@ -609,3 +612,45 @@ def test_an_in_process_run_rides_out_an_eight_second_stop_with_every_event_store
     assert any(r.name == RETRY_LOG and "database unavailable" in r.getMessage() for r in caplog.records), (
         "the run never met the outage"
     )
+
+
+# -- the orchestrator's run bell (storage/event_watch.py) --------------------------------------------
+
+
+def rings_on_events(instance, bell, run, what: str, timeout: float = 30.0) -> None:
+    """Store events of ``run`` until ``bell`` rings (a listener still connecting misses the first)."""
+
+    def rung() -> bool:
+        bell.clear()
+        instance.report_engine_event("an event of the watched run", run)
+        return bell._event.wait(0.5)
+
+    wait_for(rung, timeout=timeout, interval=0, what=what)
+
+
+def test_the_run_bell_rings_for_its_runs_events_on_postgresql_and_listens_again_after_a_restart(pg, pg_instance):
+    install_event_write_retry(pg_instance, deadline_seconds=60)  # the test's own writes, as an orchestrator's
+    watched, other = create_run_for_test(pg_instance), create_run_for_test(pg_instance)
+    with run_bell(pg_instance, watched.run_id) as bell:
+        assert bell is not None
+        rings_on_events(pg_instance, bell, watched, "the LISTEN connection to deliver a NOTIFY of the run")
+
+        bell.clear()
+        pg_instance.report_engine_event("another run's event", other)
+        assert not bell._event.wait(0.5), "rung for another run's event"
+
+        pg.restart()
+        rings_on_events(pg_instance, bell, watched, "the listener to connect again after a restart", timeout=60)
+
+
+def test_the_run_bell_rings_for_its_runs_events_on_sqlite(sqlite_instance):
+    watched, other = create_run_for_test(sqlite_instance), create_run_for_test(sqlite_instance)
+    for run in (watched, other):  # each run's event-log file exists once its first event is written
+        sqlite_instance.report_engine_event("first", run)
+    with run_bell(sqlite_instance, watched.run_id) as bell:
+        assert bell is not None
+        rings_on_events(sqlite_instance, bell, watched, "the sqlite watch to see a commit to the run's file")
+
+        bell.clear()
+        sqlite_instance.report_engine_event("another run's event", other)
+        assert not bell._event.wait(0.3), "rung for another run's event"
