@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import socket
+import threading
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -93,6 +94,25 @@ def session_name() -> str:
     return re.sub(r"[^\w+=,.@-]", "-", raw)[:64]
 
 
+_loader: Any = None
+_loader_lock = threading.Lock()
+
+
+def share_service_models(session: Any) -> Any:
+    """Let ``session`` use the process's one botocore data loader, which keeps the SQS and S3
+    service models, endpoint rules and defaults it has read. Every broker has a session of its own
+    (its credentials and role are its own), and a fresh session reads and parses those JSON files
+    again: most of a run's ~0.3 s of start-up on this machine (py-spy), paid again by every run of
+    a long-lived process. Only the loader is shared; nothing of it depends on credentials."""
+    global _loader
+    with _loader_lock:
+        if _loader is None:
+            _loader = session.get_component("data_loader")
+        else:
+            session.register_component("data_loader", _loader)
+    return session
+
+
 def role_credentials(settings: Any, duration: float | None = None) -> RoleCredentials:
     """Refreshing credentials of ``settings.sts_role_arn``.
 
@@ -102,7 +122,7 @@ def role_credentials(settings: Any, duration: float | None = None) -> RoleCreden
     role_arn = settings.sts_role_arn
     seconds = int(duration or settings.sts_token_timeout)
     name = session_name()
-    base = get_session()
+    base = share_service_models(get_session())
     credentials: RoleCredentials
 
     async def assume() -> dict[str, Any]:

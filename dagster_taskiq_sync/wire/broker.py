@@ -24,7 +24,7 @@ from botocore import exceptions as boto_exc
 from taskiq_aio_sqs import SQSBroker, SQSQueue
 
 from dagster_taskiq_sync.errors import BrokerError, ConfigError, PayloadTooLargeError, TaskiqSyncError
-from dagster_taskiq_sync.wire.aws import client_kwargs
+from dagster_taskiq_sync.wire.aws import client_kwargs, share_service_models
 from dagster_taskiq_sync.wire.deliveries import (
     SQS_MIN_DEFAULT_SIZE,
     Delivery,
@@ -75,6 +75,7 @@ class StepBroker(SQSBroker):
             visibility_timeout=settings.visibility_timeout,
             s3_extended_bucket_name=settings.s3_bucket,
         )
+        share_service_models(self._session)
         self.with_queues(
             *(
                 SQSQueue(

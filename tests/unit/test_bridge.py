@@ -100,3 +100,15 @@ def test_shared_bridge_is_one_per_process_and_stops_with_its_last_user():
     assert not first.running
     with shared_bridge() as third:
         assert third is not first and third.running
+
+
+def test_every_brokers_session_reads_the_aws_service_models_once_per_process():
+    # A fresh botocore session parses the SQS and S3 models and endpoint rules again (most of a
+    # run's start-up, paid by every run of a long-lived process); only the loader is shared.
+    from aiobotocore.session import get_session
+
+    from dagster_taskiq_sync.wire.aws import share_service_models
+
+    first, second = share_service_models(get_session()), share_service_models(get_session())
+    assert first.get_component("data_loader") is second.get_component("data_loader")
+    assert first.get_component("credential_provider") is not second.get_component("credential_provider")
