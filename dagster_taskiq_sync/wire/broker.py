@@ -24,7 +24,7 @@ from botocore import exceptions as boto_exc
 from taskiq_aio_sqs import SQSBroker, SQSQueue
 
 from dagster_taskiq_sync.errors import BrokerError, ConfigError, PayloadTooLargeError, TaskiqSyncError
-from dagster_taskiq_sync.wire.aws import client_kwargs, share_service_models
+from dagster_taskiq_sync.wire.aws import LazyClient, client_kwargs, share_service_models
 from dagster_taskiq_sync.wire.deliveries import (
     SQS_MIN_DEFAULT_SIZE,
     Delivery,
@@ -134,15 +134,15 @@ class StepBroker(SQSBroker):
         self._client_context_creator = self._session.create_client("sqs", **client_kwargs(self.settings, self._session))
         return await self._client_context_creator.__aenter__()
 
-    async def _get_s3_client(self):
-        self._s3_client_context_creator = self._session.create_client(
-            "s3", **client_kwargs(self.settings, self._session)
-        )
-        return await self._s3_client_context_creator.__aenter__()
+    async def _get_s3_client(self):  # opened when a payload first needs it (aws.LazyClient)
+        self._s3_lazy = LazyClient(self._session.create_client("s3", **client_kwargs(self.settings, self._session)))
+        return self._s3_lazy
 
     async def _close_client(self) -> None:
-        # SQSBroker closes the S3 client only when a bucket is configured, but it always opens
-        # it; after a failed startup either may not exist yet.
+        # SQSBroker closes the S3 client only when a bucket is configured; either may not be open
+        # (after a failed startup, or S3 never used).
+        lazy = getattr(self, "_s3_lazy", None)
+        self._s3_client_context_creator = lazy.opened if lazy is not None else None
         for name in ("_client_context_creator", "_s3_client_context_creator"):
             creator = getattr(self, name, None)
             if creator is not None:

@@ -112,3 +112,33 @@ def test_every_brokers_session_reads_the_aws_service_models_once_per_process():
     first, second = share_service_models(get_session()), share_service_models(get_session())
     assert first.get_component("data_loader") is second.get_component("data_loader")
     assert first.get_component("credential_provider") is not second.get_component("credential_provider")
+
+
+def test_a_lazy_client_is_opened_by_its_first_call_and_only_once():
+    # A run's S3 client (only a payload larger than its queue needs it) is not opened at start-up.
+    import asyncio
+
+    from dagster_taskiq_sync.wire.aws import LazyClient
+
+    class Creator:
+        entered = 0
+
+        async def __aenter__(self):
+            Creator.entered += 1
+            await asyncio.sleep(0)
+
+            class Client:
+                async def put_object(self, **kwargs):
+                    return kwargs["Key"]
+
+            return Client()
+
+    creator = Creator()
+    lazy = LazyClient(creator)
+    assert Creator.entered == 0 and lazy.opened is None
+
+    async def calls():
+        return await asyncio.gather(*(lazy.put_object(Bucket="b", Key=str(i)) for i in range(3)))
+
+    assert asyncio.run(calls()) == ["0", "1", "2"]
+    assert Creator.entered == 1 and lazy.opened is creator
