@@ -195,9 +195,10 @@ class _Watcher:
     def _run(self) -> None:
         while True:
             with self._lock:
-                if not self._bells:
+                if not self._bells:  # closed under the lock: a run watched next starts a new thread
+                    self.source.close()
                     self._thread = None
-                    break
+                    return
                 run_ids = set(self._bells)
             try:
                 rung = self.source.changed(run_ids)
@@ -209,7 +210,6 @@ class _Watcher:
                 bells = [bell for run_id in rung for bell in self._bells.get(run_id, ())]
             for bell in bells:
                 bell.ring()
-        self.source.close()
 
 
 _watchers: dict[tuple[str, str], _Watcher] = {}
