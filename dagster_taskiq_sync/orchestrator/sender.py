@@ -24,9 +24,11 @@ an error status when it could not be sent.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -208,14 +210,20 @@ class StepSender:
             chunks = [
                 items[i : i + BATCH_ENTRIES] for items in by_queue.values() for i in range(0, len(items), BATCH_ENTRIES)
             ]
+            if len(chunks) == 1:  # a chain's step: sent from this thread, one thread hop fewer
+                self._send_and_settle(chunks[0], functools.partial(self._send_chunk, chunks[0]))
+                continue
             futures = {self._pool.submit(self._send_chunk, chunk): chunk for chunk in chunks}
             for future, chunk in futures.items():
-                try:
-                    results = future.result()
-                except TaskiqSyncError as exc:
-                    self._fail(chunk, exc)
-                    continue
-                self._settle(chunk, results)
+                self._send_and_settle(chunk, future.result)
+
+    def _send_and_settle(self, chunk: list[PendingSend], results: Callable[[], list[SendResult]]) -> None:
+        try:
+            sent = results()
+        except TaskiqSyncError as exc:
+            self._fail(chunk, exc)
+            return
+        self._settle(chunk, sent)
 
     def _send_chunk(self, chunk: list[PendingSend]) -> list[SendResult]:
         return self._client.send_many(
