@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from aiobotocore.config import AioConfig
@@ -119,8 +120,10 @@ class LazyClient:
     larger than its queue accepts, and opening the S3 client reads S3's service model (~0.4 s in
     a fresh run process here): most runs never pay it. ``opened`` is what closing must exit."""
 
-    def __init__(self, creator: Any) -> None:
-        self._creator = creator  # session.create_client(...): entered on first use
+    def __init__(self, create: Callable[[], Any]) -> None:
+        # () -> session.create_client(...), called on first use: a creator made and never entered
+        # leaves a coroutine that was never awaited.
+        self._create = create
         self._client: Any = None
         self._lock: asyncio.Lock | None = None
         self.opened: Any = None
@@ -130,8 +133,9 @@ class LazyClient:
             self._lock = asyncio.Lock()
         async with self._lock:
             if self._client is None:
-                self._client = await self._creator.__aenter__()
-                self.opened = self._creator
+                creator = self._create()
+                self._client = await creator.__aenter__()
+                self.opened = creator
         return self._client
 
     def __getattr__(self, operation: str) -> Any:

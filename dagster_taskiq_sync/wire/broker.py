@@ -135,7 +135,9 @@ class StepBroker(SQSBroker):
         return await self._client_context_creator.__aenter__()
 
     async def _get_s3_client(self):  # opened when a payload first needs it (aws.LazyClient)
-        self._s3_lazy = LazyClient(self._session.create_client("s3", **client_kwargs(self.settings, self._session)))
+        self._s3_lazy = LazyClient(
+            lambda: self._session.create_client("s3", **client_kwargs(self.settings, self._session))
+        )
         return self._s3_lazy
 
     async def _close_client(self) -> None:

@@ -133,12 +133,13 @@ def test_a_lazy_client_is_opened_by_its_first_call_and_only_once():
 
             return Client()
 
-    creator = Creator()
-    lazy = LazyClient(creator)
-    assert Creator.entered == 0 and lazy.opened is None
+    creator, made = Creator(), []
+    lazy = LazyClient(lambda: made.append(1) or creator)
+    # Not even made until used: a client creator made and never entered warns "never awaited".
+    assert not made and Creator.entered == 0 and lazy.opened is None
 
     async def calls():
         return await asyncio.gather(*(lazy.put_object(Bucket="b", Key=str(i)) for i in range(3)))
 
     assert asyncio.run(calls()) == ["0", "1", "2"]
-    assert Creator.entered == 1 and lazy.opened is creator
+    assert made == [1] and Creator.entered == 1 and lazy.opened is creator
