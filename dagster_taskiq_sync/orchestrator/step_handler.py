@@ -113,6 +113,10 @@ class TaskiqStepHandler(StepHandler):
         if self.sender is not None:
             self.sender.expect(count)
 
+    @property
+    def steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
     def step_finished(self, step_key: str | None) -> None:
         """The orchestrator read the step's result: no more health checks for it."""
         if step_key is not None:
