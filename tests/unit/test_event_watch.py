@@ -109,3 +109,49 @@ def test_an_event_committed_after_later_ones_were_read_reaches_the_loop_at_the_n
     clock.now = 3.0
     late.check(log, "run", 6, seen)
     assert log.reads == [0, 0, 3]  # each check reads from where the cursor was two checks before
+
+
+class _Clock:
+    """The executor module's ``time``: sleeping advances the clock, nothing waits."""
+
+    def __init__(self) -> None:
+        self.now, self.sleeps = 100.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(round(seconds, 6))
+        self.now += seconds
+
+
+class _Bell:
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, seconds: float) -> None:
+        self.waits.append(round(seconds, 6))
+
+
+def test_the_loop_reads_a_lone_steps_end_at_once_and_several_steps_events_at_most_twice_per_interval(monkeypatch):
+    from dagster_taskiq_sync._dagster.names import RetryMode
+    from dagster_taskiq_sync.orchestrator import executor as module
+    from dagster_taskiq_sync.wire.settings import Settings
+
+    clock = _Clock()
+    monkeypatch.setattr(module, "time", clock)
+    loop = module.TaskiqExecutor(Settings(), retries=RetryMode.DISABLED)
+    loop._bell, loop._read_at = _Bell(), clock.now - 0.002  # its last read began 2 ms ago
+
+    loop._taskiq_handler._in_flight = {"step_1": "id-1"}  # a chain: the bell alone decides
+    loop._wait(0.02)
+    assert clock.sleeps == [] and loop._bell.waits == [0.02]
+
+    loop._taskiq_handler._in_flight = {f"branch_{i}": f"id-{i}" for i in range(4)}  # a fan-out
+    loop._wait(0.02)
+    assert clock.sleeps == [0.008]  # not before half the interval after the last read...
+    assert loop._bell.waits == [0.02, 0.012]  # ...then the bell, within the same 20 ms in all
+
+    loop._bell = None  # an instance that cannot tell: Dagster's own sleep
+    loop._wait(0.02)
+    assert clock.sleeps == [0.008, 0.02]
