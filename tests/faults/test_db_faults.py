@@ -628,7 +628,9 @@ def rings_on_events(instance, bell, run, what: str, timeout: float = 30.0) -> No
     wait_for(rung, timeout=timeout, interval=0, what=what)
 
 
-def test_the_run_bell_rings_for_its_runs_events_on_postgresql_and_listens_again_after_a_restart(pg, pg_instance):
+def test_the_run_bell_rings_for_its_runs_events_on_postgresql_and_listens_again_after_a_restart(
+    pg, pg_instance, caplog
+):
     install_event_write_retry(pg_instance, deadline_seconds=60)  # the test's own writes, as an orchestrator's
     watched, other = create_run_for_test(pg_instance), create_run_for_test(pg_instance)
     with run_bell(pg_instance, watched.run_id) as bell:
@@ -640,7 +642,11 @@ def test_the_run_bell_rings_for_its_runs_events_on_postgresql_and_listens_again_
         assert not bell._event.wait(0.5), "rung for another run's event"
 
         pg.restart()
-        rings_on_events(pg_instance, bell, watched, "the listener to connect again after a restart", timeout=60)
+        with caplog.at_level(logging.WARNING, logger="dagster_taskiq_sync.executor"):
+            rings_on_events(pg_instance, bell, watched, "the listener to connect again after a restart", timeout=60)
+    said = [r.getMessage() for r in caplog.records if "could not LISTEN" in r.getMessage()]
+    assert len(said) == 1, said  # one line per outage, naming what the orchestrator does meanwhile
+    assert "step_poll_interval" in said[0]
 
 
 def test_the_run_bell_rings_for_its_runs_events_on_sqlite(sqlite_instance):
