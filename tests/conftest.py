@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from dagster import DagsterInstance
 
 from dagster_taskiq_sync.ops.local_endpoint import LocalEndpoint
 
-from .helpers import CLI, WorkerProcess
+from .helpers import WorkerProcess, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,9 +96,7 @@ def run_config_file(executor_config, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def queues_created(endpoint, run_config_file) -> str:
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(run_config_file)], capture_output=True, text=True, timeout=60
-    )
+    out = run_cli("queues", "create", "-y", run_config_file)
     assert out.returncode == 0, out.stderr
     return out.stdout
 

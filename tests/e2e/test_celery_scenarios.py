@@ -7,7 +7,6 @@ log-capture events differ between engines by design).
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
@@ -15,7 +14,7 @@ import yaml
 from dagster import execute_job, reconstructable
 
 from .. import celery_jobs as cj
-from ..helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, wait_for
+from ..helpers import BackgroundRun, WorkerProcess, queue_counts, run_cli, wait_for
 
 EAGER = {"config_source": {"task_always_eager": True}}
 
@@ -148,9 +147,7 @@ def _queue_yaml(tmp_path, endpoint, queue):
             }
         )
     )
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(cfg), "-q", queue], capture_output=True, text=True, timeout=60
-    )
+    out = run_cli("queues", "create", "-y", str(cfg), "-q", queue)
     assert out.returncode == 0, out.stderr
     return cfg
 

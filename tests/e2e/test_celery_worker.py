@@ -21,7 +21,7 @@ from benchmarks.services import ServiceError, Services, redis_server
 from dagster_taskiq_sync.ops.local_endpoint import free_port
 
 from .. import celery_host_jobs
-from ..helpers import CLI, BackgroundRun, pid_alive, queue_counts, wait_for
+from ..helpers import CLI, BackgroundRun, pid_alive, queue_counts, run_cli, wait_for
 from ..topology import die_with_parent
 
 celery = pytest.importorskip("celery", reason="Celery is not installed (pip install 'dagster-taskiq-sync[celery]')")
@@ -213,7 +213,7 @@ def test_worker_terminate_drains_the_celery_worker_and_a_cold_shutdown_then_kill
         wait_for(lambda: steps_run(tmp_path), timeout=60, what="the step to start")
         [step] = steps_run(tmp_path)
         # When `worker terminate` asks its Dagster worker to stop: Celery starts a warm shutdown
-        out = subprocess.run([CLI, "worker", "terminate", "cold"], capture_output=True, text=True, timeout=60)
+        out = run_cli("worker", "terminate", "cold")
         assert out.returncode == 0, out.stderr
         wait_for(lambda: probe(proj["port"], "/readyz") == 503, what="/readyz to say draining")
         assert "asking the Celery worker for a warm shutdown" in worker.log()

@@ -20,7 +20,7 @@ from dagster_taskiq_sync import Worker, WorkerConfig
 from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .. import jobs
-from ..helpers import CLI, BackgroundRun
+from ..helpers import BackgroundRun, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 # what pip (distlib) writes for a console_scripts entry point such as `celery` or `gunicorn`
@@ -40,7 +40,7 @@ def queue_config(endpoint, path: Path, queue: str) -> dict:
         "config_source": {"task_default_queue": queue, "broker_transport_options": {"wait_time_seconds": 1}},
     }
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path))
     assert out.returncode == 0, out.stderr
     return config
 

@@ -46,7 +46,7 @@ from dagster_taskiq_sync.wire.deliveries import DEAD_LETTER_REASON_ATTRIBUTE
 from dagster_taskiq_sync.wire.messages import Keyring, RunMessage, StepMessage, TaskKind, encode, step_task_id
 
 from .. import jobs
-from ..helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, sqs_client, wait_for
+from ..helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, run_cli, sqs_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 QUEUE = "hostile"
@@ -69,7 +69,7 @@ class Setup:
 
 def _create(config: dict, path: Path, *extra: str) -> None:
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path), *extra], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path), *extra)
     assert out.returncode == 0, out.stderr
 
 
@@ -755,7 +755,19 @@ def test_worker_without_keys_warns_that_queue_writers_can_run_steps(hostile):
     )
 
 
-def test_task_serializer_auth_requires_a_signing_key(endpoint, tmp_path):
+@pytest.fixture
+def refused_start(monkeypatch):
+    """`worker start` in this process (click's runner), for inputs it must refuse before a worker runs."""
+    from dagster_taskiq_sync.worker.worker import Worker
+
+    def must_not_start(self, *args, **kwargs):
+        raise AssertionError("the worker started: this input should have been refused first")
+
+    monkeypatch.setattr(Worker, "run_until_stopped", must_not_start)
+    return run_cli
+
+
+def test_task_serializer_auth_requires_a_signing_key(endpoint, tmp_path, refused_start):
     path = tmp_path / "auth.yaml"
     path.write_text(
         yaml.safe_dump(
@@ -769,13 +781,7 @@ def test_task_serializer_auth_requires_a_signing_key(endpoint, tmp_path):
             }
         )
     )
-    out = subprocess.run(
-        [CLI, "worker", "start", "-y", str(path), "-q", QUEUE],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=os.environ | {"PYTHONPATH": str(ROOT)},
-    )
+    out = refused_start("worker", "start", "-y", path, "-q", QUEUE)
     assert out.returncode != 0
     assert "task_serializer 'auth' / security_* ask for signed messages" in out.stderr
     assert "execution.config.signing_key" in out.stderr

@@ -41,7 +41,7 @@ from dagster_taskiq_sync.wire.deliveries import DEAD_LETTER_REASON_ATTRIBUTE, De
 from dagster_taskiq_sync.wire.messages import MalformedMessage, RunMessage, StepMessage, TaskKind, encode
 from dagster_taskiq_sync.wire.payloads import check_payload, decode_pointer
 
-from ..helpers import CLI, WorkerProcess, wait_for
+from ..helpers import CLI, WorkerProcess, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCOUNT = "123456789012"  # moto's
@@ -114,6 +114,8 @@ class Enforcing:
         return self._keys[name]
 
     _keys: dict = field(default_factory=dict)
+    # `iam-policy`'s answer per (roles, default queue): the config does not change within the module
+    policies: dict = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
@@ -141,24 +143,21 @@ def enforcing(tmp_path_factory):
             env.config(STEPS),  # 2048 bytes (see block)
             env.config(RUNS, **{"sqs-creation-attributes": {"MaximumMessageSize": "1400"}}),
         ):
-            out = subprocess.run(
-                [CLI, "queues", "create", "-y", config], capture_output=True, text=True, timeout=60, env=env.admin.env()
-            )
+            out = run_cli("queues", "create", "-y", config, env=env.admin.env())
             assert out.returncode == 0, out.stderr
         yield env
 
 
 def printed_policy(enforcing: Enforcing, *roles: str, default_queue: str = STEPS) -> dict:
-    args = [a for role in roles for a in ("--role", role)]
-    out = subprocess.run(
-        [CLI, "iam-policy", "-y", enforcing.config(default_queue), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=enforcing.admin.env(),
-    )
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    """What `iam-policy --role ROLE...` prints for the module's config (asked once per roles and queue;
+    the account comes from STS as the administrator)."""
+    key = (roles, default_queue)
+    if key not in enforcing.policies:
+        args = [a for role in roles for a in ("--role", role)]
+        out = run_cli("iam-policy", "-y", enforcing.config(default_queue), *args, env=enforcing.admin.env())
+        assert out.returncode == 0, out.stderr
+        enforcing.policies[key] = json.loads(out.stdout)
+    return json.loads(json.dumps(enforcing.policies[key]))  # a copy: tests derive policies from it
 
 
 # --- each role's calls, through the package's own code --------------------------------------
@@ -471,9 +470,7 @@ def test_policy_with_a_kms_key_predefined_queues_and_merged_roles():
 def iam_policy_cli(tmp_path, block: dict, *args, env=None) -> subprocess.CompletedProcess:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": block}}))
-    return subprocess.run(
-        [CLI, "iam-policy", "-y", str(path), *args], capture_output=True, text=True, timeout=60, env=env
-    )
+    return run_cli("iam-policy", "-y", path, *args, env=env)
 
 
 def test_iam_policy_cli_with_predefined_queues_and_key_id_needs_no_aws_call(tmp_path):

@@ -18,7 +18,7 @@ from dagster_taskiq_sync import TaskiqRunLauncher
 from dagster_taskiq_sync.orchestrator.launcher import TASK_ID_TAG
 from dagster_taskiq_sync.storage.run_report import step_reports
 
-from ..helpers import CLI, WorkerProcess, marker_lines, pid_alive, queue_counts, wait_for
+from ..helpers import CLI, WorkerProcess, marker_lines, pid_alive, queue_counts, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 JOBS = str(ROOT / "tests" / "jobs.py")
@@ -66,9 +66,7 @@ def launcher_home(endpoint, tmp_path_factory):
             }
         )
     )
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(cfg), "-q", "launched-steps"], capture_output=True, text=True, timeout=60
-    )
+    out = run_cli("queues", "create", "-y", str(cfg), "-q", "launched-steps")
     assert out.returncode == 0, out.stderr
     return home
 

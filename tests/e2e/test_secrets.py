@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from dagster import DagsterInstance
 from dagster._serdes import serialize_value
 
 from .. import jobs
-from ..helpers import CLI, BackgroundRun, WorkerProcess, queue_counts, sqs_client, wait_for
+from ..helpers import BackgroundRun, WorkerProcess, queue_counts, run_cli, sqs_client, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BROKER_SECRET = "broker-hunter2-SECRET"
@@ -58,7 +57,7 @@ def test_secrets_stay_out_of_messages_logs_and_events(endpoint, tmp_path):
     }
     cfg = tmp_path / "secrets.yaml"
     cfg.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(cfg))
     assert out.returncode == 0, out.stderr
     assert BROKER_SECRET not in out.stdout + out.stderr
 

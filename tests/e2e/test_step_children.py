@@ -3,7 +3,6 @@ per-child execution-plan cache gives exactly the plan Dagster builds itself."""
 
 from __future__ import annotations
 
-import subprocess
 from collections import Counter
 
 import pytest
@@ -25,7 +24,7 @@ from dagster_taskiq_sync._dagster.execution import _TaskiqActiveExecution
 from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .. import jobs
-from ..helpers import CLI, WorkerProcess
+from ..helpers import WorkerProcess, run_cli
 
 
 def _plan_facts(plan):
@@ -209,7 +208,7 @@ def test_step_children_are_reused_and_recycled(endpoint, instance, executor_conf
     }
     path = tmp_path / "children.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path))
     assert out.returncode == 0, out.stderr
     # -c 1: one worker thread, so one step child at a time
     if recycle_args[:1] == ["--"]:

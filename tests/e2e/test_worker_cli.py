@@ -15,7 +15,7 @@ from dagster import DagsterRunStatus, execute_job, reconstructable
 from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .. import jobs
-from ..helpers import CLI, WorkerProcess, queue_counts, wait_for
+from ..helpers import CLI, WorkerProcess, queue_counts, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(CLI).parent
@@ -23,12 +23,7 @@ BIN = Path(CLI).parent
 
 @pytest.fixture(scope="module")
 def extra_queues(endpoint, run_config_file):
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(run_config_file), "-q", "legacy", "-q", "drain"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_cli("queues", "create", "-y", run_config_file, "-q", "legacy", "-q", "drain")
     assert out.returncode == 0, out.stderr
     assert "queue legacy -> SQS legacy" in out.stdout and "dead-letter queue drain-dlq" in out.stdout
 
@@ -183,35 +178,22 @@ def test_worker_list_and_terminate_work_on_sqs(run_config_file, queues_created, 
     assert "concurrency 3, prefetch 6" in b.log()
     try:
         # When listing workers, both show with their queues and a fresh heartbeat
-        listed = subprocess.run([CLI, "worker", "list"], capture_output=True, text=True, timeout=60, env=env)
+        listed = run_cli("worker", "list", env=env)
         assert listed.returncode == 0, listed.stderr
         for worker in (a, b):
             line = next(line for line in listed.stdout.splitlines() if line.startswith(worker.full_name))
             assert "dagster" in line and "running" in line
         # When one is asked to terminate, it stops gracefully and leaves the list
-        out = subprocess.run(
-            [CLI, "worker", "terminate", "listed-a", "--wait", "20"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
+        out = run_cli("worker", "terminate", "listed-a", "--wait", "20", env=env)
         assert out.returncode == 0, out.stderr
         assert a.proc.wait(10) == 0 and "asked this worker to stop" in a.log()
         assert b.proc.poll() is None
-        listed = subprocess.run([CLI, "worker", "list"], capture_output=True, text=True, timeout=60, env=env).stdout
+        listed = run_cli("worker", "list", env=env).stdout
         assert a.full_name not in listed and b.full_name in listed
         # and -a stops the rest; an unknown name is a clear error
-        assert (
-            subprocess.run(
-                [CLI, "worker", "terminate", "-a", "--wait", "20"], env=env, capture_output=True, timeout=60
-            ).returncode
-            == 0
-        )
+        assert run_cli("worker", "terminate", "-a", "--wait", "20", env=env).returncode == 0
         assert b.proc.wait(10) == 0
-        missing = subprocess.run(
-            [CLI, "worker", "terminate", "nobody"], capture_output=True, text=True, timeout=60, env=env
-        )
+        missing = run_cli("worker", "terminate", "nobody", env=env)
         assert missing.returncode == 1 and "no registered worker is named 'nobody'" in missing.stderr
     finally:
         for worker in (a, b):
@@ -244,7 +226,7 @@ def test_parallel_job_on_a_fifo_queue_runs_its_steps_side_by_side(endpoint, inst
     }
     cfg = tmp_path / "fifo.yaml"
     cfg.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(cfg)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", cfg)
     assert out.returncode == 0 and "SQS steps.fifo" in out.stdout, out.stderr
     worker = WorkerProcess(cfg, "fifo", tmp_path, ["-c", "3"]).wait_ready()
     try:

@@ -13,7 +13,17 @@ from dagster import execute_job, reconstructable
 from dagster_taskiq_sync.ops.local_endpoint import free_port
 
 from .. import jobs
-from ..helpers import CLI, BackgroundRun, PausableProxy, Recorder, WorkerProcess, marker_lines, queue_counts, wait_for
+from ..helpers import (
+    CLI,
+    BackgroundRun,
+    PausableProxy,
+    Recorder,
+    WorkerProcess,
+    marker_lines,
+    queue_counts,
+    run_cli,
+    wait_for,
+)
 
 
 def get(url: str) -> tuple[int, str]:
@@ -43,7 +53,7 @@ def test_probes_and_metrics_follow_work_outages_and_drain(endpoint, instance, tm
     }
     path = tmp_path / "probed.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path))
     assert out.returncode == 0, out.stderr
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -154,7 +164,7 @@ def test_a_busy_worker_is_protected_from_ecs_scale_in_and_released_when_it_stops
     }
     path = tmp_path / "protected.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path))
     assert out.returncode == 0, out.stderr
     agent = Recorder()  # stands in for the ECS agent's task-protection endpoint
     env = __import__("os").environ | {"ECS_AGENT_URI": agent.url + "/api/task-1"}

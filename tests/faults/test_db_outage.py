@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
 import threading
 import time
 
@@ -18,7 +17,7 @@ import yaml
 from dagster import DagsterInstance
 
 from .. import jobs
-from ..helpers import CLI, BackgroundRun, WorkerProcess, marker_lines, queue_counts, wait_for
+from ..helpers import BackgroundRun, WorkerProcess, marker_lines, queue_counts, run_cli, wait_for
 
 LEAVES = [f"counted_{i}" for i in range(10)]
 
@@ -35,12 +34,7 @@ def outage_config(endpoint, tmp_path, queue: str) -> tuple[dict, object]:
     }
     path = tmp_path / f"{queue}.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(path), "--max-receive-count", "3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_cli("queues", "create", "-y", str(path), "--max-receive-count", "3")
     assert out.returncode == 0, out.stderr
     return config, path
 

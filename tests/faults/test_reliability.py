@@ -34,6 +34,7 @@ from ..helpers import (
     marker_lines,
     pid_alive,
     queue_counts,
+    run_cli,
     sqs_client,
     wait_for,
 )
@@ -56,9 +57,7 @@ def faults_config(endpoint, tmp_path_factory) -> dict:
 def faults_yaml(faults_config, tmp_path_factory):
     path = tmp_path_factory.mktemp("faults") / "faults.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": faults_config}}))
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(path), "-q", FAULTS], capture_output=True, text=True, timeout=60
-    )
+    out = run_cli("queues", "create", "-y", str(path), "-q", FAULTS)
     assert out.returncode == 0, out.stderr
     return path
 
@@ -244,12 +243,7 @@ def test_bad_messages_end_in_the_dead_letter_queue_and_the_worker_survives(
         "config_source": {"broker_transport_options": {"visibility_timeout": 1, "wait_time_seconds": 1}},
     }
     poison_yaml.write_text(yaml.safe_dump({"execution": {"config": poison_config}}))
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(poison_yaml), "-q", "poison", "--max-receive-count", "2"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_cli("queues", "create", "-y", str(poison_yaml), "-q", "poison", "--max-receive-count", "2")
     assert out.returncode == 0, out.stderr
     client = sqs_client(endpoint.url)
     url = client.get_queue_url(QueueName="poison")["QueueUrl"]
@@ -330,7 +324,7 @@ def big_config(endpoint, tmp_path_factory) -> dict:
     }
     path = tmp_path_factory.mktemp("big") / "big.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path))
     assert out.returncode == 0, out.stderr
     assert "bucket dagster-payloads" in out.stdout
     # big1m was created with SQS's old 256 KiB default (as queues made before August 2025 were);
@@ -354,7 +348,7 @@ def big_config(endpoint, tmp_path_factory) -> dict:
             }
         )
     )
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path_1m)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path_1m))
     assert out.returncode == 0, out.stderr
     assert "MaximumMessageSize 262144 -> 1048576" in out.stdout
     worker = WorkerProcess(
@@ -507,9 +501,7 @@ def test_second_sigterm_kills_running_steps_and_the_run_says_why(
 def test_step_nobody_consumes_is_reported_then_failed_at_the_configured_limit(
     endpoint, instance, faults_config, faults_yaml, tmp_path
 ):
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(faults_yaml), "-q", "lonely"], capture_output=True, text=True, timeout=60
-    )
+    out = run_cli("queues", "create", "-y", str(faults_yaml), "-q", "lonely")
     assert out.returncode == 0, out.stderr
     config = {**faults_config, "queued_step_warning": 1, "queued_step_timeout": 4}
     started = time.monotonic()

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 
 import yaml
 
-from ..helpers import CLI, PausableProxy, WorkerProcess
+from ..helpers import PausableProxy, WorkerProcess, run_cli
 
 
 def test_a_burst_of_signals_while_the_worker_is_busy_logging_always_stops_it(run_config_file, queues_created, tmp_path):
@@ -61,7 +60,7 @@ def test_the_shutdown_deadline_holds_when_sqs_is_unreachable(endpoint, tmp_path)
     config = {"broker": proxy.broker_url, "config_source": {"broker_transport_options": {"wait_time_seconds": 2}}}
     path = tmp_path / "gone.yaml"
     path.write_text(yaml.safe_dump({"execution": {"config": config}}))
-    out = subprocess.run([CLI, "queues", "create", "-y", str(path)], capture_output=True, text=True, timeout=60)
+    out = run_cli("queues", "create", "-y", str(path))
     assert out.returncode == 0, out.stderr
     worker = WorkerProcess(path, "cut-off", tmp_path, ["-c", "1", "--shutdown-timeout", "3"]).wait_ready()
     try:
