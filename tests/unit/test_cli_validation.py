@@ -109,3 +109,17 @@ def test_a_bad_routing_table_stops_worker_start_and_queues_create_in_one_sentenc
     for command in (("worker", "start"), ("queues", "create")):
         code, stderr = run_cli(*command, "-y", config)
         assert code == 1 and expected in one_error_line(stderr), stderr
+
+
+def test_unreadable_yaml_is_one_sentence_for_the_new_commands(run_cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("execution: [unclosed")
+    for args in (["queues", "stats"], ["queues", "redrive", "dagster"], ["iam-policy"], ["queues", "create"]):
+        code, stderr = run_cli(*args, "-y", bad)
+        line = one_error_line(stderr)
+        assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+        assert "is not valid YAML" in line and "fix the file" in line, line
+        code, stderr = run_cli(*args, "-y", tmp_path / "missing.yaml")
+        line = one_error_line(stderr)
+        assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+        assert "cannot be read" in line, line
