@@ -35,7 +35,7 @@ from dagster import DagsterInstance, reconstructable
 import dagster_taskiq_sync
 
 from .. import key_hunt_jobs
-from ..helpers import CLI, WorkerProcess, wait_for
+from ..helpers import WorkerProcess, run_cli, wait_for
 
 PREFIX = "dts-keyhunt-"
 KEY = PREFIX + secrets.token_hex(24)
@@ -155,12 +155,7 @@ def hunt(endpoint, hunt_home, tmp_path):
     config = tmp_path / "hunt.yaml"
     config.write_text(yaml.safe_dump({"execution": {"config": _executor_config(endpoint, "hunt-a")}}))
     queues = ["hunt-runs", "hunt-runs-b", "hunt-a", "hunt-b"]
-    out = subprocess.run(
-        [CLI, "queues", "create", "-y", str(config), *(a for q in queues for a in ("-q", q))],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = run_cli("queues", "create", "-y", config, *(a for q in queues for a in ("-q", q)))
     assert out.returncode == 0, out.stderr
     key_dir = Path(tempfile.mkdtemp(prefix="keyhunt-keys-", dir=tmp_path))
     key_dir.chmod(0o755)
