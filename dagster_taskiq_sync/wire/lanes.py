@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+from dagster_taskiq_sync.errors import ConfigError
+
 BULK, INTERACTIVE = "bulk", "interactive"
 LANE_TAG = "dagster-taskiq/lane"  # "bulk" or "interactive": wins over the rules below
 BACKFILL_TAG = "dagster/backfill"  # Dagster's backfill daemon puts it on every run it launches
@@ -58,8 +60,6 @@ def with_lanes(queues: Iterable[str], sqs_name: Callable[[str], str]) -> list[st
 
 def run_lane(run_tags: Mapping[str, str], run_priority: int) -> tuple[str, str]:
     """(lane, why) of a run: its lane tag, else bulk for backfills and negative run priorities."""
-    from dagster_taskiq_sync.errors import ConfigError
-
     told = run_tags.get(LANE_TAG)
     if told is not None:
         if told not in (BULK, INTERACTIVE):
