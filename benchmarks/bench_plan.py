@@ -51,6 +51,11 @@ SEGMENTS = tuple(
         strict=True,
     )
 )
+# Each run's own start and end around its steps, in its orchestrating process.
+RUN_EDGES = (
+    ("run_start", "execute_job called -> first step ready (run start)"),
+    ("run_end", "last step seen -> execute_job returned (run end)"),
+)
 
 
 def skip_reason(contender: str, spec: Workload, quick: bool = False) -> str | None:

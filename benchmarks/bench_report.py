@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .bench_plan import BASELINES, CLI_WORKER, CONCURRENCY, EMBEDDED, LABELS, SEGMENTS, log
+from .bench_plan import BASELINES, CLI_WORKER, CONCURRENCY, EMBEDDED, LABELS, RUN_EDGES, SEGMENTS, log
 from .bench_results import Results, versions
 from .jobs import job_steps, workload_spec
 
@@ -115,13 +115,13 @@ class Report:
             "",
             "### Where a taskiq step's time goes (ms, p50 / p95 over every step of every timed run)",
             "",
-            "| storage | workload | " + " | ".join(label for _, label in SEGMENTS) + " |",
-            "|---|---|" + "---:|" * len(SEGMENTS),
+            "| storage | workload | " + " | ".join(label for _, label in SEGMENTS + RUN_EDGES) + " |",
+            "|---|---|" + "---:|" * len(SEGMENTS + RUN_EDGES),
         ]
         for (storage, workload), seg in sorted(self.results.segments.items()):
             cells = []
-            for name, _ in SEGMENTS:
-                values = sorted(seg[name])
+            for name, _ in SEGMENTS + RUN_EDGES:
+                values = sorted(seg.get(name, ()))
                 cells.append(f"{_pct(values, 50) * 1000:.0f} / {_pct(values, 95) * 1000:.0f}" if values else "-")
             lines.append(f"| {storage} | {workload} | " + " | ".join(cells) + " |")
         return lines

@@ -63,7 +63,13 @@ class Results:
         if "segments" in answer:
             segments = self.segments.setdefault((storage, workload), {name: [] for name, _ in SEGMENTS})
             for name, values in answer["segments"].items():
-                segments[name].extend(values)
+                segments.setdefault(name, []).extend(values)
+        if "interactive_segments" in answer:  # a backfill's interactive run, apart from the backfill's steps
+            segments = self.segments.setdefault(
+                (storage, f"{workload} (interactive run)"), {name: [] for name, _ in SEGMENTS}
+            )
+            for name, values in answer["interactive_segments"].items():
+                segments.setdefault(name, []).extend(values)
         if "payload_bytes" in answer:
             self.payload_bytes.setdefault((storage, workload), []).extend(answer["payload_bytes"])
         self.cpu.setdefault(key, []).append(probes.cpu(answer, contender, spec.steps))

@@ -74,7 +74,9 @@ def instrument_taskiq() -> None:
         logger.propagate = False  # the DEBUG records stay here; the handler prints warnings itself
 
 
-def step_segments(instance, run_id: str, payload_bytes: list[int] | None = None) -> dict[str, list[float]]:
+def step_segments(
+    instance, run_id: str, payload_bytes: list[int] | None = None, span: tuple[float, float] | None = None
+) -> dict[str, list[float]]:
     """Seconds spent in each link of each step's path, from the run's event log and the marks
     above; appends each step message's payload size to ``payload_bytes``."""
     from dagster import DagsterEventType
@@ -109,6 +111,12 @@ def step_segments(instance, run_id: str, payload_bytes: list[int] | None = None)
         if all(k in mark for k in order):
             for name, a, b in zip(SEGMENTS, order, order[1:], strict=False):
                 segments[name].append(mark[b] - mark[a])
+    if span is not None and marks:  # the run's own start and end around its steps (wall clock)
+        readies = [m["ready"] for m in marks.values() if "ready" in m]
+        seens = [m["seen"] for m in marks.values() if "seen" in m]
+        if readies and seens:
+            segments["run_start"] = [min(readies) - span[0]]
+            segments["run_end"] = [span[1] - max(seens)]
     return segments
 
 
@@ -177,7 +185,7 @@ class Runner:
 
         from .jobs import reconstructable_job
 
-        started = time.perf_counter()
+        started, wall_started = time.perf_counter(), time.time()
         result = execute_job(
             reconstructable_job(job, self.contender),
             instance=self.instance,
@@ -185,8 +193,15 @@ class Runner:
             raise_on_error=False,
             tags=tags,
         )
-        ended = time.perf_counter()
-        return {"job": job, "run_id": result.run_id, "success": result.success, "start": started, "end": ended}
+        ended, wall_ended = time.perf_counter(), time.time()
+        return {
+            "job": job,
+            "run_id": result.run_id,
+            "success": result.success,
+            "start": started,
+            "end": ended,
+            "span": (wall_started, wall_ended),
+        }
 
     def in_threads(self, calls: list[tuple], barrier: threading.Barrier | None = None) -> list[threading.Thread]:
         """Start ``execute(*call)`` for each call in its own thread; results land in ``self.results``."""
@@ -234,6 +249,7 @@ class Runner:
             "wall": end - start,
             "walls": [r["end"] - r["start"] for r in runs],
             "run_ids": [r["run_id"] for r in runs],
+            "spans": [r["span"] for r in runs],
             "run_id": (failed or runs)[0]["run_id"],
             "success": not failed,
             "cpu": {
@@ -302,6 +318,11 @@ class Runner:
 def main() -> int:
     contender, home = sys.argv[1], sys.argv[2]
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack, in the log
+    # Started from a shell's background job (`bin/bench ... &`), this process inherits SIGINT
+    # ignored, and Dagster maps SIGTERM to SIGINT's handler: SIGTERM would be ignored as well, and so
+    # by the `tail -F` processes of in-process compute-log capture, which Dagster stops with SIGTERM
+    # and then waits up to 30 s for (measured: in_process's fanout-300 took 73 s instead of 10 s).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # The answers go on the real stdout; everything else (Dagster's and Celery's chatter) to stderr.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
@@ -325,16 +346,19 @@ def main() -> int:
                 after = os.times()
                 answer["cpu"] = (after.user - before.user) + (after.system - before.system)
                 if contender == "taskiq":
-                    answer["segments"] = step_segments(instance, answer["run_id"])
+                    answer["segments"] = step_segments(instance, answer["run_id"], span=answer["span"])
             else:
                 answer = runner.run(request["workload"], run_config)
             if contender == "taskiq" and "execute" not in request:
                 segments: dict[str, list[float]] = {name: [] for name in SEGMENTS}
                 payload_bytes: list[int] = []
-                for run_id in answer["run_ids"]:
+                for run_id, span in zip(answer["run_ids"], answer.pop("spans"), strict=True):
                     side = runner.side_segments.pop(run_id, None)
-                    for name, values in (side or step_segments(instance, run_id, payload_bytes)).items():
-                        segments[name].extend(values)
+                    if side is not None:  # the interactive run of a backfill workload: its own row
+                        answer["interactive_segments"] = side
+                        continue
+                    for name, values in step_segments(instance, run_id, payload_bytes, span).items():
+                        segments.setdefault(name, []).extend(values)
                 answer["segments"], answer["payload_bytes"] = segments, payload_bytes
         except Exception:
             answer = {"error": traceback.format_exc()}
