@@ -830,7 +830,7 @@ def test_the_platforms_wait_longer_than_the_worker_drains(pool):
 
 
 @pytest.mark.parametrize("pool", POOLS)
-def test_keda_scales_on_concurrency_times_prefetch_of_the_queue_the_workers_consume(pool):
+def test_keda_scales_on_the_summed_backlog_of_the_queues_the_workers_consume_at_concurrency_times_prefetch(pool):
     args = worker_container(pool)["args"]
     settings = settings_of(args)
     triggers = k8s_objects(pool)["ScaledObject"]["spec"]["triggers"]
@@ -847,6 +847,17 @@ def test_keda_scales_on_concurrency_times_prefetch_of_the_queue_the_workers_cons
         assert metadata["scaleOnInFlight"] == "true"  # busy workers count: see keda.yaml
         assert metadata["awsRegion"] == settings.sqs.region
         assert trigger["authenticationRef"]["name"] == k8s_objects(pool)["TriggerAuthentication"]["metadata"]["name"]
+    # The HPA takes the largest of several metrics; one set of slots serves both queues, so the
+    # replicas must be for their sum: one composed metric (KEDA's scaling modifiers) adding every
+    # trigger once, with the same messages per replica, so a backlog of ceil(sum / target) replicas.
+    modifiers = k8s_objects(pool)["ScaledObject"]["spec"]["advanced"]["scalingModifiers"]
+    names = [t.get("name") for t in triggers]
+    assert all(name and name.isidentifier() for name in names) and len(set(names)) == len(names), names
+    terms = modifiers["formula"].split("+")
+    assert sorted(term.strip() for term in terms) == sorted(names), modifiers["formula"]
+    assert float(modifiers["target"]) == messages_per_worker(args)
+    assert modifiers["metricType"] == "AverageValue"  # Value would scale the current replicas by sum / target
+    assert float(modifiers.get("activationTarget", 0)) < 1  # one message on either lane scales up from zero
     assert k8s_objects(pool)["TriggerAuthentication"]["spec"]["podIdentity"]["provider"] == "aws"
     assert (
         k8s_objects(pool)["ScaledObject"]["spec"]["scaleTargetRef"]["name"]
