@@ -56,11 +56,12 @@ def queues_create(config_yaml, extra, max_receive_count, no_dead_letter, kms_key
 
     try:
         settings = settings_from_yaml(config_yaml)
+        # Every pool's queue of the routing table (execution.config.routes), then -q's; with
+        # execution.config.lanes, each one's bulk lane too (a -q named like a lane is refused here).
+        queues = settings.config_queues(extra)
         with Bridge() as bridge:
             try:
                 create = functools.partial(provision, kms_key=kms_key, payload_expiry_days=payload_expiry_days)
-                # Every pool's queue of the routing table (execution.config.routes), then -q's.
-                queues = settings.config_queues(extra)  # with execution.config.lanes, each one's bulk lane too
                 report = bridge.call(
                     create, settings.sqs, queues, None if no_dead_letter else max_receive_count, timeout=60
                 )

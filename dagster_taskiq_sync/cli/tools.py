@@ -61,8 +61,9 @@ def iam_policy(config_yaml, roles, extra, kms_key, account_id, no_dead_letter) -
         resolve = functools.partial(
             resolve_resources, account_id=account_id, kms_key=key, dead_letter=not no_dead_letter
         )
+        queues = settings.config_queues(extra)
         with Bridge() as bridge:
-            resources = bridge.call(resolve, settings.sqs, settings.config_queues(extra), timeout=60)
+            resources = bridge.call(resolve, settings.sqs, queues, timeout=60)
         document = policy(roles, resources) if roles else {role: policy([role], resources) for role in ROLES}
     except TaskiqSyncError as exc:
         raise click.ClickException(str(exc)) from None

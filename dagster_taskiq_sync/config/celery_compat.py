@@ -412,6 +412,10 @@ def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
     settings = replace(settings, keyring=Keyring.from_secrets(current, older, setting="execution.config.signing_key"))
     if not settings.sqs.default_queue:
         settings = settings.with_sqs(default_queue=DEFAULT_QUEUE)
+    # With lanes, a queue named like a bulk lane is another queue's lane: refused, by its setting.
+    settings.check_queue_name(settings.sqs.default_queue, "execution.config.config_source.task_default_queue")
+    for route in settings.routes.routes:
+        settings.check_queue_name(route.queue, f"{route.path}.queue")
     return settings
 
 

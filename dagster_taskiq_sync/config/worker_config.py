@@ -110,7 +110,9 @@ def read_key_files(paths: Iterable[str]) -> list[str]:
 
 def worker_queues(settings: Settings, queues: Sequence[str]) -> tuple[str, ...]:
     """The queues a worker consumes: ``-q`` (or the default queue), and with ``lanes`` each one's
-    bulk lane after it (``wire/lanes.py``)."""
+    bulk lane after it (``wire/lanes.py``); a ``-q`` named like a bulk lane is refused there."""
+    for queue in queues:
+        settings.check_queue_name(queue, "-q")
     named = tuple(dict.fromkeys(queues)) or (settings.sqs.default_queue,)
     return tuple(with_lanes(named, settings.sqs.queue_name)) if settings.lanes else named
 

@@ -38,6 +38,7 @@ from dagster_taskiq_sync.storage.liveness import (
 )
 from dagster_taskiq_sync.wire.bridge import shared_bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
+from dagster_taskiq_sync.wire.lanes import BULK, LANE_TAG
 from dagster_taskiq_sync.wire.messages import (
     RUN_PRIORITY_TAGS,
     STEP_PRIORITY_TAGS,
@@ -175,9 +176,14 @@ class TaskiqStepHandler(StepHandler):
         fits, else the default queue; or refused when it is larger than every pool it matches."""
         found = self._decisions.get(step_key)
         if found is None:
-            found = self._decisions[step_key] = self.settings.routes.decide(
-                step_key, tags, self.settings.sqs.default_queue
+            found = self.settings.routes.decide(step_key, tags, self.settings.sqs.default_queue)
+            # With lanes, a queue tag naming a bulk lane fails the step (which lane it meant is unknown).
+            refusal = self.settings.lane_name_refusal(
+                found.queue, f"step {step_key}'s queue tag", f"tag the step {{base}} and the run {LANE_TAG}: {BULK}"
             )
+            if refusal is not None and found.refused is None:
+                found = dataclasses.replace(found, queue=self.settings.sqs.default_queue, refused=refusal)
+            self._decisions[step_key] = found
         lane = self.lanes.get(found.queue)
         return dataclasses.replace(found, queue=lane) if lane and found.refused is None else found
 

@@ -47,6 +47,29 @@ def is_bulk_lane(queue: str) -> bool:
     return queue.endswith(LANE_SUFFIX)
 
 
+def lane_name_refusal(queue: str, sqs_base_name: str, where: str, lane_fix: str | None = None) -> str | None:
+    """Why ``queue``, a name the user gave in ``where``, cannot be used with ``lanes`` (None: it can).
+
+    With lanes, a name ending in ``-bulk`` (``sqs_base_name``, the queue's SQS name before any prefix,
+    so ``reports.bulk`` counts too) is another queue's bulk lane: ``queues create`` makes it with that
+    queue, workers of that queue consume it, and they run its steps as a backfill's (after the
+    interactive lane, at a lower CPU priority). Whether the user meant their own queue or that lane
+    cannot be told, so it is refused rather than guessed. ``lane_fix`` says how to mean the lane
+    where that is not by naming its queue, as for ``-q`` and a config's queues (``{base}``: that queue).
+    """
+    if sqs_base_name.endswith(".fifo") or not is_bulk_lane(sqs_base_name):
+        return None
+    base = queue[: -len(LANE_SUFFIX)] if is_bulk_lane(queue) else sqs_base_name[: -len(LANE_SUFFIX)]
+    alias = "" if sqs_base_name == queue else f" ({sqs_base_name!r} in SQS)"
+    fix = (lane_fix or "name {base}: its lane comes with it").format(base=repr(base))
+    return (
+        f"{where} {queue!r}{alias} ends in {LANE_SUFFIX!r}, which with execution.config.lanes is the bulk lane of "
+        f"queue {base!r} (workers run its steps after interactive ones, at a lower CPU priority); if you meant "
+        f"that lane, {fix}; otherwise rename the queue, or set "
+        "execution.config.lanes: false."
+    )
+
+
 def with_lanes(queues: Iterable[str], sqs_name: Callable[[str], str]) -> list[str]:
     """``queues`` and each one's bulk lane (what ``queues create`` makes and a worker consumes)."""
     out: list[str] = []

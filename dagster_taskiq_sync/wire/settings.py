@@ -14,7 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dagster_taskiq_sync.wire.lanes import with_lanes
+from dagster_taskiq_sync.errors import ConfigError
+from dagster_taskiq_sync.wire.lanes import lane_name_refusal, with_lanes
 from dagster_taskiq_sync.wire.messages import Keyring
 from dagster_taskiq_sync.wire.routing import RouteTable
 
@@ -139,8 +140,6 @@ class Settings:
     def check_signing(self, role: str) -> None:
         """Refuse to run unsigned where the Celery config asked for signed messages; ``role`` is
         "sender" (needs a current key) or "worker" (needs a key to verify with)."""
-        from dagster_taskiq_sync.errors import ConfigError
-
         has_key = self.keyring.current is not None if role == "sender" else self.keyring.verifies
         if self.signing_required and not has_key:
             raise ConfigError(
@@ -151,10 +150,24 @@ class Settings:
             )
 
     def config_queues(self, extra: Iterable[str] = ()) -> list[str]:
-        """The queues this config names: the default queue, each route's pool, ``extra``, and with
-        ``lanes`` each one's bulk lane (what ``queues create``, ``queues stats`` and ``iam-policy`` cover)."""
+        """The queues this config names: the default queue, each route's pool, ``extra`` (``-q``), and
+        with ``lanes`` each one's bulk lane (what ``queues create``, ``queues stats`` and ``iam-policy``
+        cover). With ``lanes``, an ``extra`` named like a bulk lane is refused (``lanes.lane_name_refusal``)."""
+        for queue in extra:
+            self.check_queue_name(queue, "-q")
         named = list(dict.fromkeys([self.sqs.default_queue, *self.routes.queues, *extra]))
         return with_lanes(named, self.sqs.queue_name) if self.lanes else named
+
+    def lane_name_refusal(self, queue: str, where: str, lane_fix: str | None = None) -> str | None:
+        """With ``lanes``, the sentence refusing ``queue`` (named by the user in ``where``) when its name
+        is a bulk lane's; None when it may be used."""
+        return lane_name_refusal(queue, kombu_queue_name(queue), where, lane_fix) if self.lanes else None
+
+    def check_queue_name(self, queue: str, where: str) -> None:
+        """Raise :func:`lane_name_refusal`'s sentence as a ConfigError."""
+        refusal = self.lane_name_refusal(queue, where)
+        if refusal is not None:
+            raise ConfigError(refusal)
 
     def with_sqs(self, **changes: Any) -> Settings:
         return replace(self, sqs=replace(self.sqs, **changes))

@@ -123,3 +123,17 @@ def test_unreadable_yaml_is_one_sentence_for_the_new_commands(run_cli, tmp_path)
         line = one_error_line(stderr)
         assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
         assert "cannot be read" in line, line
+
+
+def test_with_lanes_a_queue_named_like_a_bulk_lane_stops_each_command_in_one_sentence(run_cli, tmp_path):
+    lanes = tmp_path / "lanes.yaml"
+    lanes.write_text("execution:\n  config:\n    lanes: true\n")
+    for command in (("worker", "start"), ("queues", "create"), ("iam-policy", "--account-id", "123456789012")):
+        code, stderr = run_cli(*command, "-y", lanes, "-q", "dagster-bulk")
+        assert code == 1 and "-q 'dagster-bulk' ends in '-bulk'" in one_error_line(stderr), stderr
+    named = tmp_path / "named.yaml"
+    named.write_text("execution:\n  config:\n    lanes: true\n    config_source: {task_default_queue: reports-bulk}\n")
+    for command in (("worker", "start"), ("queues", "create"), ("queues", "stats")):
+        code, stderr = run_cli(*command, "-y", named)
+        line = one_error_line(stderr)
+        assert code == 1 and "execution.config.config_source.task_default_queue 'reports-bulk'" in line, stderr

@@ -3,6 +3,8 @@ between the interactive and the bulk lane (``wire/lanes.py``, ``worker/capacity.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
@@ -77,6 +79,68 @@ def test_lane_settings_are_checked_by_name():
         settings_from_executor_config({"lanes": "sometimes"})
     with pytest.raises(ConfigError, match="execution.config.message_group_tag must be a non-empty string"):
         settings_from_executor_config({"message_group_tag": ""})
+
+
+# --- names the user gives: with lanes, a name ending in -bulk is another queue's lane ---------------
+
+LANE_NAME = "ends in '-bulk', which with execution.config.lanes is the bulk lane of queue"
+
+
+@pytest.mark.parametrize(
+    "config, said",
+    [
+        (
+            {"config_source": {"task_default_queue": "reports-bulk"}},
+            f"execution.config.config_source.task_default_queue 'reports-bulk' {LANE_NAME} 'reports'",
+        ),
+        (  # kombu turns '.' into '-': in SQS this is the lane of etl
+            {"routes": [{"queue": "etl.bulk", "when": {"ecs/memory": ">= 8192"}}]},
+            f"execution.config.routes[0].queue 'etl.bulk' ('etl-bulk' in SQS) {LANE_NAME} 'etl'",
+        ),
+    ],
+)
+def test_with_lanes_a_config_queue_named_like_a_bulk_lane_is_refused_by_its_setting(config, said):
+    settings_from_executor_config(config)  # without lanes it is a queue like any other
+    with pytest.raises(ConfigError) as refused:
+        settings_from_executor_config({**config, "lanes": True})
+    assert str(refused.value).startswith(said), refused.value
+    assert str(refused.value).endswith("otherwise rename the queue, or set execution.config.lanes: false.")
+
+
+def test_with_lanes_a_dash_q_named_like_a_bulk_lane_is_refused_for_a_worker_and_queues_create(tmp_path):
+    import yaml
+
+    from dagster_taskiq_sync.config.worker_config import WorkerConfig
+
+    path = tmp_path / "lanes.yaml"
+    path.write_text(yaml.safe_dump({"execution": {"config": {"lanes": True}}}))
+    said = f"-q 'dagster-bulk' {LANE_NAME} 'dagster' (workers run its steps after interactive ones, at a lower "
+    said += "CPU priority); if you meant that lane, name 'dagster': its lane comes with it; otherwise"
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        WorkerConfig.from_yaml(str(path), queues=["dagster-bulk"], concurrency=1)
+    on = settings_from_executor_config({"lanes": True})
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        on.config_queues(["dagster-bulk"])  # queues create -q, iam-policy -q
+    # a FIFO queue has no lane, so its name is free; without lanes every name is
+    assert on.config_queues(["jobs-bulk.fifo"]) == ["dagster", "dagster-bulk", "jobs-bulk.fifo"]
+    off = WorkerConfig.from_yaml(None, queues=["dagster-bulk"], concurrency=1)
+    assert off.queues == ("dagster-bulk",)
+
+
+def test_with_lanes_a_steps_queue_tag_naming_a_bulk_lane_fails_the_step_with_the_sentence():
+    from dagster_taskiq_sync.orchestrator.step_handler import TaskiqStepHandler
+
+    tagged = {"dagster-celery/queue": "reports-bulk"}
+    on = TaskiqStepHandler(settings_from_executor_config({"lanes": True}))
+    decision = on.decision("load", tagged)
+    assert decision.refused == (
+        f"step load's queue tag 'reports-bulk' {LANE_NAME} 'reports' (workers run its steps after interactive "
+        "ones, at a lower CPU priority); if you meant that lane, tag the step 'reports' and the run "
+        "dagster-taskiq/lane: bulk; otherwise rename the queue, or set execution.config.lanes: false."
+    )
+    assert on.decision("other", {"dagster-celery/queue": "reports"}).refused is None
+    off = TaskiqStepHandler(settings_from_executor_config({}))
+    assert (off.decision("load", tagged).queue, off.decision("load", tagged).refused) == ("reports-bulk", None)
 
 
 # --- fair-queue groups --------------------------------------------------------------------------
