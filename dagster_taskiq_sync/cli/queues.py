@@ -210,14 +210,22 @@ def _print_stats(bridge, settings, only, as_json, target, registry) -> bool:
             dlq = f"{s.dead_letter_queue}: {s.dead_letter_depth}"
         live = "?" if s.workers is None else str(len(s.workers))
         free = "?" if s.free_slots is None else str(s.free_slots)
+        # A bulk lane's workers are its queue's (one set of slots), and that row's replicas count it.
+        pool = (
+            f"bulk lane of {s.lane_of}: same workers and slots, replicas counted there"
+            if s.lane_of
+            else f"{live:>7} {free:>5} {s.target_backlog_per_worker:>6} {s.replicas_needed:>8}"
+        )
         click.echo(
             f"{s.queue:<20} {s.visible:>7} {s.in_flight:>9} {s.delayed:>7} {size_text(s.max_message_size):>8}  "
-            f"{dlq:<24} {live:>7} {free:>5} "
-            f"{s.target_backlog_per_worker:>6} {s.replicas_needed:>8}"
+            f"{dlq:<24} {pool}"
         )
+    with_lane = ", ".join(s.queue for s in stats if s.lane and not s.error)
     click.echo(
-        "replicas = ceil((visible + in flight) / target); target per queue: "
-        + "; ".join(f"{s.queue}: {s.target_source}" for s in stats if not s.error)
+        "replicas = ceil((visible + in flight) / target)"
+        + (f", for {with_lane} with its bulk lane's messages" if with_lane else "")
+        + "; target per queue: "
+        + "; ".join(f"{s.queue}: {s.target_source}" for s in stats if not s.error and not s.lane_of)
     )
     for s in stats:
         if s.dead_letter_error:

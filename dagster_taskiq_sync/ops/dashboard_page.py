@@ -156,12 +156,17 @@ def _queues(snapshot: Snapshot, options: PageOptions) -> str:
         live = "?" if q.workers is None else len(q.workers)
         free = "?" if q.free_slots is None else q.free_slots
         starved = q.workers is not None and not q.workers and (q.visible or q.delayed)
+        pool = (  # a bulk lane's workers are its queue's (one set of slots); that row's replicas count it
+            f'<td colspan="3" class="dim">bulk lane of {esc(q.lane_of)}: same workers and slots, replicas counted '
+            "there</td>"
+            if q.lane_of
+            else f'<td class="n{" warn" if starved else ""}">{live}</td><td class="n">{free}</td>'
+            f'<td class="n">{q.replicas_needed}</td>'
+        )
         rows.append(
             f"<tr><td><b>{esc(q.queue)}</b><br><span class='dim'>{esc(q.sqs_name)}</span></td>"
             f'<td class="n">{q.visible}</td><td class="n">{q.in_flight}</td><td class="n">{q.delayed}</td>'
-            f"<td>{dlq}</td><td class='n'>{_size(q.max_message_size)}</td>"
-            f'<td class="n{" warn" if starved else ""}">{live}</td><td class="n">{free}</td>'
-            f'<td class="n">{q.replicas_needed}</td></tr>'
+            f"<td>{dlq}</td><td class='n'>{_size(q.max_message_size)}</td>{pool}</tr>"
         )
     head = "<tr><th>queue</th><th>visible</th><th>in flight</th><th>delayed</th><th>dead-letter queue</th>"
     head += "<th>max message</th><th>live workers</th><th>free slots</th><th>replicas needed</th></tr>"

@@ -213,7 +213,8 @@ QUEUE_METRICS = (
         "queue_replicas_needed",
         "gauge",
         _QUEUE,
-        "ceil((visible + in flight) / target backlog per worker), as queues stats and KEDA's aws-sqs-queue scaler.",
+        "ceil((visible + in flight) / target backlog per worker), as queues stats and KEDA's aws-sqs-queue scaler; "
+        "with lanes, a queue's bulk lane's messages count in the queue's series and the lane has none.",
     ),
     MetricSpec(
         "queue_readable",

@@ -50,8 +50,13 @@ class QueueStats:
     workers: list[WorkerSlots] | None = None  # None: no registry (DAGSTER_HOME not set)
     target_backlog_per_worker: int = 1
     target_source: str = ""
-    replicas_needed: int = 0
+    # None on a bulk lane's row (lane_of): its queue's row counts the lane's messages in its replicas
+    replicas_needed: int | None = 0
     notes: list[str] = field(default_factory=list)
+    # With lanes: on a queue's row, its bulk lane (whose messages its replicas count too); on the
+    # lane's row, that queue. The lane's workers are the queue's: one set of slots serves both.
+    lane: str | None = None
+    lane_of: str | None = None
 
     @property
     def free_slots(self) -> int | None:
@@ -120,13 +125,15 @@ def add_workers(
     prefetch_multiplier: int,
     config_concurrency: int | None,
     target: int | None,
+    lanes: Mapping[str, str] | None = None,
 ) -> None:
     """Fill in each queue's live workers, free slots and replicas needed.
 
     ``workers`` are registry records (None when there is no registry). The target backlog per
     worker is ``target`` if given, else a worker's concurrency x prefetch: the most messages one
     worker holds, so a backlog above it waits for a worker. The concurrency is the smallest of the
-    live workers' on that queue, else the config's worker_concurrency, else 1.
+    live workers' on that queue, else the config's worker_concurrency, else 1. ``lanes`` maps each
+    bulk lane shown to its queue (execution.config.lanes): see :func:`fold_lanes`.
     """
     for item in stats:
         live = None
@@ -156,6 +163,28 @@ def add_workers(
             item.target_backlog_per_worker = concurrency * prefetch_multiplier
             item.target_source = f"concurrency {concurrency} ({source}) x prefetch {prefetch_multiplier}"
         item.replicas_needed = replicas_needed(item.visible, item.in_flight, item.target_backlog_per_worker)
+    fold_lanes(stats, lanes or {})
+
+
+def fold_lanes(stats: Sequence[QueueStats], lanes: Mapping[str, str]) -> None:
+    """Count each bulk lane's backlog with its queue's: the workers of ``-q Q`` consume ``Q`` and
+    ``Q-bulk`` with one set of slots, so the pool needs ceil((both backlogs) / target) replicas (as
+    KEDA's summed triggers ask), not that for each queue, and the lane's workers and free slots are
+    the queue's, not more. ``lanes`` maps lane -> queue. A lane with a live worker that does not
+    consume its queue (a worker of another config) is shown on its own, as any queue."""
+    by_name = {s.queue: s for s in stats}
+    for lane, queue in lanes.items():
+        row, base = by_name.get(lane), by_name.get(queue)
+        if row is None or base is None or row.error or base.error:
+            continue
+        if row.workers is not None and base.workers is not None:
+            if not {w.name for w in row.workers} <= {w.name for w in base.workers}:
+                continue
+        row.lane_of, base.lane = queue, lane
+        row.replicas_needed = None
+        base.replicas_needed = replicas_needed(
+            base.visible + row.visible, base.in_flight + row.in_flight, base.target_backlog_per_worker
+        )
 
 
 def dead_letter_arn(attrs: Mapping[str, str]) -> str | None:

@@ -140,7 +140,8 @@ def _add_report(families: dict[str, GaugeMetricFamily], report: StatsReport) -> 
         families["queue_messages_visible"].add_metric([s.queue], s.visible)
         families["queue_messages_in_flight"].add_metric([s.queue], s.in_flight)
         families["queue_messages_delayed"].add_metric([s.queue], s.delayed)
-        families["queue_replicas_needed"].add_metric([s.queue], s.replicas_needed)
+        if s.replicas_needed is not None:  # None: a bulk lane, counted in its queue's series
+            families["queue_replicas_needed"].add_metric([s.queue], s.replicas_needed)
         if s.dead_letter_queue is not None and s.dead_letter_depth is not None:
             families["queue_dead_letter_messages"].add_metric([s.queue, s.dead_letter_queue], s.dead_letter_depth)
         if s.workers is not None:

@@ -20,7 +20,7 @@ from dagster_taskiq_sync.ops.queue_depths import QueueStats, add_workers, queue_
 from dagster_taskiq_sync.storage.registry import WorkerRecord, WorkerRegistry
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker_client import translate_error
-from dagster_taskiq_sync.wire.lanes import with_lanes
+from dagster_taskiq_sync.wire.lanes import lane_queue, with_lanes
 
 NO_HOME_NOTE = (
     "DAGSTER_HOME is not set, so live workers and free slots are unknown; set it to the deployment's instance."
@@ -129,6 +129,16 @@ def gather(
         prefetch_multiplier=settings.prefetch_multiplier,
         config_concurrency=settings.worker_concurrency,
         target=target,
+        lanes=_lanes(settings, [s.queue for s in stats]),
     )
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return StatsReport(now, settings.sqs.describe_endpoint(), stats, workers, notes)
+
+
+def _lanes(settings: Any, names: Sequence[str]) -> dict[str, str]:
+    """Bulk lane -> its queue, for each queue shown whose lane is shown too (execution.config.lanes)."""
+    if not settings.lanes:
+        return {}
+    shown = set(names)
+    pairs = ((lane_queue(q, settings.sqs.queue_name(q)), q) for q in names)
+    return {lane: queue for lane, queue in pairs if lane in shown}

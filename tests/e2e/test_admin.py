@@ -381,6 +381,35 @@ def test_stats_of_a_missing_queue_names_it_and_exits_1(endpoint, tmp_path):
     assert "SQS queue 'no-such-queue-here' does not exist" in stats["error"] and "queues create" in stats["error"]
 
 
+def test_stats_with_lanes_show_one_pool_per_queue_and_its_lane(endpoint, tmp_path, registry_home):
+    # Given lanes, a live worker (-c 2) of -q Q (so Q and Q-bulk), 3 interactive and 3 bulk messages
+    queue = unique("pool")
+    config = write_config(tmp_path, endpoint, lanes=True, config_source={"task_default_queue": queue})
+    assert cli("queues", "create", "-y", config).returncode == 0
+    lane = f"{queue}-bulk"
+    for name in (queue, lane):
+        fill_queue(endpoint, name, visible=3, in_flight=0, delayed=0, dead=0)
+    with DagsterInstance.from_config(str(registry_home)) as instance:
+        # (a heartbeat interval long enough that the record stays live however slow this run is)
+        worker = WorkerRecord(
+            "pool@host", "host", 1, [queue, lane], concurrency=2, running=["a"], heartbeat_interval=60
+        )
+        WorkerRegistry(instance).record(worker)
+    env = os.environ | {"DAGSTER_HOME": str(registry_home)}
+    out = cli("queues", "stats", "-y", config, env=env)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith(queue)}
+    # Then the queue's row counts both backlogs: ceil((3 + 3) / 2) replicas, its one worker and 1 free slot
+    assert rows[queue][-4:] == ["1", "1", "2", "3"]
+    # and the lane's row shows its own depth and says its workers, slots and replicas are the queue's
+    assert rows[lane][1:4] == ["3", "0", "0"]
+    assert f"bulk lane of {queue}: same workers and slots, replicas counted there" in " ".join(rows[lane])
+    assert f"replicas = ceil((visible + in flight) / target), for {queue} with its bulk lane's messages" in out.stdout
+    doc = {q["queue"]: q for q in json.loads(cli("queues", "stats", "-y", config, "--json", env=env).stdout)["queues"]}
+    assert (doc[queue]["replicas_needed"], doc[queue]["lane"]) == (3, lane)
+    assert (doc[lane]["replicas_needed"], doc[lane]["lane_of"]) == (None, queue)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_stats_watch_reprints_until_ctrl_c(endpoint, tmp_path, signum):
     queue = unique("watch")

@@ -77,6 +77,15 @@ def test_every_value_from_a_message_or_the_registry_is_text_on_the_page():
     assert all(h.startswith(("http://ui:3000/runs/", "/redrive?queue=")) for h in hrefs)
 
 
+def test_a_bulk_lanes_row_points_at_its_queues_workers_and_replicas():
+    workers = [WorkerSlots("w@h", "running", 2, 0, 2)]
+    queue = QueueStats("q", "q", visible=3, workers=workers, replicas_needed=3, lane="q-bulk")
+    lane = QueueStats("q-bulk", "q-bulk", visible=3, workers=workers, replicas_needed=None, lane_of="q")
+    page = render_page(Snapshot(time.time(), "e", [queue, lane]), PageOptions())
+    assert "bulk lane of q: same workers and slots, replicas counted there" in page
+    assert ">None<" not in page
+
+
 def test_run_ids_link_to_the_dagster_ui_only_when_its_url_is_given():
     snapshot = hostile_snapshot()
     snapshot.dead_letters = [DeadLetter("q", "q-dlq", "m", None, 1, "why", "step s (attempt 1)", "abc-123", "")]

@@ -143,6 +143,62 @@ def test_with_lanes_a_steps_queue_tag_naming_a_bulk_lane_fails_the_step_with_the
     assert (off.decision("load", tagged).queue, off.decision("load", tagged).refused) == ("reports-bulk", None)
 
 
+# --- one set of slots serves a queue and its lane ------------------------------------------------
+
+
+def _worker(name: str, queues: list[str], concurrency: int = 2, running: int = 0):
+    from dagster_taskiq_sync.storage.registry import WorkerRecord
+
+    return WorkerRecord(name=name, host="h", pid=1, queues=queues, concurrency=concurrency, running=["s"] * running)
+
+
+def _rows(**backlog: int):
+    from dagster_taskiq_sync.ops.queue_depths import QueueStats
+
+    return [
+        QueueStats(queue=q, sqs_name=q, visible=n) for q, n in ((k.replace("_", "-"), v) for k, v in backlog.items())
+    ]
+
+
+def test_stats_count_a_lanes_backlog_with_its_queue_and_its_workers_once():
+    from dagster_taskiq_sync.ops.queue_depths import add_workers
+
+    # Given two workers (-c 2) of -q q with lanes, 40 interactive and 40 bulk messages
+    workers = [_worker("a@h", ["q", "q-bulk"], running=1), _worker("b@h", ["q", "q-bulk"])]
+    q, lane = rows = _rows(q=40, q_bulk=40)
+    add_workers(rows, workers, prefetch_multiplier=1, config_concurrency=None, target=None, lanes={"q-bulk": "q"})
+    # Then the pool needs ceil(80 / 2) replicas, said once on the queue's row (as KEDA's summed triggers)
+    assert (q.replicas_needed, q.lane, q.target_backlog_per_worker) == (40, "q-bulk", 2)
+    assert (lane.replicas_needed, lane.lane_of) == (None, "q")
+    # and the lane's workers are the queue's: 2 workers, 3 free slots, not 4 and 6
+    assert (len(q.workers), q.free_slots) == (2, 3)
+    assert {w.name for w in lane.workers} == {w.name for w in q.workers}
+    # Without lanes each queue is its own: 20 and 20, the max of which asked for half the workers
+    alone = _rows(q=40, q_bulk=40)
+    add_workers(alone, workers, prefetch_multiplier=1, config_concurrency=None, target=None)
+    assert [(s.replicas_needed, s.lane, s.lane_of) for s in alone] == [(20, None, None), (20, None, None)]
+
+
+def test_a_lane_with_a_worker_that_skips_its_queue_is_shown_on_its_own():
+    from dagster_taskiq_sync.ops.queue_depths import add_workers
+
+    rows = _rows(q=4, q_bulk=4)
+    workers = [_worker("a@h", ["q", "q-bulk"]), _worker("other-config@h", ["q-bulk"])]
+    add_workers(rows, workers, prefetch_multiplier=1, config_concurrency=None, target=None, lanes={"q-bulk": "q"})
+    assert [(s.replicas_needed, s.lane_of) for s in rows] == [(2, None), (2, None)]
+
+
+def test_the_orchestrators_live_slots_give_a_queue_and_its_lane_the_same_slots_once_each():
+    from dagster_taskiq_sync.orchestrator.fair_share import LaunchPolicy, live_slots
+
+    # A run's cap is per queue, never a sum over queues: the lane's slots are the queue's, and a
+    # bulk run (on the lane) gets the cap an interactive run (on the queue) gets.
+    slots = live_slots([_worker("a@h", ["q", "q-bulk"], concurrency=3), _worker("b@h", ["q", "q-bulk"])])
+    assert slots == {"q": 5, "q-bulk": 5}
+    policy = LaunchPolicy("q", per_slot=2.0, floor=4)
+    assert policy.refresh(["q", "q-bulk"], slots) == {"q": 10, "q-bulk": 10}
+
+
 # --- fair-queue groups --------------------------------------------------------------------------
 
 

@@ -86,6 +86,16 @@ def test_a_reading_is_exported_per_queue_with_its_dead_letter_queue_and_slots():
     assert {name for name, _ in found} <= {spec.full_name for spec in QUEUE_METRICS}
 
 
+def test_a_bulk_lanes_replicas_are_in_its_queues_series_and_it_has_none_of_its_own():
+    reading = report()
+    lane = QueueStats(queue="dagster-bulk", sqs_name="dagster-bulk", visible=7, replicas_needed=None)
+    reading.queues.append(lane)
+    found = samples(QueueStatsCollector(Reader(reading), ["dagster"], clock=Clock()))
+    assert found[("dagster_taskiq_queue_messages_visible", (("queue", "dagster-bulk"),))] == 7
+    assert found[("dagster_taskiq_queue_replicas_needed", (("queue", "dagster"),))] == 2
+    assert ("dagster_taskiq_queue_replicas_needed", (("queue", "dagster-bulk"),)) not in found
+
+
 def test_an_unknown_registry_exports_no_worker_series_rather_than_zero_workers():
     found = samples(QueueStatsCollector(Reader(report(workers=None)), ["dagster"], clock=Clock()))
     assert ("dagster_taskiq_queue_messages_visible", (("queue", "dagster"),)) in found
