@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import (
     Config,
     ConfigurableIOManager,
+    DagsterExecutionInterruptedError,
     Definitions,
     DynamicOut,
     DynamicOutput,
@@ -352,6 +353,43 @@ def launched_long():
     run_long()
 
 
+@op
+def run_cleans_up(config: FaultConfig) -> None:
+    """Sleeps until interrupted (a launched run's soft time limit), then cleans up."""
+    marker = Path(config.marker_dir) / "run_cleans_up.log"
+    marker.write_text(f"start {os.getpid()}\n")
+    try:
+        time.sleep(config.sleep)
+    except DagsterExecutionInterruptedError:
+        with marker.open("a") as fh:
+            fh.write("cleaned up\n")
+        raise
+
+
+@job(executor_def=in_process_executor)
+def launched_cleans_up():
+    run_cleans_up()
+
+
+@op
+def run_ignores_interrupts(config: FaultConfig) -> None:
+    """Swallows every interrupt and sleeps on: only a kill ends it."""
+    marker = Path(config.marker_dir) / "run_ignores_interrupts.log"
+    marker.write_text(f"start {os.getpid()}\n")
+    deadline = time.monotonic() + config.sleep
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        except DagsterExecutionInterruptedError:
+            with marker.open("a") as fh:
+                fh.write("ignored\n")
+
+
+@job(executor_def=in_process_executor)
+def launched_ignores_interrupts():
+    run_ignores_interrupts()
+
+
 def _marked(name: str):
     @op(name=name)
     def marked(config: FaultConfig, x: int = 0) -> int:
@@ -501,6 +539,8 @@ defs = Definitions(
         launched_raises,
         launched_exits_hard,
         launched_long,
+        launched_cleans_up,
+        launched_ignores_interrupts,
         resumable,
         across_two_queues,
         backlog_q1,

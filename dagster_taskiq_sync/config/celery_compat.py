@@ -235,7 +235,9 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
     ),
     "task_time_limit": (
         MAPPED,
-        f"Hard limit: seconds after which a running step's process is killed; op tag `{HARD_TAG}` overrides it.",
+        f"Hard limit: seconds after which a running step's process is killed; op tag `{HARD_TAG}` overrides it. "
+        "In TaskiqRunLauncher's config_source: a launched run's process, and the run fails; run tag of the same "
+        "name overrides it.",
         _set("task_time_limit", _positive),
     ),
     "task_acks_late": (
@@ -274,7 +276,8 @@ CONFIG_SOURCE_TABLE: dict[str, tuple[str, str, Handler | None]] = {
         MAPPED,
         "Soft limit: seconds after which a running step is interrupted (the op gets Dagster's "
         f"DagsterExecutionInterruptedError and may clean up); must be below task_time_limit; op tag `{SOFT_TAG}` "
-        "overrides it.",
+        "overrides it. In TaskiqRunLauncher's config_source: a launched run fails and is interrupted; run tag of "
+        "the same name overrides it.",
         _set("task_soft_time_limit", _positive),
     ),
     "worker_max_tasks_per_child": (
@@ -373,43 +376,40 @@ def secret(value: Any, path: str) -> str | None:
     return found
 
 
-def settings_from_executor_config(config: Mapping[str, Any] | None) -> Settings:
+def settings_from_executor_config(config: Mapping[str, Any] | None, where: str = "execution.config") -> Settings:
     """Validate a dagster-celery style executor config block and build Settings from it.
 
     ``config`` is what sits under ``execution: config:`` (broker, backend, include,
-    config_source, retries, plus this executor's native keys).
+    config_source, retries, plus this executor's native keys); ``where`` is its path in the
+    user's YAML, as errors name it (``run_launcher.config`` for TaskiqRunLauncher's).
     """
     config = dict(config or {})
     config_source = config.get("config_source") or {}
     if not isinstance(config_source, Mapping):
-        raise ConfigError(
-            f"execution.config.config_source must be a mapping of Celery settings, got {config_source!r}."
-        )
+        raise ConfigError(f"{where}.config_source must be a mapping of Celery settings, got {config_source!r}.")
     transport = config_source.get("broker_transport_options") or {}
     if not isinstance(transport, Mapping):
-        raise ConfigError(
-            f"execution.config.config_source.broker_transport_options must be a mapping, got {transport!r}."
-        )
+        raise ConfigError(f"{where}.config_source.broker_transport_options must be a mapping, got {transport!r}.")
     is_secure = _bool(transport.get("is_secure", False), "broker_transport_options.is_secure")
     sqs = SQSSettings(
         **parse_broker_url(config.get("broker"), is_secure=is_secure),
         **parse_backend_url(config.get("backend")),
     )
     settings = Settings(sqs=sqs, include=tuple(config.get("include") or ()))
-    settings = _apply_table(settings, config_source, "execution.config.config_source", CONFIG_SOURCE_TABLE)
-    check_run_limits(settings.task_time_limit, settings.task_soft_time_limit, "execution.config.config_source")
+    settings = _apply_table(settings, config_source, f"{where}.config_source", CONFIG_SOURCE_TABLE)
+    check_run_limits(settings.task_time_limit, settings.task_soft_time_limit, f"{where}.config_source")
     for key, convert in NATIVE_KEYS.items():
         if config.get(key) is not None:
-            settings = replace(settings, **{key: convert(config[key], f"execution.config.{key}")})
+            settings = replace(settings, **{key: convert(config[key], f"{where}.{key}")})
     if config.get("max_payload_mib") is not None:
-        mib = _int(config["max_payload_mib"], "execution.config.max_payload_mib", 1, 2048)
+        mib = _int(config["max_payload_mib"], f"{where}.max_payload_mib", 1, 2048)
         settings = settings.with_sqs(max_payload_bytes=mib * 1024 * 1024)
     previous = config.get("previous_signing_keys") or ()
     if not isinstance(previous, (list, tuple)):
-        raise ConfigError("execution.config.previous_signing_keys must be a list of secrets ({env: NAME} each).")
-    current = secret(config.get("signing_key"), "execution.config.signing_key")
-    older = tuple(secret(k, f"execution.config.previous_signing_keys[{i}]") or "" for i, k in enumerate(previous))
-    settings = replace(settings, keyring=Keyring.from_secrets(current, older, setting="execution.config.signing_key"))
+        raise ConfigError(f"{where}.previous_signing_keys must be a list of secrets ({{env: NAME}} each).")
+    current = secret(config.get("signing_key"), f"{where}.signing_key")
+    older = tuple(secret(k, f"{where}.previous_signing_keys[{i}]") or "" for i, k in enumerate(previous))
+    settings = replace(settings, keyring=Keyring.from_secrets(current, older, setting=f"{where}.signing_key"))
     if not settings.sqs.default_queue:
         settings = settings.with_sqs(default_queue=DEFAULT_QUEUE)
     # With lanes, a queue named like a bulk lane is another queue's lane: refused, by its setting.

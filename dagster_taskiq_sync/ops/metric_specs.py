@@ -75,6 +75,14 @@ WORKER_METRICS = (
         "from an op tag dagster-taskiq/(soft_)time_limit or task_(soft_)time_limit.",
     ),
     MetricSpec(
+        "worker_runs_time_limited",
+        "counter",
+        ("queue", "limit"),
+        "Launched runs (TaskiqRunLauncher) stopped by a time limit: limit=soft (interrupted, run failed), "
+        "limit=hard (run process killed, run failed); from a run tag dagster-taskiq/(soft_)time_limit or the "
+        "launcher's task_(soft_)time_limit.",
+    ),
+    MetricSpec(
         "worker_steps_dropped_duplicate",
         "counter",
         _QUEUE,

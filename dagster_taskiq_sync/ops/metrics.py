@@ -105,6 +105,9 @@ class NullMetrics:
     def step_time_limited(self, queue: str, limit: str) -> None:
         """A step's time limit fired; ``limit`` is one of :data:`TIME_LIMIT_KINDS`."""
 
+    def run_time_limited(self, queue: str, limit: str) -> None:
+        """A launched run's time limit fired; ``limit`` is one of :data:`TIME_LIMIT_KINDS`."""
+
     def step_dropped_duplicate(self, queue: str) -> None:
         """A message for an attempt that already started or ran was dropped without running it."""
 
@@ -169,6 +172,9 @@ class WorkerMetrics(NullMetrics):
 
     def step_time_limited(self, queue: str, limit: str) -> None:
         self._m["worker_steps_time_limited"].labels(queue, _bounded(limit, TIME_LIMIT_KINDS)).inc()
+
+    def run_time_limited(self, queue: str, limit: str) -> None:
+        self._m["worker_runs_time_limited"].labels(queue, _bounded(limit, TIME_LIMIT_KINDS)).inc()
 
     def step_dropped_duplicate(self, queue: str) -> None:
         self._m["worker_steps_dropped_duplicate"].labels(queue).inc()

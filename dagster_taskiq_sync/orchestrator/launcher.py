@@ -47,6 +47,7 @@ from dagster_taskiq_sync.wire.broker_client import BrokerClient
 from dagster_taskiq_sync.wire.lanes import message_group
 from dagster_taskiq_sync.wire.messages import RUN_PRIORITY_TAGS, RunMessage, TaskKind, encode, queue_for_tags
 from dagster_taskiq_sync.wire.settings import DEFAULT_QUEUE
+from dagster_taskiq_sync.wire.time_limits import StepLimits, limits_for_run
 from dagster_taskiq_sync.wire.tracing import JOB_NAME, LAUNCH, QUEUE, RUN_ID, active
 
 TASK_ID_TAG = "dagster-taskiq/task_id"  # the id of the run's latest launch (as dagster-celery/task_id)
@@ -78,7 +79,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
                 "worker_lost_timeout": worker_lost_timeout,
                 "signing_key": signing_key,
                 "previous_signing_keys": previous_signing_keys,
-            }
+            },
+            where="run_launcher.config",
         ).with_sqs(default_queue=check.str_param(default_queue, "default_queue"))
         self.settings.check_signing("sender")
         super().__init__()
@@ -182,10 +184,17 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
         finally:
             span.end()
 
+    def limits(self, run: Any) -> StepLimits:
+        """The run's time limits: its tags ``dagster-taskiq/time_limit`` / ``soft_time_limit``, else
+        ``config_source.task_time_limit`` / ``task_soft_time_limit``; the worker running it enforces
+        them. A bad tag is a ConfigError naming it, which fails the launch (Dagster reports it in
+        the run's log and fails the run)."""
+        return limits_for_run(run.run_id, run.tags, self.settings.task_time_limit, self.settings.task_soft_time_limit)
+
     def launch_run(self, context: LaunchRunContext) -> None:
         run = context.dagster_run
         check.not_none(run.job_code_origin, "TaskiqRunLauncher launches runs that have a code origin")
-        self._send(run, RunMessage(TaskKind.RUN, run.run_id, "launch"))
+        self._send(run, RunMessage(TaskKind.RUN, run.run_id, "launch", self.limits(run)))
 
     @property
     def supports_resume_run(self) -> bool:
@@ -193,7 +202,8 @@ class TaskiqRunLauncher(RunLauncher, ConfigurableClass):
 
     def resume_run(self, context: ResumeRunContext) -> None:
         run = context.dagster_run
-        self._send(run, RunMessage(TaskKind.RESUME, run.run_id, f"resume-{context.resume_attempt_number or 1}"))
+        launch = f"resume-{context.resume_attempt_number or 1}"
+        self._send(run, RunMessage(TaskKind.RESUME, run.run_id, launch, self.limits(run)))
 
     def terminate(self, run_id: str) -> bool:
         """Ask the worker running the run to stop it (it interrupts the run process, which stops

@@ -2,7 +2,7 @@
 
 A message is a TaskIQ JSON message (``task_id``, ``task_name``, ``labels``, ``labels_types``,
 ``args``, ``kwargs``) whose task name says what it asks for (:class:`TaskKind`) and whose kwargs
-name a run, a step and an attempt (plus the step's time limits, two checked numbers:
+name a run, a step and an attempt (plus the step's or run's time limits, two checked numbers:
 ``time_limits.py``), and nothing else: never a Dagster instance, a module, a file or a database. Workers use their own ``DAGSTER_HOME``; what a step needs beyond its identity
 comes from the run stored there. The one exception is the step's ``known_state`` (retry counts,
 ready outputs, dynamic mappings: the orchestrator's in-memory view that Dagster hands to every
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Union
 
-from dagster_taskiq_sync.wire.time_limits import HARD_FIELD, SOFT_FIELD, StepLimits
+from dagster_taskiq_sync.wire.time_limits import HARD_FIELD, RUN_SOURCES, SOFT_FIELD, StepLimits
 from dagster_taskiq_sync.wire.tracing import TraceContext, trace_context
 
 MESSAGE_VERSION = 2
@@ -159,6 +159,7 @@ class RunMessage:
     kind: TaskKind
     run_id: str
     launch: str  # "launch", or "resume-N" for the Nth resume
+    limits: StepLimits = field(default_factory=StepLimits)  # from the run's tags and the launcher's config
     trace: TraceContext | None = field(default=None, compare=False)  # W3C, in the labels (wire/tracing)
 
     @property
@@ -174,7 +175,12 @@ class RunMessage:
         return None
 
     def kwargs(self) -> dict[str, Any]:
-        return {"version": MESSAGE_VERSION, "run_id": self.run_id, "launch": self.launch}
+        return {
+            "version": MESSAGE_VERSION,
+            "run_id": self.run_id,
+            "launch": self.launch,
+            **self.limits.to_kwargs(),  # only when set: a launch without limits reads as before
+        }
 
 
 Message = Union[StepMessage, RunMessage]
@@ -316,11 +322,15 @@ def _check_known_state(text: str, step_key: str, attempt: int) -> None:
 
 
 def _run(kind: TaskKind, kwargs: Mapping[str, Any]) -> RunMessage:
-    _expect_keys(kwargs, {"version", "run_id", "launch"})
+    _expect_keys(kwargs, {"version", "run_id", "launch", HARD_FIELD, SOFT_FIELD})
     launch = _text(kwargs, "launch", _LAUNCH)
     if (kind is TaskKind.RUN) != (launch == "launch"):
         raise MalformedMessage(f"the message's launch {launch!r} does not fit task {kind.value}")
-    return RunMessage(kind, _text(kwargs, "run_id", _RUN_ID), launch)
+    try:
+        limits = StepLimits.from_kwargs(kwargs, RUN_SOURCES)
+    except ValueError as exc:
+        raise MalformedMessage(str(exc)) from None
+    return RunMessage(kind, _text(kwargs, "run_id", _RUN_ID), launch, limits)
 
 
 # --- identities in S3 pointers ------------------------------------------------------------------

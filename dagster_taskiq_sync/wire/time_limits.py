@@ -10,6 +10,11 @@ messages that carry none). The orchestrator resolves the first two for every ste
 before anything is sent (:func:`limits_for_step`, whose errors name the tag and the op), and the
 message carries the result (:meth:`StepLimits.to_kwargs`); the worker adds its own defaults
 (:meth:`StepLimits.with_defaults`) and enforces them.
+
+A whole run launched by ``TaskiqRunLauncher`` has limits too, as Celery's apply to
+dagster-celery's run task: its run tags (the same two names), else the launcher's
+``config_source`` (:func:`limits_for_run`, resolved by the launcher, carried by the run's message).
+The worker's own config does not bound runs: its limits are sized for steps.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ class Source(str, Enum):
     TAG = "tag"  # the op's tag
     RUN = "run"  # the run's execution config (config_source)
     WORKER = "worker"  # the worker's own config (-y), for a message that carries no limit
+    RUN_TAG = "run_tag"  # a launched run's tag
+    LAUNCHER = "launcher"  # the run launcher's config (config_source in dagster.yaml)
+
+
+STEP_SOURCES = (Source.TAG, Source.RUN)  # what a step message may say
+RUN_SOURCES = (Source.RUN_TAG, Source.LAUNCHER)  # what a run message may say
 
 
 @dataclass(frozen=True)
@@ -49,10 +60,12 @@ class Limit:
     @property
     def origin(self) -> str:
         """Where it was set, in the words of the setting the user wrote."""
-        if self.source is Source.TAG:
-            return f"op tag {HARD_TAG if self.kind == HARD else SOFT_TAG}"
+        tag = HARD_TAG if self.kind == HARD else SOFT_TAG
+        if self.source in (Source.TAG, Source.RUN_TAG):
+            return f"{'op' if self.source is Source.TAG else 'run'} tag {tag}"
         setting = HARD_SETTING if self.kind == HARD else SOFT_SETTING
-        return f"{setting} in the {'run' if self.source is Source.RUN else 'worker'}'s config"
+        whose = {Source.RUN: "run", Source.WORKER: "worker", Source.LAUNCHER: "run launcher"}[self.source]
+        return f"{setting} in the {whose}'s config"
 
     def describe(self) -> str:
         return f"{self.kind} time limit of {self.seconds:g} s, set by {self.origin}"
@@ -64,6 +77,11 @@ class Limit:
     def killed(self) -> str:
         """Why the worker killed the step when this hard limit fired."""
         return f"exceeded its {self.describe()}"
+
+    def run_stopped(self, run_id: str) -> str:
+        """What a launched run's failure says when this limit stopped it."""
+        done = "was interrupted" if self.kind == SOFT else "its process was killed"
+        return f"Run {run_id} exceeded its {self.describe()}, and {done}."
 
 
 @dataclass(frozen=True)
@@ -82,8 +100,10 @@ class StepLimits:
         }
 
     @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> StepLimits:
-        """The limits a message carries; ValueError (one sentence) when a field is malformed."""
+    def from_kwargs(cls, kwargs: Mapping[str, Any], sources: tuple[Source, ...] = STEP_SOURCES) -> StepLimits:
+        """The limits a message carries; ValueError (one sentence) when a field is malformed.
+        ``sources``: where a limit of this kind of message may come from."""
+        allowed = {source.value for source in sources}
         found: dict[str, Limit] = {}
         for name, kind in ((HARD_FIELD, HARD), (SOFT_FIELD, SOFT)):
             value = kwargs.get(name)
@@ -92,8 +112,9 @@ class StepLimits:
             if not isinstance(value, dict) or set(value) != {"seconds", "from"}:
                 raise ValueError(f"the message's {name} is not a {{seconds, from}} object")
             seconds, source = value["seconds"], value["from"]
-            if source not in (Source.TAG.value, Source.RUN.value) or not _positive_seconds(seconds):
-                raise ValueError(f"the message's {name} is not a positive number of seconds from 'tag' or 'run'")
+            if source not in allowed or not _positive_seconds(seconds):
+                said = " or ".join(repr(value) for value in sorted(allowed))
+                raise ValueError(f"the message's {name} is not a positive number of seconds from {said}")
             found[kind] = Limit(kind, float(seconds), Source(source))
         limits = cls(found.get(HARD), found.get(SOFT))
         if limits.hard and limits.soft and limits.soft.seconds >= limits.hard.seconds:
@@ -126,9 +147,9 @@ def _positive_seconds(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
-def tag_seconds(tags: Mapping[str, str], tag: str, op: str) -> float | None:
+def tag_seconds(tags: Mapping[str, str], tag: str, name: str, owner: str = "op") -> float | None:
     """A limit tag's value in seconds (None: not set); anything but a positive number of seconds
-    is a ConfigError naming the tag and the op."""
+    is a ConfigError naming the tag and the ``owner`` ("op" or "run") ``name``."""
     raw = tags.get(tag)
     if raw is None:
         return None
@@ -138,7 +159,7 @@ def tag_seconds(tags: Mapping[str, str], tag: str, op: str) -> float | None:
         seconds = math.nan
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigError(
-            f"tag {tag}={raw!r} on op {op} must be a positive number of seconds (for example '300' or "
+            f"tag {tag}={raw!r} on {owner} {name} must be a positive number of seconds (for example '300' or "
             "'1.5'); fix the tag."
         )
     return seconds
@@ -150,19 +171,39 @@ def limits_for_step(op: str, tags: Mapping[str, str], run_hard: float | None, ru
     A soft limit from the tag must be below the step's hard limit (it could never fire); the
     run-wide soft default simply does not apply to a step whose own hard limit is shorter.
     """
-    hard_tag, soft_tag = tag_seconds(tags, HARD_TAG, op), tag_seconds(tags, SOFT_TAG, op)
-    hard = Limit(HARD, hard_tag, Source.TAG) if hard_tag is not None else None
-    if hard is None and run_hard is not None:
-        hard = Limit(HARD, run_hard, Source.RUN)
-    soft = Limit(SOFT, soft_tag, Source.TAG) if soft_tag is not None else None
-    if soft is None and run_soft is not None:
-        soft = Limit(SOFT, run_soft, Source.RUN)
+    return _from_tags(tags, "op", op, (Source.TAG, Source.RUN), run_hard, run_soft)
+
+
+def limits_for_run(run_id: str, tags: Mapping[str, str], hard: float | None, soft: float | None) -> StepLimits:
+    """A launched run's limits: its tags, else the launcher's ``task_time_limit`` /
+    ``task_soft_time_limit`` (``hard``, ``soft``); the same rules and sentences as an op's."""
+    return _from_tags(tags, "run", run_id, (Source.RUN_TAG, Source.LAUNCHER), hard, soft)
+
+
+def _from_tags(
+    tags: Mapping[str, str],
+    owner: str,
+    name: str,
+    sources: tuple[Source, Source],
+    hard_default: float | None,
+    soft_default: float | None,
+) -> StepLimits:
+    """Limits from ``owner`` ``name``'s tags (``sources[0]``), else the config's defaults (``sources[1]``)."""
+    by_tag, by_config = sources
+    found: dict[str, Limit] = {}
+    for kind, tag, default in ((HARD, HARD_TAG, hard_default), (SOFT, SOFT_TAG, soft_default)):
+        seconds = tag_seconds(tags, tag, name, owner)
+        if seconds is not None:
+            found[kind] = Limit(kind, seconds, by_tag)
+        elif default is not None:
+            found[kind] = Limit(kind, default, by_config)
+    hard, soft = found.get(HARD), found.get(SOFT)
     if hard is not None and soft is not None and soft.seconds >= hard.seconds:
-        if soft.source is not Source.TAG:
+        if soft.source is not by_tag:
             return StepLimits(hard, None)
         raise ConfigError(
-            f"tag {SOFT_TAG}={tags[SOFT_TAG]!r} on op {op} must be below the op's {hard.describe()}, or the soft "
-            f"limit never fires; lower it or raise {HARD_TAG}."
+            f"tag {SOFT_TAG}={tags[SOFT_TAG]!r} on {owner} {name} must be below the {owner}'s {hard.describe()}, or "
+            f"the soft limit never fires; lower it or raise {HARD_TAG}."
         )
     return StepLimits(hard, soft)
 

@@ -33,7 +33,7 @@ from dagster_taskiq_sync.wire.messages import (
     queue_label,
 )
 from dagster_taskiq_sync.wire.payloads import S3Pointer, check_payload, decode_pointer
-from dagster_taskiq_sync.wire.time_limits import StepLimits
+from dagster_taskiq_sync.wire.time_limits import Limit, StepLimits
 from dagster_taskiq_sync.worker.admission import DROP_RULES, Drop, Outcome, Verdict, ran_to_its_end
 from dagster_taskiq_sync.worker.context import WorkerContext
 from dagster_taskiq_sync.worker.step_runner import ChildHandle
@@ -60,8 +60,11 @@ class Received:
         self.child: ChildHandle | None = None
         self.record: StepRecord | None = None
         self.kill_reason: str | None = None
-        self.limits = StepLimits()  # the step's time limits: its message's, else the worker's config
+        self.limits = (
+            StepLimits()
+        )  # a step's time limits: its message's, else the worker's config; a run's: its message's
         self._soft_sent = False
+        self.limit_hit: Limit | None = None  # the time limit that stopped it (runs: what their failure names)
         self._interrupted_at: float | None = None
         self._started = 0.0
         self._started_wall = 0.0  # time.time() at start: what `worker list` and the dashboard show

@@ -37,6 +37,7 @@ from dagster_taskiq_sync.wire.messages import (
 from dagster_taskiq_sync.wire.time_limits import HARD, SOFT
 from dagster_taskiq_sync.worker.admission import Drop, Outcome, Verdict
 from dagster_taskiq_sync.worker.child_pipe import Pickup, StepTask
+from dagster_taskiq_sync.worker.launched import fail_run, run_child_ended
 from dagster_taskiq_sync.worker.received import Received, Stopping
 from dagster_taskiq_sync.worker.traces import RequestSpans
 
@@ -140,6 +141,7 @@ class Request(Received):
                 bulk=settings.lanes and is_bulk_lane(self.delivery.queue),
             )
         else:
+            self.limits = message.limits  # the run's tags, else the launcher's config; never the worker's
             self.child = worker.runner.start_run(
                 "run" if message.kind is TaskKind.RUN else "resume", message.run_id, self._pickup(), message.trace
             )
@@ -178,7 +180,8 @@ class Request(Received):
                     self.kill("the worker is shutting down", force=True)
                 elif hard is not None and elapsed > hard.seconds:
                     if self.kill_reason is None:
-                        self.worker.metrics.step_time_limited(self.delivery.queue, HARD)
+                        self._count_limit(HARD)
+                        self.limit_hit = hard
                     self.kill(hard.killed(), force=True)
                 elif soft is not None and elapsed > soft.seconds and not self._soft_sent:
                     self._soft_interrupt()
@@ -193,18 +196,24 @@ class Request(Received):
 
     def _soft_interrupt(self) -> None:
         """The soft limit: Dagster's interrupt inside the op, which may clean up; the hard limit
-        (if any) still kills it if it does not stop."""
-        assert self.child is not None and self.limits.soft is not None
+        (if any) still kills it if it does not stop. A launched run is failed first, naming the
+        limit (``launched``), then interrupted as a terminate would: Dagster stops its steps."""
+        assert self.child is not None and self.limits.soft is not None and self.message is not None
         self._soft_sent = True
-        log.warning(
-            "worker %s: interrupting %s (pid %s): %s",
-            self.worker.name,
-            self.label,
-            self.child.pid,
-            self.limits.soft.interrupted(self.step_key),
-        )
-        self.worker.metrics.step_time_limited(self.delivery.queue, SOFT)
+        soft = self.limits.soft
+        if isinstance(self.message, StepMessage):
+            why = soft.interrupted(self.step_key)
+        else:
+            self.limit_hit = soft
+            why = fail_run(self.worker.instance, self.message.run_id, soft, self.worker.name)
+        log.warning("worker %s: interrupting %s (pid %s): %s", self.worker.name, self.label, self.child.pid, why)
+        self._count_limit(SOFT)
         self.child.soft_interrupt()
+
+    def _count_limit(self, kind: str) -> None:
+        metrics = self.worker.metrics
+        count = metrics.step_time_limited if isinstance(self.message, StepMessage) else metrics.run_time_limited
+        count(self.delivery.queue, kind)
 
     def kill(self, why: str, force: bool = False) -> None:
         """Stop the child: a step is killed at once; a run is interrupted (so Dagster stops its
@@ -281,17 +290,8 @@ class Request(Received):
 
     def _finish_run(self, code: int, reason: str | None) -> None:
         """A run child ended. Its launch record is kept while monitoring may still read it."""
-        instance, run_id = self.worker.instance, self.message.run_id if self.message else ""
-        try:
-            run = instance.get_run_by_id(run_id)
-            if self.kill_reason and run is not None and run.status == DagsterRunStatus.CANCELING:
-                # A run process stopped on a terminate normally ends its run CANCELED itself; if it
-                # was killed before it could, say so here rather than leave the run CANCELING.
-                instance.report_run_canceled(
-                    run, message=f"Run process stopped by worker {self.worker.name}: {self.kill_reason}."
-                )
-        except Exception as exc:  # noqa: BLE001 - a failed run update must not stop the message from settling
-            log.warning("worker %s: could not read or update run %s: %s", self.worker.name, run_id, exc)
+        run_id = self.message.run_id if self.message else ""
+        run_child_ended(self.worker.instance, run_id, self.worker.name, self.kill_reason, self.limit_hit)
         self._finish_record(code, reason)
 
     def write_record(self, record: StepRecord) -> None:

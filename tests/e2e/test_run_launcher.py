@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dagster import DagsterInstance, DagsterRunStatus
+from dagster import DagsterEventType, DagsterInstance, DagsterRunStatus, reconstructable
 
 from dagster_taskiq_sync import TaskiqRunLauncher
+from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.orchestrator.launcher import TASK_ID_TAG
 from dagster_taskiq_sync.storage.run_report import step_reports
+from dagster_taskiq_sync.wire.time_limits import HARD_TAG, SOFT_TAG
 
+from .. import jobs
 from ..helpers import CLI, WorkerProcess, marker_lines, pid_alive, queue_counts, run_cli, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -281,6 +284,77 @@ def test_terminate_stops_the_run_process_and_the_run_ends_canceled(launcher_home
     wait_for(lambda: not pid_alive(pid), timeout=10, what="the run process to exit")
     assert marker_lines(markers, "run_long") == [f"start {pid}"]
     assert worker.proc.poll() is None and "cancel requested: the run was terminated" in worker.log()
+
+
+def launch_in_process(instance, job_def, run_config: dict, tags: dict) -> str:
+    """Launch a run of ``job_def`` (tests/jobs.py) with ``tags`` from this process, as the
+    webserver does through the instance (no `dagster job launch` interpreter)."""
+    run = instance.create_run_for_job(
+        job_def=job_def,
+        run_config=run_config,
+        tags=tags,
+        job_code_origin=reconstructable(job_def).get_python_origin(),
+    )
+    instance.launch_run(run.run_id, workspace=None)
+    return run.run_id
+
+
+def test_a_launched_runs_time_limits_interrupt_it_then_kill_it_naming_the_limit(launcher_instance, runner, tmp_path):
+    # Given two runs launched at once on one worker, with time limits as run tags: one with a 3 s
+    # soft limit whose op cleans up when interrupted, one with 3 s soft and 5 s hard whose op ignores it
+    soft_dir, hard_dir = tmp_path / "soft", tmp_path / "hard"
+    soft_dir.mkdir()
+    hard_dir.mkdir()
+    soft_id = launch_in_process(
+        launcher_instance,
+        jobs.launched_cleans_up,
+        {"ops": {"run_cleans_up": {"config": {"marker_dir": str(soft_dir), "sleep": 60}}}},
+        {SOFT_TAG: "3"},
+    )
+    hard_id = launch_in_process(
+        launcher_instance,
+        jobs.launched_ignores_interrupts,
+        {"ops": {"run_ignores_interrupts": {"config": {"marker_dir": str(hard_dir), "sleep": 60}}}},
+        {SOFT_TAG: "3", HARD_TAG: "5"},
+    )
+
+    # Then the first run failed at its soft limit, saying which, and its op was interrupted and cleaned up
+    soft_said = f"Run {soft_id} exceeded its soft time limit of 3 s, set by run tag {SOFT_TAG}, and was interrupted."
+    wait_for(lambda: "cleaned up" in marker_lines(soft_dir, "run_cleans_up"), timeout=30, what="the op's cleanup")
+    run = wait_finished(launcher_instance, soft_id)
+    assert run.status == DagsterRunStatus.FAILURE
+    [failure] = launcher_instance.all_logs(soft_id, of_type=DagsterEventType.RUN_FAILURE)
+    assert failure.dagster_event.message == soft_said
+    # and the second one failed at its soft limit too, which its op ignored, and its process was killed
+    # at the hard limit, which its log names
+    hard_said = (
+        f"Run {hard_id} exceeded its hard time limit of 5 s, set by run tag {HARD_TAG}, and its process was killed."
+    )
+    wait_for(lambda: hard_said in messages(launcher_instance, hard_id), timeout=30, what="the hard limit's kill")
+    start, ignored = marker_lines(hard_dir, "run_ignores_interrupts")
+    assert ignored == "ignored"
+    wait_for(lambda: not pid_alive(int(start.split()[1])), timeout=10, what="the run process to be gone")
+    assert launcher_instance.get_run_by_id(hard_id).status == DagsterRunStatus.FAILURE
+    assert f"Run {hard_id} exceeded its soft time limit of 3 s" in messages(launcher_instance, hard_id)
+    assert "exceeded its hard time limit of 5 s, set by run tag" in runner.log()
+
+
+def test_a_bad_run_limit_tag_fails_the_launch_naming_the_tag_and_the_run(launcher_instance, tmp_path):
+    # Given a run tagged dagster-taskiq/time_limit=soon
+    with pytest.raises(ConfigError):
+        launch_in_process(
+            launcher_instance,
+            jobs.launched_long,
+            {"ops": {"run_long": {"config": {"marker_dir": str(tmp_path)}}}},
+            {HARD_TAG: "soon"},
+        )
+    # Then its launch failed, and so did the run, with one sentence in its log naming the tag and the run
+    [run] = launcher_instance.get_runs(limit=1)
+    assert run.status == DagsterRunStatus.FAILURE and TASK_ID_TAG not in run.tags  # nothing was sent
+    assert (
+        f"tag {HARD_TAG}='soon' on run {run.run_id} must be a positive number of seconds (for example '300' or "
+        "'1.5'); fix the tag." in messages(launcher_instance, run.run_id)
+    )
 
 
 @pytest.mark.slow
