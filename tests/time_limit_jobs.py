@@ -70,6 +70,21 @@ def retried_after_time_limit():
     slow_the_first_time()
 
 
+@op(tags={SOFT: "30", HARD: "60"})
+def quick_but_limited() -> int:
+    return 1
+
+
+@op
+def quick_unlimited(x: int) -> int:
+    return x + 1
+
+
+@job(executor_def=taskiq_executor)
+def eager_limited():  # run with task_always_eager: true
+    quick_unlimited(quick_but_limited())
+
+
 @op(tags={HARD: "soon"})
 def badly_limited() -> int:
     return 1

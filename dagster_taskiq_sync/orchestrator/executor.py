@@ -29,7 +29,6 @@ from dagster_taskiq_sync._dagster.execution import (
 )
 from dagster_taskiq_sync._dagster.names import (
     EngineEventData,
-    InProcessExecutor,
     RetryMode,
     check,
 )
@@ -37,6 +36,7 @@ from dagster_taskiq_sync._dagster.sqlite import run_event_log_path
 from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
 from dagster_taskiq_sync.config.schema import TASKIQ_CONFIG
 from dagster_taskiq_sync.errors import ConfigError, TaskiqSyncError
+from dagster_taskiq_sync.orchestrator.eager import EagerExecutor
 from dagster_taskiq_sync.orchestrator.fair_share import LaunchPolicy, live_slots
 from dagster_taskiq_sync.orchestrator.step_handler import DB_SLOW_SECONDS, TaskiqStepHandler
 from dagster_taskiq_sync.storage.event_watch import RunBell, run_bell
@@ -107,8 +107,9 @@ def taskiq_executor(init_context):  # Dagster's executor factory
         settings, config_error = Settings(), exc
     if config_error is None and settings.always_eager:
         # Celery's task_always_eager runs tasks inline, without a broker; dagster-celery's eager
-        # tests rely on it. Dagster's in-process executor is exactly that.
-        return InProcessExecutor(retries=check.not_none(RetryMode.from_config(config["retries"])))
+        # tests rely on it. Dagster's in-process executor is exactly that (which says in the run's
+        # log which steps' time limits it cannot apply).
+        return EagerExecutor(settings, retries=check.not_none(RetryMode.from_config(config["retries"])))
     return TaskiqExecutor(
         settings,
         retries=check.not_none(RetryMode.from_config(config["retries"])),

@@ -4,6 +4,8 @@ run before anything is sent. The limits travel in the step's message, so the sha
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from dagster import DagsterEventType, execute_job, reconstructable
 
@@ -81,6 +83,7 @@ def test_a_retry_policy_retries_a_step_its_time_limit_stopped(workers, instance,
     assert len(events_of(instance, result.run_id, DagsterEventType.STEP_RESTARTED)) == 1  # attempt 2
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["workers", "eager"])
 @pytest.mark.parametrize(
     "job_fn, expected",
     [
@@ -89,9 +92,10 @@ def test_a_retry_policy_retries_a_step_its_time_limit_stopped(workers, instance,
     ],
     ids=["op", "asset"],
 )
-def test_a_bad_limit_tag_fails_the_run_before_any_step_is_sent(instance, executor_config, job_fn, expected):
+def test_a_bad_limit_tag_fails_the_run_before_any_step_is_sent(instance, executor_config, job_fn, expected, eager):
     # Given an op (or an asset's op_tags) with a limit tag that is not a positive number of seconds
-    result = run(job_fn, instance, executor_config)
+    # (in eager mode too, where limits do not apply: the same job on workers would fail)
+    result = run(job_fn, instance, executor_config, **({"task_always_eager": True} if eager else {}))
 
     # Then the run fails with one sentence naming the tag and the op, and no step was sent or run
     assert not result.success
@@ -99,3 +103,19 @@ def test_a_bad_limit_tag_fails_the_run_before_any_step_is_sent(instance, executo
     assert any(expected in e for e in errors), errors
     assert not events_of(instance, result.run_id, DagsterEventType.STEP_WORKER_STARTING)
     assert not events_of(instance, result.run_id, DagsterEventType.STEP_START)
+
+
+def test_eager_mode_warns_in_the_runs_log_which_steps_limits_do_not_apply(instance, executor_config):
+    # Given a job with one op tagged with time limits and one without, run in eager mode
+    with run(jobs.eager_limited, instance, executor_config, task_always_eager=True) as result:
+        # Then it runs in the run's own process, as before
+        assert result.success and result.output_for_node("quick_unlimited") == 2
+
+    # and the run's log warns, once, that the tagged op's limits do not apply there, and why
+    warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == logging.WARNING]
+    [warning] = [w for w in warnings if "time limits" in w.lower()]
+    assert warning.startswith(
+        "Time limits do not apply in eager mode (task_always_eager: true): step quick_but_limited asks for one "
+        f"(op tag {jobs.SOFT}; op tag {jobs.HARD}), but steps run one by one in the run's own process"
+    )
+    assert "quick_unlimited" not in warning

@@ -1,6 +1,7 @@
 """The rules of a launched run's time limits (TaskiqRunLauncher): where they come from, what its
 message carries, what the worker's supervision does to the run child and tells the run's instance
-(injected clock, an in-memory instance, no processes)."""
+(injected clock, an in-memory instance, no processes); and what eager mode says about limits it
+cannot apply."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DagsterRunSta
 from dagster_taskiq_sync import TaskiqRunLauncher
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.ops.metrics import WorkerMetrics
+from dagster_taskiq_sync.orchestrator.eager import ignored_limits_warning
 from dagster_taskiq_sync.wire.messages import MalformedMessage, RunMessage, TaskKind, decode, encode
 from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.wire.time_limits import (
@@ -230,3 +232,21 @@ def test_a_run_child_gets_its_messages_limits_never_the_workers_own(instance, ca
     request._start()
     # Then the run child is supervised with the run's own limits (its tags, the launcher's), or none
     assert request.limits == carried
+
+
+# --- eager mode -------------------------------------------------------------------------------------------------
+
+
+def test_eager_mode_names_the_steps_whose_limits_it_cannot_apply():
+    tagged = StepLimits(Limit(HARD, 60.0, Source.TAG), None)
+    run_wide = StepLimits(None, Limit(SOFT, 30.0, Source.RUN))
+    assert ignored_limits_warning({}) is None
+    assert ignored_limits_warning({"export": tagged, "load": run_wide}) == (
+        "Time limits do not apply in eager mode (task_always_eager: true): steps export, load ask for one (op tag "
+        f"{HARD_TAG}; task_soft_time_limit in the run's config), but steps run one by one in the run's own process, "
+        "which no worker supervises; run them on workers (task_always_eager: false) to enforce the limits."
+    )
+    many = {f"s{i:02d}": tagged for i in range(12)}
+    assert "steps s00, s01, s02, s03, s04, s05, s06, s07, s08, s09 and 2 more ask for one" in ignored_limits_warning(
+        many
+    )
