@@ -238,9 +238,16 @@ def _on_soft_limit(signum: int, frame: Any) -> None:
     retry.start()
 
 
-def install_soft_time_limit(signum: int) -> None:
-    """Take ``signum`` as the worker's "soft time limit reached" in this process (step children only)."""
-    signal.signal(signum, _on_soft_limit)
+def install_soft_time_limit(signum: int) -> Any:
+    """Take ``signum`` as "soft time limit reached" in this process (a step child; an eager run's
+    process while the run executes, main thread only); returns the handler it replaced."""
+    return signal.signal(signum, _on_soft_limit)
+
+
+def arm_soft_time_limit(sentence: str | None) -> None:
+    """From now on the soft-limit signal interrupts the running step with ``sentence`` (None: it is
+    ignored); for code that cannot use :func:`soft_time_limit`'s block (an executor's generator)."""
+    _armed["sentence"] = sentence
 
 
 @contextlib.contextmanager

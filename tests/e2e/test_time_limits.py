@@ -105,17 +105,47 @@ def test_a_bad_limit_tag_fails_the_run_before_any_step_is_sent(instance, executo
     assert not events_of(instance, result.run_id, DagsterEventType.STEP_START)
 
 
-def test_eager_mode_warns_in_the_runs_log_which_steps_limits_do_not_apply(instance, executor_config):
-    # Given a job with one op tagged with time limits and one without, run in eager mode
+def test_eager_mode_warns_in_the_runs_log_which_steps_hard_limits_do_not_apply(instance, executor_config):
+    # Given a job with one op tagged with both limits and one without, run in eager mode
     with run(jobs.eager_limited, instance, executor_config, task_always_eager=True) as result:
         # Then it runs in the run's own process, as before
         assert result.success and result.output_for_node("quick_unlimited") == 2
 
-    # and the run's log warns, once, that the tagged op's limits do not apply there, and why
+    # and the run's log warns, once, that the tagged op's hard limit does not apply there, and why
     warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == logging.WARNING]
-    [warning] = [w for w in warnings if "time limits" in w.lower()]
+    [warning] = [w for w in warnings if "time limit" in w.lower()]
     assert warning.startswith(
-        "Time limits do not apply in eager mode (task_always_eager: true): step quick_but_limited asks for one "
-        f"(op tag {jobs.SOFT}; op tag {jobs.HARD}), but steps run one by one in the run's own process"
+        "Hard time limits do not apply in eager mode (task_always_eager: true): step quick_but_limited asks for one "
+        f"(op tag {jobs.HARD}), but steps run one by one in the run's own process"
     )
-    assert "quick_unlimited" not in warning
+
+
+def test_in_eager_mode_a_soft_limit_interrupts_the_op_and_a_retry_policy_retries_it(instance, executor_config):
+    # Given an op with RetryPolicy(max_retries=1), slow only on its first attempt, under a run-wide
+    # task_soft_time_limit, run in eager mode
+    with run(
+        jobs.retried_after_time_limit, instance, executor_config, task_soft_time_limit=1, task_always_eager=True
+    ) as result:
+        # Then the first attempt was interrupted at its limit and retried in the same process
+        assert result.success
+        assert result.output_for_node("slow_the_first_time") == 1
+
+    [retry] = events_of(instance, result.run_id, DagsterEventType.STEP_UP_FOR_RETRY)
+    text = error_text(retry.dagster_event.event_specific_data.error)
+    assert (
+        "Step slow_the_first_time exceeded its soft time limit of 1 s, set by task_soft_time_limit in the run's config"
+        in text
+    )
+
+
+def test_in_eager_mode_a_soft_limit_interrupts_the_op_which_cleans_up(instance, executor_config, tmp_path):
+    # Given an op tagged dagster-taskiq/soft_time_limit=1 that sleeps and cleans up, run in eager mode
+    with run(jobs.soft_limited, instance, executor_config, tmp_path, "cleans_up", task_always_eager=True) as result:
+        assert not result.success
+
+    # Then the op saw Dagster's interrupt, saying which limit, and its cleanup ran; its step's failure says it
+    cleaned = (tmp_path / "cleaned_up").read_text()
+    assert cleaned.startswith("SoftTimeLimitExceeded: Step cleans_up exceeded its soft time limit of 1 s, set by ")
+    [failure] = events_of(instance, result.run_id, DagsterEventType.STEP_FAILURE)
+    text = error_text(failure.dagster_event.step_failure_data.error)
+    assert "Step cleans_up exceeded its soft time limit of 1 s, set by op tag dagster-taskiq/soft_time_limit" in text

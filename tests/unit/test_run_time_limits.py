@@ -238,15 +238,21 @@ def test_a_run_child_gets_its_messages_limits_never_the_workers_own(instance, ca
 
 
 def test_eager_mode_names_the_steps_whose_limits_it_cannot_apply():
-    tagged = StepLimits(Limit(HARD, 60.0, Source.TAG), None)
-    run_wide = StepLimits(None, Limit(SOFT, 30.0, Source.RUN))
+    hard = Limit(HARD, 60.0, Source.TAG)
+    soft = Limit(SOFT, 30.0, Source.RUN)
     assert ignored_limits_warning({}) is None
-    assert ignored_limits_warning({"export": tagged, "load": run_wide}) == (
-        "Time limits do not apply in eager mode (task_always_eager: true): steps export, load ask for one (op tag "
-        f"{HARD_TAG}; task_soft_time_limit in the run's config), but steps run one by one in the run's own process, "
-        "which no worker supervises; run them on workers (task_always_eager: false) to enforce the limits."
+    assert ignored_limits_warning({"export": []}) is None  # its soft limit applies: nothing to say
+    assert ignored_limits_warning({"export": [hard]}) == (
+        "Hard time limits do not apply in eager mode (task_always_eager: true): step export asks for one (op tag "
+        f"{HARD_TAG}), but steps run one by one in the run's own process, which no worker supervises; run them on "
+        "workers (task_always_eager: false) to enforce the limits."
     )
-    many = {f"s{i:02d}": tagged for i in range(12)}
+    # a run executing outside the main thread cannot take the soft-limit signal either
+    assert ignored_limits_warning({"export": [hard], "load": [soft]}).startswith(
+        "Hard and soft time limits do not apply in eager mode (task_always_eager: true): steps export, load ask for "
+        f"one (op tag {HARD_TAG}; task_soft_time_limit in the run's config), "
+    )
+    many = {f"s{i:02d}": [hard] for i in range(12)}
     assert "steps s00, s01, s02, s03, s04, s05, s06, s07, s08, s09 and 2 more ask for one" in ignored_limits_warning(
         many
     )
