@@ -145,7 +145,7 @@ class RunProcess:
         if self.process.exitcode is None and self.process.pid:
             os.kill(self.process.pid, signal.SIGINT)
 
-    def soft_interrupt(self) -> None:  # runs have no time limit; the same as a terminate
+    def soft_interrupt(self) -> None:  # a run's soft time limit: interrupted as a terminate does
         self.interrupt()
 
     def cannot_run_reason(self) -> CannotRunReason | None:

@@ -120,6 +120,7 @@ def test_eager_mode_warns_in_the_runs_log_which_steps_hard_limits_do_not_apply(i
     )
 
 
+@pytest.mark.compat  # in-process too, the soft limit rides on Dagster's private interrupt handling
 def test_in_eager_mode_a_soft_limit_interrupts_the_op_and_a_retry_policy_retries_it(instance, executor_config):
     # Given an op with RetryPolicy(max_retries=1), slow only on its first attempt, under a run-wide
     # task_soft_time_limit, run in eager mode
