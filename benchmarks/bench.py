@@ -43,6 +43,7 @@ from .bench_plan import (
 from .bench_report import Report, write
 from .bench_results import Results
 from .bench_runner import Runner
+from .bench_summary import invocation_ended, invocation_started
 from .jobs import workload_spec
 from .services import ROOT, ServiceError
 
@@ -91,7 +92,10 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run nothing: write the report, JSON and chart from the --include files",
     )
-    parser.add_argument("--out", help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir)")
+    parser.add_argument(
+        "--out",
+        help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir)",
+    )
     return parser
 
 
@@ -157,7 +161,15 @@ def _results(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> Resul
     return results
 
 
+def report_results(include: list[str]) -> Results:
+    """The Results ``--report-only --include FILE ...`` reports."""
+    parser = _parser()
+    opts = _options(parser, ["--report-only", *(arg for path in include for arg in ("--include", path))])
+    return _results(parser, opts)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     opts = _options(parser, argv)
     workdir = Path(tempfile.mkdtemp(prefix="dagster-taskiq-bench-"))
@@ -176,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         if storages_run:
             fleet.start_brokers()
         for storage in storages_run:
+            results.invocations[storage] = invocation_started(argv, ROOT)
             runner.run_storage(storage)
+            invocation_ended(results.invocations[storage])
     except (ServiceError, RuntimeError) as exc:
         print(f"bin/bench: {exc}", file=sys.stderr)
         return 1

@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 from .bench_plan import BASELINES, CLI_WORKER, CONCURRENCY, EMBEDDED, LABELS, RUN_EDGES, SEGMENTS, log
-from .bench_results import Results, versions
+from .bench_results import Results
+from .bench_summary import provenance
 from .jobs import job_steps, workload_spec
 
 
@@ -37,11 +36,18 @@ class Report:
         counts = sorted({len(m.walls) for m in self.results.measurements.values()}) or [self.opts.repeats]
         repeats = "-".join(str(n) for n in (counts[0], counts[-1]) if n) if counts[0] != counts[-1] else str(counts[0])
         lines = [
-            f"Machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; concurrency {CONCURRENCY}; "
-            f"{repeats} repeat(s), median wall seconds of `execute_job` (min-max).",
+            f"Concurrency {CONCURRENCY}; {repeats} repeat(s), median wall seconds of `execute_job` (min-max).",
+            "",
+            "Measured by (`unknown`: an older results file did not record it):",
             "",
         ]
-        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
+        lines += [f"- {provenance(self.results, storage)}" for storage in self.opts.storages]
+        groups: dict[str, list[str]] = {}  # storages measured with the same versions share a line
+        for storage in self.opts.storages:
+            found = self.results.invocations.get(storage, {}).get("versions")
+            text = ", ".join(f"{k} {v}" for k, v in found.items()) if found else "unknown"
+            groups.setdefault(text, []).append(storage)
+        lines += [f"\nVersions ({', '.join(storages)}): {text}" for text, storages in groups.items()]
         for path, storages in self.results.included:
             lines += [
                 "",

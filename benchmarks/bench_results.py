@@ -45,6 +45,8 @@ class Results:
         self.redis_commands: dict[tuple[str, str], list[dict[str, Any]]] = {}  # celery only
         self.payload_bytes: dict[tuple[str, str], list[int]] = {}  # taskiq only
         self.skipped: dict[tuple[str, str], str] = {}  # (workload, contender) -> why
+        # storage -> its invocation's provenance (bench_summary.invocation_started)
+        self.invocations: dict[str, dict[str, Any]] = {}
 
     # -- recording --
 
@@ -341,10 +343,11 @@ class Results:
             "redis_commands": {f"{s}/{w}": v for (s, w), v in self.redis_commands.items()},
             "payload_bytes": {f"{s}/{w}": v for (s, w), v in self.payload_bytes.items()},
             "skipped": [{"workload": w, "contender": c, "why": why} for (w, c), why in self.skipped.items()],
+            "invocations": self.invocations,
             # derived from the above (recomputed, not read, by --include): each figure and its ratios
             "figures": self.figures(),
             "targets": self.targets(),
-            "versions": versions(),
+            "versions": versions(),  # the writing process's; each storage's measuring one is in invocations
         }
 
     def include(self, path: Path) -> None:
@@ -378,6 +381,8 @@ class Results:
                 storage, workload = key.split("/", 1)
                 if storage in added:
                     target[(storage, workload)] = value
+        for storage in added:  # an older file has no provenance but the versions it was written with
+            self.invocations[storage] = raw.get("invocations", {}).get(storage) or {"versions": raw.get("versions")}
         for item in raw.get("skipped", []):
             self.skipped.setdefault((item["workload"], item["contender"]), item["why"])
         if not added:
