@@ -43,7 +43,7 @@ from .bench_plan import (
 from .bench_report import Report, write
 from .bench_results import Results
 from .bench_runner import Runner
-from .bench_summary import invocation_ended, invocation_started
+from .bench_summary import invocation_ended, invocation_started, write_readme, writes_readme
 from .jobs import workload_spec
 from .services import ROOT, ServiceError
 
@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir)",
+        help="where benchmark.md/.json/.png go (default docs/; --quick: the work dir); writing docs/ "
+        "also rewrites the summary block of README.md's Benchmark section (never with --quick)",
     )
     return parser
 
@@ -162,7 +163,8 @@ def _results(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> Resul
 
 
 def report_results(include: list[str]) -> Results:
-    """The Results ``--report-only --include FILE ...`` reports."""
+    """The Results ``--report-only --include FILE ...`` reports (what tests/unit/test_bench_docs.py
+    renders the README's block from)."""
     parser = _parser()
     opts = _options(parser, ["--report-only", *(arg for path in include for arg in ("--include", path))])
     return _results(parser, opts)
@@ -200,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + text)
     out = Path(opts.out) if opts.out else (workdir if opts.quick else ROOT / "docs")
     write(results, out, text)
+    if writes_readme(out, opts.quick, ROOT):
+        try:
+            write_readme(results, ROOT / "README.md")
+        except ValueError as exc:
+            print(f"bin/bench: {exc}", file=sys.stderr)
+            return 1
+        log(f"rewrote the summary block of {ROOT / 'README.md'}")
     return 0
 
 
