@@ -33,6 +33,7 @@ EMBEDDED_TARGET = 1.1  # embedded / CLI worker, summed over the workloads both r
 # step on the 2-core reference machine): a 1000-step run takes ~30 min. Measurements with more
 # steps than this skip it (--run-skipped runs them).
 MULTIPROCESS_MAX_STEPS = 200
+CELERY_MAX_STEPS = 200  # dagster-celery beyond this: --run-skipped
 QUICK_MULTIPROCESS_MAX_STEPS = 8  # --quick: the three original smoke workloads only
 STORAGES = ("sqlite", "postgres")
 CONCURRENCY = 4
@@ -69,6 +70,13 @@ def skip_reason(contender: str, spec: Workload, quick: bool = False) -> str | No
         return (
             f"{spec.steps} steps: multiprocess_executor starts a process per step (fanout-100 took "
             f"~1.7 s of wall time per step here), so ~{spec.steps * 1.7 / 60:.0f} min per measurement; "
+            "`--run-skipped` runs it anyway"
+        )
+    if contender == "celery" and not quick and spec.steps > CELERY_MAX_STEPS:
+        return (
+            f"{spec.steps} steps: dagster-celery takes ~0.24 s of wall time per step on a fan-out here "
+            f"(fanout-1000: 238 s on sqlite, 268 s on PostgreSQL, bin/bench of 2026-12-01), so "
+            f"~{spec.steps * 0.24 / 60:.0f} min per measurement and as much again for its warm-up; "
             "`--run-skipped` runs it anyway"
         )
     return None

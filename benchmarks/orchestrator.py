@@ -185,6 +185,13 @@ class Runner:
 
         from .jobs import reconstructable_job
 
+        profile_dir = os.environ.get("BENCH_PROFILE_DIR")  # cProfile of each run's orchestrating thread
+        profiler = None
+        if profile_dir:
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         started, wall_started = time.perf_counter(), time.time()
         result = execute_job(
             reconstructable_job(job, self.contender),
@@ -194,6 +201,9 @@ class Runner:
             tags=tags,
         )
         ended, wall_ended = time.perf_counter(), time.time()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{self.contender}-{job}-{result.run_id[:8]}.prof"))
         return {
             "job": job,
             "run_id": result.run_id,
