@@ -302,7 +302,9 @@ class TaskiqExecutor(PollingStepDelegatingExecutor):
                     raise self._config_error
                 self._check_time_limits(execution_plan)  # before anything is sent
                 stack.enter_context(
-                    self._taskiq_handler.connected(plan_context.instance, plan_context.run_id, sorted(queues))
+                    self._taskiq_handler.connected(
+                        plan_context.instance, plan_context.run_id, sorted(queues), bulk=bool(handler.lanes)
+                    )
                 )
             except TaskiqSyncError as exc:
                 # One sentence in the run's log before Dagster records the failure.

@@ -36,9 +36,9 @@ from dagster_taskiq_sync.storage.liveness import (
     LivenessStore,
     StepRecord,
 )
-from dagster_taskiq_sync.wire.bridge import shared_bridge
+from dagster_taskiq_sync.wire.bridge import Bridge, shared_bridge
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
-from dagster_taskiq_sync.wire.lanes import BULK, LANE_TAG
+from dagster_taskiq_sync.wire.lanes import BULK, BULK_ORCHESTRATOR_NICENESS, LANE_TAG, lowered_thread_priority
 from dagster_taskiq_sync.wire.messages import (
     RUN_PRIORITY_TAGS,
     STEP_PRIORITY_TAGS,
@@ -94,9 +94,20 @@ class TaskiqStepHandler(StepHandler):
         return "TaskiqStepHandler"
 
     @contextlib.contextmanager
-    def connected(self, instance: Any, run_id: str, queues: list[str]) -> Iterator[BrokerClient]:
+    def connected(self, instance: Any, run_id: str, queues: list[str], bulk: bool = False) -> Iterator[BrokerClient]:
+        """SQS clients and the step sender for the run's ``queues``. A ``bulk`` run's orchestrating
+        thread yields the CPU to interactive runs for the run (lanes.lowered_thread_priority), and
+        so do the threads it starts: its sender, and an event-loop thread of its own (an
+        interactive run in the same process keeps the process's shared one, at its priority)."""
         self._run_id = run_id
-        with shared_bridge() as bridge:
+        with contextlib.ExitStack() as stack:
+            if bulk:
+                stack.enter_context(
+                    lowered_thread_priority(BULK_ORCHESTRATOR_NICENESS, f"the orchestrating thread of run {run_id}")
+                )
+                bridge = stack.enter_context(Bridge(name=f"taskiq-bridge-bulk-{run_id[:8]}"))
+            else:
+                bridge = stack.enter_context(shared_bridge())
             client = BrokerClient(self.settings.sqs, bridge, queues, keyring=self.settings.keyring, dead_letters=False)
             client.start()
             sender = self.sender = StepSender(client, instance, self.settings.broker_outage_timeout)

@@ -22,16 +22,27 @@ queues then keep one group's backlog from delaying the others' messages (dwell t
 
 from __future__ import annotations
 
+import logging
+import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 from dagster_taskiq_sync.errors import ConfigError
 
+log = logging.getLogger("dagster_taskiq_sync.lanes")
 BULK, INTERACTIVE = "bulk", "interactive"
 LANE_TAG = "dagster-taskiq/lane"  # "bulk" or "interactive": wins over the rules below
 BACKFILL_TAG = "dagster/backfill"  # Dagster's backfill daemon puts it on every run it launches
 LANE_SUFFIX = "-bulk"
 INTERACTIVE_RESERVE = 1  # slots a worker busy with bulk steps keeps for the interactive lane
+# CPU priority (niceness, added) of what works for a bulk run: its steps' processes on workers get
+# nice's maximum, so on a busy machine they run on what interactive work leaves (yet never starve
+# outright, as SCHED_IDLE could while holding a database lock); its orchestrating thread gets
+# nice's default, so it still keeps the backfill's steps coming.
+BULK_STEP_NICENESS = 19
+BULK_ORCHESTRATOR_NICENESS = 10
 GROUP_ID_LIMIT = 128  # SQS's limit on a MessageGroupId
 _NOT_IN_GROUP_ID = re.compile(r"[^!-~]")  # SQS takes printable ASCII without spaces
 
@@ -100,3 +111,27 @@ def message_group(run_id: str, run_tags: Mapping[str, str], tag: str | None) -> 
     value = run_tags.get(tag) if tag else None
     group = _NOT_IN_GROUP_ID.sub("_", value) if value else run_id
     return group[:GROUP_ID_LIMIT]
+
+
+@contextmanager
+def lowered_thread_priority(niceness: int, what: str) -> Iterator[bool]:
+    """Run the block in this thread at ``niceness`` more (threads it starts inherit it), and try to
+    come back after it. Linux keeps a niceness per thread; lowering it needs no privilege, raising it
+    back does (root, CAP_SYS_NICE or RLIMIT_NICE), so without them this thread stays lowered, as
+    the debug log says. Yields whether the priority was lowered (False where it cannot be: another
+    OS, or a refusal)."""
+    tid = threading.get_native_id()
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, before + niceness))
+    except (AttributeError, OSError) as exc:
+        log.debug("could not lower the CPU priority of %s: %s", what, exc)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, before)
+        except OSError:
+            log.debug("%s keeps niceness %d: raising it back needs CAP_SYS_NICE", what, min(19, before + niceness))

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 from dagster_taskiq_sync._dagster.names import OPTIONAL_PRELOAD_MODULES, PRELOAD_MODULES
 from dagster_taskiq_sync.storage.instance import InstanceOptions
+from dagster_taskiq_sync.wire.lanes import BULK_STEP_NICENESS
 from dagster_taskiq_sync.wire.tracing import TraceContext, preload_modules
 from dagster_taskiq_sync.worker.child_pipe import (
     REPLY_MAX_BYTES,
@@ -68,7 +69,6 @@ from dagster_taskiq_sync.worker.key_guard import (
 from dagster_taskiq_sync.worker.step_child import run_run_in_child, serve_steps
 
 log = logging.getLogger("dagster_taskiq_sync.worker")
-BULK_NICENESS = 10  # nice(1)'s default: a bulk step's child gets about a tenth of a contended core
 _MAIN_KEYS = ("init_main_from_path", "init_main_from_name")  # what makes a child re-run __main__
 _starting = threading.local()  # set while this thread starts a child of ours
 _host_preparation_data = mp_spawn.get_preparation_data
@@ -340,11 +340,12 @@ class StepRunner:
 
     def _lower_priority(self, child: StepChild) -> None:
         """Bulk steps yield the cores to interactive ones (and to the worker itself): the child's
-        niceness goes up by BULK_NICENESS, once; it cannot come back down without privileges."""
+        niceness goes up by BULK_STEP_NICENESS (to nice's maximum), once; it cannot come back down
+        without privileges."""
         child.niced = True
         pid = child.process.pid
         try:
-            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + BULK_NICENESS))
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + BULK_STEP_NICENESS))
         except OSError as exc:
             if not self._nice_refused:
                 self._nice_refused = True

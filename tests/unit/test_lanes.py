@@ -3,7 +3,9 @@ between the interactive and the bulk lane (``wire/lanes.py``, ``worker/capacity.
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 
 import pytest
 
@@ -11,8 +13,10 @@ from dagster_taskiq_sync.config.celery_compat import settings_from_executor_conf
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.wire.lanes import (
     BULK,
+    BULK_ORCHESTRATOR_NICENESS,
     INTERACTIVE,
     lane_queue,
+    lowered_thread_priority,
     message_group,
     run_lane,
     with_lanes,
@@ -272,3 +276,34 @@ def test_iam_policy_grants_the_lanes_of_a_config_with_lanes(tmp_path):
     assert out.exit_code == 0, out.output
     assert "arn:aws:sqs:us-east-1:123456789012:dagster-bulk" in out.output
     assert "arn:aws:sqs:us-east-1:123456789012:dagster-bulk-dlq" in out.output
+
+
+def test_a_bulk_runs_orchestrating_thread_and_the_threads_it_starts_yield_the_cpu_until_the_run_ends():
+    # Given a thread of this process at its normal priority
+    seen: dict[str, int] = {}
+
+    def orchestrate() -> None:
+        tid = threading.get_native_id()
+        seen["before"] = os.getpriority(os.PRIO_PROCESS, tid)
+        # When it orchestrates a bulk run, and starts a sender thread meanwhile
+        with lowered_thread_priority(BULK_ORCHESTRATOR_NICENESS, "test") as lowered:
+            seen["lowered"] = lowered
+            seen["during"] = os.getpriority(os.PRIO_PROCESS, tid)
+            sender = threading.Thread(
+                target=lambda: seen.__setitem__("sender", os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            )
+            sender.start()
+            sender.join()
+        seen["after"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    thread = threading.Thread(target=orchestrate)
+    thread.start()
+    thread.join()
+    # Then both ran at the lower priority, while the rest of the process did not
+    expected = min(19, seen["before"] + BULK_ORCHESTRATOR_NICENESS)
+    assert seen["lowered"] is True
+    assert seen["during"] == seen["sender"] == expected
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == seen["before"]
+    # And afterwards the thread is back where it was when raising is allowed (root here), else stays lowered
+    may_raise = os.geteuid() == 0
+    assert seen["after"] == (seen["before"] if may_raise else expected)
