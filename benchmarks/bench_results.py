@@ -123,6 +123,17 @@ class Results:
                             "met": value <= limit,
                         }
                     )
+            per_step = self.sqs_requests_per_step(storage, big_fanout) if big_fanout else None
+            if per_step is not None:  # issue 20: the 1000-way fan-out's SQS requests per step
+                rows.append(
+                    {
+                        "storage": storage,
+                        "what": f"{big_fanout}: taskiq SQS requests per step (counted at the endpoint)",
+                        "value": per_step,
+                        "target": 1.4,
+                        "met": per_step <= 1.4,
+                    }
+                )
             rows += self._embedded_targets(storage)
             rows += self._backfill_targets(storage)
             rows += self._overhead_targets(storage)
@@ -299,6 +310,14 @@ class Results:
                     row[f"ratio_to_{base}"] = value / other if other else None
                 rows.append(row)
         return rows + self._request_figures()
+
+    def sqs_requests_per_step(self, storage: str, workload: str) -> float | None:
+        """SQS requests (not S3) counted at the endpoint per step of ``workload``, over its repeats."""
+        records = self.requests.get((storage, workload))
+        if not records:
+            return None
+        steps = sum(r["steps"] for r in records)
+        return sum(n for r in records for op, n in r["counts"].items() if " SQS " in f" {op} ") / steps
 
     def _request_figures(self) -> list[dict[str, Any]]:
         rows = []
