@@ -336,6 +336,15 @@ class StepRunner:
             if len(self._idle) < max(1, self.max_idle):
                 self._idle.append(child)
                 return
+            if not child.niced:
+                # The pool is full of a backfill's lowered children: keep this one instead of one of
+                # them, or every interactive step after a backfill would fork a child and load its
+                # job anew (a fanout-1000 took 60 s instead of 30); a bulk step may still take it.
+                lowered = next((c for c in self._idle if c.niced), None)
+                if lowered is not None:
+                    self._idle.remove(lowered)
+                    self._idle.append(child)
+                    child = lowered
         child.close()  # more idle children than slots: forked for an interactive step while all were niced
 
     def _lower_priority(self, child: StepChild) -> None:

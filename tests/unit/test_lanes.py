@@ -11,6 +11,7 @@ import pytest
 
 from dagster_taskiq_sync.config.celery_compat import settings_from_executor_config
 from dagster_taskiq_sync.errors import ConfigError
+from dagster_taskiq_sync.storage.instance import InstanceOptions
 from dagster_taskiq_sync.wire.lanes import (
     BULK,
     BULK_ORCHESTRATOR_NICENESS,
@@ -23,6 +24,7 @@ from dagster_taskiq_sync.wire.lanes import (
 )
 from dagster_taskiq_sync.wire.messages import RUN_PRIORITY_TAGS, STEP_PRIORITY_TAGS, int_tag
 from dagster_taskiq_sync.worker.capacity import Capacity
+from dagster_taskiq_sync.worker.step_runner import StepChild, StepRunner
 
 # --- which lane a run takes ---------------------------------------------------------------------
 
@@ -307,3 +309,50 @@ def test_a_bulk_runs_orchestrating_thread_and_the_threads_it_starts_yield_the_cp
     # And afterwards the thread is back where it was when raising is allowed (root here), else stays lowered
     may_raise = os.geteuid() == 0
     assert seen["after"] == (seen["before"] if may_raise else expected)
+
+
+class _FakeProcess:
+    exitcode = None
+    pid = 0
+
+    def join(self, timeout: float) -> None:
+        self.exitcode = 0
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeConn:
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def send(self, message) -> None:
+        self.sent.append(message)
+
+    def close(self) -> None:
+        pass
+
+
+def _child(niced: bool) -> StepChild:
+    return StepChild(_FakeProcess(), _FakeConn(), niced=niced)
+
+
+def test_after_a_backfill_an_interactive_child_is_kept_in_place_of_a_lowered_idle_one():
+    # Given a worker of 2 slots whose idle pool holds the backfill's two lowered children
+    runner = StepRunner("unused", InstanceOptions())
+    runner.max_idle = 2
+    lowered = [_child(niced=True), _child(niced=True)]
+    runner._idle.extend(lowered)
+    # When an interactive step's child (forked because none idle was at full priority) is given back
+    interactive = _child(niced=False)
+    runner.give_back(interactive)
+    # Then it stays for the next interactive step and one lowered child is stopped instead
+    assert interactive in runner._idle and len(runner._idle) == 2
+    stopped = [c for c in lowered if c not in runner._idle]
+    assert len(stopped) == 1 and stopped[0].process.exitcode is not None
+    assert interactive.process.exitcode is None
+    # And a lowered child given back to a full pool is the one stopped
+    extra = _child(niced=True)
+    runner.give_back(extra)
+    assert extra not in runner._idle and extra.process.exitcode is not None
+    assert interactive in runner._idle
