@@ -52,6 +52,7 @@ def exercise(metrics: NullMetrics) -> None:
     metrics.step_failed("dagster", "etl", 0.2)
     metrics.step_killed("dagster", "etl", 30.0)
     metrics.step_time_limited("dagster", "soft")
+    metrics.run_time_limited("dagster", "hard")
     metrics.step_dropped_duplicate("dagster")
     metrics.message_dead_lettered("dagster", "malformed")
     metrics.visibility_extended(3)
