@@ -5,7 +5,8 @@ trusts its worker). What comes back was written by a process that runs user code
 unpickled: a step child answers each :class:`RunStep` with one :class:`StepDone` as a few bytes of
 JSON, and a run child reports a :class:`CannotRunReason` as its value's bytes. Anything else on
 the pipe (a reply to another step, a longer message, bytes that do not parse) is
-:class:`BadReply`, and the worker stops using that child.
+:class:`BadReply`, and the worker stops using that child. :class:`StepChild` is the worker's
+handle on one reusable step child (its process and its end of the pipe).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import signal
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Any
 
 from dagster_taskiq_sync.storage.run_report import PICKED_UP_KEY
 from dagster_taskiq_sync.wire.tracing import TraceContext
@@ -148,3 +150,42 @@ def cannot_run_from_bytes(data: bytes) -> CannotRunReason:
         return CannotRunReason(data.decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadReply(f"an unreadable report ({len(data)} bytes)") from exc
+
+
+@dataclass
+class StepChild:
+    """A reusable step child: reads ``RunStep``/``Warm``/``Stop`` on its pipe, answers ``StepDone``."""
+
+    process: Any
+    conn: Any
+    steps_run: int = 0
+    rss_kib: int = 0
+    spent: bool = False  # never reuse: its last step could not run, or broke outside the step
+    niced: bool = False  # runs at the bulk lane's lower CPU priority (for good: niceness only goes up)
+
+    def alive(self) -> bool:
+        return self.process.exitcode is None
+
+    def warm(self, run_id: str) -> None:
+        """Load a run's job ahead of its steps (no answer is sent)."""
+        try:
+            self.conn.send(Warm(run_id))
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        """Ask an idle child to exit; kill it if it does not within a second."""
+        try:
+            if self.alive():
+                self.conn.send(Stop())
+                self.process.join(1.0)
+            if self.alive():
+                self.process.kill()
+                self.process.join(1.0)
+        except (OSError, ValueError):
+            pass
+        try:
+            self.conn.close()
+            self.process.close()
+        except (OSError, ValueError):
+            pass

@@ -54,10 +54,9 @@ from dagster_taskiq_sync.worker.child_pipe import (
     ChildStatus,
     Pickup,
     RunStep,
+    StepChild,
     StepDone,
     StepTask,
-    Stop,
-    Warm,
     cannot_run_from_bytes,
 )
 from dagster_taskiq_sync.worker.key_guard import (
@@ -165,45 +164,6 @@ class RunProcess:
         try:
             self.process.close()
         except ValueError:  # still running: the caller kills it first
-            pass
-
-
-@dataclass
-class StepChild:
-    """A reusable step child: reads ``RunStep``/``Warm``/``Stop`` on its pipe, answers ``StepDone``."""
-
-    process: Any
-    conn: Any
-    steps_run: int = 0
-    rss_kib: int = 0
-    spent: bool = False  # never reuse: its last step could not run, or broke outside the step
-    niced: bool = False  # runs at the bulk lane's lower CPU priority (for good: niceness only goes up)
-
-    def alive(self) -> bool:
-        return self.process.exitcode is None
-
-    def warm(self, run_id: str) -> None:
-        """Load a run's job ahead of its steps (no answer is sent)."""
-        try:
-            self.conn.send(Warm(run_id))
-        except (OSError, ValueError):
-            pass
-
-    def close(self) -> None:
-        """Ask an idle child to exit; kill it if it does not within a second."""
-        try:
-            if self.alive():
-                self.conn.send(Stop())
-                self.process.join(1.0)
-            if self.alive():
-                self.process.kill()
-                self.process.join(1.0)
-        except (OSError, ValueError):
-            pass
-        try:
-            self.conn.close()
-            self.process.close()
-        except (OSError, ValueError):
             pass
 
 

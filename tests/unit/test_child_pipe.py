@@ -21,11 +21,12 @@ from dagster_taskiq_sync.worker.child_pipe import (
     ChildStatus,
     Pickup,
     RunStep,
+    StepChild,
     StepDone,
     StepTask,
     cannot_run_from_bytes,
 )
-from dagster_taskiq_sync.worker.step_runner import StepAttempt, StepChild
+from dagster_taskiq_sync.worker.step_runner import StepAttempt
 
 pytestmark = pytest.mark.compat
 

@@ -24,7 +24,8 @@ from dagster_taskiq_sync.wire.lanes import (
 )
 from dagster_taskiq_sync.wire.messages import RUN_PRIORITY_TAGS, STEP_PRIORITY_TAGS, int_tag
 from dagster_taskiq_sync.worker.capacity import Capacity
-from dagster_taskiq_sync.worker.step_runner import StepChild, StepRunner
+from dagster_taskiq_sync.worker.child_pipe import StepChild
+from dagster_taskiq_sync.worker.step_runner import StepRunner
 
 # --- which lane a run takes ---------------------------------------------------------------------
 
