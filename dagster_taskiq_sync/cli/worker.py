@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from dagster_taskiq_sync.cli.logs import LOG_LEVELS, configure_logging
-from dagster_taskiq_sync.config.worker_config import settings_from_yaml
+from dagster_taskiq_sync.config.worker_config import STEP_NICENESS, settings_from_yaml
 from dagster_taskiq_sync.errors import ConfigError, TaskiqSyncError
 
 
@@ -121,6 +121,13 @@ def worker() -> None:
     default=None,
     help="With execution.config.lanes: slots beyond -c that only interactive steps use while bulk-lane steps fill the worker (default 1; 0 where two steps must never share the machine, e.g. a sized pool).",
 )
+@click.option(
+    "--step-niceness",
+    type=click.IntRange(0, 19),
+    default=STEP_NICENESS,
+    show_default=True,
+    help="Niceness added to step processes, so the worker's own threads (receives, heartbeats, visibility extensions) and other services on the machine get the cores first; 0 runs steps at the worker's priority. Bulk-lane steps run at 19 regardless.",
+)
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
 @click.option(
@@ -148,6 +155,7 @@ def worker_start(
     metrics_host,
     scale_in_protection,
     interactive_slots,
+    step_niceness,
     app,
     background,
     logfile,
@@ -194,6 +202,7 @@ def worker_start(
             scale_in_protection=scale_in_protection,
             step_user=step_user,
             interactive_slots=interactive_slots,
+            step_niceness=step_niceness,
         )
         for note in config.settings.notes:
             log.warning(note)

@@ -21,6 +21,8 @@ from dagster_taskiq_sync.wire.lanes import INTERACTIVE_RESERVE, is_bulk_lane, wi
 from dagster_taskiq_sync.wire.messages import Keyring
 from dagster_taskiq_sync.wire.settings import Settings
 
+STEP_NICENESS = 5  # worker start --step-niceness's default: step bodies below the worker's own threads
+
 
 def load_executor_config(config_yaml: str | None) -> Mapping[str, Any]:
     """The executor block of a run-config YAML: ``execution: config:`` or legacy ``execution: celery:``."""
@@ -135,6 +137,9 @@ class WorkerConfig:
     # children, which sign their steps' messages (worker/key_guard.py).
     key_env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     interactive_slots: int = 0  # with lanes: slots beyond concurrency for interactive steps (lanes.py)
+    # Step children's niceness above the worker's: its own threads (receives, heartbeats, visibility
+    # extensions) and, on a shared machine, orchestrating processes get the cores before step bodies.
+    step_niceness: int = STEP_NICENESS
 
     @classmethod
     def from_yaml(
@@ -156,6 +161,7 @@ class WorkerConfig:
         scale_in_protection: str | None = None,
         step_user: str | None = None,
         interactive_slots: int | None = None,
+        step_niceness: int = STEP_NICENESS,
     ) -> WorkerConfig:
         """The same configuration ``worker start`` builds from ``-y`` and its flags."""
         block = load_executor_config(config_yaml)
@@ -185,6 +191,11 @@ class WorkerConfig:
                     f"-i/--includes {module!r} cannot be imported ({exc}); fix the module name or PYTHONPATH."
                 ) from None
         consumed = worker_queues(settings, queues)
+        if isinstance(step_niceness, bool) or not isinstance(step_niceness, int) or not 0 <= step_niceness <= 19:
+            raise ConfigError(
+                f"step_niceness {step_niceness!r} must be a whole number from 0 to 19 (niceness added to step "
+                "processes; 0 runs them at the worker's own priority)."
+            )
         return cls(
             settings=settings,
             name=f"{name or 'dagster-' + uuid.uuid4().hex[:6]}@{socket.gethostname()}",
@@ -196,6 +207,7 @@ class WorkerConfig:
             metrics_host=metrics_host,
             scale_in_protection=scale_in_protection,
             step_user=step_user,
+            step_niceness=step_niceness,
             key_env=key_environment(block, settings.keyring),
             # Only a worker that consumes a bulk lane has an interactive lane to keep room for.
             interactive_slots=(

@@ -92,6 +92,7 @@ def open_parts(
         on_recycle=metrics.step_child_recycled,
         key_env=config.key_env,
         step_user=step_user,
+        step_niceness=config.step_niceness,
     )
     acker = Acker(client, hooks.on_death, hooks.on_settled)
     # What each message's ``Request`` may use of this worker, and nothing else.

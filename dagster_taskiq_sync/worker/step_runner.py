@@ -186,7 +186,9 @@ class StepRunner:
         on_recycle: Callable[[str], None] | None = None,
         key_env: Mapping[str, str] | None = None,
         step_user: StepUser | None = None,
+        step_niceness: int = 0,
     ) -> None:
+        self.step_niceness = step_niceness
         self._key_env = encode_key_environment(key_env or {})
         self._step_user = step_user
         scrub_environment_of_spawned(key_env or {})  # before the fork server starts
@@ -277,6 +279,10 @@ class StepRunner:
             process.start()
         child_conn.close()
         self.children_started += 1
+        if self.step_niceness and process.pid:  # below the worker's own threads (worker start --step-niceness)
+            with contextlib.suppress(OSError):
+                now = os.getpriority(os.PRIO_PROCESS, process.pid)
+                os.setpriority(os.PRIO_PROCESS, process.pid, min(19, now + self.step_niceness))
         return StepChild(process, conn)
 
     def give_back(self, child: StepChild) -> None:

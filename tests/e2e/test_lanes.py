@@ -11,6 +11,7 @@ import os
 
 from dagster import DagsterEventType, execute_job, reconstructable
 
+from dagster_taskiq_sync.config.worker_config import STEP_NICENESS
 from dagster_taskiq_sync.wire.bridge import Bridge
 from dagster_taskiq_sync.wire.broker import Outgoing
 from dagster_taskiq_sync.wire.broker_client import BrokerClient
@@ -95,7 +96,7 @@ def test_an_interactive_run_overtakes_a_backfills_queued_backlog(endpoint, insta
         )
         # And bulk steps ran at a lower CPU priority than interactive ones
         base = os.getpriority(os.PRIO_PROCESS, 0)  # the worker's, inherited from this process
-        assert _niceness(instance, small.run_id) == {base}
+        assert _niceness(instance, small.run_id) == {min(19, base + STEP_NICENESS)}  # the default --step-niceness
         assert _niceness(instance, big) == {min(19, base + BULK_STEP_NICENESS)}
     finally:
         assert worker.stop() == 0

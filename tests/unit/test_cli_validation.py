@@ -12,6 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from dagster_taskiq_sync import cli
+from dagster_taskiq_sync.config.worker_config import WorkerConfig
+from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.worker.worker import Worker
 
 
@@ -86,8 +88,20 @@ def test_worker_start_refuses_a_bad_config_yaml_in_one_sentence(run_cli, tmp_pat
         (["--", "--autoscale", "4,2"], 2, "--autoscale"),
         (["-i", "no_such_module_xyz"], 1, "'no_such_module_xyz' cannot be imported"),
         (["--metrics-port", "-1"], 2, "--metrics-port"),
+        (["--step-niceness", "20"], 2, "--step-niceness"),
+        (["--step-niceness", "low"], 2, "--step-niceness"),
     ],
-    ids=["missing-file", "concurrency-0", "max-tasks-0", "celery-memory-garbage", "celery-unknown", "include", "port"],
+    ids=[
+        "missing-file",
+        "concurrency-0",
+        "max-tasks-0",
+        "celery-memory-garbage",
+        "celery-unknown",
+        "include",
+        "port",
+        "niceness-20",
+        "niceness-garbage",
+    ],
 )
 def test_worker_start_refuses_bad_flags_in_one_sentence(run_cli, tmp_path, args, code, expected):
     got, stderr = run_cli("worker", "start", *(a.format(tmp=tmp_path) for a in args))
@@ -137,3 +151,9 @@ def test_with_lanes_a_queue_named_like_a_bulk_lane_stops_each_command_in_one_sen
         code, stderr = run_cli(*command, "-y", named)
         line = one_error_line(stderr)
         assert code == 1 and "execution.config.config_source.task_default_queue 'reports-bulk'" in line, stderr
+
+
+@pytest.mark.parametrize("value", [-1, 20, 2.5, True, "5"])
+def test_an_embedded_workers_step_niceness_must_be_0_to_19(value):
+    with pytest.raises(ConfigError, match=r"step_niceness .* must be a whole number from 0 to 19"):
+        WorkerConfig.from_yaml(None, queues=["dagster"], step_niceness=value)
