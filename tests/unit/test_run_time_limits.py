@@ -6,7 +6,6 @@ cannot apply."""
 from __future__ import annotations
 
 import json
-import threading
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +16,6 @@ from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.ops.metrics import WorkerMetrics
 from dagster_taskiq_sync.orchestrator.eager import ignored_limits_warning
 from dagster_taskiq_sync.wire.messages import MalformedMessage, RunMessage, TaskKind, decode, encode
-from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.wire.time_limits import (
     HARD,
     HARD_TAG,
@@ -28,7 +26,7 @@ from dagster_taskiq_sync.wire.time_limits import (
     StepLimits,
     limits_for_run,
 )
-from dagster_taskiq_sync.worker.request import Request
+from tests.supervision import Clock, StubbornChild, supervising_request
 
 RUN_ID = "0b6f9c7e-6a43-4c1e-9d55-3c2f9a1d2b10"
 
@@ -125,33 +123,6 @@ def test_a_run_message_whose_limit_names_a_steps_source_is_malformed(source):
 # --- the worker's supervision of a run child ------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-class RunChild:
-    """A run child that ignores its soft limit (an interrupt) until killed."""
-
-    pid = 4343
-
-    def __init__(self, clock):
-        self.clock, self.interrupted_at, self.killed_at = clock, None, None
-
-    def wait(self, timeout):
-        self.clock.now += timeout
-        return -9 if self.killed_at is not None else None
-
-    def soft_interrupt(self):
-        self.interrupted_at = self.clock.now if self.interrupted_at is None else pytest.fail("interrupted twice")
-
-    def kill(self):
-        self.killed_at = self.killed_at or self.clock.now
-
-
 @pytest.fixture
 def instance():
     with DagsterInstance.ephemeral() as instance:
@@ -161,21 +132,8 @@ def instance():
 
 def supervised_run(instance, limits: StepLimits, **settings):
     clock, metrics = Clock(), WorkerMetrics(process_metrics=False)
-    worker = SimpleNamespace(
-        name="w",
-        settings=Settings(**settings),
-        clock=clock,
-        killing=threading.Event(),
-        running=SimpleNamespace(add=lambda r: None, remove=lambda r: None),
-        metrics=metrics,
-        instance=instance,
-    )
-    request = Request(SimpleNamespace(queue="runs", message_id="m", receive_count=1), worker)
-    request.message, request.child, request._started = (
-        RunMessage(TaskKind.RUN, RUN_ID, "launch"),
-        RunChild(clock),
-        clock(),
-    )
+    message = RunMessage(TaskKind.RUN, RUN_ID, "launch")
+    request = supervising_request("runs", message, StubbornChild(clock), clock, metrics, instance, **settings)
     request.limits = limits
     return request, metrics
 

@@ -7,7 +7,6 @@ import json
 import os
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,7 +15,6 @@ from dagster_taskiq_sync.config.celery_compat import settings_from_executor_conf
 from dagster_taskiq_sync.errors import ConfigError
 from dagster_taskiq_sync.ops.metrics import WorkerMetrics
 from dagster_taskiq_sync.wire.messages import MalformedMessage, StepMessage, decode, encode
-from dagster_taskiq_sync.wire.settings import Settings
 from dagster_taskiq_sync.wire.time_limits import (
     HARD,
     HARD_TAG,
@@ -27,7 +25,7 @@ from dagster_taskiq_sync.wire.time_limits import (
     StepLimits,
     limits_for_step,
 )
-from dagster_taskiq_sync.worker.request import Request
+from tests.supervision import Clock, StubbornChild, supervising_request
 
 pytestmark = pytest.mark.compat  # the soft limit rides on Dagster's private interrupt handling
 
@@ -170,46 +168,13 @@ def test_the_workers_own_limits_apply_where_the_message_carries_none():
 # --- supervision ---------------------------------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
-class Child:
-    """A step that never ends by itself (it ignores its soft limit) until killed."""
-
-    pid = 4242
-
-    def __init__(self, clock):
-        self.clock, self.soft_at, self.killed_at = clock, None, None
-
-    def wait(self, timeout):
-        self.clock.now += timeout
-        return -9 if self.killed_at is not None else None
-
-    def soft_interrupt(self):
-        self.soft_at = self.clock.now if self.soft_at is None else pytest.fail("interrupted twice")
-
-    def kill(self):
-        self.killed_at = self.killed_at or self.clock.now
-
-
 def supervised(limits: StepLimits, **settings):
     clock, metrics = Clock(), WorkerMetrics(process_metrics=False)
-    worker = SimpleNamespace(
-        name="w",
-        settings=Settings(**settings),
-        clock=clock,
-        killing=threading.Event(),
-        running=SimpleNamespace(add=lambda r: None, remove=lambda r: None),
-        metrics=metrics,
+    message = StepMessage(RUN_ID, "slow", 1, STATE)
+    request = supervising_request("q", message, StubbornChild(clock), clock, metrics, **settings)
+    request.limits = limits.with_defaults(
+        request.worker.settings.task_time_limit, request.worker.settings.task_soft_time_limit
     )
-    request = Request(SimpleNamespace(queue="q", message_id="m", receive_count=1), worker)
-    request.message, request.child, request._started = StepMessage(RUN_ID, "slow", 1, STATE), Child(clock), clock()
-    request.limits = limits.with_defaults(worker.settings.task_time_limit, worker.settings.task_soft_time_limit)
     return request, metrics
 
 
@@ -223,7 +188,9 @@ def test_the_soft_limit_interrupts_once_and_the_hard_limit_kills():
     request, metrics = supervised(StepLimits(Limit(HARD, 2.0, Source.TAG), Limit(SOFT, 1.0, Source.TAG)))
     assert request._supervise() == -9
     child = request.child
-    assert 1.0 <= child.soft_at - 1000.0 <= 1.05 and 2.0 <= child.killed_at - 1000.0 <= 2.05  # on time, not a tick late
+    assert (
+        1.0 <= child.interrupted_at - 1000.0 <= 1.05 and 2.0 <= child.killed_at - 1000.0 <= 2.05
+    )  # on time, not a tick late
     assert request.kill_reason == "exceeded its hard time limit of 2 s, set by op tag dagster-taskiq/time_limit"
     assert (counted(metrics, SOFT), counted(metrics, HARD)) == (1.0, 1.0)
 
@@ -232,7 +199,7 @@ def test_a_step_without_limits_uses_the_workers_task_time_limit():
     request, metrics = supervised(StepLimits(), task_time_limit=3.0)
     assert request._supervise() == -9
     assert request.kill_reason == "exceeded its hard time limit of 3 s, set by task_time_limit in the worker's config"
-    assert request.child.soft_at is None and counted(metrics, SOFT) is None and counted(metrics, HARD) == 1.0
+    assert request.child.interrupted_at is None and counted(metrics, SOFT) is None and counted(metrics, HARD) == 1.0
 
 
 # --- the step child's side: the soft-limit signal becomes Dagster's interrupt ---------------------------------

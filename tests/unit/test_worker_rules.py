@@ -29,6 +29,7 @@ from dagster_taskiq_sync.worker.admission import (
 )
 from dagster_taskiq_sync.worker.capacity import Capacity
 from dagster_taskiq_sync.worker.request import RUN_INTERRUPT_GRACE, Request
+from tests.supervision import Clock, supervising_request
 
 STEP = StepMessage("0b6f9c7e-6a43-4c1e-9d55-3c2f9a1d2b10", "emit_one", 1, "{}")
 RUN = RunMessage(TaskKind.RUN, STEP.run_id, "launch")
@@ -248,27 +249,10 @@ class FakeChild:
         pass
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 def request_with(message, child, clock, **settings):
-    worker = SimpleNamespace(
-        name="w",
-        settings=Settings(**settings),
-        clock=clock,
-        killing=threading.Event(),
-        running=SimpleNamespace(add=lambda r: None, remove=lambda r: None),
-        metrics=NullMetrics(),
-    )
-    request = Request(SimpleNamespace(queue="q", message_id="m", receive_count=1), worker)
-    request.message, request.child, request._started = message, child, clock()
+    request = supervising_request("q", message, child, clock, NullMetrics(), **settings)
     if isinstance(message, StepMessage):  # what Request._start resolves
-        request.limits = message.limits.with_defaults(worker.settings.task_time_limit, None)
+        request.limits = message.limits.with_defaults(request.worker.settings.task_time_limit, None)
     return request
 
 
