@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -120,6 +121,9 @@ def lowered_thread_priority(niceness: int, what: str) -> Iterator[bool]:
     back does (root, CAP_SYS_NICE or RLIMIT_NICE), so without them this thread stays lowered, as
     the debug log says. Yields whether the priority was lowered (False where it cannot be: another
     OS, or a refusal)."""
+    if not sys.platform.startswith("linux"):  # elsewhere a thread id is no process id: it could name another process
+        yield False
+        return
     tid = threading.get_native_id()
     try:
         before = os.getpriority(os.PRIO_PROCESS, tid)
