@@ -136,7 +136,7 @@ class Worker:
         self._parts = open_parts(config, self._instance, self.metrics, hooks, self.step_user)
         self.metrics.track_slots(self._slots)
         self.protector.start()
-        self.parts.runner.warm(children=self.threads_count)
+        self.parts.runner.warm(children=self.threads_count, interactive_reserve=self.capacity.reserve)
         if active() is not None:  # set up now rather than on the first message; off, nothing is imported
             log.info("worker %s: OpenTelemetry traces on (OTEL_* environment variables)", self.name)
         self._threads = self._make_threads()

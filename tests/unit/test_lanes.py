@@ -357,3 +357,26 @@ def test_after_a_backfill_an_interactive_child_is_kept_in_place_of_a_lowered_idl
     runner.give_back(extra)
     assert extra not in runner._idle and extra.process.exitcode is not None
     assert interactive in runner._idle
+
+
+def test_a_bulk_step_never_takes_the_plain_idle_children_kept_for_interactive_steps():
+    # Given a worker with lanes (one interactive reserve slot) whose only idle child is a plain one
+    runner = StepRunner("unused", InstanceOptions())
+    runner.max_idle, runner.interactive_reserve = 3, 1
+    plain = _child(niced=False)
+    runner._idle.append(plain)
+    # Then a bulk step finds no child it may take (it forks one), and an interactive step takes it
+    with runner._lock:
+        assert runner._take_idle(bulk=True) is None
+        assert runner._take_idle(bulk=False) is plain
+    # And a plain child beyond the reserve, or a lowered one, is the bulk step's to take
+    lowered, spare = _child(niced=True), _child(niced=False)
+    runner._idle.extend([plain, spare, lowered])
+    with runner._lock:
+        assert runner._take_idle(bulk=True) is lowered
+        assert runner._take_idle(bulk=True) in (plain, spare)
+        assert runner._take_idle(bulk=True) is None
+    # Without lanes (no reserve) a bulk step may take any idle child, as before
+    runner.interactive_reserve = 0
+    with runner._lock:
+        assert runner._take_idle(bulk=True) in (plain, spare)
