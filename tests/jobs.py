@@ -19,6 +19,7 @@ from dagster import (
     job,
     mem_io_manager,
     op,
+    resource,
 )
 
 from dagster_taskiq_sync import taskiq_executor
@@ -519,6 +520,36 @@ def gated():
     waits_for_release()
 
 
+# --- a step whose process still works after its outcome: it ends after its run ---
+
+
+@resource(config_schema={"marker": str, "after_run_seconds": float})
+def waits_for_its_run_at_teardown(init_context):
+    """Torn down after its step's outcome is in the event log, as the end of a step's compute-log
+    capture is (where a remote compute log manager uploads): it waits for the run to end (at most
+    30 s), goes on for ``after_run_seconds`` (an upload that takes that long), then writes the
+    run's status to ``marker``."""
+    yield None
+    instance, run_id = init_context.instance, init_context.run_id
+    deadline = time.monotonic() + 30
+    run = instance.get_run_by_id(run_id)
+    while not run.is_finished and time.monotonic() < deadline:
+        time.sleep(0.05)
+        run = instance.get_run_by_id(run_id)
+    time.sleep(init_context.resource_config["after_run_seconds"])
+    Path(init_context.resource_config["marker"]).write_text(run.status.value)
+
+
+@op(required_resource_keys={"settles"})
+def settles_after_its_run() -> int:
+    return 1
+
+
+@job(executor_def=taskiq_executor, resource_defs={"settles": waits_for_its_run_at_teardown})
+def settles_late():
+    settles_after_its_run()
+
+
 defs = Definitions(
     jobs=[
         diamond,
@@ -550,5 +581,6 @@ defs = Definitions(
         two_sleepers,
         counted_fanout,
         gated,
+        settles_late,
     ]
 )

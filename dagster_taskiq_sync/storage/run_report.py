@@ -1,6 +1,7 @@
 """What happened to each step of a run, read back from the Dagster event log.
 
-Used by the demo to print where each step ran, and by tests to assert it.
+Used by the demo to print where each step ran, and by tests to assert it; workers read how many
+attempts of a step have ended, and which process ended the last (``step_outcomes``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ PICKED_UP_KEY = "picked_up_by"  # metadata key of the event saying which worker 
 # Steps say who took them in STEP_WORKER_STARTED, whole runs (TaskiqRunLauncher, also when
 # resumed) in an engine event; both carry the PICKED_UP_KEY metadata.
 PICKED_UP_EVENTS = (DagsterEventType.STEP_WORKER_STARTED, DagsterEventType.ENGINE_EVENT)
+
+# Each attempt of a step ends in exactly one of these: its own, or the health check's for a worker
+# that was lost while it ran.
+STEP_OUTCOMES = frozenset(
+    {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
+)
 
 
 @dataclass
@@ -67,6 +74,24 @@ def step_reports(instance: DagsterInstance, run_id: str) -> dict[str, StepReport
         elif kind == DagsterEventType.STEP_UP_FOR_RETRY:
             rep.status = "UP_FOR_RETRY"
     return reports
+
+
+@dataclass(frozen=True)
+class StepOutcomes:
+    """A step's attempt outcomes in a run's event log: how many, and which process wrote the last."""
+
+    count: int = 0
+    last_pid: int | None = None
+
+
+def step_outcomes(instance: DagsterInstance, run_id: str) -> dict[str, StepOutcomes]:
+    """Each step's :class:`StepOutcomes` in the run's event log, in one read (steps with none are absent)."""
+    outcomes: dict[str, StepOutcomes] = {}
+    for entry in instance.all_logs(run_id, of_type=set(STEP_OUTCOMES)):
+        if entry.step_key:
+            pid = entry.dagster_event.pid if entry.dagster_event else None
+            outcomes[entry.step_key] = StepOutcomes(outcomes.get(entry.step_key, StepOutcomes()).count + 1, pid)
+    return outcomes
 
 
 def _text(value) -> str | None:

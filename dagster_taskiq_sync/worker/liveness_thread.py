@@ -1,10 +1,13 @@
 """The worker's liveness thread: cancel requests, heartbeats, the registry, and bounded state.
 
 Every ``cancel_poll_interval`` it reads the cancel requests of the running steps and the status of
-their runs, and stops a step whose run is being canceled or is over; every ``heartbeat_interval``
-it rewrites their ``running`` records (so the orchestrator can tell a live worker from a lost one)
-and this worker's registry entry. About every ten minutes it deletes liveness records nobody
-updated for ``record_expiry`` and registry entries of workers lost for ``lost_worker_expiry``.
+their runs, and stops a step whose run is being canceled or is over, unless its child already wrote
+the attempt's outcome to the event log: such a child is only ending the step's compute-log capture
+(a remote compute log manager uploads the files then), and its run may end as soon as the outcome
+is written, so a kill would lose the step's logs. Every ``heartbeat_interval`` it rewrites their
+``running`` records (so the orchestrator can tell a live worker from a lost one) and this worker's
+registry entry. About every ten minutes it deletes liveness records nobody updated for
+``record_expiry`` and registry entries of workers lost for ``lost_worker_expiry``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from collections.abc import Callable
 from dagster import DagsterRunStatus
 
 from dagster_taskiq_sync.storage.registry import WorkerRegistry
-from dagster_taskiq_sync.wire.messages import TaskKind
+from dagster_taskiq_sync.storage.run_report import StepOutcomes, step_outcomes
+from dagster_taskiq_sync.wire.messages import StepMessage, TaskKind
 from dagster_taskiq_sync.worker.admission import CANCEL_STATUSES, STOP_STATUSES
 from dagster_taskiq_sync.worker.context import RunningStep, WorkerContext
 from dagster_taskiq_sync.worker.threads import GuardedThread
@@ -72,6 +76,7 @@ class LivenessThread(GuardedThread):
         context = self._context
         cancels = context.store.cancel_requests(r.task_id for r in requests)
         statuses: dict[str, DagsterRunStatus | None] = {}
+        outcomes: dict[str, dict[str, StepOutcomes]] = {}  # per run, read only for steps of runs that are over
         for request in requests:
             if request.message is None:
                 continue
@@ -85,8 +90,20 @@ class LivenessThread(GuardedThread):
             stop = STOP_STATUSES if request.message.kind is TaskKind.STEP else CANCEL_STATUSES
             if request.task_id in cancels:
                 request.kill(f"cancel requested: {cancels[request.task_id]}")
-            elif status in stop:
+            elif status in stop and not self._ending_capture(request, outcomes):
                 request.kill(f"run {run_id} is {status.value}")  # type: ignore[union-attr]  # in stop: not None
+
+    def _ending_capture(self, request: RunningStep, outcomes: dict[str, dict[str, StepOutcomes]]) -> bool:
+        """The step's child wrote its attempt's outcome (the last of the step's outcomes, and as many
+        as its attempt number): it is only ending the step's compute-log capture. An outcome the
+        orchestrator wrote (its health check failing a step it thought lost) does not count."""
+        message = request.message
+        if not isinstance(message, StepMessage) or request.child_pid is None:
+            return False
+        if message.run_id not in outcomes:
+            outcomes[message.run_id] = step_outcomes(self._context.instance, message.run_id)
+        step = outcomes[message.run_id].get(message.step_key, StepOutcomes())
+        return step.count >= message.attempt and step.last_pid == request.child_pid
 
     def _sweep(self) -> None:
         settings = self._context.settings

@@ -22,6 +22,7 @@ from dataclasses import replace
 from typing import Any
 
 from dagster_taskiq_sync.storage.liveness import StepRecord
+from dagster_taskiq_sync.storage.run_report import StepOutcomes, step_outcomes
 from dagster_taskiq_sync.wire.deliveries import Delivery
 from dagster_taskiq_sync.wire.messages import (
     MalformedMessage,
@@ -77,6 +78,10 @@ class Received:
     @property
     def label(self) -> str:
         return self.message.label if self.message else f"message {self.delivery.message_id}"
+
+    @property
+    def child_pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
 
     @property
     def step_key(self) -> str:
@@ -199,17 +204,10 @@ class Received:
 
     def _attempts_ended(self) -> int:
         """How many attempts of the message's step have an outcome in the run's event log."""
-        from dagster import DagsterEventType
-
         message = self.message
         if not isinstance(message, StepMessage):
             return 0
-        ends = {DagsterEventType.STEP_SUCCESS, DagsterEventType.STEP_FAILURE, DagsterEventType.STEP_UP_FOR_RETRY}
-        return sum(
-            1
-            for entry in self.worker.instance.all_logs(message.run_id, of_type=ends)
-            if entry.step_key == message.step_key
-        )
+        return step_outcomes(self.worker.instance, message.run_id).get(message.step_key, StepOutcomes()).count
 
     def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn``; ride out infrastructure errors with capped backoff while the message stays

@@ -24,7 +24,7 @@ from dagster_taskiq_sync._dagster.execution import _TaskiqActiveExecution
 from dagster_taskiq_sync.storage.run_report import step_reports
 
 from .. import jobs
-from ..helpers import WorkerProcess, run_cli
+from ..helpers import WorkerProcess, run_cli, wait_for
 
 
 def _plan_facts(plan):
@@ -221,3 +221,30 @@ def test_step_children_are_reused_and_recycled(endpoint, instance, executor_conf
     finally:
         assert worker.stop() == 0
     assert sorted(Counter(pids).values(), reverse=True) == expected, pids
+
+
+def test_a_step_child_still_working_after_its_outcome_is_not_killed_when_its_run_ends(
+    workers, instance, executor_config, tmp_path
+):
+    # A step's process goes on after its outcome is in the event log: the end of its compute-log
+    # capture (S3ComputeLogManager uploads the step's logs there) and its resources' teardown. Its
+    # run can end meanwhile, and the worker used to kill the child then ("run ... is SUCCESS"),
+    # losing the logs. Here a resource's teardown waits for the run to end and goes on for 2 s,
+    # longer than the workers' cancel_poll_interval (1 s): their liveness thread sees the run over
+    # while the child still works.
+    marker = tmp_path / "run-status-at-teardown"
+    run_config = {
+        "execution": {"config": executor_config},
+        "resources": {"settles": {"config": {"marker": str(marker), "after_run_seconds": 2.0}}},
+    }
+    with execute_job(reconstructable(jobs.settles_late), instance=instance, run_config=run_config) as result:
+        assert result.success
+        run_id = result.run_id
+    label = f"step settles_after_its_run (attempt 1) of run {run_id} finished in"
+    ended = wait_for(
+        lambda: [line for w in workers for line in w.log().splitlines() if label in line],
+        timeout=30,
+        what=f"the worker to say that {label} ...",
+    )
+    assert ended[0].endswith("(exit code 0)"), ended
+    assert marker.read_text() == "SUCCESS"

@@ -28,6 +28,7 @@ from dagster_taskiq_sync.worker.admission import (
     run_missing,
 )
 from dagster_taskiq_sync.worker.capacity import Capacity
+from dagster_taskiq_sync.worker.liveness_thread import LivenessThread
 from dagster_taskiq_sync.worker.request import RUN_INTERRUPT_GRACE, Request
 from tests.supervision import Clock, supervising_request
 
@@ -105,7 +106,7 @@ def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypa
     # message came back, and the worker dropped it as "... stopped heartbeating 12 s ago (lost)"
     # and wrote "Step X is not run again ... its health check fails it" into the run's own log.
     previous = StepRecord(RUNNING, ts=time.time() - 12, worker="w1@h", heartbeat_interval=2)
-    outcomes = [SimpleNamespace(step_key="other_step")]
+    outcomes = [SimpleNamespace(step_key="other_step", dagster_event=None)]
     asked = []
 
     def all_logs(run_id, of_type=None):
@@ -128,7 +129,7 @@ def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypa
     assert asked and asked[0][0] == STEP.run_id and DagsterEventType.STEP_SUCCESS in asked[0][1]
 
     # its STEP_SUCCESS is there: it ran to its end, and nothing says it was lost
-    outcomes.append(SimpleNamespace(step_key=STEP.step_key))
+    outcomes.append(SimpleNamespace(step_key=STEP.step_key, dagster_event=None))
     verdict = request.admit()
     assert verdict.outcome is Outcome.DONE and not verdict.lost
     assert (
@@ -291,6 +292,56 @@ def test_steps_are_killed_at_once_on_a_second_signal():
     request = request_with(STEP, child, clock)
     request.worker.killing.set()
     assert request._supervise() == -9 and request.kill_reason == "the worker is shutting down"
+
+
+def test_a_step_whose_run_is_over_is_killed_unless_its_child_wrote_its_outcome_and_is_ending_its_capture():
+    # Found in CI: the topology's run ended SUCCESS while its last steps' children were still
+    # uploading their compute logs (S3ComputeLogManager, at the end of the capture, after the step's
+    # outcome); the liveness thread killed them for "run ... is SUCCESS" and the logs never reached S3.
+    run_id = STEP.run_id
+    finishing = StepMessage(run_id, "finishing", 1, "{}")  # its child (pid 11) wrote its STEP_SUCCESS
+    never_ended = StepMessage(run_id, "never_ended", 1, "{}")
+    failed_by_orchestrator = StepMessage(run_id, "thought_lost", 1, "{}")  # the health check's STEP_FAILURE
+    second_attempt = StepMessage(run_id, "retried", 2, "{}")  # attempt 1 ended in the same child (pid 14)
+    outcomes = [
+        SimpleNamespace(step_key="finishing", dagster_event=SimpleNamespace(pid=11)),
+        SimpleNamespace(step_key="thought_lost", dagster_event=SimpleNamespace(pid=999)),
+        SimpleNamespace(step_key="retried", dagster_event=SimpleNamespace(pid=14)),
+    ]
+    asked = []
+
+    def all_logs(asked_run_id, of_type=None):
+        asked.append((asked_run_id, of_type))
+        return list(outcomes)
+
+    killed: dict[str, str] = {}
+
+    def running(message, pid):
+        return SimpleNamespace(
+            message=message,
+            task_id=message.task_id,
+            child_pid=pid,
+            kill=lambda why: killed.setdefault(message.step_key, why),
+        )
+
+    for status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELING):
+        killed.clear()
+        context = SimpleNamespace(
+            store=SimpleNamespace(cancel_requests=lambda task_ids: {}),
+            instance=SimpleNamespace(get_run_by_id=lambda _run_id, status=status: run(status), all_logs=all_logs),
+        )
+        thread = LivenessThread(context, lambda: None, lambda: None, lambda why: None)
+        thread._stop_canceled(
+            [
+                running(finishing, 11),
+                running(never_ended, 12),
+                running(failed_by_orchestrator, 13),
+                running(second_attempt, 14),
+            ]
+        )
+        assert killed == {key: f"run {run_id} is {status.value}" for key in ("never_ended", "thought_lost", "retried")}
+    assert [a for a, _ in asked] == [run_id] * 3  # one read of the event log per run and pass
+    assert DagsterEventType.STEP_SUCCESS in asked[0][1] and DagsterEventType.STEP_UP_FOR_RETRY in asked[0][1]
 
 
 # --- capacity: fair turns between queues ------------------------------------------------------------------------
