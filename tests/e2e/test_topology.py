@@ -265,14 +265,21 @@ def test_run_submitted_through_graphql_succeeds_on_both_workers_with_outputs_and
         for r in events(instance, run_id, DagsterEventType.LOGS_CAPTURED)
     }
     assert sorted(k for keys in captured.values() for k in keys) == sorted(steps)
-    # S3ComputeLogManager uploads a step's files as its capture ends, which can come after the
-    # step's success event (a loaded run saw the last .err land after the run's SUCCESS).
-    wanted = {f"{LOG_PREFIX}/storage/{run_id}/compute_logs/{key}.{ext}" for key in captured for ext in ("out", "err")}
-    wait_for(
-        lambda: wanted <= s3_keys(topology.endpoint, f"{LOG_PREFIX}/storage/{run_id}/compute_logs/"),
-        timeout=30,
-        what=f"every step's compute logs in S3: {sorted(wanted)}",
-    )
+    # S3ComputeLogManager uploads a step's files as its capture ends, after the step's success
+    # event, so possibly after the run's SUCCESS: the workers let those children finish.
+    prefix = f"{LOG_PREFIX}/storage/{run_id}/compute_logs/"
+    wanted = {f"{prefix}{key}.{ext}" for key in captured for ext in ("out", "err")}
+    missing = wanted
+
+    def all_logs_landed() -> bool:
+        nonlocal missing
+        missing = wanted - s3_keys(topology.endpoint, prefix)
+        return not missing
+
+    try:
+        wait_for(all_logs_landed, timeout=30, what="every step's compute logs in S3")
+    except AssertionError as exc:  # say which, and what the workers did with those steps
+        raise AssertionError(f"{exc}; missing {sorted(missing)}", [w.log() for w in topology.workers]) from None
     # and the webserver (no file of the workers) shows them from there.
     [part_1] = [key for key, keys in captured.items() if keys == ["part_1"]]
     shown = gql.captured_logs([run_id, "compute_logs", part_1])
