@@ -4,7 +4,8 @@ Every ``cancel_poll_interval`` it reads the cancel requests of the running steps
 their runs, and stops a step whose run is being canceled or is over, unless its child already wrote
 the attempt's outcome to the event log: such a child is only ending the step's compute-log capture
 (a remote compute log manager uploads the files then), and its run may end as soon as the outcome
-is written, so a kill would lose the step's logs. Every ``heartbeat_interval`` it rewrites their
+is written, so a kill would lose the step's logs; one still at it ``ENDING_GRACE`` seconds later
+(a teardown that hangs) is killed, so that it cannot hold a slot for good. Every ``heartbeat_interval`` it rewrites their
 ``running`` records (so the orchestrator can tell a live worker from a lost one) and this worker's
 registry entry. About every ten minutes it deletes liveness records nobody updated for
 ``record_expiry`` and registry entries of workers lost for ``lost_worker_expiry``.
@@ -26,6 +27,9 @@ from dagster_taskiq_sync.worker.admission import CANCEL_STATUSES, STOP_STATUSES
 from dagster_taskiq_sync.worker.context import RunningStep, WorkerContext
 from dagster_taskiq_sync.worker.threads import GuardedThread
 
+# How long a step child may go on after writing its attempt's outcome once its run is over (it ends
+# the step's compute-log capture, which may upload the logs, and tears down its resources).
+ENDING_GRACE = 120.0
 log = logging.getLogger("dagster_taskiq_sync.worker")
 SWEEP_INTERVAL = 600.0
 
@@ -43,6 +47,7 @@ class LivenessThread(GuardedThread):
         self._beat_registry = beat_registry
         self._check_terminate = check_terminate
         self._last_error: str | None = None
+        self._ending_since: dict[str, float] = {}  # task id -> when its run was seen over after its outcome
 
     def loop(self) -> None:
         settings = self._context.settings
@@ -77,6 +82,7 @@ class LivenessThread(GuardedThread):
         cancels = context.store.cancel_requests(r.task_id for r in requests)
         statuses: dict[str, DagsterRunStatus | None] = {}
         outcomes: dict[str, dict[str, StepOutcomes]] = {}  # per run, read only for steps of runs that are over
+        now, ending = self._context.clock(), {r.task_id for r in requests}
         for request in requests:
             if request.message is None:
                 continue
@@ -90,8 +96,20 @@ class LivenessThread(GuardedThread):
             stop = STOP_STATUSES if request.message.kind is TaskKind.STEP else CANCEL_STATUSES
             if request.task_id in cancels:
                 request.kill(f"cancel requested: {cancels[request.task_id]}")
-            elif status in stop and not self._ending_capture(request, outcomes):
-                request.kill(f"run {run_id} is {status.value}")  # type: ignore[union-attr]  # in stop: not None
+            elif status in stop:
+                why = f"run {run_id} is {status.value}"  # type: ignore[union-attr]  # in stop: not None
+                if not self._ending_capture(request, outcomes):
+                    request.kill(why)
+                elif self._ending_for(request.task_id, now) > ENDING_GRACE:
+                    request.kill(
+                        f"{why} and its child was still ending step {request.message.step_key} "
+                        f"{ENDING_GRACE:.0f} s after writing its outcome (compute-log upload, resource teardown)"
+                    )
+        self._ending_since = {t: since for t, since in self._ending_since.items() if t in ending}
+
+    def _ending_for(self, task_id: str, now: float) -> float:
+        """Seconds since ``task_id``'s child was first seen ending its step after its run was over."""
+        return now - self._ending_since.setdefault(task_id, now)
 
     def _ending_capture(self, request: RunningStep, outcomes: dict[str, dict[str, StepOutcomes]]) -> bool:
         """The step's child wrote its attempt's outcome (the last of the step's outcomes, and as many

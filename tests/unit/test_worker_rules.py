@@ -4,6 +4,7 @@ workers."""
 
 from __future__ import annotations
 
+import pathlib
 import threading
 import time
 from types import SimpleNamespace
@@ -28,7 +29,7 @@ from dagster_taskiq_sync.worker.admission import (
     run_missing,
 )
 from dagster_taskiq_sync.worker.capacity import Capacity
-from dagster_taskiq_sync.worker.liveness_thread import LivenessThread
+from dagster_taskiq_sync.worker.liveness_thread import ENDING_GRACE, LivenessThread
 from dagster_taskiq_sync.worker.request import RUN_INTERRUPT_GRACE, Request
 from tests.supervision import Clock, supervising_request
 
@@ -326,9 +327,11 @@ def test_a_step_whose_run_is_over_is_killed_unless_its_child_wrote_its_outcome_a
 
     for status in (DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELING):
         killed.clear()
+        clock = Clock()
         context = SimpleNamespace(
             store=SimpleNamespace(cancel_requests=lambda task_ids: {}),
             instance=SimpleNamespace(get_run_by_id=lambda _run_id, status=status: run(status), all_logs=all_logs),
+            clock=clock,
         )
         thread = LivenessThread(context, lambda: None, lambda: None, lambda why: None)
         thread._stop_canceled(
@@ -340,7 +343,19 @@ def test_a_step_whose_run_is_over_is_killed_unless_its_child_wrote_its_outcome_a
             ]
         )
         assert killed == {key: f"run {run_id} is {status.value}" for key in ("never_ended", "thought_lost", "retried")}
-    assert [a for a, _ in asked] == [run_id] * 3  # one read of the event log per run and pass
+        # A child still ending its step (a teardown that hangs) is killed once the grace is over, saying so
+        clock.now += ENDING_GRACE - 1
+        thread._stop_canceled([running(finishing, 11)])
+        assert "finishing" not in killed
+        clock.now += 2
+        thread._stop_canceled([running(finishing, 11)])
+        assert killed["finishing"] == (
+            f"run {run_id} is {status.value} and its child was still ending step finishing 120 s after writing "
+            "its outcome (compute-log upload, resource teardown)"
+        )
+    assert [a for a, _ in asked] == [run_id] * 9  # one read of the event log per run and pass
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    assert f"(for up to {ENDING_GRACE:.0f} s;" in readme  # what the README promises
     assert DagsterEventType.STEP_SUCCESS in asked[0][1] and DagsterEventType.STEP_UP_FOR_RETRY in asked[0][1]
 
 
