@@ -1,5 +1,5 @@
-"""Jobs of the lanes tests (loaded by workers from this file): each op logs the CPU niceness of the
-process it runs in, so a test can see which lane's children ran it."""
+"""Jobs of the lanes tests (loaded by workers from this file): each op logs the CPU niceness and
+scheduling policy of the process it runs in, so a test can see which lane's children ran it."""
 
 import os
 import time
@@ -11,6 +11,8 @@ from dagster_taskiq_sync import taskiq_executor
 
 def _say_niceness(context) -> None:
     context.log.info(f"niceness {os.getpriority(os.PRIO_PROCESS, 0)}")
+    if hasattr(os, "sched_getscheduler"):
+        context.log.info(f"policy {'idle' if os.sched_getscheduler(0) == os.SCHED_IDLE else 'other'}")
 
 
 @op

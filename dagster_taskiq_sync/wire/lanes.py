@@ -38,10 +38,15 @@ LANE_TAG = "dagster-taskiq/lane"  # "bulk" or "interactive": wins over the rules
 BACKFILL_TAG = "dagster/backfill"  # Dagster's backfill daemon puts it on every run it launches
 LANE_SUFFIX = "-bulk"
 INTERACTIVE_RESERVE = 1  # slots a worker busy with bulk steps keeps for the interactive lane
-# CPU priority (niceness, added) of what works for a bulk run: its steps' processes on workers get
-# nice's maximum, so on a busy machine they run on what interactive work leaves (yet never starve
-# outright, as SCHED_IDLE could while holding a database lock); its orchestrating thread gets
-# nice's default, so it still keeps the backfill's steps coming.
+# CPU priority of what works for a bulk run. Its steps' processes on workers get nice's maximum and,
+# on Linux, the SCHED_IDLE policy: every other process that wakes up takes the core from them at
+# once. Under nice alone the kernel lets a running task finish its slice first, and on 2 busy cores
+# an interactive run's processes waited in the run queue as long as they ran (/proc/PID/schedstat:
+# its orchestrator ran 124-131 ms and waited 68-136 ms per chain-5; interactive slowdown 1.57-1.65x
+# against 1.69-1.85x with nice 19 alone, bin/bench backfill-300+chain-5). SCHED_IDLE is no strict
+# idle class: such a process still gets a small share of a busy core (weight 3, nice 19's is 15), so
+# a bulk step holding a database lock goes on, slowly. Its orchestrating thread gets nice's default
+# (+10), so it still keeps the backfill's steps coming.
 BULK_STEP_NICENESS = 19
 BULK_ORCHESTRATOR_NICENESS = 10
 GROUP_ID_LIMIT = 128  # SQS's limit on a MessageGroupId

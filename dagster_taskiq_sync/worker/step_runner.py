@@ -36,6 +36,7 @@ import multiprocessing.connection as mp_connection
 import multiprocessing.spawn as mp_spawn
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -331,12 +332,14 @@ class StepRunner:
 
     def _lower_priority(self, child: StepChild) -> None:
         """Bulk steps yield the cores to interactive ones (and to the worker itself): the child's
-        niceness goes up by BULK_STEP_NICENESS (to nice's maximum), once; it cannot come back down
-        without privileges."""
+        niceness goes up by BULK_STEP_NICENESS (to nice's maximum) and, on Linux, it is scheduled
+        SCHED_IDLE (``wire/lanes.py`` says why), once; it cannot come back without privileges."""
         child.niced = True
         pid = child.process.pid
         try:
             os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, pid) + BULK_STEP_NICENESS))
+            if sys.platform.startswith("linux"):
+                os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
         except OSError as exc:
             if not self._nice_refused:
                 self._nice_refused = True

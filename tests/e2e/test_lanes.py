@@ -8,6 +8,7 @@ Assertions are on the order of events in the instance's event log, never on dura
 from __future__ import annotations
 
 import os
+import sys
 
 from dagster import DagsterEventType, execute_job, reconstructable
 
@@ -33,6 +34,10 @@ def _said(instance, run_id) -> list[str]:
 def _niceness(instance, run_id) -> set[int]:
     said = [m for m in _said(instance, run_id) if m.startswith("niceness ")]
     return {int(text.split()[1]) for text in said}
+
+
+def _said_of(instance, run_id, prefix: str) -> set[str]:
+    return {m[len(prefix) :] for m in _said(instance, run_id) if m.startswith(prefix)}
 
 
 def _sent_to(instance, run_id) -> set[str]:
@@ -98,6 +103,9 @@ def test_an_interactive_run_overtakes_a_backfills_queued_backlog(endpoint, insta
         base = os.getpriority(os.PRIO_PROCESS, 0)  # the worker's, inherited from this process
         assert _niceness(instance, small.run_id) == {min(19, base + STEP_NICENESS)}  # the default --step-niceness
         assert _niceness(instance, big) == {min(19, base + BULK_STEP_NICENESS)}
+        if sys.platform.startswith("linux"):  # and bulk ones were scheduled SCHED_IDLE, interactive ones not
+            assert _said_of(instance, big, "policy ") == {"idle"}
+            assert _said_of(instance, small.run_id, "policy ") == {"other"}
     finally:
         assert worker.stop() == 0
 
