@@ -1,6 +1,7 @@
 """Kept sqlite connections (``_dagster/sqlite.py``): a run's event-log file that Dagster already
-created is used without loading alembic's migrations; a new, empty or half-made one still goes
-through Dagster's own ``_initdb``, and ends up exactly as Dagster makes it."""
+created is used without loading alembic's migrations; a new or empty one is made in one
+transaction, exactly as Dagster's own ``_initdb`` makes it; one another process is making goes
+through ``_initdb``, which rides that race out."""
 
 from __future__ import annotations
 
@@ -66,8 +67,13 @@ def test_a_run_file_dagster_created_is_read_and_written_without_loading_alembic(
     assert _messages(kept, "run-a") == ["by dagster", "by a kept connection"]
 
 
-def test_a_new_run_file_is_made_by_dagsters_initdb_exactly_as_dagster_makes_it(tmp_path, kept):
+def test_a_new_run_file_is_made_in_one_transaction_exactly_as_dagsters_initdb_makes_it(tmp_path, kept, monkeypatch):
+    def not_initdb(*args, **kwargs):
+        raise AssertionError("Dagster's _initdb made the file")
+
+    monkeypatch.setattr(kept.event_log_storage, "_initdb", not_initdb)
     kept.event_log_storage.store_event(_entry("run-new", "first"))
+    monkeypatch.undo()
     with DagsterInstance.local_temp(str(tmp_path)) as plain:
         plain.event_log_storage.store_event(_entry("run-plain", "first"))
 
@@ -78,17 +84,25 @@ def test_a_new_run_file_is_made_by_dagsters_initdb_exactly_as_dagster_makes_it(t
     assert _messages(kept, "run-new") == ["first"]
 
 
-@pytest.mark.parametrize("made", ["empty", "tables without a revision"])
-def test_a_run_file_without_dagsters_revision_goes_through_initdb(tmp_path, kept, made):
+@pytest.mark.parametrize("made", ["empty", "an empty version table", "event tables without a revision"])
+def test_a_run_file_without_dagsters_revision_is_made_whole(tmp_path, kept, made):
+    # Made here in one transaction, or, where another process already made part of it, by _initdb
     import sqlite3
 
     events = tmp_path / "history" / "runs"
     events.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(events / "run-half.db")  # a connection that got there first creates an empty file
-    if made != "empty":
-        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")  # crashed before the stamp
-        conn.commit()
+    if made == "an empty version table":  # crashed before the stamp
+        conn.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+    conn.commit()
     conn.close()
+    if made == "event tables without a revision":  # another process making it right now
+        import sqlalchemy as db
+        from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
+
+        engine = db.create_engine(f"sqlite:///{events / 'run-half.db'}")
+        SqlEventLogStorageTable.create(engine)
+        engine.dispose()
 
     kept.event_log_storage.store_event(_entry("run-half", "after"))
 
