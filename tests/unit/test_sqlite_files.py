@@ -14,6 +14,8 @@ from dagster import DagsterInstance, EventLogEntry
 
 from dagster_taskiq_sync._dagster.sqlite import keep_sqlite_connections
 
+pytestmark = pytest.mark.compat  # private Dagster names and Dagster's own schema: bin/matrix runs it on every env
+
 
 def _entry(run_id: str, text: str) -> EventLogEntry:
     return EventLogEntry(
