@@ -89,8 +89,8 @@ def _stamped(engine: Any) -> bool:
     (a revision and a head, never whether they match). One SELECT, ~0.1 ms. ``_initdb``'s own look
     loads alembic's whole migration directory (~14 ms of CPU, three times that on a busy machine),
     in each process, for each run's file it touches: a step child paid it on its first step of every
-    run (two of a chain-5's five steps). A new file, or one another process is creating (locked),
-    goes through ``_initdb``, which creates the tables and rides out that race."""
+    run (two of a chain-5's five steps). A new file is made by :func:`_create_run_file`, or, when
+    another process is making it, by ``_initdb``, which rides that race out."""
     import sqlalchemy as db
 
     try:
