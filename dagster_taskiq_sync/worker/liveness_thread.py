@@ -5,9 +5,9 @@ their runs, and stops a step whose run is being canceled or is over, unless its 
 the attempt's outcome to the event log: such a child is only ending the step's compute-log capture
 (a remote compute log manager uploads the files then), and its run may end as soon as the outcome
 is written, so a kill would lose the step's logs; one still at it ``ENDING_GRACE`` seconds later
-(a teardown that hangs) is killed, so that it cannot hold a slot for good. Every ``heartbeat_interval`` it rewrites their
-``running`` records (so the orchestrator can tell a live worker from a lost one) and this worker's
-registry entry. About every ten minutes it deletes liveness records nobody updated for
+(a teardown that hangs) is killed, so that it cannot hold a slot for good. Every
+``heartbeat_interval`` it rewrites their ``running`` records (so the orchestrator can tell a live
+worker from a lost one) and this worker's registry entry. About every ten minutes it deletes liveness records nobody updated for
 ``record_expiry`` and registry entries of workers lost for ``lost_worker_expiry``.
 """
 
@@ -82,7 +82,7 @@ class LivenessThread(GuardedThread):
         cancels = context.store.cancel_requests(r.task_id for r in requests)
         statuses: dict[str, DagsterRunStatus | None] = {}
         outcomes: dict[str, dict[str, StepOutcomes]] = {}  # per run, read only for steps of runs that are over
-        now, ending = self._context.clock(), {r.task_id for r in requests}
+        now, running = self._context.clock(), {r.task_id for r in requests}
         for request in requests:
             if request.message is None:
                 continue
@@ -105,7 +105,7 @@ class LivenessThread(GuardedThread):
                         f"{why} and its child was still ending step {request.message.step_key} "
                         f"{ENDING_GRACE:.0f} s after writing its outcome (compute-log upload, resource teardown)"
                     )
-        self._ending_since = {t: since for t, since in self._ending_since.items() if t in ending}
+        self._ending_since = {t: since for t, since in self._ending_since.items() if t in running}
 
     def _ending_for(self, task_id: str, now: float) -> float:
         """Seconds since ``task_id``'s child was first seen ending its step after its run was over."""
