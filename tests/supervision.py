@@ -54,6 +54,7 @@ def supervising_request(
         running=SimpleNamespace(add=lambda r: None, remove=lambda r: None),
         metrics=metrics,
         instance=instance,
+        on_step_moved=lambda queue: None,
     )
     request = Request(SimpleNamespace(queue=queue, message_id="m", receive_count=1), worker)
     request.message, request.child, request._started = message, child, clock()

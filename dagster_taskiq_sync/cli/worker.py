@@ -17,6 +17,7 @@ import click
 from dagster_taskiq_sync.cli.logs import LOG_LEVELS, configure_logging
 from dagster_taskiq_sync.config.worker_config import STEP_NICENESS, settings_from_yaml
 from dagster_taskiq_sync.errors import ConfigError, TaskiqSyncError
+from dagster_taskiq_sync.wire.lanes import BULK_YIELD
 
 
 @click.group()
@@ -128,6 +129,14 @@ def worker() -> None:
     show_default=True,
     help="Niceness added to step processes, so the worker's own threads (receives, heartbeats, visibility extensions) and other services on the machine get the cores first; 0 runs steps at the worker's priority. Bulk-lane steps run at 19 regardless.",
 )
+@click.option(
+    "--bulk-yield",
+    type=click.FloatRange(0, 60),
+    default=BULK_YIELD,
+    show_default=True,
+    metavar="SECONDS",
+    help="With execution.config.lanes: after an interactive step arrives or ends, the bulk lane takes no new step for this long (its running steps go on), so a chain of interactive steps gets the machine; 0 turns it off.",
+)
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")
 @click.option(
@@ -156,6 +165,7 @@ def worker_start(
     scale_in_protection,
     interactive_slots,
     step_niceness,
+    bulk_yield,
     app,
     background,
     logfile,
@@ -203,6 +213,7 @@ def worker_start(
             step_user=step_user,
             interactive_slots=interactive_slots,
             step_niceness=step_niceness,
+            bulk_yield=bulk_yield,
         )
         for note in config.settings.notes:
             log.warning(note)

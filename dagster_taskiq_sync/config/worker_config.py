@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dagster_taskiq_sync.errors import ConfigError
-from dagster_taskiq_sync.wire.lanes import INTERACTIVE_RESERVE, is_bulk_lane, with_lanes
+from dagster_taskiq_sync.wire.lanes import BULK_YIELD, INTERACTIVE_RESERVE, is_bulk_lane, with_lanes
 from dagster_taskiq_sync.wire.messages import Keyring
 from dagster_taskiq_sync.wire.settings import Settings
 
@@ -140,6 +140,8 @@ class WorkerConfig:
     # Step children's niceness above the worker's: its own threads (receives, heartbeats, visibility
     # extensions) and, on a shared machine, orchestrating processes get the cores before step bodies.
     step_niceness: int = STEP_NICENESS
+    # With lanes: seconds the bulk lane takes no new step after an interactive one arrives or ends.
+    bulk_yield: float = BULK_YIELD
 
     @classmethod
     def from_yaml(
@@ -162,6 +164,7 @@ class WorkerConfig:
         step_user: str | None = None,
         interactive_slots: int | None = None,
         step_niceness: int = STEP_NICENESS,
+        bulk_yield: float = BULK_YIELD,
     ) -> WorkerConfig:
         """The same configuration ``worker start`` builds from ``-y`` and its flags."""
         block = load_executor_config(config_yaml)
@@ -196,6 +199,11 @@ class WorkerConfig:
                 f"step_niceness {step_niceness!r} must be a whole number from 0 to 19 (niceness added to step "
                 "processes; 0 runs them at the worker's own priority)."
             )
+        if isinstance(bulk_yield, bool) or not isinstance(bulk_yield, (int, float)) or not 0 <= bulk_yield <= 60:
+            raise ConfigError(
+                f"bulk_yield {bulk_yield!r} must be a number of seconds from 0 to 60 (how long a worker's bulk "
+                "lane takes no new step after an interactive one arrives or ends; 0 turns it off)."
+            )
         return cls(
             settings=settings,
             name=f"{name or 'dagster-' + uuid.uuid4().hex[:6]}@{socket.gethostname()}",
@@ -208,6 +216,7 @@ class WorkerConfig:
             scale_in_protection=scale_in_protection,
             step_user=step_user,
             step_niceness=step_niceness,
+            bulk_yield=float(bulk_yield),
             key_env=key_environment(block, settings.keyring),
             # Only a worker that consumes a bulk lane has an interactive lane to keep room for.
             interactive_slots=(

@@ -38,6 +38,10 @@ LANE_TAG = "dagster-taskiq/lane"  # "bulk" or "interactive": wins over the rules
 BACKFILL_TAG = "dagster/backfill"  # Dagster's backfill daemon puts it on every run it launches
 LANE_SUFFIX = "-bulk"
 INTERACTIVE_RESERVE = 1  # slots a worker busy with bulk steps keeps for the interactive lane
+# Seconds a worker's bulk lane takes nothing new after an interactive step arrives or ends
+# (worker/capacity.py). Longer than the gap between a chain's steps under load (~50-100 ms), short
+# against a backfill.
+BULK_YIELD = 0.5
 # CPU priority of what works for a bulk run. Its steps' processes on workers get nice's maximum and,
 # on Linux, the SCHED_IDLE policy: every other process that wakes up takes the core from them at
 # once. Under nice alone the kernel lets a running task finish its slice first, and on 2 busy cores

@@ -17,6 +17,16 @@ together ``limit + reserve``: while the worker is full of a backfill's steps, th
 lane still has ``reserve`` (one) slot to long-poll and run in, so an interactive step never
 waits for a bulk step to end; and when both lanes wait for room, the interactive lane is served
 first. With ``reserve`` 0 (no lanes) the lanes share ``limit`` as any queues do.
+
+And the bulk lane yields: for ``bulk_yield`` seconds after an interactive step arrives or ends, the
+bulk lane takes no new message (the bulk steps running go on; the messages it would have taken
+stay in SQS for any worker). A bulk step's child runs at the lowest CPU priority, but what it makes
+others do does not: the worker's threads that supervise it, the database server's work for its
+events, the orchestrator reading them. On a shared machine that work, at normal priority, is what
+an interactive run waits for; a chain's steps arrive within the window of the one before, so the
+worker's bulk lane stays quiet while the chain runs, and takes up the backfill ``bulk_yield`` after
+its last step. A stream of interactive steps closer together than ``bulk_yield`` holds the bulk
+lane the whole time (interactive first, as the lanes promise); ``bulk_yield`` 0 turns it off.
 """
 
 from __future__ import annotations
@@ -44,12 +54,15 @@ class Capacity:
         clock: Callable[[], float] = time.monotonic,
         bulk: Iterable[str] = (),
         reserve: int = 0,
+        bulk_yield: float = 0.0,
     ) -> None:
         if limit < 1:
             raise ValueError("a worker must be able to hold at least one message")
         self.limit = limit
         self.bulk = frozenset(bulk)  # the bulk lane's queues
         self.reserve = reserve  # slots beyond limit, for the lane the other one fills
+        self.bulk_yield = bulk_yield if self.bulk else 0.0  # seconds (module docstring)
+        self._bulk_quiet_until = -math.inf  # the bulk lane takes nothing new before this (clock)
         self._clock = clock
         self._held = 0
         self._held_bulk = 0
@@ -68,15 +81,28 @@ class Capacity:
                     grant = self._grant(queue, wanted, wait_seconds)
                     if grant is not None:
                         return grant
-                    left = deadline - self._clock()
+                    now = self._clock()
+                    left = deadline - now
                     if left <= 0:
                         return None
+                    if queue in self.bulk and now < self._bulk_quiet_until:  # wake when the window ends
+                        left = min(left, self._bulk_quiet_until - now)
                     self._cond.wait(left)
             finally:
                 self._waiting.discard(queue)
 
+    def interactive_step(self, queue: str) -> None:
+        """A step of ``queue`` arrived or ended: if ``queue`` is of the interactive lane, the bulk
+        lane takes nothing new for ``bulk_yield`` seconds from now."""
+        if self.bulk_yield > 0 and queue not in self.bulk:
+            with self._cond:
+                self._bulk_quiet_until = max(self._bulk_quiet_until, self._clock() + self.bulk_yield)
+
     def free(self, queue: str) -> int:
-        """Messages ``queue``'s consumer may take now: its lane's room, within the worker's."""
+        """Messages ``queue``'s consumer may take now: its lane's room, within the worker's (none
+        for the bulk lane while it yields)."""
+        if queue in self.bulk and self._clock() < self._bulk_quiet_until:
+            return 0
         in_lane = self._held_bulk if queue in self.bulk else self._held - self._held_bulk
         return min(self.limit - in_lane, self.limit + self.reserve - self._held)
 

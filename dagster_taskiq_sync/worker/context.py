@@ -76,6 +76,8 @@ class WorkerContext:
     metrics: Any = field(default_factory=NullMetrics)  # metrics.WorkerMetrics when --metrics-port is given
     clock: Callable[[], float] = time.monotonic
     on_done: Callable[[], None] = lambda: None
+    # A step (or launched run) of this queue starts or ends: the bulk lane yields (capacity.Capacity).
+    on_step_moved: Callable[[str], None] = lambda queue: None
 
     def count_done(self) -> None:
         self.on_done()

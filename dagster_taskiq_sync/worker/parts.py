@@ -53,6 +53,7 @@ class WorkerHooks:
     on_death: Callable[[str], None]
     on_settled: Callable[[Delivery], None]
     on_done: Callable[[], None]
+    on_step_moved: Callable[[str], None]  # a step of this queue started or ended (capacity.interactive_step)
 
 
 def open_parts(
@@ -111,5 +112,6 @@ def open_parts(
         metrics=metrics,
         clock=hooks.clock,
         on_done=hooks.on_done,
+        on_step_moved=hooks.on_step_moved,
     )
     return Parts(instance, WorkerRegistry(instance), bridge, client, runner, acker, context)

@@ -122,6 +122,7 @@ class Request(Received):
     def _start(self) -> None:
         worker, message = self.worker, self.message
         assert message is not None
+        worker.on_step_moved(self.delivery.queue)  # admitted: refused messages never hold the bulk lane
         self._started = worker.clock()
         self._started_wall = time.time()
         if isinstance(message, StepMessage):
@@ -246,6 +247,7 @@ class Request(Received):
     def _finish(self, code: int) -> Verdict:
         worker, message, child = self.worker, self.message, self.child
         assert message is not None and child is not None
+        worker.on_step_moved(self.delivery.queue)
         cannot = child.cannot_run_reason()
         cannot_run = cannot.sentence if cannot else None
         step_failed = child.step_failed()

@@ -82,6 +82,7 @@ class Worker:
             clock=clock,
             bulk=bulk,
             reserve=config.interactive_slots if bulk else 0,
+            bulk_yield=config.bulk_yield,
         )
         # One worker thread per slot, and one more for the interactive lane's reserve slot.
         self.threads_count = config.concurrency + self.capacity.reserve
@@ -130,9 +131,8 @@ class Worker:
         return self
 
     def _start(self, settings: Any, config: WorkerConfig) -> None:
-        hooks = WorkerHooks(
-            self.host, self.stopping, self.killing, self._clock, self._on_death, self._settled, self._count_done
-        )
+        on = (self._on_death, self._settled, self._count_done, self.capacity.interactive_step)
+        hooks = WorkerHooks(self.host, self.stopping, self.killing, self._clock, *on)
         self._parts = open_parts(config, self._instance, self.metrics, hooks, self.step_user)
         self.metrics.track_slots(self._slots)
         self.protector.start()

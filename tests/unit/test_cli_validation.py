@@ -90,6 +90,8 @@ def test_worker_start_refuses_a_bad_config_yaml_in_one_sentence(run_cli, tmp_pat
         (["--metrics-port", "-1"], 2, "--metrics-port"),
         (["--step-niceness", "20"], 2, "--step-niceness"),
         (["--step-niceness", "low"], 2, "--step-niceness"),
+        (["--bulk-yield", "-1"], 2, "--bulk-yield"),
+        (["--bulk-yield", "nan"], 1, "bulk_yield nan must be a number of seconds from 0 to 60"),
     ],
     ids=[
         "missing-file",
@@ -101,6 +103,8 @@ def test_worker_start_refuses_a_bad_config_yaml_in_one_sentence(run_cli, tmp_pat
         "port",
         "niceness-20",
         "niceness-garbage",
+        "bulk-yield-negative",
+        "bulk-yield-nan",
     ],
 )
 def test_worker_start_refuses_bad_flags_in_one_sentence(run_cli, tmp_path, args, code, expected):
@@ -157,3 +161,9 @@ def test_with_lanes_a_queue_named_like_a_bulk_lane_stops_each_command_in_one_sen
 def test_an_embedded_workers_step_niceness_must_be_0_to_19(value):
     with pytest.raises(ConfigError, match=r"step_niceness .* must be a whole number from 0 to 19"):
         WorkerConfig.from_yaml(None, queues=["dagster"], step_niceness=value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 61, float("nan"), True, "0.5"])
+def test_an_embedded_workers_bulk_yield_must_be_0_to_60_seconds(value):
+    with pytest.raises(ConfigError, match=r"bulk_yield .* must be a number of seconds from 0 to 60"):
+        WorkerConfig.from_yaml(None, queues=["dagster"], bulk_yield=value)

@@ -252,6 +252,58 @@ def test_without_a_reserve_the_lanes_share_the_limit_as_any_queues_do():
     assert capacity.acquire("q", 10, 10, timeout=0) is None
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_after_an_interactive_step_arrives_or_ends_the_bulk_lane_takes_nothing_new_for_bulk_yield():
+    clock = Clock()
+    capacity = Capacity(2, clock=clock, bulk={"q-bulk"}, reserve=1, bulk_yield=0.5)
+    assert capacity.acquire("q-bulk", 1, 10, timeout=0).count == 1  # a bulk step runs
+    capacity.interactive_step("q")  # an interactive step arrives
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0) is None  # a free bulk slot, but the lane yields
+    assert capacity.acquire("q", 10, 10, timeout=0).count == 2  # the interactive lane is not held
+    capacity.release(2, "q")
+    clock.now += 0.4
+    capacity.interactive_step("q")  # it ends: the window starts again
+    clock.now += 0.4
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0) is None
+    capacity.interactive_step("q-bulk")  # bulk steps' comings and goings do not hold the lane
+    clock.now += 0.11
+    assert capacity.acquire("q-bulk", 10, 10, timeout=0).count == 1  # bulk_yield after the last one
+
+
+def test_the_bulk_lane_yields_only_with_lanes_and_a_bulk_yield():
+    clock = Clock()
+    for capacity in (
+        Capacity(2, clock=clock, bulk={"q-bulk"}, reserve=1, bulk_yield=0),  # --bulk-yield 0
+        Capacity(2, clock=clock, bulk_yield=0.5),  # no lanes: every queue is the worker's own
+    ):
+        capacity.interactive_step("q")
+        assert capacity.acquire("q-bulk", 1, 10, timeout=0).count == 1
+
+
+def test_a_bulk_consumer_waiting_for_room_is_woken_when_the_yield_ends():
+    clock = Clock()
+    capacity = Capacity(2, clock=clock, bulk={"q-bulk"}, reserve=1, bulk_yield=0.5)
+    capacity.interactive_step("q")
+    waits = []
+
+    def wait(timeout):  # nothing is released or notified: only the wait's own timeout ends it
+        waits.append(timeout)
+        clock.now += timeout
+        return False
+
+    capacity._cond.wait = wait
+    grant = capacity.acquire("q-bulk", 10, 10, timeout=30)
+    assert grant is not None and grant.count == 2
+    assert waits == [pytest.approx(0.5)]  # when the window ends, not the consumer's 30 s
+
+
 def test_a_worker_consumes_each_queues_lane_and_keeps_an_interactive_slot_only_with_lanes(tmp_path):
     import yaml
 
@@ -380,3 +432,21 @@ def test_a_bulk_step_never_takes_the_plain_idle_children_kept_for_interactive_st
     runner.interactive_reserve = 0
     with runner._lock:
         assert runner._take_idle(bulk=True) in (plain, spare)
+
+
+def test_a_refused_message_never_holds_the_bulk_lane():
+    # Only an admitted step moves the lanes (Request._start, _finish; the e2e lanes test shows it
+    # on a real worker): a stream of forged or duplicate messages must not starve a backfill.
+    from types import SimpleNamespace
+
+    from dagster_taskiq_sync.wire.deliveries import Delivery
+    from dagster_taskiq_sync.worker.admission import Outcome, Verdict
+    from dagster_taskiq_sync.worker.request import Request
+
+    moved: list[str] = []
+    context = SimpleNamespace(on_step_moved=moved.append, metrics=SimpleNamespace(step_received=lambda queue: None))
+    refused = Request(Delivery("dagster", "http://sqs/dagster", "rh", "m-1", 1, b"{}", {}), context)
+    refused.admit = lambda: Verdict(Outcome.DEAD_LETTER, "a forged message")
+    refused.settle = lambda verdict: verdict
+    assert refused.handle().outcome is Outcome.DEAD_LETTER
+    assert moved == []
