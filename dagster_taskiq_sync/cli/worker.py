@@ -135,7 +135,7 @@ def worker() -> None:
     default=BULK_YIELD,
     show_default=True,
     metavar="SECONDS",
-    help="With execution.config.lanes: after an interactive step arrives or ends, the bulk lane takes no new step for this long (its running steps go on), so a chain of interactive steps gets the machine; 0 turns it off.",
+    help="With execution.config.lanes: after an interactive step starts or ends, the bulk lane takes no new step for this long (its running steps go on), so a chain of interactive steps gets the machine; 0 turns it off.",
 )
 @click.option("-A", "--app", help="Accepted for dagster-celery scripts; not needed (the worker has no Celery app).")
 @click.option("-d", "--background", is_flag=True, help="Run the worker in the background (its log goes to --logfile).")

@@ -140,7 +140,7 @@ class WorkerConfig:
     # Step children's niceness above the worker's: its own threads (receives, heartbeats, visibility
     # extensions) and, on a shared machine, orchestrating processes get the cores before step bodies.
     step_niceness: int = STEP_NICENESS
-    # With lanes: seconds the bulk lane takes no new step after an interactive one arrives or ends.
+    # With lanes: seconds the bulk lane takes no new step after an interactive one starts or ends.
     bulk_yield: float = BULK_YIELD
 
     @classmethod
@@ -202,7 +202,7 @@ class WorkerConfig:
         if isinstance(bulk_yield, bool) or not isinstance(bulk_yield, (int, float)) or not 0 <= bulk_yield <= 60:
             raise ConfigError(
                 f"bulk_yield {bulk_yield!r} must be a number of seconds from 0 to 60 (how long a worker's bulk "
-                "lane takes no new step after an interactive one arrives or ends; 0 turns it off)."
+                "lane takes no new step after an interactive one starts or ends; 0 turns it off)."
             )
         return cls(
             settings=settings,

@@ -38,7 +38,7 @@ LANE_TAG = "dagster-taskiq/lane"  # "bulk" or "interactive": wins over the rules
 BACKFILL_TAG = "dagster/backfill"  # Dagster's backfill daemon puts it on every run it launches
 LANE_SUFFIX = "-bulk"
 INTERACTIVE_RESERVE = 1  # slots a worker busy with bulk steps keeps for the interactive lane
-# Seconds a worker's bulk lane takes nothing new after an interactive step arrives or ends
+# Seconds a worker's bulk lane takes nothing new after an interactive step starts or ends
 # (worker/capacity.py). Longer than the gap between a chain's steps under load (~50-100 ms), short
 # against a backfill.
 BULK_YIELD = 0.5

@@ -18,12 +18,12 @@ lane still has ``reserve`` (one) slot to long-poll and run in, so an interactive
 waits for a bulk step to end; and when both lanes wait for room, the interactive lane is served
 first. With ``reserve`` 0 (no lanes) the lanes share ``limit`` as any queues do.
 
-And the bulk lane yields: for ``bulk_yield`` seconds after an interactive step arrives or ends, the
+And the bulk lane yields: for ``bulk_yield`` seconds after an interactive step starts or ends, the
 bulk lane takes no new message (the bulk steps running go on; the messages it would have taken
 stay in SQS for any worker). A bulk step's child runs at the lowest CPU priority, but what it makes
 others do does not: the worker's threads that supervise it, the database server's work for its
 events, the orchestrator reading them. On a shared machine that work, at normal priority, is what
-an interactive run waits for; a chain's steps arrive within the window of the one before, so the
+an interactive run waits for; a chain's steps start within the window of the one before, so the
 worker's bulk lane stays quiet while the chain runs, and takes up the backfill ``bulk_yield`` after
 its last step. A stream of interactive steps closer together than ``bulk_yield`` holds the bulk
 lane the whole time (interactive first, as the lanes promise); ``bulk_yield`` 0 turns it off.
@@ -92,8 +92,9 @@ class Capacity:
                 self._waiting.discard(queue)
 
     def interactive_step(self, queue: str) -> None:
-        """A step of ``queue`` arrived or ended: if ``queue`` is of the interactive lane, the bulk
-        lane takes nothing new for ``bulk_yield`` seconds from now."""
+        """A step of ``queue`` started or ended (an admitted one: ``Request._start`` and ``_finish``
+        call it): if ``queue`` is of the interactive lane, the bulk lane takes nothing new for
+        ``bulk_yield`` seconds from now."""
         if self.bulk_yield > 0 and queue not in self.bulk:
             with self._cond:
                 self._bulk_quiet_until = max(self._bulk_quiet_until, self._clock() + self.bulk_yield)
