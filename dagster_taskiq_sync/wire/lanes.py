@@ -39,9 +39,12 @@ BACKFILL_TAG = "dagster/backfill"  # Dagster's backfill daemon puts it on every 
 LANE_SUFFIX = "-bulk"
 INTERACTIVE_RESERVE = 1  # slots a worker busy with bulk steps keeps for the interactive lane
 # Seconds a worker's bulk lane takes nothing new after an interactive step starts or ends
-# (worker/capacity.py). Longer than the gap between a chain's steps under load (~50-100 ms), short
-# against a backfill.
-BULK_YIELD = 0.5
+# (worker/capacity.py): longer than the gap between a chain's steps under load (~50-100 ms), and
+# short, since a backfill waits that long after each interactive run. bin/bench backfill-20+chain-3
+# and backfill-300+chain-5, one invocation per value: at 0.5 s the 20-step backfill took 2.06x /
+# 1.67x its solo time (sqlite / postgres), at 0.2 s 1.26x / 1.19x; the interactive slowdowns were
+# alike (1.05-1.40x against 1.16-1.42x).
+BULK_YIELD = 0.2
 # CPU priority of what works for a bulk run. Its steps' processes on workers get nice's maximum and,
 # on Linux, the SCHED_IDLE policy: every other process that wakes up takes the core from them at
 # once. Under nice alone the kernel lets a running task finish its slice first, and on 2 busy cores
