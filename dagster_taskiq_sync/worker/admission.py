@@ -91,14 +91,26 @@ def already_started(message: Message, run: Any, previous: StepRecord | None, los
     return Verdict(Outcome.DONE, why, Drop.DUPLICATE, resent_started=previous.state == RUNNING, lost=lost)
 
 
-def ran_to_its_end(message: Message, previous: StepRecord, attempts_ended: int) -> Verdict | None:
+def ran_to_its_end(message: Message, previous: StepRecord | None, attempts_ended: int) -> Verdict | None:
     """For a ``lost`` verdict: a ``running`` record nobody refreshes is also what an attempt that
     ran to its end leaves (a worker writes nothing when a step ends normally: one instance write
     per step fewer), e.g. when its message comes back because the delete failed in an SQS outage.
     When the run's event log already holds the outcome of this attempt (each attempt ends in one
     STEP_SUCCESS, STEP_FAILURE or STEP_UP_FOR_RETRY: its own, or the health check's for a worker
-    that really was lost), there is nothing more to say about it: it has ended."""
+    that really was lost), there is nothing more to say about it: it has ended.
+
+    And for a ``never_sent`` verdict (``previous`` None): an attempt whose outcome is in the event
+    log was sent; its record was deleted when its run's execution ended (found by bin/soak: a
+    killed worker's message came back after the run had retried the step and finished). It is
+    dropped, not dead-lettered as forged; nothing runs either way."""
     if isinstance(message, StepMessage) and attempts_ended >= message.attempt:
+        if previous is None:
+            return Verdict(
+                Outcome.DONE,
+                f"{message.label} already ran and has ended (the run's event log has its outcome; "
+                "its record was deleted with the run's others)",
+                Drop.DUPLICATE,
+            )
         return Verdict(
             Outcome.DONE,
             f"{message.label} already started on worker {previous.worker} and has "

@@ -125,7 +125,7 @@ class Received:
         for rule in DROP_RULES:
             verdict = rule(self.message, self.run, previous, self.worker.settings.worker_lost_timeout)
             if verdict is not None:
-                if verdict.lost and previous is not None:
+                if (verdict.lost and previous is not None) or verdict.unrecorded:
                     ended = self._retrying(f"reading the outcome of {self.message.label}", self._attempts_ended)
                     verdict = ran_to_its_end(self.message, previous, ended) or verdict
                 return verdict

@@ -102,6 +102,15 @@ def test_a_lost_attempt_whose_outcome_is_in_the_event_log_ran_to_its_end():
     assert ran_to_its_end(RESUME, previous, attempts_ended=1) is None
 
 
+def test_an_unrecorded_attempt_whose_outcome_is_in_the_event_log_is_dropped_not_dead_lettered():
+    # Found by bin/soak: a SIGKILLed worker's message came back after its run had retried the step
+    # and finished, and the run's records were deleted: it was sent, and it has ended.
+    assert ran_to_its_end(STEP, None, attempts_ended=0) is None  # no outcome: never_sent stands
+    verdict = ran_to_its_end(STEP, None, attempts_ended=1)
+    assert verdict.outcome is Outcome.DONE and verdict.dropped is Drop.DUPLICATE
+    assert "already ran and has ended (the run's event log has its outcome" in verdict.why
+
+
 def test_a_redelivered_message_of_a_finished_attempt_is_not_called_lost(monkeypatch):
     # Found by bin/soak: a step ran to its end during an SQS outage, its delete failed, the
     # message came back, and the worker dropped it as "... stopped heartbeating 12 s ago (lost)"
